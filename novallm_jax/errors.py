@@ -28,8 +28,8 @@ class InvalidRequestError(NovaLLMError, ValueError):
     """
 
     def __init__(self, message: str, param: str | None = None):
-      super().__init__(message)
-      self.param = param
+        super().__init__(message)
+        self.param = param
 
 
 class OutOfPagesError(NovaLLMError):
