@@ -1,0 +1,239 @@
+"""`ModelConfig`: the static description of a decoder, from a HF `config.json`, GGUF metadata or a preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from novallm_jax.errors import ModelLoadError, UnsupportedArchitectureError
+
+# HF `model_type` values this decoder implements, and what each family adds to plain Llama.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (`rope_scaling` in HF configs); hashable so the config stays static under `jit`."""
+
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the shapes and the math of a Llama-family decoder.
+
+    Frozen and hashable: it is passed to jitted functions as a static argument.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm of q and k over head_dim (Qwen3)
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count as stored (the tied lm_head counted once)."""
+        d, f = self.hidden_size, self.intermediate_size
+        attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+    # --- constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> "ModelConfig":
+        """From a HF `config.json` (a path, a directory holding one, or the parsed dict)."""
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            try:
+                with open(path) as f:
+                    config = json.load(f)
+            except FileNotFoundError:
+                raise ModelLoadError(f"no config.json at {path}") from None
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+        c = dict(config)
+        model_type = c.get("model_type")
+        if model_type is None:
+            arch = (c.get("architectures") or ["?"])[0]
+            raise UnsupportedArchitectureError(f"config has no model_type (architectures: {arch})")
+        try:
+            num_heads = int(c["num_attention_heads"])
+            hidden = int(c["hidden_size"])
+            eos = c.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+            window = c.get("sliding_window") if model_type == "mistral" else None
+            if model_type == "qwen2" and c.get("use_sliding_window"):
+                window = c.get("sliding_window")
+            return cls(
+                model_type=model_type,
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(c["intermediate_size"]),
+                num_layers=int(c["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(c.get("num_key_value_heads") or num_heads),
+                head_dim=int(c.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_theta(c)),
+                rope_scaling=_rope_scaling(c.get("rope_scaling") or c.get("rope_parameters")),
+                max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                attention_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
+                qk_norm=model_type == "qwen3",
+                sliding_window=int(window) if window else None,
+                bos_token_id=c.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> "ModelConfig":
+        """From the key/value metadata of a GGUF file (`general.architecture` = llama, qwen2, qwen3)."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "qwen2", "qwen3"):
+            raise UnsupportedArchitectureError(
+                f"GGUF architecture {arch!r} is not supported; supported: llama, qwen2, qwen3")
+
+        def get(key, default=None):
+            return meta.get(f"{arch}.{key}", default)
+
+        num_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        head_dim = int(get("attention.key_length") or hidden // num_heads)
+        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        scaling = None
+        if get("rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            model_type="llama" if arch == "llama" else arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv") or num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            sliding_window=None,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        """From a preset JSON in `novallm_jax/configs/` (HF `config.json` format)."""
+        path = os.path.join(_PRESET_DIR, f"{name}.json")
+        if not os.path.exists(path):
+            known = sorted(f[:-5] for f in os.listdir(_PRESET_DIR) if f.endswith(".json"))
+            raise ModelLoadError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+        return cls.from_hf(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        return cls(**d)
+
+
+def _rope_theta(c: Mapping[str, Any]) -> float:
+    params = c.get("rope_parameters")
+    if isinstance(params, Mapping) and "rope_theta" in params:
+        return params["rope_theta"]
+    return c.get("rope_theta", 10000.0)
+
+
+def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise UnsupportedArchitectureError(f"rope_scaling type {kind!r} is not supported; supported: linear, llama3")
+    return RopeScaling(
+        rope_type=kind,
+        factor=float(rs.get("factor", 1.0)),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Per-pair inverse frequencies (numpy, float64), with `rope_scaling` applied as transformers does."""
+    import numpy as np
+
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)

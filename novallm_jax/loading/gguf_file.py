@@ -1,0 +1,112 @@
+"""Loads a GGUF file: metadata to `ModelConfig`, every tensor dequantised by the `gguf` package to the compute dtype."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.errors import ModelLoadError, TensorError
+from novallm_jax.loading.assemble import assemble_params
+
+GGUF_MAGIC = b"GGUF"
+
+_LAYER_NAMES = {
+    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight",
+    "v": "attn_v.weight", "o": "attn_output.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias",
+    "v_bias": "attn_v.bias", "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+}
+_GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+
+
+def gguf_names(i: int | None, part: str) -> str:
+    return _GLOBAL_NAMES[part] if i is None else f"blk.{i}.{_LAYER_NAMES[part]}"
+
+
+def open_gguf(path: str):
+    """Opens a GGUF file with the `gguf` package, with a clear error if the file is not GGUF."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors/struct errors on truncated files
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """The file's key/value metadata as plain Python values."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # a field of a type this gguf version cannot decode is not one we need
+            continue
+    return meta
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's reordering of Q/K rows for adjacent-pair RoPE, back to HF's rotate-half layout."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict]:
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = ModelConfig.from_gguf_metadata(gguf_metadata(reader), set(tensors))
+    arch = reader.fields["general.architecture"].contents()
+    expected = _expected_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise TensorError(f"GGUF {path} is missing tensor {missing[0]!r} (expected shape {expected[missing[0]]}; "
+                          f"{len(missing)} missing in all)")
+    unexpected = sorted(n for n in set(tensors) - set(expected) if n != "rope_freqs.weight")
+    if unexpected:
+        raise TensorError(f"GGUF {path} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+
+    def get(name: str) -> np.ndarray:
+        t = tensors[name]
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"tensor {name!r} in {path} uses {t.tensor_type.name}, which the installed gguf "
+                                 f"package cannot dequantise") from None
+        a = np.asarray(a, np.float32)
+        if a.shape != expected[name]:
+            raise TensorError(f"tensor {name!r} in {path} has shape {a.shape}, expected {expected[name]}")
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
+            a = _unpermute(a, heads)
+        return a
+
+    logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
+    return cfg, assemble_params(cfg, get, gguf_names, dtype, desc=os.path.basename(path))
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in numpy order ([out, in]), as the gguf package returns them."""
+    from novallm_jax.loading.hf import hf_names, hf_tensor_shapes
+
+    hf = hf_tensor_shapes(cfg)
+    out = {gguf_names(None, p): hf[hf_names(None, p)] for p in ("embed", "final_norm")}
+    if not cfg.tie_word_embeddings:
+        out[gguf_names(None, "lm_head")] = hf[hf_names(None, "lm_head")]
+    for i in range(cfg.num_layers):
+        for part in _LAYER_NAMES:
+            if hf_names(i, part) in hf:
+                out[gguf_names(i, part)] = hf[hf_names(i, part)]
+    return out

@@ -1,0 +1,181 @@
+"""The Llama-family decoder as pure functions of a params pytree.
+
+One implementation covers Llama 2/3.x, Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm) and SmolLM2
+(tied embeddings), with GQA/MQA. Weights are stored in the layout the matmul wants, `[in, out]`; q/k/v and gate/up are
+fused. Layers are a Python list (unrolled under `jit`): on XLA:CPU this decodes ~2.7x faster than `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novallm_jax.config import ModelConfig, rope_inv_freq
+from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache
+
+Params = dict[str, Any]
+KVCache = ContiguousKVCache | PagedKVCache
+_MASKED = -1e30  # finite, so a fully masked (padding) query yields uniform weights instead of NaN
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
+    """The params pytree as `jax.ShapeDtypeStruct`s: one description for init, loading checks and restore."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    layer = {
+        "attn_norm": s(d),
+        "wqkv": s(d, qkv),
+        "wo": s(cfg.q_size, d),
+        "mlp_norm": s(d),
+        "w_gate_up": s(d, 2 * f),
+        "w_down": s(f, d),
+    }
+    if cfg.attention_bias:
+        layer["bqkv"] = s(qkv)
+    if cfg.qk_norm:
+        layer["q_norm"] = s(hd)
+        layer["k_norm"] = s(hd)
+    return {
+        "embed": s(cfg.vocab_size, d),
+        "layers": [dict(layer) for _ in range(cfg.num_layers)],
+        "final_norm": s(d),
+        # Kept even when tied: `h @ embed.T` makes XLA:CPU transpose the table on every call.
+        "lm_head": s(d, cfg.vocab_size),
+    }
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random params (normal, std 0.02; norms at 1), e.g. for tests and benchmarks."""
+    shapes = param_shapes(cfg, dtype)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, sds), k in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            out.append(jnp.ones(sds.shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, sds.shape, jnp.float32)).astype(dtype))
+    params = jax.tree.unflatten(treedef, out)
+    if cfg.tie_word_embeddings:
+        params["lm_head"] = params["embed"].T
+    return params
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [B, T, heads, hd] by its positions, in the rotate-half layout of HF checkpoints."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
+    """Causal GQA attention of q [B, T, H, hd] over keys/values [B, S, KV, hd], key j being at position j."""
+    b, t, h, hd = q.shape
+    kv = cfg.num_kv_heads
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    key_pos = jnp.arange(keys.shape[1])
+    qpos = positions[:, None, None, :, None]
+    allowed = key_pos <= qpos
+    if cfg.sliding_window:
+        allowed &= key_pos > qpos - cfg.sliding_window
+    scores = jnp.where(allowed, scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    return out.reshape(b, t, h * hd)
+
+
+def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: ModelConfig, inv_freq, page_table):
+    b, t, _ = x.shape
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    qkv = h @ p["wqkv"]
+    if cfg.attention_bias:
+        qkv = qkv + p["bqkv"]
+    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    cache, keys, values = cache.update(layer, k, v, positions, page_table)
+    x = x + attention(q, keys, values, positions, cfg) @ p["wo"]
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
+    x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
+    return x, cache
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
+            page_table: jax.Array | None = None, logits_index: jax.Array | None = None):
+    """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
+
+    Returns (logits, cache): logits [B, T, V], or [B, V] at `logits_index` [B] when given (the last real token of each
+    row, say), which skips the vocabulary projection of every other position.
+    """
+    inv_freq = rope_inv_freq(cfg).astype(np.float32)
+    x = params["embed"][tokens]
+    for i, p in enumerate(params["layers"]):
+        x, cache = decoder_layer(p, x, positions, cache, i, cfg, inv_freq, page_table)
+    if logits_index is not None:
+        x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    logits = jnp.dot(x, params["lm_head"], preferred_element_type=jnp.float32)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def forward_jit(params, tokens, positions, cache, cfg, page_table=None, logits_index=None):
+    """`forward` jitted, with the cache donated (updated in place)."""
+    return forward(params, tokens, positions, cache, cfg, page_table, logits_index)
+
+
+def ragged_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pads prompts into (tokens [B, T], positions [B, T] with -1 on padding, lengths [B])."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = int(lengths.max())
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    positions = np.full((len(prompts), t), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+        positions[i, :len(p)] = np.arange(len(p))
+    return tokens, positions, lengths
+
+
+def greedy_generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
+                    max_len: int | None = None) -> list[list[int]]:
+    """Greedy decoding with a contiguous cache: the reference path for tests and a minimal research API.
+
+    Generates exactly `max_new_tokens` per prompt (no early stop), so it compares token for token with
+    transformers' `generate(do_sample=False, min_new_tokens=max_new_tokens)`.
+    """
+    tokens, positions, lengths = ragged_batch(prompts)
+    max_len = max_len or int(lengths.max()) + max_new_tokens
+    dtype = params["embed"].dtype
+    cache = ContiguousKVCache.create(cfg, len(prompts), max_len, dtype)
+    logits, cache = forward_jit(params, tokens, positions, cache, cfg, logits_index=jnp.asarray(lengths - 1))
+    out = []
+    pos = jnp.asarray(lengths)
+    for _ in range(max_new_tokens):
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(nxt)
+        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg,
+                                    logits_index=jnp.zeros_like(pos))
+        pos = pos + 1
+    return np.stack([np.asarray(o) for o in out], axis=1).tolist() if out else [[] for _ in prompts]
