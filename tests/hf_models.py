@@ -29,7 +29,7 @@ def build_hf_model(family: str, seed: int = 0):
     config = getattr(transformers, cls_name)(**{**_BASE, **extra})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
     return model.eval()
