@@ -12,7 +12,8 @@ from novallm_jax.errors import ModelLoadError, UnsupportedArchitectureError
 
 # HF `model_type` values this decoder implements, and what each family adds to plain Llama.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# Presets live in the repository's top-level `configs/models/` (HF `config.json` format).
+_PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,9 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
-        """From a preset JSON in `novallm_jax/configs/` (HF `config.json` format)."""
+        """From a preset in `configs/models/` by name (e.g. "smollm2-135m"), or from a path to such a JSON file."""
+        if os.path.isfile(name):
+            return cls.from_hf(name)
         path = os.path.join(_PRESET_DIR, f"{name}.json")
         if not os.path.exists(path):
             known = sorted(f[:-5] for f in os.listdir(_PRESET_DIR) if f.endswith(".json"))

@@ -37,3 +37,17 @@ def test_restore_does_not_need_the_source(tmp_path):
     shutil.rmtree(src)
     _, restored = load_model(out)
     np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(restored["embed"]))
+
+
+def test_presets_match_the_models_they_name(default_gguf):
+    from novallm_jax.config import ModelConfig
+    from novallm_jax.loading.gguf_file import gguf_metadata, open_gguf
+
+    reader = open_gguf(default_gguf)
+    from_gguf = ModelConfig.from_gguf_metadata(gguf_metadata(reader), {t.name for t in reader.tensors})
+    preset = ModelConfig.from_preset("smollm2-135m")
+    assert preset.num_params() == from_gguf.num_params() == 134_515_008
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "rope_theta", "tie_word_embeddings"):
+        assert getattr(preset, field) == getattr(from_gguf, field), field
+    assert ModelConfig.from_preset("llama3.2-1b").rope_scaling.rope_type == "llama3"
