@@ -266,3 +266,39 @@ def test_out_of_vocab_id(smollm, spm):
             tok.decode([5, tok.vocab_size])
         with pytest.raises(TokenizerError, match="outside the vocabulary"):
             tok.decode([-1])
+
+
+# ---- (c) a sentencepiece ("llama") vocabulary inside a GGUF, against transformers on the same file ----------------
+
+def test_gguf_sentencepiece_vocabulary_parity(spm, tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter, TokenType
+    from transformers import AutoTokenizer
+
+    sp = spm.processor
+    n = sp.get_piece_size()
+    types = [TokenType.CONTROL if sp.is_control(i) else TokenType.UNKNOWN if sp.is_unknown(i)
+             else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL for i in range(n)]
+    path = str(tmp_path / "spm_vocab.gguf")
+    writer = GGUFWriter(path, "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([int(t) for t in types])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("w", np.zeros((2, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_tokenizer(path)
+    assert ours.decode_mode is DecodeMode.BYTE_FALLBACK and ours.add_bos
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm_vocab.gguf")
+    _check_parity(ours, ref, CORPUS[::2], with_bos=True)
