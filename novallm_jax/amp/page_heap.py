@@ -105,7 +105,8 @@ class PageHeap:
         with self._lock:
             self._require_storage("read pages")
             out = _gather_pages(self._storage, jnp.asarray(idx))
-        return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+        # Own copies: a zero-copy view of a CPU device buffer would keep that buffer alive.
+        return jax.tree.map(lambda x: np.array(x[:n]), jax.device_get(out))
 
     def write_pages(self, pages: Sequence[int], contents: Any) -> None:
         """Writes host contents (as from `read_pages`) into `pages` on device, updating the storage in place."""
