@@ -1,0 +1,182 @@
+"""The model executor: jitted prefill and decode steps over a paged KV cache, with shapes from a few buckets.
+
+Every step donates the cache, so XLA updates it in place. Shapes come from buckets (rows, prompt-chunk length,
+page-table width), so the number of compilations is bounded and `warmup()` compiles them all up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import threading
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
+from novallm_jax.model import Params, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorConfig:
+    """Shapes the executor compiles for. Every field is static; together they bound the compile count."""
+
+    page_size: int = 16
+    num_pages: int = 2048
+    max_model_len: int = 2048
+    decode_batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    prefill_batch_buckets: tuple[int, ...] = (1, 4)
+    prefill_len_buckets: tuple[int, ...] = (16, 64, 256)
+    # Page-table widths in pages; attention gathers this many pages per row, so short sequences use narrow tables.
+    page_table_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("decode_batch_buckets", "prefill_batch_buckets", "prefill_len_buckets"):
+            object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
+        if self.page_table_buckets is None:
+            widths, w = [], max(1, self.prefill_len_buckets[0] // self.page_size)
+            while w < self.max_pages_per_seq:
+                widths.append(w)
+                w *= 4
+            object.__setattr__(self, "page_table_buckets", tuple(widths) + (self.max_pages_per_seq,))
+        else:
+            object.__setattr__(self, "page_table_buckets", tuple(sorted(self.page_table_buckets)))
+        if self.page_table_buckets[-1] * self.page_size < self.max_model_len:
+            raise ValueError("the widest page-table bucket must cover max_model_len")
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    @property
+    def max_decode_batch(self) -> int:
+        return self.decode_batch_buckets[-1]
+
+    @property
+    def max_chunk(self) -> int:
+        return self.prefill_len_buckets[-1]
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    """One sequence's next prompt chunk: `tokens` start at position `start`; `pages` is its page table."""
+
+    tokens: Sequence[int]
+    start: int
+    pages: Sequence[int]
+
+
+class Executor:
+    """Runs prefill and decode steps for one model; owns the jitted functions and counts their compiles."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None):
+        self.cfg = cfg
+        self.params = params
+        self.exec_cfg = exec_cfg or ExecutorConfig()
+        self.dtype = params["embed"].dtype
+        self._lock = threading.Lock()
+        self.compile_count = 0
+        self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
+
+    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index):
+        self.compile_count += 1  # runs only while tracing, i.e. once per new shape
+        logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
+        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index)
+
+    def new_cache(self) -> PagedKVCache:
+        e = self.exec_cfg
+        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype)
+
+    def _run(self, cache, tokens, positions, page_table, logits_index):
+        with self._lock:
+            return self._step(self.params, tokens, positions, cache, page_table, logits_index)
+
+    def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk]) -> tuple[jax.Array, PagedKVCache]:
+        """Writes each chunk's K/V and returns the logits at each chunk's last token ([len(chunks), V])."""
+        e = self.exec_cfg
+        if not chunks:
+            raise ValueError("prefill needs at least one chunk")
+        rows = bucket(len(chunks), e.prefill_batch_buckets)
+        longest = max(len(c.tokens) for c in chunks)
+        if longest == 0:
+            raise InvalidRequestError("a prefill chunk is empty", param="prompt")
+        t = bucket(longest, e.prefill_len_buckets)
+        width = bucket(max(c.start + len(c.tokens) for c in chunks), [w * e.page_size for w in e.page_table_buckets])
+        width //= e.page_size
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.full((rows, t), -1, np.int32)
+        table = np.full((rows, width), NULL_PAGE, np.int32)
+        last = np.zeros(rows, np.int32)
+        for i, c in enumerate(chunks):
+            n = len(c.tokens)
+            needed = math.ceil((c.start + n) / e.page_size)
+            if len(c.pages) < needed:
+                raise ValueError(f"chunk at {c.start}+{n} needs {needed} pages, has {len(c.pages)}")
+            tokens[i, :n] = c.tokens
+            positions[i, :n] = np.arange(c.start, c.start + n)
+            table[i, :needed] = c.pages[:needed]
+            last[i] = n - 1
+        logits, cache = self._run(cache, tokens, positions, table, last)
+        return logits[:len(chunks)], cache
+
+    def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
+               page_tables: Sequence[Sequence[int]]) -> tuple[jax.Array, PagedKVCache]:
+        """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V]."""
+        e = self.exec_cfg
+        n = len(tokens)
+        rows = bucket(n, e.decode_batch_buckets)
+        width = bucket(max(p + 1 for p in positions), [w * e.page_size for w in e.page_table_buckets])
+        width //= e.page_size
+        tok = np.zeros((rows, 1), np.int32)
+        pos = np.full((rows, 1), -1, np.int32)
+        table = np.full((rows, width), NULL_PAGE, np.int32)
+        tok[:n, 0] = tokens
+        pos[:n, 0] = positions
+        for i, pages in enumerate(page_tables):
+            needed = positions[i] // e.page_size + 1
+            table[i, :needed] = pages[:needed]
+        logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32))
+        return logits[:n], cache
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, page-table width) the executor can run: the warm-up set."""
+        e = self.exec_cfg
+        shapes = [(b, 1, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)]
+        for b, t, w in itertools.product(e.prefill_batch_buckets, e.prefill_len_buckets, e.page_table_buckets):
+            if w * e.page_size >= t and (b, t, w) not in shapes:
+                shapes.append((b, t, w))
+        return shapes
+
+    def warmup(self, cache: PagedKVCache) -> PagedKVCache:
+        """Compiles every bucketed shape (writing only to the null page); returns the cache."""
+        for rows, t, width in tqdm(self.step_shapes(), desc="compiling", unit="shape", leave=False):
+            tokens = np.zeros((rows, t), np.int32)
+            positions = np.full((rows, t), -1, np.int32)
+            table = np.full((rows, width), NULL_PAGE, np.int32)
+            logits, cache = self._run(cache, tokens, positions, table, np.zeros(rows, np.int32))
+        jax.block_until_ready(cache)
+        logging.info("warm-up compiled %d step shapes", self.compile_count)
+        return cache
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache, so a second start loads compiled steps instead of compiling."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

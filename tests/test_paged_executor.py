@@ -1,0 +1,149 @@
+"""Paged KV cache and executor: equality with the contiguous reference, donation, bounded compiles."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache
+from novallm_jax.model import forward, forward_jit, init_params, ragged_batch
+
+PAGE = 8
+PROMPTS = [[(7 * i + 3) % 200 + 1 for i in range(n)] for n in (5, 37, 18, 60)]
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral_window"])
+def model(request):
+    cfg = tiny_config(sliding_window=12 if request.param == "mistral_window" else None,
+                      model_type="mistral" if request.param == "mistral_window" else "llama")
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+def scattered_page_tables(lengths, width, num_pages, seed=0):
+    """Gives each sequence `width` distinct, shuffled pages (never page 0), so pages are not contiguous."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(1, num_pages))[: len(lengths) * width]
+    return ids.reshape(len(lengths), width).astype(np.int32)
+
+
+def test_paged_forward_equals_contiguous_for_ragged_batch(model):
+    cfg, params = model
+    tokens, positions, _ = ragged_batch(PROMPTS)
+    ref, _ = forward(params, tokens, positions, ContiguousKVCache.create(cfg, 4, tokens.shape[1]), cfg)
+    width = -(-tokens.shape[1] // PAGE)
+    table = scattered_page_tables(PROMPTS, width, 64)
+    got, _ = forward(params, tokens, positions, PagedKVCache.create(cfg, 64, PAGE), cfg, page_table=table)
+    for i, p in enumerate(PROMPTS):
+        assert np.abs(np.asarray(got)[i, :len(p)] - np.asarray(ref)[i, :len(p)]).max() <= 1e-5
+
+
+def reference_decode(cfg, params, steps):
+    """Contiguous-cache prefill + greedy decode; returns the per-step logits of each row."""
+    tokens, positions, lengths = ragged_batch(PROMPTS)
+    cache = ContiguousKVCache.create(cfg, len(PROMPTS), int(lengths.max()) + steps + 1)
+    logits, cache = forward_jit(params, tokens, positions, cache, cfg, logits_index=jnp.asarray(lengths - 1))
+    out, pos = [np.asarray(logits)], jnp.asarray(lengths)
+    for _ in range(steps):
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg,
+                                    logits_index=jnp.zeros_like(pos))
+        out.append(np.asarray(logits))
+        pos = pos + 1
+    return out
+
+
+def test_chunked_prefill_and_64_decode_steps_equal_contiguous(model):
+    cfg, params = model
+    steps = 64
+    ref = reference_decode(cfg, params, steps)
+    ecfg = ExecutorConfig(page_size=PAGE, num_pages=96, max_model_len=128, decode_batch_buckets=(4,),
+                          prefill_batch_buckets=(1, 4), prefill_len_buckets=(16,))
+    ex = Executor(cfg, params, ecfg)
+    cache = ex.new_cache()
+    tables = scattered_page_tables(PROMPTS, ecfg.max_pages_per_seq, ecfg.num_pages, seed=1)
+    # Chunked prefill: prompts longer than the 16-token bucket go in several chunks, all rows at once.
+    last_logits = [None] * len(PROMPTS)
+    done = [0] * len(PROMPTS)
+    while any(d < len(p) for d, p in zip(done, PROMPTS)):
+        active = [i for i, p in enumerate(PROMPTS) if done[i] < len(p)]
+        chunks = [PrefillChunk(PROMPTS[i][done[i]:done[i] + 16], done[i], tables[i]) for i in active]
+        logits, cache = ex.prefill(cache, chunks)
+        for j, i in enumerate(active):
+            done[i] += len(chunks[j].tokens)
+            last_logits[i] = np.asarray(logits[j])
+    np.testing.assert_allclose(np.stack(last_logits), ref[0], atol=1e-5, rtol=0)
+    pos = [len(p) for p in PROMPTS]
+    for step in range(steps):
+        nxt = ref[step].argmax(-1).tolist()
+        logits, cache = ex.decode(cache, nxt, pos, tables)
+        assert np.abs(np.asarray(logits) - ref[step + 1]).max() <= 1e-5, f"decode step {step}"
+        pos = [p + 1 for p in pos]
+
+
+def test_decode_donates_the_cache_in_place(model):
+    cfg, params = model
+    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
+                                              decode_batch_buckets=(2,), prefill_len_buckets=(16,)))
+    cache = ex.new_cache()
+    _, cache = ex.decode(cache, [1, 2], [0, 0], [[1], [2]])  # compile first
+    before = [a.unsafe_buffer_pointer() for a in cache.k + cache.v]
+    old = cache
+    _, cache = ex.decode(cache, [3, 4], [1, 1], [[1], [2]])
+    assert all(a.is_deleted() for a in old.k + old.v)
+    assert [a.unsafe_buffer_pointer() for a in cache.k + cache.v] == before
+
+
+def test_100_requests_compile_nothing_beyond_warmup():
+    cfg = tiny_config()
+    params = init_params(cfg, jax.random.key(0))
+    ecfg = ExecutorConfig(page_size=PAGE, num_pages=64, max_model_len=96, decode_batch_buckets=(1, 4),
+                          prefill_batch_buckets=(1,), prefill_len_buckets=(16, 32))
+    ex = Executor(cfg, params, ecfg)
+    cache = ex.warmup(ex.new_cache())
+    warm = ex.compile_count
+    assert warm == len(ex.step_shapes())
+    rng = np.random.default_rng(0)
+    table = list(range(1, ecfg.max_pages_per_seq + 1))
+    for _ in range(100):
+        n = int(rng.integers(1, 70))
+        prompt = rng.integers(1, cfg.vocab_size, n).tolist()
+        for start in range(0, n, ecfg.max_chunk):
+            _, cache = ex.prefill(cache, [PrefillChunk(prompt[start:start + ecfg.max_chunk], start, table)])
+        batch = int(rng.integers(1, 5))
+        _, cache = ex.decode(cache, [1] * batch, [n] * batch, [table] * batch)
+    assert ex.compile_count == warm
+
+
+def test_persistent_compilation_cache_skips_compiles_on_second_start(tmp_path):
+    script = textwrap.dedent(f"""
+        import jax
+        from novallm_jax.engine.executor import Executor, ExecutorConfig, enable_compilation_cache
+        from novallm_jax.model import init_params
+        from tests.test_paged_executor import tiny_config
+        enable_compilation_cache({str(tmp_path)!r})
+        hits = []
+        jax.monitoring.register_event_listener(
+            lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+        cfg = tiny_config()
+        ex = Executor(cfg, init_params(cfg, jax.random.key(0)), ExecutorConfig(
+            page_size=8, num_pages=16, max_model_len=32, decode_batch_buckets=(1, 2), prefill_len_buckets=(16,)))
+        ex.warmup(ex.new_cache())
+        print("SHAPES", len(ex.step_shapes()), "HITS", len(hits))
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    first, second = ([int(x) for x in r.split()[1::2]] for r in (r.strip().splitlines()[-1] for r in runs))
+    assert first[1] == 0
+    assert second[1] >= second[0]  # every step shape came from the cache
