@@ -183,7 +183,7 @@ def _clear_row(batch: SamplingBatch, slot: jax.Array) -> SamplingBatch:
     neutral = {"repetition_penalty": 1, "top_p": 1}  # Every other field's neutral value is zero / False.
     return batch.replace(
         **{
-            name: getattr(batch, name).at[slot].set(neutral.get(name, 0))
+            name: getattr(batch, name).at[slot].set(jnp.asarray(neutral.get(name, 0), getattr(batch, name).dtype))
             for name in batch.__dataclass_fields__
         }
     )
@@ -202,6 +202,7 @@ def update_counts(batch: SamplingBatch, tokens: jax.Array) -> SamplingBatch:
     return batch.replace(output_counts=counts, steps=batch.steps + valid.astype(jnp.int32))
 
 
+@jax.jit
 def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """Steps 1-2: logit bias, min_tokens ban, repetition / frequency / presence penalties. Returns f32[B, V]."""
     x = logits.astype(jnp.float32) + batch.logit_bias
@@ -266,6 +267,7 @@ def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return jax.lax.cond(jnp.all(exact), lambda: threshold, full)
 
 
+@jax.jit
 def apply_filters(x: jax.Array, batch: SamplingBatch) -> jax.Array:
     """Steps 3-4 on penalized logits: temperature, then top-k, top-p, min-p; removed tokens get -inf."""
     greedy = batch.temperature <= 0.0
@@ -314,6 +316,7 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
     return chunk * _CHUNK + pos
 
 
+@jax.jit
 def process_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """The logits the draw uses: penalties and filters applied. f32[B, V], -inf where removed."""
     return apply_filters(apply_penalties(logits, batch), batch)
