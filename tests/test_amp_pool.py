@@ -1,6 +1,5 @@
 """MemoryPool facade: the engine's API end to end, with its stats and leak report."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from novallm_jax.amp.central_cache import CentralCache
