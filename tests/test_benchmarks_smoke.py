@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/bench_decode.py: a --quick run on a tiny random Llama exits 0 and writes the JSON it promises.
+
+No timing is asserted (timing belongs to the benchmark itself); only that each figure is there and is a positive number.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    config, output = tmp / "tiny.json", tmp / "out.json"
+    config.write_text(json.dumps(TINY))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models=random:{config}",
+           "--batches=1,2", "--bandwidth_gib=0.02", f"--output={output}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(output.read_text())
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_quick_run_writes_expected_json(quick_run):
+    _, res = quick_run
+    assert {"machine", "settings", "bandwidth_gb_s", "models", "wall_s"} <= res.keys()
+    m = res["machine"]
+    assert m["cpu_count"] >= 1 and m["versions"]["jax"] and m["versions"]["torch"]
+    assert "loadavg_before" in m and "loadavg_after" in m
+    bw = res["bandwidth_gb_s"]
+    assert all(positive(bw[k]) for k in ("jax_sum", "jax_matvec", "numpy_copy"))
+    assert bw["roofline"] == max(bw["jax_sum"], bw["jax_matvec"], bw["numpy_copy"])
+    assert res["settings"]["batches"] == [1, 2]
+
+    (entry,) = res["models"]
+    assert entry["config"]["hidden_size"] == TINY["hidden_size"]
+    assert entry["config"]["num_layers"] == TINY["num_hidden_layers"]
+    for engine in ("ours", "transformers"):
+        assert set(entry[engine]["decode"]) == {"1", "2"}
+        for rate in list(entry[engine]["decode"].values()) + [entry[engine]["prefill"]]:
+            assert positive(rate["tok_s"]) and positive(rate["step_ms"])
+            assert rate["tok_s"] >= rate["tok_s_median"]  # best of the repeats
+    assert set(entry["ratios"]["transformers"]) == {"decode_b1", "decode_b2", "prefill"}
+    assert "llama_cpp" in entry
+
+
+def test_roofline_counts_every_weight_but_the_embedding(quick_run):
+    _, res = quick_run
+    (entry,) = res["models"]
+    d, f, v, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["vocab_size"], TINY["num_hidden_layers"]
+    kv = d // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d
+    expected = 4 * (layers * per_layer + d + d * v)  # float32; final norm and lm_head, no embedding table
+    assert entry["weight_bytes_per_token"] == expected
+    roof = res["bandwidth_gb_s"]["roofline"] * 1e9 / expected
+    assert entry["roofline_tok_s"] == pytest.approx(roof)
+    assert entry["batch1_roofline_fraction"] == pytest.approx(entry["ours"]["decode"]["1"]["tok_s"] / roof)
+
+
+def test_quick_run_prints_a_table(quick_run):
+    proc, res = quick_run
+    assert "% roofline" in proc.stdout and "decode b2" in proc.stdout
+    assert "llama.cpp" in proc.stdout or "llama_cpp" in proc.stdout
