@@ -1,0 +1,447 @@
+"""The OpenAI-compatible REST API over one `LLM`: completions, chat completions, models, health and metrics.
+
+    app = build_app(llm, ServerConfig(api_key="sk-..."))   # then serve it with uvicorn
+
+Generation goes through the SDK (`LLM.astream_outputs`); nothing here re-implements it. With n > 1, or a list of
+prompts, each completion is its own engine request with `SamplingParams.for_child(i)`, exactly as `LLM.generate`
+does, so a seeded request gives the same text from the SDK and from the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from novallm_jax.engine.request import FinishReason, RequestOutput, TokenLogprob
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.llm import LLM
+from novallm_jax.sampling_params import SamplingParams
+from novallm_jax.serving import protocol as P
+from novallm_jax.serving.errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, install_handlers
+from novallm_jax.serving.metrics import ServerMetrics
+from novallm_jax.serving.streams import Fanout
+
+# How often a non-streaming request checks whether its client is still there.
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Limits and access of one server. `model_name` defaults to the LLM's name."""
+
+    model_name: str | None = None
+    api_key: str | None = None
+    max_concurrent: int = 256  # generation requests in flight before 429
+    max_body_bytes: int = 1 << 20
+
+
+class Admission:
+    """Counts generation requests in flight (REST and gRPC together); refuses past `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+
+    def acquire(self) -> None:
+        if self.active >= self.limit:
+            raise APIError(429, f"too many requests in flight (limit {self.limit}); retry later",
+                           "rate_limit_exceeded", None, "rate_limit_exceeded")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+class Server:
+    """State shared by the REST and gRPC fronts: the LLM, limits, metrics, and request building."""
+
+    def __init__(self, llm: LLM, config: ServerConfig | None = None):
+        self.llm = llm
+        self.config = config or ServerConfig()
+        self.model_name = self.config.model_name or llm.name
+        self.admission = Admission(self.config.max_concurrent)
+        self.metrics = ServerMetrics(llm.engine)
+        self.created = int(time.time())
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        """OpenAI's rule: prompt plus max_tokens must fit the context."""
+        n, limit = len(ids), self.max_model_len
+        if n >= limit or (max_tokens is not None and n + max_tokens > limit):
+            asked = f" and {max_tokens} for the completion" if max_tokens is not None else ""
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request has {n} "
+                                f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
+                           "invalid_request_error", param if n >= limit else "max_tokens", "context_length_exceeded")
+
+    def token_text(self, token_id: int) -> str:
+        try:
+            return self.llm.tokenizer.decode([token_id])
+        except Exception:  # an id the tokenizer cannot render alone
+            return f"<{token_id}>"
+
+    def observe(self, outs: list[RequestOutput | None]) -> None:
+        for out in outs:
+            if out is not None:
+                self.metrics.observe_sequence(out)
+
+
+def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The SDK's settings of one request body (each child of n > 1 gets `for_child(i)` later)."""
+    opt = lambda v, default: default if v is None else v
+    return SamplingParams(
+        temperature=opt(req.temperature, 1.0), top_p=opt(req.top_p, 1.0), top_k=opt(req.top_k, 0),
+        min_p=opt(req.min_p, 0.0), repetition_penalty=opt(req.repetition_penalty, 1.0),
+        presence_penalty=opt(req.presence_penalty, 0.0), frequency_penalty=opt(req.frequency_penalty, 0.0),
+        logit_bias=req.logit_bias, seed=req.seed, max_tokens=max_tokens, min_tokens=opt(req.min_tokens, 0),
+        stop=opt(req.stop, ()), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, n=req.n)
+
+
+def _finish_reason(out: RequestOutput) -> str | None:
+    if not out.finished:
+        return None
+    return "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _check_failed(out: RequestOutput) -> None:
+    if out.finish_reason is FinishReason.ERROR:
+        raise APIError(500, f"generation failed: {out.error or 'internal error'}", "server_error")
+    if out.finish_reason is FinishReason.CANCELLED:
+        raise APIError(503, "the request was cancelled: the server is shutting down", "server_overloaded", None,
+                       "cancelled")
+
+
+def _usage(prompts: list[list[int]], outs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(o.token_ids) for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _delta_logprobs(out: RequestOutput) -> list[TokenLogprob]:
+    if out.logprobs is None or not out.delta_token_ids:
+        return []
+    end = len(out.token_ids)
+    return out.logprobs[end - len(out.delta_token_ids):end]
+
+
+class _Handlers:
+    """The route bodies; one instance per app."""
+
+    def __init__(self, server: Server):
+        self.s = server
+
+    # ---- shared ----------------------------------------------------------------------------------------------
+
+    async def _run(self, request: Request, jobs: list[tuple[list[int], SamplingParams]], stream: bool,
+                   make_stream: Callable[[Fanout], AsyncIterator[str]],
+                   make_body: Callable[[list[RequestOutput]], dict]) -> Response:
+        """Admits, submits (errors become 4xx/5xx before any byte is sent), then streams or collects."""
+        self.s.admission.acquire()
+        fan = Fanout(self.s.llm, jobs)
+        try:
+            await fan.start()
+        except BaseException:
+            self.s.admission.release()
+            raise
+        if stream:
+            async def body():
+                try:
+                    async for chunk in make_stream(fan):
+                        yield chunk
+                finally:
+                    await fan.aclose()
+                    self.s.observe(fan.final)
+                    self.s.admission.release()
+
+            return StreamingResponse(body(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            outs = await self._collect(request, fan)
+        finally:
+            self.s.observe(fan.final)
+            self.s.admission.release()
+        for out in outs:
+            _check_failed(out)
+        return JSONResponse(make_body(outs))
+
+    @staticmethod
+    async def _collect(request: Request, fan: Fanout) -> list[RequestOutput]:
+        task = asyncio.create_task(fan.collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected", "invalid_request_error")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await fan.aclose()
+
+    def _check_common(self, body: P._Sampling) -> None:
+        self.s.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+    # ---- completions -----------------------------------------------------------------------------------------
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.s.llm.encode(prompt)]
+        if isinstance(prompt[0], str):
+            return [self.s.llm.encode(p) for p in prompt]
+        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
+        vocab = self.s.llm.cfg.vocab_size
+        for ids in prompts:
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        return prompts
+
+    def _completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens = [self.s.token_text(e.token_id) for e in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self.s.token_text(k): v for k, v in e.top.items()} for e in entries],
+                "text_offset": offsets}
+
+    async def completions(self, body: P.CompletionRequest, request: Request) -> Response:
+        self._check_common(body)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported", param="echo")
+        prompts = self._prompts(body.prompt)
+        if len(prompts) * body.n > P.MAX_CHOICES:
+            raise APIError(400, f"n times the number of prompts must be at most {P.MAX_CHOICES}", param="n")
+        params = sampling_params(body, body.max_tokens, body.logprobs)
+        for ids in prompts:
+            self.s.check_length(ids, body.max_tokens, "prompt")
+        jobs = [(ids, params.for_child(i)) for ids in prompts for i in range(body.n)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [self.s.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in prompts]
+        prompt_of = lambda index: index // body.n
+
+        def chunk(choices, usage=None):
+            data = {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
+                    "choices": choices}
+            if body.stream_options is not None and body.stream_options.include_usage:
+                data["usage"] = usage
+            return _sse(data)
+
+        async def stream(fan: Fanout) -> AsyncIterator[str]:
+            sent_echo = set()
+            offsets = [0] * len(jobs)
+            async for i, out in fan:
+                if out.finish_reason is FinishReason.ERROR:
+                    yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+                    break
+                text = out.delta_text
+                if i not in sent_echo:
+                    sent_echo.add(i)
+                    text = echo[prompt_of(i)] + text
+                lp = None
+                if body.logprobs is not None:
+                    entries = _delta_logprobs(out)
+                    lp = self._completion_logprobs(entries, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                if text or out.finished or lp:
+                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(out)}])
+            else:
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield chunk([], _usage(prompts, list(fan.final)))
+            yield "data: [DONE]\n\n"
+
+        def full(outs: list[RequestOutput]) -> dict:
+            choices = []
+            for i, out in enumerate(outs):
+                lp = self._completion_logprobs(out.logprobs or [], 0) if body.logprobs is not None else None
+                choices.append({"index": i, "text": echo[prompt_of(i)] + out.text, "logprobs": lp,
+                                "finish_reason": _finish_reason(out)})
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
+                    "choices": choices, "usage": _usage(prompts, outs)}
+
+        return await self._run(request, jobs, body.stream, stream, full)
+
+    # ---- chat ------------------------------------------------------------------------------------------------
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.s.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(e.token_id, e.logprob),
+                             "top_logprobs": [item(k, v) for k, v in e.top.items()]} for e in entries]}
+
+    async def chat(self, body: P.ChatCompletionRequest, request: Request) -> Response:
+        self._check_common(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            ids = self.s.llm.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
+        except InvalidRequestError:
+            raise
+        except Exception as e:  # a template that cannot render this conversation
+            raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens, logprobs)
+        self.s.check_length(ids, max_tokens, "messages")
+        jobs = [(ids, params.for_child(i)) for i in range(body.n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices, usage=None):
+            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.s.model_name,
+                    "choices": choices}
+            if body.stream_options is not None and body.stream_options.include_usage:
+                data["usage"] = usage
+            return _sse(data)
+
+        async def stream(fan: Fanout) -> AsyncIterator[str]:
+            for i in range(len(jobs)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for i, out in fan:
+                if out.finish_reason is FinishReason.ERROR:
+                    yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+                    break
+                lp = self._chat_logprobs(_delta_logprobs(out)) if body.logprobs else None
+                if out.delta_text or (lp and lp["content"]):
+                    yield chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": lp,
+                                  "finish_reason": None}])
+                if out.finished:
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}])
+            else:
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield chunk([], _usage([ids], list(fan.final)))
+            yield "data: [DONE]\n\n"
+
+        def full(outs: list[RequestOutput]) -> dict:
+            choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                        "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
+                        "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name,
+                    "choices": choices, "usage": _usage([ids], outs)}
+
+        return await self._run(request, jobs, body.stream, stream, full)
+
+
+class _MetricsMiddleware:
+    """Counts every response by route and status (unknown paths are one label, so fuzzing cannot blow it up)."""
+
+    def __init__(self, app, server: Server, routes: set[str]):
+        self.app, self.server, self.routes = app, server, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.server.metrics.observe_request(endpoint, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+_ERRORS = {code: {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+           for code, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
+                              (404, "Unknown model"), (413, "Body too large"), (429, "Too many requests in flight"),
+                              (503, "Queue full"))}
+
+
+def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | None = None) -> FastAPI:
+    """The FastAPI app serving `llm` (pass `server` to share limits and metrics with a gRPC front)."""
+    server = server or Server(llm, config)
+    config = server.config
+    app = FastAPI(title="NovaLLM-JAX", version="0.1.0",
+                  description="OpenAI-compatible completions and chat completions.")
+    app.state.server = server
+    install_handlers(app)
+    h = _Handlers(server)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if getattr(llm, "_closed", False):
+            return JSONResponse({"status": "closed"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "novallm",
+                "max_model_len": server.max_model_len}
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model}", responses=_ERRORS)
+    async def model(model: str) -> dict:
+        server.check_model(model)
+        return model_card()
+
+    @app.post("/v1/completions", responses=_ERRORS)
+    async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        return await h.completions(body, request)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+        return await h.chat(body, request)
+
+    _add_error_schema(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(_MetricsMiddleware, server=server, routes={r.path for r in app.routes})
+    return app
+
+
+def _add_error_schema(app: FastAPI) -> None:
+    """Puts the Error schema that `responses=` refers to into the OpenAPI document."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+            "type": "object", "required": ["error"],
+            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                    "param": {"type": ["string", "null"]},
+                                                    "code": {"type": ["string", "null"]}}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

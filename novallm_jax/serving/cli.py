@@ -1,0 +1,63 @@
+"""`novallm-serve`: the OpenAI-compatible REST API (and optionally gRPC) over one model.
+
+    novallm-serve                                   # SmolLM2-135M-Instruct on http://127.0.0.1:8000
+    novallm-serve --model=/path/to/model --port=8080 --grpc_port=50051 --max_concurrent=64
+    NOVALLM_API_KEY=sk-local novallm-serve          # then send "Authorization: Bearer sk-local"
+
+It binds to 127.0.0.1 unless --host says otherwise: exposing a model server to a network is a choice to make on
+purpose (and then with --api_key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "HF directory, GGUF file or orbax checkpoint (default: SmolLM2-135M-Instruct).")
+flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the model's file name).")
+flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
+flags.DEFINE_integer("port", 8000, "REST port (0: any free port).")
+flags.DEFINE_integer("grpc_port", None, "gRPC port; unset: no gRPC server.")
+flags.DEFINE_string("api_key", None, "Required bearer key on /v1/* (default: $NOVALLM_API_KEY; unset: no key).")
+flags.DEFINE_integer("max_concurrent", 256, "Generation requests in flight before new ones get 429.", lower_bound=1)
+flags.DEFINE_integer("max_queue", 1024, "Requests waiting in the engine before new ones get 503.", lower_bound=1)
+flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine's).")
+flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
+flags.DEFINE_string("compile_cache_dir", None, "Persistent XLA compilation cache directory.")
+flags.DEFINE_string("dtype", None, "Weights dtype, e.g. float32 or bfloat16 (default: per device).")
+flags.DEFINE_bool("warmup", True, "Compile every shape bucket before serving.")
+
+API_KEY_ENV = "NOVALLM_API_KEY"
+
+
+def main(argv) -> None:
+    del argv
+    from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.llm import LLM
+    from novallm_jax.serving.app import Server, ServerConfig
+    from novallm_jax.serving.runner import serve
+
+    api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
+    if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
+    engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue)
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
+              compile_cache_dir=FLAGS.compile_cache_dir, warmup=FLAGS.warmup)
+    config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
+                          max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)
+    try:
+        asyncio.run(serve(Server(llm, config), FLAGS.host, FLAGS.port, FLAGS.grpc_port))
+    finally:
+        llm.close()
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,179 @@
+"""OpenAI-shaped errors for every failure, and the two ASGI middlewares that guard the API (body size, API key).
+
+Every error response is `{"error": {"message", "type", "param", "code"}}`, whatever raised it: our handlers, the
+engine, pydantic validation (422 in FastAPI, 400 here, as OpenAI answers), an unknown route, or a bug (500).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from absl import logging
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from novallm_jax.engine.engine import QueueFullError
+from novallm_jax.errors import InvalidRequestError, NovaLLMError
+
+
+class APIError(NovaLLMError):
+    """An HTTP error to send as is: status, message, OpenAI `type`, and the offending `param` and `code`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    @classmethod
+    def from_exception(cls, e: Exception) -> "APIError":
+        """The HTTP error of an exception from the SDK or engine (400 bad input, 503 full queue, else 500)."""
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, QueueFullError):
+            return cls(503, str(e), "server_overloaded", None, "queue_full")
+        if isinstance(e, InvalidRequestError):
+            code = "context_length_exceeded" if "context" in str(e) else None
+            return cls(400, str(e), "invalid_request_error", e.param, code)
+        if isinstance(e, NovaLLMError):
+            return cls(500, str(e), "server_error")
+        return cls(500, "internal server error", "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_STATUS_TYPES = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
+                 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+                 413: ("invalid_request_error", "request_too_large"), 429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+                 503: ("server_overloaded", "overloaded")}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    param = ".".join(loc) or None
+    where = f" at {param}" if param else ""
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{first.get('msg', 'invalid value')}{where}{more}", (loc[0] if loc else None)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Routes every exception to an OpenAI-shaped JSON response."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(NovaLLMError)
+    async def _nova_error(request: Request, exc: NovaLLMError):
+        err = APIError.from_exception(exc)
+        if err.status >= 500:
+            logging.error("request to %s failed: %s", request.url.path, exc)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500
+                                                           else "server_error", None))
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 400 and "parsing the body" in message:
+            message = "the body could not be parsed as JSON in UTF-8"
+        return JSONResponse(error_body(message, type_, None, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logging.exception("unhandled error on %s", request.url.path)
+        return APIError(500, "internal server error", "server_error").response()
+
+
+async def _send_json(send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body before the app sees it, answering 413 once it passes `max_bytes` (before any parsing).
+
+    The body is replayed to the app as one message; later `receive` calls go to the client, so that streaming
+    responses still see `http.disconnect`.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
+                             code="request_too_large")
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_json(send, 413, too_large.body(), [(b"connection", b"close")])
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _send_json(send, 413, too_large.body(), [(b"connection", b"close")])
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/*; /health, /metrics and the schema stay open."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope.get("headers", ()))
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                message = "missing API key" if not auth else "incorrect API key"
+                return await _send_json(send, 401, error_body(message, "invalid_request_error", None,
+                                                              "invalid_api_key"),
+                                        [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)

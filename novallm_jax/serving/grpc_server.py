@@ -1,0 +1,129 @@
+"""The gRPC front (novallm.proto): server-streaming `Generate` and `Health`, on the same `Server` as the REST API.
+
+It shares the REST front's request building, admission limit and metrics, so a seeded request gives the same text
+over either protocol. Run it on the event loop that serves REST (see `runner.py`), or on its own.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import AsyncIterator
+
+import grpc
+from absl import logging
+
+from novallm_jax.engine.request import FinishReason
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.sampling_params import SamplingParams
+from novallm_jax.serving import novallm_pb2 as pb
+from novallm_jax.serving import novallm_pb2_grpc as pb_grpc
+from novallm_jax.serving.app import Server
+from novallm_jax.serving.errors import APIError
+from novallm_jax.serving.streams import Fanout
+
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          503: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    """The SDK's settings of a proto message; unset fields take the REST API's defaults."""
+    get = lambda name, default: getattr(s, name) if s.HasField(name) else default
+    return SamplingParams(
+        temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0), min_p=get("min_p", 0.0),
+        repetition_penalty=get("repetition_penalty", 1.0), presence_penalty=get("presence_penalty", 0.0),
+        frequency_penalty=get("frequency_penalty", 0.0), logit_bias=dict(s.logit_bias) or None,
+        seed=get("seed", None), max_tokens=get("max_tokens", 16), min_tokens=s.min_tokens, stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=get("logprobs", None))
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, server: Server):
+        self.s = server
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
+        err = APIError.from_exception(e)
+        if err.status >= 500:
+            logging.error("gRPC Generate failed: %s", e)
+        await context.abort(_CODES.get(err.status, grpc.StatusCode.INTERNAL), err.message)
+
+    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
+        key = self.s.config.api_key
+        if not key:
+            return
+        auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "missing or incorrect API key")
+
+    def _prompt(self, request: pb.GenerateRequest, max_tokens: int | None) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            ids = self.s.llm.encode(request.text)
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidRequestError("the prompt is empty", param="token_ids")
+        elif which == "chat":
+            ids = self.s.llm.chat_prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
+        else:
+            raise InvalidRequestError("set one of text, token_ids or chat", param="prompt")
+        self.s.check_length(ids, max_tokens, which)
+        return ids
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            self._check_key(context)
+            if request.model:
+                self.s.check_model(request.model)
+            params = sampling_from_proto(request.sampling)
+            ids = self._prompt(request, params.max_tokens)
+            self.s.admission.acquire()
+        except Exception as e:
+            await self._abort(context, e)
+            return
+        fan = Fanout(self.s.llm, [(ids, params)])
+        try:
+            await fan.start()
+        except Exception as e:
+            self.s.admission.release()
+            await self._abort(context, e)
+            return
+        try:
+            async for _, out in fan:
+                if out.finish_reason is FinishReason.ERROR:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                    return
+                resp = pb.GenerateResponse(text=out.delta_text, token_ids=out.delta_token_ids,
+                                           finished=out.finished)
+                if out.logprobs is not None and out.delta_token_ids:
+                    end = len(out.token_ids)
+                    for e in out.logprobs[end - len(out.delta_token_ids):end]:
+                        resp.logprobs.add(token_id=e.token_id, logprob=e.logprob, top=e.top)
+                if out.finished:
+                    resp.finish_reason = "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+                    resp.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
+                                                 completion_tokens=len(out.token_ids),
+                                                 cached_prompt_tokens=out.metrics.cached_prompt_tokens))
+                yield resp
+        finally:  # also on cancellation by the client: the fan-out aborts the engine request
+            await fan.aclose()
+            self.s.observe(fan.final)
+            self.s.admission.release()
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        stats = self.s.llm.engine.stats()
+        status = pb.HealthResponse.NOT_SERVING if getattr(self.s.llm, "_closed", False) else pb.HealthResponse.SERVING
+        return pb.HealthResponse(status=status, model=self.s.model_name, running=stats["running"],
+                                 waiting=stats["waiting"], kv_pages_free=stats["kv_pages_free"])
+
+
+def build_grpc_server(server: Server, address: str) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server (not started) serving `server` on `address` ("host:port", port 0 for any); and its port."""
+    grpc_server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(server), grpc_server)
+    port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"gRPC could not bind {address}")
+    return grpc_server, port
