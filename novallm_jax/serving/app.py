@@ -40,6 +40,7 @@ class ServerConfig:
     api_key: str | None = None
     max_concurrent: int = 256  # generation requests in flight before 429
     max_body_bytes: int = 1 << 20
+    max_model_len: int | None = None  # a context shorter than the engine's, for this server's requests
 
 
 class Admission:
@@ -71,21 +72,22 @@ class Server:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.engine.max_model_len
+        return min(self.config.max_model_len or self.llm.engine.max_model_len, self.llm.engine.max_model_len)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
-    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
-        """OpenAI's rule: prompt plus max_tokens must fit the context."""
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """OpenAI's rule: prompt plus max_tokens must fit the context. Returns max_tokens (None: what fits)."""
         n, limit = len(ids), self.max_model_len
         if n >= limit or (max_tokens is not None and n + max_tokens > limit):
             asked = f" and {max_tokens} for the completion" if max_tokens is not None else ""
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request has {n} "
                                 f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
                            "invalid_request_error", param if n >= limit else "max_tokens", "context_length_exceeded")
+        return limit - n if max_tokens is None else max_tokens
 
     def token_text(self, token_id: int) -> str:
         try:
@@ -240,9 +242,10 @@ class _Handlers:
         if len(prompts) * body.n > P.MAX_CHOICES:
             raise APIError(400, f"n times the number of prompts must be at most {P.MAX_CHOICES}", param="n")
         params = sampling_params(body, body.max_tokens, body.logprobs)
+        jobs = []
         for ids in prompts:
-            self.s.check_length(ids, body.max_tokens, "prompt")
-        jobs = [(ids, params.for_child(i)) for ids in prompts for i in range(body.n)]
+            fitted = dataclasses.replace(params, max_tokens=self.s.check_length(ids, body.max_tokens, "prompt"))
+            jobs += [(ids, fitted.for_child(i)) for i in range(body.n)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [self.s.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in prompts]
         prompt_of = lambda index: index // body.n
@@ -313,7 +316,7 @@ class _Handlers:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens, logprobs)
-        self.s.check_length(ids, max_tokens, "messages")
+        params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, max_tokens, "messages"))
         jobs = [(ids, params.for_child(i)) for i in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -6,6 +6,7 @@ over either protocol. Run it on the event loop that serves REST (see `runner.py`
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from typing import AsyncIterator
 
@@ -56,7 +57,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or incorrect API key")
 
-    def _prompt(self, request: pb.GenerateRequest, max_tokens: int | None) -> list[int]:
+    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         which = request.WhichOneof("prompt")
         if which == "text":
             ids = self.s.llm.encode(request.text)
@@ -68,7 +69,6 @@ class GenerationService(pb_grpc.GenerationServicer):
             ids = self.s.llm.chat_prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
         else:
             raise InvalidRequestError("set one of text, token_ids or chat", param="prompt")
-        self.s.check_length(ids, max_tokens, which)
         return ids
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -78,7 +78,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             if request.model:
                 self.s.check_model(request.model)
             params = sampling_from_proto(request.sampling)
-            ids = self._prompt(request, params.max_tokens)
+            ids = self._prompt(request)
+            params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, params.max_tokens,
+                                                                                request.WhichOneof("prompt")))
             self.s.admission.acquire()
         except Exception as e:
             await self._abort(context, e)

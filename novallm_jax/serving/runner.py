@@ -23,7 +23,7 @@ async def serve(server: Server, host: str = DEFAULT_HOST, port: int = 8000, grpc
                 on_ready=None, uvicorn_server_out: list | None = None) -> None:
     """Serves REST on host:port and, if `grpc_port` is not None, gRPC on host:grpc_port, until uvicorn exits.
 
-    `on_ready(rest_port, grpc_port)` is called once both listen (ports resolved when 0 was asked for).
+    `on_ready((rest_host, rest_port), grpc_port)` is called once both listen (ports resolved when 0 was asked for).
     """
     app = build_app(server.llm, server=server)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
@@ -44,8 +44,8 @@ async def serve(server: Server, host: str = DEFAULT_HOST, port: int = 8000, grpc
                 task.result()
                 raise OSError(f"the REST server on {host}:{port} stopped before it started")
             await asyncio.sleep(0.01)
-        bound_rest = rest.servers[0].sockets[0].getsockname()[1]
-        logging.info("serving %s: REST on http://%s:%d%s", server.model_name, host, bound_rest,
+        bound_rest = rest.servers[0].sockets[0].getsockname()[:2]
+        logging.info("serving %s: REST on http://%s:%d%s", server.model_name, *bound_rest,
                      f", gRPC on {host}:{bound_grpc}" if grpc_server else "")
         if on_ready is not None:
             on_ready(bound_rest, bound_grpc)
@@ -69,14 +69,16 @@ class BackgroundServer:
         self._error: BaseException | None = None
         self._uvicorn: list = []
         self._thread: threading.Thread | None = None
+        self.rest_address: tuple[str, int] | None = None  # what the REST socket is bound to, once started
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
-        def ready(rest_port, grpc_port):
-            self.port, self.grpc_port = rest_port, grpc_port
+        def ready(rest_address, grpc_port):
+            self.rest_address = rest_address
+            self.port, self.grpc_port = rest_address[1], grpc_port
             self._ready.set()
 
         try:
