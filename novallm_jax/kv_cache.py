@@ -76,14 +76,13 @@ class PagedKVCache:
         """
         ps, num_pages = self.page_size, self.num_pages
         width = page_table.shape[1]
-        page_idx = jnp.clip(positions // ps, 0, width - 1)
-        page = jnp.take_along_axis(page_table, page_idx, axis=1)
-        slot = page * ps + positions % ps
-        slot = jnp.where((positions < 0) | (positions >= width * ps), num_pages * ps, slot)  # dropped
-        flat = (num_pages * ps,) + self.k[layer].shape[2:]
-        k_l = self.k[layer].reshape(flat).at[slot].set(k.astype(self.k[layer].dtype), mode="drop")
-        v_l = self.v[layer].reshape(flat).at[slot].set(v.astype(self.v[layer].dtype), mode="drop")
-        k_l, v_l = k_l.reshape(self.k[layer].shape), v_l.reshape(self.v[layer].shape)
+        page = jnp.take_along_axis(page_table, jnp.clip(positions // ps, 0, width - 1), axis=1)
+        page = jnp.where((positions < 0) | (positions >= width * ps), num_pages, page)  # dropped
+        offset = positions % ps
+        # Scatter by (page, offset) into the 4-D pages: through a flattened view, XLA:CPU copies the whole pool
+        # (measured: 1.3 s vs 40 ms per SmolLM2 decode step with 2048 pages).
+        k_l = self.k[layer].at[page, offset].set(k.astype(self.k[layer].dtype), mode="drop")
+        v_l = self.v[layer].at[page, offset].set(v.astype(self.v[layer].dtype), mode="drop")
         new = self.replace(k=_put(self.k, layer, k_l), v=_put(self.v, layer, v_l))
         b = page_table.shape[0]
         gathered = lambda pages: pages[page_table].reshape(b, width * ps, *pages.shape[2:])

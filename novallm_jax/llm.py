@@ -56,6 +56,11 @@ def _completion(index: int, out: RequestOutput) -> Completion:
     return Completion(index, out.text, out.token_ids, out.finish_reason, out.logprobs, out.metrics, out.error)
 
 
+def result_of(out: RequestOutput, prompt: str | None = None) -> GenerationResult:
+    """The result of a finished single-sequence request (e.g. the last output of a stream)."""
+    return GenerationResult(prompt, out.prompt_token_ids, [_completion(0, out)])
+
+
 class LLM:
     """A model, its tokenizer and a running engine.
 
@@ -162,24 +167,29 @@ class LLM:
             results.append(GenerationResult(prompt if isinstance(prompt, str) else None, ids, outs))
         return results
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yields text deltas as they are generated; closing the iterator early cancels the request."""
+    def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields each step's `RequestOutput` (n=1); closing the iterator early cancels the request."""
         params = params or SamplingParams()
         if params.n != 1:
-            raise InvalidRequestError("stream takes n=1", param="n")
+            raise InvalidRequestError("streaming takes n=1", param="n")
         (req,) = self._submit(self.encode(prompt), params)
         finished = False
         try:
             while not finished:
                 out = req.outputs.get()
                 finished = out.finished
-                if out.error:
-                    raise NovaLLMError(f"generation failed: {out.error}")
-                if out.delta_text:
-                    yield out.delta_text
+                yield out
         finally:
             if not finished:
                 self.engine.abort(req.id)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields text deltas as they are generated; closing the iterator early cancels the request."""
+        for out in self.stream_outputs(prompt, params):
+            if out.error:
+                raise NovaLLMError(f"generation failed: {out.error}")
+            if out.delta_text:
+                yield out.delta_text
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs
              ) -> GenerationResult:
