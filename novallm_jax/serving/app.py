@@ -422,7 +422,7 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return await h.chat(body, request)
 
-    _add_error_schema(app)
+    _complete_schema(app, server.model_name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
@@ -430,8 +430,8 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     return app
 
 
-def _add_error_schema(app: FastAPI) -> None:
-    """Puts the Error schema that `responses=` refers to into the OpenAPI document."""
+def _complete_schema(app: FastAPI, model_name: str) -> None:
+    """Adds to the OpenAPI document the Error schema that `responses=` refers to, and the one model name served."""
     original = app.openapi
 
     def openapi() -> dict:
@@ -444,6 +444,10 @@ def _add_error_schema(app: FastAPI) -> None:
                                      "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                                     "param": {"type": ["string", "null"]},
                                                     "code": {"type": ["string", "null"]}}}}}
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = schema["components"]["schemas"].get(name, {}).get("properties", {})
+            if "model" in props:
+                props["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
         app.openapi_schema = schema
         return schema
 
