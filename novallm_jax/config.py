@@ -102,6 +102,9 @@ class ModelConfig:
         if model_type is None:
             arch = (c.get("architectures") or ["?"])[0]
             raise UnsupportedArchitectureError(f"config has no model_type (architectures: {arch})")
+        if model_type not in SUPPORTED_MODEL_TYPES:  # before reading fields other families may name differently
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         try:
             num_heads = int(c["num_attention_heads"])
             hidden = int(c["hidden_size"])
