@@ -51,3 +51,30 @@ def test_presets_match_the_models_they_name(default_gguf):
                   "rope_theta", "tie_word_embeddings"):
         assert getattr(preset, field) == getattr(from_gguf, field), field
     assert ModelConfig.from_preset("llama3.2-1b").rope_scaling.rope_type == "llama3"
+
+
+def test_convert_cli_turns_the_default_gguf_into_a_standalone_checkpoint(default_gguf, tmp_path):
+    import subprocess
+    import sys
+
+    from novallm_jax.tokenizer import load_tokenizer
+
+    out = tmp_path / "smollm2"
+    proc = subprocess.run([sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg, params = load_model(default_gguf, dtype=jnp.float32)
+    cfg2, params2 = load_model(str(out))
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = "Converted checkpoints keep their tokenizer: héllo 你好 🎉"
+    src, conv = load_tokenizer(default_gguf), load_tokenizer(str(out))
+    assert conv.encode(text) == src.encode(text) and conv.eos_token_ids == src.eos_token_ids
+    messages = [{"role": "user", "content": "hi"}]
+    assert conv.apply_chat_template(messages, add_generation_prompt=True) == src.apply_chat_template(
+        messages, add_generation_prompt=True)
+    again = subprocess.run([sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1] == f"novallm-convert: error: output directory {out} exists and is not empty"
