@@ -362,9 +362,8 @@ class LLMEngine:
         return emitted
 
     def _append_token(self, req: Request, token: int, logprob: float, top_ids, top_lps) -> RequestOutput:
-        now = time.monotonic()
         if req.metrics.first_token is None:
-            req.metrics.first_token = now
+            req.metrics.first_token = time.monotonic()
         req.tokens.append(token)
         self.counters["generated_tokens"] += 1
         if req.logprobs is not None:
@@ -384,12 +383,7 @@ class LLMEngine:
         req.text += delta
         if reason is not None:
             self._finish(req, reason)
-        out = RequestOutput(req.id, delta, [token], req.text, req.output_ids, req.prompt, req.finished,
-                            req.finish_reason, req.logprobs, req.metrics)
-        req.outputs.put(out)
-        if req.on_output is not None:
-            req.on_output(out)
-        return out
+        return req.emit(delta, [token])
 
     @staticmethod
     def _drain_text(req: Request) -> str:

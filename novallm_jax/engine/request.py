@@ -114,7 +114,7 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def emit(self, delta_text: str, delta_ids: list[int]) -> None:
+    def emit(self, delta_text: str, delta_ids: list[int]) -> RequestOutput:
         out = RequestOutput(
             request_id=self.id, delta_text=delta_text, delta_token_ids=delta_ids, text=self.text,
             token_ids=list(self.output_ids), prompt_token_ids=self.prompt, finished=self.finished,
@@ -122,3 +122,4 @@ class Request:
         self.outputs.put(out)
         if self.on_output is not None:
             self.on_output(out)
+        return out
