@@ -98,7 +98,8 @@ def test_grpc_chat_and_token_ids_match_rest(server, stub, llm):
 
 
 def test_grpc_errors_map_to_status_codes(stub):
-    cases = [(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT),
+    cases = [(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1)),
+              grpc.StatusCode.INVALID_ARGUMENT),
              (pb.GenerateRequest(sampling=pb.SamplingParams()), grpc.StatusCode.INVALID_ARGUMENT),
              (pb.GenerateRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT),
              (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(max_tokens=10 ** 6)),

@@ -375,7 +375,8 @@ class _MetricsMiddleware:
         await self.app(scope, receive, counting_send)
 
 
-_ERRORS = {code: {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_ERRORS = {code: {"description": desc, "content": _ERROR_CONTENT}
            for code, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
                               (404, "Unknown model"), (413, "Body too large"), (429, "Too many requests in flight"),
                               (503, "Queue full"))}

@@ -29,7 +29,8 @@ flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
 flags.DEFINE_string("compile_cache_dir", None, "Persistent XLA compilation cache directory.")
 flags.DEFINE_string("dtype", None, "Weights dtype, e.g. float32 or bfloat16 (default: per device).")
-flags.DEFINE_bool("warmup", True, "Compile every shape bucket before serving.")
+flags.DEFINE_bool("warmup", False, "Compile every shape bucket before serving (minutes on CPU; pair it with "
+                                   "--compile_cache_dir so that later starts load them). Off: first requests compile.")
 
 API_KEY_ENV = "NOVALLM_API_KEY"
 

@@ -55,7 +55,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 _STATUS_TYPES = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
                  404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
-                 413: ("invalid_request_error", "request_too_large"), 429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+                 413: ("invalid_request_error", "request_too_large"),
+                 429: ("rate_limit_exceeded", "rate_limit_exceeded"),
                  503: ("server_overloaded", "overloaded")}
 
 

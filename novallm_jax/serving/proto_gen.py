@@ -14,8 +14,8 @@ import tempfile
 
 PROTO = "novallm_jax/serving/novallm.proto"
 OUTPUTS = ("novallm_jax/serving/novallm_pb2.py", "novallm_jax/serving/novallm_pb2_grpc.py")
-HEADER = ("# Generated from novallm.proto by `python -m novallm_jax.serving.proto_gen` (grpc_tools.protoc) and committed,\n"
-          "# so that installs need no grpc_tools. DO NOT EDIT: edit the .proto and regenerate.\n")
+HEADER = ("# Generated from novallm.proto by `python -m novallm_jax.serving.proto_gen` (grpc_tools.protoc),\n"
+          "# committed so that installs need no grpc_tools. DO NOT EDIT: edit the .proto and regenerate.\n")
 
 
 def generate(root: str, out_dir: str) -> dict[str, str]:

@@ -1,0 +1,206 @@
+"""Serving overhead: N concurrent streaming clients over HTTP on loopback, against the same engine driven directly.
+
+Both runs use the same LLM, prompts, seeds and lengths (ignore_eos, so every request generates exactly
+--max_tokens), and the same closed-loop load: --clients workers, each sending its next request when the previous
+one ends, until --requests are done or --time_limit_s passes. Reports requests/s, time to first token p50/p99,
+per-token latency (mean gap between streamed tokens after the first) p50/p99 and generated tokens/s for each, and
+the ratio HTTP / direct (the server's overhead). After one untimed warm-up run each way, the two alternate
+--repeats times and the fastest of each is reported. Prints a table and writes JSON.
+
+    python benchmarks/bench_serving.py                          # SmolLM2-135M-Instruct, 16 clients, 64 requests
+    python benchmarks/bench_serving.py --model=random-tiny --clients=4 --requests=8 --max_tokens=8   # smoke run
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging as std_logging
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and the package when it is not installed
+import common  # noqa: E402  (the benchmarks folder is not a package)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Model path (default: SmolLM2-135M-Instruct), or random-tiny: a 2-layer random "
+                                   "Llama with the SmolLM2 tokenizer.")
+flags.DEFINE_integer("clients", 16, "Concurrent clients.", lower_bound=1)
+flags.DEFINE_integer("requests", 64, "Requests per run (bounded also by --time_limit_s).", lower_bound=1)
+flags.DEFINE_integer("max_tokens", 32, "Tokens generated per request.", lower_bound=2)
+flags.DEFINE_integer("prompt_words", 24, "Words per prompt (each prompt differs, so the prefix cache cannot help).")
+flags.DEFINE_float("time_limit_s", 120.0, "No new request starts after this long, per run.")
+flags.DEFINE_integer("repeats", 2, "Timed runs each way, alternating; the fastest of each is reported.", lower_bound=1)
+flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_serving.json"), "Where to write the JSON results.")
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
+         "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def prompts(n: int, words: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(words)) + f" {i}" for i in range(n)]
+
+
+def build_llm(model: str | None):
+    from novallm_jax.llm import LLM
+
+    if model != "random-tiny":
+        return LLM(model)  # the warm-up run below compiles the shapes this load uses, not all of them
+    import jax
+
+    from novallm_jax.config import ModelConfig
+    from novallm_jax.engine.engine import EngineConfig, LLMEngine
+    from novallm_jax.engine.executor import ExecutorConfig
+    from novallm_jax.loading import default_model_path
+    from novallm_jax.model import init_params
+    from novallm_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+                      eos_token_ids=tuple(tok.eos_token_ids))
+    exec_cfg = ExecutorConfig(page_size=8, num_pages=512, max_model_len=256, decode_batch_buckets=(16,),
+                              prefill_batch_buckets=(4,), prefill_len_buckets=(64,), page_table_buckets=(32,))
+    engine = LLMEngine(cfg, init_params(cfg, jax.random.key(0)), tok, EngineConfig(executor=exec_cfg))
+    return LLM.from_engine(engine, "random-tiny")
+
+
+class Trace:
+    """Timestamps of one request: start, and each time new tokens arrived (with how many)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.arrivals: list[tuple[float, int]] = []
+
+    def tokens(self) -> int:
+        return sum(n for _, n in self.arrivals)
+
+
+async def closed_loop(n_clients: int, n_requests: int, time_limit: float, one) -> tuple[list[Trace], float]:
+    """Runs `one(index) -> Trace` from n_clients workers until n_requests are done or time runs out."""
+    next_index, traces = 0, []
+    t0 = time.perf_counter()
+
+    async def worker():
+        nonlocal next_index
+        while next_index < n_requests and time.perf_counter() - t0 < time_limit:
+            i = next_index
+            next_index += 1
+            traces.append(await one(i))
+
+    await asyncio.gather(*(worker() for _ in range(n_clients)))
+    return traces, time.perf_counter() - t0
+
+
+def summarize(traces: list[Trace], wall: float) -> dict[str, Any]:
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else None
+
+    ttft = [t.arrivals[0][0] - t.start for t in traces if t.arrivals]
+    per_token = [(t.arrivals[-1][0] - t.arrivals[0][0]) / (t.tokens() - t.arrivals[0][1])
+                 for t in traces if t.arrivals and t.tokens() > t.arrivals[0][1]]
+    tokens = sum(t.tokens() for t in traces)
+    return {"requests": len(traces), "wall_s": wall, "requests_per_s": len(traces) / wall,
+            "generated_tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p99_ms": 1e3 * pct(per_token, 99),
+            "per_token_mean_ms": 1e3 * statistics.fmean(per_token) if per_token else None}
+
+
+async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
+    from novallm_jax.sampling_params import SamplingParams
+
+    async def one(i: int) -> Trace:
+        trace = Trace()
+        params = SamplingParams(max_tokens=FLAGS.max_tokens, ignore_eos=True, seed=i)
+        async for out in llm.astream_outputs(llm.encode(texts[i]), params):
+            if out.delta_token_ids:
+                trace.arrivals.append((time.perf_counter(), len(out.delta_token_ids)))
+        return trace
+
+    return await closed_loop(FLAGS.clients, len(texts), FLAGS.time_limit_s, one)
+
+
+async def run_http(url: str, model: str, texts: list[str]) -> tuple[list[Trace], float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=FLAGS.clients + 4, max_keepalive_connections=FLAGS.clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one(i: int) -> Trace:
+            trace = Trace()
+            body = {"model": model, "prompt": texts[i], "max_tokens": FLAGS.max_tokens, "ignore_eos": True,
+                    "seed": i, "stream": True, "logprobs": 0}  # logprobs: one entry per token, to count them
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    n = len((choice.get("logprobs") or {}).get("tokens") or [])
+                    if n:
+                        trace.arrivals.append((time.perf_counter(), n))
+            return trace
+
+        return await closed_loop(FLAGS.clients, len(texts), FLAGS.time_limit_s, one)
+
+
+def main(argv) -> None:
+    del argv
+    from novallm_jax.serving.app import ServerConfig
+    from novallm_jax.serving.runner import BackgroundServer
+
+    std_logging.getLogger("httpx").setLevel(std_logging.WARNING)  # one INFO line per request otherwise
+    t_start = time.time()
+    load_before = common.loadavg()
+    llm = build_llm(FLAGS.model)
+    texts = prompts(FLAGS.requests, FLAGS.prompt_words)
+    warm = prompts(FLAGS.requests, FLAGS.prompt_words + 1)  # other prompts: warm-up leaves no useful prefix cache
+    results: dict[str, Any] = {}
+    runs = {"direct": lambda ps: run_direct(llm, ps)}
+    with BackgroundServer(llm, ServerConfig(max_concurrent=FLAGS.clients + 8)) as srv:
+        runs["http"] = lambda ps: run_http(srv.url, srv.server.model_name, ps)
+        # Warm-up: the whole load once each way (compiles every shape it reaches, fills connection pools).
+        for run in runs.values():
+            asyncio.run(run(warm))
+        # Timed: alternate the two --repeats times; keep each one's fastest run (a late compile or a busy
+        # neighbour only slows a run down).
+        for _ in range(FLAGS.repeats):
+            for name, run in runs.items():
+                llm.engine.prefix_cache.clear()
+                r = summarize(*asyncio.run(run(texts)))
+                if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
+                    results[name] = r
+    leaks = llm.engine.check_leaks()
+    llm.close()
+    d, h = results["direct"], results["http"]
+    ratios = {"requests_per_s": h["requests_per_s"] / d["requests_per_s"],
+              "tokens_per_s": h["tokens_per_s"] / d["tokens_per_s"],
+              "ttft_p50": h["ttft_p50_ms"] / d["ttft_p50_ms"],
+              "per_token_p50": h["per_token_p50_ms"] / d["per_token_p50_ms"]}
+    rows = [{"run": name, **{k: r[k] for k in ("requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms",
+                                                "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms")}}
+            for name, r in results.items()]
+    rows.append({"run": "http/direct", "requests_per_s": ratios["requests_per_s"],
+                 "tokens_per_s": ratios["tokens_per_s"], "ttft_p50_ms": ratios["ttft_p50"],
+                 "per_token_p50_ms": ratios["per_token_p50"]})
+    print(common.format_table(rows, ["run", "requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms",
+                                     "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms"]))
+    machine = common.machine_info(("jax", "jaxlib", "fastapi", "uvicorn", "httpx", "numpy"))
+    machine.update(loadavg_before=load_before, loadavg_after=common.loadavg())
+    common.write_json(FLAGS.output, {
+        "machine": machine,
+        "settings": {"model": FLAGS.model or "default", "clients": FLAGS.clients, "requests": FLAGS.requests,
+                     "max_tokens": FLAGS.max_tokens, "prompt_words": FLAGS.prompt_words,
+                     "time_limit_s": FLAGS.time_limit_s, "repeats": FLAGS.repeats},
+        "direct": d, "http": h, "ratios": ratios, "leaks": leaks, "wall_s": time.time() - t_start})
+
+
+if __name__ == "__main__":
+    app.run(main)
