@@ -232,6 +232,10 @@ class LLM:
 
     # ---- lifetime -----------------------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise NovaLLMError("this LLM is closed")

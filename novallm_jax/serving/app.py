@@ -394,7 +394,7 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
 
     @app.get("/health")
     async def health() -> Response:
-        if getattr(llm, "_closed", False):
+        if llm.closed:
             return JSONResponse({"status": "closed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 

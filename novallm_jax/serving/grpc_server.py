@@ -116,7 +116,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         stats = self.s.llm.engine.stats()
-        status = pb.HealthResponse.NOT_SERVING if getattr(self.s.llm, "_closed", False) else pb.HealthResponse.SERVING
+        status = pb.HealthResponse.NOT_SERVING if self.s.llm.closed else pb.HealthResponse.SERVING
         return pb.HealthResponse(status=status, model=self.s.model_name, running=stats["running"],
                                  waiting=stats["waiting"], kv_pages_free=stats["kv_pages_free"])
 
