@@ -8,18 +8,17 @@ import sys
 
 from absl import app, flags, logging
 
+from novallm_jax.cli_flags import DTYPE, MODEL
 from novallm_jax.errors import NovaLLMError
 
-FLAGS = flags.DEFINE_string("model", None, "Source: a HF model directory or a GGUF file (default: SmolLM2-135M-Instruct).")
-OUTPUT = flags.DEFINE_string("output", None, "Directory to write the orbax checkpoint to.", required=True)
-DTYPE = flags.DEFINE_string("dtype", "float32", "Dtype to store the params in (float32, bfloat16, float16).")
+OUTPUT = flags.DEFINE_string("output", None, "Directory to write the orbax checkpoint to (required).")
 
 # Tokenizer files copied along from a HF directory, so the checkpoint directory serves as a model path alone.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "generation_config.json", "chat_template.jinja")
 
 
-def convert(source: str | None, output: str, dtype: str = "float32") -> str:
+def convert(source: str | None, output: str, dtype: str = "auto") -> str:
     """Loads `source`, writes params + config (and the tokenizer) under `output`; returns `output`."""
     from novallm_jax.loading import default_model_path, load_model, model_kind
     from novallm_jax.loading.checkpoint import save_checkpoint
@@ -51,8 +50,10 @@ def _save_gguf_tokenizer(gguf_path: str, output: str) -> None:
 
 def main(argv):
     del argv
+    if not OUTPUT.value:
+        sys.exit("novallm-convert: error: --output is required")
     try:
-        out = convert(FLAGS.value, OUTPUT.value, DTYPE.value)
+        out = convert(MODEL.value, OUTPUT.value, DTYPE.value)
     except NovaLLMError as e:
         sys.exit(f"novallm-convert: error: {e}")
     print(out)

