@@ -216,10 +216,20 @@ class LLM:
                 yield out.delta_text
 
     async def astream_outputs(self, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Async `RequestOutput`s of one request (n=1), for servers; aborts the request if the consumer stops."""
+        """Async `RequestOutput`s of one request (n=1), for servers; aborts the request if the consumer stops.
+
+        Submitting and aborting run on a worker thread: the engine holds its lock for a whole model step, and the
+        event loop (every other client's stream) must not wait on it.
+        """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        (req,) = self._submit(ids, params, on_output=lambda o: loop.call_soon_threadsafe(q.put_nowait, o))
+        on_output = lambda o: loop.call_soon_threadsafe(q.put_nowait, o)
+        adding = asyncio.ensure_future(asyncio.to_thread(self._submit, ids, params, on_output))
+        try:
+            (req,) = await asyncio.shield(adding)
+        except asyncio.CancelledError:  # cancelled while submitting: abort once the request exists
+            adding.add_done_callback(lambda f: f.cancelled() or f.exception() or self.engine.abort(f.result()[0].id))
+            raise
         finished = False
         try:
             while not finished:
@@ -228,7 +238,7 @@ class LLM:
                 yield out
         finally:
             if not finished:
-                self.engine.abort(req.id)
+                loop.run_in_executor(None, self.engine.abort, req.id)
 
     # ---- lifetime -----------------------------------------------------------------------------------------------
 

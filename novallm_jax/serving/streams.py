@@ -27,32 +27,9 @@ class Fanout:
         self._first: list[RequestOutput | None] = [None] * len(self.jobs)
         self.final: list[RequestOutput | None] = [None] * len(self.jobs)
 
-    async def _outputs(self, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """`LLM.astream_outputs`, but submitting and aborting on a worker thread: the engine holds its lock for a
-        whole model step, and the event loop (every other client's stream) must not wait on it."""
-        loop = asyncio.get_running_loop()
-        engine = self.llm.engine
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        on_output = lambda o: loop.call_soon_threadsafe(queue.put_nowait, o)
-        adding = asyncio.ensure_future(asyncio.to_thread(engine.add_request, ids, params, None, on_output))
-        try:
-            req = await asyncio.shield(adding)
-        except asyncio.CancelledError:  # cancelled while submitting: abort once the request exists
-            adding.add_done_callback(lambda f: f.cancelled() or f.exception() or engine.abort(f.result().id))
-            raise
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                loop.run_in_executor(None, engine.abort, req.id)
-
     async def _pump(self, index: int, ids: list[int], params: SamplingParams, started: asyncio.Future) -> None:
         try:
-            async for out in self._outputs(ids, params):
+            async for out in self.llm.astream_outputs(ids, params):
                 if not started.done():
                     started.set_result(out)
                 else:
