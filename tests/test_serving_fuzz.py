@@ -13,6 +13,12 @@ import json
 
 import pytest
 import schemathesis
+# Imported here, once: `case.call` imports the transports lazily, and 16 sender threads importing them at the same
+# time under pytest's assertion rewriting crashed CPython 3.11's ast.parse ("AST constructor recursion depth
+# mismatch") in a CI run.
+import schemathesis.transport.asgi  # noqa: F401
+import schemathesis.transport.requests  # noqa: F401
+import schemathesis.transport.wsgi  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
