@@ -117,8 +117,9 @@ class Executor:
         if longest == 0:
             raise InvalidRequestError("a prefill chunk is empty", param="prompt")
         t = bucket(longest, e.prefill_len_buckets)
-        width = bucket(max(c.start + len(c.tokens) for c in chunks), [w * e.page_size for w in e.page_table_buckets])
-        width //= e.page_size
+        # At least as wide as the chunk bucket, so that every shape used here is one `step_shapes` warms up.
+        end = max(max(c.start + len(c.tokens) for c in chunks), min(t, e.page_table_buckets[-1] * e.page_size))
+        width = bucket(end, [w * e.page_size for w in e.page_table_buckets]) // e.page_size
         tokens = np.zeros((rows, t), np.int32)
         positions = np.full((rows, t), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
