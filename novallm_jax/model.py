@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novallm_jax.config import ModelConfig, rope_inv_freq
+from novallm_jax.kernels.native import PackedLinear
 from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache
 
 Params = dict[str, Any]
@@ -67,6 +68,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return params
 
 
+def linear(x: jax.Array, w: jax.Array | PackedLinear) -> jax.Array:
+    """x [..., K] @ w [K, N]; a `PackedLinear` (float32 on CPU, see kernels/native.py) runs the native kernel."""
+    return w.apply(x) if isinstance(w, PackedLinear) else x @ w
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -103,7 +109,7 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
 def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: ModelConfig, inv_freq, page_table):
     b, t, _ = x.shape
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    qkv = h @ p["wqkv"]
+    qkv = linear(h, p["wqkv"])
     if cfg.attention_bias:
         qkv = qkv + p["bqkv"]
     q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -115,10 +121,10 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
     cache, keys, values = cache.update(layer, k, v, positions, page_table)
-    x = x + attention(q, keys, values, positions, cfg) @ p["wo"]
+    x = x + linear(attention(q, keys, values, positions, cfg), p["wo"])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
-    x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
+    gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)
+    x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
 
 
@@ -136,7 +142,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     if logits_index is not None:
         x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = jnp.dot(x, params["lm_head"], preferred_element_type=jnp.float32)
+    head = params["lm_head"]
+    logits = linear(x, head) if isinstance(head, PackedLinear) else jnp.dot(x, head, preferred_element_type=jnp.float32)
     return logits, cache
 
 

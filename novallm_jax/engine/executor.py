@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import InvalidRequestError
+from novallm_jax.kernels import native
 from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
 from novallm_jax.model import Params, forward
 
@@ -37,6 +38,8 @@ class ExecutorConfig:
     prefill_len_buckets: tuple[int, ...] = (16, 64, 256)
     # Page-table widths in pages; attention gathers this many pages per row, so short sequences use narrow tables.
     page_table_buckets: tuple[int, ...] | None = None
+    # Matmuls through the native CPU kernel on packed float32 weights (kernels/native.py); None: wherever it can run.
+    native_kernels: bool | None = None
 
     def __post_init__(self):
         for name in ("decode_batch_buckets", "prefill_batch_buckets", "prefill_len_buckets"):
@@ -87,12 +90,20 @@ class Executor:
 
     def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None):
         self.cfg = cfg
-        self.params = params
         self.exec_cfg = exec_cfg or ExecutorConfig()
         self.dtype = params["embed"].dtype
+        self.native_kernels = self._use_native_kernels()
+        self.params = native.pack_params(params) if self.native_kernels else params
         self._lock = threading.Lock()
         self.compile_count = 0
         self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
+
+    def _use_native_kernels(self) -> bool:
+        wanted = self.exec_cfg.native_kernels
+        possible = jax.default_backend() == "cpu" and self.dtype == jnp.float32
+        if wanted and not (possible and native.available()):
+            raise ValueError("native_kernels=True needs float32 weights on CPU and a C++ compiler (see the log)")
+        return possible and native.available() if wanted is None else wanted
 
     def _traced_step(self, params, tokens, positions, cache, page_table, logits_index):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape

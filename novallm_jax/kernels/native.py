@@ -1,0 +1,136 @@
+"""Native CPU kernels, compiled on first use for the machine they run on and called through XLA's FFI.
+
+`cpu_matmul.cc` is built with the system C++ compiler (`-O3 -march=native`) into a cache directory keyed by the
+source, the compiler, the jaxlib version and the CPU, so the build (~5 s) happens once per machine. Where there is
+no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own dots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from absl import logging
+
+PANEL = 16  # output columns per weight panel; must match kPanel in cpu_matmul.cc
+_SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+_TARGET = "novallm_packed_matmul_f32"
+_ENV = "NOVALLM_NATIVE_KERNELS"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("NOVALLM_KERNEL_CACHE", os.path.join(base, "novallm-jax", "kernels")))
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature()]).encode())
+    key = key.hexdigest()[:16]
+    out = _cache_dir() / f"cpu_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    logging.info("compiling native CPU kernels: %s", " ".join(cmd))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the packed matmul kernel is built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
+    if os.environ.get(_ENV, "1").lower() in ("0", "false", "no", "off"):
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as e:
+        logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
+        return False
+    return True
+
+
+def pack(w) -> np.ndarray:
+    """[K, N] -> panels [ceil(N / 16), K, 16] (zero-padded columns), the layout `packed_matmul` reads."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    pad = -n % PANEL
+    if pad:
+        w = np.concatenate([w, np.zeros((k, pad), np.float32)], axis=1)
+    return np.ascontiguousarray(w.reshape(k, -1, PANEL).transpose(1, 0, 2))
+
+
+def unpack(panels: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of `pack`: [N / 16, K, 16] -> [K, n]."""
+    p, k, _ = panels.shape
+    return np.asarray(panels).transpose(1, 0, 2).reshape(k, p * PANEL)[:, :n]
+
+
+def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    """x [..., K] float32 @ the packed weight of `n` output columns -> [..., n]. Needs `available()`."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = int(np.prod(lead, dtype=np.int64))
+    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+        x.reshape(m, k), panels)
+    return y[:, :n].reshape(*lead, n)
+
+
+@flax.struct.dataclass
+class PackedLinear:
+    """A float32 weight [K, n] stored as `pack` panels, for `packed_matmul`; `linear` in model.py dispatches on it."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_dense(cls, w) -> "PackedLinear":
+        return cls(panels=jnp.asarray(pack(w)), n=int(w.shape[1]))
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return packed_matmul(x, self.panels, self.n)
+
+
+PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def pack_params(params: dict) -> dict:
+    """The params pytree with every float32 matmul weight (and `lm_head`) packed for the native kernel."""
+    def maybe_pack(w):
+        return PackedLinear.from_dense(w) if w.dtype == np.float32 else w
+
+    layers = [{k: maybe_pack(v) if k in PACKED_WEIGHTS else v for k, v in layer.items()} for layer in params["layers"]]
+    return {**params, "layers": layers, "lm_head": maybe_pack(params["lm_head"])}

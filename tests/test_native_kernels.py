@@ -1,0 +1,100 @@
+"""The native CPU matmul kernel (kernels/native.py) against numpy in float64, and its use by the executor."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novallm_jax import model
+from novallm_jax.config import ModelConfig
+from novallm_jax.engine.executor import Executor, ExecutorConfig
+from novallm_jax.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernel is not built")
+
+
+@pytest.mark.parametrize("k,n", [(1, 16), (7, 50), (64, 960), (577, 33)])
+def test_pack_round_trip(k, n):
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    panels = native.pack(w)
+    assert panels.shape == (-(-n // native.PANEL), k, native.PANEL)
+    np.testing.assert_array_equal(native.unpack(panels, n), w)
+    assert not panels[-1, :, n % native.PANEL or native.PANEL:].any()  # padding columns are zero
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 13, 32, 100])
+@pytest.mark.parametrize("k,n", [(1, 16), (64, 50), (577, 960)])
+def test_packed_matmul_matches_float64(m, k, n):
+    rng = np.random.default_rng(m * 1000 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    y = jax.jit(native.packed_matmul, static_argnums=2)(jnp.asarray(x), jnp.asarray(native.pack(w)), n)
+    ref = x.astype(np.float64) @ w
+    # float32 rounding bound of a K-term dot product, with room for the summation order.
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(w)) + 1e-30
+    assert y.shape == (m, n)
+    assert (np.abs(np.asarray(y) - ref) <= bound).all()
+
+
+def test_linear_keeps_leading_dims_and_matches_dense():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 3, 40), dtype=np.float32))
+    w = rng.standard_normal((40, 70), dtype=np.float32)
+    packed = native.PackedLinear.from_dense(w)
+    y = jax.jit(model.linear)(x, packed)
+    assert y.shape == (2, 3, 70)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ w, rtol=1e-5, atol=1e-5)
+
+
+CFG = ModelConfig(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=100, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+
+
+def _decode_logits(native_kernels: bool) -> tuple[Executor, np.ndarray]:
+    params = model.init_params(CFG, jax.random.key(0))
+    ex = Executor(CFG, params, ExecutorConfig(page_size=8, num_pages=16, max_model_len=64,
+                                              native_kernels=native_kernels))
+    cache = ex.new_cache()
+    logits, cache = ex.decode(cache, [5, 7, 9], [0, 0, 0], [[1], [2], [3]])
+    return ex, np.asarray(logits)
+
+
+def test_executor_packs_weights_and_agrees_with_xla_dots():
+    ex_native, native_logits = _decode_logits(True)
+    ex_xla, xla_logits = _decode_logits(False)
+    assert isinstance(ex_native.params["layers"][0]["wqkv"], native.PackedLinear)
+    assert isinstance(ex_native.params["lm_head"], native.PackedLinear)
+    assert isinstance(ex_xla.params["layers"][0]["wqkv"], jax.Array)
+    np.testing.assert_allclose(native_logits, xla_logits, rtol=0, atol=1e-5)
+    auto = Executor(CFG, model.init_params(CFG, jax.random.key(0)), ExecutorConfig(page_size=8, num_pages=16,
+                                                                                     max_model_len=64))
+    assert auto.native_kernels  # float32 on CPU: on by default
+
+
+def _probe(env: dict) -> str:
+    code = textwrap.dedent("""
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)
+        from novallm_jax.kernels import native
+        print("available", native.available())
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_switched_off_by_environment():
+    assert "available False" in _probe({"NOVALLM_NATIVE_KERNELS": "0"})
+
+
+def test_a_failing_compiler_falls_back_to_xla(tmp_path):
+    out = _probe({"CXX": "/bin/false", "NOVALLM_KERNEL_CACHE": str(tmp_path)})
+    assert "available False" in out
+    assert "native CPU kernels are off" in out
+    assert not list(tmp_path.glob("*.so"))
