@@ -45,6 +45,8 @@ flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto =
                     "decodes faster at batch 1 (on a loaded machine, extra threads can be many times slower).")
 flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array for the bandwidth measurement, GiB.")
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
+flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots instead of the native CPU kernel "
+                  "(engine `ours_xla`), to show what the kernel adds in the same run.")
 flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
@@ -120,7 +122,7 @@ def weight_bytes_per_token(params) -> int:
 
 # --- our executor -----------------------------------------------------------------------------------------------------
 
-def bench_ours(cfg, params, batches: list[int], s) -> dict[str, Any]:
+def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None = None) -> dict[str, Any]:
     """Decode tokens/s per batch size and prefill tokens/s through `Executor`, after compiling each shape."""
     import jax
     import jax.numpy as jnp
@@ -135,13 +137,14 @@ def bench_ours(cfg, params, batches: list[int], s) -> dict[str, Any]:
     widths = sorted({math.ceil(decode_len / ps), math.ceil(s["prompt_len"] / ps), width})
     exec_cfg = ExecutorConfig(page_size=ps, num_pages=s["num_pages"] or 1 + max(batches) * width, max_model_len=max_len,
                               decode_batch_buckets=tuple(batches), prefill_batch_buckets=(1,),
-                              prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths))
+                              prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths),
+                              native_kernels=native_kernels)
     ex = Executor(cfg, params, exec_cfg)
     cache = ex.new_cache()
     argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
     rng = np.random.default_rng(s["seed"])
     out: dict[str, Any] = {"decode": {}, "compile_s": {}, "page_table_widths": list(widths),
-                           "num_pages": exec_cfg.num_pages}
+                           "num_pages": exec_cfg.num_pages, "native_kernels": ex.native_kernels}
 
     for b in batches:
         tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
@@ -294,7 +297,7 @@ def llama_cpp_available() -> bool:
 def ratios(entry: dict[str, Any]) -> dict[str, Any]:
     """Our throughput over each baseline's (best vs best), per batch size and for prefill."""
     ours, r = entry["ours"], {}
-    for base in ("transformers", "llama_cpp"):
+    for base in ("ours_xla", "transformers", "llama_cpp"):
         other = entry.get(base) or {}
         if "decode" not in other:
             continue
@@ -304,25 +307,29 @@ def ratios(entry: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
+    if engine != "ours":
+        return {}
+    return {"ours/HF": entry["ratios"].get("transformers", {}).get(phase),
+            "ours/XLA": entry["ratios"].get("ours_xla", {}).get(phase)}
+
+
 def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     roof = entry["roofline_tok_s"]
-    for engine in ("ours", "transformers", "llama_cpp"):
+    for engine in ("ours", "ours_xla", "transformers", "llama_cpp"):
         res = entry.get(engine) or {}
         if "decode" not in res:
             continue
         for b, v in res["decode"].items():
-            vs_hf = None
-            if engine == "ours" and "transformers" in entry["ratios"]:
-                vs_hf = entry["ratios"]["transformers"].get(f"decode_b{b}")
             rows.append({"model": entry["name"], "engine": engine, "phase": f"decode b{b}", "tok/s": v["tok_s"],
-                         "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"], "ours/HF": vs_hf,
+                         "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"],
+                         **_ours_over(entry, engine, f"decode_b{b}"),
                          "% roofline": 100 * v["tok_s"] / roof if b == "1" else None})
         p = res["prefill"]
-        vs_hf = entry["ratios"].get("transformers", {}).get("prefill") if engine == "ours" else None
         rows.append({"model": entry["name"], "engine": engine, "phase": f"prefill {entry['prompt_len']}",
                      "tok/s": p["tok_s"], "tok/s med": p["tok_s_median"], "ms/step": p["step_ms"],
-                     "ours/HF": vs_hf})
+                     **_ours_over(entry, engine, "prefill")})
     return rows
 
 
@@ -367,9 +374,13 @@ def main(argv):
                 "gguf": m["gguf"], "prompt_len": s["prompt_len"], "weight_bytes_per_token": bytes_tok,
                 "roofline_tok_s": bw["roofline"] * 1e9 / bytes_tok,
             }
-            with tqdm(total=3, desc=spec, unit="engine", leave=False) as bar:
+            with tqdm(total=4, desc=spec, unit="engine", leave=False) as bar:
                 bar.set_postfix_str("ours")
                 entry["ours"] = bench_ours(cfg, params, batches, s)
+                bar.update()
+                if FLAGS.xla_dots and entry["ours"]["native_kernels"]:
+                    bar.set_postfix_str("ours, XLA dots")
+                    entry["ours_xla"] = bench_ours(cfg, params, batches, s, native_kernels=False)
                 bar.update()
                 if m["hf"] is not None:
                     bar.set_postfix_str("transformers")
@@ -412,7 +423,7 @@ def main(argv):
         if "torch_threads" in e.get("transformers", {}):
             t = e["transformers"]["torch_threads"]
             print(f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})")
-    columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "% roofline"]
+    columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline"]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
         if "llama_cpp" in e["ratios"]:
