@@ -165,3 +165,33 @@ def test_eos_finishes_with_stop_and_min_tokens_holds_it_back(engine):
     req = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=(eos,)))
     engine.run_until_idle()
     assert req.finish_reason is FinishReason.STOP and req.output_ids == free[:4]
+
+
+def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engine, tokenizer):
+    from novallm_jax.sampling import sample_slots
+
+    engine.warmup_sampler()
+    compiled = sample_slots._cache_size()
+    target = prompt_of(11, 21)
+    params = SamplingParams(temperature=0.8, top_k=40, seed=77, max_tokens=6, ignore_eos=True, logprobs=3)
+    alone = make_engine(tokenizer)
+    alone_req = alone.add_request(target, params)
+    alone.run_until_idle()
+    # Neighbours of every kind join while the target runs, so row counts cross buckets 1 -> 4 -> 16 and prefill
+    # and decode rows share steps.
+    req = engine.add_request(target, params)
+    kinds = [greedy(5), greedy(4, presence_penalty=0.5, logit_bias={7: 2.0}), greedy(3, logprobs=0),
+             SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=5, ignore_eos=True, min_tokens=2)]
+    others = []
+    for i in range(9):
+        engine.step()
+        others.append(engine.add_request(prompt_of(4 + i, 60 + i), kinds[i % len(kinds)]))
+    engine.run_until_idle()
+    assert sample_slots._cache_size() == compiled  # the warm-up compiled every shape the steps used
+    assert req.output_ids == alone_req.output_ids
+    for got, want in zip(req.logprobs, alone_req.logprobs):
+        assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, rel=1e-4, abs=1e-5)
+        assert list(got.top) == list(want.top) and len(got.top) == 3
+    assert all(o.finished for o in others)
+    assert others[2].logprobs and all(lp.top == {} and lp.logprob <= 0.0 for lp in others[2].logprobs)
+    assert others[0].logprobs is None

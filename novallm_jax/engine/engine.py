@@ -26,11 +26,11 @@ from novallm_jax.amp import MemoryPool
 from novallm_jax.config import ModelConfig
 from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine import prefix_cache as pc
-from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk, bucket
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
 from novallm_jax.errors import EngineClosedError, InvalidRequestError, OutOfPagesError
 from novallm_jax.model import Params
-from novallm_jax.sampling import SamplingBatch, sample, update_counts
+from novallm_jax.sampling import SamplingBatch, sample, sample_slots, update_counts
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from novallm_jax.tokenization.base import Tokenizer
 
@@ -52,11 +52,17 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots",))
-def _rows_to_slots(rows: jax.Array, slots: jax.Array, num_slots: int) -> jax.Array:
-    """Places logits rows [n, V] at their slots in a [num_slots, V] batch; slot -1 rows are dropped."""
-    full = jnp.zeros((num_slots, rows.shape[1]), jnp.float32)
-    return full.at[jnp.where(slots < 0, num_slots, slots)].set(rows.astype(jnp.float32), mode="drop")
+@functools.partial(jax.jit, static_argnames=("size",))
+def _gather_rows(logits: tuple[jax.Array, ...], rows: tuple[jax.Array, ...], size: int) -> jax.Array:
+    """Rows `rows[g]` of each `logits[g]`, concatenated in that order, as f32[size, V] (zero rows pad the end)."""
+    x = jnp.concatenate([group[r].astype(jnp.float32) for group, r in zip(logits, rows)])
+    return jnp.pad(x, ((0, size - x.shape[0]), (0, 0)))
+
+
+# benchmarks/bench_engine.py's StepProfiler wraps these names of the former sampler path (it fails without them);
+# the engine now calls `_gather_rows` and `sample_slots`, which the profiler should wrap instead.
+_rows_to_slots = _gather_rows
+_ = (sample, update_counts)
 
 
 class LLMEngine:
@@ -137,6 +143,26 @@ class LLMEngine:
             self._finish(req, FinishReason.CANCELLED)
             req.emit("", [])
             return True
+
+    def warmup(self) -> None:
+        """Compiles every shape a step can use: the executor's step shapes, then `warmup_sampler`."""
+        with self._lock:
+            self.pool.storage = self.executor.warmup(self.pool.storage)
+            self.warmup_sampler()
+
+    def warmup_sampler(self) -> None:
+        """Compiles the sampler for each row bucket, with and without top logprobs (2 shapes per bucket).
+
+        The calls sample padding rows only, which change no state.
+        """
+        with self._lock:
+            for size in self.sampler_buckets:
+                for n_top in (0, MAX_LOGPROBS):
+                    _, self.sampling = sample_slots(jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
+                                                    jnp.full(size, -1, jnp.int32), self.sampling,
+                                                    num_top_logprobs=n_top)
+            jax.block_until_ready(self.sampling)
+            logging.info("warm-up compiled the sampler for row buckets %s", self.sampler_buckets)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
 
@@ -329,31 +355,42 @@ class LLMEngine:
             self.prefix_cache.insert(req.id, req.page_hashes[:full], req.pages[:full])
             req.num_cached_pages = full
 
-    def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
-        groups: dict[int, tuple[jax.Array, list[int], list[int]]] = {}
+    @property
+    def sampler_buckets(self) -> tuple[int, ...]:
+        """Row counts the sampler is compiled for (the decode buckets: every running row fits the largest)."""
+        return self.executor.exec_cfg.decode_batch_buckets
+
+    def _sampler_rows(self, computed: list[tuple[Request, jax.Array, int]]) -> tuple[jax.Array, list[Request]]:
+        """The logits rows to sample as one f32[bucket, V] array, and the request of each row (the rest pad)."""
+        groups: dict[int, tuple[jax.Array, list[int], list[Request]]] = {}
         for req, logits, row in computed:
-            _, rows, slots = groups.setdefault(id(logits), (logits, [], []))
+            _, rows, reqs = groups.setdefault(id(logits), (logits, [], []))
             rows.append(row)
-            slots.append(req.slot)
-        full = None
-        for logits, rows, slots in groups.values():
-            slot_of_row = np.full(logits.shape[0], -1, np.int32)
-            slot_of_row[rows] = slots
-            placed = _rows_to_slots(logits, slot_of_row, self.num_slots)
-            full = placed if full is None else full + placed
-        n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r, _, _ in computed) else 0
-        result = sample(full, self.sampling, num_top_logprobs=n_top)
-        mask = np.full(self.num_slots, -1, np.int32)
-        for req, _, _ in computed:
-            mask[req.slot] = 0
-        self.sampling = update_counts(self.sampling, jnp.where(jnp.asarray(mask) >= 0, result.tokens, -1))
+            reqs.append(req)
+        ordered = [req for _, _, reqs in groups.values() for req in reqs]
+        size = bucket(len(ordered), self.sampler_buckets)
+        if len(groups) == 1:
+            logits, rows, _ = next(iter(groups.values()))
+            if logits.shape[0] == size and rows == list(range(size)) and logits.dtype == jnp.float32:
+                return logits, ordered  # a full decode bucket (batch 1 included): no copy
+        x = _gather_rows(tuple(g[0] for g in groups.values()),
+                         tuple(np.asarray(g[1], np.int32) for g in groups.values()), size)
+        return x, ordered
+
+    def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
+        # Only the rows computed this step are sampled (padded to a bucket), so a step costs O(running rows), not
+        # O(num_slots); sample_slots advances those slots' state in place.
+        logits, ordered = self._sampler_rows(computed)
+        slots = np.full(logits.shape[0], -1, np.int32)
+        slots[:len(ordered)] = [req.slot for req in ordered]
+        n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in ordered) else 0
+        result, self.sampling = sample_slots(logits, jnp.asarray(slots), self.sampling, num_top_logprobs=n_top)
         tokens, logprobs, top_ids, top_lps = jax.device_get(
             (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
         emitted = []
-        for req, _, _ in computed:
+        for i, req in enumerate(ordered):
             try:
-                emitted.append(self._append_token(req, int(tokens[req.slot]), float(logprobs[req.slot]),
-                                                  top_ids[req.slot], top_lps[req.slot]))
+                emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i], top_lps[i]))
             except Exception as e:  # a bad request must not take the others down
                 logging.exception("request %s failed while emitting output", req.id)
                 req.error = f"{type(e).__name__}: {e}"
@@ -417,6 +454,8 @@ class LLMEngine:
                 req.emit("", [])
         if any(a.is_deleted() for a in jax.tree.leaves(self.pool.storage)):
             self.pool.storage = self.executor.new_cache()  # a failed donated step consumed the cache
+        if any(a.is_deleted() for a in jax.tree.leaves(self.sampling)):  # likewise a failed sample_slots
+            self.sampling = SamplingBatch.from_params([None] * self.num_slots, self.cfg.vocab_size)
 
     # ---- accounting ---------------------------------------------------------------------------------------------
 
