@@ -25,34 +25,42 @@ class ContiguousKVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "ContiguousKVCache":
-        return cls(k=_zeros(cfg, (batch, max_len), dtype), v=_zeros(cfg, (batch, max_len), dtype))
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=_zeros(cfg, shape, dtype), v=_zeros(cfg, shape, dtype))
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table=None):
-        """Writes k, v [B, T, KV, hd] at `positions` [B, T]; returns (cache, keys, values) with keys [B, S, KV, hd]."""
+        """Writes k, v [B, T, KV, hd] at `positions` [B, T]; returns (cache, keys, values) with keys [B, KV, S, hd]."""
         del page_table
         b = jnp.arange(k.shape[0])[:, None]
         pos = jnp.where(positions < 0, self.max_len, positions)  # out of range: dropped
-        return _scatter(self, layer, (b, pos), k, v)
+        new, k_l, v_l = _scatter(self, layer, (b, pos), k, v)
+        return new, k_l.transpose(0, 2, 1, 3), v_l.transpose(0, 2, 1, 3)
 
 
 @flax.struct.dataclass
 class PagedKVCache:
-    """Per layer K and V pages of shape [num_pages, page_size, kv_heads, head_dim].
+    """Per layer K and V pages of shape [num_pages, kv_heads, page_size, head_dim].
 
     A sequence's tokens live in the pages its page table lists: position p is slot p % page_size of page
-    `page_table[p // page_size]`. Attention reads a row's pages back in page-table order.
+    `page_table[p // page_size]`. Attention reads a row's pages back in page-table order. Heads come before slots so
+    that the gather can hand attention its [B, KV, S, hd] operand directly: with slots first, XLA:CPU transposed the
+    gathered keys and values of every layer, which cost more than attention itself at long contexts.
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    # Attention through the native CPU kernel, which reads the pages in place (kernels/native.py).
+    native_attention: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> "PagedKVCache":
-        return cls(k=_zeros(cfg, (num_pages, page_size), dtype), v=_zeros(cfg, (num_pages, page_size), dtype))
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
+               native_attention: bool = False) -> "PagedKVCache":
+        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
+        return cls(k=_zeros(cfg, shape, dtype), v=_zeros(cfg, shape, dtype), native_attention=native_attention)
 
     @property
     def num_pages(self) -> int:
@@ -60,13 +68,10 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table: jax.Array):
-        """Scatters k, v [B, T, KV, hd] into their pages; returns (cache, keys, values) gathered per row.
-
-        `page_table` is [B, W] int32; the gathered keys are [B, W * page_size, KV, hd], key j at position j.
-        """
+    def write(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table: jax.Array):
+        """Scatters k, v [B, T, KV, hd] into their pages through page_table [B, W]; returns (cache, layer K, V)."""
         ps, num_pages = self.page_size, self.num_pages
         width = page_table.shape[1]
         page = jnp.take_along_axis(page_table, jnp.clip(positions // ps, 0, width - 1), axis=1)
@@ -74,14 +79,26 @@ class PagedKVCache:
         offset = positions % ps
         # Scatter by (page, offset) into the 4-D pages: through a flattened view, XLA:CPU copies the whole pool
         # (measured: 1.3 s vs 40 ms per SmolLM2 decode step with 2048 pages).
-        new, k_l, v_l = _scatter(self, layer, (page, offset), k, v)
-        b = page_table.shape[0]
-        gathered = lambda pages: pages[page_table].reshape(b, width * ps, *pages.shape[2:])
+        heads = jnp.arange(k.shape[2])
+        return _scatter(self, layer, (page[..., None], heads, offset[..., None]), k, v)
+
+    def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table: jax.Array):
+        """Scatters k, v [B, T, KV, hd] into their pages; returns (cache, keys, values) gathered per row.
+
+        `page_table` is [B, W] int32; the gathered keys are [B, KV, W * page_size, hd], key j at position j.
+        """
+        new, k_l, v_l = self.write(layer, k, v, positions, page_table)
+        ps, width = self.page_size, page_table.shape[1]
+        heads = jnp.arange(k.shape[2])
+        b, kv = page_table.shape[0], k.shape[2]
+        # One gather indexed by (page, head) yields [B, KV, W, ps, hd]: no transpose before attention's dots.
+        rows = (page_table[:, None, :], heads[None, :, None])
+        gathered = lambda pages: pages[rows].reshape(b, kv, width * ps, pages.shape[-1])
         return new, gathered(k_l), gathered(v_l)
 
 
-def _zeros(cfg: ModelConfig, lead: tuple[int, int], dtype) -> tuple[jax.Array, ...]:
-    return tuple(jnp.zeros(lead + (cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(cfg.num_layers))
+def _zeros(cfg: ModelConfig, shape: tuple[int, ...], dtype) -> tuple[jax.Array, ...]:
+    return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
 
 def _scatter(cache, layer: int, index: tuple, k: jax.Array, v: jax.Array):

@@ -98,3 +98,33 @@ def test_a_failing_compiler_falls_back_to_xla(tmp_path):
     assert "available False" in out
     assert "native CPU kernels are off" in out
     assert not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("t", [1, 7])
+def test_paged_attention_matches_the_xla_path(t, window):
+    from novallm_jax.kv_cache import PagedKVCache
+
+    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=48, intermediate_size=8,
+                      num_layers=1, num_heads=6, num_kv_heads=2, head_dim=8, sliding_window=window)
+    rng = np.random.default_rng(t)
+    b, ps, width = 3, 4, 6
+    cache = PagedKVCache.create(cfg, 1 + b * width, ps)
+    cache = cache.replace(k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32)),),
+                          v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32)),))
+    table = jnp.asarray(1 + np.arange(b * width).reshape(b, width)[:, rng.permutation(width)], jnp.int32)
+    # Row 0 decodes deep into its pages, row 1 prefills a chunk from its start, row 2 is padding but one query.
+    starts = [23 - t + 1, 0, 9]
+    positions = np.stack([np.arange(s, s + t) for s in starts]).astype(np.int32)
+    positions[2, 1:] = -1
+    k_new = jnp.asarray(rng.standard_normal((b, t, 2, 8), np.float32))
+    v_new = jnp.asarray(rng.standard_normal((b, t, 2, 8), np.float32))
+    q = jnp.asarray(rng.standard_normal((b, t, 6, 8), np.float32))
+    pos = jnp.asarray(positions)
+    _, keys, values = cache.update(0, k_new, v_new, pos, table)
+    want = np.asarray(model.attention(q, keys, values, pos, cfg))
+    _, k_pages, v_pages = cache.write(0, k_new, v_new, pos, table)
+    got = np.asarray(jax.jit(native.paged_attention, static_argnums=5)(q, k_pages, v_pages, table, pos, window))
+    real = positions >= 0
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=2e-6)
+    assert not got[~real].any()  # padding queries give zeros

@@ -38,7 +38,8 @@ class ExecutorConfig:
     prefill_len_buckets: tuple[int, ...] = (16, 64, 256)
     # Page-table widths in pages; attention gathers this many pages per row, so short sequences use narrow tables.
     page_table_buckets: tuple[int, ...] | None = None
-    # Matmuls through the native CPU kernel on packed float32 weights (kernels/native.py); None: wherever it can run.
+    # Matmuls on packed float32 weights and paged attention through the native CPU kernels (kernels/native.py);
+    # None: wherever they can run.
     native_kernels: bool | None = None
 
     def __post_init__(self):
@@ -112,7 +113,9 @@ class Executor:
 
     def new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
-        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype)
+        c = self.cfg
+        native_attention = self.native_kernels and native.supports_attention(c.head_dim, c.num_heads, c.num_kv_heads)
+        return PagedKVCache.create(c, e.num_pages, e.page_size, self.dtype, native_attention=native_attention)
 
     def _run(self, cache, tokens, positions, page_table, logits_index):
         with self._lock:

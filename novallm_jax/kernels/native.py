@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use for the machine they run on and called through XLA's FFI.
 
-`cpu_matmul.cc` is built with the system C++ compiler (`-O3 -march=native`) into a cache directory keyed by the
+`cpu_kernels.cc` (a packed-weight matmul and a paged attention) is built with the system C++ compiler (`-O3 -march=native`) into a cache directory keyed by the
 source, the compiler, the jaxlib version and the CPU, so the build (~5 s) happens once per machine. Where there is
 no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own dots.
 """
@@ -25,8 +25,9 @@ import numpy as np
 from absl import logging
 
 PANEL = 16  # output columns per weight panel; must match kPanel in cpu_matmul.cc
-_SOURCE = Path(__file__).with_name("cpu_matmul.cc")
-_TARGET = "novallm_packed_matmul_f32"
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+_MATMUL = "novallm_packed_matmul_f32"
+_ATTENTION = "novallm_paged_attention_f32"
 _ENV = "NOVALLM_NATIVE_KERNELS"
 
 
@@ -48,7 +49,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature()]).encode())
     key = key.hexdigest()[:16]
-    out = _cache_dir() / f"cpu_matmul-{key}.so"
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Whether the packed matmul kernel is built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
+    """Whether the native kernels are built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
     if os.environ.get(_ENV, "1").lower() in ("0", "false", "no", "off"):
         return False
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -77,7 +78,8 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
+        jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
+        jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return False
@@ -104,9 +106,28 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [..., K] float32 @ the packed weight of `n` output columns -> [..., n]. Needs `available()`."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k), panels)
     return y[:, :n].reshape(*lead, n)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                    positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Causal GQA attention of q [B, T, H, hd] over one layer's pages [P, KV, ps, hd] -> [B, T, H * hd].
+
+    Query (b, t) sees the keys at positions <= positions[b, t] (and > it minus the window) through page_table [B, W];
+    padding queries (negative positions) give zeros. float32 only; head_dim a multiple of 8.
+    """
+    b, t, h, hd = q.shape
+    kv = k_pages.shape[1]
+    out = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, t, kv, h // kv, hd), jnp.float32))(
+        q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
+        positions.astype(jnp.int32), window=np.int64(sliding_window or 0), scale=np.float32(hd ** -0.5))
+    return out.reshape(b, t, h * hd)
+
+
+def supports_attention(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    return head_dim % 8 == 0 and num_heads // num_kv_heads <= 64
 
 
 @flax.struct.dataclass
