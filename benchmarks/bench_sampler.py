@@ -5,7 +5,12 @@ penalties (repetition / frequency / presence / logit bias), a mixed batch of all
 logprobs, and the state updates `update_counts`, `set_row`, `clear_row`. Each figure is the best (and median) of
 `--repeats` calls after a warm-up call that also compiles.
 
-    python benchmarks/bench_sampler.py                    # B = 1, 8, 32 at V = 49152
+Engine-shaped cases (`engine_*_S{slots}`): B running rows out of a slot batch of --slots rows, sampled and counted
+the way `LLMEngine` does it, with `sample_slots` (only the B rows, state advanced in place); each has a baseline
+measured in the same run, `full_*_S{slots}`: `sample` over all the slots then `update_counts`, the engine's
+former path (what a step cost before whatever the number of running rows).
+
+    python benchmarks/bench_sampler.py                    # B = 1, 8, 32 at V = 49152; slot batches of 32 and 64
     python benchmarks/bench_sampler.py --quick            # smoke run
 """
 
@@ -27,7 +32,8 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
 flags.DEFINE_integer("vocab", 49152, "Vocabulary size (SmolLM2's by default).")
 flags.DEFINE_integer("repeats", 30, "Timed calls per case; the best and the median are reported.")
 flags.DEFINE_list("cases", [], "Only these cases (default: all).")
-flags.DEFINE_bool("quick", False, "Smoke run: B=1,2, V=1024, 3 repeats.")
+flags.DEFINE_list("slots", ["32", "64"], "Slot-batch sizes of the engine-shaped cases (each >= the largest B).")
+flags.DEFINE_bool("quick", False, "Smoke run: B=1,2, V=1024, 3 repeats, 4 slots.")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_sampler.json"), "Where to write the JSON.")
 
 
@@ -114,6 +120,50 @@ def run(batches: list[int], vocab: int, repeats: int, only: list[str]) -> dict[s
     return {"vocab": vocab, "results": results}
 
 
+def run_engine_shaped(batches: list[int], slot_counts: list[int], vocab: int, repeats: int,
+                      only: list[str]) -> list[dict[str, Any]]:
+    """B running rows out of S slots: sample_slots (the engine) against sample + update_counts over all S slots."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from novallm_jax.sampling import SamplingBatch, sample, sample_slots, update_counts
+    from novallm_jax.sampling_params import SamplingParams as P
+
+    kinds = {"greedy": [P(temperature=0, seed=0)], "mixed": _cases()["mixed"][1]}
+    results: list[dict[str, Any]] = []
+    for slots in slot_counts:
+        for name, params in kinds.items():
+            engine_case, full_case = f"engine_{name}_S{slots}", f"full_{name}_S{slots}"
+            if only and engine_case not in only and full_case not in only:
+                continue
+            for b in batches:
+                if b > slots:
+                    continue
+                rows = [params[i % len(params)] for i in range(b)] + [None] * (slots - b)
+                make = lambda: SamplingBatch.from_params(rows, vocab, prompt_token_ids=[list(range(1, 200, 3))] * slots)
+                logits = jnp.asarray(_logits("peaked", b, vocab))
+                state = {"batch": make()}
+                ids = jnp.arange(b, dtype=jnp.int32)
+
+                def engine_step():
+                    out, state["batch"] = sample_slots(logits, ids, state["batch"])
+                    jax.device_get(out)
+
+                results.append({"case": engine_case, "batch": b, **_time(engine_step, repeats)})
+                full = jnp.zeros((slots, vocab), jnp.float32).at[:b].set(logits)
+                mask = jnp.asarray(np.arange(slots) < b)
+                state["batch"] = make()
+
+                def full_step():
+                    out = sample(full, state["batch"])
+                    state["batch"] = update_counts(state["batch"], jnp.where(mask, out.tokens, -1))
+                    jax.device_get(out)
+
+                results.append({"case": full_case, "batch": b, **_time(full_step, repeats)})
+    return results
+
+
 def main(argv: list[str]) -> None:
     del argv
     batches = [1, 2] if FLAGS.quick else [int(b) for b in FLAGS.batches]
@@ -122,16 +172,28 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     before_load, before_cpu = common.loadavg(), common.cpu_times()
     res = run(batches, vocab, repeats, FLAGS.cases)
+    slot_counts = [4] if FLAGS.quick else [int(x) for x in FLAGS.slots]
+    res["results"] += run_engine_shaped(batches, slot_counts, vocab, repeats, FLAGS.cases)
     machine = common.machine_info()
     machine.update(loadavg_before=before_load, loadavg_after=common.loadavg(),
                    cpu_share=common.cpu_share(before_cpu, common.cpu_times()))
-    out = {"machine": machine, "settings": {"batches": batches, "vocab": vocab, "repeats": repeats},
+    out = {"machine": machine, "settings": {"batches": batches, "vocab": vocab, "repeats": repeats,
+                                            "slots": slot_counts},
            "wall_s": time.perf_counter() - t0, **res}
     table = {}
     for r in res["results"]:
         table.setdefault(r["case"], {"case": r["case"]})[f"B={r['batch']}"] = r["best_ms"]
     print(f"ms per call (best of {repeats}), V={vocab}")
     print(common.format_table(list(table.values()), ["case"] + [f"B={b}" for b in batches]))
+    speedups = []
+    for case, row in table.items():
+        full = table.get(case.replace("engine_", "full_", 1)) if case.startswith("engine_") else None
+        if full:
+            speedups.append({"case": case, **{k: full[k] / v for k, v in row.items() if k != "case" and k in full}})
+    if speedups:
+        print("engine-shaped: full-slot path / sample_slots (x faster)")
+        print(common.format_table(speedups, ["case"] + [f"B={b}" for b in batches]))
+        out["speedup_engine_vs_full"] = speedups
     common.write_json(FLAGS.output, out)
     print(f"wrote {FLAGS.output}")
 
