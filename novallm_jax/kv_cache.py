@@ -25,30 +25,26 @@ class ContiguousKVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "ContiguousKVCache":
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=_zeros(cfg, shape, dtype), v=_zeros(cfg, shape, dtype))
+        return cls(k=_zeros(cfg, (batch, max_len), dtype), v=_zeros(cfg, (batch, max_len), dtype))
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table=None):
-        """Writes k, v [B, T, KV, hd] at `positions` [B, T]; returns (cache, keys, values) with keys [B, KV, S, hd]."""
+        """Writes k, v [B, T, KV, hd] at `positions` [B, T]; returns (cache, keys, values) with keys [B, S, KV, hd]."""
         del page_table
         b = jnp.arange(k.shape[0])[:, None]
         pos = jnp.where(positions < 0, self.max_len, positions)  # out of range: dropped
-        new, k_l, v_l = _scatter(self, layer, (b, pos), k, v)
-        return new, k_l.transpose(0, 2, 1, 3), v_l.transpose(0, 2, 1, 3)
+        return _scatter(self, layer, (b, pos), k, v)
 
 
 @flax.struct.dataclass
 class PagedKVCache:
-    """Per layer K and V pages of shape [num_pages, kv_heads, page_size, head_dim].
+    """Per layer K and V pages of shape [num_pages, page_size, kv_heads, head_dim].
 
     A sequence's tokens live in the pages its page table lists: position p is slot p % page_size of page
-    `page_table[p // page_size]`. Attention reads a row's pages back in page-table order. Heads come before slots so
-    that the gather can hand attention its [B, KV, S, hd] operand directly: with slots first, XLA:CPU transposed the
-    gathered keys and values of every layer, which cost more than attention itself at long contexts.
+    `page_table[p // page_size]`. Attention reads a row's pages back in page-table order.
     """
 
     k: tuple[jax.Array, ...]
@@ -59,8 +55,8 @@ class PagedKVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
                native_attention: bool = False) -> "PagedKVCache":
-        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
-        return cls(k=_zeros(cfg, shape, dtype), v=_zeros(cfg, shape, dtype), native_attention=native_attention)
+        lead = (num_pages, page_size)
+        return cls(k=_zeros(cfg, lead, dtype), v=_zeros(cfg, lead, dtype), native_attention=native_attention)
 
     @property
     def num_pages(self) -> int:
@@ -68,7 +64,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[1]
 
     def write(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table: jax.Array):
         """Scatters k, v [B, T, KV, hd] into their pages through page_table [B, W]; returns (cache, layer K, V)."""
@@ -79,26 +75,21 @@ class PagedKVCache:
         offset = positions % ps
         # Scatter by (page, offset) into the 4-D pages: through a flattened view, XLA:CPU copies the whole pool
         # (measured: 1.3 s vs 40 ms per SmolLM2 decode step with 2048 pages).
-        heads = jnp.arange(k.shape[2])
-        return _scatter(self, layer, (page[..., None], heads, offset[..., None]), k, v)
+        return _scatter(self, layer, (page, offset), k, v)
 
     def update(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, page_table: jax.Array):
         """Scatters k, v [B, T, KV, hd] into their pages; returns (cache, keys, values) gathered per row.
 
-        `page_table` is [B, W] int32; the gathered keys are [B, KV, W * page_size, hd], key j at position j.
+        `page_table` is [B, W] int32; the gathered keys are [B, W * page_size, KV, hd], key j at position j.
         """
         new, k_l, v_l = self.write(layer, k, v, positions, page_table)
-        ps, width = self.page_size, page_table.shape[1]
-        heads = jnp.arange(k.shape[2])
-        b, kv = page_table.shape[0], k.shape[2]
-        # One gather indexed by (page, head) yields [B, KV, W, ps, hd]: no transpose before attention's dots.
-        rows = (page_table[:, None, :], heads[None, :, None])
-        gathered = lambda pages: pages[rows].reshape(b, kv, width * ps, pages.shape[-1])
+        b, width = page_table.shape
+        gathered = lambda pages: pages[page_table].reshape(b, width * self.page_size, *pages.shape[2:])
         return new, gathered(k_l), gathered(v_l)
 
 
-def _zeros(cfg: ModelConfig, shape: tuple[int, ...], dtype) -> tuple[jax.Array, ...]:
-    return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+def _zeros(cfg: ModelConfig, lead: tuple[int, int], dtype) -> tuple[jax.Array, ...]:
+    return tuple(jnp.zeros(lead + (cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(cfg.num_layers))
 
 
 def _scatter(cache, layer: int, index: tuple, k: jax.Array, v: jax.Array):

@@ -91,19 +91,19 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 
 
 def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
-    """Causal GQA attention of q [B, T, H, hd] over keys/values [B, KV, S, hd], key j being at position j."""
+    """Causal GQA attention of q [B, T, H, hd] over keys/values [B, S, KV, hd], key j being at position j."""
     b, t, h, hd = q.shape
     kv = cfg.num_kv_heads
     q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    key_pos = jnp.arange(keys.shape[2])
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    key_pos = jnp.arange(keys.shape[1])
     qpos = positions[:, None, None, :, None]
     allowed = key_pos <= qpos
     if cfg.sliding_window:
         allowed &= key_pos > qpos - cfg.sliding_window
     scores = jnp.where(allowed, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
     return out.reshape(b, t, h * hd)
 
 
@@ -121,7 +121,8 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-    if isinstance(cache, PagedKVCache) and cache.native_attention:
+    # The native kernel for decode only: with many queries per row, XLA's batched dots amortise the page gather.
+    if isinstance(cache, PagedKVCache) and cache.native_attention and t == 1:
         cache, k_pages, v_pages = cache.write(layer, k, v, positions, page_table)
         attn = native.paged_attention(q, k_pages, v_pages, page_table, positions, cfg.sliding_window)
     else:

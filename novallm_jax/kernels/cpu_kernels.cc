@@ -141,17 +141,17 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// q [B, T, KV, G, hd]; pages [P, KV, ps, hd]; page_table [B, W]; positions [B, T] (< 0: padding, output 0).
+// q [B, T, KV, G, hd]; pages [P, ps, KV, hd]; page_table [B, W]; positions [B, T] (< 0: padding, output 0).
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                           ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> page_table,
                           ffi::Buffer<ffi::S32> positions, int64_t window, float scale,
                           ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), td = page_table.dimensions();
-  if (qd.size() != 5 || kd.size() != 4 || td.size() != 2 || kd[1] != qd[2] || kd[3] != qd[4] || qd[4] % 8 ||
+  if (qd.size() != 5 || kd.size() != 4 || td.size() != 2 || kd[2] != qd[2] || kd[3] != qd[4] || qd[4] % 8 ||
       td[0] != qd[0]) {
     return ffi::Error::InvalidArgument("paged_attention: shapes disagree (head_dim must be a multiple of 8)");
   }
-  const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4], ps = kd[2], W = td[1], P = kd[0];
+  const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4], ps = kd[1], W = td[1], P = kd[0];
   if (G > 64) return ffi::Error::InvalidArgument("paged_attention: at most 64 query heads per kv head");
   const float* qp = q.typed_data();
   const float* kp = k_pages.typed_data();
@@ -174,12 +174,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     for (int64_t first = lo - lo % ps; first <= p; first += ps) {
       int32_t page = pt[b * W + first / ps];
       if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
-      const float* kb = kp + (page * KV + h) * ps * hd;
-      const float* vb = vp + (page * KV + h) * ps * hd;
+      const float* kb = kp + (page * ps * KV + h) * hd;  // slot s of this head at kb + s * KV * hd
+      const float* vb = vp + (page * ps * KV + h) * hd;
       const int64_t j0 = std::max(first, lo), j1 = std::min(first + ps - 1, p);
       for (int64_t j = j0; j <= j1; ++j) {
-        const float* kj = kb + (j - first) * hd;
-        const float* vj = vb + (j - first) * hd;
+        const float* kj = kb + (j - first) * KV * hd;
+        const float* vj = vb + (j - first) * KV * hd;
         for (int64_t g = 0; g < G; ++g) {
           s[g] = Dot(qs + g * hd, kj, hd) * scale;
           const float m_new = std::max(m[g], s[g]);
