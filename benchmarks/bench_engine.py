@@ -312,6 +312,7 @@ def warm_up(engine) -> dict[str, Any]:
             engine.pool.storage = ex.warmup(engine.pool.storage)
         finally:
             del ex.step_shapes
+        engine.warmup_sampler()
     compile_steps = time.perf_counter() - t0
     # The sampler and the bookkeeping kernels compile on first use: one short request runs them.
     engine.add_request([engine.cfg.vocab_size // 2] * 3, SamplingParams(temperature=0.0, max_tokens=2,

@@ -86,8 +86,7 @@ class LLM:
                                                                               max_model_len=max_model_len))
         self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
         if warmup:
-            with self.engine._lock:
-                self.engine.pool.storage = self.engine.executor.warmup(self.engine.pool.storage)
+            self.engine.warmup()
         self.engine.start()
         self._closed = False
 

@@ -185,8 +185,15 @@ def test_32_concurrent_streams_each_equal_their_offline_run(server, llm, http):
     assert llm.engine.check_leaks() == []
 
 
-def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm):
+def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm, monkeypatch):
     wait_idle(llm)
+    step = llm.engine.step
+
+    def slow_step():  # >= 4 s for the long request, so it is still running when the client hangs up, whatever the load
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
     cancelled_before = llm.engine.stats().get("finished_cancelled", 0)
     others = [("Other stream one", 7), ("Other stream two", 8), ("Other stream three", 9)]
     offline = [llm.generate(p, SamplingParams(max_tokens=40, seed=s))[0].text for p, s in others]
