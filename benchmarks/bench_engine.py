@@ -63,8 +63,8 @@ flags.DEFINE_integer("page_size", 16, "KV page size.")
 flags.DEFINE_integer("num_pages", 0, "KV pool pages; 0: enough for every slot at the longest request, plus 25%.")
 flags.DEFINE_list("decode_buckets", ["1", "4", "16", "32"], "Decode batch buckets (the largest = engine slots; it "
                   "is raised to --concurrency if smaller).")
-flags.DEFINE_list("prefill_len_buckets", ["64", "256"], "Prefill chunk-length buckets (the largest is the chunk).")
-flags.DEFINE_list("prefill_batch_buckets", ["1", "4"], "Prefill row buckets.")
+flags.DEFINE_list("prefill_len_buckets", ["64", "128", "256"], "Prefill chunk-length buckets (the largest is the chunk).")
+flags.DEFINE_list("prefill_batch_buckets", ["1", "2", "4"], "Prefill row buckets.")
 flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
                     "decodes faster at batch 1 (on a loaded machine extra threads can be many times slower).")
 flags.DEFINE_string("compile_cache_dir", os.path.join(tempfile.gettempdir(), "novallm_bench_engine_xla"),

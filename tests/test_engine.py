@@ -195,3 +195,21 @@ def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engin
     assert all(o.finished for o in others)
     assert others[2].logprobs and all(lp.top == {} and lp.logprob <= 0.0 for lp in others[2].logprobs)
     assert others[0].logprobs is None
+
+
+def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(engine):
+    # EXEC: chunk-length buckets (16, 64), row buckets (1, 4).
+    from types import SimpleNamespace
+
+    def req(arrival, remaining):
+        return SimpleNamespace(tokens=[0] * remaining, num_computed=0, metrics=SimpleNamespace(arrival=arrival))
+
+    oldest_long, long2, long3, long4, long5 = (req(t, n) for t, n in [(0, 70), (3, 64), (4, 200), (5, 65), (6, 99)])
+    short = req(1, 10)
+    assert [engine._chunk_len(r) for r in (short, req(0, 16), req(0, 40), long3)] == [10, 16, 16, 64]
+    picked = engine._pick_prefill([long2, short, long3, oldest_long, long4, long5])
+    assert picked == [oldest_long, long2, long3, long4]  # oldest first; all 64-token chunks; 4 = a row bucket
+    # Three 64-bucket chunks would be padded to 4 rows: take one (the row buckets are 1 and 4).
+    assert engine._pick_prefill([long3, short, oldest_long, long2]) == [oldest_long]
+    assert engine._pick_prefill([short, long2]) == [short]
+    assert engine._pick_prefill([]) == []

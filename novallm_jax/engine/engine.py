@@ -317,11 +317,11 @@ class LLMEngine:
     def _run_model(self) -> list[tuple[Request, jax.Array, int]]:
         """Runs this step's prefill chunks and decode; returns (request, logits rows, row) for each to sample."""
         running = [r for r in self.slots if r is not None]
-        prefill = [r for r in running if len(r.tokens) - r.num_computed > 1][: self.max_prefill_rows]
+        prefill = self._pick_prefill([r for r in running if len(r.tokens) - r.num_computed > 1])
         out: list[tuple[Request, jax.Array, int]] = []
         chunks, reqs = [], []
         for req in prefill:
-            n = min(len(req.tokens) - req.num_computed, self.executor.exec_cfg.max_chunk)
+            n = self._chunk_len(req)
             # A request planned above may have been preempted to make room for an older one.
             if req.status is not Status.RUNNING or not self._ensure_pages(req, req.num_computed + n):
                 continue
@@ -348,6 +348,31 @@ class LLMEngine:
                 req.num_computed += 1
                 out.append((req, logits, i))
         return [(r, l, i) for r, l, i in out if r.status is Status.RUNNING]
+
+    def _chunk_len(self, req: Request) -> int:
+        """Tokens of `req`'s next prefill chunk: the largest length bucket that its remaining prompt fills.
+
+        A chunk is padded to its bucket, and prefill is compute-bound, so a 200-token prompt runs as 128 + 64 + 8
+        rather than as one 256-token chunk with 56 tokens of padding; only the last piece (< the smallest bucket) pads.
+        """
+        remaining = len(req.tokens) - req.num_computed
+        filled = [b for b in self.executor.exec_cfg.prefill_len_buckets if b <= remaining]
+        return filled[-1] if filled else remaining
+
+    def _pick_prefill(self, candidates: list[Request]) -> list[Request]:
+        """The oldest request's chunk, plus others whose chunks fall in the same length bucket.
+
+        A prefill step pads every row to the longest chunk's bucket and to a row bucket: rows share one length bucket
+        and their count is a row bucket exactly (3 rows padded to 4 would cost as much as 4).
+        """
+        if not candidates:
+            return []
+        e = self.executor.exec_cfg
+        length = lambda r: bucket(self._chunk_len(r), e.prefill_len_buckets)
+        candidates = sorted(candidates, key=lambda r: r.metrics.arrival)
+        same = [r for r in candidates if length(r) == length(candidates[0])][: self.max_prefill_rows]
+        fits = [b for b in e.prefill_batch_buckets if b <= len(same)]
+        return same[: fits[-1]] if fits else same
 
     def _cache_prompt_pages(self, req: Request) -> None:
         if not self.config.enable_prefix_caching:

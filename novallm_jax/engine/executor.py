@@ -34,8 +34,8 @@ class ExecutorConfig:
     num_pages: int = 2048
     max_model_len: int = 2048
     decode_batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    prefill_batch_buckets: tuple[int, ...] = (1, 4)
-    prefill_len_buckets: tuple[int, ...] = (16, 64, 256)
+    prefill_batch_buckets: tuple[int, ...] = (1, 2, 4)
+    prefill_len_buckets: tuple[int, ...] = (16, 64, 128, 256)
     # Page-table widths in pages; attention gathers this many pages per row, so short sequences use narrow tables.
     page_table_buckets: tuple[int, ...] | None = None
     # Matmuls on packed float32 weights and paged attention through the native CPU kernels (kernels/native.py);

@@ -169,26 +169,38 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     const int64_t p = std::min<int64_t>(pos[bt], W * ps - 1);
     if (p < 0) return;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    float m[64], l[64], s[64];
+    // Keys go in blocks: one max and one rescale of the accumulators per block and query head, not per key.
+    constexpr int64_t kBlock = 32;
+    float m[64], l[64], s[64][kBlock];
+    const float* keys[kBlock];
+    const float* vals[kBlock];
     for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
-    for (int64_t first = lo - lo % ps; first <= p; first += ps) {
-      int32_t page = pt[b * W + first / ps];
-      if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
-      const float* kb = kp + (page * ps * KV + h) * hd;  // slot s of this head at kb + s * KV * hd
-      const float* vb = vp + (page * ps * KV + h) * hd;
-      const int64_t j0 = std::max(first, lo), j1 = std::min(first + ps - 1, p);
-      for (int64_t j = j0; j <= j1; ++j) {
-        const float* kj = kb + (j - first) * KV * hd;
-        const float* vj = vb + (j - first) * KV * hd;
-        for (int64_t g = 0; g < G; ++g) {
-          s[g] = Dot(qs + g * hd, kj, hd) * scale;
-          const float m_new = std::max(m[g], s[g]);
-          const float correction = std::exp(m[g] - m_new), weight = std::exp(s[g] - m_new);
-          m[g] = m_new;
-          l[g] = l[g] * correction + weight;
-          float* og = o + g * hd;
-          const v8 c = Splat(correction), wv = Splat(weight);
-          for (int64_t i = 0; i < hd; i += 8) Store(og + i, Load(og + i) * c + wv * Load(vj + i));
+    for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, p - j0 + 1);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t j = j0 + jj;
+        int32_t page = pt[b * W + j / ps];
+        if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
+        const int64_t slot = (page * ps + j % ps) * KV + h;  // pages are [P, ps, KV, hd]
+        keys[jj] = kp + slot * hd;
+        vals[jj] = vp + slot * hd;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float block_max = -INFINITY;
+        for (int64_t jj = 0; jj < n; ++jj) {
+          s[g][jj] = Dot(qs + g * hd, keys[jj], hd) * scale;
+          block_max = std::max(block_max, s[g][jj]);
+        }
+        const float m_new = std::max(m[g], block_max), correction = std::exp(m[g] - m_new);
+        m[g] = m_new;
+        float sum = 0.f;
+        for (int64_t jj = 0; jj < n; ++jj) sum += s[g][jj] = std::exp(s[g][jj] - m_new);
+        l[g] = l[g] * correction + sum;
+        float* og = o + g * hd;
+        for (int64_t i = 0; i < hd; i += 8) {
+          v8 acc = Load(og + i) * Splat(correction);
+          for (int64_t jj = 0; jj < n; ++jj) acc += Splat(s[g][jj]) * Load(vals[jj] + i);
+          Store(og + i, acc);
         }
       }
     }
