@@ -16,7 +16,6 @@ import numpy as np
 
 from novallm_jax.config import ModelConfig, rope_inv_freq
 from novallm_jax.kernels import native
-from novallm_jax.kernels.native import PackedLinear
 from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache
 
 Params = dict[str, Any]
@@ -69,9 +68,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return params
 
 
-def linear(x: jax.Array, w: jax.Array | PackedLinear) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | native.PackedLinear) -> jax.Array:
     """x [..., K] @ w [K, N]; a `PackedLinear` (float32 on CPU, see kernels/native.py) runs the native kernel."""
-    return w.apply(x) if isinstance(w, PackedLinear) else x @ w
+    return w.apply(x) if isinstance(w, native.PackedLinear) else x @ w
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -150,7 +149,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
         x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"]
-    logits = linear(x, head) if isinstance(head, PackedLinear) else jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if isinstance(head, native.PackedLinear):
+        logits = linear(x, head)
+    else:
+        logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
     return logits, cache
 
 

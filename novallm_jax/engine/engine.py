@@ -345,6 +345,9 @@ class LLMEngine:
                 self.pool.storage, [r.tokens[-1] for r in decode], [len(r.tokens) - 1 for r in decode],
                 [r.pages for r in decode])
             for i, req in enumerate(decode):
+                if req.num_computed < len(req.prompt):  # a prompt's last token, left over by the chunking: a prefill
+                    req.metrics.prefilled_tokens += 1
+                    self.counters["prefill_tokens"] += 1
                 req.num_computed += 1
                 out.append((req, logits, i))
         return [(r, l, i) for r, l, i in out if r.status is Status.RUNNING]

@@ -104,7 +104,7 @@ class Executor:
         possible = jax.default_backend() == "cpu" and self.dtype == jnp.float32
         if wanted and not (possible and native.available()):
             raise ValueError("native_kernels=True needs float32 weights on CPU and a C++ compiler (see the log)")
-        return possible and native.available() if wanted is None else wanted
+        return (possible and native.available()) if wanted is None else wanted
 
     def _traced_step(self, params, tokens, positions, cache, page_table, logits_index):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape

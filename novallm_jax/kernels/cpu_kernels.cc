@@ -3,10 +3,10 @@
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
-// Why the matmul: XLA:CPU's small-M float32 dots (decode steps of 1..64 rows) run at a fraction of the machine's FMA throughput
-// (~30-70 GFLOP/s on 2 Zen3 cores), and a [K, N] row-major weight read 16 columns at a time is a strided stream.
-// A panel-major weight is one contiguous stream per 16 output columns, held in L1/L2 while every 6-row tile of x
-// passes over it: each weight byte comes from DRAM once per call whatever M is.
+// Why the matmul: XLA:CPU's small-M float32 dots (decode steps of 1..64 rows) run at a fraction of the machine's FMA
+// throughput (~30-70 GFLOP/s on 2 Zen3 cores), and a [K, N] row-major weight read 16 columns at a time is a strided
+// stream. A panel-major weight is one contiguous stream per 16 output columns, held in L1/L2 while every 6-row tile
+// of x passes over it: each weight byte comes from DRAM once per call whatever M is.
 //
 // Why the attention: as XLA ops, paged attention gathers every row's pages (padded to the page-table bucket) into a
 // new array and runs batched matrix-vector dots on it; at a few hundred tokens of context that cost more than all
@@ -129,7 +129,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   const int64_t M = xd[0], K = xd[1], N = wd[0] * kPanel;
-  ParallelFor(pool, wd[0], 4 * (M * K + wd[0] * K * kPanel), [=](int64_t p) { Panel(xp, M, K, wp + p * K * kPanel, yp + p * kPanel, N); });
+  ParallelFor(pool, wd[0], 4 * (M * K + wd[0] * K * kPanel),
+              [=](int64_t p) { Panel(xp, M, K, wp + p * K * kPanel, yp + p * kPanel, N); });
   return ffi::Error::Success();
 }
 
@@ -160,7 +161,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const int32_t* pos = positions.typed_data();
   float* op = out->typed_data();
   int64_t keys = 0;  // keys read over all queries, for the inline-or-parallel choice
-  for (int64_t i = 0; i < B * T; ++i) keys += pos[i] < 0 ? 0 : std::min<int64_t>(pos[i] + 1, window > 0 ? window : pos[i] + 1);
+  for (int64_t i = 0; i < B * T; ++i) {
+    if (pos[i] >= 0) keys += window > 0 ? std::min<int64_t>(pos[i] + 1, window) : pos[i] + 1;
+  }
   ParallelFor(pool, B * T * KV, keys * KV * hd * 8, [=](int64_t item) {
     const int64_t h = item % KV, bt = item / KV, b = bt / T;
     const float* qs = qp + item * G * hd;

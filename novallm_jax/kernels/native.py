@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use for the machine they run on and called through XLA's FFI.
 
-`cpu_kernels.cc` (a packed-weight matmul and a paged attention) is built with the system C++ compiler (`-O3 -march=native`) into a cache directory keyed by the
-source, the compiler, the jaxlib version and the CPU, so the build (~5 s) happens once per machine. Where there is
-no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own dots.
+`cpu_kernels.cc` (a packed-weight matmul and a paged attention) is built with the system C++ compiler
+(`-O3 -march=native`) into a cache directory keyed by the source, the compiler, the jaxlib version and the CPU, so
+the build (~5 s) happens once per machine. Where there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()`
+is False and callers keep XLA's own ops.
 """
 
 from __future__ import annotations
