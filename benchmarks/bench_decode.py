@@ -251,7 +251,7 @@ def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[
 # --- llama.cpp --------------------------------------------------------------------------------------------------------
 
 def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
-    """Batch-1 greedy decode and prefill with llama-cpp-python on the GGUF file (its own quantisation)."""
+    """Batch-1 greedy decode and prefill with llama-cpp-python on a GGUF file."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -286,6 +286,32 @@ def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
     return out
 
 
+def f32_gguf(src: str, dst: str) -> str:
+    """Copies a GGUF file with every tensor dequantised to float32: llama.cpp then reads the same weights we do."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value = gguf.LlamaFileType.ALL_F32 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, dequantize(t.data, t.tensor_type).astype(np.float32),
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -297,7 +323,7 @@ def llama_cpp_available() -> bool:
 def ratios(entry: dict[str, Any]) -> dict[str, Any]:
     """Our throughput over each baseline's (best vs best), per batch size and for prefill."""
     ours, r = entry["ours"], {}
-    for base in ("ours_xla", "transformers", "llama_cpp"):
+    for base in ("ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
         other = entry.get(base) or {}
         if "decode" not in other:
             continue
@@ -317,7 +343,7 @@ def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]
 def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     roof = entry["roofline_tok_s"]
-    for engine in ("ours", "ours_xla", "transformers", "llama_cpp"):
+    for engine in ("ours", "ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
         res = entry.get(engine) or {}
         if "decode" not in res:
             continue
@@ -396,10 +422,14 @@ def main(argv):
                     entry["llama_cpp"] = {"status": "no GGUF file for this model"}
                 else:
                     bar.set_postfix_str("llama.cpp")
-                    try:
-                        entry["llama_cpp"] = bench_llama_cpp(m["gguf"], cfg.vocab_size, s)
-                    except Exception as e:  # an optional baseline must not sink the run
-                        entry["llama_cpp"] = {"status": f"failed: {type(e).__name__}: {e}"}
+                    # Its own quantisation (what llama.cpp users run), then a float32 copy: our weights, byte for byte.
+                    files = {"llama_cpp": lambda: m["gguf"],
+                             "llama_cpp_f32": lambda: f32_gguf(m["gguf"], os.path.join(workdir, "model-f32.gguf"))}
+                    for engine, path in files.items():
+                        try:
+                            entry[engine] = bench_llama_cpp(path(), cfg.vocab_size, s)
+                        except Exception as e:  # an optional baseline must not sink the run
+                            entry[engine] = {"status": f"failed: {type(e).__name__}: {e}"}
                 bar.update()
             entry["ratios"] = ratios(entry)
             b1 = entry["ours"]["decode"].get("1")
@@ -426,10 +456,10 @@ def main(argv):
     columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline"]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
-        if "llama_cpp" in e["ratios"]:
-            r = e["ratios"]["llama_cpp"]
-            print(f"{e['name']}: ours / llama.cpp ({os.path.basename(e['gguf'])}, its own quantisation): "
-                  + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
+        for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32 copy, our weights")):
+            if engine in e["ratios"]:
+                print(f"{e['name']}: ours / llama.cpp ({os.path.basename(e['gguf'])}, {what}): "
+                      + ", ".join(f"{k} {v:.2f}x" for k, v in e["ratios"][engine].items()))
     for e in results["models"]:
         if "status" in e.get("llama_cpp", {}):
             print(f"{e['name']}: llama.cpp {e['llama_cpp']['status']}")

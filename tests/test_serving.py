@@ -219,12 +219,13 @@ def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm, monkeypatch)
                 "stream": True}
         with httpx.Client(timeout=TIMEOUT) as c:
             with c.stream("POST", server.url + "/v1/completions", json=body) as r:
-                got = 0
+                seen = []
                 for line in r.iter_lines():
-                    got += line.startswith("data: ")
-                    if got == 3:
+                    if line.startswith("data: "):
+                        seen.append(line)
+                    if len(seen) == 3:
                         break
-                assert llm.engine.stats()["running"] >= 1
+                assert llm.engine.stats()["running"] >= 1, seen
                 started.wait()  # the other streams are mid-flight too
         # Leaving the blocks closes the connection: the server must cancel the request.
         deadline = time.monotonic() + 10
