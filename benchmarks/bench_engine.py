@@ -173,7 +173,7 @@ class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
     Wraps `engine.step`, `engine.executor.prefill/decode` (instance attributes) and the sampler functions the engine
-    module calls (`_rows_to_slots`, `sample`, `update_counts`, module globals); `restore()` puts them back.
+    module calls (`_gather_rows`, `sample_slots`, module globals); `restore()` puts them back.
     The wrappers block on their outputs so that the time lands where the work is. Host = step - model - sampler.
     """
 
@@ -215,7 +215,7 @@ class StepProfiler:
         ex = engine.executor
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
-        for name in ("_rows_to_slots", "sample", "update_counts"):
+        for name in ("_gather_rows", "sample_slots"):
             self._patch(engine_mod, name, timed("sampler", getattr(engine_mod, name)))
 
         step = engine.step

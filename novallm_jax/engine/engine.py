@@ -30,7 +30,7 @@ from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk, 
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
 from novallm_jax.errors import EngineClosedError, InvalidRequestError, OutOfPagesError
 from novallm_jax.model import Params
-from novallm_jax.sampling import SamplingBatch, sample_slots, update_counts
+from novallm_jax.sampling import SamplingBatch, sample_slots
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from novallm_jax.tokenization.base import Tokenizer
 
@@ -58,13 +58,6 @@ def _gather_rows(logits: tuple[jax.Array, ...], rows: tuple[jax.Array, ...], siz
     x = jnp.concatenate([group[r].astype(jnp.float32) for group, r in zip(logits, rows)])
     return jnp.pad(x, ((0, size - x.shape[0]), (0, 0)))
 
-
-# benchmarks/bench_engine.py's StepProfiler times the sampler by wrapping the module globals `_rows_to_slots`,
-# `sample` and `update_counts` by name, so the engine calls its sampler through these aliases (`sample_slots` also
-# does what `update_counts` did). Once the profiler wraps `_gather_rows` and `sample_slots`, drop them.
-_rows_to_slots = _gather_rows
-sample = sample_slots
-_ = update_counts
 
 
 class LLMEngine:
@@ -373,7 +366,8 @@ class LLMEngine:
         e = self.executor.exec_cfg
         length = lambda r: bucket(self._chunk_len(r), e.prefill_len_buckets)
         candidates = sorted(candidates, key=lambda r: r.metrics.arrival)
-        same = [r for r in candidates if length(r) == length(candidates[0])][: self.max_prefill_rows]
+        first = length(candidates[0])
+        same = [r for r in candidates if length(r) == first][: self.max_prefill_rows]
         fits = [b for b in e.prefill_batch_buckets if b <= len(same)]
         return same[: fits[-1]] if fits else same
 
@@ -403,18 +397,18 @@ class LLMEngine:
             logits, rows, _ = next(iter(groups.values()))
             if logits.shape[0] == size and rows == list(range(size)) and logits.dtype == jnp.float32:
                 return logits, ordered  # a full decode bucket (batch 1 included): no copy
-        x = _rows_to_slots(tuple(g[0] for g in groups.values()),
+        x = _gather_rows(tuple(g[0] for g in groups.values()),
                            tuple(np.asarray(g[1], np.int32) for g in groups.values()), size)
         return x, ordered
 
     def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
         # Only the rows computed this step are sampled (padded to a bucket), so a step costs O(running rows), not
-        # O(num_slots); `sample` (sampling.sample_slots) advances those slots' state in place.
+        # O(num_slots); `sample_slots` advances those slots' state in place.
         logits, ordered = self._sampler_rows(computed)
         slots = np.full(logits.shape[0], -1, np.int32)
         slots[:len(ordered)] = [req.slot for req in ordered]
         n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in ordered) else 0
-        result, self.sampling = sample(logits, jnp.asarray(slots), self.sampling, num_top_logprobs=n_top)
+        result, self.sampling = sample_slots(logits, jnp.asarray(slots), self.sampling, num_top_logprobs=n_top)
         tokens, logprobs, top_ids, top_lps = jax.device_get(
             (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
         emitted = []
