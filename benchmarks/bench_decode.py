@@ -57,27 +57,29 @@ flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__fil
 # --- models -----------------------------------------------------------------------------------------------------------
 
 def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
-    """Loads one model spec for both engines: our (cfg, params), the HF model (or None), and the GGUF path if any."""
+    """Loads one model spec for every engine: our (cfg, params), the HF model (or None), the GGUF file or HF
+    directory it came from."""
     import jax.numpy as jnp
 
     from novallm_jax.loading import default_model_path, load_model
 
-    gguf_path = None
+    gguf_path = hf_dir = None
     if spec == "smollm2" or spec.endswith(".gguf"):
         gguf_path = default_model_path() if spec == "smollm2" else spec
         cfg, params = load_model(gguf_path, jnp.float32)
         hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
     elif spec.startswith("random:"):
         hf = _hf_random(spec.split(":", 1)[1], seed)
-        directory = os.path.join(workdir, "random_model")
-        hf.save_pretrained(directory)
-        cfg, params = load_model(directory, jnp.float32)
+        hf_dir = os.path.join(workdir, "random_model")
+        hf.save_pretrained(hf_dir)
+        cfg, params = load_model(hf_dir, jnp.float32)
         if not FLAGS.transformers:
             hf = None
     else:
+        hf_dir = spec
         cfg, params = load_model(spec, jnp.float32)
         hf = _hf_from_dir(spec) if FLAGS.transformers else None
-    return {"name": spec, "cfg": cfg, "params": params, "hf": hf, "gguf": gguf_path}
+    return {"name": spec, "cfg": cfg, "params": params, "hf": hf, "gguf": gguf_path, "hf_dir": hf_dir}
 
 
 def _hf_from_gguf(path: str):
@@ -220,6 +222,7 @@ def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, An
         ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen)
         prefill = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)
         out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
+    llm.close()  # now, not in __del__ at interpreter exit, where llama-cpp-python's teardown fails
     return out
 
 
@@ -283,6 +286,7 @@ def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
         llm.eval(prompt)
 
     out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
+    llm.close()  # now, not in __del__ at interpreter exit, where llama-cpp-python's teardown fails
     return out
 
 
@@ -365,6 +369,8 @@ def main(argv):
     import torch
     from tqdm.auto import tqdm
 
+    from novallm_jax.loading.gguf_export import hf_to_gguf
+
     s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
          "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
          "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages}
@@ -418,14 +424,18 @@ def main(argv):
                     entry["llama_cpp"] = {"status": "disabled by --nollama_cpp"}
                 elif not has_llama_cpp:
                     entry["llama_cpp"] = {"status": "llama-cpp-python not installed"}
-                elif m["gguf"] is None:
-                    entry["llama_cpp"] = {"status": "no GGUF file for this model"}
                 else:
                     bar.set_postfix_str("llama.cpp")
-                    # Its own quantisation (what llama.cpp users run), then a float32 copy: our weights, byte for byte.
-                    files = {"llama_cpp": lambda: m["gguf"],
-                             "llama_cpp_f32": lambda: f32_gguf(m["gguf"], os.path.join(workdir, "model-f32.gguf"))}
+                    f32_path = os.path.join(workdir, "model-f32.gguf")
+                    # Its own quantisation (what llama.cpp users run), then float32: our weights, byte for byte.
+                    # A checkpoint directory (the random models) is exported to GGUF for it.
+                    files = {"llama_cpp": (lambda: m["gguf"]) if m["gguf"] else None,
+                             "llama_cpp_f32": (lambda: f32_gguf(m["gguf"], f32_path)) if m["gguf"]
+                             else lambda: hf_to_gguf(m["hf_dir"], f32_path)}
                     for engine, path in files.items():
+                        if path is None:
+                            entry[engine] = {"status": "no quantised GGUF for this model; see llama_cpp_f32"}
+                            continue
                         try:
                             entry[engine] = bench_llama_cpp(path(), cfg.vocab_size, s)
                         except Exception as e:  # an optional baseline must not sink the run
@@ -456,13 +466,12 @@ def main(argv):
     columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline"]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
-        for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32 copy, our weights")):
+        for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32, our weights")):
             if engine in e["ratios"]:
-                print(f"{e['name']}: ours / llama.cpp ({os.path.basename(e['gguf'])}, {what}): "
+                print(f"{e['name']}: ours / llama.cpp ({what}): "
                       + ", ".join(f"{k} {v:.2f}x" for k, v in e["ratios"][engine].items()))
-    for e in results["models"]:
-        if "status" in e.get("llama_cpp", {}):
-            print(f"{e['name']}: llama.cpp {e['llama_cpp']['status']}")
+            elif "status" in e.get(engine, {}):
+                print(f"{e['name']}: {engine} {e[engine]['status']}")
     for n in notes:
         print(n)
     m = results["machine"]

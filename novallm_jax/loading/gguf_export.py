@@ -1,0 +1,121 @@
+"""Writes a transformers Llama-family checkpoint as a float32 GGUF file that llama.cpp and our GGUF loader read.
+
+Used to run llama.cpp on exactly our weights (e.g. the random benchmark models, which have no GGUF of their own).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import logging
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.errors import UnsupportedArchitectureError
+from novallm_jax.loading.gguf_file import gguf_names
+from novallm_jax.loading.hf import _shard_files, hf_names
+
+# SentencePiece piece types, as llama.cpp reads `tokenizer.ggml.token_type`.
+_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's rotate-half Q/K row order to llama.cpp's adjacent pairs (the inverse of the loader's `_unpermute`)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def placeholder_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary for a model without a tokenizer: three specials, the 256 byte pieces where
+    they fit, then `▁tN` pieces."""
+    if size < 3:
+        raise ValueError(f"a placeholder vocabulary needs at least 3 entries (unk, bos, eos), the model has {size}")
+    tokens, types = ["<unk>", "<s>", "</s>"], [_UNKNOWN, _CONTROL, _CONTROL]
+    if size >= 3 + 256:
+        tokens += [f"<0x{b:02X}>" for b in range(256)]
+        types += [_BYTE] * 256
+    rest = size - len(tokens)
+    tokens += [f"\u2581t{i}" for i in range(rest)]
+    types += [_NORMAL] * rest
+    return tokens, [0.0] * (size - rest) + [-float(i) for i in range(rest)], types
+
+
+def _check_supported(cfg: ModelConfig) -> None:
+    problems = []
+    if cfg.model_type not in ("llama", "mistral"):
+        problems.append(f"model_type {cfg.model_type!r}")
+    if cfg.sliding_window:
+        problems.append("a sliding window")
+    if cfg.attention_bias or cfg.qk_norm:
+        problems.append("attention biases / q-k norms")
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type != "linear":
+        problems.append(f"{cfg.rope_scaling.rope_type} rope scaling")
+    if problems:
+        raise UnsupportedArchitectureError(
+            f"GGUF export covers the llama architecture without extras; this model has {', '.join(problems)}")
+
+
+def hf_to_gguf(model_dir: str, dst: str) -> str:
+    """Writes the safetensors checkpoint in `model_dir` to `dst` as an all-float32 llama GGUF; returns `dst`.
+
+    The tokenizer is not converted: the file gets a placeholder vocabulary of the model's size, which is enough for
+    running token ids (benchmarks, logit comparisons), not for text.
+    """
+    import gguf
+
+    cfg = ModelConfig.from_hf(model_dir)
+    _check_supported(cfg)
+    files = _shard_files(model_dir)
+    handles: dict[str, object] = {}
+
+    def get(name: str) -> np.ndarray:
+        if files[name] not in handles:
+            handles[files[name]] = safe_open(files[name], framework="numpy")
+        return np.ascontiguousarray(handles[files[name]].get_tensor(name), np.float32)
+
+    w = gguf.GGUFWriter(dst, "llama")
+    w.add_name(os.path.basename(model_dir.rstrip("/")))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens, scores, types = placeholder_vocab(cfg.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    w.add_tensor(gguf_names(None, "embed"), get(hf_names(None, "embed")))
+    w.add_tensor(gguf_names(None, "final_norm"), get(hf_names(None, "final_norm")))
+    if not cfg.tie_word_embeddings:
+        w.add_tensor(gguf_names(None, "lm_head"), get(hf_names(None, "lm_head")))
+    for i in tqdm(range(cfg.num_layers), desc="writing GGUF", unit="layer", leave=False):
+        for part in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
+            a = get(hf_names(i, part))
+            if part in ("q", "k"):
+                a = _permute(a, cfg.num_heads if part == "q" else cfg.num_kv_heads)
+            w.add_tensor(gguf_names(i, part), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    logging.info("wrote %s (%d layers, float32)", dst, cfg.num_layers)
+    return dst
+
