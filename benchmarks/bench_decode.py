@@ -222,7 +222,6 @@ def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, An
         ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen)
         prefill = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)
         out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
-    llm.close()  # now, not in __del__ at interpreter exit, where llama-cpp-python's teardown fails
     return out
 
 
