@@ -103,23 +103,38 @@ def test_a_failing_compiler_falls_back_to_xla(tmp_path):
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("t", [1, 7])
 def test_paged_attention_matches_the_xla_path(t, window):
+    _check_paged_attention(t, window, head_dim=8, page_size=4, width=6)
+
+
+# Deeper rows: several 32-key blocks with ragged tails, and head dims of one and of 1.5 64-float output tiles.
+@pytest.mark.parametrize("head_dim", [64, 96])
+@pytest.mark.parametrize("window", [None, 40])
+def test_paged_attention_over_long_contexts(head_dim, window):
+    _check_paged_attention(1, window, head_dim=head_dim, page_size=16, width=7, scale=4.0)
+
+
+def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0):
     from novallm_jax.kv_cache import PagedKVCache
 
-    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=48, intermediate_size=8,
-                      num_layers=1, num_heads=6, num_kv_heads=2, head_dim=8, sliding_window=window)
-    rng = np.random.default_rng(t)
-    b, ps, width = 3, 4, 6
+    hd = head_dim
+    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=6 * hd,
+                      intermediate_size=8, num_layers=1, num_heads=6, num_kv_heads=2, head_dim=hd,
+                      sliding_window=window)
+    rng = np.random.default_rng(t + hd)
+    b, ps = 3, page_size
     cache = PagedKVCache.create(cfg, 1 + b * width, ps)
     cache = cache.replace(k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32)),),
                           v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32)),))
     table = jnp.asarray(1 + np.arange(b * width).reshape(b, width)[:, rng.permutation(width)], jnp.int32)
     # Row 0 decodes deep into its pages, row 1 prefills a chunk from its start, row 2 is padding but one query.
-    starts = [23 - t + 1, 0, 9]
+    depth = ps * width
+    starts = [depth - t, 0, depth // 2 - 3]
     positions = np.stack([np.arange(s, s + t) for s in starts]).astype(np.int32)
     positions[2, 1:] = -1
-    k_new = jnp.asarray(rng.standard_normal((b, t, 2, 8), np.float32))
-    v_new = jnp.asarray(rng.standard_normal((b, t, 2, 8), np.float32))
-    q = jnp.asarray(rng.standard_normal((b, t, 6, 8), np.float32))
+    k_new = jnp.asarray(rng.standard_normal((b, t, 2, hd), np.float32))
+    v_new = jnp.asarray(rng.standard_normal((b, t, 2, hd), np.float32))
+    # `scale` spreads the scores, so that the softmax weights span many orders of magnitude.
+    q = jnp.asarray(scale * rng.standard_normal((b, t, 6, hd), np.float32))
     pos = jnp.asarray(positions)
     _, keys, values = cache.update(0, k_new, v_new, pos, table)
     want = np.asarray(model.attention(q, keys, values, pos, cfg))

@@ -26,12 +26,17 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int64_t kPanel = 16;
+constexpr int64_t kMaxHeads = 256;  // query heads per attention call
 
 inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
@@ -134,13 +139,143 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-inline float Dot(const float* a, const float* b, int64_t n) {
-  v8 acc = Splat(0.f);
-  for (int64_t i = 0; i < n; i += 8) acc += Load(a + i) * Load(b + i);
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += acc[i];
-  return s;
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// exp of 8 floats (Cephes' expf polynomial, ~1 ulp): the scalar std::exp per score was most of the attention time.
+inline v8 Exp(v8 x) {
+  x = x < Splat(-87.3f) ? Splat(-87.3f) : x;
+  x = x > Splat(88.3f) ? Splat(88.3f) : x;
+  const v8 fx = x * Splat(1.44269504088896341f) + Splat(0.5f);
+  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero;
+  n += __builtin_convertvector(n, v8) > fx;  // a true compare is -1: floor
+  const v8 t = __builtin_convertvector(n, v8);
+  const v8 r = x - t * Splat(0.693359375f) + t * Splat(2.12194440e-4f);
+  v8 y = Splat(1.9875691500e-4f);
+  y = y * r + Splat(1.3981999507e-3f);
+  y = y * r + Splat(8.3334519073e-3f);
+  y = y * r + Splat(4.1665795894e-2f);
+  y = y * r + Splat(1.6666665459e-1f);
+  y = y * r + Splat(5.0000001201e-1f);
+  y = y * r * r + r + Splat(1.f);
+  const v8i bits = (n + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
 }
+
+// The 8 dot products of q [hd] with keys k[0..7] [hd]: eight independent accumulators, then one horizontal
+// reduction for all eight (a per-key reduction cost more than the products).
+inline v8 Dot8(const float* q, const float* const* k, int64_t hd) {
+  v8 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = Splat(0.f);
+  for (int64_t i = 0; i < hd; i += 8) {
+    const v8 qv = Load(q + i);
+    for (int j = 0; j < 8; ++j) a[j] += qv * Load(k[j] + i);
+  }
+#if defined(__AVX__)
+  const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)a[4], (__m256)a[5]), t3 = _mm256_hadd_ps((__m256)a[6], (__m256)a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return (v8)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  v8 out;
+  for (int j = 0; j < 8; ++j) {
+    float s = 0.f;
+    for (int i = 0; i < 8; ++i) s += a[j][i];
+    out[j] = s;
+  }
+  return out;
+#endif
+}
+
+// One query row (b, t) against its keys, for kv heads [h0, h1): the key blocks are the outer loop, so the heads of
+// one page slot, which lie side by side, are read together.
+struct Attention {
+  const float *q, *k, *v;
+  const int32_t *page_table, *pos;
+  float* out;
+  int64_t T, KV, G, hd, ps, W, P, window;
+  float scale;
+
+  void Row(int64_t bt, int64_t h0, int64_t h1) const {
+    const int64_t b = bt / T, heads = (h1 - h0) * G;
+    const float* qs = q + (bt * KV + h0) * G * hd;  // q and out are [B, T, KV, G, hd]
+    float* o = out + (bt * KV + h0) * G * hd;
+    std::fill(o, o + heads * hd, 0.f);
+    const int64_t p = std::min<int64_t>(pos[bt], W * ps - 1);
+    if (p < 0) return;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    // Keys go in blocks: one max and one rescale of the accumulators per block and query head, not per key.
+    constexpr int64_t kBlock = 32;
+    float m[kMaxHeads], l[kMaxHeads];
+    int64_t slots[kBlock];
+    const float* keys[kBlock];
+    const float* vals[kBlock];
+    for (int64_t i = 0; i < heads; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
+    for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, p - j0 + 1), n8 = (n + 7) / 8 * 8;
+      for (int64_t jj = 0; jj < n8; ++jj) {
+        const int64_t j = j0 + std::min(jj, n - 1);  // past n: a repeat of the last key, its score masked below
+        int32_t page = page_table[b * W + j / ps];
+        if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
+        slots[jj] = (page * ps + j % ps) * KV;  // pages are [P, ps, KV, hd]
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t jj = 0; jj < n8; ++jj) {
+          keys[jj] = k + (slots[jj] + h) * hd;
+          vals[jj] = v + (slots[jj] + h) * hd;
+        }
+        for (int64_t gi = (h - h0) * G; gi < (h - h0 + 1) * G; ++gi) Head(qs + gi * hd, keys, vals, n, n8,
+                                                                          m[gi], l[gi], o + gi * hd);
+      }
+    }
+    for (int64_t i = 0; i < heads; ++i) {
+      const v8 inv = Splat(1.f / l[i]);
+      for (int64_t d = 0; d < hd; d += 8) Store(o + i * hd + d, Load(o + i * hd + d) * inv);
+    }
+  }
+
+  // One query head over one block of n keys: scores, the online-softmax update, and the weighted values.
+  void Head(const float* qg, const float* const* keys, const float* const* vals, int64_t n, int64_t n8, float& m,
+            float& l, float* og) const {
+    alignas(32) float s[32];
+    for (int64_t jj = 0; jj < n8; jj += 8) Store(s + jj, Dot8(qg, keys + jj, hd) * Splat(scale));
+    float block_max = -INFINITY;
+    for (int64_t jj = 0; jj < n; ++jj) block_max = std::max(block_max, s[jj]);
+    const float m_new = std::max(m, block_max), correction = std::exp(m - m_new);
+    m = m_new;
+    for (int64_t jj = 0; jj < n8; jj += 8) Store(s + jj, Exp(Load(s + jj) - Splat(m_new)));
+    float sum = 0.f;
+    for (int64_t jj = 0; jj < n; ++jj) sum += s[jj];
+    l = l * correction + sum;
+    // The output row stays in registers, 64 floats at a time, while the block's values stream past.
+    int64_t i0 = 0;
+    for (; i0 + 64 <= hd; i0 += 64) Accumulate<8>(s, vals, n, i0, correction, og);
+    switch ((hd - i0) / 8) {
+      case 7: Accumulate<7>(s, vals, n, i0, correction, og); break;
+      case 6: Accumulate<6>(s, vals, n, i0, correction, og); break;
+      case 5: Accumulate<5>(s, vals, n, i0, correction, og); break;
+      case 4: Accumulate<4>(s, vals, n, i0, correction, og); break;
+      case 3: Accumulate<3>(s, vals, n, i0, correction, og); break;
+      case 2: Accumulate<2>(s, vals, n, i0, correction, og); break;
+      case 1: Accumulate<1>(s, vals, n, i0, correction, og); break;
+    }
+  }
+
+  // og[i0 : i0 + 8C] = og * correction + sum_j p[j] * vals[j][i0 : i0 + 8C]; C is fixed so acc stays in registers.
+  template <int C>
+  static void Accumulate(const float* p, const float* const* vals, int64_t n, int64_t i0, float correction,
+                         float* og) {
+    v8 acc[C];
+    for (int k = 0; k < C; ++k) acc[k] = Load(og + i0 + 8 * k) * Splat(correction);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const v8 pj = Splat(p[jj]);
+      const float* vr = vals[jj] + i0;
+      for (int k = 0; k < C; ++k) acc[k] += pj * Load(vr + 8 * k);
+    }
+    for (int k = 0; k < C; ++k) Store(og + i0 + 8 * k, acc[k]);
+  }
+};
 
 // q [B, T, KV, G, hd]; pages [P, ps, KV, hd]; page_table [B, W]; positions [B, T] (< 0: padding, output 0).
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
@@ -152,65 +287,19 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
       td[0] != qd[0]) {
     return ffi::Error::InvalidArgument("paged_attention: shapes disagree (head_dim must be a multiple of 8)");
   }
-  const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4], ps = kd[1], W = td[1], P = kd[0];
-  if (G > 64) return ffi::Error::InvalidArgument("paged_attention: at most 64 query heads per kv head");
-  const float* qp = q.typed_data();
-  const float* kp = k_pages.typed_data();
-  const float* vp = v_pages.typed_data();
-  const int32_t* pt = page_table.typed_data();
-  const int32_t* pos = positions.typed_data();
-  float* op = out->typed_data();
+  const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4];
+  if (KV * G > kMaxHeads) return ffi::Error::InvalidArgument("paged_attention: at most 256 query heads");
+  const Attention a{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), page_table.typed_data(),
+                    positions.typed_data(), out->typed_data(), T, KV, G, hd, kd[1], td[1], kd[0], window, scale};
   int64_t keys = 0;  // keys read over all queries, for the inline-or-parallel choice
   for (int64_t i = 0; i < B * T; ++i) {
-    if (pos[i] >= 0) keys += window > 0 ? std::min<int64_t>(pos[i] + 1, window) : pos[i] + 1;
+    if (a.pos[i] >= 0) keys += window > 0 ? std::min<int64_t>(a.pos[i] + 1, window) : a.pos[i] + 1;
   }
-  ParallelFor(pool, B * T * KV, keys * KV * hd * 8, [=](int64_t item) {
-    const int64_t h = item % KV, bt = item / KV, b = bt / T;
-    const float* qs = qp + item * G * hd;
-    float* o = op + item * G * hd;
-    std::fill(o, o + G * hd, 0.f);
-    const int64_t p = std::min<int64_t>(pos[bt], W * ps - 1);
-    if (p < 0) return;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    // Keys go in blocks: one max and one rescale of the accumulators per block and query head, not per key.
-    constexpr int64_t kBlock = 32;
-    float m[64], l[64], s[64][kBlock];
-    const float* keys[kBlock];
-    const float* vals[kBlock];
-    for (int64_t g = 0; g < G; ++g) { m[g] = -INFINITY; l[g] = 0.f; }
-    for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
-      const int64_t n = std::min(kBlock, p - j0 + 1);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t j = j0 + jj;
-        int32_t page = pt[b * W + j / ps];
-        if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
-        const int64_t slot = (page * ps + j % ps) * KV + h;  // pages are [P, ps, KV, hd]
-        keys[jj] = kp + slot * hd;
-        vals[jj] = vp + slot * hd;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float block_max = -INFINITY;
-        for (int64_t jj = 0; jj < n; ++jj) {
-          s[g][jj] = Dot(qs + g * hd, keys[jj], hd) * scale;
-          block_max = std::max(block_max, s[g][jj]);
-        }
-        const float m_new = std::max(m[g], block_max), correction = std::exp(m[g] - m_new);
-        m[g] = m_new;
-        float sum = 0.f;
-        for (int64_t jj = 0; jj < n; ++jj) sum += s[g][jj] = std::exp(s[g][jj] - m_new);
-        l[g] = l[g] * correction + sum;
-        float* og = o + g * hd;
-        for (int64_t i = 0; i < hd; i += 8) {
-          v8 acc = Load(og + i) * Splat(correction);
-          for (int64_t jj = 0; jj < n; ++jj) acc += Splat(s[g][jj]) * Load(vals[jj] + i);
-          Store(og + i, acc);
-        }
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      const v8 inv = Splat(1.f / l[g]);
-      for (int64_t i = 0; i < hd; i += 8) Store(o + g * hd + i, Load(o + g * hd + i) * inv);
-    }
+  // Rows are the work items when there are enough of them for the threads; fewer rows split by kv head.
+  const int64_t split = B * T >= 4 ? 1 : KV, per = KV / split;
+  ParallelFor(pool, B * T * split, keys * KV * hd * 8, [a, split, per](int64_t item) {
+    const int64_t h0 = item % split * per;
+    a.Row(item / split, h0, h0 + per);
   });
   return ffi::Error::Success();
 }

@@ -128,7 +128,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
 
 
 def supports_attention(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    return head_dim % 8 == 0 and num_heads // num_kv_heads <= 64
+    return head_dim % 8 == 0 and num_heads <= 256
 
 
 @flax.struct.dataclass
