@@ -120,8 +120,8 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-    # The native kernel for decode only: with many queries per row, XLA's batched dots amortise the page gather.
-    if isinstance(cache, PagedKVCache) and cache.native_attention and t == 1:
+    # The native kernel reads keys in place and only the causal ones; XLA's path gathers every row's pages first.
+    if isinstance(cache, PagedKVCache) and cache.native_attention:
         cache, k_pages, v_pages = cache.write(layer, k, v, positions, page_table)
         attn = native.paged_attention(q, k_pages, v_pages, page_table, positions, cfg.sliding_window)
     else:

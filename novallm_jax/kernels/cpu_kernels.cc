@@ -10,8 +10,9 @@
 //
 // Why the attention: as XLA ops, paged attention gathers every row's pages (padded to the page-table bucket) into a
 // new array and runs batched matrix-vector dots on it; at a few hundred tokens of context that cost more than all
-// the weight matmuls of a decode step. Here each (row, query, kv head) streams only its own keys, once, with an
-// online softmax, and the G query heads that share a kv head share every key and value load.
+// the weight matmuls of a decode step, and a prefill chunk scores every key of the table, causal or not. Here each
+// query streams only its own keys, in place, with an online softmax, and the G query heads that share a kv head
+// share every key and value load.
 //
 // Compiled on the user's machine with -march=native (see native.py), so GCC vector extensions become AVX2/AVX-512
 // or NEON as the CPU allows. Panels are split across XLA's intra-op thread pool.
