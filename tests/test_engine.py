@@ -213,3 +213,22 @@ def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(engine):
     assert engine._pick_prefill([long3, short, oldest_long, long2]) == [oldest_long]
     assert engine._pick_prefill([short, long2]) == [short]
     assert engine._pick_prefill([]) == []
+
+
+def test_sampler_rows_gather_keeps_bucketed_shapes():
+    """The sampler's input rows come from padded logits groups; the compiled gather depends only on their buckets."""
+    import jax.numpy as jnp
+
+    from novallm_jax.engine.engine import _gather_rows
+
+    prefill = jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3)  # a 4-row bucket
+    decode = 100 + jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)  # an 8-row bucket
+    end = 4 + 8
+    got = _gather_rows((prefill, decode), np.array([1, 4 + 0, 4 + 5, end, end, end, end, end], np.int32))
+    want = np.zeros((8, 3), np.float32)
+    want[0], want[1], want[2] = prefill[1], decode[0], decode[5]
+    np.testing.assert_array_equal(np.asarray(got), want)
+    before = _gather_rows._cache_size()
+    for real in range(1, 8):  # any number of real rows, same shapes: no new compile
+        _gather_rows((prefill, decode), np.array(list(range(real)) + [end] * (8 - real), np.int32))
+    assert _gather_rows._cache_size() == before

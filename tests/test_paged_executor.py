@@ -105,6 +105,23 @@ def test_decode_donates_the_cache_in_place(model):
     assert [a.unsafe_buffer_pointer() for a in cache.k + cache.v] == before
 
 
+def test_padded_logits_keep_the_bucket_rows(model):
+    cfg, params = model
+    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
+                                              decode_batch_buckets=(4,), prefill_batch_buckets=(2,),
+                                              prefill_len_buckets=(16,)))
+    cache = ex.new_cache()
+    chunk = [PrefillChunk([5, 6, 7], 0, [1])]
+    exact, cache = ex.prefill(cache, chunk)
+    padded, cache = ex.prefill(cache, chunk, padded=True)
+    assert exact.shape[0] == 1 and padded.shape[0] == 2
+    np.testing.assert_array_equal(np.asarray(padded[:1]), np.asarray(exact))
+    exact, cache = ex.decode(cache, [8, 9, 10], [3, 3, 3], [[1], [2], [3]])
+    padded, cache = ex.decode(cache, [8, 9, 10], [3, 3, 3], [[1], [2], [3]], padded=True)
+    assert exact.shape[0] == 3 and padded.shape[0] == 4
+    np.testing.assert_array_equal(np.asarray(padded[:3]), np.asarray(exact))
+
+
 def test_100_requests_compile_nothing_beyond_warmup():
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(0))

@@ -52,12 +52,14 @@ class EngineConfig:
             raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _gather_rows(logits: tuple[jax.Array, ...], rows: tuple[jax.Array, ...], size: int) -> jax.Array:
-    """Rows `rows[g]` of each `logits[g]`, concatenated in that order, as f32[size, V] (zero rows pad the end)."""
-    x = jnp.concatenate([group[r].astype(jnp.float32) for group, r in zip(logits, rows)])
-    return jnp.pad(x, ((0, size - x.shape[0]), (0, 0)))
+@jax.jit
+def _gather_rows(logits: tuple[jax.Array, ...], index: jax.Array) -> jax.Array:
+    """f32[len(index), V]: row `index[i]` of the groups' logits stacked in order; an index past the end gives zeros.
 
+    The groups come padded to their buckets and `index` to a sampler bucket, so the shapes (and compiles) are few.
+    """
+    x = jnp.concatenate([group.astype(jnp.float32) for group in logits])
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
 class LLMEngine:
@@ -322,7 +324,8 @@ class LLMEngine:
             reqs.append(req)
         planned = [(c, r) for c, r in zip(chunks, reqs) if r.status is Status.RUNNING]
         if planned:
-            logits, self.pool.storage = self.executor.prefill(self.pool.storage, [c for c, _ in planned])
+            logits, self.pool.storage = self.executor.prefill(self.pool.storage, [c for c, _ in planned],
+                                                              padded=True)
             for i, (c, req) in enumerate(planned):
                 req.num_computed += len(c.tokens)
                 req.metrics.prefilled_tokens += len(c.tokens)
@@ -336,7 +339,7 @@ class LLMEngine:
         if decode:
             logits, self.pool.storage = self.executor.decode(
                 self.pool.storage, [r.tokens[-1] for r in decode], [len(r.tokens) - 1 for r in decode],
-                [r.pages for r in decode])
+                [r.pages for r in decode], padded=True)
             for i, req in enumerate(decode):
                 if req.num_computed < len(req.prompt):  # a prompt's last token, left over by the chunking: a prefill
                     req.metrics.prefilled_tokens += 1
@@ -395,11 +398,15 @@ class LLMEngine:
         size = bucket(len(ordered), self.sampler_buckets)
         if len(groups) == 1:
             logits, rows, _ = next(iter(groups.values()))
-            if logits.shape[0] == size and rows == list(range(size)) and logits.dtype == jnp.float32:
-                return logits, ordered  # a full decode bucket (batch 1 included): no copy
-        x = _gather_rows(tuple(g[0] for g in groups.values()),
-                           tuple(np.asarray(g[1], np.int32) for g in groups.values()), size)
-        return x, ordered
+            if logits.shape[0] == size and rows == list(range(len(rows))) and logits.dtype == jnp.float32:
+                return logits, ordered  # the rows are in place; the rest are padding rows, not sampled: no copy
+        index = np.full(size, sum(g[0].shape[0] for g in groups.values()), np.int32)  # past the end: zero rows
+        offset, at = 0, 0
+        for logits, rows, _ in groups.values():
+            index[at:at + len(rows)] = np.asarray(rows) + offset
+            offset += logits.shape[0]
+            at += len(rows)
+        return _gather_rows(tuple(g[0] for g in groups.values()), index), ordered
 
     def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
         # Only the rows computed this step are sampled (padded to a bucket), so a step costs O(running rows), not

@@ -121,8 +121,13 @@ class Executor:
         with self._lock:
             return self._step(self.params, tokens, positions, cache, page_table, logits_index)
 
-    def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk]) -> tuple[jax.Array, PagedKVCache]:
-        """Writes each chunk's K/V and returns the logits at each chunk's last token ([len(chunks), V])."""
+    def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk],
+                padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
+        """Writes each chunk's K/V and returns the logits at each chunk's last token ([len(chunks), V]).
+
+        `padded=True` returns every row of the bucket (those past len(chunks) are padding): no slice to dispatch, and
+        a shape that depends only on the bucket.
+        """
         e = self.exec_cfg
         if not chunks:
             raise ValueError("prefill needs at least one chunk")
@@ -148,11 +153,12 @@ class Executor:
             table[i, :needed] = c.pages[:needed]
             last[i] = n - 1
         logits, cache = self._run(cache, tokens, positions, table, last)
-        return _rows(logits, len(chunks)), cache
+        return (logits if padded else _rows(logits, len(chunks))), cache
 
     def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
-               page_tables: Sequence[Sequence[int]]) -> tuple[jax.Array, PagedKVCache]:
-        """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V]."""
+               page_tables: Sequence[Sequence[int]], padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
+        """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V] (every row
+        of the bucket with `padded=True`, as in `prefill`)."""
         e = self.exec_cfg
         n = len(tokens)
         rows = bucket(n, e.decode_batch_buckets)
@@ -167,7 +173,7 @@ class Executor:
             needed = positions[i] // e.page_size + 1
             table[i, :needed] = pages[:needed]
         logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32))
-        return _rows(logits, n), cache
+        return (logits if padded else _rows(logits, n)), cache
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, page-table width) the executor can run: the warm-up set."""
