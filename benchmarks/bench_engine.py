@@ -66,7 +66,8 @@ flags.DEFINE_list("decode_buckets", ["1", "4", "16", "32"], "Decode batch bucket
 flags.DEFINE_list("prefill_len_buckets", ["64", "128", "256"], "Prefill chunk-length buckets (the largest is the chunk).")
 flags.DEFINE_list("prefill_batch_buckets", ["1", "2", "4"], "Prefill row buckets.")
 flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
-                    "decodes faster at batch 1 (on a loaded machine extra threads can be many times slower).")
+                    "runs a piece of the static-batch baseline faster (on a loaded machine extra threads can be many "
+                    "times slower).")
 flags.DEFINE_string("compile_cache_dir", os.path.join(tempfile.gettempdir(), "novallm_bench_engine_xla"),
                     "JAX persistent compilation cache (a rerun skips compiles); empty: off.")
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
@@ -440,10 +441,11 @@ def run_transformers(model, jobs: list[Job], batch: int) -> dict[str, Any]:
             "ttft_s": percentiles(ttft), "latency_s": percentiles(latency), "_outputs": outputs}
 
 
-def pick_torch_threads(model, setting: str, steps: int = 3) -> dict[str, Any]:
-    """Sets torch's threads: `setting` if a number, else the faster of 1 and the core count at batch-1 decode.
+def pick_torch_threads(model, setting: str, batch: int, steps: int = 3) -> dict[str, Any]:
+    """Sets torch's threads: `setting` if a number, else the faster of 1 and the core count on a piece of the
+    baseline's own work: one static batch of `batch` rows prefilling 32 tokens, then 4 decode steps.
 
-    The same probe as bench_decode.py's (not imported from there: its module defines clashing absl flags).
+    (A batch-1 decode probe, as in bench_decode.py, could pick 1 thread for this batched workload on a noisy run.)
     """
     import torch
 
@@ -454,13 +456,15 @@ def pick_torch_threads(model, setting: str, steps: int = 3) -> dict[str, Any]:
     with torch.inference_mode():
         for n in sorted({1, common.cpu_count()}):
             torch.set_num_threads(n)
-            res = model(input_ids=torch.zeros((1, 8), dtype=torch.long), use_cache=True, logits_to_keep=1)
-            past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
 
-            def step():
-                model(input_ids=nxt, past_key_values=past, use_cache=True).logits[:, -1].argmax(-1)
+            def piece():
+                res = model(input_ids=torch.zeros((batch, 32), dtype=torch.long), use_cache=True, logits_to_keep=1)
+                past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(4):
+                    res = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                    past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
 
-            probe[n] = 1e3 * common.time_repeats(step, steps, warmup=1).best
+            probe[n] = 1e3 * common.time_repeats(piece, steps, warmup=1).best
     chosen = min(probe, key=probe.get)
     torch.set_num_threads(chosen)
     return {"chosen": chosen, "probe_step_ms": {str(k): v for k, v in probe.items()}}
@@ -598,7 +602,7 @@ def main(argv):
     phase("engine")
 
     if m["hf"] is not None:
-        threads = pick_torch_threads(m["hf"], FLAGS.torch_threads)
+        threads = pick_torch_threads(m["hf"], FLAGS.torch_threads, s["hf_batch"])
         hf = run_transformers(m["hf"], jobs, s["hf_batch"])
         hf["torch_threads"] = threads
         results["agreement"] = agreement(ours_out, hf.pop("_outputs"))
