@@ -197,7 +197,7 @@ class Executor:
 
 
 def _rows(logits: jax.Array, n: int) -> jax.Array:
-    """The first n rows; a no-op slice still costs a dispatch (~1 ms of host time on a 2-core machine)."""
+    """The first n rows (a no-op slice would still cost a dispatch)."""
     return logits if logits.shape[0] == n else logits[:n]
 
 

@@ -147,7 +147,7 @@ inline v8 Exp(v8 x) {
   x = x < Splat(-87.3f) ? Splat(-87.3f) : x;
   x = x > Splat(88.3f) ? Splat(88.3f) : x;
   const v8 fx = x * Splat(1.44269504088896341f) + Splat(0.5f);
-  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero;
+  v8i n = __builtin_convertvector(fx, v8i);  // truncates toward zero,
   n += __builtin_convertvector(n, v8) > fx;  // a true compare is -1: floor
   const v8 t = __builtin_convertvector(n, v8);
   const v8 r = x - t * Splat(0.693359375f) + t * Splat(2.12194440e-4f);
