@@ -225,7 +225,8 @@ def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm, monkeypatch)
                         seen.append(line)
                     if len(seen) == 3:
                         break
-                assert llm.engine.stats()["running"] >= 1, seen
+                stats = llm.engine.stats()  # on failure: what the stream sent, and the engine's counters
+                assert stats["running"] >= 1, (seen, stats)
                 started.wait()  # the other streams are mid-flight too
         # Leaving the blocks closes the connection: the server must cancel the request.
         deadline = time.monotonic() + 10
