@@ -232,3 +232,32 @@ def test_sampler_rows_gather_keeps_bucketed_shapes():
     for real in range(1, 8):  # any number of real rows, same shapes: no new compile
         _gather_rows((prefill, decode), np.array(list(range(real)) + [end] * (8 - real), np.int32))
     assert _gather_rows._cache_size() == before
+
+
+def test_engine_lock_counts_waiting_threads():
+    """The engine loop steps aside between steps while other threads wait for its lock (it is re-entrant)."""
+    import threading
+    import time
+
+    from novallm_jax.engine.engine import _CountingRLock
+
+    lock = _CountingRLock()
+    got = threading.Event()
+
+    def other():
+        with lock:
+            got.set()
+
+    with lock, lock:  # re-entrant
+        t = threading.Thread(target=other)
+        t.start()
+        deadline = time.monotonic() + 5
+        while lock.waiting != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert not got.is_set()
+    t.join(5)
+    assert got.is_set() and lock.waiting == 0
+    cond = threading.Condition(lock)  # what the engine's idle wait uses
+    with cond:
+        assert not cond.wait(timeout=0.01)

@@ -62,6 +62,47 @@ def _gather_rows(logits: tuple[jax.Array, ...], index: jax.Array) -> jax.Array:
     return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
+class _CountingRLock:
+    """A re-entrant lock that counts the threads blocked on it, so that the engine loop can let them in between steps."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        with self._count:
+            self.waiting += 1
+        try:
+            return self._lock.acquire(True, timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # What `threading.Condition` uses to release a re-entrant lock fully in `wait()` and take it back after.
+    def _release_save(self):
+        return self._lock._release_save()
+
+    def _acquire_restore(self, state) -> None:
+        self._lock._acquire_restore(state)
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
+
 class LLMEngine:
     """Continuous batching over one model. Thread-safe: `add_request`/`abort` from any thread; `step` or `start`."""
 
@@ -84,7 +125,7 @@ class LLMEngine:
         self.swapped: collections.deque[Request] = collections.deque()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self._lock = threading.RLock()
+        self._lock = _CountingRLock()
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -204,6 +245,11 @@ class LLMEngine:
                 except Exception:  # the engine must keep serving: fail what was running, keep the loop alive
                     logging.exception("engine step failed; failing the running requests")
                     self._fail_running("internal error during a model step")
+            # The lock is not fair: re-taken at once, it kept add_request/abort/stats callers waiting for up to ~30
+            # steps (measured). Step aside until the threads already waiting have had it (10 ms at most).
+            deadline = time.monotonic() + 0.01
+            while self._lock.waiting and time.monotonic() < deadline:
+                time.sleep(0.0001)
 
     def close(self) -> None:
         """Stops the loop thread and cancels everything pending; safe to call twice."""
