@@ -107,7 +107,7 @@ def test_paged_attention_matches_the_xla_path(t, window):
 
 
 # Deeper rows: several 32-key blocks with ragged tails, and head dims of one and of 1.5 64-float output tiles;
-# t = 13: a prefill chunk whose query tiles (4 queries share key loads) end in a partial one.
+# t = 13: a prefill chunk at that depth.
 @pytest.mark.parametrize("t", [1, 13])
 @pytest.mark.parametrize("head_dim", [64, 96])
 @pytest.mark.parametrize("window", [None, 40])
