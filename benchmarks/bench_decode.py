@@ -1,9 +1,10 @@
 """Decode and prefill throughput of our Executor against transformers (and llama.cpp where installed), same weights.
 
 Measures, in one run: the machine's memory bandwidth; for each model, our decode tokens/s at several batch sizes and
-prefill tokens/s, the same with transformers (torch CPU, float32) on the same weights, and llama.cpp on the same
-GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per token).
-Prints a table and writes JSON.
+prefill tokens/s, the same with transformers (torch, same device and dtype) on the same weights, and llama.cpp on the
+same GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per token).
+Prints a table and writes JSON. On a GPU, the weights are the platform's default dtype (bfloat16) unless `--dtype`
+says otherwise, transformers runs on CUDA, and the roofline is the GPU's memory bandwidth.
 
     python benchmarks/bench_decode.py                       # SmolLM2-135M (GGUF) and a random 1024-wide Llama
     python benchmarks/bench_decode.py --quick               # a short smoke run
@@ -44,6 +45,8 @@ flags.DEFINE_integer("num_pages", 0, "KV pool size of our executor; 0: just what
 flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
                     "decodes faster at batch 1 (on a loaded machine, extra threads can be many times slower).")
 flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array for the bandwidth measurement, GiB.")
+flags.DEFINE_string("dtype", "auto", "Weight and activation dtype of every engine: auto (float32 on CPU, bfloat16 on "
+                    "GPU), float32, bfloat16, float16.")
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
 flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots instead of the native CPU kernel "
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
@@ -59,27 +62,45 @@ flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__fil
 def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
     """Loads one model spec for every engine: our (cfg, params), the HF model (or None), the GGUF file or HF
     directory it came from."""
-    import jax.numpy as jnp
-
+    from novallm_jax.device import resolve_dtype
     from novallm_jax.loading import default_model_path, load_model
+
+    dtype = resolve_dtype(FLAGS.dtype)
 
     gguf_path = hf_dir = None
     if spec == "smollm2" or spec.endswith(".gguf"):
         gguf_path = default_model_path() if spec == "smollm2" else spec
-        cfg, params = load_model(gguf_path, jnp.float32)
+        cfg, params = load_model(gguf_path, dtype)
         hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
     elif spec.startswith("random:"):
         hf = _hf_random(spec.split(":", 1)[1], seed)
         hf_dir = os.path.join(workdir, "random_model")
         hf.save_pretrained(hf_dir)
-        cfg, params = load_model(hf_dir, jnp.float32)
+        cfg, params = load_model(hf_dir, dtype)
         if not FLAGS.transformers:
             hf = None
     else:
         hf_dir = spec
-        cfg, params = load_model(spec, jnp.float32)
+        cfg, params = load_model(spec, dtype)
         hf = _hf_from_dir(spec) if FLAGS.transformers else None
+    if hf is not None:
+        hf = hf.to(torch_device(), _torch_dtype(dtype))
     return {"name": spec, "cfg": cfg, "params": params, "hf": hf, "gguf": gguf_path, "hf_dir": hf_dir}
+
+
+def torch_device() -> str:
+    """transformers runs where we run: CUDA when JAX's backend is a GPU (and torch sees one), else the CPU."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_dtype(dtype):
+    import numpy as np
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[np.dtype(dtype).name]
 
 
 def _hf_from_gguf(path: str):
@@ -191,14 +212,16 @@ def _rate(t: common.Timing, tokens: int, steps: int) -> dict[str, float]:
 # --- transformers -----------------------------------------------------------------------------------------------------
 
 def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, Any]:
-    """The same measurements with a manual greedy loop over `past_key_values` (torch CPU, float32)."""
+    """The same measurements with a manual greedy loop over `past_key_values` (on the model's device and dtype)."""
     import torch
 
+    dev = model.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(s["seed"])
     out: dict[str, Any] = {"decode": {}}
     with torch.inference_mode():
         for b in batches:
-            ids = torch.randint(0, vocab, (b, s["context"]), generator=gen)
+            ids = torch.randint(0, vocab, (b, s["context"]), generator=gen).to(dev)
             res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             state = {"past": res.past_key_values, "next": res.logits[:, -1].argmax(-1, keepdim=True)}
 
@@ -206,6 +229,7 @@ def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, An
                 for _ in range(n):
                     r = model(input_ids=state["next"], past_key_values=state["past"], use_cache=True)
                     state["past"], state["next"] = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
 
             run(s["warmup_steps"])
             keep = s["context"] + s["warmup_steps"]
@@ -219,8 +243,11 @@ def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, An
             out["decode"][str(b)] = _rate(common.time_repeats(timed, s["repeats"], warmup=0), b * s["steps"],
                                           s["steps"])
             del state
-        ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen)
-        prefill = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen).to(dev)
+
+        def prefill():
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            sync()
         out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
     return out
 
@@ -230,6 +257,8 @@ def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[
     import torch
 
     cores = common.cpu_count()
+    if model.device.type != "cpu":
+        return {"chosen": None, "probe_step_ms": None, "device": str(model.device)}
     if setting != "auto":
         torch.set_num_threads(int(setting))
         return {"chosen": int(setting), "probe_step_ms": None}
@@ -385,6 +414,9 @@ def main(argv):
                                "models": []}
     results["machine"]["loadavg_before"] = results["machine"].pop("loadavg")
     results["machine"]["jax_backend"] = jax.default_backend()
+    results["machine"]["jax_devices"] = [str(d) for d in jax.devices()]
+    results["settings"]["dtype"] = FLAGS.dtype
+    results["settings"]["torch_device"] = torch_device()
     t_start, cpu_before = time.perf_counter(), common.cpu_times()
 
     bw = common.measure_bandwidth(s["bandwidth_gib"])
@@ -461,7 +493,8 @@ def main(argv):
               + f"; KV pool {e['ours']['num_pages']} pages")
         if "torch_threads" in e.get("transformers", {}):
             t = e["transformers"]["torch_threads"]
-            print(f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})")
+            print(f"  transformers on {t['device']}" if t.get("device") else
+                  f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})")
     columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline"]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:

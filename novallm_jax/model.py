@@ -68,9 +68,17 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     return params
 
 
+def _precision(dtype):
+    # float32 weights mean float32 arithmetic: XLA:GPU would otherwise run float32 dots as TF32 (~1e-3 relative
+    # error). XLA:CPU always computes float32 exactly, and half-precision dots keep their default.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def linear(x: jax.Array, w: jax.Array | native.PackedLinear) -> jax.Array:
     """x [..., K] @ w [K, N]; a `PackedLinear` (float32 on CPU, see kernels/native.py) runs the native kernel."""
-    return w.apply(x) if isinstance(w, native.PackedLinear) else x @ w
+    if isinstance(w, native.PackedLinear):
+        return w.apply(x)
+    return jnp.matmul(x, w, precision=_precision(w.dtype))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -94,7 +102,9 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
     b, t, h, hd = q.shape
     kv = cfg.num_kv_heads
     q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    precision = _precision(keys.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32,
+                        precision=precision) * (hd ** -0.5)
     key_pos = jnp.arange(keys.shape[1])
     qpos = positions[:, None, None, :, None]
     allowed = key_pos <= qpos
@@ -102,7 +112,7 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
         allowed &= key_pos > qpos - cfg.sliding_window
     scores = jnp.where(allowed, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values, precision=precision)
     return out.reshape(b, t, h * hd)
 
 
@@ -152,7 +162,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     if isinstance(head, native.PackedLinear):
         logits = linear(x, head)
     else:
-        logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+        logits = jnp.dot(x, head, preferred_element_type=jnp.float32, precision=_precision(head.dtype))
     return logits, cache
 
 

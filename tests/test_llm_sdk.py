@@ -28,7 +28,8 @@ def model_dir(tmp_path_factory, default_gguf):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    with LLM(model_dir, engine_config=EngineConfig(executor=EXEC)) as llm:
+    # float32 as the references are (on a GPU the platform default would be bfloat16).
+    with LLM(model_dir, dtype="float32", engine_config=EngineConfig(executor=EXEC)) as llm:
         yield llm
         assert llm.engine.check_leaks() == []
 

@@ -15,7 +15,10 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.kernels import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernel is not built")
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls"),
+    pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernel is not built"),
+]
 
 
 @pytest.mark.parametrize("k,n", [(1, 16), (7, 50), (64, 960), (577, 33)])
