@@ -2,9 +2,9 @@
 
 Measures, in one run: the machine's memory bandwidth; for each model, our decode tokens/s at several batch sizes and
 prefill tokens/s, the same with transformers (torch, same device and dtype) on the same weights, and llama.cpp on the
-same GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per token).
-Prints a table and writes JSON. On a GPU, the weights are the platform's default dtype (bfloat16) unless `--dtype`
-says otherwise, transformers runs on CUDA, and the roofline is the GPU's memory bandwidth.
+same GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per
+token). Prints a table and writes JSON. On a GPU, the weights are the platform's default dtype (bfloat16) unless
+`--dtype` says otherwise, transformers runs on CUDA, and the roofline is the GPU's memory bandwidth.
 
     python benchmarks/bench_decode.py                       # SmolLM2-135M (GGUF) and a random 1024-wide Llama
     python benchmarks/bench_decode.py --quick               # a short smoke run

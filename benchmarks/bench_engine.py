@@ -65,6 +65,10 @@ flags.DEFINE_list("decode_buckets", ["1", "4", "16", "32"], "Decode batch bucket
                   "is raised to --concurrency if smaller).")
 flags.DEFINE_list("prefill_len_buckets", ["64", "128", "256"], "Prefill chunk-length buckets (the largest is the chunk).")
 flags.DEFINE_list("prefill_batch_buckets", ["1", "2", "4"], "Prefill row buckets.")
+flags.DEFINE_list("token_buckets", [], "Token counts of a ragged step (the largest is a step's token budget); empty: "
+                  "the executor's default.")
+flags.DEFINE_bool("ragged", True, "Ragged steps (prompt chunks and decode rows in one batch) where the native "
+                  "attention runs; --noragged: separate prefill and decode steps.")
 flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
                     "runs a piece of the static-batch baseline faster (on a loaded machine extra threads can be many "
                     "times slower).")
@@ -173,8 +177,8 @@ def _hf_random(config: dict[str, Any], seed: int):
 class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
-    Wraps `engine.step`, `engine.executor.prefill/decode` (instance attributes) and the sampler functions the engine
-    module calls (`_gather_rows`, `sample_slots`, module globals); `restore()` puts them back.
+    Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler functions
+    the engine module calls (`_gather_rows`, `sample_slots`, module globals); `restore()` puts them back.
     The wrappers block on their outputs so that the time lands where the work is. Host = step - model - sampler.
     """
 
@@ -213,9 +217,18 @@ class StepProfiler:
             t = bucket(max(len(c.tokens) for c in chunks), ecfg.prefill_len_buckets)
             return f"prefill r{len(chunks)}->{rows} t{t}"
 
+        def ragged_shape(cur, cache, seqs) -> str:
+            n = sum(len(c.tokens) for c in seqs)
+            cur["decode_rows"] = sum(len(c.tokens) == 1 for c in seqs)
+            cur["prefill"] = cur["decode_rows"] < len(seqs)
+            end = max(c.start + len(c.tokens) for c in seqs)
+            return (f"ragged t{n}->{bucket(n, ecfg.token_buckets)} ({len(seqs)} seqs) "
+                    f"w{bucket(end, widths) // ecfg.page_size}")
+
         ex = engine.executor
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
+        self._patch(ex, "ragged_step", timed("model", ex.ragged_step, ragged_shape), instance=True)
         for name in ("_gather_rows", "sample_slots"):
             self._patch(engine_mod, name, timed("sampler", getattr(engine_mod, name)))
 
@@ -290,7 +303,8 @@ def build_engine(cfg, params, tokenizer, s: dict[str, Any]):
     ecfg = ExecutorConfig(page_size=ps, num_pages=num_pages, max_model_len=max_len,
                           decode_batch_buckets=decode_buckets, prefill_batch_buckets=tuple(s["prefill_batch_buckets"]),
                           prefill_len_buckets=tuple(b for b in s["prefill_len_buckets"] if b <= max_len) or (max_len,),
-                          page_table_buckets=tuple(sorted({max(1, width // 3), width})))
+                          page_table_buckets=tuple(sorted({max(1, width // 3), width})),
+                          token_buckets=tuple(s["token_buckets"]) or None, ragged_steps=None if s["ragged"] else False)
     return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=ecfg))
 
 
@@ -306,6 +320,8 @@ def warm_up(engine) -> dict[str, Any]:
     # is narrower than the chunk bucket, yet `prefill` picks the width from the prompt's end, not the bucket.
     shapes = [(b, 1, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)]
     shapes += list(itertools.product(e.prefill_batch_buckets, e.prefill_len_buckets, e.page_table_buckets))
+    if ex.ragged:  # one kind of step, whose shapes are (tokens, 1, width)
+        shapes = ex.step_shapes()
     t0 = time.perf_counter()
     with engine._lock:
         ex.step_shapes = lambda: shapes
@@ -541,7 +557,7 @@ def settings_from_flags() -> dict[str, Any]:
          "num_pages": FLAGS.num_pages, "decode_buckets": [int(b) for b in FLAGS.decode_buckets],
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
-         "profile": FLAGS.profile}
+         "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,
                  "max_output": 8, "hf_batch": 4, "concurrency": 4, "conc_prompt": 8, "conc_output": 6,
@@ -590,7 +606,8 @@ def main(argv):
                                 "decode_batch_buckets": e.decode_batch_buckets,
                                 "prefill_batch_buckets": e.prefill_batch_buckets,
                                 "prefill_len_buckets": e.prefill_len_buckets,
-                                "page_table_buckets": e.page_table_buckets, "max_prefill_rows": engine.max_prefill_rows}
+                                "page_table_buckets": e.page_table_buckets, "max_prefill_rows": engine.max_prefill_rows,
+                                "ragged_steps": engine.executor.ragged, "token_buckets": e.token_buckets}
     results["warmup"] = warm_up(engine)
     phase("warmup")
 

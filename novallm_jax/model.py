@@ -145,17 +145,21 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-            page_table: jax.Array | None = None, logits_index: jax.Array | None = None):
+            page_table: jax.Array | None = None, logits_index: jax.Array | None = None,
+            logits_rows: jax.Array | None = None):
     """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
 
-    Returns (logits, cache): logits [B, T, V], or [B, V] at `logits_index` [B] when given (the last real token of each
-    row, say), which skips the vocabulary projection of every other position.
+    Returns (logits, cache): logits [B, T, V]; or [B, V] at `logits_index` [B] when given (the last real token of each
+    row, say), which skips the vocabulary projection of every other position; or [R, V] for rows `logits_rows` [R] of
+    a batch of one token per row (T = 1), as in a ragged step whose rows are the tokens of several sequences.
     """
     inv_freq = rope_inv_freq(cfg).astype(np.float32)
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
         x, cache = decoder_layer(p, x, positions, cache, i, cfg, inv_freq, page_table)
-    if logits_index is not None:
+    if logits_rows is not None:
+        x = x[logits_rows, 0]
+    elif logits_index is not None:
         x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"]

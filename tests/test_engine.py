@@ -1,10 +1,12 @@
 """Continuous batching, prefix caching, preemption, cancellation and stop strings, against exact references."""
 
+import jax
 import numpy as np
 import pytest
 
 from novallm_jax.engine.request import FinishReason
 from novallm_jax.errors import InvalidRequestError
+from novallm_jax.kernels import native
 from novallm_jax.model import greedy_generate
 from novallm_jax.sampling_params import SamplingParams
 from tests.engine_fixtures import TINY, make_engine, tiny_params
@@ -32,9 +34,18 @@ def run_alone(tokenizer, prompt, params, **engine_kw):
     return list(req.output_ids)
 
 
+@pytest.fixture(params=["ragged", "prefill/decode"])
+def step_kind(request):
+    """Engine tests run with both kinds of step (ExecutorConfig.ragged_steps); ragged ones need the native kernels."""
+    ragged = request.param == "ragged"
+    if ragged and not (jax.default_backend() == "cpu" and native.available()):
+        pytest.skip("ragged steps need the native paged attention")
+    return {"ragged_steps": ragged}
+
+
 @pytest.fixture
-def engine(tokenizer):
-    eng = make_engine(tokenizer)
+def engine(tokenizer, step_kind):
+    eng = make_engine(tokenizer, **step_kind)
     yield eng
     assert eng.check_leaks() == []
     eng.prefix_cache.clear()
@@ -88,8 +99,8 @@ def test_prefix_cache_prefills_only_the_suffix(engine, tokenizer):
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preemption_with_a_pool_too_small(tokenizer, mode):
-    eng = make_engine(tokenizer, num_pages=24, preemption_mode=mode)  # 23 usable pages of 8 tokens
+def test_preemption_with_a_pool_too_small(tokenizer, mode, step_kind):
+    eng = make_engine(tokenizer, num_pages=24, preemption_mode=mode, **step_kind)  # 23 usable pages of 8 tokens
     specs = [(prompt_of(30 + 5 * i, 200 + i), 40) for i in range(6)]  # each needs up to 10 pages
     reqs = [eng.add_request(p, greedy(m)) for p, m in specs]
     eng.run_until_idle()
@@ -197,8 +208,26 @@ def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engin
     assert others[0].logprobs is None
 
 
-def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(engine):
-    # EXEC: chunk-length buckets (16, 64), row buckets (1, 4).
+def test_ragged_step_runs_decode_rows_and_prompt_chunks_together(tokenizer):
+    eng = make_engine(tokenizer, token_buckets=(1, 4, 16, 64))
+    if not eng.executor.ragged:
+        pytest.skip("ragged steps need the native paged attention")
+    budget = eng.executor.exec_cfg.token_buckets[-1]
+    short = eng.add_request(prompt_of(5, 1), greedy(20))
+    eng.step()  # prefills the short prompt and samples its first token
+    long_prompt = prompt_of(budget + 40, 2)
+    long = eng.add_request(long_prompt, greedy(3))
+    eng.step()  # the short request's decode row, and the long prompt up to the step's token budget
+    assert len(short.output_ids) == 2 and long.num_computed == budget - 1
+    eng.step()
+    assert len(short.output_ids) == 3 and long.num_computed == len(long_prompt) and len(long.output_ids) == 1
+    eng.run_until_idle()
+    assert long.output_ids == run_alone(tokenizer, long_prompt, greedy(3), ragged_steps=False)
+    assert eng.check_leaks() == []
+
+
+def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(tokenizer):
+    engine = make_engine(tokenizer, ragged_steps=False)  # EXEC: chunk-length buckets (16, 64), row buckets (1, 4)
     from types import SimpleNamespace
 
     def req(arrival, remaining):

@@ -122,12 +122,49 @@ def test_padded_logits_keep_the_bucket_rows(model):
     np.testing.assert_array_equal(np.asarray(padded[:3]), np.asarray(exact))
 
 
-def test_100_requests_compile_nothing_beyond_warmup():
+def test_ragged_steps_equal_contiguous(model):
+    """Prompt chunks cut anywhere and decode rows, mixed in ragged steps, against the contiguous reference."""
+    cfg, params = model
+    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=64, max_model_len=96,
+                                              decode_batch_buckets=(1, 4), prefill_len_buckets=(16, 32)))
+    if not ex.ragged:
+        pytest.skip("ragged steps need the native paged attention")
+    extra = [[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43]]  # tokens decoded after each prompt
+    seqs = [p + e for p, e in zip(PROMPTS, extra)]
+    tokens, positions, _ = ragged_batch(seqs)
+    ref, _ = forward(params, tokens, positions, ContiguousKVCache.create(cfg, 4, tokens.shape[1]), cfg)
+    ref = np.asarray(ref)
+    tables = scattered_page_tables(seqs, 12, 64).tolist()
+    cuts = [[5], [20, 37], [7, 18], [2, 33, 60]]  # chunk ends of each prompt, one chunk per step
+    done = [0] * 4
+    cache = ex.new_cache()
+    for step in range(6):
+        batch, who = [], []
+        for i, ends in enumerate(cuts):
+            if step < len(ends):
+                batch.append(PrefillChunk(seqs[i][done[i]:ends[step]], done[i], tables[i]))
+            elif step - len(ends) < len(extra[i]):  # decode the next extra token
+                batch.append(PrefillChunk([seqs[i][done[i]]], done[i], tables[i]))
+            else:
+                continue
+            done[i] += len(batch[-1].tokens)
+            who.append(i)
+        logits, cache = ex.ragged_step(cache, batch[::-1])  # any order of rows
+        logits = np.asarray(logits)
+        for row, i in enumerate(who[::-1]):
+            assert np.abs(logits[row] - ref[i, done[i] - 1]).max() <= 1e-5, (step, i)
+    assert done == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_100_requests_compile_nothing_beyond_warmup(ragged):
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(0))
     ecfg = ExecutorConfig(page_size=PAGE, num_pages=64, max_model_len=96, decode_batch_buckets=(1, 4),
-                          prefill_batch_buckets=(1,), prefill_len_buckets=(16, 32))
+                          prefill_batch_buckets=(1,), prefill_len_buckets=(16, 32), ragged_steps=ragged)
     ex = Executor(cfg, params, ecfg)
+    if ragged and not ex.ragged:
+        pytest.skip("ragged steps need the native paged attention")
     cache = ex.warmup(ex.new_cache())
     warm = ex.compile_count
     assert warm == len(ex.step_shapes())
@@ -136,9 +173,15 @@ def test_100_requests_compile_nothing_beyond_warmup():
     for _ in range(100):
         n = int(rng.integers(1, 70))
         prompt = rng.integers(1, cfg.vocab_size, n).tolist()
+        batch = int(rng.integers(1, 5))
+        if ragged:  # the prompt in pieces of any length, beside 0-3 decode rows
+            cuts = sorted({0, n, *rng.integers(1, n + 1, 2).tolist()})
+            for a, b in zip(cuts, cuts[1:]):
+                rows = [PrefillChunk([1], n, table)] * int(rng.integers(0, 4))
+                _, cache = ex.ragged_step(cache, [PrefillChunk(prompt[a:b], a, table)] + rows)
+            continue
         for start in range(0, n, ecfg.max_chunk):
             _, cache = ex.prefill(cache, [PrefillChunk(prompt[start:start + ecfg.max_chunk], start, table)])
-        batch = int(rng.integers(1, 5))
         _, cache = ex.decode(cache, [1] * batch, [n] * batch, [table] * batch)
     assert ex.compile_count == warm
 

@@ -44,7 +44,9 @@ class EngineConfig:
     max_queue: int = 4096  # waiting requests before add_request refuses
     enable_prefix_caching: bool = True
     preemption_mode: str = "swap"  # "swap" (to the host arena) or "recompute"
-    max_prefill_rows: int | None = None  # prompts prefilled per step (default: the largest prefill bucket)
+    # Prompts prefilled per prefill step (default: the largest prefill bucket). Ragged steps (ExecutorConfig) instead
+    # fill the largest token bucket with decode rows, then prompt chunks.
+    max_prefill_rows: int | None = None
 
     def __post_init__(self):
         if self.preemption_mode not in ("swap", "recompute"):
@@ -356,6 +358,8 @@ class LLMEngine:
 
     def _run_model(self) -> list[tuple[Request, jax.Array, int]]:
         """Runs this step's prefill chunks and decode; returns (request, logits rows, row) for each to sample."""
+        if self.executor.ragged:
+            return self._run_ragged()
         running = [r for r in self.slots if r is not None]
         prefill = self._pick_prefill([r for r in running if len(r.tokens) - r.num_computed > 1])
         out: list[tuple[Request, jax.Array, int]] = []
@@ -392,6 +396,56 @@ class LLMEngine:
                 req.num_computed += 1
                 out.append((req, logits, i))
         return [(r, l, i) for r, l, i in out if r.status is Status.RUNNING]
+
+    def _run_ragged(self) -> list[tuple[Request, jax.Array, int]]:
+        """One ragged step: every decode row, then prompt chunks, oldest first, up to the step's token budget.
+
+        Only the step's total is padded (to a token bucket), so prompts are cut wherever the budget ends.
+        """
+        running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
+        budget = self._ragged_budget(running)
+        plan: list[tuple[Request, int]] = []
+        for decoding in (True, False):
+            for req in running:
+                remaining = len(req.tokens) - req.num_computed
+                if (remaining == 1) != decoding or req.status is not Status.RUNNING or budget <= 0:
+                    continue
+                n = min(remaining, budget)
+                if self._ensure_pages(req, req.num_computed + n):
+                    plan.append((req, n))
+                    budget -= n
+        # A request planned above may have been preempted to make room for an older one. The rows to sample go
+        # first: in place, the sampler takes the logits without a copy.
+        plan = [(r, n) for r, n in plan if r.status is Status.RUNNING]
+        plan.sort(key=lambda p: p[0].num_computed + p[1] < len(p[0].tokens))
+        if not plan:
+            return []
+        seqs = [PrefillChunk(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.pages) for r, n in plan]
+        logits, self.pool.storage = self.executor.ragged_step(self.pool.storage, seqs)
+        out = []
+        for i, (req, n) in enumerate(plan):
+            if n > 1 or req.num_computed < len(req.prompt):
+                req.metrics.prefilled_tokens += n
+                self.counters["prefill_tokens"] += n
+            req.num_computed += n
+            self._cache_prompt_pages(req)
+            if req.num_computed == len(req.tokens):
+                out.append((req, logits, i))
+        return out
+
+    def _ragged_budget(self, running: list[Request]) -> int:
+        """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
+
+        A large step that would end between two buckets stops at the lower one: the prompt tokens left over join
+        the next step, whose decode rows they would otherwise pad. Small steps pad instead, since a step costs a
+        read of every weight however few its tokens.
+        """
+        e = self.executor.exec_cfg
+        remaining = [len(r.tokens) - r.num_computed for r in running]
+        decode = sum(n == 1 for n in remaining)
+        total = min(sum(remaining), e.token_buckets[-1])
+        lower = max((b for b in e.token_buckets if b <= total), default=0)
+        return lower if lower > decode and lower >= 2 * e.max_decode_batch else total
 
     def _chunk_len(self, req: Request) -> int:
         """Tokens of `req`'s next prefill chunk: the largest length bucket that its remaining prompt fills.

@@ -1,7 +1,15 @@
-"""The model executor: jitted prefill and decode steps over a paged KV cache, with shapes from a few buckets.
+"""The model executor: jitted steps over a paged KV cache, with shapes from a few buckets.
 
 Every step donates the cache, so XLA updates it in place. Shapes come from buckets (rows, prompt-chunk length,
 page-table width), so the number of compilations is bounded and `warmup()` compiles them all up front.
+
+Two kinds of step:
+- `prefill` (prompt chunks as rows [rows, chunk length]) and `decode` (one token per row), each padded to its
+  buckets;
+- `ragged_step`, where the tokens of every sequence in the step, prompt chunks and decode rows alike, are the rows
+  of one batch [tokens, 1]: only the total is padded, and the weights are read once for all of them. It needs the
+  native paged attention, which reads each row's own keys in place; XLA's attention would gather every row's whole
+  page table.
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ class ExecutorConfig:
     # Matmuls on packed float32 weights and paged attention through the native CPU kernels (kernels/native.py);
     # None: wherever they can run.
     native_kernels: bool | None = None
+    # Token counts of a ragged step (see the module docstring); its largest is the most tokens one step computes.
+    # None: the decode buckets, then 64, 128, 256 and 512.
+    token_buckets: tuple[int, ...] | None = None
+    # Whether steps are ragged (`ragged_step`, which the engine then uses); None: wherever the native attention runs.
+    ragged_steps: bool | None = None
 
     def __post_init__(self):
         for name in ("decode_batch_buckets", "prefill_batch_buckets", "prefill_len_buckets"):
@@ -55,6 +68,12 @@ class ExecutorConfig:
             object.__setattr__(self, "page_table_buckets", tuple(sorted(self.page_table_buckets)))
         if self.page_table_buckets[-1] * self.page_size < self.max_model_len:
             raise ValueError("the widest page-table bucket must cover max_model_len")
+        tokens = self.token_buckets
+        if tokens is None:
+            tokens = self.decode_batch_buckets + tuple(b for b in (64, 128, 256, 512) if b > self.max_decode_batch)
+        object.__setattr__(self, "token_buckets", tuple(sorted(tokens)))
+        if self.token_buckets[-1] < self.max_decode_batch:
+            raise ValueError("the largest token bucket must hold a decode row per batch slot")
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -98,6 +117,11 @@ class Executor:
         self._lock = threading.Lock()
         self.compile_count = 0
         self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
+        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
+        wanted = self.exec_cfg.ragged_steps
+        if wanted and not self.native_attention:
+            raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
+        self.ragged = self.native_attention if wanted is None else wanted
 
     def _use_native_kernels(self) -> bool:
         wanted = self.exec_cfg.native_kernels
@@ -111,15 +135,28 @@ class Executor:
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
         return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index)
 
+    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows):
+        self.compile_count += 1
+        logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0], page_table.shape)
+        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows)
+
+    @property
+    def native_attention(self) -> bool:
+        c = self.cfg
+        return self.native_kernels and native.supports_attention(c.head_dim, c.num_heads, c.num_kv_heads)
+
     def new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
-        c = self.cfg
-        native_attention = self.native_kernels and native.supports_attention(c.head_dim, c.num_heads, c.num_kv_heads)
-        return PagedKVCache.create(c, e.num_pages, e.page_size, self.dtype, native_attention=native_attention)
+        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype,
+                                   native_attention=self.native_attention)
 
     def _run(self, cache, tokens, positions, page_table, logits_index):
         with self._lock:
             return self._step(self.params, tokens, positions, cache, page_table, logits_index)
+
+    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows):
+        with self._lock:
+            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows)
 
     def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk],
                 padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
@@ -175,9 +212,47 @@ class Executor:
         logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32))
         return (logits if padded else _rows(logits, n)), cache
 
-    def step_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (rows, tokens, page-table width) the executor can run: the warm-up set."""
+    def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk]) -> tuple[jax.Array, PagedKVCache]:
+        """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
+        of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad)."""
         e = self.exec_cfg
+        if not self.ragged:
+            raise ValueError("this executor runs prefill and decode steps (see ExecutorConfig.ragged_steps)")
+        if not seqs or any(len(s.tokens) == 0 for s in seqs):
+            raise InvalidRequestError("a ragged step needs at least one sequence, each with a token", param="prompt")
+        if len(seqs) > e.max_decode_batch:
+            raise ValueError(f"{len(seqs)} sequences in one step; at most {e.max_decode_batch} (a batch slot each)")
+        n = sum(len(s.tokens) for s in seqs)
+        rows = bucket(n, e.token_buckets)
+        end = max(s.start + len(s.tokens) for s in seqs)
+        width = bucket(end, [w * e.page_size for w in e.page_table_buckets]) // e.page_size
+        tokens = np.zeros((rows, 1), np.int32)
+        positions = np.full((rows, 1), -1, np.int32)
+        table = np.full((rows, width), NULL_PAGE, np.int32)
+        last = np.zeros(self._logits_rows(rows), np.int32)
+        at = 0
+        for i, s in enumerate(seqs):
+            k = len(s.tokens)
+            needed = math.ceil((s.start + k) / e.page_size)
+            if len(s.pages) < needed:
+                raise ValueError(f"sequence at {s.start}+{k} needs {needed} pages, has {len(s.pages)}")
+            tokens[at:at + k, 0] = s.tokens
+            positions[at:at + k, 0] = np.arange(s.start, s.start + k)
+            table[at:at + k, :needed] = s.pages[:needed]
+            at += k
+            last[i] = at - 1
+        return self._run_ragged(cache, tokens, positions, table, last)
+
+    def _logits_rows(self, tokens: int) -> int:
+        # One count per token bucket (not per sequence count) keeps one compile per shape; a step holds at most a
+        # batch slot's worth of sequences.
+        return min(tokens, self.exec_cfg.max_decode_batch)
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, page-table width) the executor can run: the warm-up set (ragged steps: tokens 1)."""
+        e = self.exec_cfg
+        if self.ragged:
+            return [(n, 1, w) for n, w in itertools.product(e.token_buckets, e.page_table_buckets)]
         shapes = [(b, 1, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)]
         for b, t, w in itertools.product(e.prefill_batch_buckets, e.prefill_len_buckets, e.page_table_buckets):
             if w * e.page_size >= t and (b, t, w) not in shapes:
@@ -190,7 +265,11 @@ class Executor:
             tokens = np.zeros((rows, t), np.int32)
             positions = np.full((rows, t), -1, np.int32)
             table = np.full((rows, width), NULL_PAGE, np.int32)
-            logits, cache = self._run(cache, tokens, positions, table, np.zeros(rows, np.int32))
+            if self.ragged:
+                rows_out = np.zeros(self._logits_rows(rows), np.int32)
+                _, cache = self._run_ragged(cache, tokens, positions, table, rows_out)
+            else:
+                _, cache = self._run(cache, tokens, positions, table, np.zeros(rows, np.int32))
         jax.block_until_ready(cache)
         logging.info("warm-up compiled %d step shapes", self.compile_count)
         return cache
