@@ -27,11 +27,11 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from novallm_jax.config import ModelConfig
+from novallm_jax.config import ModelConfig, rope_inv_freq
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
-from novallm_jax.model import Params, forward
+from novallm_jax.model import Params, forward, rope_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,7 @@ class Executor:
         self.params = native.pack_params(params) if self.native_kernels else params
         self._lock = threading.Lock()
         self.compile_count = 0
+        self._inv_freq = rope_inv_freq(cfg)
         self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
         self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
         wanted = self.exec_cfg.ragged_steps
@@ -130,15 +131,16 @@ class Executor:
             raise ValueError("native_kernels=True needs float32 weights on CPU and a C++ compiler (see the log)")
         return (possible and native.available()) if wanted is None else wanted
 
-    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index):
+    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
-        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index)
+        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index, rope_cs=rope_cs)
 
-    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows):
+    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs):
         self.compile_count += 1
         logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0], page_table.shape)
-        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows)
+        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows,
+                       rope_cs=rope_cs)
 
     @property
     def native_attention(self) -> bool:
@@ -151,12 +153,14 @@ class Executor:
                                    native_attention=self.native_attention)
 
     def _run(self, cache, tokens, positions, page_table, logits_index):
+        rope_cs = rope_tables(positions, self._inv_freq, xp=np)
         with self._lock:
-            return self._step(self.params, tokens, positions, cache, page_table, logits_index)
+            return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs)
 
     def _run_ragged(self, cache, tokens, positions, page_table, logits_rows):
+        rope_cs = rope_tables(positions, self._inv_freq, xp=np)
         with self._lock:
-            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows)
+            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs)
 
     def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk],
                 padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
