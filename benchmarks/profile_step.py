@@ -39,8 +39,9 @@ def profile(cfg, params, batch: int, steps: int, repeats: int, context: int) -> 
     import jax.numpy as jnp
     import numpy as np
 
+    from novallm_jax.config import rope_inv_freq
     from novallm_jax.engine.executor import Executor, ExecutorConfig
-    from novallm_jax.model import forward
+    from novallm_jax.model import forward, rope_tables
 
     ps = 16
     width = -(-(context + 2 * steps + 2) // ps)
@@ -57,27 +58,33 @@ def profile(cfg, params, batch: int, steps: int, repeats: int, context: int) -> 
 
     def sync():
         for i in range(steps):
-            logits, state["cache"] = ex._step(ex.params, state["tok"], positions(i), state["cache"], table, zeros)
+            logits, state["cache"] = ex._run(state["cache"], state["tok"], positions(i), table, zeros)
             state["tok"] = np.asarray(next_tokens(logits))
 
     def run_async():
         tok = jnp.asarray(state["tok"])
         for i in range(steps):
-            logits, state["cache"] = ex._step(ex.params, tok, positions(i), state["cache"], table, zeros)
+            logits, state["cache"] = ex._run(state["cache"], tok, positions(i), table, zeros)
             tok = next_tokens(logits)
         state["tok"] = np.asarray(tok)
 
+    # RoPE tables from the host, as the executor's steps get them (computed in the loop, XLA recomputes them per head).
+    tables = [rope_tables(positions(i), rope_inv_freq(cfg), xp=np) for i in range(steps)]
+    cos, sin = (jnp.asarray(np.stack([t[j] for t in tables])) for j in (0, 1))
+
     @functools.partial(jax.jit, donate_argnums=2)
-    def loop_fn(p, tok, cache, table):
+    def loop_fn(p, tok, cache, table, cos, sin):
         def body(i, carry):
             tok, cache = carry
             pos = jnp.full((batch, 1), context, jnp.int32) + i
-            logits, cache = forward(p, tok, pos, cache, cfg, table, jnp.zeros(batch, jnp.int32))
+            logits, cache = forward(p, tok, pos, cache, cfg, table, jnp.zeros(batch, jnp.int32),
+                                    rope_cs=(cos[i], sin[i]))
             return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], cache
         return jax.lax.fori_loop(0, steps, body, (tok, cache))
 
     def loop():
-        tok, state["cache"] = loop_fn(ex.params, jnp.asarray(state["tok"]), state["cache"], jnp.asarray(table))
+        tok, state["cache"] = loop_fn(ex.params, jnp.asarray(state["tok"]), state["cache"], jnp.asarray(table),
+                                      cos, sin)
         state["tok"] = np.asarray(tok)
 
     out = {}
