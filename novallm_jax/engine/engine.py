@@ -376,11 +376,7 @@ class LLMEngine:
             logits, self.pool.storage = self.executor.prefill(self.pool.storage, [c for c, _ in planned],
                                                               padded=True)
             for i, (c, req) in enumerate(planned):
-                req.num_computed += len(c.tokens)
-                req.metrics.prefilled_tokens += len(c.tokens)
-                self.counters["prefill_tokens"] += len(c.tokens)
-                self._cache_prompt_pages(req)
-                if req.num_computed == len(req.tokens):
+                if self._advance(req, len(c.tokens)):
                     out.append((req, logits, i))
         decode = [r for r in self.slots if r is not None and len(r.tokens) - r.num_computed == 1]
         decode = [r for r in decode if r.status is Status.RUNNING and self._ensure_pages(r, len(r.tokens))]
@@ -390,10 +386,7 @@ class LLMEngine:
                 self.pool.storage, [r.tokens[-1] for r in decode], [len(r.tokens) - 1 for r in decode],
                 [r.pages for r in decode], padded=True)
             for i, req in enumerate(decode):
-                if req.num_computed < len(req.prompt):  # a prompt's last token, left over by the chunking: a prefill
-                    req.metrics.prefilled_tokens += 1
-                    self.counters["prefill_tokens"] += 1
-                req.num_computed += 1
+                self._advance(req, 1)
                 out.append((req, logits, i))
         return [(r, l, i) for r, l, i in out if r.status is Status.RUNNING]
 
@@ -424,14 +417,18 @@ class LLMEngine:
         logits, self.pool.storage = self.executor.ragged_step(self.pool.storage, seqs)
         out = []
         for i, (req, n) in enumerate(plan):
-            if n > 1 or req.num_computed < len(req.prompt):
-                req.metrics.prefilled_tokens += n
-                self.counters["prefill_tokens"] += n
-            req.num_computed += n
-            self._cache_prompt_pages(req)
-            if req.num_computed == len(req.tokens):
+            if self._advance(req, n):
                 out.append((req, logits, i))
         return out
+
+    def _advance(self, req: Request, n: int) -> bool:
+        """Counts `n` more of `req`'s tokens as computed; True when the next one is to be sampled."""
+        if n > 1 or req.num_computed < len(req.prompt):  # a prompt chunk, or a prompt's last token
+            req.metrics.prefilled_tokens += n
+            self.counters["prefill_tokens"] += n
+        req.num_computed += n
+        self._cache_prompt_pages(req)
+        return req.num_computed == len(req.tokens)
 
     def _ragged_budget(self, running: list[Request]) -> int:
         """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
