@@ -316,12 +316,13 @@ def warm_up(engine) -> dict[str, Any]:
 
     ex = engine.executor
     e = ex.exec_cfg
-    # Every (rows, tokens, width) the executor can pick: its own warm-up set leaves out prefill shapes whose table
-    # is narrower than the chunk bucket, yet `prefill` picks the width from the prompt's end, not the bucket.
-    shapes = [(b, 1, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)]
-    shapes += list(itertools.product(e.prefill_batch_buckets, e.prefill_len_buckets, e.page_table_buckets))
     if ex.ragged:  # one kind of step, whose shapes are (tokens, 1, width)
         shapes = ex.step_shapes()
+    else:
+        # Every (rows, tokens, width) the executor can pick: its own warm-up set leaves out prefill shapes whose
+        # table is narrower than the chunk bucket, yet `prefill` picks the width from the prompt's end, not the bucket.
+        shapes = [(b, 1, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)]
+        shapes += list(itertools.product(e.prefill_batch_buckets, e.prefill_len_buckets, e.page_table_buckets))
     t0 = time.perf_counter()
     with engine._lock:
         ex.step_shapes = lambda: shapes

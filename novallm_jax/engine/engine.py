@@ -63,6 +63,11 @@ def _gather_rows(logits: tuple[jax.Array, ...], index: jax.Array) -> jax.Array:
     return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
+def _next_chunk(req: Request, n: int) -> PrefillChunk:
+    """The next `n` of `req`'s tokens to compute, with its page table."""
+    return PrefillChunk(req.tokens[req.num_computed:req.num_computed + n], req.num_computed, req.pages)
+
+
 class _CountingRLock:
     """A re-entrant lock that counts the threads blocked on it, so that the engine loop can let them in between steps."""
 
@@ -369,7 +374,7 @@ class LLMEngine:
             # A request planned above may have been preempted to make room for an older one.
             if req.status is not Status.RUNNING or not self._ensure_pages(req, req.num_computed + n):
                 continue
-            chunks.append(PrefillChunk(req.tokens[req.num_computed:req.num_computed + n], req.num_computed, req.pages))
+            chunks.append(_next_chunk(req, n))
             reqs.append(req)
         planned = [(c, r) for c, r in zip(chunks, reqs) if r.status is Status.RUNNING]
         if planned:
@@ -413,7 +418,7 @@ class LLMEngine:
         plan.sort(key=lambda p: p[0].num_computed + p[1] < len(p[0].tokens))
         if not plan:
             return []
-        seqs = [PrefillChunk(r.tokens[r.num_computed:r.num_computed + n], r.num_computed, r.pages) for r, n in plan]
+        seqs = [_next_chunk(r, n) for r, n in plan]
         logits, self.pool.storage = self.executor.ragged_step(self.pool.storage, seqs)
         out = []
         for i, (req, n) in enumerate(plan):

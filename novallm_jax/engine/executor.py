@@ -179,16 +179,14 @@ class Executor:
         t = bucket(longest, e.prefill_len_buckets)
         # At least as wide as the chunk bucket, so that every shape used here is one `step_shapes` warms up.
         end = max(max(c.start + len(c.tokens) for c in chunks), min(t, e.page_table_buckets[-1] * e.page_size))
-        width = bucket(end, [w * e.page_size for w in e.page_table_buckets]) // e.page_size
+        width = self._table_width(end)
         tokens = np.zeros((rows, t), np.int32)
         positions = np.full((rows, t), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
         last = np.zeros(rows, np.int32)
         for i, c in enumerate(chunks):
             n = len(c.tokens)
-            needed = math.ceil((c.start + n) / e.page_size)
-            if len(c.pages) < needed:
-                raise ValueError(f"chunk at {c.start}+{n} needs {needed} pages, has {len(c.pages)}")
+            needed = self._pages_needed(c)
             tokens[i, :n] = c.tokens
             positions[i, :n] = np.arange(c.start, c.start + n)
             table[i, :needed] = c.pages[:needed]
@@ -203,8 +201,7 @@ class Executor:
         e = self.exec_cfg
         n = len(tokens)
         rows = bucket(n, e.decode_batch_buckets)
-        width = bucket(max(p + 1 for p in positions), [w * e.page_size for w in e.page_table_buckets])
-        width //= e.page_size
+        width = self._table_width(max(p + 1 for p in positions))
         tok = np.zeros((rows, 1), np.int32)
         pos = np.full((rows, 1), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
@@ -228,8 +225,7 @@ class Executor:
             raise ValueError(f"{len(seqs)} sequences in one step; at most {e.max_decode_batch} (a batch slot each)")
         n = sum(len(s.tokens) for s in seqs)
         rows = bucket(n, e.token_buckets)
-        end = max(s.start + len(s.tokens) for s in seqs)
-        width = bucket(end, [w * e.page_size for w in e.page_table_buckets]) // e.page_size
+        width = self._table_width(max(s.start + len(s.tokens) for s in seqs))
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
@@ -237,15 +233,27 @@ class Executor:
         at = 0
         for i, s in enumerate(seqs):
             k = len(s.tokens)
-            needed = math.ceil((s.start + k) / e.page_size)
-            if len(s.pages) < needed:
-                raise ValueError(f"sequence at {s.start}+{k} needs {needed} pages, has {len(s.pages)}")
+            needed = self._pages_needed(s)
             tokens[at:at + k, 0] = s.tokens
             positions[at:at + k, 0] = np.arange(s.start, s.start + k)
             table[at:at + k, :needed] = s.pages[:needed]
             at += k
             last[i] = at - 1
         return self._run_ragged(cache, tokens, positions, table, last)
+
+    def _table_width(self, end: int) -> int:
+        """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""
+        e = self.exec_cfg
+        return bucket(end, [w * e.page_size for w in e.page_table_buckets]) // e.page_size
+
+    def _pages_needed(self, chunk: PrefillChunk) -> int:
+        """Pages that hold `chunk`'s sequence up to its last token; a ValueError if its table is shorter."""
+        end = chunk.start + len(chunk.tokens)
+        needed = math.ceil(end / self.exec_cfg.page_size)
+        if len(chunk.pages) < needed:
+            raise ValueError(f"sequence at {chunk.start}+{len(chunk.tokens)} needs {needed} pages, "
+                             f"has {len(chunk.pages)}")
+        return needed
 
     def _logits_rows(self, tokens: int) -> int:
         # One count per token bucket (not per sequence count) keeps one compile per shape; a step holds at most a
