@@ -177,8 +177,8 @@ def _hf_random(config: dict[str, Any], seed: int):
 class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
-    Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler functions
-    the engine module calls (`_gather_rows`, `sample_slots`, module globals); `restore()` puts them back.
+    Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler function
+    the engine module calls (`sample_slots`, a module global); `restore()` puts them back.
     The wrappers block on their outputs so that the time lands where the work is. Host = step - model - sampler.
     """
 
@@ -229,8 +229,7 @@ class StepProfiler:
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
         self._patch(ex, "ragged_step", timed("model", ex.ragged_step, ragged_shape), instance=True)
-        for name in ("_gather_rows", "sample_slots"):
-            self._patch(engine_mod, name, timed("sampler", getattr(engine_mod, name)))
+        self._patch(engine_mod, "sample_slots", timed("sampler", engine_mod.sample_slots))
 
         step = engine.step
 

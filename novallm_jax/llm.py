@@ -15,7 +15,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
-from novallm_jax.engine.executor import ExecutorConfig, enable_compilation_cache
+from novallm_jax.engine.executor import enable_compilation_cache
 from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams

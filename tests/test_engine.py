@@ -244,23 +244,43 @@ def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(tokenizer):
     assert engine._pick_prefill([]) == []
 
 
-def test_sampler_rows_gather_keeps_bucketed_shapes():
-    """The sampler's input rows come from padded logits groups; the compiled gather depends only on their buckets."""
-    import jax.numpy as jnp
+def test_warm_engine_compiles_nothing_while_serving(engine):
+    """After `warmup()`, a mixed workload compiles nothing: no step, sampler, state update or array conversion.
 
-    from novallm_jax.engine.engine import _gather_rows
+    Prompts of 1..150 tokens (chunked, and sharing a cached prefix), 1..24 rows at once, greedy and seeded sampling,
+    logprobs, penalties, and steps whose logits hold more rows than they sample (prompt chunks; classic steps with
+    both a prefill and a decode group).
+    """
+    from jax import monitoring
 
-    prefill = jnp.arange(4 * 3, dtype=jnp.float32).reshape(4, 3)  # a 4-row bucket
-    decode = 100 + jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)  # an 8-row bucket
-    end = 4 + 8
-    got = _gather_rows((prefill, decode), np.array([1, 4 + 0, 4 + 5, end, end, end, end, end], np.int32))
-    want = np.zeros((8, 3), np.float32)
-    want[0], want[1], want[2] = prefill[1], decode[0], decode[5]
-    np.testing.assert_array_equal(np.asarray(got), want)
-    before = _gather_rows._cache_size()
-    for real in range(1, 8):  # any number of real rows, same shapes: no new compile
-        _gather_rows((prefill, decode), np.array(list(range(real)) + [end] * (8 - real), np.int32))
-    assert _gather_rows._cache_size() == before
+    engine.warmup()
+    compiles = []
+
+    def on_event(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(secs)
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        rng = np.random.default_rng(5)
+        shared = prompt_of(40, 99)
+        reqs = []
+        for i in range(24):
+            prompt = prompt_of(int(rng.integers(1, 150)), 200 + i)
+            if i % 4 == 0:
+                prompt = shared + prompt[:10]
+            kind = [greedy(int(rng.integers(1, 12))),
+                    SamplingParams(temperature=0.9, top_p=0.8, seed=i, max_tokens=6, logprobs=2),
+                    greedy(5, repetition_penalty=1.3, logit_bias={11: 1.5})][i % 3]
+            reqs.append(engine.add_request(prompt, kind))
+            for _ in range(int(rng.integers(0, 3))):
+                engine.step()
+        engine.run_until_idle()
+    finally:
+        monitoring.unregister_event_duration_listener(on_event)
+    assert all(r.finished and r.finish_reason is not FinishReason.ERROR for r in reqs)
+    assert any(r.metrics.cached_prompt_tokens for r in reqs)  # the shared prefix came from the cache
+    assert compiles == []
 
 
 def test_engine_lock_counts_waiting_threads():

@@ -1,7 +1,6 @@
 """Every bad checkpoint gives an error that names the tensor or file and what was expected."""
 
 import json
-import os
 import shutil
 
 import numpy as np

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from novallm_jax import sampling
-from novallm_jax.sampling import SamplingBatch, apply_filters, sample
+from novallm_jax.sampling import SamplingBatch, sample
 from novallm_jax.sampling_params import SamplingParams
 
 V = 16384

@@ -27,7 +27,7 @@ from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine import prefix_cache as pc
 from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk, bucket
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
-from novallm_jax.errors import EngineClosedError, InvalidRequestError, OutOfPagesError
+from novallm_jax.errors import EngineClosedError, InvalidRequestError
 from novallm_jax.model import Params
 from novallm_jax.sampling import SamplingBatch, sample_slots
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -51,16 +51,6 @@ class EngineConfig:
     def __post_init__(self):
         if self.preemption_mode not in ("swap", "recompute"):
             raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
-
-
-@jax.jit
-def _gather_rows(logits: tuple[jax.Array, ...], index: jax.Array) -> jax.Array:
-    """f32[len(index), V]: row `index[i]` of the groups' logits stacked in order; an index past the end gives zeros.
-
-    The groups come padded to their buckets and `index` to a sampler bucket, so the shapes (and compiles) are few.
-    """
-    x = jnp.concatenate([group.astype(jnp.float32) for group in logits])
-    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
 def _next_chunk(req: Request, n: int) -> PrefillChunk:
@@ -195,16 +185,21 @@ class LLMEngine:
             self.warmup_sampler()
 
     def warmup_sampler(self) -> None:
-        """Compiles the sampler for each row bucket, with and without top logprobs (2 shapes per bucket).
+        """Compiles the sampler for each row bucket, with and without top logprobs (2 shapes per bucket), and the
+        updates of a slot's sampling state.
 
-        The calls sample padding rows only, which change no state.
+        The calls sample padding rows only, and set and clear a free slot's row: they change no state.
         """
         with self._lock:
             for size in self.sampler_buckets:
                 for n_top in (0, MAX_LOGPROBS):
+                    # Arguments of the kinds a step passes (a device array; a numpy array): one cache entry.
                     _, self.sampling = sample_slots(jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
-                                                    jnp.full(size, -1, jnp.int32), self.sampling,
+                                                    np.full(size, -1, np.int32), self.sampling,
                                                     num_top_logprobs=n_top)
+            free = next((i for i, req in enumerate(self.slots) if req is None), None)
+            if free is not None:
+                self.sampling = self.sampling.set_row(free, SamplingParams()).clear_row(free)
             jax.block_until_ready(self.sampling)
             logging.info("warm-up compiled the sampler for row buckets %s", self.sampler_buckets)
 
@@ -412,10 +407,8 @@ class LLMEngine:
                 if self._ensure_pages(req, req.num_computed + n):
                     plan.append((req, n))
                     budget -= n
-        # A request planned above may have been preempted to make room for an older one. The rows to sample go
-        # first: in place, the sampler takes the logits without a copy.
+        # A request planned above may have been preempted to make room for an older one.
         plan = [(r, n) for r, n in plan if r.status is Status.RUNNING]
-        plan.sort(key=lambda p: p[0].num_computed + p[1] < len(p[0].tokens))
         if not plan:
             return []
         seqs = [_next_chunk(r, n) for r, n in plan]
@@ -485,49 +478,36 @@ class LLMEngine:
 
     @property
     def sampler_buckets(self) -> tuple[int, ...]:
-        """Row counts the sampler is compiled for (the decode buckets: every running row fits the largest)."""
-        return self.executor.exec_cfg.decode_batch_buckets
-
-    def _sampler_rows(self, computed: list[tuple[Request, jax.Array, int]]) -> tuple[jax.Array, list[Request]]:
-        """The logits rows to sample as one f32[bucket, V] array, and the request of each row (the rest pad)."""
-        groups: dict[int, tuple[jax.Array, list[int], list[Request]]] = {}
-        for req, logits, row in computed:
-            _, rows, reqs = groups.setdefault(id(logits), (logits, [], []))
-            rows.append(row)
-            reqs.append(req)
-        ordered = [req for _, _, reqs in groups.values() for req in reqs]
-        size = bucket(len(ordered), self.sampler_buckets)
-        if len(groups) == 1:
-            logits, rows, _ = next(iter(groups.values()))
-            if logits.shape[0] == size and rows == list(range(len(rows))) and logits.dtype == jnp.float32:
-                return logits, ordered  # the rows are in place; the rest are padding rows, not sampled: no copy
-        index = np.full(size, sum(g[0].shape[0] for g in groups.values()), np.int32)  # past the end: zero rows
-        offset, at = 0, 0
-        for logits, rows, _ in groups.values():
-            index[at:at + len(rows)] = np.asarray(rows) + offset
-            offset += logits.shape[0]
-            at += len(rows)
-        return _gather_rows(tuple(g[0] for g in groups.values()), index), ordered
+        """Row counts the sampler is compiled for: those of the logits a step returns."""
+        return self.executor.logits_row_counts()
 
     def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
-        # Only the rows computed this step are sampled (padded to a bucket), so a step costs O(running rows), not
-        # O(num_slots); `sample_slots` advances those slots' state in place.
-        logits, ordered = self._sampler_rows(computed)
-        slots = np.full(logits.shape[0], -1, np.int32)
-        slots[:len(ordered)] = [req.slot for req in ordered]
-        n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in ordered) else 0
-        result, self.sampling = sample_slots(logits, jnp.asarray(slots), self.sampling, num_top_logprobs=n_top)
-        tokens, logprobs, top_ids, top_lps = jax.device_get(
-            (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
+        # Each logits array (one per model call, padded to a row bucket) is sampled in place: its rows map to their
+        # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
+        # the work scales with the step's row bucket, not with num_slots.
+        groups: dict[int, tuple[jax.Array, list[tuple[Request, int]]]] = {}
+        for req, logits, row in computed:
+            groups.setdefault(id(logits), (logits, []))[1].append((req, row))
+        results = []
+        for logits, rows in groups.values():
+            slots = np.full(logits.shape[0], -1, np.int32)
+            for req, row in rows:
+                slots[row] = req.slot
+            n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r, _ in rows) else 0
+            result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top)
+            results.append((rows, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
+        fetched = jax.device_get([r for _, r in results])
         emitted = []
-        for i, req in enumerate(ordered):
-            try:
-                emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i], top_lps[i]))
-            except Exception as e:  # a bad request must not take the others down
-                logging.exception("request %s failed while emitting output", req.id)
-                req.error = f"{type(e).__name__}: {e}"
-                self._finish(req, FinishReason.ERROR)
-                req.emit("", [])
+        for (rows, _), (tokens, logprobs, top_ids, top_lps) in zip(results, fetched):
+            for req, i in rows:
+                try:
+                    emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i],
+                                                      top_lps[i]))
+                except Exception as e:  # a bad request must not take the others down
+                    logging.exception("request %s failed while emitting output", req.id)
+                    req.error = f"{type(e).__name__}: {e}"
+                    self._finish(req, FinishReason.ERROR)
+                    req.emit("", [])
         return emitted
 
     def _append_token(self, req: Request, token: int, logprob: float, top_ids, top_lps) -> RequestOutput:

@@ -15,7 +15,6 @@ Two kinds of step:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import threading
@@ -259,6 +258,13 @@ class Executor:
         # One count per token bucket (not per sequence count) keeps one compile per shape; a step holds at most a
         # batch slot's worth of sequences.
         return min(tokens, self.exec_cfg.max_decode_batch)
+
+    def logits_row_counts(self) -> tuple[int, ...]:
+        """Every row count of the logits a step returns (with `padded=True`): what the sampler is compiled for."""
+        e = self.exec_cfg
+        if self.ragged:
+            return tuple(sorted({self._logits_rows(n) for n in e.token_buckets}))
+        return tuple(sorted(set(e.decode_batch_buckets) | set(e.prefill_batch_buckets)))
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, page-table width) the executor can run: the warm-up set (ragged steps: tokens 1)."""
