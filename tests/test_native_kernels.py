@@ -30,7 +30,7 @@ def test_pack_round_trip(k, n):
     assert not panels[-1, :, n % native.PANEL or native.PANEL:].any()  # padding columns are zero
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 13, 32, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 22, 29, 32, 100])
 @pytest.mark.parametrize("k,n", [(1, 16), (64, 50), (577, 960)])
 def test_packed_matmul_matches_float64(m, k, n):
     rng = np.random.default_rng(m * 1000 + k)
