@@ -59,6 +59,9 @@ def test_concurrency_and_profile(quick_run):
     assert positive(c["batch1"]["decode_tok_s"]) and c["batch1"]["complete"]
     assert c["ratio_end_to_end"] == pytest.approx(c["concurrent"]["tok_s"] / c["batch1"]["decode_tok_s"])
     assert f"decode only, {s['concurrency']} rows" in c["concurrent"]["profile"]["by_kind"]
+    # Alternating rounds; the one reported in full is the one with the median ratio.
+    assert len(c["rounds"]) == s["conc_rounds"] == 2
+    assert c["ratio_decode"] in [r["ratio_decode"] for r in c["rounds"]]
     prof = res["engine"]["profile"]
     assert prof["model_share"] + prof["sampler_share"] + prof["host_share"] == pytest.approx(1.0)
     assert 0 < prof["model_s"] < prof["step_s"] and prof["sampler_s"] > 0
