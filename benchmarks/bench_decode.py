@@ -50,6 +50,8 @@ flags.DEFINE_string("dtype", "auto", "Weight and activation dtype of every engin
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
 flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots instead of the native CPU kernel "
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
+flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: Q4_0/Q4_1/"
+                  "Q4_K/Q8_0 weights decoded in the native kernel to the same float32 values), where supported.")
 flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
@@ -63,14 +65,16 @@ def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
     """Loads one model spec for every engine: our (cfg, params), the HF model (or None), the GGUF file or HF
     directory it came from."""
     from novallm_jax.device import resolve_dtype
-    from novallm_jax.loading import default_model_path, load_model
+    from novallm_jax.loading import default_model_path, load_model, quantized_by_default
 
     dtype = resolve_dtype(FLAGS.dtype)
 
-    gguf_path = hf_dir = None
+    gguf_path = hf_dir = params_quant = None
     if spec == "smollm2" or spec.endswith(".gguf"):
         gguf_path = default_model_path() if spec == "smollm2" else spec
         cfg, params = load_model(gguf_path, dtype)
+        if FLAGS.quantized and quantized_by_default(dtype):
+            params_quant = load_model(gguf_path, dtype, keep_quantized=True)[1]
         hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
     elif spec.startswith("random:"):
         hf = _hf_random(spec.split(":", 1)[1], seed)
@@ -85,7 +89,8 @@ def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
         hf = _hf_from_dir(spec) if FLAGS.transformers else None
     if hf is not None:
         hf = hf.to(torch_device(), _torch_dtype(dtype))
-    return {"name": spec, "cfg": cfg, "params": params, "hf": hf, "gguf": gguf_path, "hf_dir": hf_dir}
+    return {"name": spec, "cfg": cfg, "params": params, "params_quant": params_quant, "hf": hf, "gguf": gguf_path,
+            "hf_dir": hf_dir}
 
 
 def torch_device() -> str:
@@ -352,9 +357,9 @@ def llama_cpp_available() -> bool:
 
 # --- report -----------------------------------------------------------------------------------------------------------
 
-def ratios(entry: dict[str, Any]) -> dict[str, Any]:
-    """Our throughput over each baseline's (best vs best), per batch size and for prefill."""
-    ours, r = entry["ours"], {}
+def ratios(entry: dict[str, Any], engine: str = "ours") -> dict[str, Any]:
+    """Our (`engine`'s) throughput over each baseline's (best vs best), per batch size and for prefill."""
+    ours, r = entry[engine], {}
     for base in ("ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
         other = entry.get(base) or {}
         if "decode" not in other:
@@ -366,19 +371,19 @@ def ratios(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
-    if engine != "ours":
+    r = {"ours": entry["ratios"], "ours_quant": entry.get("ratios_quant")}.get(engine)
+    if r is None:
         return {}
-    return {"ours/HF": entry["ratios"].get("transformers", {}).get(phase),
-            "ours/XLA": entry["ratios"].get("ours_xla", {}).get(phase)}
+    return {"ours/HF": r.get("transformers", {}).get(phase), "ours/XLA": r.get("ours_xla", {}).get(phase)}
 
 
 def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    roof = entry["roofline_tok_s"]
-    for engine in ("ours", "ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
+    for engine in ("ours", "ours_quant", "ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
         res = entry.get(engine) or {}
         if "decode" not in res:
             continue
+        roof = entry["quant"]["roofline_tok_s"] if engine == "ours_quant" else entry["roofline_tok_s"]
         for b, v in res["decode"].items():
             rows.append({"model": entry["name"], "engine": engine, "phase": f"decode b{b}", "tok/s": v["tok_s"],
                          "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"],
@@ -440,6 +445,12 @@ def main(argv):
             with tqdm(total=4, desc=spec, unit="engine", leave=False) as bar:
                 bar.set_postfix_str("ours")
                 entry["ours"] = bench_ours(cfg, params, batches, s)
+                if m["params_quant"] is not None:
+                    bar.set_postfix_str("ours, block codes")
+                    q_bytes = weight_bytes_per_token(m["params_quant"])
+                    entry["quant"] = {"weight_bytes_per_token": q_bytes,
+                                      "roofline_tok_s": bw["roofline"] * 1e9 / q_bytes}
+                    entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s)
                 bar.update()
                 if FLAGS.xla_dots and entry["ours"]["native_kernels"]:
                     bar.set_postfix_str("ours, XLA dots")
@@ -475,6 +486,11 @@ def main(argv):
             entry["ratios"] = ratios(entry)
             b1 = entry["ours"]["decode"].get("1")
             entry["batch1_roofline_fraction"] = b1["tok_s"] / entry["roofline_tok_s"] if b1 else None
+            if "ours_quant" in entry:
+                entry["ratios_quant"] = ratios(entry, "ours_quant")
+                b1 = entry["ours_quant"]["decode"].get("1")
+                entry["quant"]["batch1_roofline_fraction"] = (b1["tok_s"] / entry["quant"]["roofline_tok_s"]
+                                                              if b1 else None)
             results["models"].append(entry)
             del m, params
 
@@ -491,6 +507,9 @@ def main(argv):
               f"per batch-1 token -> roofline {e['roofline_tok_s']:.1f} tok/s; compile s: "
               + ", ".join(f"{k} {v:.1f}" for k, v in e["ours"]["compile_s"].items())
               + f"; KV pool {e['ours']['num_pages']} pages")
+        if "quant" in e:
+            print(f"  ours_quant (the file's block codes): {e['quant']['weight_bytes_per_token'] / 1e6:.0f} MB read "
+                  f"per batch-1 token -> roofline {e['quant']['roofline_tok_s']:.1f} tok/s")
         if "torch_threads" in e.get("transformers", {}):
             t = e["transformers"]["torch_threads"]
             print(f"  transformers on {t['device']}" if t.get("device") else
@@ -499,10 +518,11 @@ def main(argv):
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
         for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32, our weights")):
-            if engine in e["ratios"]:
-                print(f"{e['name']}: ours / llama.cpp ({what}): "
-                      + ", ".join(f"{k} {v:.2f}x" for k, v in e["ratios"][engine].items()))
-            elif "status" in e.get(engine, {}):
+            for ours, r in (("ours", e["ratios"]), ("ours_quant", e.get("ratios_quant") or {})):
+                if engine in r:
+                    print(f"{e['name']}: {ours} / llama.cpp ({what}): "
+                          + ", ".join(f"{k} {v:.2f}x" for k, v in r[engine].items()))
+            if "status" in e.get(engine, {}):
                 print(f"{e['name']}: {engine} {e[engine]['status']}")
     for n in notes:
         print(n)

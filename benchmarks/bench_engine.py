@@ -78,6 +78,8 @@ flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto =
 flags.DEFINE_string("compile_cache_dir", os.path.join(tempfile.gettempdir(), "novallm_bench_engine_xla"),
                     "JAX persistent compilation cache (a rerun skips compiles); empty: off.")
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
+flags.DEFINE_enum("weights", "auto", ["auto", "quantized", "float"], "GGUF models: keep the file's block codes for "
+                  "our engine (quantized; the same float32 values), or dequantise (float); auto: as the SDK does.")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
@@ -125,13 +127,16 @@ def load_models(spec: str, seed: int, workdir: str, want_hf: bool) -> dict[str, 
     """Our (cfg, params), the tokenizer, and the same weights in transformers (or None)."""
     import jax.numpy as jnp
 
-    from novallm_jax.loading import default_model_path, load_model
+    from novallm_jax.loading import default_model_path, load_model, quantized_by_default
     from novallm_jax.tokenizer import load_tokenizer
 
     hf = None
     if spec == "smollm2" or spec.endswith(".gguf"):
         path = default_model_path() if spec == "smollm2" else spec
-        cfg, params = load_model(path, jnp.float32)
+        keep = FLAGS.weights != "float" and quantized_by_default(jnp.float32)
+        if FLAGS.weights == "quantized" and not keep:
+            raise ValueError("--weights=quantized needs the native CPU kernels")
+        cfg, params = load_model(path, jnp.float32, keep_quantized=keep)
         tokenizer = load_tokenizer(path)
         if want_hf:
             hf = _hf_load(os.path.dirname(path), gguf_file=os.path.basename(path))
@@ -512,7 +517,8 @@ def print_report(res: dict[str, Any]) -> None:
     s = res["settings"]
     hf = res.get("transformers")
     print(f"\nworkload: {s['num_requests']} requests, prompts {s['min_prompt']}..{s['max_prompt']}, outputs "
-          f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}")
+          f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}"
+          + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else ""))
     rows = [_row("ours (continuous)", res["engine"], hf)]
     if hf:
         rows.append(_row(f"transformers (static b{hf['batch']})", hf, None))
@@ -564,7 +570,8 @@ def settings_from_flags() -> dict[str, Any]:
          "decode_buckets": [int(b) for b in FLAGS.decode_buckets],
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
-         "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged}
+         "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
+         "weights": FLAGS.weights}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,
                  "max_output": 8, "hf_batch": 4, "concurrency": 4, "conc_prompt": 8, "conc_output": 6,
@@ -606,7 +613,8 @@ def main(argv):
     phase("load")
     cfg = m["cfg"]
     results["model"] = {"model_type": cfg.model_type, "num_params": cfg.num_params(), "vocab_size": cfg.vocab_size,
-                        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size}
+                        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                        "block_codes": type(m["params"]["layers"][0]["wqkv"]).__name__ == "QuantLinear"}
     engine = build_engine(cfg, m["params"], m["tokenizer"], s)
     e = engine.executor.exec_cfg
     results["engine_config"] = {"slots": engine.num_slots, "num_pages": e.num_pages, "max_model_len": e.max_model_len,

@@ -74,9 +74,9 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def linear(x: jax.Array, w: jax.Array | native.PackedLinear) -> jax.Array:
-    """x [..., K] @ w [K, N]; a `PackedLinear` (float32 on CPU, see kernels/native.py) runs the native kernel."""
-    if isinstance(w, native.PackedLinear):
+def linear(x: jax.Array, w: jax.Array | native.PackedLinear | native.QuantLinear) -> jax.Array:
+    """x [..., K] @ w [K, N]; a `PackedLinear` or `QuantLinear` (CPU, see kernels/native.py) runs the native kernel."""
+    if isinstance(w, native.NATIVE_LINEAR):
         return w.apply(x)
     return jnp.matmul(x, w, precision=_precision(w.dtype))
 
@@ -174,7 +174,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
         x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"]
-    if isinstance(head, native.PackedLinear):
+    if isinstance(head, native.NATIVE_LINEAR):
         logits = linear(x, head)
     else:
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32, precision=_precision(head.dtype))

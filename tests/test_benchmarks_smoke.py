@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from novallm_jax.loading import quantized_by_default
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -72,3 +74,24 @@ def test_quick_run_prints_a_table(quick_run):
     proc, res = quick_run
     assert "% roofline" in proc.stdout and "decode b2" in proc.stdout
     assert "llama.cpp" in proc.stdout or "llama_cpp" in proc.stdout
+
+
+@pytest.mark.skipif(not quantized_by_default("float32"), reason="block codes run only in the native CPU kernels")
+def test_quick_run_on_a_quantised_gguf_times_our_block_codes(tmp_path):
+    from novallm_jax.loading.gguf_export import hf_to_gguf
+    from tests.hf_models import build_hf_model, save_hf_model
+
+    src = save_hf_model(build_hf_model("llama2"), str(tmp_path / "hf"))
+    path, output = hf_to_gguf(src, str(tmp_path / "tiny-q4_1.gguf"), quant="Q4_1"), tmp_path / "out.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models={path}",
+           "--batches=1,2", "--bandwidth_gib=0.02", "--notransformers", "--noxla_dots", "--nollama_cpp",
+           f"--output={output}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = json.loads(output.read_text())["models"]
+    assert set(entry["ours_quant"]["decode"]) == {"1", "2"}
+    assert all(positive(r["tok_s"]) for r in entry["ours_quant"]["decode"].values())
+    # 4-bit codes + float32 d and m per 32 weights: 0.75 bytes per weight, against 4 for ours.
+    assert entry["quant"]["weight_bytes_per_token"] < entry["weight_bytes_per_token"] / 3
+    assert entry["quant"]["batch1_roofline_fraction"] > 0
+    assert "ours_quant" in proc.stdout

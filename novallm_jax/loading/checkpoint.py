@@ -21,7 +21,12 @@ def is_orbax_dir(path: str) -> bool:
 
 
 def save_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
-    """Writes params and config under `directory` (created; must not hold a checkpoint already)."""
+    """Writes params and config under `directory` (created; must not hold a checkpoint already).
+
+    Weights held in GGUF block codes are written as their float32 values (a checkpoint holds plain arrays)."""
+    from novallm_jax.kernels import native
+
+    params = native.dequantize_params(params)
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:

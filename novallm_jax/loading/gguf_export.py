@@ -57,13 +57,25 @@ def _check_supported(cfg: ModelConfig) -> None:
             f"GGUF export covers the llama architecture without extras; this model has {', '.join(problems)}")
 
 
-def hf_to_gguf(model_dir: str, dst: str) -> str:
-    """Writes the safetensors checkpoint in `model_dir` to `dst` as an all-float32 llama GGUF; returns `dst`.
+def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
+    """Writes the safetensors checkpoint in `model_dir` to `dst` as a llama GGUF; returns `dst`.
 
+    Float32, or with `quant` ("Q4_0", "Q4_1" or "Q8_0", what the `gguf` package can quantise) the matmul weights and
+    the embedding table in that block format (those whose rows are a whole number of 32-weight blocks).
     The tokenizer is not converted: the file gets a placeholder vocabulary of the model's size, which is enough for
     running token ids (benchmarks, logit comparisons), not for text.
     """
     import gguf
+    import gguf.quants
+
+    if quant not in (None, "Q4_0", "Q4_1", "Q8_0"):
+        raise ValueError(f"quant must be None, 'Q4_0', 'Q4_1' or 'Q8_0', not {quant!r}")
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+
+    def add(name: str, a: np.ndarray, matmul: bool = True) -> None:
+        if qtype is None or not matmul or a.shape[-1] % 32:
+            return w.add_tensor(name, a)
+        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
     cfg = ModelConfig.from_hf(model_dir)
     _check_supported(cfg)
@@ -77,7 +89,7 @@ def hf_to_gguf(model_dir: str, dst: str) -> str:
 
     w = gguf.GGUFWriter(dst, "llama")
     w.add_name(os.path.basename(model_dir.rstrip("/")))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}") if quant else gguf.LlamaFileType.ALL_F32)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
@@ -102,20 +114,20 @@ def hf_to_gguf(model_dir: str, dst: str) -> str:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    w.add_tensor(gguf_names(None, "embed"), get(hf_names(None, "embed")))
-    w.add_tensor(gguf_names(None, "final_norm"), get(hf_names(None, "final_norm")))
+    add(gguf_names(None, "embed"), get(hf_names(None, "embed")))
+    add(gguf_names(None, "final_norm"), get(hf_names(None, "final_norm")), matmul=False)
     if not cfg.tie_word_embeddings:
-        w.add_tensor(gguf_names(None, "lm_head"), get(hf_names(None, "lm_head")))
+        add(gguf_names(None, "lm_head"), get(hf_names(None, "lm_head")))
     for i in tqdm(range(cfg.num_layers), desc="writing GGUF", unit="layer", leave=False):
         for part in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
             a = get(hf_names(i, part))
             if part in ("q", "k"):
                 a = _permute(a, cfg.num_heads if part == "q" else cfg.num_kv_heads)
-            w.add_tensor(gguf_names(i, part), a)
+            add(gguf_names(i, part), a, matmul="norm" not in part)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    logging.info("wrote %s (%d layers, float32)", dst, cfg.num_layers)
+    logging.info("wrote %s (%d layers, %s)", dst, cfg.num_layers, quant or "float32")
     return dst
 

@@ -1,4 +1,5 @@
-"""Loads a GGUF file: metadata to `ModelConfig`, every tensor dequantised by the `gguf` package to the compute dtype."""
+"""Loads a GGUF file: metadata to `ModelConfig`; tensors dequantised by the `gguf` package to the compute dtype, or,
+with `keep_quantized`, matmul weights of a `gguf_quant.SUPPORTED` type kept in their block codes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from absl import logging
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
+from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
 
 GGUF_MAGIC = b"GGUF"
 
@@ -62,7 +64,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict]:
+def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
+    """(config, params); `keep_quantized`: matmul weights stay in their GGUF block codes (`native.QuantLinear`, for
+    the native CPU kernels, which compute in float32 with the same values)."""
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
@@ -78,8 +82,16 @@ def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict]:
     if unexpected:
         raise TensorError(f"GGUF {path} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | BlockQuant:
         t = tensors[name]
+        if keep_quantized and name.endswith(_MATMUL_TENSORS):
+            shape = tuple(int(s) for s in reversed(t.shape))
+            bq = decode_blocks(t.data, t.tensor_type.name, shape) if shape == expected[name] else None
+            if bq is not None:
+                if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                    heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
+                    bq = bq.take_rows(_unpermute(np.arange(shape[0]), heads))
+                return bq
         try:
             a = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -95,6 +107,10 @@ def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict]:
 
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
     return cfg, assemble_params(cfg, get, gguf_names, dtype, desc=os.path.basename(path))
+
+
+_MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
+    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"])
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,150 @@
+"""GGUF weights kept in their block codes: decoding, packing, the native quantised matmul, loading and the model.
+
+The contract under test: a `QuantLinear` computes exactly (bit for bit) what the float32 native kernel computes on
+the weights that the `gguf` package dequantises; only the bytes read per weight change.
+"""
+
+import gguf
+import gguf.quants
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.errors import NovaLLMError
+from novallm_jax.kernels import native
+from novallm_jax.loading import load_model
+from novallm_jax.loading.gguf_export import hf_to_gguf
+from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
+from tests.hf_models import build_hf_model, save_hf_model
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls"),
+    pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernel is not built"),
+]
+
+
+def _raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF bytes [rows, row bytes] of a random weight in `type_name`."""
+    rng = np.random.default_rng(seed)
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    if type_name != "Q4_K":  # the gguf package quantises these
+        return gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32), qtype)
+    # Q4_K (the gguf package cannot quantise it): random codes, scales and mins with sane float16 d and dmin.
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    blocks[:, :4] = rng.uniform(0.001, 0.1, (n, 2)).astype(np.float16).view(np.uint8).reshape(n, 4)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name,bits", [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4)])
+def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
+    rows, cols = 24, 512
+    raw = _raw(type_name, rows, cols)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name)).astype(np.float32)
+    bq = decode_blocks(raw, type_name, (rows, cols))
+    assert bq.bits == bits and bq.shape == (rows, cols) and bq.d.shape == (rows, cols // 32)
+    np.testing.assert_array_equal(bq.dequantize(), ref)
+    perm = np.random.default_rng(1).permutation(rows)
+    np.testing.assert_array_equal(BlockQuant.concat_rows([bq, bq.take_rows(perm)]).dequantize(),
+                                  np.concatenate([ref, ref[perm]]))
+
+
+def test_unsupported_types_are_not_decoded():
+    raw = np.zeros((4, 64 * 2), np.uint8)
+    assert decode_blocks(raw, "F16", (4, 64)) is None
+    assert decode_blocks(raw, "Q6_K", (4, 256)) is None
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n", [16, 50])
+def test_pack_quant_round_trip(type_name, n):
+    bq = decode_blocks(_raw(type_name, n, 96), type_name, (n, 96))
+    panels = native.pack_quant(bq.codes, bq.d, bq.m, bq.bits)
+    assert panels.shape == (-(-n // 16), 3, 8 * 16 + 32 * 16 * bq.bits // 8)
+    dense = native.unpack_quant(panels, -(-n // 16) * 16, bq.bits)
+    np.testing.assert_array_equal(dense[:, :n], bq.dequantize().T)
+    assert not dense[:, n:].any()  # padding columns decode to zero
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 32, 100])
+def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
+    k, n = 512, 72
+    bq = decode_blocks(_raw(type_name, n, k, seed=m), type_name, (n, k))
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k), dtype=np.float32))
+    quant = native.QuantLinear.from_blocks(bq)
+    dense = native.PackedLinear.from_dense(bq.dequantize().T)
+    y = jax.jit(lambda x, w: w.apply(x))(x, quant)
+    assert y.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(lambda x, w: w.apply(x))(x, dense)))
+    w = bq.dequantize().T.astype(np.float64)
+    xs = np.asarray(x, np.float64)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(xs) @ np.abs(w))  # float32 rounding of a K-term dot product
+    assert (np.abs(np.asarray(y) - xs @ w) <= bound).all()
+
+
+def test_quant_matmul_rejects_a_mismatched_inner_dimension():
+    bq = decode_blocks(_raw("Q8_0", 16, 64), "Q8_0", (16, 64))
+    with pytest.raises(Exception, match="quantised matmul wants"):
+        native.quant_matmul(jnp.zeros((2, 96), jnp.float32), jnp.asarray(native.pack_quant(
+            bq.codes, bq.d, bq.m, bq.bits)), 16, 8).block_until_ready()
+
+
+def _logits(cfg, params, native_kernels=None):
+    """Prefill logits of two ragged prompts, then two decode steps' logits, through the executor."""
+    ex = Executor(cfg, params, ExecutorConfig(page_size=8, num_pages=32, max_model_len=64,
+                                              native_kernels=native_kernels))
+    cache = ex.new_cache()
+    prompts = [[3, 17, 42, 9, 11, 5, 8, 13, 21, 34, 55, 2], [7, 1, 4]]
+    tables = [[1, 2, 3], [4, 5, 6]]
+    out, cache = ex.prefill(cache, [PrefillChunk(p, 0, t) for p, t in zip(prompts, tables)])
+    outs = [np.asarray(out)]
+    for step in range(2):
+        out, cache = ex.decode(cache, [4 + step, 9], [len(p) + step for p in prompts], tables)
+        outs.append(np.asarray(out))
+    return ex, np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+def test_quantized_gguf_keeps_its_codes_and_gives_the_float_logits(tmp_path, quant):
+    model = build_hf_model("smollm2")  # tied embeddings, GQA: q/k rows are unpermuted in codes
+    src = save_hf_model(model, str(tmp_path / "hf"))
+    path = hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant)
+    cfg, dense = load_model(path, np.float32)
+    _, coded = load_model(path, np.float32, keep_quantized=True)
+    bits = 4 if quant == "Q4_1" else 8
+    for w in (coded["layers"][0]["wqkv"], coded["layers"][1]["w_down"], coded["lm_head"]):
+        assert isinstance(w, native.QuantLinear) and w.bits == bits
+    np.testing.assert_array_equal(coded["layers"][0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
+    np.testing.assert_array_equal(np.asarray(coded["embed"]), np.asarray(dense["embed"]))
+    ex, got = _logits(cfg, coded)
+    assert ex.params["lm_head"] is coded["lm_head"]
+    _, want = _logits(cfg, dense)
+    np.testing.assert_array_equal(got, want)
+    # Without the native kernels the codes are dequantised for XLA's dots: the same model, other summation order.
+    ex_xla, xla = _logits(cfg, coded, native_kernels=False)
+    assert isinstance(ex_xla.params["lm_head"], jax.Array)
+    np.testing.assert_allclose(xla, want, rtol=0, atol=1e-5)
+
+
+def test_default_model_runs_on_its_block_codes(default_gguf):
+    cfg, dense = load_model(default_gguf, np.float32)
+    _, coded = load_model(default_gguf, np.float32, keep_quantized=True)
+    layer = coded["layers"][0]
+    assert all(isinstance(layer[k], native.QuantLinear) and layer[k].bits == 4
+               for k in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert coded["lm_head"].bits == 8  # the file's token_embd is Q8_0 (tied)
+    matmul_bytes = lambda p: sum(x.nbytes for x in jax.tree.leaves(p)) - p["embed"].nbytes
+    assert matmul_bytes(dense) > 3.8 * matmul_bytes(coded)
+    np.testing.assert_array_equal(_logits(cfg, coded)[1], _logits(cfg, dense)[1])
+
+
+def test_llm_rejects_unknown_weights_setting():
+    from novallm_jax.llm import LLM
+
+    with pytest.raises(ValueError, match="weights must be"):
+        LLM("unused", weights="int4")
+    with pytest.raises(NovaLLMError, match="needs float32 on CPU"):
+        LLM("unused", weights="quantized", dtype="bfloat16")
