@@ -52,6 +52,9 @@ flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots i
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
 flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: Q4_0/Q4_1/"
                   "Q4_K/Q8_0 weights decoded in the native kernel to the same float32 values), where supported.")
+flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q8_0"], "Random models: write them as a GGUF in this "
+                  "block format and run every engine on it (transformers and ours dequantise it: the same float32 "
+                  "values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
 flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
@@ -70,6 +73,12 @@ def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
     dtype = resolve_dtype(FLAGS.dtype)
 
     gguf_path = hf_dir = params_quant = None
+    if spec.startswith("random:") and FLAGS.random_quant:
+        from novallm_jax.loading.gguf_export import hf_to_gguf
+
+        hf_dir = os.path.join(workdir, "random_model")
+        _hf_random(spec.split(":", 1)[1], seed).save_pretrained(hf_dir)
+        spec = hf_to_gguf(hf_dir, os.path.join(workdir, f"random-{FLAGS.random_quant}.gguf"), quant=FLAGS.random_quant)
     if spec == "smollm2" or spec.endswith(".gguf"):
         gguf_path = default_model_path() if spec == "smollm2" else spec
         cfg, params = load_model(gguf_path, dtype)

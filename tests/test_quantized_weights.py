@@ -148,3 +148,32 @@ def test_llm_rejects_unknown_weights_setting():
         LLM("unused", weights="int4")
     with pytest.raises(NovaLLMError, match="needs float32 on CPU"):
         LLM("unused", weights="quantized", dtype="bfloat16")
+
+
+def test_llm_keeps_the_default_models_codes_and_generates_what_float_weights_do(default_gguf):
+    from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.llm import LLM
+    from novallm_jax.sampling_params import SamplingParams
+    from tests.engine_fixtures import EXEC
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = {}
+    for weights, kind in (("auto", native.QuantLinear), ("float", native.PackedLinear)):
+        with LLM(default_gguf, weights=weights, engine_config=EngineConfig(executor=EXEC)) as llm:
+            assert isinstance(llm.engine.executor.params["layers"][0]["w_down"], kind)
+            out[weights] = llm.generate(["The capital of France is"], params)[0].outputs[0].token_ids
+            assert llm.engine.check_leaks() == []
+    assert out["auto"] == out["float"] and len(out["auto"]) == 8
+
+
+def test_a_checkpoint_of_coded_params_holds_their_float_values(tmp_path):
+    from novallm_jax.loading.checkpoint import load_checkpoint, save_checkpoint
+
+    src = save_hf_model(build_hf_model("llama2"), str(tmp_path / "hf"))
+    path = hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_1")
+    cfg, dense = load_model(path, np.float32)
+    _, coded = load_model(path, np.float32, keep_quantized=True)
+    save_checkpoint(str(tmp_path / "ckpt"), cfg, coded)
+    _, restored = load_checkpoint(str(tmp_path / "ckpt"), np.float32)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(dense)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
