@@ -1,5 +1,6 @@
 // Native float32 CPU kernels called through XLA's FFI (see native.py):
 // - PackedMatmul: y[M, N] = x[M, K] @ W, W packed as panels [N / 16, K, 16];
+// - QuantMatmul: the same with W in GGUF block codes (4- or 8-bit codes and per-block scales, see below);
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
@@ -148,9 +149,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
 
 // Block-quantised panels (GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights in their own codes): per panel, K / 32 blocks of
 // {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to a
@@ -172,7 +171,6 @@ inline v8 NoFuse(v8 v) {
   return v;
 }
 
-template <int BITS> inline void Codes(const uint8_t* c, v8& lo, v8& hi);
 // Eight codes widened to int32 (GCC scalarises __builtin_convertvector from an 8-byte vector, hence the intrinsics).
 inline v8i Widen(const uint8_t* c, bool sign) {
 #if defined(__AVX2__)
@@ -185,6 +183,8 @@ inline v8i Widen(const uint8_t* c, bool sign) {
 #endif
 }
 
+// The 16 codes of one k of a panel, as floats: columns 0-7 in `lo`, 8-15 in `hi`.
+template <int BITS> inline void Codes(const uint8_t* c, v8& lo, v8& hi);
 template <> inline void Codes<4>(const uint8_t* c, v8& lo, v8& hi) {
   const v8i w = Widen(c, false);
   lo = __builtin_convertvector(w & 15, v8);

@@ -25,7 +25,7 @@ import jaxlib
 import numpy as np
 from absl import logging
 
-PANEL = 16  # output columns per weight panel; must match kPanel in cpu_matmul.cc
+PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.cc
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"

@@ -14,6 +14,7 @@ import numpy as np
 
 BLOCK = 32  # weights per (d, m) pair
 SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256}  # weights per block of the file
 
 
 @dataclasses.dataclass
@@ -89,5 +90,3 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     m = np.zeros_like(d) if m is None else np.asarray(m, np.float32).reshape(rows, cols // BLOCK)
     return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits)
 
-
-_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256}
