@@ -50,11 +50,11 @@ flags.DEFINE_string("dtype", "auto", "Weight and activation dtype of every engin
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
 flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots instead of the native CPU kernel "
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
-flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: Q4_0/Q4_1/"
-                  "Q4_K/Q8_0 weights decoded in the native kernel to the same float32 values), where supported.")
-flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q8_0"], "Random models: write them as a GGUF in this "
-                  "block format and run every engine on it (transformers and ours dequantise it: the same float32 "
-                  "values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
+flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
+                  "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).")
+flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"], "Random models: write them "
+                  "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
+                  "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
 flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")

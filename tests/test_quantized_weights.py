@@ -29,16 +29,17 @@ def _raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """Raw GGUF bytes [rows, row bytes] of a random weight in `type_name`."""
     rng = np.random.default_rng(seed)
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
-    if type_name != "Q4_K":  # the gguf package quantises these
+    if not type_name.endswith("_K"):  # the gguf package quantises these
         return gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32), qtype)
-    # Q4_K (the gguf package cannot quantise it): random codes, scales and mins with sane float16 d and dmin.
+    # K-quants (the gguf package cannot quantise them): random codes, scales and mins with sane float16 d and dmin.
     n = rows * cols // 256
-    blocks = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (n, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     blocks[:, :4] = rng.uniform(0.001, 0.1, (n, 2)).astype(np.float16).view(np.uint8).reshape(n, 4)
     return blocks.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("type_name,bits", [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4)])
+@pytest.mark.parametrize("type_name,bits", [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 8),
+                                            ("Q5_1", 8), ("Q5_K", 8)])
 def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     rows, cols = 24, 512
     raw = _raw(type_name, rows, cols)
@@ -51,10 +52,23 @@ def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
                                   np.concatenate([ref, ref[perm]]))
 
 
+def test_codes_of_mixed_widths_concatenate_in_8_bits():
+    q4 = decode_blocks(_raw("Q4_K", 16, 256), "Q4_K", (16, 256))
+    q5 = decode_blocks(_raw("Q5_K", 8, 256, seed=1), "Q5_K", (8, 256))
+    both = BlockQuant.concat_rows([q4, q5])
+    assert both.bits == 8 and both.codes.dtype == np.int8
+    np.testing.assert_array_equal(both.dequantize(), np.concatenate([q4.dequantize(), q5.dequantize()]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32))
+    y = native.QuantLinear.from_blocks(both).apply(x)
+    dense = native.PackedLinear.from_dense(both.dequantize().T)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply(x)))
+
+
 def test_unsupported_types_are_not_decoded():
     raw = np.zeros((4, 64 * 2), np.uint8)
     assert decode_blocks(raw, "F16", (4, 64)) is None
     assert decode_blocks(raw, "Q6_K", (4, 256)) is None
+    assert decode_blocks(raw, "Q4_1", (4, 48)) is None  # rows that are not whole blocks
 
 
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
@@ -68,7 +82,7 @@ def test_pack_quant_round_trip(type_name, n):
     assert not dense[:, n:].any()  # padding columns decode to zero
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K", "Q5_K"])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 32, 100])
 def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
     k, n = 512, 72
@@ -107,14 +121,14 @@ def _logits(cfg, params, native_kernels=None):
     return ex, np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])
 
 
-@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q5_1", "Q8_0"])
 def test_quantized_gguf_keeps_its_codes_and_gives_the_float_logits(tmp_path, quant):
     model = build_hf_model("smollm2")  # tied embeddings, GQA: q/k rows are unpermuted in codes
     src = save_hf_model(model, str(tmp_path / "hf"))
     path = hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant)
     cfg, dense = load_model(path, np.float32)
     _, coded = load_model(path, np.float32, keep_quantized=True)
-    bits = 4 if quant == "Q4_1" else 8
+    bits = 4 if quant == "Q4_1" else 8  # Q4_0 is held as signed 8-bit codes, Q5_1 as 8-bit ones
     for w in (coded["layers"][0]["wqkv"], coded["layers"][1]["w_down"], coded["lm_head"]):
         assert isinstance(w, native.QuantLinear) and w.bits == bits
     np.testing.assert_array_equal(coded["layers"][0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))

@@ -59,8 +59,8 @@ def model_kind(path: str) -> str:
 def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
     """Loads (config, params) from `path` (default: SmolLM2-135M-Instruct), cast to `dtype` (default per platform).
 
-    `keep_quantized`: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 matmul weights stay in their block codes, for the native CPU
-    kernels (float32 only; other files and types load as usual). See `quantized_by_default`.
+    `keep_quantized`: a GGUF file's Q4_0/1/K, Q5_0/1/K and Q8_0 matmul weights stay in their block codes, for the
+    native CPU kernels (float32 only; other files and types load as usual). See `quantized_by_default`.
     """
     path = os.path.expanduser(path) if path else default_model_path()
     dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype

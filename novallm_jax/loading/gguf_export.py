@@ -60,16 +60,16 @@ def _check_supported(cfg: ModelConfig) -> None:
 def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     """Writes the safetensors checkpoint in `model_dir` to `dst` as a llama GGUF; returns `dst`.
 
-    Float32, or with `quant` ("Q4_0", "Q4_1" or "Q8_0", what the `gguf` package can quantise) the matmul weights and
-    the embedding table in that block format (those whose rows are a whole number of 32-weight blocks).
+    Float32, or with `quant` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0: what the `gguf` package can quantise) the matmul
+    weights and the embedding table in that block format (those whose rows are a whole number of 32-weight blocks).
     The tokenizer is not converted: the file gets a placeholder vocabulary of the model's size, which is enough for
     running token ids (benchmarks, logit comparisons), not for text.
     """
     import gguf
     import gguf.quants
 
-    if quant not in (None, "Q4_0", "Q4_1", "Q8_0"):
-        raise ValueError(f"quant must be None, 'Q4_0', 'Q4_1' or 'Q8_0', not {quant!r}")
+    if quant not in (None, "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        raise ValueError(f"quant must be None, 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1' or 'Q8_0', not {quant!r}")
     qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
 
     def add(name: str, a: np.ndarray, matmul: bool = True) -> None:

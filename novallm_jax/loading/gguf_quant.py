@@ -1,9 +1,10 @@
 """GGUF block-quantised tensors kept in their own codes: w = d * code + m per block of 32 weights of a row.
 
-Q4_0, Q4_1, Q4_K and Q8_0 all have that form, with per-block scales `d` and offsets `m` that decode exactly to the
-float32 values the `gguf` package dequantises (`BlockQuant.dequantize` is bit-identical to it). The native CPU
-matmul (kernels/native.py, `QuantLinear`) reads these codes, so a Q4 weight costs 0.75 bytes of memory traffic per
-weight instead of float32's 4, with the same arithmetic as the float32 weights.
+Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 have that form, with per-block scales `d` and offsets `m` that decode
+exactly to the float32 values the `gguf` package dequantises (`BlockQuant.dequantize` is bit-identical to it). The
+native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes, so a Q4 weight costs 0.75 bytes of memory
+traffic instead of float32's 4, with the same arithmetic as the float32 weights. 5-bit codes are held in 8 bits
+(1.25 bytes). Q6_K (16-weight sub-blocks) and other types load as float32.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import dataclasses
 import numpy as np
 
 BLOCK = 32  # weights per (d, m) pair
-SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
-_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256}  # weights per block of the file
+SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")
+_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q5_0": 32, "Q5_1": 32, "Q5_K": 256, "Q8_0": 32}
 
 
 @dataclasses.dataclass
@@ -39,10 +40,15 @@ class BlockQuant:
     def take_rows(self, index: np.ndarray) -> "BlockQuant":
         return BlockQuant(self.codes[index], self.d[index], self.m[index], self.bits)
 
+    def to_8bit(self) -> "BlockQuant":
+        """The same weights with their codes held in 8 bits (4-bit codes are 0..15)."""
+        return self if self.bits == 8 else BlockQuant(self.codes.astype(np.int8), self.d, self.m, 8)
+
     @staticmethod
     def concat_rows(parts: list["BlockQuant"]) -> "BlockQuant":
+        """Rows of several weights; codes of mixed widths (a Q4_K q beside a Q5_K v, say) go to 8 bits."""
         if len({p.bits for p in parts}) != 1:
-            raise ValueError("cannot concatenate 4-bit and 8-bit codes")
+            parts = [p.to_8bit() for p in parts]
         return BlockQuant(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "d", "m")), parts[0].bits)
 
 
@@ -55,6 +61,12 @@ def _nibbles(qs: np.ndarray, group: int) -> np.ndarray:
     n = qs.shape[0]
     qs = qs.reshape(n, -1, 1, group) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     return (qs & np.uint8(0x0F)).reshape(n, -1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 4 bytes of fifth bits -> [n, 32] bits (a little-endian uint32, bit i for weight i)."""
+    qh = np.ascontiguousarray(qh).view(np.uint32).reshape(-1, 1) >> np.arange(32, dtype=np.uint32)
+    return (qh & np.uint32(1)).astype(np.uint8)
 
 
 def _q4_k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +93,23 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     elif type_name == "Q4_1":
         d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 4
         codes = _nibbles(blocks[:, 4:], 16)
-    else:  # Q4_K: super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins
+    elif type_name == "Q5_0":
+        d, m, bits = _f16(blocks[:, :2]), None, 8
+        codes = (_nibbles(blocks[:, 6:], 16) | (_high_bits(blocks[:, 2:6]) << np.uint8(4))).astype(np.int8)
+        codes = codes - np.int8(16)
+    elif type_name == "Q5_1":
+        d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 8
+        codes = (_nibbles(blocks[:, 8:], 16) | (_high_bits(blocks[:, 4:8]) << np.uint8(4))).astype(np.int8)
+    else:  # Q4_K, Q5_K: super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins
         sc, mn = _q4_k_scales(blocks[:, 4:16])
         d = (_f16(blocks[:, :2])[:, None] * sc.astype(np.float32))
         m = -(_f16(blocks[:, 2:4])[:, None] * mn.astype(np.float32))  # d * q + (-dm) == d * q - dm exactly
-        codes, bits = _nibbles(blocks[:, 16:], 32), 4
+        if type_name == "Q4_K":
+            codes, bits = _nibbles(blocks[:, 16:], 32), 4
+        else:  # 32 bytes of fifth bits (bit i of each byte for sub-block i), then the nibbles
+            high = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            high = (high & np.uint8(1)).reshape(-1, 256)
+            codes, bits = (_nibbles(blocks[:, 48:], 32) | (high << np.uint8(4))).astype(np.int8), 8
     d = np.asarray(d, np.float32).reshape(rows, cols // BLOCK)
     m = np.zeros_like(d) if m is None else np.asarray(m, np.float32).reshape(rows, cols // BLOCK)
     return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits)
