@@ -77,6 +77,7 @@ class LLM:
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
                  compile_cache_dir: str | None = None, warmup: bool = False):
         from novallm_jax.loading import default_model_path, load_model, quantized_by_default
+        from novallm_jax.loading.gguf_readers import shared_readers
         from novallm_jax.tokenizer import load_tokenizer
 
         if weights not in ("auto", "quantized", "float"):
@@ -88,8 +89,10 @@ class LLM:
         self.model_path = model or default_model_path()
         if compile_cache_dir:
             enable_compilation_cache(compile_cache_dir)
-        self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
-        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer or self.model_path)
+        with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
+            self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
+            self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
+                              else load_tokenizer(tokenizer or self.model_path))
         config = engine_config or EngineConfig()
         if max_model_len is not None:
             config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,

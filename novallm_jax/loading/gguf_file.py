@@ -13,6 +13,7 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
 from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
+from novallm_jax.loading.gguf_readers import reader_for
 
 GGUF_MAGIC = b"GGUF"
 
@@ -40,7 +41,7 @@ def open_gguf(path: str):
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        return gguf.GGUFReader(path)
+        return reader_for(path, gguf.GGUFReader)
     except Exception as e:  # the reader raises bare ValueErrors/struct errors on truncated files
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
 
