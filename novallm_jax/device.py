@@ -32,8 +32,10 @@ def default_dtype(platform_name: str | None = None):
     return _DEFAULT_DTYPE.get(platform_name or platform(), jnp.float32)
 
 
-def resolve_dtype(name: str | None):
-    """A dtype from its name ("float32", "bf16", …); None or "auto" picks the platform default."""
+def resolve_dtype(name):
+    """A dtype from its name ("float32", "bf16", …); None or "auto" picks the platform default; a dtype passes."""
+    if name is not None and not isinstance(name, str):
+        return name
     if name in (None, "", "auto"):
         return default_dtype()
     try:

@@ -17,6 +17,7 @@ def test_platform_and_default_dtype_follow_the_backend():
 @pytest.mark.parametrize("name, dtype", [("float32", jnp.float32), ("bf16", jnp.bfloat16), ("F16", jnp.float16)])
 def test_resolve_dtype_names(name, dtype):
     assert device.resolve_dtype(name) == dtype
+    assert device.resolve_dtype(dtype) is dtype  # a dtype passes through
 
 
 def test_unknown_dtype_and_missing_platform_are_clear_errors():

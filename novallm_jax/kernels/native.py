@@ -203,10 +203,6 @@ class QuantLinear:
         """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout)."""
         return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits)), n=int(bq.shape[0]), bits=bq.bits)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.panels.nbytes)
-
     def to_dense(self) -> np.ndarray:
         return unpack_quant(self.panels, self.n, self.bits)
 

@@ -36,8 +36,7 @@ def quantized_by_default(dtype) -> bool:
 
     from novallm_jax.kernels import native
 
-    dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
-    return jax.default_backend() == "cpu" and dtype == jnp.float32 and native.available()
+    return jax.default_backend() == "cpu" and resolve_dtype(dtype) == jnp.float32 and native.available()
 
 
 def model_kind(path: str) -> str:
@@ -63,7 +62,7 @@ def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False
     native CPU kernels (float32 only; other files and types load as usual). See `quantized_by_default`.
     """
     path = os.path.expanduser(path) if path else default_model_path()
-    dtype = resolve_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
+    dtype = resolve_dtype(dtype)
     kind = model_kind(path)
     if kind == "gguf":
         from novallm_jax.loading.gguf_file import load_gguf

@@ -83,16 +83,20 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     if unexpected:
         raise TensorError(f"GGUF {path} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
 
+    def permuted_heads(name: str) -> int | None:
+        """The head count of a Q/K weight whose rows llama.cpp reordered (see `_unpermute`), else None."""
+        if arch != "llama" or not name.endswith(("attn_q.weight", "attn_k.weight")):
+            return None
+        return cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
+
     def get(name: str) -> np.ndarray | BlockQuant:
         t = tensors[name]
         if keep_quantized and name.endswith(_MATMUL_TENSORS):
             shape = tuple(int(s) for s in reversed(t.shape))
             bq = decode_blocks(t.data, t.tensor_type.name, shape) if shape == expected[name] else None
             if bq is not None:
-                if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-                    heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
-                    bq = bq.take_rows(_unpermute(np.arange(shape[0]), heads))
-                return bq
+                heads = permuted_heads(name)
+                return bq if heads is None else bq.take_rows(_unpermute(np.arange(shape[0]), heads))
         try:
             a = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -101,10 +105,8 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         a = np.asarray(a, np.float32)
         if a.shape != expected[name]:
             raise TensorError(f"tensor {name!r} in {path} has shape {a.shape}, expected {expected[name]}")
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
-            a = _unpermute(a, heads)
-        return a
+        heads = permuted_heads(name)
+        return a if heads is None else _unpermute(a, heads)
 
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
     return cfg, assemble_params(cfg, get, gguf_names, dtype, desc=os.path.basename(path))

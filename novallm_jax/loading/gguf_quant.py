@@ -15,7 +15,6 @@ import numpy as np
 
 BLOCK = 32  # weights per (d, m) pair
 SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")
-_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q5_0": 32, "Q5_1": 32, "Q5_K": 256, "Q8_0": 32}
 
 
 @dataclasses.dataclass
@@ -84,7 +83,10 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     rows, cols = shape
     if type_name not in SUPPORTED or cols % BLOCK:
         return None
-    blocks = np.ascontiguousarray(raw, np.uint8).reshape(-1, raw.size // (rows * cols // _BLOCK_SIZE[type_name]))
+    import gguf
+
+    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][1]
+    blocks = np.ascontiguousarray(raw, np.uint8).reshape(-1, block_bytes)
     if type_name == "Q8_0":
         d, codes, m, bits = _f16(blocks[:, :2]), blocks[:, 2:].view(np.int8), None, 8
     elif type_name == "Q4_0":
