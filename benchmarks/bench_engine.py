@@ -127,16 +127,13 @@ def load_models(spec: str, seed: int, workdir: str, want_hf: bool) -> dict[str, 
     """Our (cfg, params), the tokenizer, and the same weights in transformers (or None)."""
     import jax.numpy as jnp
 
-    from novallm_jax.loading import default_model_path, load_model, quantized_by_default
+    from novallm_jax.loading import default_model_path, keep_quantized_for, load_model
     from novallm_jax.tokenizer import load_tokenizer
 
     hf = None
     if spec == "smollm2" or spec.endswith(".gguf"):
         path = default_model_path() if spec == "smollm2" else spec
-        keep = FLAGS.weights != "float" and quantized_by_default(jnp.float32)
-        if FLAGS.weights == "quantized" and not keep:
-            raise ValueError("--weights=quantized needs the native CPU kernels")
-        cfg, params = load_model(path, jnp.float32, keep_quantized=keep)
+        cfg, params = load_model(path, jnp.float32, keep_quantized=keep_quantized_for(FLAGS.weights, jnp.float32))
         tokenizer = load_tokenizer(path)
         if want_hf:
             hf = _hf_load(os.path.dirname(path), gguf_file=os.path.basename(path))
@@ -595,6 +592,8 @@ def main(argv):
         enable_compilation_cache(FLAGS.compile_cache_dir)
     import jax
 
+    from novallm_jax.kernels import native
+
     results: dict[str, Any] = {"machine": common.machine_info(), "settings": s}
     results["machine"]["loadavg_before"] = results["machine"].pop("loadavg")
     results["machine"]["jax_backend"] = jax.default_backend()
@@ -614,7 +613,7 @@ def main(argv):
     cfg = m["cfg"]
     results["model"] = {"model_type": cfg.model_type, "num_params": cfg.num_params(), "vocab_size": cfg.vocab_size,
                         "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-                        "block_codes": type(m["params"]["layers"][0]["wqkv"]).__name__ == "QuantLinear"}
+                        "block_codes": isinstance(m["params"]["layers"][0]["wqkv"], native.QuantLinear)}
     engine = build_engine(cfg, m["params"], m["tokenizer"], s)
     e = engine.executor.exec_cfg
     results["engine_config"] = {"slots": engine.num_slots, "num_pages": e.num_pages, "max_model_len": e.max_model_len,

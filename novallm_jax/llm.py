@@ -76,15 +76,11 @@ class LLM:
                  weights: str = "auto",
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
                  compile_cache_dir: str | None = None, warmup: bool = False):
-        from novallm_jax.loading import default_model_path, load_model, quantized_by_default
+        from novallm_jax.loading import default_model_path, keep_quantized_for, load_model
         from novallm_jax.loading.gguf_readers import shared_readers
         from novallm_jax.tokenizer import load_tokenizer
 
-        if weights not in ("auto", "quantized", "float"):
-            raise ValueError(f"weights must be 'auto', 'quantized' or 'float', not {weights!r}")
-        keep_quantized = weights != "float" and quantized_by_default(dtype)
-        if weights == "quantized" and not keep_quantized:
-            raise NovaLLMError("weights='quantized' needs float32 on CPU and the native kernels (a C++ compiler)")
+        keep_quantized = keep_quantized_for(weights, dtype)
 
         self.model_path = model or default_model_path()
         if compile_cache_dir:

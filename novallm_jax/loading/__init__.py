@@ -39,6 +39,19 @@ def quantized_by_default(dtype) -> bool:
     return jax.default_backend() == "cpu" and resolve_dtype(dtype) == jnp.float32 and native.available()
 
 
+def keep_quantized_for(weights: str, dtype) -> bool:
+    """Whether to keep GGUF block codes for a `weights` setting: "auto" (where they can run), "quantized" (an error
+    where they cannot) or "float"."""
+    from novallm_jax.errors import NovaLLMError
+
+    if weights not in ("auto", "quantized", "float"):
+        raise ValueError(f"weights must be 'auto', 'quantized' or 'float', not {weights!r}")
+    keep = weights != "float" and quantized_by_default(dtype)
+    if weights == "quantized" and not keep:
+        raise NovaLLMError("weights='quantized' needs float32 on CPU and the native kernels (a C++ compiler)")
+    return keep
+
+
 def model_kind(path: str) -> str:
     """"gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
     from novallm_jax.loading.checkpoint import is_orbax_dir
