@@ -70,23 +70,29 @@ class LLM:
     weights: a GGUF file's Q4_0/1/K, Q5_0/1/K and Q8_0 matmul weights stay in their block codes ("quantized": the
       native CPU kernels decode them to the same float32 values, reading 3-5x fewer bytes per token) or are
       dequantised ("float"); "auto" (default): quantized where that can run (float32 on CPU with a C++ compiler).
+    activations: "float32" (default), or "int8": block-coded matmuls quantise their inputs to int8 per 32 values and
+      run integer dot products, as llama.cpp does (~1.5x faster decoding on CPU; outputs close to, not identical
+      with, float32 arithmetic's). Needs block codes (a Q4/Q5/Q8 GGUF file) and an AVX2 CPU.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
-                 weights: str = "auto",
+                 weights: str = "auto", activations: str = "float32",
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
                  compile_cache_dir: str | None = None, warmup: bool = False):
-        from novallm_jax.loading import default_model_path, keep_quantized_for, load_model
+        from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
+                                         with_activations)
         from novallm_jax.loading.gguf_readers import shared_readers
         from novallm_jax.tokenizer import load_tokenizer
 
         keep_quantized = keep_quantized_for(weights, dtype)
+        check_activations(activations)  # before the load, which takes seconds
 
         self.model_path = model or default_model_path()
         if compile_cache_dir:
             enable_compilation_cache(compile_cache_dir)
         with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
             self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
+            params = with_activations(params, activations)
             self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
                               else load_tokenizer(tokenizer or self.model_path))
         config = engine_config or EngineConfig()

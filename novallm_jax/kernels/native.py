@@ -30,6 +30,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 8: "novallm_q8_matmul_f32"}
+_DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
 
@@ -70,6 +71,14 @@ def _build(compiler: str) -> Path:
     return out
 
 
+_INT8_DOT: list[bool] = []  # set by `available()`: whether the build has the int8-dot kernels (AVX2)
+
+
+def int8_dot_available() -> bool:
+    """Whether `QuantLinear.with_int8_activations` weights can run here (native kernels built with AVX2)."""
+    return available() and _INT8_DOT[-1]
+
+
 @functools.cache
 def available() -> bool:
     """Whether the native kernels are built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
@@ -85,6 +94,9 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (8, lib.NovallmQ8MatmulF32)):
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
+        for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (8, lib.NovallmQ8DotMatmulF32)):
+            jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
+        _INT8_DOT.append(bool(lib.NovallmHasInt8Dot()))
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return False
@@ -116,42 +128,65 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return y[:, :n].reshape(*lead, n)
 
 
-def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> np.ndarray:
+def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
+    """Codes [P, KB, 32, 16] (k, column) -> the panels' code bytes [P, KB, block code bytes]: k-major for the float32
+    decode; for the int8-dot kernel, [8 k-quads][16 columns][4 k] (4-bit: 8 columns, c and c + 8 in one byte)."""
+    p, kb = c.shape[:2]
+    if int8:
+        c = c.reshape(p, kb, QUANT_BLOCK // 4, 4, PANEL).swapaxes(-1, -2)  # [P, KB, 8, 16, 4]
+        if bits == 4:
+            c = c[..., :PANEL // 2, :] | (c[..., PANEL // 2:, :] << np.uint8(4))
+    elif bits == 4:
+        c = c[..., :PANEL // 2] | (c[..., PANEL // 2:] << np.uint8(4))
+    return np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)
+
+
+def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
+    """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4-bit) or int8."""
+    p, kb, _ = panels.shape
+    c = np.ascontiguousarray(panels[..., 8 * PANEL:])
+    if bits == 4:
+        c = c.reshape(p, kb, QUANT_BLOCK // 4, PANEL // 2, 4) if int8 else c.reshape(p, kb, QUANT_BLOCK, PANEL // 2)
+        c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=3 if int8 else -1)
+    else:
+        c = c.view(np.int8).reshape(p, kb, QUANT_BLOCK // 4, PANEL, 4) if int8 else c.view(np.int8)
+    if int8:
+        c = c.swapaxes(-1, -2)
+    return c.reshape(p, kb, QUANT_BLOCK, PANEL)
+
+
+def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False) -> np.ndarray:
     """Block codes of w^T (`codes` [N, K], `d`, `m` [N, K / 32], as in `loading.gguf_quant.BlockQuant`) -> panels
-    [ceil(N / 16), K / 32, block bytes] of {float d[16], float m[16], codes[32][16]}, the layout `quant_matmul`
-    reads; 4-bit codes hold column j in the low nibble and column j + 8 in the high one. Padding columns are zero."""
+    [ceil(N / 16), K / 32, block bytes] of {float d[16], float m[16], codes}, the layout `quant_matmul` reads (codes
+    [32][16]; 4-bit codes hold column j in the low nibble and column j + 8 in the high one), or with `int8` the
+    int8-dot kernel's (see `_layout_codes`). Padding columns are zero."""
     n, k = codes.shape
     pad = -n % PANEL
     if pad:
         codes, d, m = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, d, m))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
-    if bits == 4:
-        c = c[..., :PANEL // 2] | (c[..., PANEL // 2:] << np.uint8(4))
     scales = [np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
               for a in (d, m)]
-    return np.concatenate(scales + [np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)], axis=-1)
+    return np.concatenate(scales + [_layout_codes(c, bits, int8)], axis=-1)
 
 
-def unpack_quant(panels: np.ndarray, n: int, bits: int) -> np.ndarray:
-    """The float32 weight [K, n] that `pack_quant` panels decode to (the kernel's arithmetic, in numpy)."""
+def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False) -> np.ndarray:
+    """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
     d, m = (np.ascontiguousarray(panels[..., i * 4 * PANEL:(i + 1) * 4 * PANEL]).view(np.float32) for i in (0, 1))
-    c = np.ascontiguousarray(panels[..., 8 * PANEL:]).reshape(p, kb, QUANT_BLOCK, -1)
-    if bits == 4:
-        c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=-1)
-    else:
-        c = c.view(np.int8)
+    c = _panel_codes(panels, bits, int8)
     w = (d[:, :, None, :] * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
     return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
 
 
-def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int) -> jax.Array:
-    """x [..., K] float32 @ the `pack_quant` weight of `n` output columns -> [..., n]. Needs `available()`."""
+def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False) -> jax.Array:
+    """x [..., K] float32 @ the `pack_quant` weight of `n` output columns -> [..., n]. Needs `available()`; `int8`
+    (the panels' layout) quantises x to int8 per block of 32 and runs integer dot products (`int8_dot_available()`)."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = jax.ffi.ffi_call(_QUANT_MATMUL[bits], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = jax.ffi.ffi_call((_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels)
     return y[:, :n].reshape(*lead, n)
 
@@ -192,11 +227,16 @@ class PackedLinear:
 
 @flax.struct.dataclass
 class QuantLinear:
-    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`) stored as `pack_quant` panels."""
+    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`) stored as `pack_quant` panels.
+
+    `int8`: the int8-dot layout, whose matmul quantises x to int8 per block of 32, as llama.cpp does: about 5x less
+    arithmetic per weight than decoding it to float32, at the cost of x's rounding (results close to, not
+    bit-identical with, the float32 weights')."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
     bits: int = flax.struct.field(pytree_node=False)
+    int8: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
@@ -204,10 +244,19 @@ class QuantLinear:
         return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits)), n=int(bq.shape[0]), bits=bq.bits)
 
     def to_dense(self) -> np.ndarray:
-        return unpack_quant(self.panels, self.n, self.bits)
+        return unpack_quant(self.panels, self.n, self.bits, self.int8)
+
+    def with_int8_activations(self) -> "QuantLinear":
+        """The same weight in the int8-dot layout."""
+        if self.int8:
+            return self
+        panels = np.asarray(self.panels)
+        codes = _layout_codes(_panel_codes(panels, self.bits, False), self.bits, True)
+        return QuantLinear(jnp.asarray(np.concatenate([panels[..., :8 * PANEL], codes], axis=-1)), self.n, self.bits,
+                           True)
 
     def apply(self, x: jax.Array) -> jax.Array:
-        return quant_matmul(x, self.panels, self.n, self.bits)
+        return quant_matmul(x, self.panels, self.n, self.bits, self.int8)
 
 
 NATIVE_LINEAR = (PackedLinear, QuantLinear)
@@ -221,6 +270,12 @@ def pack_params(params: dict) -> dict:
 
     layers = [{k: maybe_pack(v) if k in PACKED_WEIGHTS else v for k, v in layer.items()} for layer in params["layers"]]
     return {**params, "layers": layers, "lm_head": maybe_pack(params["lm_head"])}
+
+
+def int8_activations(params: dict) -> dict:
+    """The params pytree with every `QuantLinear` in the int8-dot layout (`QuantLinear.with_int8_activations`)."""
+    to_int8 = lambda w: w.with_int8_activations() if isinstance(w, QuantLinear) else w
+    return jax.tree.map(to_int8, params, is_leaf=lambda w: isinstance(w, QuantLinear))
 
 
 def dequantize_params(params: dict) -> dict:

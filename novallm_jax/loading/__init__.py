@@ -52,6 +52,35 @@ def keep_quantized_for(weights: str, dtype) -> bool:
     return keep
 
 
+ACTIVATIONS = ("float32", "int8")
+
+
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATIONS))}, not {activations!r}")
+
+
+def with_activations(params: dict, activations: str) -> dict:
+    """The params for an `activations` setting: "float32" (as loaded), or "int8": every block-coded matmul weight
+    quantises its input to int8 per 32 values and runs integer dot products, as llama.cpp does (faster; results
+    close to, not identical with, the float32 arithmetic's). "int8" needs block codes and an AVX2 CPU."""
+    import jax
+
+    from novallm_jax.errors import NovaLLMError
+    from novallm_jax.kernels import native
+
+    check_activations(activations)
+    if activations == "float32":
+        return params
+    leaves = jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear))
+    if not any(isinstance(w, native.QuantLinear) for w in leaves):
+        raise NovaLLMError("activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K or "
+                           "Q8_0 GGUF model with weights='auto' or 'quantized'")
+    if not native.int8_dot_available():
+        raise NovaLLMError("activations='int8' needs the native CPU kernels built for a CPU with AVX2")
+    return native.int8_activations(params)
+
+
 def model_kind(path: str) -> str:
     """"gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
     from novallm_jax.loading.checkpoint import is_orbax_dir

@@ -16,7 +16,7 @@ import os
 
 from absl import app, flags, logging
 
-from novallm_jax import cli_flags  # noqa: F401  (defines --model, --dtype, --weights, --compile_cache_dir)
+from novallm_jax import cli_flags  # noqa: F401  (defines --model, --dtype, --weights, --activations, --compile_cache_dir)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the model's file name).")
@@ -45,7 +45,8 @@ def main(argv) -> None:
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
     engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue)
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
+    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, activations=FLAGS.activations,
+              engine_config=engine_config, max_model_len=FLAGS.max_model_len,
               compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup)
     config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
                           max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)

@@ -1,0 +1,141 @@
+"""int8 activations (`activations="int8"`): block-coded matmuls that quantise x to int8 per block of 32 and run
+integer dot products, as llama.cpp does.
+
+The contract under test: the kernel computes exactly its stated arithmetic (x rounded to int8 per block, exact
+integer sums, a float32 epilogue), so its error against the float32 weights is bounded by x's rounding alone; the
+int8-dot layout holds the same weights; the SDK and the loaders accept the setting and reject what cannot run it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from novallm_jax.errors import NovaLLMError
+from novallm_jax.kernels import native
+from novallm_jax.loading import load_model, with_activations
+from novallm_jax.loading.gguf_export import hf_to_gguf
+from novallm_jax.loading.gguf_quant import BlockQuant
+from tests.hf_models import build_hf_model, save_hf_model
+
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls"),
+    pytest.mark.skipif(not native.int8_dot_available(), reason="no native int8-dot kernels (C++ compiler, AVX2)"),
+]
+
+
+def _weight(bits: int, n: int, k: int, seed: int) -> BlockQuant:
+    """Random codes over their whole range (4-bit 0..15, 8-bit -128..127), random scales and offsets."""
+    rng = np.random.default_rng(seed)
+    codes = (rng.integers(0, 16, (n, k)).astype(np.uint8) if bits == 4
+             else rng.integers(-128, 128, (n, k)).astype(np.int8))
+    d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32)
+    m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32)
+    return BlockQuant(codes, d, m, bits)
+
+
+def _x(m: int, k: int, seed: int) -> np.ndarray:
+    """Activations with an all-zero block, an outlier, and rows of mixed scales."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 10, (m, 1)).astype(np.float32)
+    x[0, :32] = 0.0
+    x[-1, 40] = 300.0
+    return x
+
+
+def _emulate(x: np.ndarray, bq: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's arithmetic in numpy, with a float64 epilogue (qx = round(x * 127 / amax) per block of 32), and
+    the sum of its terms' sizes (what the float32 epilogue's rounding scales with)."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int64)
+    isum = np.einsum("mbk,nbk->mnb", q, bq.codes.astype(np.int64).reshape(bq.shape[0], k // 32, 32))
+    dx = (amax / np.float32(127)).astype(np.float64)
+    terms = (isum * (bq.d[None].astype(np.float64) * dx[:, None]), bq.m[None] * xb.sum(-1, dtype=np.float64)[:, None])
+    return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n", [16, 40])
+def test_int8_layout_holds_the_same_weights(bits, n):
+    bq = _weight(bits, n, 96, seed=n)
+    exact = native.QuantLinear(jnp.asarray(native.pack_quant(bq.codes, bq.d, bq.m, bits)), n, bits)
+    dot = exact.with_int8_activations()
+    assert dot.int8 and dot.panels.shape == exact.panels.shape
+    np.testing.assert_array_equal(np.asarray(dot.panels), native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True))
+    np.testing.assert_array_equal(dot.to_dense(), exact.to_dense())
+    np.testing.assert_array_equal(dot.to_dense(), bq.dequantize().T)
+    assert dot.with_int8_activations() is dot
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 32])
+def test_int8_matmul_computes_its_stated_arithmetic(bits, m):
+    k, n = 256, 40  # 40 columns: a padded panel
+    bq = _weight(bits, n, k, seed=m)
+    x = _x(m, k, seed=m)
+    w = native.QuantLinear.from_blocks(bq).with_int8_activations()
+    y = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(x), w))
+    assert y.shape == (m, n)
+    want, size = _emulate(x, bq)
+    # Integer sums are exact; only the float32 epilogue rounds (a few ulps of the sum of the block terms' sizes).
+    assert (np.abs(y - want) <= 4 * np.finfo(np.float32).eps * size).all()
+    # Against the float32 weights, the error is x's rounding: at most amax / 254 per element.
+    dense = bq.dequantize().T.astype(np.float64)
+    xb = np.abs(x).reshape(m, -1, 32).max(-1) / 254
+    bound = np.einsum("mb,bkn->mn", xb, np.abs(dense).reshape(k // 32, 32, n))
+    assert (np.abs(y - x.astype(np.float64) @ dense) <= bound * 1.001 + 1e-4).all()
+
+
+def test_int8_matmul_rejects_a_mismatched_inner_dimension():
+    bq = _weight(8, 16, 64, seed=0)
+    panels = jnp.asarray(native.pack_quant(bq.codes, bq.d, bq.m, 8, int8=True))
+    with pytest.raises(Exception, match="int8-dot matmul wants"):
+        native.quant_matmul(jnp.zeros((2, 96), jnp.float32), panels, 16, 8, int8=True).block_until_ready()
+
+
+def test_int8_logits_of_a_quantized_gguf_stay_close_to_the_float_ones(tmp_path):
+    from tests.test_quantized_weights import _logits
+
+    src = save_hf_model(build_hf_model("smollm2"), str(tmp_path / "hf"))
+    path = hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_1")
+    cfg, coded = load_model(path, np.float32, keep_quantized=True)
+    fast = with_activations(coded, "int8")
+    assert all(w.int8 for w in jax.tree.leaves(fast, is_leaf=lambda w: isinstance(w, native.QuantLinear))
+               if isinstance(w, native.QuantLinear))
+    _, want = _logits(cfg, coded)
+    ex, got = _logits(cfg, fast)
+    assert ex.params["lm_head"].int8
+    assert not np.array_equal(got, want)  # really the other arithmetic
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
+    # Without the native kernels, the int8 layout is dequantised for XLA's dots like any block codes.
+    _, xla = _logits(cfg, fast, native_kernels=False)
+    np.testing.assert_allclose(xla, want, rtol=0, atol=1e-5)
+
+
+def test_with_activations_rejects_what_cannot_run_int8(tmp_path):
+    params = {"lm_head": jnp.zeros((4, 4)), "layers": []}
+    assert with_activations(params, "float32") is params
+    with pytest.raises(NovaLLMError, match="needs matmul weights in GGUF block codes"):
+        with_activations(params, "int8")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        with_activations(params, "int4")
+
+
+def test_llm_generates_with_int8_activations(default_gguf):
+    from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.llm import LLM
+    from novallm_jax.sampling_params import SamplingParams
+    from tests.engine_fixtures import EXEC
+
+    with pytest.raises(ValueError, match="activations must be one of"):
+        LLM("unused", activations="int4")
+    with pytest.raises(NovaLLMError, match="needs matmul weights in GGUF block codes"):
+        LLM(default_gguf, weights="float", activations="int8")
+    with LLM(default_gguf, activations="int8", engine_config=EngineConfig(executor=EXEC)) as llm:
+        assert llm.engine.executor.params["layers"][0]["w_down"].int8
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        assert "Paris" in out.text
+        assert llm.engine.check_leaks() == []
