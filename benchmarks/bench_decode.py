@@ -52,6 +52,9 @@ flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots i
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
 flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
                   "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).")
+flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
+                  "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
+                  "other arithmetic).")
 flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"], "Random models: write them "
                   "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
                   "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
@@ -379,8 +382,12 @@ def ratios(entry: dict[str, Any], engine: str = "ours") -> dict[str, Any]:
     return r
 
 
+_CODED = {"ours_quant": "", "ours_int8": "_int8"}  # engines on block codes, and the suffix of their JSON keys
+
+
 def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
-    r = {"ours": entry["ratios"], "ours_quant": entry.get("ratios_quant")}.get(engine)
+    coded = {name: entry.get("ratios" + (suffix or "_quant")) for name, suffix in _CODED.items()}
+    r = {"ours": entry["ratios"], **coded}.get(engine)
     if r is None:
         return {}
     return {"ours/HF": r.get("transformers", {}).get(phase), "ours/XLA": r.get("ours_xla", {}).get(phase)}
@@ -388,11 +395,11 @@ def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]
 
 def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for engine in ("ours", "ours_quant", "ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
+    for engine in ("ours", "ours_quant", "ours_int8", "ours_xla", "transformers", "llama_cpp", "llama_cpp_f32"):
         res = entry.get(engine) or {}
         if "decode" not in res:
             continue
-        roof = entry["quant"]["roofline_tok_s"] if engine == "ours_quant" else entry["roofline_tok_s"]
+        roof = entry["quant"]["roofline_tok_s"] if engine in _CODED else entry["roofline_tok_s"]
         for b, v in res["decode"].items():
             rows.append({"model": entry["name"], "engine": engine, "phase": f"decode b{b}", "tok/s": v["tok_s"],
                          "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"],
@@ -411,6 +418,8 @@ def main(argv):
     import torch
     from tqdm.auto import tqdm
 
+    from novallm_jax.kernels import native
+    from novallm_jax.loading import with_activations
     from novallm_jax.loading.gguf_export import hf_to_gguf
 
     s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
@@ -460,6 +469,9 @@ def main(argv):
                     entry["quant"] = {"weight_bytes_per_token": q_bytes,
                                       "roofline_tok_s": bw["roofline"] * 1e9 / q_bytes}
                     entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s)
+                    if FLAGS.int8 and native.int8_dot_available():
+                        bar.set_postfix_str("ours, block codes, int8 activations")
+                        entry["ours_int8"] = bench_ours(cfg, with_activations(m["params_quant"], "int8"), batches, s)
                 bar.update()
                 if FLAGS.xla_dots and entry["ours"]["native_kernels"]:
                     bar.set_postfix_str("ours, XLA dots")
@@ -495,11 +507,12 @@ def main(argv):
             entry["ratios"] = ratios(entry)
             b1 = entry["ours"]["decode"].get("1")
             entry["batch1_roofline_fraction"] = b1["tok_s"] / entry["roofline_tok_s"] if b1 else None
-            if "ours_quant" in entry:
-                entry["ratios_quant"] = ratios(entry, "ours_quant")
-                b1 = entry["ours_quant"]["decode"].get("1")
-                entry["quant"]["batch1_roofline_fraction"] = (b1["tok_s"] / entry["quant"]["roofline_tok_s"]
-                                                              if b1 else None)
+            for engine, suffix in _CODED.items():
+                if engine in entry:
+                    entry["ratios" + (suffix or "_quant")] = ratios(entry, engine)
+                    b1 = entry[engine]["decode"].get("1")
+                    entry["quant"]["batch1_roofline_fraction" + suffix] = (
+                        b1["tok_s"] / entry["quant"]["roofline_tok_s"] if b1 else None)
             results["models"].append(entry)
             del m, params
 
@@ -527,7 +540,8 @@ def main(argv):
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
         for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32, our weights")):
-            for ours, r in (("ours", e["ratios"]), ("ours_quant", e.get("ratios_quant") or {})):
+            for ours, r in (("ours", e["ratios"]), ("ours_quant", e.get("ratios_quant") or {}),
+                            ("ours_int8", e.get("ratios_int8") or {})):
                 if engine in r:
                     print(f"{e['name']}: {ours} / llama.cpp ({what}): "
                           + ", ".join(f"{k} {v:.2f}x" for k, v in r[engine].items()))

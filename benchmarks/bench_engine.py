@@ -80,6 +80,8 @@ flags.DEFINE_string("compile_cache_dir", os.path.join(tempfile.gettempdir(), "no
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
 flags.DEFINE_enum("weights", "auto", ["auto", "quantized", "float"], "GGUF models: keep the file's block codes for "
                   "our engine (quantized; the same float32 values), or dequantise (float); auto: as the SDK does.")
+flags.DEFINE_enum("activations", "float32", ["float32", "int8"], "int8: block-coded matmuls quantise their inputs to "
+                  "int8 per 32 values, as llama.cpp does (faster; outputs close to float32's, not identical).")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
@@ -127,7 +129,7 @@ def load_models(spec: str, seed: int, workdir: str, want_hf: bool) -> dict[str, 
     """Our (cfg, params), the tokenizer, and the same weights in transformers (or None)."""
     import jax.numpy as jnp
 
-    from novallm_jax.loading import default_model_path, keep_quantized_for, load_model
+    from novallm_jax.loading import default_model_path, keep_quantized_for, load_model, with_activations
     from novallm_jax.tokenizer import load_tokenizer
 
     hf = None
@@ -149,6 +151,7 @@ def load_models(spec: str, seed: int, workdir: str, want_hf: bool) -> dict[str, 
         cfg, params = load_model(spec, jnp.float32)
         tokenizer = load_tokenizer(spec)
         hf = _hf_load(spec) if want_hf else None
+    params = with_activations(params, FLAGS.activations)  # "int8" is an error without block codes
     return {"cfg": cfg, "params": params, "tokenizer": tokenizer, "hf": hf}
 
 
@@ -515,7 +518,8 @@ def print_report(res: dict[str, Any]) -> None:
     hf = res.get("transformers")
     print(f"\nworkload: {s['num_requests']} requests, prompts {s['min_prompt']}..{s['max_prompt']}, outputs "
           f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}"
-          + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else ""))
+          + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else "")
+          + (", int8 activations" if s["activations"] == "int8" else ""))
     rows = [_row("ours (continuous)", res["engine"], hf)]
     if hf:
         rows.append(_row(f"transformers (static b{hf['batch']})", hf, None))
@@ -568,7 +572,7 @@ def settings_from_flags() -> dict[str, Any]:
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
          "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
-         "weights": FLAGS.weights}
+         "weights": FLAGS.weights, "activations": FLAGS.activations}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,
                  "max_output": 8, "hf_batch": 4, "concurrency": 4, "conc_prompt": 8, "conc_output": 6,

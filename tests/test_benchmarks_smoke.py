@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from novallm_jax.kernels import native
 from novallm_jax.loading import quantized_by_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +96,6 @@ def test_quick_run_on_a_quantised_gguf_times_our_block_codes(tmp_path):
     assert entry["quant"]["weight_bytes_per_token"] < entry["weight_bytes_per_token"] / 3
     assert entry["quant"]["batch1_roofline_fraction"] > 0
     assert "ours_quant" in proc.stdout
+    if native.int8_dot_available():  # the same codes with int8 activations
+        assert set(entry["ours_int8"]["decode"]) == {"1", "2"} and positive(entry["ours_int8"]["prefill"]["tok_s"])
+        assert entry["quant"]["batch1_roofline_fraction_int8"] > 0 and "ours_int8" in proc.stdout
