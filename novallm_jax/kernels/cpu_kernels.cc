@@ -329,6 +329,8 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       // 8 * 2 * 15 * 127 = 30480.
       __m256i h[MR][2];
       for (int r = 0; r < MR; ++r) h[r][0] = h[r][1] = _mm256_setzero_si256();
+      // Unrolled whole, GCC computes all 64 products first and spills them to the stack before summing.
+#pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
         const __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
@@ -347,6 +349,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
     } else {
       // maddubs wants unsigned x signed bytes: |code| times qx carrying the code's sign (|pair| <= 2 * 128 * 127).
       for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
         const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * kq));
         const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * kq + 32));
@@ -374,9 +377,8 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
 template <int BITS>
 void DotPanel(const QuantizedX& x, int64_t M, const uint8_t* w, float* y, int64_t N) {
   int64_t m = 0;
-  for (; M - m >= 4; m += 4) DotTile<BITS, 4>(x, m, w, y + m * N, N);
+  for (; M - m >= 3; m += 3) DotTile<BITS, 3>(x, m, w, y + m * N, N);
   switch (M - m) {
-    case 3: DotTile<BITS, 3>(x, m, w, y + m * N, N); break;
     case 2: DotTile<BITS, 2>(x, m, w, y + m * N, N); break;
     case 1: DotTile<BITS, 1>(x, m, w, y + m * N, N); break;
   }
