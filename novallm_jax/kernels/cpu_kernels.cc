@@ -299,7 +299,8 @@ inline void QuantizeRow(const float* x, int64_t K, int8_t* q, float* dx, float* 
     const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
     __m256i n[4];
     for (int i = 0; i < 4; ++i) {
-      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256 scaled = _mm256_mul_ps(v[i], inv);
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
     // packs interleave the 128-bit lanes; the permute puts the 32 codes back in order.
     const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
@@ -358,8 +359,10 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
           int32_t quad;
           std::memcpy(&quad, x.q + (row + r) * x.K + b * kBlock + 4 * kq, 4);
           const __m256i xq = _mm256_set1_epi32(quad);
-          s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xq, w0)), ones));
-          s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xq, w1)), ones));
+          const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xq, w0));
+          const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xq, w1));
+          s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(p0, ones));
+          s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(p1, ones));
         }
       }
     }

@@ -186,7 +186,8 @@ def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool 
     (the panels' layout) quantises x to int8 per block of 32 and runs integer dot products (`int8_dot_available()`)."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = jax.ffi.ffi_call((_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    target = (_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits]
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels)
     return y[:, :n].reshape(*lead, n)
 

@@ -16,7 +16,7 @@ import os
 
 from absl import app, flags, logging
 
-from novallm_jax import cli_flags  # noqa: F401  (defines --model, --dtype, --weights, --activations, --compile_cache_dir)
+from novallm_jax import cli_flags  # noqa: F401  (defines --model, --dtype, --weights, --activations, ...)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("served_model_name", None, "The model id clients send (default: the model's file name).")
