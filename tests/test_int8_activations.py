@@ -153,3 +153,15 @@ def test_int8_matmul_rows_do_not_depend_on_their_batch(bits):
     for i in range(m):
         np.testing.assert_array_equal(np.asarray(apply(x[i:i + 1], w))[0], batched[i])
     np.testing.assert_array_equal(np.asarray(apply(x[3:5], w)), batched[3:5])
+
+
+def test_kernels_say_why_they_cannot_run(monkeypatch):
+    w = native.QuantLinear.from_blocks(_weight(8, 16, 64, seed=0))
+    x = jnp.ones((1, 64), jnp.float32)
+    monkeypatch.setattr(native, "int8_dot_available", lambda: False)
+    with pytest.raises(RuntimeError, match="novallm_q8_dot_matmul_f32 needs a CPU with AVX2"):
+        w.with_int8_activations().apply(x)
+    w.apply(x).block_until_ready()  # the exact kernel does not need AVX2
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="novallm_q8_matmul_f32 is not available"):
+        w.apply(x)

@@ -119,11 +119,21 @@ def unpack(panels: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(panels).transpose(1, 0, 2).reshape(k, p * PANEL)[:, :n]
 
 
+def _ffi_call(target: str, out: jax.ShapeDtypeStruct):
+    """`jax.ffi.ffi_call` of one of these kernels: registers them first (code may be traced before anything called
+    `available()`), and says why where they cannot run instead of XLA's "no FFI handler registered"."""
+    if not available():
+        raise RuntimeError(f"native CPU kernel {target} is not available (no C++ compiler, or {_ENV}=0; see the log)")
+    if target in _DOT_MATMUL.values() and not int8_dot_available():
+        raise RuntimeError(f"native CPU kernel {target} needs a CPU with AVX2")
+    return jax.ffi.ffi_call(target, out)
+
+
 def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [..., K] float32 @ the packed weight of `n` output columns -> [..., n]. Needs `available()`."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = _ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k), panels)
     return y[:, :n].reshape(*lead, n)
 
@@ -187,7 +197,7 @@ def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool 
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
     target = (_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits]
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = _ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels)
     return y[:, :n].reshape(*lead, n)
 
@@ -201,7 +211,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     """
     b, t, h, hd = q.shape
     kv = k_pages.shape[2]
-    out = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, t, kv, h // kv, hd), jnp.float32))(
+    out = _ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, t, kv, h // kv, hd), jnp.float32))(
         q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
         positions.astype(jnp.int32), window=np.int64(sliding_window or 0), scale=np.float32(hd ** -0.5))
     return out.reshape(b, t, h * hd)
