@@ -1,6 +1,7 @@
 // Native float32 CPU kernels called through XLA's FFI (see native.py):
 // - PackedMatmul: y[M, N] = x[M, K] @ W, W packed as panels [N / 16, K, 16];
 // - QuantMatmul: the same with W in GGUF block codes (4- or 8-bit codes and per-block scales, see below);
+// - DotMatmul: the same codes against x rounded to int8 per block of 32, with integer dot products (opt-in);
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
@@ -270,7 +271,7 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // per block of 32 (x ~ dx * qx, |qx| <= 127, and the block's float sum sx), and a block's 32 products per column
 // are one exact integer sum: y[j] += (d[j] * dx) * sum_k code[k][j] * qx[k] + m[j] * sx. Against decoding every
 // weight to float32 (QuantRow), a block costs ~5x fewer instructions, so batch-1 decoding is bound by memory again,
-// and larger M runs ~2x the float32 FMA rate; the price is x's rounding to 8 bits (~0.4% per element), so the results
+// and larger M runs 1.4-2x the float32 FMA rate; the price is x's rounding to 8 bits (~0.4% per element), so the results
 // are close to, not bit-identical with, the float32 path's.
 // A block's codes are [8 k-quads][16 columns][4 k] (8-bit, signed), or, 4-bit, [8 k-quads][8 columns][4 k] bytes
 // with column c in the low nibble and c + 8 in the high one: a 32-byte load is 8 columns x 4 consecutive k, the

@@ -71,23 +71,15 @@ def _build(compiler: str) -> Path:
     return out
 
 
-_INT8_DOT: list[bool] = []  # set by `available()`: whether the build has the int8-dot kernels (AVX2)
-
-
-def int8_dot_available() -> bool:
-    """Whether `QuantLinear.with_int8_activations` weights can run here (native kernels built with AVX2)."""
-    return available() and _INT8_DOT[-1]
-
-
 @functools.cache
-def available() -> bool:
-    """Whether the native kernels are built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
+def _library() -> ctypes.CDLL | None:
+    """The built kernels with their FFI targets registered, or None where they cannot be (see the log)."""
     if os.environ.get(_ENV, "1").lower() in ("0", "false", "no", "off"):
-        return False
+        return None
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
-        return False
+        return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
@@ -96,11 +88,21 @@ def available() -> bool:
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (8, lib.NovallmQ8DotMatmulF32)):
             jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
-        _INT8_DOT.append(bool(lib.NovallmHasInt8Dot()))
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
-        return False
-    return True
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and registered (CPU only; False with NOVALLM_NATIVE_KERNELS=0)."""
+    return _library() is not None
+
+
+def int8_dot_available() -> bool:
+    """Whether `QuantLinear.with_int8_activations` weights can run here (native kernels built with AVX2)."""
+    lib = _library()
+    return lib is not None and bool(lib.NovallmHasInt8Dot())
 
 
 def pack(w) -> np.ndarray:
