@@ -382,12 +382,14 @@ def ratios(entry: dict[str, Any], engine: str = "ours") -> dict[str, Any]:
     return r
 
 
-_CODED = {"ours_quant": "", "ours_int8": "_int8"}  # engines on block codes, and the suffix of their JSON keys
+# Engines on block codes (their roofline is `quant`'s), with the JSON keys of their ratios and batch-1 fraction.
+_CODED = {"ours_quant": ("ratios_quant", "batch1_roofline_fraction"),
+          "ours_int8": ("ratios_int8", "batch1_roofline_fraction_int8")}
+_RATIOS = {"ours": "ratios", **{engine: keys[0] for engine, keys in _CODED.items()}}  # engine -> its ratios' key
 
 
 def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
-    coded = {name: entry.get("ratios" + (suffix or "_quant")) for name, suffix in _CODED.items()}
-    r = {"ours": entry["ratios"], **coded}.get(engine)
+    r = entry.get(_RATIOS[engine]) if engine in _RATIOS else None
     if r is None:
         return {}
     return {"ours/HF": r.get("transformers", {}).get(phase), "ours/XLA": r.get("ours_xla", {}).get(phase)}
@@ -507,12 +509,11 @@ def main(argv):
             entry["ratios"] = ratios(entry)
             b1 = entry["ours"]["decode"].get("1")
             entry["batch1_roofline_fraction"] = b1["tok_s"] / entry["roofline_tok_s"] if b1 else None
-            for engine, suffix in _CODED.items():
+            for engine, (ratios_key, fraction_key) in _CODED.items():
                 if engine in entry:
-                    entry["ratios" + (suffix or "_quant")] = ratios(entry, engine)
+                    entry[ratios_key] = ratios(entry, engine)
                     b1 = entry[engine]["decode"].get("1")
-                    entry["quant"]["batch1_roofline_fraction" + suffix] = (
-                        b1["tok_s"] / entry["quant"]["roofline_tok_s"] if b1 else None)
+                    entry["quant"][fraction_key] = b1["tok_s"] / entry["quant"]["roofline_tok_s"] if b1 else None
             results["models"].append(entry)
             del m, params
 
@@ -540,8 +541,8 @@ def main(argv):
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     for e in results["models"]:
         for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32, our weights")):
-            for ours, r in (("ours", e["ratios"]), ("ours_quant", e.get("ratios_quant") or {}),
-                            ("ours_int8", e.get("ratios_int8") or {})):
+            for ours, key in _RATIOS.items():
+                r = e.get(key) or {}
                 if engine in r:
                     print(f"{e['name']}: {ours} / llama.cpp ({what}): "
                           + ", ".join(f"{k} {v:.2f}x" for k, v in r[engine].items()))

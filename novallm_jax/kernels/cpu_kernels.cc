@@ -240,11 +240,17 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
+// x [M, K] against block-coded panels [N / 16, K / 32, block bytes], in either code layout.
+template <int BITS, typename D>
+bool QuantShapesAgree(const D& xd, const D& wd) {
+  return xd.size() == 2 && wd.size() == 3 && wd[2] == kBlockBytes<BITS> && wd[1] * kBlock == xd[1];
+}
+
 template <int BITS>
 ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kBlockBytes<BITS> || wd[1] * kBlock != xd[1]) {
+  if (!QuantShapesAgree<BITS>(xd, wd)) {
     return ffi::Error::InvalidArgument("quantised matmul wants x [M, K] and w [N / 16, K / 32, block bytes]");
   }
   const float* xp = x.typed_data();
@@ -392,7 +398,7 @@ template <int BITS>
 ffi::Error DotMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                      ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kBlockBytes<BITS> || wd[1] * kBlock != xd[1]) {
+  if (!QuantShapesAgree<BITS>(xd, wd)) {
     return ffi::Error::InvalidArgument("int8-dot matmul wants x [M, K] and w [N / 16, K / 32, block bytes]");
   }
   const int64_t M = xd[0], K = xd[1], KB = wd[1], N = wd[0] * kPanel, panel_bytes = KB * kBlockBytes<BITS>;
