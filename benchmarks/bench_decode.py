@@ -181,19 +181,31 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
                               native_kernels=native_kernels)
     ex = Executor(cfg, params, exec_cfg)
     cache = ex.new_cache()
-    argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    slots = exec_cfg.max_decode_batch
+
+    @jax.jit
+    def argmax(logits):  # the next step's input tokens, as the engine's sampler leaves them (SamplingBatch.last_token)
+        return jnp.zeros(slots, jnp.int32).at[:logits.shape[0]].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
     rng = np.random.default_rng(s["seed"])
     out: dict[str, Any] = {"decode": {}, "compile_s": {}, "page_table_widths": list(widths),
                            "num_pages": exec_cfg.num_pages, "native_kernels": ex.native_kernels}
 
     for b in batches:
         tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
-        state = {"tokens": rng.integers(0, cfg.vocab_size, b).astype(np.int32), "cache": cache}
+        state = {"tokens": argmax(jnp.asarray(rng.normal(size=(b, cfg.vocab_size)), jnp.float32)), "cache": cache}
 
         def run(n: int, start: int):
+            # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the
+            # device, then step j's tokens are read back to the host.
+            previous = None
             for j in range(n):
-                logits, state["cache"] = ex.decode(state["cache"], state["tokens"], [start + j] * b, tables)
-                state["tokens"] = np.asarray(argmax(logits))  # the host needs the tokens each step, as an engine does
+                logits, state["cache"] = ex.decode(state["cache"], [0] * b, [start + j] * b, tables,
+                                                   from_slots=range(b), last_tokens=state["tokens"])
+                if previous is not None:
+                    np.asarray(previous)
+                previous = state["tokens"] = argmax(logits)
+            np.asarray(previous)
 
         t0 = time.perf_counter()
         run(1, s["context"])  # compiles this shape (a real engine compiles it at warm-up)

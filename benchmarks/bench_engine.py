@@ -82,6 +82,8 @@ flags.DEFINE_enum("weights", "auto", ["auto", "quantized", "float"], "GGUF model
                   "our engine (quantized; the same float32 values), or dequantise (float); auto: as the SDK does.")
 flags.DEFINE_enum("activations", "float32", ["float32", "int8"], "int8: block-coded matmuls quantise their inputs to "
                   "int8 per 32 values, as llama.cpp does (faster; outputs close to float32's, not identical).")
+flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before reading the previous one's tokens back "
+                  "(the engine's default); false: every step waits for its tokens.")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
@@ -187,7 +189,9 @@ class StepProfiler:
 
     Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler function
     the engine module calls (`sample_slots`, a module global); `restore()` puts them back.
-    The wrappers block on their outputs so that the time lands where the work is. Host = step - model - sampler.
+    With synchronous steps the wrappers block on their outputs so that the time lands where the work is: host =
+    step - model - sampler. With async scheduling (the default) blocking would serialise what the engine overlaps,
+    so they time the dispatch only, and "host" includes waiting for the device; step times stay true.
     """
 
     def __init__(self, engine):
@@ -197,6 +201,7 @@ class StepProfiler:
         from novallm_jax.engine.executor import bucket
 
         self.engine, self.steps, self._cur = engine, [], None
+        self.blocking = not engine.config.async_scheduling
         self._patched: list[tuple[Any, str, Any, bool]] = []
         ecfg = engine.executor.exec_cfg
         widths = [w * ecfg.page_size for w in ecfg.page_table_buckets]
@@ -205,7 +210,8 @@ class StepProfiler:
             def wrapper(*args, **kwargs):
                 t0 = time.perf_counter()
                 out = fn(*args, **kwargs)
-                jax.block_until_ready(out)
+                if self.blocking:
+                    jax.block_until_ready(out)
                 dt = time.perf_counter() - t0
                 if self._cur is not None:
                     self._cur[kind] += dt
@@ -225,7 +231,7 @@ class StepProfiler:
             t = bucket(max(len(c.tokens) for c in chunks), ecfg.prefill_len_buckets)
             return f"prefill r{len(chunks)}->{rows} t{t}"
 
-        def ragged_shape(cur, cache, seqs) -> str:
+        def ragged_shape(cur, cache, seqs, *_) -> str:
             n = sum(len(c.tokens) for c in seqs)
             cur["decode_rows"] = sum(len(c.tokens) == 1 for c in seqs)
             cur["prefill"] = cur["decode_rows"] < len(seqs)
@@ -271,8 +277,8 @@ class StepProfiler:
         total = sum(s["total"] for s in steps) or 1.0
         model, sampler = sum(s["model"] for s in steps), sum(s["sampler"] for s in steps)
         host = total - model - sampler
-        out: dict[str, Any] = {"steps": len(steps), "step_s": total, "model_s": model, "sampler_s": sampler,
-                               "host_s": host, "model_share": model / total, "sampler_share": sampler / total,
+        out: dict[str, Any] = {"blocking": self.blocking, "steps": len(steps), "step_s": total, "model_s": model,
+                               "sampler_s": sampler, "host_s": host, "model_share": model / total, "sampler_share": sampler / total,
                                "host_share": host / total, "by_kind": {}, "model_ms_by_shape": {}}
         full = max((s["decode_rows"] for s in steps if not s["prefill"]), default=0)
         kinds = {"with prefill": [s for s in steps if s["prefill"]],
@@ -312,7 +318,7 @@ def build_engine(cfg, params, tokenizer, s: dict[str, Any]):
                           prefill_len_buckets=tuple(b for b in s["prefill_len_buckets"] if b <= max_len) or (max_len,),
                           page_table_buckets=tuple(sorted({max(1, width // 3), width})),
                           token_buckets=tuple(s["token_buckets"]) or None, ragged_steps=None if s["ragged"] else False)
-    return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=ecfg))
+    return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=ecfg, async_scheduling=s["async_scheduling"]))
 
 
 def warm_up(engine) -> dict[str, Any]:
@@ -519,7 +525,8 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"\nworkload: {s['num_requests']} requests, prompts {s['min_prompt']}..{s['max_prompt']}, outputs "
           f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}"
           + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else "")
-          + (", int8 activations" if s["activations"] == "int8" else ""))
+          + (", int8 activations" if s["activations"] == "int8" else "")
+          + ("" if s.get("async_scheduling", True) else ", synchronous steps"))
     rows = [_row("ours (continuous)", res["engine"], hf)]
     if hf:
         rows.append(_row(f"transformers (static b{hf['batch']})", hf, None))
@@ -548,7 +555,9 @@ def print_report(res: dict[str, Any]) -> None:
             continue
         print(f"\nengine step profile, {name}: {prof['steps']} steps, {prof['step_s']:.1f} s: model "
               f"{100 * prof['model_share']:.0f}%, sampler {100 * prof['sampler_share']:.0f}%, host "
-              f"{100 * prof['host_share']:.0f}%")
+              f"{100 * prof['host_share']:.0f}%"
+              + ("" if prof["blocking"] else " (async steps: model and sampler are dispatch times; host includes "
+                 "the wait for the device)"))
         kinds = [{"kind": k, **v} for k, v in prof["by_kind"].items()]
         print(common.format_table(kinds, ["kind", "steps", "ms_step", "ms_model", "ms_sampler", "ms_host",
                                           "decode_rows_mean", "decode_tok_s"]))
@@ -572,7 +581,7 @@ def settings_from_flags() -> dict[str, Any]:
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
          "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
-         "weights": FLAGS.weights, "activations": FLAGS.activations}
+         "weights": FLAGS.weights, "activations": FLAGS.activations, "async_scheduling": FLAGS.async_scheduling}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,
                  "max_output": 8, "hf_batch": 4, "concurrency": 4, "conc_prompt": 8, "conc_output": 6,

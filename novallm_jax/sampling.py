@@ -60,6 +60,7 @@ class SamplingBatch:
     min_tokens: jax.Array  # i32[B]
     key_data: jax.Array  # u32[B, 2]; threefry2x32 key of the row's seed
     steps: jax.Array  # i32[B]; tokens generated so far
+    last_token: jax.Array  # i32[B]; the token `sample_slots` drew last, which a pipelined engine feeds back on device
     output_counts: jax.Array  # i32[B, V]; how often each token was generated
     prompt_mask: jax.Array  # bool[B, V]; token occurs in the prompt
     logit_bias: jax.Array  # f32[B, V]; dense OpenAI logit_bias
@@ -175,6 +176,7 @@ def _host_row(
         "min_tokens": np.int32(p.min_tokens),
         "key_data": seed_key_data(p.seed),
         "steps": np.int32(output_ids.size),
+        "last_token": np.int32(output_ids[-1] if output_ids.size else 0),
         "output_counts": np.bincount(output_ids, minlength=vocab_size).astype(np.int32),
         "prompt_mask": prompt_mask,
         "logit_bias": bias,
@@ -207,7 +209,7 @@ def _clear_row(batch: SamplingBatch, slot: jax.Array) -> SamplingBatch:
 
 @jax.jit
 def update_counts(batch: SamplingBatch, tokens: jax.Array) -> SamplingBatch:
-    """Records one generated token per row: counts[b, tokens[b]] += 1 and steps[b] += 1.
+    """Records one generated token per row: counts[b, tokens[b]] += 1, steps[b] += 1, last_token[b] = tokens[b].
 
     A negative token means "no token this step" (e.g. a slot still in prefill) and changes nothing.
     """
@@ -215,7 +217,8 @@ def update_counts(batch: SamplingBatch, tokens: jax.Array) -> SamplingBatch:
     valid = tokens >= 0
     rows = jnp.arange(tokens.shape[0])
     counts = batch.output_counts.at[rows, jnp.where(valid, tokens, 0)].add(valid.astype(jnp.int32))
-    return batch.replace(output_counts=counts, steps=batch.steps + valid.astype(jnp.int32))
+    return batch.replace(output_counts=counts, steps=batch.steps + valid.astype(jnp.int32),
+                         last_token=jnp.where(valid, tokens, batch.last_token))
 
 
 @jax.jit
@@ -623,6 +626,7 @@ def sample_slots(
     target = jnp.where(slots >= 0, slots, batch.batch_size)
     batch = batch.replace(
         steps=batch.steps.at[target].add(1, mode="drop"),
+        last_token=batch.last_token.at[target].set(tokens, mode="drop"),
         output_counts=batch.output_counts.at[target, tokens].add(1, mode="drop"),
     )
     out = SamplerOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)

@@ -218,9 +218,10 @@ def test_ragged_step_runs_decode_rows_and_prompt_chunks_together(tokenizer):
     long_prompt = prompt_of(budget + 40, 2)
     long = eng.add_request(long_prompt, greedy(3))
     eng.step()  # the short request's decode row, and the long prompt up to the step's token budget
-    assert len(short.output_ids) == 2 and long.num_computed == budget - 1
+    # num_tokens counts tokens drawn whether or not read back yet (with async scheduling, a step's are read in the next)
+    assert short.num_tokens == 5 + 2 and long.num_computed == budget - 1
     eng.step()
-    assert len(short.output_ids) == 3 and long.num_computed == len(long_prompt) and len(long.output_ids) == 1
+    assert short.num_tokens == 5 + 3 and long.num_computed == len(long_prompt) == long.num_tokens - 1
     eng.run_until_idle()
     assert long.output_ids == run_alone(tokenizer, long_prompt, greedy(3), ragged_steps=False)
     assert eng.check_leaks() == []
@@ -231,7 +232,7 @@ def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(tokenizer):
     from types import SimpleNamespace
 
     def req(arrival, remaining):
-        return SimpleNamespace(tokens=[0] * remaining, num_computed=0, metrics=SimpleNamespace(arrival=arrival))
+        return SimpleNamespace(num_tokens=remaining, num_computed=0, metrics=SimpleNamespace(arrival=arrival))
 
     oldest_long, long2, long3, long4, long5 = (req(t, n) for t, n in [(0, 70), (3, 64), (4, 200), (5, 65), (6, 99)])
     short = req(1, 10)
@@ -310,3 +311,53 @@ def test_engine_lock_counts_waiting_threads():
     cond = threading.Condition(lock)  # what the engine's idle wait uses
     with cond:
         assert not cond.wait(timeout=0.01)
+
+
+def _mixed_workload(engine, tokenizer):
+    """Greedy and seeded sampling, penalties, logprobs, stop tokens and a stop string, arriving at staggered times."""
+    free = greedy_generate(tiny_params(), TINY, [prompt_of(10, 5)], 8)[0]
+    stop, _ = _find_stop_split_across_tokens(tokenizer, run_alone(tokenizer, prompt_of(12, 11), greedy(30)))
+    specs = [
+        (prompt_of(10, 5), SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(free[2],))),
+        (prompt_of(12, 11), greedy(30, stop=(stop,))),
+        (prompt_of(40, 6), SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=2,
+                                          ignore_eos=True)),
+        (prompt_of(25, 7), SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=9, repetition_penalty=1.3,
+                                          ignore_eos=True)),
+    ] + [(prompt_of(5 + 9 * i, 20 + i), greedy(3 + 2 * i)) for i in range(6)]
+    reqs = []
+    for i, (prompt, params) in enumerate(specs):
+        reqs.append(engine.add_request(prompt, params))
+        for _ in range(i % 2):
+            engine.step()
+    engine.run_until_idle()
+    return [(r.output_ids, r.text, r.finish_reason, [(lp.token_id, lp.logprob, lp.top) for lp in r.logprobs or []])
+            for r in reqs]
+
+
+def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tokenizer, step_kind):
+    """Steps dispatched before the previous step's tokens are read back (fed to the model on the device) give the
+    same tokens, text, finish reasons and logprobs as steps that wait; a request stopped by a token drawn while the
+    next step was in flight loses that step's row and nothing else."""
+    outputs, planned_ahead = {}, {}
+    for async_scheduling in (False, True):
+        eng = make_engine(tokenizer, async_scheduling=async_scheduling, **step_kind)
+        outputs[async_scheduling] = _mixed_workload(eng, tokenizer)
+        planned_ahead[async_scheduling] = eng.counters["steps_planned_ahead"]
+        assert eng.check_leaks() == [] and eng._inflight is None
+        assert all(r is None for r in eng.slots)
+    assert outputs[True] == outputs[False]
+    assert planned_ahead[False] == 0 and planned_ahead[True] > 10
+    assert outputs[True][0][2] is FinishReason.STOP and outputs[True][1][2] is FinishReason.STOP
+
+
+def test_async_step_reads_back_the_previous_step(tokenizer):
+    eng = make_engine(tokenizer)
+    req = eng.add_request(prompt_of(6, 1), greedy(3))
+    assert eng.step() == []  # the prompt's step: its token is drawn on the device, not read back yet
+    assert req.pending == 1 and req.output_ids == []
+    first = eng.step()  # dispatches the decode row fed with that token, then reads the token back
+    assert [o.delta_token_ids for o in first] == [req.output_ids] and len(req.output_ids) == 1 and req.pending == 1
+    eng.run_until_idle()
+    assert req.output_ids == greedy_generate(tiny_params(), TINY, [prompt_of(6, 1)], 3)[0] and req.pending == 0
+    assert eng.check_leaks() == []

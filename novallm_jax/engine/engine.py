@@ -4,6 +4,13 @@ Requests join and leave between steps. Each step prefills chunks of waiting prom
 running sequence, and samples all of them in one batched call. KV pages come from the memory pool; when it runs
 dry, prefix-cache pages nobody uses are evicted first, then the newest running request is preempted (swapped to the
 host arena, or recomputed later), so no request fails for lack of memory.
+
+Steps are pipelined (`EngineConfig.async_scheduling`): step n+1 is dispatched before step n's tokens are read back.
+Its decode rows take their input tokens from the sampler's output on the device (`SamplingBatch.last_token`), so
+the host's work for step n (reading the tokens, detokenizing, stop strings, streaming) overlaps the device's work
+for step n+1. A request whose step-n token stops it has computed one more row, which is dropped; its pages are
+freed as before. Whatever needs every token on the host first (preemption, a pool too full to plan the step ahead)
+reads the step in flight back before planning.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class EngineConfig:
     # Prompts prefilled per prefill step (default: the largest prefill bucket). Ragged steps (ExecutorConfig) instead
     # fill the largest token bucket with decode rows, then prompt chunks.
     max_prefill_rows: int | None = None
+    # Dispatch each step before reading the previous step's tokens back (see the module docstring).
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if self.preemption_mode not in ("swap", "recompute"):
@@ -54,8 +63,18 @@ class EngineConfig:
 
 
 def _next_chunk(req: Request, n: int) -> PrefillChunk:
-    """The next `n` of `req`'s tokens to compute, with its page table."""
+    """The next `n` of `req`'s tokens to compute, with its page table (the last sampled one may be on the device)."""
+    if req.pending:  # then n == 1: a decode row fed by the sampler's last token for the slot
+        return PrefillChunk([0], req.num_computed, req.pages, from_slot=req.slot)
     return PrefillChunk(req.tokens[req.num_computed:req.num_computed + n], req.num_computed, req.pages)
+
+
+@dataclasses.dataclass
+class _Sampled:
+    """One sampler call of a step: its (request, row) pairs and its output arrays, still on the device."""
+
+    rows: list[tuple[Request, int]]
+    arrays: tuple[jax.Array, ...]
 
 
 class _CountingRLock:
@@ -125,7 +144,9 @@ class LLMEngine:
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.counters = collections.Counter()  # finish reasons, prefilled/generated tokens, preemptions, steps
+        # Finish reasons, prefilled/generated tokens, preemptions, steps, steps planned ahead (async scheduling).
+        self.counters = collections.Counter()
+        self._inflight: list[_Sampled] | None = None  # the dispatched step whose tokens are not read back yet
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
@@ -209,18 +230,45 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.waiting or self.swapped or any(self.slots))
+            return bool(self.waiting or self.swapped or any(self.slots) or self._inflight)
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling step: admit, prefill chunks, decode, sample. Returns the outputs it emitted."""
+        """One scheduling step: admit, prefill chunks, decode, sample. Returns the outputs it emitted: this step's,
+        or with `async_scheduling` the previous step's (read back after this one was dispatched)."""
         with self._lock:
-            self._admit()
             emitted: list[RequestOutput] = []
+            self._admit()
+            if self._inflight is not None and not self._can_plan_ahead():
+                emitted += self._emit(self._take_inflight())
+                self._admit()  # into the slots of the requests that just finished
             computed = self._run_model()
-            if computed:
-                emitted = self._sample_and_emit(computed)
+            sampled = self._dispatch_sampling(computed) if computed else None
+            if self._inflight is not None:
+                self.counters["steps_planned_ahead"] += sampled is not None
+                emitted += self._emit(self._take_inflight())
+            if sampled is not None:
+                if self.config.async_scheduling:
+                    self._inflight = sampled
+                else:
+                    emitted += self._emit(sampled)
             self.counters["steps"] += 1
             return emitted
+
+    def _take_inflight(self) -> list[_Sampled]:
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def _can_plan_ahead(self) -> bool:
+        """Whether the next step can be planned before the step in flight is read back: it must not preempt anyone
+        (a preempted request would leave with a token still on the device), so every page it may need must be free.
+        """
+        cap = max(self.executor.exec_cfg.token_buckets[-1], self.executor.exec_cfg.max_chunk)
+        need = 0
+        for req in self.slots:
+            if req is not None:
+                upto = req.num_computed + min(req.num_tokens - req.num_computed, cap)
+                need += max(0, math.ceil(upto / self.page_size) - len(req.pages)) + 1  # + 1: a copy-on-write page
+        return self._reserve(need)
 
     def run_until_idle(self, max_steps: int | None = None) -> None:
         """Steps until no request is waiting or running (for offline use and tests)."""
@@ -260,6 +308,7 @@ class LLMEngine:
             if self._closed:
                 return
             self._closed = True
+            self._inflight = None
             for req in list(self.requests.values()):
                 if not req.finished:
                     self._finish(req, FinishReason.CANCELLED)
@@ -335,6 +384,12 @@ class LLMEngine:
         return True
 
     def _preempt(self, req: Request) -> None:
+        if req.pending:  # `_can_plan_ahead` reads the step in flight back before anything may preempt
+            raise RuntimeError(f"preempting {req.id} with a token still on the device")
+        if req.num_computed == req.num_tokens:
+            # Its last token was computed in this step (a prefill chunk planned before the decode rows that
+            # preempt it), but a preempted request's rows are not sampled: compute that token again on resume.
+            req.num_computed -= 1
         logging.info("preempting %s (%s) to free %d pages", req.id, self.config.preemption_mode, len(req.pages))
         req.metrics.preemptions += 1
         self.counters["preemptions"] += 1
@@ -363,7 +418,7 @@ class LLMEngine:
         if self.executor.ragged:
             return self._run_ragged()
         running = [r for r in self.slots if r is not None]
-        prefill = self._pick_prefill([r for r in running if len(r.tokens) - r.num_computed > 1])
+        prefill = self._pick_prefill([r for r in running if r.num_tokens - r.num_computed > 1])
         out: list[tuple[Request, jax.Array, int]] = []
         chunks, reqs = [], []
         for req in prefill:
@@ -380,13 +435,15 @@ class LLMEngine:
             for i, (c, req) in enumerate(planned):
                 if self._advance(req, len(c.tokens)):
                     out.append((req, logits, i))
-        decode = [r for r in self.slots if r is not None and len(r.tokens) - r.num_computed == 1]
-        decode = [r for r in decode if r.status is Status.RUNNING and self._ensure_pages(r, len(r.tokens))]
+        decode = [r for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1 and
+                  not self._done_when_read(r)]
+        decode = [r for r in decode if r.status is Status.RUNNING and self._ensure_pages(r, r.num_tokens)]
         decode = [r for r in decode if r.status is Status.RUNNING]
         if decode:
             logits, self.pool.storage = self.executor.decode(
-                self.pool.storage, [r.tokens[-1] for r in decode], [len(r.tokens) - 1 for r in decode],
-                [r.pages for r in decode], padded=True)
+                self.pool.storage, [0 if r.pending else r.tokens[-1] for r in decode],
+                [r.num_tokens - 1 for r in decode], [r.pages for r in decode], padded=True,
+                from_slots=[r.slot if r.pending else -1 for r in decode], last_tokens=self.sampling.last_token)
             for i, req in enumerate(decode):
                 self._advance(req, 1)
                 out.append((req, logits, i))
@@ -402,8 +459,10 @@ class LLMEngine:
         plan: list[tuple[Request, int]] = []
         for decoding in (True, False):
             for req in running:
-                remaining = len(req.tokens) - req.num_computed
+                remaining = req.num_tokens - req.num_computed
                 if (remaining == 1) != decoding or req.status is not Status.RUNNING or budget <= 0:
+                    continue
+                if self._done_when_read(req):
                     continue
                 n = min(remaining, budget)
                 if self._ensure_pages(req, req.num_computed + n):
@@ -414,7 +473,7 @@ class LLMEngine:
         if not plan:
             return []
         seqs = [_next_chunk(r, n) for r, n in plan]
-        logits, self.pool.storage = self.executor.ragged_step(self.pool.storage, seqs)
+        logits, self.pool.storage = self.executor.ragged_step(self.pool.storage, seqs, self.sampling.last_token)
         out = []
         for i, (req, n) in enumerate(plan):
             if self._advance(req, n):
@@ -428,7 +487,15 @@ class LLMEngine:
             self.counters["prefill_tokens"] += n
         req.num_computed += n
         self._cache_prompt_pages(req)
-        return req.num_computed == len(req.tokens)
+        return req.num_computed == req.num_tokens
+
+    def _done_when_read(self, req: Request) -> bool:
+        """Whether a token still on the device ends `req` by length (so no step is planned for it)."""
+        return req.pending > 0 and self._at_length(req, req.num_tokens)
+
+    def _at_length(self, req: Request, num_tokens: int) -> bool:
+        """Whether `req` stops by length (max_tokens, or the model's context) once it has `num_tokens` tokens."""
+        return num_tokens - len(req.prompt) >= (req.params.max_tokens or math.inf) or num_tokens >= self.max_model_len
 
     def _ragged_budget(self, running: list[Request]) -> int:
         """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
@@ -438,7 +505,7 @@ class LLMEngine:
         read of every weight however few its tokens.
         """
         e = self.executor.exec_cfg
-        remaining = [len(r.tokens) - r.num_computed for r in running]
+        remaining = [r.num_tokens - r.num_computed for r in running]
         decode = sum(n == 1 for n in remaining)
         total = min(sum(remaining), e.token_buckets[-1])
         lower = max((b for b in e.token_buckets if b <= total), default=0)
@@ -450,7 +517,7 @@ class LLMEngine:
         A chunk is padded to its bucket, and prefill is compute-bound, so a 200-token prompt runs as 128 + 64 + 8
         rather than as one 256-token chunk with 56 tokens of padding; only the last piece (< the smallest bucket) pads.
         """
-        remaining = len(req.tokens) - req.num_computed
+        remaining = req.num_tokens - req.num_computed
         filled = [b for b in self.executor.exec_cfg.prefill_len_buckets if b <= remaining]
         return filled[-1] if filled else remaining
 
@@ -483,13 +550,15 @@ class LLMEngine:
         """Row counts the sampler is compiled for: those of the logits a step returns."""
         return self.executor.logits_row_counts()
 
-    def _sample_and_emit(self, computed: list[tuple[Request, jax.Array, int]]) -> list[RequestOutput]:
+    def _dispatch_sampling(self, computed: list[tuple[Request, jax.Array, int]]) -> list[_Sampled]:
+        """Dispatches the sampler for the rows of this step; the tokens stay on the device until `_emit`."""
         # Each logits array (one per model call, padded to a row bucket) is sampled in place: its rows map to their
         # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
         # the work scales with the step's row bucket, not with num_slots.
         groups: dict[int, tuple[jax.Array, list[tuple[Request, int]]]] = {}
         for req, logits, row in computed:
             groups.setdefault(id(logits), (logits, []))[1].append((req, row))
+            req.pending += 1
         results = []
         for logits, rows in groups.values():
             slots = np.full(logits.shape[0], -1, np.int32)
@@ -497,11 +566,18 @@ class LLMEngine:
                 slots[row] = req.slot
             n_top = MAX_LOGPROBS if any((r.params.logprobs or 0) > 0 for r, _ in rows) else 0
             result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top)
-            results.append((rows, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
-        fetched = jax.device_get([r for _, r in results])
+            results.append(_Sampled(rows, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
+        return results
+
+    def _emit(self, sampled: list[_Sampled]) -> list[RequestOutput]:
+        """Reads sampled tokens back and appends them; rows of requests that ended meanwhile are dropped."""
+        fetched = jax.device_get([s.arrays for s in sampled])
         emitted = []
-        for (rows, _), (tokens, logprobs, top_ids, top_lps) in zip(results, fetched):
-            for req, i in rows:
+        for s, (tokens, logprobs, top_ids, top_lps) in zip(sampled, fetched):
+            for req, i in s.rows:
+                if req.status is not Status.RUNNING:  # stopped by an earlier token, cancelled, or failed
+                    continue
+                req.pending -= 1
                 try:
                     emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i],
                                                       top_lps[i]))
@@ -522,14 +598,13 @@ class LLMEngine:
             req.logprobs.append(TokenLogprob(token, logprob, {int(i): float(v) for i, v in zip(top_ids[:n],
                                                                                                 top_lps[:n])}))
         reason = None
-        generated = len(req.tokens) - len(req.prompt)
         if token in req.stop_token_ids:
             reason, delta = FinishReason.STOP, self._drain_text(req)
         else:
             delta, stopped = req.stop.feed(req.detokenizer.add(token))
             if stopped:
                 reason = FinishReason.STOP
-            elif generated >= (req.params.max_tokens or math.inf) or len(req.tokens) >= self.max_model_len:
+            elif self._at_length(req, len(req.tokens)):
                 reason, delta = FinishReason.LENGTH, delta + self._drain_text(req)
         req.text += delta
         if reason is not None:
@@ -561,6 +636,7 @@ class LLMEngine:
         self.requests.pop(req.id, None)
 
     def _fail_running(self, message: str) -> None:
+        self._inflight = None
         for req in list(self.requests.values()):
             if req.status in (Status.RUNNING, Status.SWAPPED):
                 req.error = message

@@ -97,11 +97,16 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 
 @dataclasses.dataclass
 class PrefillChunk:
-    """One sequence's next prompt chunk: `tokens` start at position `start`; `pages` is its page table."""
+    """One sequence's next prompt chunk: `tokens` start at position `start`; `pages` is its page table.
+
+    `from_slot` >= 0 marks a decode row whose one token is still on the device: the token the sampler last drew for
+    that batch slot (`last_tokens[from_slot]` in the step), so a pipelined engine need not wait for it.
+    """
 
     tokens: Sequence[int]
     start: int
     pages: Sequence[int]
+    from_slot: int = -1
 
 
 class Executor:
@@ -119,6 +124,7 @@ class Executor:
         self._inv_freq = rope_inv_freq(cfg)
         self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
         self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
+        self.no_tokens = jnp.zeros(self.exec_cfg.max_decode_batch, jnp.int32)  # `last_tokens` when none is fed back
         wanted = self.exec_cfg.ragged_steps
         if wanted and not self.native_attention:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
@@ -131,14 +137,16 @@ class Executor:
             raise ValueError("native_kernels=True needs float32 weights on CPU and a C++ compiler (see the log)")
         return (possible and native.available()) if wanted is None else wanted
 
-    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs):
+    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
+        tokens = _fed_back(tokens, src, last_tokens)
         return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index, rope_cs=rope_cs)
 
-    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs):
+    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens):
         self.compile_count += 1
         logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0], page_table.shape)
+        tokens = _fed_back(tokens, src, last_tokens)
         return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows,
                        rope_cs=rope_cs)
 
@@ -152,15 +160,29 @@ class Executor:
         return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype,
                                    native_attention=self.native_attention)
 
-    def _run(self, cache, tokens, positions, page_table, logits_index):
+    def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None):
         rope_cs = rope_tables(positions, self._inv_freq, xp=np)
+        src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
-            return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs)
+            return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
+                              last_tokens)
 
-    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows):
+    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None):
         rope_cs = rope_tables(positions, self._inv_freq, xp=np)
+        src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
-            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs)
+            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src,
+                                last_tokens)
+
+    def _feedback(self, tokens, src, last_tokens):
+        """The `src` and `last_tokens` step arguments: where each token comes from (see PrefillChunk.from_slot)."""
+        if src is None:
+            src = np.full(tokens.shape, -1, np.int32)
+        if last_tokens is None:
+            last_tokens = self.no_tokens
+        elif last_tokens.shape != self.no_tokens.shape:  # another shape would compile every step again
+            raise ValueError(f"last_tokens has shape {last_tokens.shape}; steps take {self.no_tokens.shape}")
+        return src, last_tokens
 
     def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk],
                 padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
@@ -195,9 +217,11 @@ class Executor:
         return (logits if padded else _rows(logits, len(chunks))), cache
 
     def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
-               page_tables: Sequence[Sequence[int]], padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
+               page_tables: Sequence[Sequence[int]], padded: bool = False, from_slots: Sequence[int] | None = None,
+               last_tokens: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
         """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V] (every row
-        of the bucket with `padded=True`, as in `prefill`)."""
+        of the bucket with `padded=True`, as in `prefill`). Where from_slots[i] >= 0, token i is
+        last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g. `SamplingBatch.last_token`)."""
         e = self.exec_cfg
         n = len(tokens)
         rows = bucket(n, e.decode_batch_buckets)
@@ -205,17 +229,22 @@ class Executor:
         tok = np.zeros((rows, 1), np.int32)
         pos = np.full((rows, 1), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
+        src = np.full((rows, 1), -1, np.int32)
         tok[:n, 0] = tokens
         pos[:n, 0] = positions
+        if from_slots is not None:
+            src[:n, 0] = from_slots
         for i, pages in enumerate(page_tables):
             needed = positions[i] // e.page_size + 1
             table[i, :needed] = pages[:needed]
-        logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32))
+        logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32), src, last_tokens)
         return (logits if padded else _rows(logits, n)), cache
 
-    def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk]) -> tuple[jax.Array, PagedKVCache]:
+    def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk],
+                    last_tokens: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
-        of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad)."""
+        of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad).
+        `last_tokens` feeds the rows marked `from_slot` (see PrefillChunk)."""
         e = self.exec_cfg
         if not self.ragged:
             raise ValueError("this executor runs prefill and decode steps (see ExecutorConfig.ragged_steps)")
@@ -229,17 +258,20 @@ class Executor:
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
+        src = np.full((rows, 1), -1, np.int32)
         last = np.zeros(self._logits_rows(rows), np.int32)
         at = 0
         for i, s in enumerate(seqs):
             k = len(s.tokens)
             needed = self._pages_needed(s)
             tokens[at:at + k, 0] = s.tokens
+            if s.from_slot >= 0:
+                src[at, 0] = s.from_slot
             positions[at:at + k, 0] = np.arange(s.start, s.start + k)
             table[at:at + k, :needed] = s.pages[:needed]
             at += k
             last[i] = at - 1
-        return self._run_ragged(cache, tokens, positions, table, last)
+        return self._run_ragged(cache, tokens, positions, table, last, src, last_tokens)
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""
@@ -292,6 +324,11 @@ class Executor:
         jax.block_until_ready(cache)
         logging.info("warm-up compiled %d step shapes", self.compile_count)
         return cache
+
+
+def _fed_back(tokens: jax.Array, src: jax.Array, last_tokens: jax.Array) -> jax.Array:
+    """`tokens`, with last_tokens[src] wherever src >= 0."""
+    return jnp.where(src >= 0, last_tokens[jnp.maximum(src, 0)], tokens)
 
 
 def _rows(logits: jax.Array, n: int) -> jax.Array:

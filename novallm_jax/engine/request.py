@@ -85,6 +85,7 @@ class Request:
         self.params = params
         self.tokens = list(prompt_token_ids)  # prompt + generated; KV exists for tokens[:num_computed]
         self.num_computed = 0
+        self.pending = 0  # tokens drawn on the device and not yet read back (a pipelined step is in flight)
         self.pages: list[int] = []
         self.page_hashes: list[bytes] = []  # of the prompt's full pages, for the prefix cache
         self.num_cached_pages = 0  # pages of page_hashes registered in (or taken from) the prefix cache
@@ -105,6 +106,11 @@ class Request:
         self.metrics = Metrics(arrival=time.monotonic(), prompt_tokens=len(self.prompt))
         self.outputs: queue.Queue[RequestOutput] = queue.Queue()
         self.on_output = on_output
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt and generated tokens, counting those still on the device."""
+        return len(self.tokens) + self.pending
 
     @property
     def output_ids(self) -> list[int]:
