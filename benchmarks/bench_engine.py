@@ -278,7 +278,8 @@ class StepProfiler:
         model, sampler = sum(s["model"] for s in steps), sum(s["sampler"] for s in steps)
         host = total - model - sampler
         out: dict[str, Any] = {"blocking": self.blocking, "steps": len(steps), "step_s": total, "model_s": model,
-                               "sampler_s": sampler, "host_s": host, "model_share": model / total, "sampler_share": sampler / total,
+                               "sampler_s": sampler, "host_s": host, "model_share": model / total,
+                               "sampler_share": sampler / total,
                                "host_share": host / total, "by_kind": {}, "model_ms_by_shape": {}}
         full = max((s["decode_rows"] for s in steps if not s["prefill"]), default=0)
         kinds = {"with prefill": [s for s in steps if s["prefill"]],
