@@ -27,6 +27,8 @@ flags.DEFINE_string("api_key", None, "Required bearer key on /v1/* (default: $NO
 flags.DEFINE_integer("max_concurrent", 256, "Generation requests in flight before new ones get 429.", lower_bound=1)
 flags.DEFINE_integer("max_queue", 1024, "Requests waiting in the engine before new ones get 503.", lower_bound=1)
 flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine's).")
+flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before reading the previous step's tokens "
+                  "back, so that streaming and stop checks overlap the model; false: every step waits for its tokens.")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
 flags.DEFINE_bool("warmup", False, "Compile every shape bucket before serving (minutes on CPU; pair it with "
                                    "--compile_cache_dir so that later starts load them). Off: first requests compile.")
@@ -44,7 +46,8 @@ def main(argv) -> None:
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
-    engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue)
+    engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue,
+                                        async_scheduling=FLAGS.async_scheduling)
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, activations=FLAGS.activations,
               engine_config=engine_config, max_model_len=FLAGS.max_model_len,
               compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup)
