@@ -193,7 +193,7 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
 
     for b in batches:
         tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
-        state = {"tokens": argmax(jnp.asarray(rng.normal(size=(b, cfg.vocab_size)), jnp.float32)), "cache": cache}
+        state = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, slots), jnp.int32), "cache": cache}
 
         def run(n: int, start: int):
             # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the

@@ -122,6 +122,27 @@ def test_padded_logits_keep_the_bucket_rows(model):
     np.testing.assert_array_equal(np.asarray(padded[:3]), np.asarray(exact))
 
 
+def test_decode_rows_take_their_tokens_from_the_device(model):
+    """Rows marked from_slot read last_tokens[slot] (an async engine's sampled tokens) instead of host tokens."""
+    cfg, params = model
+    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
+                                              decode_batch_buckets=(4,), prefill_len_buckets=(16,)))
+    cache = ex.new_cache()
+    _, cache = ex.prefill(cache, [PrefillChunk([5, 6, 7], 0, [1]), PrefillChunk([4, 3], 0, [2])])
+    last = jnp.asarray([9, 0, 8, 0], jnp.int32)  # slot 2 drew 8, slot 0 drew 9
+    host, cache = ex.decode(cache, [8, 9], [3, 2], [[1], [2]])
+    fed, cache = ex.decode(cache, [0, 0], [3, 2], [[1], [2]], from_slots=[2, 0], last_tokens=last)
+    np.testing.assert_array_equal(np.asarray(fed), np.asarray(host))
+    with pytest.raises(ValueError, match=r"last_tokens has shape \(3,\); steps take \(4,\)"):
+        ex.decode(cache, [0], [3], [[1]], from_slots=[0], last_tokens=last[:3])
+    if ex.ragged:
+        rows = [PrefillChunk([1, 2], 3, [1]), PrefillChunk([9], 2, [2])]
+        host, cache = ex.ragged_step(cache, rows)
+        rows[1] = PrefillChunk([0], 2, [2], from_slot=0)
+        fed, cache = ex.ragged_step(cache, rows, last)
+        np.testing.assert_array_equal(np.asarray(fed), np.asarray(host))
+
+
 def test_ragged_steps_equal_contiguous(model):
     """Prompt chunks cut anywhere and decode rows, mixed in ragged steps, against the contiguous reference."""
     cfg, params = model
