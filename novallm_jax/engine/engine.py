@@ -261,6 +261,7 @@ class LLMEngine:
     def _can_plan_ahead(self) -> bool:
         """Whether the next step can be planned before the step in flight is read back: it must not preempt anyone
         (a preempted request would leave with a token still on the device), so every page it may need must be free.
+        Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
         """
         cap = max(self.executor.exec_cfg.token_buckets[-1], self.executor.exec_cfg.max_chunk)
         need = 0
@@ -268,7 +269,7 @@ class LLMEngine:
             if req is not None:
                 upto = req.num_computed + min(req.num_tokens - req.num_computed, cap)
                 need += max(0, math.ceil(upto / self.page_size) - len(req.pages)) + 1  # + 1: a copy-on-write page
-        return self._reserve(need)
+        return self.pool.num_free >= need
 
     def run_until_idle(self, max_steps: int | None = None) -> None:
         """Steps until no request is waiting or running (for offline use and tests)."""
