@@ -527,7 +527,7 @@ def print_report(res: dict[str, Any]) -> None:
           f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}"
           + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else "")
           + (", int8 activations" if s["activations"] == "int8" else "")
-          + ("" if s.get("async_scheduling", True) else ", synchronous steps"))
+          + ("" if s["async_scheduling"] else ", synchronous steps"))
     rows = [_row("ours (continuous)", res["engine"], hf)]
     if hf:
         rows.append(_row(f"transformers (static b{hf['batch']})", hf, None))

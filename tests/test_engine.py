@@ -313,11 +313,11 @@ def test_engine_lock_counts_waiting_threads():
         assert not cond.wait(timeout=0.01)
 
 
-def _mixed_workload(engine, tokenizer):
-    """Greedy and seeded sampling, penalties, logprobs, stop tokens and a stop string, arriving at staggered times."""
+def _mixed_specs(tokenizer):
+    """Greedy and seeded sampling, penalties, logprobs, stop tokens and a stop string."""
     free = greedy_generate(tiny_params(), TINY, [prompt_of(10, 5)], 8)[0]
     stop, _ = _find_stop_split_across_tokens(tokenizer, run_alone(tokenizer, prompt_of(12, 11), greedy(30)))
-    specs = [
+    return [
         (prompt_of(10, 5), SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(free[2],))),
         (prompt_of(12, 11), greedy(30, stop=(stop,))),
         (prompt_of(40, 6), SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=2,
@@ -325,6 +325,10 @@ def _mixed_workload(engine, tokenizer):
         (prompt_of(25, 7), SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=9, repetition_penalty=1.3,
                                           ignore_eos=True)),
     ] + [(prompt_of(5 + 9 * i, 20 + i), greedy(3 + 2 * i)) for i in range(6)]
+
+
+def _run_staggered(engine, specs):
+    """Runs (prompt, params) pairs arriving at staggered times; returns what each request produced."""
     reqs = []
     for i, (prompt, params) in enumerate(specs):
         reqs.append(engine.add_request(prompt, params))
@@ -339,10 +343,11 @@ def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tokenizer, step
     """Steps dispatched before the previous step's tokens are read back (fed to the model on the device) give the
     same tokens, text, finish reasons and logprobs as steps that wait; a request stopped by a token drawn while the
     next step was in flight loses that step's row and nothing else."""
+    specs = _mixed_specs(tokenizer)
     outputs, planned_ahead = {}, {}
     for async_scheduling in (False, True):
         eng = make_engine(tokenizer, async_scheduling=async_scheduling, **step_kind)
-        outputs[async_scheduling] = _mixed_workload(eng, tokenizer)
+        outputs[async_scheduling] = _run_staggered(eng, specs)
         planned_ahead[async_scheduling] = eng.counters["steps_planned_ahead"]
         assert eng.check_leaks() == [] and eng._inflight is None
         assert all(r is None for r in eng.slots)

@@ -441,10 +441,10 @@ class LLMEngine:
         decode = [r for r in decode if r.status is Status.RUNNING and self._ensure_pages(r, r.num_tokens)]
         decode = [r for r in decode if r.status is Status.RUNNING]
         if decode:
+            rows = [_next_chunk(r, 1) for r in decode]
             logits, self.pool.storage = self.executor.decode(
-                self.pool.storage, [0 if r.pending else r.tokens[-1] for r in decode],
-                [r.num_tokens - 1 for r in decode], [r.pages for r in decode], padded=True,
-                from_slots=[r.slot if r.pending else -1 for r in decode], last_tokens=self.sampling.last_token)
+                self.pool.storage, [c.tokens[0] for c in rows], [c.start for c in rows], [c.pages for c in rows],
+                padded=True, from_slots=[c.from_slot for c in rows], last_tokens=self.sampling.last_token)
             for i, req in enumerate(decode):
                 self._advance(req, 1)
                 out.append((req, logits, i))
