@@ -52,6 +52,8 @@ flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots i
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
 flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
                   "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).")
+flags.DEFINE_bool("fused_layers", True, "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
+                  "--nofused_layers: a call per matmul and attention, with XLA ops between.")
 flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
                   "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
                   "other arithmetic).")
@@ -178,7 +180,7 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     exec_cfg = ExecutorConfig(page_size=ps, num_pages=s["num_pages"] or 1 + max(batches) * width, max_model_len=max_len,
                               decode_batch_buckets=tuple(batches), prefill_batch_buckets=(1,),
                               prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths),
-                              native_kernels=native_kernels)
+                              native_kernels=native_kernels, fused_layers=None if s["fused_layers"] else False)
     ex = Executor(cfg, params, exec_cfg)
     cache = ex.new_cache()
     slots = exec_cfg.max_decode_batch
@@ -438,7 +440,8 @@ def main(argv):
 
     s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
          "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
-         "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages}
+         "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages,
+         "fused_layers": FLAGS.fused_layers}
     batches = [int(b) for b in FLAGS.batches]
     if FLAGS.quick:
         s.update(prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2,

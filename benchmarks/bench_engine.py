@@ -84,6 +84,7 @@ flags.DEFINE_enum("activations", "float32", ["float32", "int8"], "int8: block-co
                   "int8 per 32 values, as llama.cpp does (faster; outputs close to float32's, not identical).")
 flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before reading the previous one's tokens back "
                   "(the engine's default); false: every step waits for its tokens.")
+flags.DEFINE_bool("fused_layers", True, "Each decoder layer as one native call (`ExecutorConfig.fused_layers`).")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
@@ -318,7 +319,8 @@ def build_engine(cfg, params, tokenizer, s: dict[str, Any]):
                           decode_batch_buckets=decode_buckets, prefill_batch_buckets=tuple(s["prefill_batch_buckets"]),
                           prefill_len_buckets=tuple(b for b in s["prefill_len_buckets"] if b <= max_len) or (max_len,),
                           page_table_buckets=tuple(sorted({max(1, width // 3), width})),
-                          token_buckets=tuple(s["token_buckets"]) or None, ragged_steps=None if s["ragged"] else False)
+                          token_buckets=tuple(s["token_buckets"]) or None, ragged_steps=None if s["ragged"] else False,
+                          fused_layers=None if s["fused_layers"] else False)
     return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=ecfg, async_scheduling=s["async_scheduling"]))
 
 
@@ -582,6 +584,7 @@ def settings_from_flags() -> dict[str, Any]:
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
          "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
+         "fused_layers": FLAGS.fused_layers,
          "weights": FLAGS.weights, "activations": FLAGS.activations, "async_scheduling": FLAGS.async_scheduling}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,

@@ -51,12 +51,15 @@ class PagedKVCache:
     v: tuple[jax.Array, ...]
     # Attention through the native CPU kernel, which reads the pages in place (kernels/native.py).
     native_attention: bool = flax.struct.field(pytree_node=False, default=False)
+    # Each decoder layer one native call that writes its pages in place (`native.decoder_layer`).
+    fused_layers: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
-               native_attention: bool = False) -> "PagedKVCache":
+               native_attention: bool = False, fused_layers: bool = False) -> "PagedKVCache":
         lead = (num_pages, page_size)
-        return cls(k=_zeros(cfg, lead, dtype), v=_zeros(cfg, lead, dtype), native_attention=native_attention)
+        return cls(k=_zeros(cfg, lead, dtype), v=_zeros(cfg, lead, dtype), native_attention=native_attention,
+                   fused_layers=fused_layers)
 
     @property
     def num_pages(self) -> int:
@@ -88,6 +91,12 @@ class PagedKVCache:
         return new, gathered(k_l), gathered(v_l)
 
 
+def with_layer(cache, layer: int, k_l: jax.Array, v_l: jax.Array):
+    """`cache` with layer `layer`'s K and V replaced."""
+    put = lambda arrays, a: arrays[:layer] + (a,) + arrays[layer + 1:]
+    return cache.replace(k=put(cache.k, k_l), v=put(cache.v, v_l))
+
+
 def _zeros(cfg: ModelConfig, lead: tuple[int, int], dtype) -> tuple[jax.Array, ...]:
     return tuple(jnp.zeros(lead + (cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(cfg.num_layers))
 
@@ -96,5 +105,4 @@ def _scatter(cache, layer: int, index: tuple, k: jax.Array, v: jax.Array):
     """Writes k, v at `index` of layer `layer` (out-of-range entries dropped); returns (cache, layer K, layer V)."""
     k_l = cache.k[layer].at[index].set(k.astype(cache.k[layer].dtype), mode="drop")
     v_l = cache.v[layer].at[index].set(v.astype(cache.v[layer].dtype), mode="drop")
-    put = lambda arrays, a: arrays[:layer] + (a,) + arrays[layer + 1:]
-    return cache.replace(k=put(cache.k, k_l), v=put(cache.v, v_l)), k_l, v_l
+    return with_layer(cache, layer, k_l, v_l), k_l, v_l

@@ -16,7 +16,7 @@ import numpy as np
 
 from novallm_jax.config import ModelConfig, rope_inv_freq
 from novallm_jax.kernels import native
-from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache
+from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache, with_layer
 
 Params = dict[str, Any]
 KVCache = ContiguousKVCache | PagedKVCache
@@ -126,6 +126,9 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
 
 
 def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: ModelConfig, rope_cs, page_table):
+    if isinstance(cache, PagedKVCache) and cache.fused_layers:
+        x, k_l, v_l = native.decoder_layer(p, x, cache.k[layer], cache.v[layer], page_table, positions, rope_cs, cfg)
+        return x, with_layer(cache, layer, k_l, v_l)
     b, t, _ = x.shape
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     qkv = linear(h, p["wqkv"])

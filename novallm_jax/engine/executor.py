@@ -53,6 +53,8 @@ class ExecutorConfig:
     token_buckets: tuple[int, ...] | None = None
     # Whether steps are ragged (`ragged_step`, which the engine then uses); None: wherever the native attention runs.
     ragged_steps: bool | None = None
+    # Each decoder layer as one native call (`native.decoder_layer`); None: wherever the native attention runs.
+    fused_layers: bool | None = None
 
     def __post_init__(self):
         for name in ("decode_batch_buckets", "prefill_batch_buckets", "prefill_len_buckets"):
@@ -129,6 +131,11 @@ class Executor:
         if wanted and not self.native_attention:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
         self.ragged = self.native_attention if wanted is None else wanted
+        wanted = self.exec_cfg.fused_layers
+        fusable = self.native_attention and native.fusable(self.params)
+        if wanted and not fusable:
+            raise ValueError("fused_layers=True needs the native kernels and attention (float32 on CPU)")
+        self.fused_layers = fusable if wanted is None else wanted
 
     def _use_native_kernels(self) -> bool:
         wanted = self.exec_cfg.native_kernels
@@ -158,7 +165,7 @@ class Executor:
     def new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
         return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype,
-                                   native_attention=self.native_attention)
+                                   native_attention=self.native_attention, fused_layers=self.fused_layers)
 
     def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None):
         rope_cs = rope_tables(positions, self._inv_freq, xp=np)

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -246,6 +247,22 @@ bool QuantShapesAgree(const D& xd, const D& wd) {
   return xd.size() == 2 && wd.size() == 3 && wd[2] == kBlockBytes<BITS> && wd[1] * kBlock == xd[1];
 }
 
+// Rows [M, K] of x against one block-coded panel: one row decodes in registers; more rows decode the panel once
+// into a scratch panel that every tile of rows then reads from L1/L2.
+template <int BITS>
+void QuantPanel(const float* x, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N) {
+  if (M == 1) return QuantRow<BITS>(x, w, K, y);
+  // Cache-line aligned like XLA's buffers: the tiles' 32-byte loads would otherwise straddle lines.
+  thread_local std::unique_ptr<float, FreeDeleter> scratch;
+  thread_local int64_t scratch_size = 0;
+  if (scratch_size < K * kPanel) {
+    scratch.reset(static_cast<float*>(std::aligned_alloc(64, K * kPanel * sizeof(float))));
+    scratch_size = K * kPanel;
+  }
+  Dequant<BITS>(w, K, scratch.get());
+  Panel(x, M, K, scratch.get(), y, N);
+}
+
 template <int BITS>
 ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                        ffi::ResultBuffer<ffi::F32> y) {
@@ -258,18 +275,8 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* yp = y->typed_data();
   const int64_t M = xd[0], K = xd[1], N = wd[0] * kPanel, panel_bytes = wd[1] * kBlockBytes<BITS>;
   // Decoding costs about what reading float32 weights does, so the inline-or-parallel choice counts those bytes.
-  ParallelFor(pool, wd[0], 4 * (M * K + wd[0] * K * kPanel), [=](int64_t p) {
-    if (M == 1) return QuantRow<BITS>(xp, wp + p * panel_bytes, K, yp + p * kPanel);
-    // Cache-line aligned like XLA's buffers: the tiles' 32-byte loads would otherwise straddle lines.
-    thread_local std::unique_ptr<float, FreeDeleter> scratch;
-    thread_local int64_t scratch_size = 0;
-    if (scratch_size < K * kPanel) {
-      scratch.reset(static_cast<float*>(std::aligned_alloc(64, K * kPanel * sizeof(float))));
-      scratch_size = K * kPanel;
-    }
-    Dequant<BITS>(wp + p * panel_bytes, K, scratch.get());
-    Panel(xp, M, K, scratch.get(), yp + p * kPanel, N);
-  });
+  ParallelFor(pool, wd[0], 4 * (M * K + wd[0] * K * kPanel),
+              [=](int64_t p) { QuantPanel<BITS>(xp, M, K, wp + p * panel_bytes, yp + p * kPanel, N); });
   return ffi::Error::Success();
 }
 
@@ -494,13 +501,24 @@ struct Attention {
     const float* keys[kBlock];
     const float* vals[kBlock];
     for (int64_t i = 0; i < heads; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
+    auto slot = [&](int64_t j) {
+      int32_t page = page_table[b * W + j / ps];
+      if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
+      return (page * ps + j % ps) * KV;  // pages are [P, ps, KV, hd]
+    };
     for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
       const int64_t n = std::min(kBlock, p - j0 + 1), n8 = (n + 7) / 8 * 8;
-      for (int64_t jj = 0; jj < n8; ++jj) {
-        const int64_t j = j0 + std::min(jj, n - 1);  // past n: a repeat of the last key, its score masked below
-        int32_t page = page_table[b * W + j / ps];
-        if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
-        slots[jj] = (page * ps + j % ps) * KV;  // pages are [P, ps, KV, hd]
+      // past n: a repeat of the last key, its score masked below
+      for (int64_t jj = 0; jj < n8; ++jj) slots[jj] = slot(j0 + std::min(jj, n - 1));
+      // The keys and values of a step were evicted by the weights streamed since the last one, and a head's rows
+      // are strided (the slot's other heads lie between them), which the hardware prefetchers miss: attention ran
+      // at ~5 GB/s, bound by DRAM latency. Asking for the next block's rows now overlaps that latency.
+      for (int64_t j = j0 + kBlock; j < std::min(j0 + 2 * kBlock, p + 1); ++j) {
+        const int64_t first = (slot(j) + h0) * hd, last = (slot(j) + h1) * hd;
+        for (int64_t f = first; f < last; f += 16) {
+          __builtin_prefetch(k + f);
+          __builtin_prefetch(v + f);
+        }
       }
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t jj = 0; jj < n8; ++jj) {
@@ -586,6 +604,348 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   return ffi::Error::Success();
 }
 
+// ---- One decoder layer in one call ----
+//
+// Why: a batch-1 decode step of SmolLM2 on the block codes is ~150 kernel calls of 10-60 us each plus ~300 small XLA
+// ops, and every parallel call wakes a pool thread: in a profile, 0.6 ms of gaps between calls and matmuls at 60-70%
+// of the memory bandwidth that one long call reaches. Here a layer is one call whose threads stay awake through
+// its phases (norm, q/k/v, rope and the K/V write, attention, o, norm, gate/up, down), each a set of items taken
+// from a shared counter, so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up.
+
+// The calling thread and up to `threads - 1` pool tasks running phases of parallel items. A helper that starts
+// late (or never) only takes fewer items: no phase waits for a helper that has not claimed one. The state is
+// shared-owned because a helper may start after the call has returned (it then finds the team ended and exits).
+class Team {
+ public:
+  Team(ffi::ThreadPool& pool, int64_t threads)
+      : threads_(std::max<int64_t>(1, threads)), s_(std::make_shared<State>()) {
+    for (int64_t t = 1; t < threads; ++t) pool.Schedule([s = s_] { s->Help(); });
+  }
+  ~Team() { s_->word.store(kEnd, std::memory_order_release); }
+
+  // Runs body(i) for i in [0, n) on the team; returns when every item is done.
+  template <typename F>
+  void Run(int64_t n, F& body) {
+    if (n <= 0) return;
+    s_->done.store(0, std::memory_order_relaxed);
+    s_->fn = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
+    s_->ctx = &body;
+    // A few chunks per member: each claim moves the counter's cache line between cores, which costs about as
+    // much as a small item.
+    s_->chunk.store(std::max<int64_t>(1, n / (4 * threads_)), std::memory_order_relaxed);
+    s_->word.store(static_cast<uint64_t>(n) << kShift, std::memory_order_release);
+    s_->Work();
+    for (int spins = 0; s_->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
+  }
+
+ private:
+  // word = n << 32 | next item: a claim (fetch_add) returns the phase's n and its first item together, so a
+  // helper can never pair items of one phase with the item count of another. A claim that gets items < n means
+  // the phase is not done, so fn and ctx are still that phase's. A stale chunk size only changes how many items
+  // that claim takes: every claimer runs exactly the items it added.
+  static constexpr int kShift = 32;
+  static constexpr uint64_t kEnd = uint64_t{1} << 63;
+  static constexpr uint64_t kItem = (uint64_t{1} << kShift) - 1;
+
+  static void Pause(int spins) {
+#if defined(__x86_64__)
+    if (spins < 4096) return _mm_pause();
+#endif
+    std::this_thread::yield();  // long waits yield: on a busy machine the other member may need this core
+  }
+
+  struct State {
+    alignas(64) std::atomic<uint64_t> word{0};
+    alignas(64) std::atomic<int64_t> done{0};
+    alignas(64) std::atomic<int64_t> chunk{1};
+    void (*fn)(void*, int64_t) = nullptr;
+    void* ctx = nullptr;
+
+    // Claims and runs chunks of items until the current phase has none left.
+    void Work() {
+      for (;;) {
+        const int64_t c = chunk.load(std::memory_order_relaxed);
+        const uint64_t w = word.fetch_add(c, std::memory_order_acq_rel);
+        const int64_t n = static_cast<int64_t>((w & ~kEnd) >> kShift), start = static_cast<int64_t>(w & kItem);
+        if ((w & kEnd) || start >= n) return;
+        const int64_t end = std::min(start + c, n);
+        for (int64_t i = start; i < end; ++i) fn(ctx, i);
+        done.fetch_add(end - start, std::memory_order_release);
+      }
+    }
+    void Help() {
+      for (int spins = 0;;) {
+        const uint64_t w = word.load(std::memory_order_acquire);
+        if (w & kEnd) return;
+        if ((w & kItem) < (w >> kShift)) {
+          Work();
+          spins = 0;
+        } else {
+          Pause(spins++);
+        }
+      }
+    }
+  };
+  int64_t threads_;
+  std::shared_ptr<State> s_;
+};
+
+// A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), or
+// the int8-dot layout (kind = 16 + bits, x quantised per row first).
+struct Weight {
+  int64_t kind = 0;
+  const uint8_t* data = nullptr;
+  int64_t K = 0, panels = 0, panel_bytes = 0;
+
+  bool dot() const { return kind & 16; }
+  int64_t padded_n() const { return panels * kPanel; }
+
+  // The weight in `b`, or nullptr with the error in `error`.
+  static const char* Of(const ffi::AnyBuffer& b, int64_t kind, int64_t K, Weight& w) {
+    const auto d = b.dimensions();
+    w = Weight{kind, static_cast<const uint8_t*>(b.untyped_data()), K, d.size() == 3 ? d[0] : 0, 0};
+    bool ok = d.size() == 3;
+    if (kind == 0) {
+      ok = ok && b.element_type() == ffi::DataType::F32 && d[1] == K && d[2] == kPanel;
+      w.panel_bytes = K * kPanel * 4;
+    } else {
+      const int bits = kind & 15;
+      const int64_t block = bits == 4 ? kBlockBytes<4> : kBlockBytes<8>;
+      ok = ok && (bits == 4 || bits == 8) && (kind & ~int64_t{31}) == 0 && b.element_type() == ffi::DataType::U8 &&
+           d[1] * kBlock == K && d[2] == block;
+      if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
+      w.panel_bytes = d[1] * block;
+    }
+    return ok ? nullptr : "decoder_layer: a weight's shape or type disagrees with its kind";
+  }
+};
+
+// x rows quantised for the int8-dot matmuls: codes [M, K], then scales dx [M, K / 32] and float sums sx [M, K / 32].
+struct RowCodes {
+  std::vector<int8_t> q;
+  std::vector<float> dx, sx;
+  int64_t K = 0;
+
+  void Resize(int64_t M, int64_t k) {
+    K = k;
+    q.resize(M * K);
+    dx.resize(M * K / kBlock);
+    sx.resize(M * K / kBlock);
+  }
+  void Quantize(const float* x, int64_t r) {
+#if defined(__AVX2__)
+    QuantizeRow(x, K, q.data() + r * K, dx.data() + r * K / kBlock, sx.data() + r * K / kBlock);
+#endif
+  }
+};
+
+// Output panel p of y [M, ldy] = x [M, K] @ w.
+void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t M, int64_t p, float* y,
+                 int64_t ldy) {
+  const uint8_t* wp = w.data + p * w.panel_bytes;
+  y += p * kPanel;
+  switch (w.kind) {
+    case 0: return Panel(x, M, w.K, reinterpret_cast<const float*>(wp), y, ldy);
+    case 4: return QuantPanel<4>(x, M, w.K, wp, y, ldy);
+    case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
+#if defined(__AVX2__)
+    case 16 + 4: return DotPanel<4>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
+    case 16 + 8: return DotPanel<8>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
+#endif
+  }
+}
+
+// out = w * x / rms(x) over n values (model.rms_norm).
+inline void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// x [hd] rotated in place by the angles' cos and sin [hd], in the rotate-half layout (model.rope).
+inline void Rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+struct LayerDims {
+  int64_t M, T, D, H, KV, hd, W, P, ps, window;
+  float eps, scale;
+};
+
+// Reads every key and value row that attention will read for each sequence's (one) query, so that attention finds
+// them in cache. They were evicted by the weights streamed since the last step, and attention reading them cold was
+// bound by DRAM latency (~3x its time on warm rows at a few hundred tokens); read while the other members run the
+// q/k/v matmul, they arrive in time. (Prefetch instructions did not help here; loads did.) Prefill chunks and large
+// batches skip it: their attention has the arithmetic or the rows to keep the memory bus busy.
+float TouchKV(const float* k, const float* v, const int32_t* table, const int32_t* pos, const LayerDims& L) {
+  float sum = 0.f;
+  if (L.T > 1 || L.M > 4) return sum;
+  const int64_t row = L.KV * L.hd;  // a slot's keys (all heads) are one contiguous row
+  for (int64_t b = 0; b < L.M; ++b) {
+    const int64_t p = std::min<int64_t>(pos[b], L.W * L.ps - 1);
+    const int64_t lo = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
+    for (int64_t j = lo; j <= p; ++j) {
+      const int32_t page = table[b * L.W + j / L.ps];
+      if (page < 0 || page >= L.P) continue;
+      const int64_t first = (page * L.ps + j % L.ps) * row;
+      for (int64_t f = first; f < first + row; f += 16) sum += k[f] + v[f];
+    }
+  }
+  return sum;
+}
+
+// x [M, D] -> x_out [M, D] through one pre-norm decoder layer (model.decoder_layer), writing the rows' keys and
+// values into the pages (k_pages / v_pages are the outputs', aliased to the inputs').
+ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
+                        ffi::AnyBuffer wqkv_b, ffi::Buffer<ffi::F32> bqkv, ffi::Buffer<ffi::F32> q_norm,
+                        ffi::Buffer<ffi::F32> k_norm, ffi::AnyBuffer wo_b, ffi::Buffer<ffi::F32> mlp_norm,
+                        ffi::AnyBuffer w_gate_up_b, ffi::AnyBuffer w_down_b, ffi::Buffer<ffi::F32>,
+                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> positions,
+                        ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t qkv_kind, int64_t o_kind,
+                        int64_t gate_up_kind, int64_t down_kind, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t window, float eps, float scale, ffi::ResultBuffer<ffi::F32> x_out,
+                        ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+  const auto xd = x.dimensions(), kd = k_out->dimensions(), td = page_table.dimensions(),
+             pd = positions.dimensions();
+  if (xd.size() != 2 || kd.size() != 4 || td.size() != 2 || pd.size() != 2 || td[0] != pd[0] ||
+      pd[0] * pd[1] != xd[0] || kd[2] != num_kv_heads || num_heads % num_kv_heads || kd[3] % 8 ||
+      num_heads > kMaxHeads || cos.element_count() != xd[0] * kd[3] || sin.element_count() != xd[0] * kd[3]) {
+    return ffi::Error::InvalidArgument("decoder_layer: shapes disagree");
+  }
+  const LayerDims L{xd[0], pd[1], xd[1], num_heads, num_kv_heads, kd[3], td[1], kd[0], kd[1], window, eps, scale};
+  const int64_t Q = L.H * L.hd, KVS = L.KV * L.hd;
+  const auto dd = w_down_b.dimensions();
+  const int64_t F = dd.size() == 3 ? (down_kind ? dd[1] * kBlock : dd[1]) : 0;
+  Weight wqkv, wo, wgu, wdown;
+  for (const char* error : {Weight::Of(wqkv_b, qkv_kind, L.D, wqkv), Weight::Of(wo_b, o_kind, Q, wo),
+                            Weight::Of(w_gate_up_b, gate_up_kind, L.D, wgu),
+                            Weight::Of(w_down_b, down_kind, F, wdown)}) {
+    if (error) return ffi::Error::InvalidArgument(error);
+  }
+  if (wqkv.padded_n() < Q + 2 * KVS || wo.padded_n() < L.D || wgu.padded_n() < 2 * F || wdown.padded_n() < L.D ||
+      (bqkv.element_count() && bqkv.element_count() != Q + 2 * KVS) ||
+      (q_norm.element_count() && q_norm.element_count() != L.hd) ||
+      (k_norm.element_count() && k_norm.element_count() != L.hd)) {
+    return ffi::Error::InvalidArgument("decoder_layer: weight widths disagree with the heads and sizes");
+  }
+  const int64_t M = L.M, D = L.D;
+  const int64_t ld_qkv = wqkv.padded_n(), ld_o = wo.padded_n(), ld_gu = wgu.padded_n(), ld_down = wdown.padded_n();
+
+  // Scratch, kept by the calling thread from call to call. The phases name it through these references: inside a
+  // lambda run by a helper, a thread_local would name the helper's own.
+  struct Scratch {
+    std::vector<float> h, qkv, q, attn, tmp, gu, act;
+    RowCodes codes;
+  };
+  thread_local Scratch scratch;
+  auto &h = scratch.h, &qkv = scratch.qkv, &q = scratch.q, &attn = scratch.attn, &tmp = scratch.tmp,
+       &gu = scratch.gu, &act = scratch.act;
+  RowCodes& codes = scratch.codes;
+  h.resize(M * D);
+  qkv.resize(M * ld_qkv);
+  q.resize(M * Q);
+  attn.resize(M * Q);
+  tmp.resize(M * std::max(ld_o, ld_down));
+  gu.resize(M * ld_gu);
+  act.resize(M * F);
+  codes.Resize(M, std::max({D, Q, F}));
+
+  const float* xp = x.typed_data();
+  float* xo = x_out->typed_data();
+  float* kp = k_out->typed_data();
+  float* vp = v_out->typed_data();
+  const int32_t* table = page_table.typed_data();
+  const int32_t* pos = positions.typed_data();
+  const float *cs = cos.typed_data(), *sn = sin.typed_data();
+
+  Team team(pool, pool.num_threads());
+  auto quantize = [&](const Weight& w, const float* rows, int64_t ld) {
+    if (!w.dot()) return;
+    codes.K = w.K;
+    auto body = [&](int64_t r) { codes.Quantize(rows + r * ld, r); };
+    team.Run(M, body);
+  };
+  auto matmul = [&](const Weight& w, const float* in, float* out, int64_t ld) {
+    auto body = [&](int64_t p) { MatmulPanel(w, in, codes, M, p, out, ld); };
+    team.Run(w.panels, body);
+  };
+
+  auto norm1 = [&](int64_t r) { RmsNorm(xp + r * D, attn_norm.typed_data(), D, eps, h.data() + r * D); };
+  team.Run(M, norm1);
+  quantize(wqkv, h.data(), D);
+  // Item 0 of the q/k/v matmul reads the keys and values attention will read (see TouchKV).
+  std::atomic<float> touched{0.f};
+  auto qkv_and_touch = [&](int64_t i) {
+    if (i == 0) return touched.store(TouchKV(kp, vp, table, pos, L), std::memory_order_relaxed);
+    MatmulPanel(wqkv, h.data(), codes, M, i - 1, qkv.data(), ld_qkv);
+  };
+  team.Run(wqkv.panels + 1, qkv_and_touch);
+
+  // Bias, q/k norms, rope; then the row's key and value into its page (rows at padding or past the table: none).
+  auto rope = [&](int64_t r) {
+    float* row = qkv.data() + r * ld_qkv;
+    if (bqkv.element_count()) {
+      for (int64_t i = 0; i < Q + 2 * KVS; ++i) row[i] += bqkv.typed_data()[i];
+    }
+    const float *c = cs + r * L.hd, *s = sn + r * L.hd;
+    for (int64_t i = 0; i < L.H + L.KV; ++i) {
+      float* head = row + i * L.hd;
+      const float* nw = i < L.H ? q_norm.typed_data() : k_norm.typed_data();
+      if ((i < L.H ? q_norm : k_norm).element_count()) RmsNorm(head, nw, L.hd, eps, head);
+      Rope(head, c, s, L.hd);
+    }
+    std::memcpy(q.data() + r * Q, row, Q * sizeof(float));
+    const int64_t p = pos[r], b = r / L.T;
+    if (p < 0 || p >= L.W * L.ps) return;
+    const int32_t page = table[b * L.W + p / L.ps];
+    if (page < 0 || page >= L.P) return;
+    const int64_t slot = (page * L.ps + p % L.ps) * KVS;
+    std::memcpy(kp + slot, row + Q, KVS * sizeof(float));
+    std::memcpy(vp + slot, row + Q + KVS, KVS * sizeof(float));
+  };
+  team.Run(M, rope);
+
+  const Attention a{q.data(), kp, vp, table, pos, attn.data(), L.T, L.KV, L.H / L.KV, L.hd, L.ps, L.W, L.P,
+                    window, scale};
+  auto attend = [&](int64_t item) { a.Row(item / L.KV, item % L.KV, item % L.KV + 1); };
+  team.Run(M * L.KV, attend);
+
+  quantize(wo, attn.data(), Q);
+  matmul(wo, attn.data(), tmp.data(), ld_o);
+  auto residual_norm = [&](int64_t r) {
+    for (int64_t i = 0; i < D; ++i) xo[r * D + i] = xp[r * D + i] + tmp[r * ld_o + i];
+    RmsNorm(xo + r * D, mlp_norm.typed_data(), D, eps, h.data() + r * D);
+  };
+  team.Run(M, residual_norm);
+  quantize(wgu, h.data(), D);
+  matmul(wgu, h.data(), gu.data(), ld_gu);
+
+  auto swiglu = [&](int64_t r) {
+    const float* g = gu.data() + r * ld_gu;
+    float* out = act.data() + r * F;
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      const v8 gi = Load(g + i);
+      Store(out + i, gi / (Splat(1.f) + Exp(-gi)) * Load(g + F + i));
+    }
+    for (; i < F; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+  };
+  team.Run(M, swiglu);
+  quantize(wdown, act.data(), F);
+  matmul(wdown, act.data(), tmp.data(), ld_down);
+  auto residual = [&](int64_t r) {
+    for (int64_t i = 0; i < D; ++i) xo[r * D + i] += tmp[r * ld_down + i];
+  };
+  team.Run(M, residual);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmPackedMatmulF32, PackedMatmul,
@@ -619,3 +979,35 @@ NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
 
 extern "C" int NovallmHasInt8Dot() { return kInt8Dot; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmDecoderLayerF32, DecoderLayer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // attn_norm
+                                  .Arg<ffi::AnyBuffer>()         // wqkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bqkv ([0]: none)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_norm ([0]: none)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_norm ([0]: none)
+                                  .Arg<ffi::AnyBuffer>()         // wo
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mlp_norm
+                                  .Arg<ffi::AnyBuffer>()         // w_gate_up
+                                  .Arg<ffi::AnyBuffer>()         // w_down
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages (aliased to the second result)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages (aliased to the third result)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Attr<int64_t>("qkv_kind")
+                                  .Attr<int64_t>("o_kind")
+                                  .Attr<int64_t>("gate_up_kind")
+                                  .Attr<int64_t>("down_kind")
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<int64_t>("num_kv_heads")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

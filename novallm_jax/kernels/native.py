@@ -29,6 +29,7 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
+_LAYER = "novallm_decoder_layer_f32"
 _QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 8: "novallm_q8_matmul_f32"}
 _DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
@@ -84,6 +85,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
+        jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (8, lib.NovallmQ8MatmulF32)):
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (8, lib.NovallmQ8DotMatmulF32)):
@@ -121,14 +123,14 @@ def unpack(panels: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(panels).transpose(1, 0, 2).reshape(k, p * PANEL)[:, :n]
 
 
-def _ffi_call(target: str, out: jax.ShapeDtypeStruct):
+def _ffi_call(target: str, out, **kwargs):
     """`jax.ffi.ffi_call` of one of these kernels: registers them first (code may be traced before anything called
     `available()`), and says why where they cannot run instead of XLA's "no FFI handler registered"."""
     if not available():
         raise RuntimeError(f"native CPU kernel {target} is not available (no C++ compiler, or {_ENV}=0; see the log)")
     if target in _DOT_MATMUL.values() and not int8_dot_available():
         raise RuntimeError(f"native CPU kernel {target} needs a CPU with AVX2")
-    return jax.ffi.ffi_call(target, out)
+    return jax.ffi.ffi_call(target, out, **kwargs)
 
 
 def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
@@ -221,6 +223,40 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
 
 def supports_attention(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     return head_dim % 8 == 0 and num_heads <= 256
+
+
+def decoder_layer(p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                  positions: jax.Array, rope_cs: tuple[jax.Array, jax.Array], cfg) -> tuple[jax.Array, ...]:
+    """`model.decoder_layer` over x [B, T, D] with paged K/V in one native call (weights `fusable`): returns
+    (x, k_pages, v_pages), the pages updated in place (aliased; donate the cache).
+
+    One call instead of ~10 kernel calls and XLA ops per layer: its threads stay awake from phase to phase
+    (see cpu_kernels.cc). Attention reads the pages as `paged_attention` does."""
+    b, t, d = x.shape
+    none = jnp.zeros((0,), jnp.float32)
+    cos, sin = (a.reshape(b * t, cfg.head_dim).astype(jnp.float32) for a in rope_cs)
+    pages = jax.ShapeDtypeStruct(k_pages.shape, jnp.float32)
+    call = _ffi_call(_LAYER, (jax.ShapeDtypeStruct((b * t, d), jnp.float32), pages, pages),
+                     input_output_aliases={10: 1, 11: 2})
+    out, k_pages, v_pages = call(
+        x.reshape(b * t, d).astype(jnp.float32), p["attn_norm"], p["wqkv"].panels, p.get("bqkv", none),
+        p.get("q_norm", none), p.get("k_norm", none), p["wo"].panels, p["mlp_norm"], p["w_gate_up"].panels,
+        p["w_down"].panels, k_pages, v_pages, page_table.astype(jnp.int32), positions.astype(jnp.int32), cos, sin,
+        qkv_kind=_kind(p["wqkv"]), o_kind=_kind(p["wo"]), gate_up_kind=_kind(p["w_gate_up"]),
+        down_kind=_kind(p["w_down"]), num_heads=np.int64(cfg.num_heads), num_kv_heads=np.int64(cfg.num_kv_heads),
+        window=np.int64(cfg.sliding_window or 0), eps=np.float32(cfg.rms_norm_eps),
+        scale=np.float32(cfg.head_dim ** -0.5))
+    return out.reshape(b, t, d).astype(x.dtype), k_pages, v_pages
+
+
+def _kind(w) -> np.int64:
+    """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, or 16 + bits (int8 dot)."""
+    return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8)
+
+
+def fusable(params: dict) -> bool:
+    """Whether every layer of `params` can run as one `decoder_layer` call: every matmul weight native."""
+    return all(isinstance(layer[k], NATIVE_LINEAR) for layer in params["layers"] for k in PACKED_WEIGHTS)
 
 
 @flax.struct.dataclass
