@@ -83,7 +83,7 @@ ROWS = [(0, 1), (37, 1), (5, 12), (60, 3)]  # decode rows, a prefill chunk cross
 
 
 @pytest.mark.parametrize("kind", ["f32", "q4", "q8", "int8-q4", "int8-q8"])
-@pytest.mark.parametrize("rows", [[(29, 1)], ROWS], ids=["batch1", "ragged"])
+@pytest.mark.parametrize("rows", [[(29, 1)], [(29, 1), (70, 1), (0, 1)], ROWS], ids=["batch1", "batch3", "ragged"])
 def test_fused_layer_equals_the_separate_kernels(kind, rows):
     if kind.startswith("int8") and not native.int8_dot_available():
         pytest.skip("no int8-dot kernels (AVX2)")

@@ -477,8 +477,8 @@ inline v8 Dot8(const float* q, const float* const* k, int64_t hd) {
 #endif
 }
 
-// One query row (b, t) against its keys, for kv heads [h0, h1): the key blocks are the outer loop, so the heads of
-// one page slot, which lie side by side, are read together.
+// One query row (b, t) against its keys, for query heads [g0, g1) of each kv head in [h0, h1): the key blocks are
+// the outer loop, so the heads of one page slot, which lie side by side, are read together.
 struct Attention {
   const float *q, *k, *v;
   const int32_t *page_table, *pos;
@@ -486,11 +486,11 @@ struct Attention {
   int64_t T, KV, G, hd, ps, W, P, window;
   float scale;
 
-  void Row(int64_t bt, int64_t h0, int64_t h1) const {
-    const int64_t b = bt / T, heads = (h1 - h0) * G;
-    const float* qs = q + (bt * KV + h0) * G * hd;  // q and out are [B, T, KV, G, hd]
-    float* o = out + (bt * KV + h0) * G * hd;
-    std::fill(o, o + heads * hd, 0.f);
+  void Row(int64_t bt, int64_t h0, int64_t h1, int64_t g0 = 0, int64_t g1 = -1) const {
+    if (g1 < 0) g1 = G;
+    const int64_t b = bt / T, ng = g1 - g0, heads = (h1 - h0) * ng;
+    auto at = [&](int64_t h, int64_t g) { return ((bt * KV + h) * G + g) * hd; };  // q and out are [B, T, KV, G, hd]
+    for (int64_t h = h0; h < h1; ++h) std::fill(out + at(h, g0), out + at(h, g1), 0.f);
     const int64_t p = std::min<int64_t>(pos[bt], W * ps - 1);
     if (p < 0) return;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
@@ -501,37 +501,37 @@ struct Attention {
     const float* keys[kBlock];
     const float* vals[kBlock];
     for (int64_t i = 0; i < heads; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
-    auto slot = [&](int64_t j) {
-      int32_t page = page_table[b * W + j / ps];
-      if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
-      return (page * ps + j % ps) * KV;  // pages are [P, ps, KV, hd]
-    };
     for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
       const int64_t n = std::min(kBlock, p - j0 + 1), n8 = (n + 7) / 8 * 8;
-      // past n: a repeat of the last key, its score masked below
-      for (int64_t jj = 0; jj < n8; ++jj) slots[jj] = slot(j0 + std::min(jj, n - 1));
-      // The keys and values of a step were evicted by the weights streamed since the last one, and a head's rows
-      // are strided (the slot's other heads lie between them), which the hardware prefetchers miss: attention ran
-      // at ~5 GB/s, bound by DRAM latency. Asking for the next block's rows now overlaps that latency.
-      for (int64_t j = j0 + kBlock; j < std::min(j0 + 2 * kBlock, p + 1); ++j) {
-        const int64_t first = (slot(j) + h0) * hd, last = (slot(j) + h1) * hd;
-        for (int64_t f = first; f < last; f += 16) {
-          __builtin_prefetch(k + f);
-          __builtin_prefetch(v + f);
+      // Page and offset advance with j: no division per key (ps is not known at compile time).
+      int64_t col = j0 / ps, off = j0 % ps;
+      int32_t page = 0;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        if (jj == 0 || off == 0) {
+          page = page_table[b * W + col];
+          if (page < 0 || page >= P) page = 0;  // the null page; never read for a valid table
         }
+        slots[jj] = (page * ps + off) * KV;  // pages are [P, ps, KV, hd]
+        if (++off == ps) { off = 0; ++col; }
       }
+      for (int64_t jj = n; jj < n8; ++jj) slots[jj] = slots[n - 1];  // a repeat of the last key, masked below
       for (int64_t h = h0; h < h1; ++h) {
         for (int64_t jj = 0; jj < n8; ++jj) {
           keys[jj] = k + (slots[jj] + h) * hd;
           vals[jj] = v + (slots[jj] + h) * hd;
         }
-        for (int64_t gi = (h - h0) * G; gi < (h - h0 + 1) * G; ++gi) Head(qs + gi * hd, keys, vals, n, n8,
-                                                                          m[gi], l[gi], o + gi * hd);
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t i = (h - h0) * ng + g - g0;
+          Head(q + at(h, g), keys, vals, n, n8, m[i], l[i], out + at(h, g));
+        }
       }
     }
-    for (int64_t i = 0; i < heads; ++i) {
-      const v8 inv = Splat(1.f / l[i]);
-      for (int64_t d = 0; d < hd; d += 8) Store(o + i * hd + d, Load(o + i * hd + d) * inv);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g = g0; g < g1; ++g) {
+        float* o = out + at(h, g);
+        const v8 inv = Splat(1.f / l[(h - h0) * ng + g - g0]);
+        for (int64_t d = 0; d < hd; d += 8) Store(o + d, Load(o + d) * inv);
+      }
     }
   }
 
@@ -913,8 +913,14 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
   const Attention a{q.data(), kp, vp, table, pos, attn.data(), L.T, L.KV, L.H / L.KV, L.hd, L.ps, L.W, L.P,
                     window, scale};
-  auto attend = [&](int64_t item) { a.Row(item / L.KV, item % L.KV, item % L.KV + 1); };
-  team.Run(M * L.KV, attend);
+  // Few rows: an item per query head, so that two members split a step's 9 heads 5:4 rather than 3 kv heads 2:1.
+  const int64_t split = M < 4 ? L.H : L.KV, G = L.H / L.KV;
+  auto attend = [&](int64_t item) {
+    const int64_t row = item / split, head = item % split;
+    if (split == L.KV) return a.Row(row, head, head + 1);
+    a.Row(row, head / G, head / G + 1, head % G, head % G + 1);
+  };
+  team.Run(M * split, attend);
 
   quantize(wo, attn.data(), Q);
   matmul(wo, attn.data(), tmp.data(), ld_o);
