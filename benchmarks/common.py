@@ -147,6 +147,27 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     return out
 
 
+class BandwidthProbe:
+    """A quick streaming-read sample (a jitted float32 sum over `gib` GiB, best of `repeats`, ~0.2 s) to take around
+    each timed run: on a shared machine the bandwidth drifts (25-44 GB/s within minutes here), and a roofline sampled
+    at another moment than the run can flatter its fraction past 100%. `samples` keeps every rate, in GB/s."""
+
+    def __init__(self, gib: float = 1.0, repeats: int = 3):
+        import jax
+        import jax.numpy as jnp
+
+        self._x = jax.random.normal(jax.random.key(1), (max(1024, int(gib * GIB) // 4),), jnp.float32)
+        self._sum = jax.jit(jnp.sum)
+        self._sum(self._x).block_until_ready()
+        self._repeats = repeats
+        self.samples: list[float] = []
+
+    def __call__(self) -> float:
+        t = time_repeats(lambda: self._sum(self._x).block_until_ready(), self._repeats, warmup=0)
+        self.samples.append(self._x.nbytes / t.best / 1e9)
+        return self.samples[-1]
+
+
 def write_json(path: str, data: Any) -> None:
     """Writes `data` as indented JSON, creating the folder; non-JSON leaves (numpy scalars) become floats/str."""
     folder = os.path.dirname(os.path.abspath(path))
