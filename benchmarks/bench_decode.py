@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +53,9 @@ flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots i
                   "(engine `ours_xla`), to show what the kernel adds in the same run.")
 flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
                   "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).")
+flags.DEFINE_integer("interleave_rounds", 6, "Then batch-1 decoding of ours (float32, int8) and transformers in this "
+                     "many alternating rounds, each after a bandwidth probe (`interleaved` in the JSON); 0: off.",
+                     lower_bound=0)
 flags.DEFINE_bool("fused_layers", True, "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
                   "--nofused_layers: a call per matmul and attention, with XLA ops between.")
 flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
@@ -165,9 +169,10 @@ def weight_bytes_per_token(params) -> int:
 # --- our executor -----------------------------------------------------------------------------------------------------
 
 def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None = None,
-               probe: common.BandwidthProbe | None = None) -> dict[str, Any]:
+               probe: common.BandwidthProbe | None = None, keep_batch1: bool = False) -> dict[str, Any]:
     """Decode tokens/s per batch size and prefill tokens/s through `Executor`, after compiling each shape; `probe`
-    samples the bandwidth just before and after the batch-1 timing (its roofline)."""
+    samples the bandwidth just before and after the batch-1 timing (its roofline); `keep_batch1` leaves a batch-1
+    decoder in out["batch1"] (a callable, for `interleaved_batch1`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -196,34 +201,18 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
                            "num_pages": exec_cfg.num_pages, "native_kernels": ex.native_kernels}
 
     for b in batches:
-        tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
-        state = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, slots), jnp.int32), "cache": cache}
-
-        def run(n: int, start: int):
-            # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the
-            # device, then step j's tokens are read back to the host.
-            previous = None
-            for j in range(n):
-                logits, state["cache"] = ex.decode(state["cache"], [0] * b, [start + j] * b, tables,
-                                                   from_slots=range(b), last_tokens=state["tokens"])
-                if previous is not None:
-                    np.asarray(previous)
-                previous = state["tokens"] = argmax(logits)
-            np.asarray(previous)
-
-        t0 = time.perf_counter()
-        run(1, s["context"])  # compiles this shape (a real engine compiles it at warm-up)
-        out["compile_s"][f"decode_b{b}"] = time.perf_counter() - t0
-        run(s["warmup_steps"], s["context"] + 1)
-        start = s["context"] + 1 + s["warmup_steps"]
-        # The cache content is irrelevant to the cost; each repeat decodes the same positions again.
+        timed, state = _ours_decoder(ex, cache, b, width, rng.integers(0, cfg.vocab_size, slots), s, argmax, out,
+                                     f"decode_b{b}")
         around = [probe()] if probe and b == 1 else []
-        t = common.time_repeats(lambda: run(s["steps"], start), s["repeats"], warmup=0)
+        t = common.time_repeats(timed, s["repeats"], warmup=0)
         around += [probe()] if around else []
         cache = state["cache"]
         out["decode"][str(b)] = _rate(t, b * s["steps"], s["steps"])
         if around:
             out["decode"][str(b)]["bandwidth_gb_s"] = around
+    if keep_batch1:  # a batch-1 decoder of its own (its own pages) for the interleaved rounds
+        out["batch1"] = _ours_decoder(ex, ex.new_cache(), 1, width, rng.integers(0, cfg.vocab_size, slots), s, argmax,
+                                      {"compile_s": {}}, "decode_b1")[0]
 
     prompt = rng.integers(0, cfg.vocab_size, s["prompt_len"]).tolist()
     chunk = [PrefillChunk(prompt, 0, list(range(1, 1 + width)))]
@@ -241,6 +230,60 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     return out
 
 
+def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, name: str):
+    """A compiled, warmed-up decoder of `b` rows: (timed, state), timed() decoding s["steps"] steps at the same
+    positions on each call (the cache content is irrelevant to the cost), state["cache"] the cache it holds."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
+    state = {"tokens": jnp.asarray(tokens, jnp.int32), "cache": cache}
+
+    def run(n: int, start: int):
+        # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the
+        # device, then step j's tokens are read back to the host.
+        previous = None
+        for j in range(n):
+            logits, state["cache"] = ex.decode(state["cache"], [0] * b, [start + j] * b, tables,
+                                               from_slots=range(b), last_tokens=state["tokens"])
+            if previous is not None:
+                np.asarray(previous)
+            previous = state["tokens"] = argmax(logits)
+        np.asarray(previous)
+
+    t0 = time.perf_counter()
+    run(1, s["context"])  # compiles this shape (a real engine compiles it at warm-up)
+    out["compile_s"][name] = time.perf_counter() - t0
+    run(s["warmup_steps"], s["context"] + 1)
+    start = s["context"] + 1 + s["warmup_steps"]
+    return (lambda: run(s["steps"], start)), state
+
+
+def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int], probe: common.BandwidthProbe,
+                       rounds: int, steps: int) -> dict[str, Any]:
+    """Batch-1 decoding of every engine in alternating rounds (the order rotating), each timing right after a
+    bandwidth probe: the engines compared in the same minutes, each against the bandwidth of its own moment, on a
+    machine whose bandwidth drifts. Per engine: tok/s and probe per round, medians, the median fraction of the probed
+    roofline, and the median of the per-round ratios to transformers."""
+    names = list(runners)
+    out: dict[str, Any] = {n: {"tok_s": [], "bandwidth_gb_s": []} for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            bw = probe()
+            t0 = time.perf_counter()
+            runners[n]()
+            out[n]["tok_s"].append(steps / (time.perf_counter() - t0))
+            out[n]["bandwidth_gb_s"].append(bw)
+    for n, e in out.items():
+        e["tok_s_median"], e["tok_s_best"] = statistics.median(e["tok_s"]), max(e["tok_s"])
+        e["roofline_fraction_median"] = statistics.median(
+            t * bytes_per_token[n] / (bw * 1e9) for t, bw in zip(e["tok_s"], e["bandwidth_gb_s"]))
+        if "transformers" in out and n != "transformers":
+            e["over_transformers_median"] = statistics.median(
+                t / h for t, h in zip(e["tok_s"], out["transformers"]["tok_s"]))
+    return out
+
+
 def _rate(t: common.Timing, tokens: int, steps: int) -> dict[str, float]:
     return {"tok_s": tokens / t.best, "tok_s_median": tokens / t.median, "step_ms": 1e3 * t.best / steps,
             "step_ms_median": 1e3 * t.median / steps}
@@ -248,45 +291,62 @@ def _rate(t: common.Timing, tokens: int, steps: int) -> dict[str, float]:
 
 # --- transformers -----------------------------------------------------------------------------------------------------
 
-def bench_transformers(model, vocab: int, batches: list[int], s) -> dict[str, Any]:
-    """The same measurements with a manual greedy loop over `past_key_values` (on the model's device and dtype)."""
+def bench_transformers(model, vocab: int, batches: list[int], s, keep_batch1: bool = False) -> dict[str, Any]:
+    """The same measurements with a manual greedy loop over `past_key_values` (on the model's device and dtype);
+    `keep_batch1` leaves a batch-1 decoder in out["batch1"], as `bench_ours` does."""
     import torch
 
     dev = model.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(s["seed"])
     out: dict[str, Any] = {"decode": {}}
     with torch.inference_mode():
         for b in batches:
-            ids = torch.randint(0, vocab, (b, s["context"]), generator=gen).to(dev)
-            res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            state = {"past": res.past_key_values, "next": res.logits[:, -1].argmax(-1, keepdim=True)}
-
-            def run(n: int):
-                for _ in range(n):
-                    r = model(input_ids=state["next"], past_key_values=state["past"], use_cache=True)
-                    state["past"], state["next"] = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
-                sync()
-
-            run(s["warmup_steps"])
-            keep = s["context"] + s["warmup_steps"]
-
-            def timed():
-                extra = state["past"].get_seq_length() - keep
-                if extra:  # each repeat decodes the same positions, as ours does
-                    state["past"].crop(-extra)
-                run(s["steps"])
-
+            timed = _hf_decoder(model, torch.randint(0, vocab, (b, s["context"]), generator=gen).to(dev), s)
             out["decode"][str(b)] = _rate(common.time_repeats(timed, s["repeats"], warmup=0), b * s["steps"],
                                           s["steps"])
-            del state
+        if keep_batch1:
+            out["batch1"] = _hf_decoder(model, torch.randint(0, vocab, (1, s["context"]), generator=gen).to(dev), s)
         ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen).to(dev)
 
         def prefill():
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            sync()
+            _sync(dev)
         out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
     return out
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _hf_decoder(model, ids, s):
+    """A warmed-up transformers decoder over prompt `ids` [B, context]: timed() decodes s["steps"] greedy steps from
+    the same positions on each call."""
+    import torch
+
+    with torch.inference_mode():
+        res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    state = {"past": res.past_key_values, "next": res.logits[:, -1].argmax(-1, keepdim=True)}
+
+    def run(n: int):
+        with torch.inference_mode():
+            for _ in range(n):
+                r = model(input_ids=state["next"], past_key_values=state["past"], use_cache=True)
+                state["past"], state["next"] = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(model.device)
+
+    run(s["warmup_steps"])
+    keep = s["context"] + s["warmup_steps"]
+
+    def timed():
+        extra = state["past"].get_seq_length() - keep
+        if extra:  # each repeat decodes the same positions, as ours does
+            state["past"].crop(-extra)
+        run(s["steps"])
+    return timed
 
 
 def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[str, Any]:
@@ -485,7 +545,8 @@ def main(argv):
             }
             with tqdm(total=4, desc=spec, unit="engine", leave=False) as bar:
                 bar.set_postfix_str("ours")
-                entry["ours"] = bench_ours(cfg, params, batches, s, probe=probe)
+                interleave = FLAGS.interleave_rounds > 0 and 1 in batches
+                entry["ours"] = bench_ours(cfg, params, batches, s, probe=probe, keep_batch1=interleave)
                 if m["params_quant"] is not None:
                     bar.set_postfix_str("ours, block codes")
                     entry["quant"] = {"weight_bytes_per_token": weight_bytes_per_token(m["params_quant"])}
@@ -493,7 +554,7 @@ def main(argv):
                     if FLAGS.int8 and native.int8_dot_available():
                         bar.set_postfix_str("ours, block codes, int8 activations")
                         entry["ours_int8"] = bench_ours(cfg, with_activations(m["params_quant"], "int8"), batches, s,
-                                                        probe=probe)
+                                                        probe=probe, keep_batch1=interleave)
                 bar.update()
                 if FLAGS.xla_dots and entry["ours"]["native_kernels"]:
                     bar.set_postfix_str("ours, XLA dots")
@@ -502,7 +563,8 @@ def main(argv):
                 if m["hf"] is not None:
                     bar.set_postfix_str("transformers")
                     threads = pick_torch_threads(m["hf"], cfg.vocab_size, FLAGS.torch_threads)
-                    entry["transformers"] = bench_transformers(m["hf"], cfg.vocab_size, batches, s)
+                    entry["transformers"] = bench_transformers(m["hf"], cfg.vocab_size, batches, s,
+                                                               keep_batch1=interleave)
                     entry["transformers"]["torch_threads"] = threads
                 bar.update()
                 if not FLAGS.llama_cpp:
@@ -526,6 +588,14 @@ def main(argv):
                         except Exception as e:  # an optional baseline must not sink the run
                             entry[engine] = {"status": f"failed: {type(e).__name__}: {e}"}
                 bar.update()
+            runners = {e: entry[e].pop("batch1") for e in ("ours", "ours_int8", "transformers")
+                       if "batch1" in entry.get(e, {})}
+            if runners:
+                per_token = {"ours": bytes_tok, "transformers": bytes_tok,
+                             "ours_int8": entry.get("quant", {}).get("weight_bytes_per_token")}
+                entry["interleaved"] = interleaved_batch1(runners, per_token, probe, FLAGS.interleave_rounds,
+                                                          s["steps"])
+                del runners
             entry["ratios"] = ratios(entry)
             for engine, (ratios_key, _) in _CODED.items():
                 if engine in entry:
@@ -583,6 +653,13 @@ def main(argv):
     columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline",
                "% local"]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
+    rows = [{"model": e["name"], "engine": n, "tok/s med": r["tok_s_median"], "tok/s best": r["tok_s_best"],
+             "probe GB/s med": statistics.median(r["bandwidth_gb_s"]),
+             "% probed roofline": 100 * r["roofline_fraction_median"], "ours/HF": r.get("over_transformers_median")}
+            for e in results["models"] for n, r in e.get("interleaved", {}).items()]
+    if rows:
+        print(f"\nbatch 1 in {FLAGS.interleave_rounds} alternating rounds, each after a bandwidth probe (medians):")
+        print(common.format_table(rows, list(rows[0])))
     for e in results["models"]:
         for engine, what in (("llama_cpp", "its own quantisation"), ("llama_cpp_f32", "float32, our weights")):
             for ours, key in _RATIOS.items():
