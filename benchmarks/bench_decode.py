@@ -508,7 +508,7 @@ def main(argv):
     s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
          "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
          "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages,
-         "fused_layers": FLAGS.fused_layers}
+         "fused_layers": FLAGS.fused_layers, "interleave_rounds": FLAGS.interleave_rounds}
     batches = [int(b) for b in FLAGS.batches]
     if FLAGS.quick:
         s.update(prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2,
@@ -545,7 +545,7 @@ def main(argv):
             }
             with tqdm(total=4, desc=spec, unit="engine", leave=False) as bar:
                 bar.set_postfix_str("ours")
-                interleave = FLAGS.interleave_rounds > 0 and 1 in batches
+                interleave = s["interleave_rounds"] > 0 and 1 in batches
                 entry["ours"] = bench_ours(cfg, params, batches, s, probe=probe, keep_batch1=interleave)
                 if m["params_quant"] is not None:
                     bar.set_postfix_str("ours, block codes")
@@ -593,7 +593,7 @@ def main(argv):
             if runners:
                 per_token = {"ours": bytes_tok, "transformers": bytes_tok,
                              "ours_int8": entry.get("quant", {}).get("weight_bytes_per_token")}
-                entry["interleaved"] = interleaved_batch1(runners, per_token, probe, FLAGS.interleave_rounds,
+                entry["interleaved"] = interleaved_batch1(runners, per_token, probe, s["interleave_rounds"],
                                                           s["steps"])
                 del runners
             entry["ratios"] = ratios(entry)

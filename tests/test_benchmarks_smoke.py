@@ -43,7 +43,9 @@ def test_quick_run_writes_expected_json(quick_run):
     assert "loadavg_before" in m and "loadavg_after" in m
     bw = res["bandwidth_gb_s"]
     assert all(positive(bw[k]) for k in ("jax_sum", "jax_matvec", "numpy_copy"))
-    assert bw["roofline"] == max(bw["jax_sum"], bw["jax_matvec"], bw["numpy_copy"])
+    # The best of every sample: the three measures before and after the models, and the probes around batch 1.
+    assert len(bw["samples"]) == 2 and bw["probes"] and all(positive(p) for p in bw["probes"])
+    assert bw["roofline"] == max(bw["jax_sum"], bw["jax_matvec"], bw["numpy_copy"], *bw["probes"])
     assert res["settings"]["batches"] == [1, 2]
 
     (entry,) = res["models"]
@@ -56,6 +58,14 @@ def test_quick_run_writes_expected_json(quick_run):
             assert rate["tok_s"] >= rate["tok_s_median"]  # best of the repeats
     assert set(entry["ratios"]["transformers"]) == {"decode_b1", "decode_b2", "prefill"}
     assert "llama_cpp" in entry
+    # Batch 1 of ours and transformers in alternating rounds, each after a probe.
+    rounds = res["settings"]["interleave_rounds"]
+    for engine in ("ours", "transformers"):
+        r = entry["interleaved"][engine]
+        assert len(r["tok_s"]) == len(r["bandwidth_gb_s"]) == rounds
+        assert all(positive(x) for x in r["tok_s"] + r["bandwidth_gb_s"]) and positive(r["roofline_fraction_median"])
+    assert positive(entry["interleaved"]["ours"]["over_transformers_median"])
+    assert positive(entry["ours"]["decode"]["1"]["roofline_fraction_local"])
 
 
 def test_roofline_counts_every_weight_but_the_embedding(quick_run):
