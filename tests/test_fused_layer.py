@@ -79,6 +79,19 @@ def _run(cfg, p, x, positions, table, pages, fused: bool):
     return np.asarray(out), np.asarray(cache.k[0]), np.asarray(cache.v[0])
 
 
+def _check_fused_equals_separate(cfg, p, rows, seed):
+    """The fused call against the separate kernels on the same batch: outputs of the real rows to 1e-5, and the same
+    pages written (and no other), to float32 rounding."""
+    x, positions, table, pages = _batch(cfg, rows, ps=8, width=9, seed=seed)
+    want = _run(cfg, p, x, positions, table, pages, fused=False)
+    got = _run(cfg, p, x, positions, table, pages, fused=True)
+    real = positions >= 0
+    np.testing.assert_allclose(got[0][real], want[0][real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(got[1] != np.asarray(pages[0]), want[1] != np.asarray(pages[0]))
+
+
 ROWS = [(0, 1), (37, 1), (5, 12), (60, 3)]  # decode rows, a prefill chunk crossing pages, padding
 
 
@@ -88,29 +101,14 @@ def test_fused_layer_equals_the_separate_kernels(kind, rows):
     if kind.startswith("int8") and not native.int8_dot_available():
         pytest.skip("no int8-dot kernels (AVX2)")
     cfg = _cfg(intermediate_size=136 if kind == "f32" else 160)  # f32: a padded panel; codes: K in blocks of 32
-    p = _layer(cfg, kind, seed=1)
-    x, positions, table, pages = _batch(cfg, rows, ps=8, width=9, seed=2)
-    want = _run(cfg, p, x, positions, table, pages, fused=False)
-    got = _run(cfg, p, x, positions, table, pages, fused=True)
-    real = positions >= 0
-    np.testing.assert_allclose(got[0][real], want[0][real], rtol=1e-5, atol=1e-5)
-    # Keys and values: the same pages written (and no other), to float32 rounding.
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-6)
-    assert np.array_equal(got[1] != np.asarray(pages[0]), want[1] != np.asarray(pages[0]))
+    _check_fused_equals_separate(cfg, _layer(cfg, kind, seed=1), rows, seed=2)
 
 
 @pytest.mark.parametrize("variant", [dict(attention_bias=True), dict(qk_norm=True),
                                      dict(model_type="mistral", sliding_window=5)], ids=["bias", "qk_norm", "window"])
 def test_fused_layer_covers_the_model_variants(variant):
     cfg = _cfg(**variant)
-    p = _layer(cfg, "f32", seed=3)
-    x, positions, table, pages = _batch(cfg, ROWS, ps=8, width=9, seed=4)
-    want = _run(cfg, p, x, positions, table, pages, fused=False)
-    got = _run(cfg, p, x, positions, table, pages, fused=True)
-    real = positions >= 0
-    np.testing.assert_allclose(got[0][real], want[0][real], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    _check_fused_equals_separate(cfg, _layer(cfg, "f32", seed=3), ROWS, seed=4)
 
 
 def test_fused_layer_rejects_weights_that_disagree_with_the_config():
