@@ -755,10 +755,15 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
   }
 }
 
-// out = w * x / rms(x) over n values (model.rms_norm).
+// out = w * x / rms(x) over n values (model.rms_norm). The squares are summed in 8 lanes, then across them, as
+// XLA's vectorised reduction does: one running sum over 576 values was measurably less accurate against transformers.
 inline void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out) {
+  v8 lanes = Splat(0.f);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) lanes += Load(x + k) * Load(x + k);
   float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  for (int j = 0; j < 8; ++j) ss += lanes[j];
+  for (; k < n; ++k) ss += x[k] * x[k];
   const float inv = 1.f / std::sqrt(ss / n + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
 }
