@@ -606,11 +606,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 
 // ---- One decoder layer in one call ----
 //
-// Why: a batch-1 decode step of SmolLM2 on the block codes is ~150 kernel calls of 10-60 us each plus ~300 small XLA
-// ops, and every parallel call wakes a pool thread: in a profile, 0.6 ms of gaps between calls and matmuls at 60-70%
-// of the memory bandwidth that one long call reaches. Here a layer is one call whose threads stay awake through
-// its phases (norm, q/k/v, rope and the K/V write, attention, o, norm, gate/up, down), each a set of items taken
-// from a shared counter, so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up.
+// Why: a batch-1 decode step of SmolLM2 on the block codes was ~150 kernel calls of 10-60 us each plus ~300 small
+// XLA ops, with 0.6 ms of gaps between the calls, every parallel call waking a pool thread, and attention reading
+// keys and values cold (see TouchKV). Here a layer is one call whose threads stay awake through its phases (norm,
+// q/k/v, rope and the K/V write, attention, o, norm, gate/up, down), each a set of items taken from a shared counter,
+// so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up. Batch 1 gained 5-8%; 32 rows,
+// whose calls already kept every thread busy, nothing.
 
 // The calling thread and up to `threads - 1` pool tasks running phases of parallel items. A helper that starts
 // late (or never) only takes fewer items: no phase waits for a helper that has not claimed one. The state is
