@@ -103,37 +103,95 @@ void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
   }
 }
 
-// Items [0, n) shared between the calling thread and pool tasks; a task that starts after the work is done exits
-// at once. The state is shared-owned because a task may start after the handler has returned. Below ~256 KB of
-// memory traffic (`bytes`) the call runs inline: waking a worker costs more than it saves, and on a busy machine
-// the caller can end up waiting for a descheduled worker's chunk.
+// The calling thread and up to `threads - 1` pool tasks running phases of parallel items. A helper that starts
+// late (or never) only takes fewer items: no phase waits for a helper that has not claimed one. The state is
+// shared-owned because a helper may start after the call has returned (it then finds the team ended and exits).
+class Team {
+ public:
+  Team(ffi::ThreadPool& pool, int64_t threads)
+      : threads_(std::max<int64_t>(1, threads)), s_(std::make_shared<State>()) {
+    for (int64_t t = 1; t < threads; ++t) pool.Schedule([s = s_] { s->Help(); });
+  }
+  ~Team() { s_->word.store(kEnd, std::memory_order_release); }
+
+  // Runs body(i) for i in [0, n) on the team; returns when every item is done.
+  template <typename F>
+  void Run(int64_t n, F& body) {
+    if (n <= 0) return;
+    s_->done.store(0, std::memory_order_relaxed);
+    s_->fn = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
+    s_->ctx = &body;
+    // A few chunks per member: each claim moves the counter's cache line between cores, which costs about as
+    // much as a small item.
+    s_->chunk.store(std::max<int64_t>(1, n / (4 * threads_)), std::memory_order_relaxed);
+    s_->word.store(static_cast<uint64_t>(n) << kShift, std::memory_order_release);
+    s_->Work();
+    for (int spins = 0; s_->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
+  }
+
+ private:
+  // word = n << 32 | next item: a claim (fetch_add) returns the phase's n and its first item together, so a
+  // helper can never pair items of one phase with the item count of another. A claim that gets items < n means
+  // the phase is not done, so fn and ctx are still that phase's. A stale chunk size only changes how many items
+  // that claim takes: every claimer runs exactly the items it added.
+  static constexpr int kShift = 32;
+  static constexpr uint64_t kEnd = uint64_t{1} << 63;
+  static constexpr uint64_t kItem = (uint64_t{1} << kShift) - 1;
+
+  static void Pause(int spins) {
+#if defined(__AVX__)  // immintrin.h is included only then
+    if (spins < 4096) return _mm_pause();
+#endif
+    std::this_thread::yield();  // long waits yield: on a busy machine the other member may need this core
+  }
+
+  struct State {
+    alignas(64) std::atomic<uint64_t> word{0};
+    alignas(64) std::atomic<int64_t> done{0};
+    alignas(64) std::atomic<int64_t> chunk{1};
+    void (*fn)(void*, int64_t) = nullptr;
+    void* ctx = nullptr;
+
+    // Claims and runs chunks of items until the current phase has none left.
+    void Work() {
+      for (;;) {
+        const int64_t c = chunk.load(std::memory_order_relaxed);
+        const uint64_t w = word.fetch_add(c, std::memory_order_acq_rel);
+        const int64_t n = static_cast<int64_t>((w & ~kEnd) >> kShift), start = static_cast<int64_t>(w & kItem);
+        if ((w & kEnd) || start >= n) return;
+        const int64_t end = std::min(start + c, n);
+        for (int64_t i = start; i < end; ++i) fn(ctx, i);
+        done.fetch_add(end - start, std::memory_order_release);
+      }
+    }
+    void Help() {
+      for (int spins = 0;;) {
+        const uint64_t w = word.load(std::memory_order_acquire);
+        if (w & kEnd) return;
+        if ((w & kItem) < (w >> kShift)) {
+          Work();
+          spins = 0;
+        } else {
+          Pause(spins++);
+        }
+      }
+    }
+  };
+  int64_t threads_;
+  std::shared_ptr<State> s_;
+};
+
+// Items [0, n) on the calling thread and pool tasks, as one phase of a `Team`. Below ~256 KB of memory traffic
+// (`bytes`) the call runs inline: waking a worker costs more than it saves, and on a busy machine the caller can end
+// up waiting for a descheduled worker's chunk.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t bytes, F body) {
   if (bytes < (256 << 10)) {
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
   }
-  struct State {
-    F body;
-    int64_t n, chunk;
-    std::atomic<int64_t> next{0}, done{0};
-    explicit State(F f) : body(std::move(f)) {}
-    void Work() {
-      for (int64_t start; (start = next.fetch_add(chunk)) < n;) {
-        const int64_t end = std::min(start + chunk, n);
-        for (int64_t i = start; i < end; ++i) body(i);
-        done.fetch_add(end - start, std::memory_order_release);
-      }
-    }
-  };
-  auto state = std::make_shared<State>(std::move(body));
-  state->n = n;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-  // A few chunks per thread balance the load without much contention on the counter.
-  state->chunk = std::max<int64_t>(1, n / (4 * threads));
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([state] { state->Work(); });
-  state->Work();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  Team team(pool, std::min<int64_t>(pool.num_threads(), n));
+  team.Run(n, body);
 }
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -609,87 +667,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 // Why: a batch-1 decode step of SmolLM2 on the block codes was ~150 kernel calls of 10-60 us each plus ~300 small
 // XLA ops, with 0.6 ms of gaps between the calls, every parallel call waking a pool thread, and attention reading
 // keys and values cold (see TouchKV). Here a layer is one call whose threads stay awake through its phases (norm,
-// q/k/v, rope and the K/V write, attention, o, norm, gate/up, down), each a set of items taken from a shared counter,
+// q/k/v, rope and the K/V write, attention, o, norm, gate/up, down), each a set of items of a `Team` (above),
 // so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up. Batch 1 gained 5-8%; 32 rows,
 // whose calls already kept every thread busy, nothing.
-
-// The calling thread and up to `threads - 1` pool tasks running phases of parallel items. A helper that starts
-// late (or never) only takes fewer items: no phase waits for a helper that has not claimed one. The state is
-// shared-owned because a helper may start after the call has returned (it then finds the team ended and exits).
-class Team {
- public:
-  Team(ffi::ThreadPool& pool, int64_t threads)
-      : threads_(std::max<int64_t>(1, threads)), s_(std::make_shared<State>()) {
-    for (int64_t t = 1; t < threads; ++t) pool.Schedule([s = s_] { s->Help(); });
-  }
-  ~Team() { s_->word.store(kEnd, std::memory_order_release); }
-
-  // Runs body(i) for i in [0, n) on the team; returns when every item is done.
-  template <typename F>
-  void Run(int64_t n, F& body) {
-    if (n <= 0) return;
-    s_->done.store(0, std::memory_order_relaxed);
-    s_->fn = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
-    s_->ctx = &body;
-    // A few chunks per member: each claim moves the counter's cache line between cores, which costs about as
-    // much as a small item.
-    s_->chunk.store(std::max<int64_t>(1, n / (4 * threads_)), std::memory_order_relaxed);
-    s_->word.store(static_cast<uint64_t>(n) << kShift, std::memory_order_release);
-    s_->Work();
-    for (int spins = 0; s_->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
-  }
-
- private:
-  // word = n << 32 | next item: a claim (fetch_add) returns the phase's n and its first item together, so a
-  // helper can never pair items of one phase with the item count of another. A claim that gets items < n means
-  // the phase is not done, so fn and ctx are still that phase's. A stale chunk size only changes how many items
-  // that claim takes: every claimer runs exactly the items it added.
-  static constexpr int kShift = 32;
-  static constexpr uint64_t kEnd = uint64_t{1} << 63;
-  static constexpr uint64_t kItem = (uint64_t{1} << kShift) - 1;
-
-  static void Pause(int spins) {
-#if defined(__x86_64__)
-    if (spins < 4096) return _mm_pause();
-#endif
-    std::this_thread::yield();  // long waits yield: on a busy machine the other member may need this core
-  }
-
-  struct State {
-    alignas(64) std::atomic<uint64_t> word{0};
-    alignas(64) std::atomic<int64_t> done{0};
-    alignas(64) std::atomic<int64_t> chunk{1};
-    void (*fn)(void*, int64_t) = nullptr;
-    void* ctx = nullptr;
-
-    // Claims and runs chunks of items until the current phase has none left.
-    void Work() {
-      for (;;) {
-        const int64_t c = chunk.load(std::memory_order_relaxed);
-        const uint64_t w = word.fetch_add(c, std::memory_order_acq_rel);
-        const int64_t n = static_cast<int64_t>((w & ~kEnd) >> kShift), start = static_cast<int64_t>(w & kItem);
-        if ((w & kEnd) || start >= n) return;
-        const int64_t end = std::min(start + c, n);
-        for (int64_t i = start; i < end; ++i) fn(ctx, i);
-        done.fetch_add(end - start, std::memory_order_release);
-      }
-    }
-    void Help() {
-      for (int spins = 0;;) {
-        const uint64_t w = word.load(std::memory_order_acquire);
-        if (w & kEnd) return;
-        if ((w & kItem) < (w >> kShift)) {
-          Work();
-          spins = 0;
-        } else {
-          Pause(spins++);
-        }
-      }
-    }
-  };
-  int64_t threads_;
-  std::shared_ptr<State> s_;
-};
 
 // A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), or
 // the int8-dot layout (kind = 16 + bits, x quantised per row first).
