@@ -468,6 +468,11 @@ _CODED = {"ours_quant": ("ratios_quant", "batch1_roofline_fraction"),
 _RATIOS = {"ours": "ratios", **{engine: keys[0] for engine, keys in _CODED.items()}}  # engine -> its ratios' key
 
 
+def _weight_bytes(entry: dict[str, Any], engine: str) -> int:
+    """Bytes of weights an engine reads per batch-1 token: the block codes for ours_quant/ours_int8, else float32."""
+    return (entry["quant"] if engine in _CODED else entry)["weight_bytes_per_token"]
+
+
 def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
     r = entry.get(_RATIOS[engine]) if engine in _RATIOS else None
     if r is None:
@@ -591,8 +596,7 @@ def main(argv):
             runners = {e: entry[e].pop("batch1") for e in ("ours", "ours_int8", "transformers")
                        if "batch1" in entry.get(e, {})}
             if runners:
-                per_token = {"ours": bytes_tok, "transformers": bytes_tok,
-                             "ours_int8": entry.get("quant", {}).get("weight_bytes_per_token")}
+                per_token = {e: _weight_bytes(entry, e) for e in runners}
                 entry["interleaved"] = interleaved_batch1(runners, per_token, probe, s["interleave_rounds"],
                                                           s["steps"])
                 del runners
@@ -625,8 +629,8 @@ def main(argv):
         for engine in ("ours", *_CODED):
             b1 = entry[engine]["decode"].get("1") if engine in entry else None
             if b1 and b1.get("bandwidth_gb_s"):
-                bytes_tok = (entry["quant"] if engine in _CODED else entry)["weight_bytes_per_token"]
-                b1["roofline_fraction_local"] = b1["tok_s"] * bytes_tok / (max(b1["bandwidth_gb_s"]) * 1e9)
+                b1["roofline_fraction_local"] = (b1["tok_s"] * _weight_bytes(entry, engine)
+                                                 / (max(b1["bandwidth_gb_s"]) * 1e9))
 
     results["machine"]["loadavg_after"] = common.loadavg()
     results["machine"]["cpu_share"] = common.cpu_share(cpu_before, common.cpu_times())
