@@ -6,6 +6,10 @@ integer sums, a float32 epilogue), so its error against the float32 weights is b
 int8-dot layout holds the same weights; the SDK and the loaders accept the setting and reject what cannot run it.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +169,34 @@ def test_kernels_say_why_they_cannot_run(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     with pytest.raises(RuntimeError, match="novallm_q8_matmul_f32 is not available"):
         w.apply(x)
+
+
+_OTHER_BUILD = """
+import sys
+import numpy as np
+import jax, jax.numpy as jnp
+from novallm_jax.kernels import native
+from tests.test_int8_activations import _weight, _x
+out = {"isa": np.array(native.int8_dot_isa())}
+for bits in (4, 8):
+    w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
+    out[f"y{bits}"] = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.skipif(native.int8_dot_isa() != "avx512-vnni", reason="the CPU has no AVX-512 VNNI")
+def test_the_vnni_and_avx2_tiles_give_the_same_results(tmp_path):
+    """Where the CPU has VNNI, the AVX2 tiles are built too (`-mno-avx512vnni`): their integer sums are exact and
+    the float epilogue is the same, so both give the same bits."""
+    env = {**os.environ, "NOVALLM_KERNEL_FLAGS": "-mno-avx512vnni", "NOVALLM_KERNEL_CACHE": str(tmp_path / "cache")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _OTHER_BUILD, str(tmp_path / "avx2.npz")], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    avx2 = np.load(tmp_path / "avx2.npz")
+    assert str(avx2["isa"]) == "avx2"
+    for bits in (4, 8):
+        w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
+        y = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
+        np.testing.assert_array_equal(y, avx2[f"y{bits}"])

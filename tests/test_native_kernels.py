@@ -119,12 +119,19 @@ def test_paged_attention_over_long_contexts(t, head_dim, window):
     _check_paged_attention(t, window, head_dim=head_dim, page_size=16, width=7, scale=4.0, atol=1e-5)
 
 
-def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, atol=2e-6):
+# The kernel takes the query heads of a kv head three (or, of four, two) at a time: every grouping and its remainders.
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (5, 1), (7, 1), (9, 3)])
+def test_paged_attention_over_every_grouping_of_query_heads(heads, kv_heads):
+    _check_paged_attention(1, None, head_dim=64, page_size=16, width=4, scale=4.0, atol=1e-5, heads=heads,
+                           kv_heads=kv_heads)
+
+
+def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, atol=2e-6, heads=6, kv_heads=2):
     from novallm_jax.kv_cache import PagedKVCache
 
     hd = head_dim
-    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=6 * hd,
-                      intermediate_size=8, num_layers=1, num_heads=6, num_kv_heads=2, head_dim=hd,
+    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=heads * hd,
+                      intermediate_size=8, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
                       sliding_window=window)
     rng = np.random.default_rng(t + hd)
     b, ps = 3, page_size
@@ -137,10 +144,10 @@ def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, ato
     starts = [depth - t, 0, depth // 2 - 3]
     positions = np.stack([np.arange(s, s + t) for s in starts]).astype(np.int32)
     positions[2, 1:] = -1
-    k_new = jnp.asarray(rng.standard_normal((b, t, 2, hd), np.float32))
-    v_new = jnp.asarray(rng.standard_normal((b, t, 2, hd), np.float32))
+    k_new = jnp.asarray(rng.standard_normal((b, t, kv_heads, hd), np.float32))
+    v_new = jnp.asarray(rng.standard_normal((b, t, kv_heads, hd), np.float32))
     # `scale` spreads the scores, so that the softmax weights span many orders of magnitude.
-    q = jnp.asarray(scale * rng.standard_normal((b, t, 6, hd), np.float32))
+    q = jnp.asarray(scale * rng.standard_normal((b, t, heads, hd), np.float32))
     pos = jnp.asarray(positions)
     _, keys, values = cache.update(0, k_new, v_new, pos, table)
     want = np.asarray(model.attention(q, keys, values, pos, cfg))

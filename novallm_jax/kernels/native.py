@@ -3,7 +3,8 @@
 `cpu_kernels.cc` (packed-weight matmuls, float32 or block-quantised, and a paged attention) is built with the system
 C++ compiler (`-O3 -march=native`) into a cache directory keyed by the source, the compiler, the jaxlib version and
 the CPU, so the build (~5 s) happens once per machine. Where there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`,
-`available()` is False and callers keep XLA's own ops.
+`available()` is False and callers keep XLA's own ops. `NOVALLM_KERNEL_FLAGS` adds compiler flags (e.g.
+`-mno-avx512vnni` builds the AVX2 int8 path on a CPU that has VNNI).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,7 +54,9 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature()]).encode())
+    flags = shlex.split(os.environ.get("NOVALLM_KERNEL_FLAGS", ""))
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature(), *flags])
+                         .encode())
     key = key.hexdigest()[:16]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
@@ -61,7 +65,7 @@ def _build(compiler: str) -> Path:
     # Build beside the target and rename: concurrent processes never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    cmd = [compiler, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
            f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
     logging.info("compiling native CPU kernels: %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,6 +109,12 @@ def int8_dot_available() -> bool:
     """Whether `QuantLinear.with_int8_activations` weights can run here (native kernels built with AVX2)."""
     lib = _library()
     return lib is not None and bool(lib.NovallmHasInt8Dot())
+
+
+def int8_dot_isa() -> str | None:
+    """The instructions of the int8-dot tiles: "avx512-vnni", "avx2", or None where they cannot run."""
+    lib = _library()
+    return {0: None, 1: "avx2", 2: "avx512-vnni"}[lib.NovallmInt8DotIsa()] if lib is not None else None
 
 
 def pack(w) -> np.ndarray:
