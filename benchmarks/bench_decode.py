@@ -58,6 +58,7 @@ flags.DEFINE_integer("interleave_rounds", 6, "Then batch-1 decoding of ours (flo
                      lower_bound=0)
 flags.DEFINE_bool("fused_layers", True, "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
                   "--nofused_layers: a call per matmul and attention, with XLA ops between.")
+flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache's dtype (default: the model's).")
 flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
                   "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
                   "other arithmetic).")
@@ -187,7 +188,8 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     exec_cfg = ExecutorConfig(page_size=ps, num_pages=s["num_pages"] or 1 + max(batches) * width, max_model_len=max_len,
                               decode_batch_buckets=tuple(batches), prefill_batch_buckets=(1,),
                               prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths),
-                              native_kernels=native_kernels, fused_layers=None if s["fused_layers"] else False)
+                              native_kernels=native_kernels, fused_layers=None if s["fused_layers"] else False,
+                              kv_cache_dtype=s["kv_cache_dtype"])
     ex = Executor(cfg, params, exec_cfg)
     cache = ex.new_cache()
     slots = exec_cfg.max_decode_batch
@@ -513,7 +515,8 @@ def main(argv):
     s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
          "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
          "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages,
-         "fused_layers": FLAGS.fused_layers, "interleave_rounds": FLAGS.interleave_rounds}
+         "fused_layers": FLAGS.fused_layers, "interleave_rounds": FLAGS.interleave_rounds,
+         "kv_cache_dtype": FLAGS.kv_cache_dtype}
     batches = [int(b) for b in FLAGS.batches]
     if FLAGS.quick:
         s.update(prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2,

@@ -85,6 +85,7 @@ flags.DEFINE_enum("activations", "float32", ["float32", "int8"], "int8: block-co
 flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before reading the previous one's tokens back "
                   "(the engine's default); false: every step waits for its tokens.")
 flags.DEFINE_bool("fused_layers", True, "Each decoder layer as one native call (`ExecutorConfig.fused_layers`).")
+flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache's dtype (default: the model's).")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
@@ -320,7 +321,7 @@ def build_engine(cfg, params, tokenizer, s: dict[str, Any]):
                           prefill_len_buckets=tuple(b for b in s["prefill_len_buckets"] if b <= max_len) or (max_len,),
                           page_table_buckets=tuple(sorted({max(1, width // 3), width})),
                           token_buckets=tuple(s["token_buckets"]) or None, ragged_steps=None if s["ragged"] else False,
-                          fused_layers=None if s["fused_layers"] else False)
+                          fused_layers=None if s["fused_layers"] else False, kv_cache_dtype=s["kv_cache_dtype"])
     return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=ecfg, async_scheduling=s["async_scheduling"]))
 
 
@@ -529,6 +530,7 @@ def print_report(res: dict[str, Any]) -> None:
           f"{s['min_output']}..{s['max_output']} tokens (greedy, ignore_eos), all at t=0; model {s['model']}"
           + (" (our matmul weights in the file's block codes)" if res["model"]["block_codes"] else "")
           + (", int8 activations" if s["activations"] == "int8" else "")
+          + (f", {s['kv_cache_dtype']} KV cache" if s.get("kv_cache_dtype") else "")
           + ("" if s["async_scheduling"] else ", synchronous steps"))
     rows = [_row("ours (continuous)", res["engine"], hf)]
     if hf:
@@ -584,7 +586,7 @@ def settings_from_flags() -> dict[str, Any]:
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
          "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
-         "fused_layers": FLAGS.fused_layers,
+         "fused_layers": FLAGS.fused_layers, "kv_cache_dtype": FLAGS.kv_cache_dtype,
          "weights": FLAGS.weights, "activations": FLAGS.activations, "async_scheduling": FLAGS.async_scheduling}
     if FLAGS.quick:
         quick = {"model": "quick", "num_requests": 8, "min_prompt": 4, "max_prompt": 24, "min_output": 2,

@@ -73,10 +73,13 @@ class LLM:
     activations: "float32" (default), or "int8": block-coded matmuls quantise their inputs to int8 per 32 values and
       run integer dot products, as llama.cpp does (~1.5x faster decoding on CPU; outputs close to, not identical
       with, float32 arithmetic's). Needs block codes (a Q4/Q5/Q8 GGUF file) and an AVX2 CPU.
+    kv_cache_dtype: the KV cache's dtype, "float32" or "bfloat16" (half the memory per token, so twice the tokens in
+      the same pool, and faster attention over long or many sequences; keys and values rounded to 8 significant
+      bits). Default: the model's dtype. Overrides `engine_config`'s.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
-                 weights: str = "auto", activations: str = "float32",
+                 weights: str = "auto", activations: str = "float32", kv_cache_dtype: str | None = None,
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
                  compile_cache_dir: str | None = None, warmup: bool = False):
         from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
@@ -86,6 +89,10 @@ class LLM:
 
         keep_quantized = keep_quantized_for(weights, dtype)
         check_activations(activations)  # before the load, which takes seconds
+        config = engine_config or EngineConfig()
+        if kv_cache_dtype is not None:  # ExecutorConfig checks the value, before the load too
+            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
+                                                                              kv_cache_dtype=kv_cache_dtype))
 
         self.model_path = model or default_model_path()
         if compile_cache_dir:
@@ -95,7 +102,6 @@ class LLM:
             params = with_activations(params, activations)
             self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
                               else load_tokenizer(tokenizer or self.model_path))
-        config = engine_config or EngineConfig()
         if max_model_len is not None:
             config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
                                                                               max_model_len=max_model_len))

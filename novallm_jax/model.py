@@ -111,7 +111,8 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
     b, t, h, hd = q.shape
     kv = cfg.num_kv_heads
     q = q.reshape(b, t, kv, h // kv, hd)
-    precision = _precision(keys.dtype)
+    # A bfloat16 cache under a float32 model: its keys and values are widened, the arithmetic stays float32.
+    precision = _precision(jnp.promote_types(q.dtype, keys.dtype))
     scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32,
                         precision=precision) * (hd ** -0.5)
     key_pos = jnp.arange(keys.shape[1])
@@ -120,7 +121,7 @@ def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
     if cfg.sliding_window:
         allowed &= key_pos > qpos - cfg.sliding_window
     scores = jnp.where(allowed, scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(q.dtype, values.dtype))
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values, precision=precision)
     return out.reshape(b, t, h * hd)
 

@@ -1,6 +1,7 @@
 """Continuous batching, prefix caching, preemption, cancellation and stop strings, against exact references."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,6 +109,22 @@ def test_preemption_with_a_pool_too_small(tokenizer, mode, step_kind):
     refs = greedy_generate(tiny_params(), TINY, [p for p, _ in specs], 40)
     for req, ref in zip(reqs, refs):
         assert req.output_ids == ref
+    assert eng.check_leaks() == []
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_a_bfloat16_kv_cache_survives_preemption(tokenizer, mode, step_kind):
+    """kv_cache_dtype="bfloat16": pages swapped to the host arena and back (or recomputed) hold the same keys and
+    values, so every request's greedy output is what it gives alone in a pool large enough."""
+    eng = make_engine(tokenizer, num_pages=24, preemption_mode=mode, kv_cache_dtype="bfloat16", **step_kind)
+    assert all(k.dtype == jnp.bfloat16 for k in eng.pool.storage.k)
+    specs = [(prompt_of(30 + 5 * i, 300 + i), 40) for i in range(6)]
+    reqs = [eng.add_request(p, greedy(m)) for p, m in specs]
+    eng.run_until_idle()
+    assert eng.counters["preemptions"] > 0
+    for (prompt, max_tokens), req in zip(specs, reqs):
+        assert req.output_ids == run_alone(tokenizer, prompt, greedy(max_tokens), kv_cache_dtype="bfloat16",
+                                           **step_kind)
     assert eng.check_leaks() == []
 
 

@@ -111,6 +111,29 @@ def test_fused_layer_covers_the_model_variants(variant):
     _check_fused_equals_separate(cfg, _layer(cfg, "f32", seed=3), ROWS, seed=4)
 
 
+@pytest.mark.parametrize("rows", [[(29, 1), (70, 1), (0, 1)], ROWS], ids=["batch3", "ragged"])
+def test_fused_layer_on_bfloat16_pages(rows):
+    """bfloat16 pages (`kv_cache_dtype="bfloat16"`): the fused call writes each key and value rounded as XLA rounds
+    them (bit for bit against the float32 pages it writes from the same start), touches no other slot, and gives
+    the separate kernels' outputs, which read the same rounded keys and values."""
+    cfg = _cfg()
+    p = _layer(cfg, "f32", seed=7)
+    x, positions, table, pages = _batch(cfg, rows, ps=8, width=9, seed=8)
+    start = [pg.astype(jnp.bfloat16) for pg in pages]
+    wide = _run(cfg, p, x, positions, table, [pg.astype(jnp.float32) for pg in start], fused=True)
+    got = _run(cfg, p, x, positions, table, start, fused=True)
+    want = _run(cfg, p, x, positions, table, start, fused=False)
+    for i in (1, 2):
+        assert got[i].dtype == jnp.bfloat16
+        rounded = np.asarray(jnp.asarray(wide[i]).astype(jnp.bfloat16))
+        np.testing.assert_array_equal(got[i].view(np.uint16), rounded.view(np.uint16))
+        written = got[i].view(np.uint16) != np.asarray(start[i - 1]).view(np.uint16)
+        assert np.array_equal(written, (want[i].view(np.uint16) != np.asarray(start[i - 1]).view(np.uint16)))
+    real = positions >= 0
+    np.testing.assert_allclose(got[0][real], want[0][real], rtol=0, atol=1e-4)  # measured: 1e-6
+    assert np.abs(got[0][real] - wide[0][real]).max() > 1e-3  # the new keys and values were rounded before use (5e-3)
+
+
 def test_fused_layer_rejects_weights_that_disagree_with_the_config():
     cfg = _cfg()
     p = _layer(cfg, "f32", seed=5)

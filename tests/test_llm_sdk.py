@@ -111,3 +111,13 @@ def test_close_leaves_no_thread(model_dir):
     with pytest.raises(NovaLLMError, match="closed"):
         llm.generate("x", SAMPLED)
     llm.close()  # idempotent
+
+
+def test_llm_with_a_bfloat16_kv_cache(default_gguf):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM("unused", kv_cache_dtype="float16")
+    with LLM(default_gguf, kv_cache_dtype="bfloat16", engine_config=EngineConfig(executor=EXEC)) as llm:
+        assert all(k.dtype.name == "bfloat16" for k in llm.engine.pool.storage.k)
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        assert "Paris" in out.text
+        assert llm.engine.check_leaks() == []

@@ -126,7 +126,14 @@ def test_paged_attention_over_every_grouping_of_query_heads(heads, kv_heads):
                            kv_heads=kv_heads)
 
 
-def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, atol=2e-6, heads=6, kv_heads=2):
+@pytest.mark.parametrize("t", [1, 13])
+def test_paged_attention_reads_bfloat16_pages(t):
+    # The same bfloat16 keys and values as XLA's path reads them (widened exactly): float32 rounding apart.
+    _check_paged_attention(t, None, head_dim=64, page_size=16, width=7, scale=4.0, atol=1e-5, dtype=jnp.bfloat16)
+
+
+def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, atol=2e-6, heads=6, kv_heads=2,
+                           dtype=jnp.float32):
     from novallm_jax.kv_cache import PagedKVCache
 
     hd = head_dim
@@ -135,9 +142,9 @@ def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, ato
                       sliding_window=window)
     rng = np.random.default_rng(t + hd)
     b, ps = 3, page_size
-    cache = PagedKVCache.create(cfg, 1 + b * width, ps)
-    cache = cache.replace(k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32)),),
-                          v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32)),))
+    cache = PagedKVCache.create(cfg, 1 + b * width, ps, dtype)
+    cache = cache.replace(k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32), dtype),),
+                          v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32), dtype),))
     table = jnp.asarray(1 + np.arange(b * width).reshape(b, width)[:, rng.permutation(width)], jnp.int32)
     # Row 0 decodes deep into its pages, row 1 prefills a chunk from its start, row 2 is padding but one query.
     depth = ps * width

@@ -33,6 +33,9 @@ from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
 from novallm_jax.model import Params, forward, rope_tables
 
 
+KV_CACHE_DTYPES = (None, "float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExecutorConfig:
     """Shapes the executor compiles for. Every field is static; together they bound the compile count."""
@@ -55,8 +58,13 @@ class ExecutorConfig:
     ragged_steps: bool | None = None
     # Each decoder layer as one native call (`native.decoder_layer`); None: wherever the native attention runs.
     fused_layers: bool | None = None
+    # The K/V pages' dtype: "float32" or "bfloat16" (half the memory per token, and half the bytes attention reads;
+    # keys and values rounded to 8 significant bits). None: the model's dtype.
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {self.kv_cache_dtype!r}")
         for name in ("decode_batch_buckets", "prefill_batch_buckets", "prefill_len_buckets"):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
         if self.page_table_buckets is None:
@@ -118,6 +126,7 @@ class Executor:
         self.cfg = cfg
         self.exec_cfg = exec_cfg or ExecutorConfig()
         self.dtype = params["embed"].dtype
+        self.kv_dtype = jnp.dtype(self.exec_cfg.kv_cache_dtype or self.dtype)
         self.native_kernels = self._use_native_kernels()
         # Block-quantised weights (a GGUF loaded with keep_quantized) only run in the native kernels.
         self.params = native.pack_params(params) if self.native_kernels else native.dequantize_params(params)
@@ -164,7 +173,7 @@ class Executor:
 
     def new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
-        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.dtype,
+        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.kv_dtype,
                                    native_attention=self.native_attention, fused_layers=self.fused_layers)
 
     def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None):

@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -394,7 +395,8 @@ typedef float v16 __attribute__((vector_size(64)));
 // MR rows of quantised x times one int8-dot panel, with VNNI: one vpdpbusd is 64 byte products summed in fours into
 // the 16 columns' int32 lanes, where AVX2 needs maddubs, madd and add for 32; what is left (the per-block float
 // epilogue, x's broadcasts) bounds it at ~1 vpdpbusd a cycle. Tiles of 4 rows measured best (2: -35%, 6-8: -2-5%
-// at 32 rows, and slower for few rows). The integer sums are exact either way and the float epilogue is the same, so both paths give the same results.
+// at 32 rows, and slower for few rows). The integer sums are exact either way and the float epilogue is the same,
+// so both paths give the same results.
 template <int BITS, int MR>
 void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy) {
   const int64_t KB = x.K / kBlock;
@@ -410,7 +412,8 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       // nibbles, 8-15 from the high ones, unsigned as vpdpbusd's first operand wants.
       const __m512i low4 = _mm512_set1_epi8(0x0F), shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
       for (int kq = 0; kq < 8; ++kq) {
-        const __m512i packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq)));
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
+        const __m512i packed = _mm512_broadcast_i64x4(half);
         const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low4);
         for (int r = 0; r < MR; ++r) {
           int32_t quad;
@@ -579,6 +582,36 @@ inline v8 Exp(v8 x) {
   return y * scale;
 }
 
+// K/V pages hold float32, or bfloat16 (the upper half of a float32, rounded to nearest even: half the bytes that
+// attention streams per key, the bulk of a many-row step's memory traffic at a few hundred tokens of context).
+typedef uint16_t bf16;
+
+inline v8 LoadKV(const float* p) { return Load(p); }
+inline v8 LoadKV(const bf16* p) {
+#if defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (v8)_mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+  v8 out;
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = uint32_t(p[i]) << 16;
+    std::memcpy(&out[i], &bits, 4);
+  }
+  return out;
+#endif
+}
+
+inline void StoreKV(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+// As XLA converts: round to nearest even; a NaN stays a (quiet) NaN.
+inline void StoreKV(bf16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, 4);
+    const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    dst[i] = bf16(nan ? (bits >> 16) | 0x40 : (bits + 0x7FFFu + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
 // The 8 dot products of each of NG queries q[g] [hd] with keys k[0..7] [hd] -> out[g]: 8 * NG independent
 // accumulators, then one horizontal reduction per query for all eight keys (a per-key reduction cost more than the
 // products).
@@ -611,8 +644,8 @@ inline float HorizontalSum(v8 v) {
   return r;
 }
 
-template <int NG>
-inline void Dot8(const float* const* q, const float* const* k, int64_t hd, v8* out) {
+template <int NG, typename T>
+inline void Dot8(const float* const* q, const T* const* k, int64_t hd, v8* out) {
   v8 a[NG][8];
   for (int g = 0; g < NG; ++g) {
     for (int j = 0; j < 8; ++j) a[g][j] = Splat(0.f);
@@ -621,7 +654,7 @@ inline void Dot8(const float* const* q, const float* const* k, int64_t hd, v8* o
     v8 qv[NG];
     for (int g = 0; g < NG; ++g) qv[g] = Load(q[g] + i);
     for (int j = 0; j < 8; ++j) {
-      const v8 kv = Load(k[j] + i);
+      const v8 kv = LoadKV(k[j] + i);
       for (int g = 0; g < NG; ++g) a[g][j] += qv[g] * kv;
     }
   }
@@ -630,8 +663,11 @@ inline void Dot8(const float* const* q, const float* const* k, int64_t hd, v8* o
 
 // One query row (b, t) against its keys, for query heads [g0, g1) of each kv head in [h0, h1): the key blocks are
 // the outer loop, so the heads of one page slot, which lie side by side, are read together.
+// E: the pages' element type (float or bf16).
+template <typename E>
 struct Attention {
-  const float *q, *k, *v;
+  const float* q;
+  const E *k, *v;
   const int32_t *page_table, *pos;
   float* out;
   int64_t T, KV, G, hd, ps, W, P, window;
@@ -649,8 +685,8 @@ struct Attention {
     constexpr int64_t kBlock = 32;
     float m[kMaxHeads], l[kMaxHeads];
     int64_t slots[kBlock];
-    const float* keys[kBlock];
-    const float* vals[kBlock];
+    const E* keys[kBlock];
+    const E* vals[kBlock];
     for (int64_t i = 0; i < heads; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
     for (int64_t j0 = lo; j0 <= p; j0 += kBlock) {
       const int64_t n = std::min(kBlock, p - j0 + 1), n8 = (n + 7) / 8 * 8;
@@ -698,7 +734,7 @@ struct Attention {
   // NG query heads (of one kv head) over one block of n keys: scores, the online-softmax update, and the weighted
   // values; m, l and og are the heads' running max, sum and output rows.
   template <int NG>
-  void Heads(const float* const* qg, const float* const* keys, const float* const* vals, int64_t n, int64_t n8,
+  void Heads(const float* const* qg, const E* const* keys, const E* const* vals, int64_t n, int64_t n8,
              float* m, float* l, float* const* og) const {
     alignas(32) float s[NG][32];
     for (int64_t jj = 0; jj < n8; jj += 8) {
@@ -742,7 +778,7 @@ struct Attention {
   // og[g][i0 : i0 + 8C] = og[g] * correction[g] + sum_j p[g][j] * vals[j][i0 : i0 + 8C] for the NG heads; C is fixed
   // so the NG * C accumulators stay in registers.
   template <int NG, int C>
-  static void Accumulate(const float (*p)[32], const float* const* vals, int64_t n, int64_t i0,
+  static void Accumulate(const float (*p)[32], const E* const* vals, int64_t n, int64_t i0,
                          const float* correction, float* const* og) {
     v8 acc[NG][C];
     for (int g = 0; g < NG; ++g) {
@@ -751,9 +787,9 @@ struct Attention {
     for (int64_t jj = 0; jj < n; ++jj) {
       v8 pj[NG];
       for (int g = 0; g < NG; ++g) pj[g] = Splat(p[g][jj]);
-      const float* vr = vals[jj] + i0;
+      const E* vr = vals[jj] + i0;
       for (int k = 0; k < C; ++k) {
-        const v8 vv = Load(vr + 8 * k);
+        const v8 vv = LoadKV(vr + 8 * k);
         for (int g = 0; g < NG; ++g) acc[g][k] += pj[g] * vv;
       }
     }
@@ -763,30 +799,52 @@ struct Attention {
   }
 };
 
-// q [B, T, KV, G, hd]; pages [P, ps, KV, hd]; page_table [B, W]; positions [B, T] (< 0: padding, output 0).
-ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                          ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> page_table,
+template <typename E>
+void RunAttention(ffi::ThreadPool& pool, const Attention<E>& a, int64_t B) {
+  int64_t keys = 0;  // keys read over all queries, for the inline-or-parallel choice
+  for (int64_t i = 0; i < B * a.T; ++i) {
+    if (a.pos[i] >= 0) keys += a.window > 0 ? std::min<int64_t>(a.pos[i] + 1, a.window) : a.pos[i] + 1;
+  }
+  // Rows are the work items when there are enough of them for the threads; fewer rows split by kv head.
+  const int64_t split = B * a.T >= 4 ? 1 : a.KV, per = a.KV / split;
+  ParallelFor(pool, B * a.T * split, keys * a.KV * a.hd * 2 * sizeof(E), [a, split, per](int64_t item) {
+    const int64_t h0 = item % split * per;
+    a.Row(item / split, h0, h0 + per);
+  });
+}
+
+// Float32 or bfloat16 pages, both of one type.
+inline bool PageTypes(ffi::DataType k, ffi::DataType v) {
+  return k == v && (k == ffi::DataType::F32 || k == ffi::DataType::BF16);
+}
+
+// q [B, T, KV, G, hd]; pages [P, ps, KV, hd] (float32 or bfloat16); page_table [B, W]; positions [B, T] (< 0:
+// padding, output 0).
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                          ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> page_table,
                           ffi::Buffer<ffi::S32> positions, int64_t window, float scale,
                           ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), td = page_table.dimensions();
   if (qd.size() != 5 || kd.size() != 4 || td.size() != 2 || kd[2] != qd[2] || kd[3] != qd[4] || qd[4] % 8 ||
-      td[0] != qd[0]) {
+      td[0] != qd[0] || v_pages.dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("paged_attention: shapes disagree (head_dim must be a multiple of 8)");
+  }
+  if (!PageTypes(k_pages.element_type(), v_pages.element_type())) {
+    return ffi::Error::InvalidArgument("paged_attention: K/V pages must both be float32 or both bfloat16");
   }
   const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4];
   if (KV * G > kMaxHeads) return ffi::Error::InvalidArgument("paged_attention: at most 256 query heads");
-  const Attention a{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), page_table.typed_data(),
-                    positions.typed_data(), out->typed_data(), T, KV, G, hd, kd[1], td[1], kd[0], window, scale};
-  int64_t keys = 0;  // keys read over all queries, for the inline-or-parallel choice
-  for (int64_t i = 0; i < B * T; ++i) {
-    if (a.pos[i] >= 0) keys += window > 0 ? std::min<int64_t>(a.pos[i] + 1, window) : a.pos[i] + 1;
+  auto run = [&](auto* kp, auto* vp) {
+    using E = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+    const Attention<E> a{q.typed_data(), kp, vp, page_table.typed_data(), positions.typed_data(), out->typed_data(),
+                         T, KV, G, hd, kd[1], td[1], kd[0], window, scale};
+    RunAttention(pool, a, B);
+  };
+  if (k_pages.element_type() == ffi::DataType::BF16) {
+    run(static_cast<const bf16*>(k_pages.untyped_data()), static_cast<const bf16*>(v_pages.untyped_data()));
+  } else {
+    run(static_cast<const float*>(k_pages.untyped_data()), static_cast<const float*>(v_pages.untyped_data()));
   }
-  // Rows are the work items when there are enough of them for the threads; fewer rows split by kv head.
-  const int64_t split = B * T >= 4 ? 1 : KV, per = KV / split;
-  ParallelFor(pool, B * T * split, keys * KV * hd * 8, [a, split, per](int64_t item) {
-    const int64_t h0 = item % split * per;
-    a.Row(item / split, h0, h0 + per);
-  });
   return ffi::Error::Success();
 }
 
@@ -897,7 +955,8 @@ struct LayerDims {
 // bound by DRAM latency (~3x its time on warm rows at a few hundred tokens); read while the other members run the
 // q/k/v matmul, they arrive in time. (Prefetch instructions did not help here; loads did.) Prefill chunks and large
 // batches skip it: their attention has the arithmetic or the rows to keep the memory bus busy.
-float TouchKV(const float* k, const float* v, const int32_t* table, const int32_t* pos, const LayerDims& L) {
+template <typename E>
+float TouchKV(const E* k, const E* v, const int32_t* table, const int32_t* pos, const LayerDims& L) {
   float sum = 0.f;
   if (L.T > 1 || L.M > 4) return sum;
   const int64_t row = L.KV * L.hd;  // a slot's keys (all heads) are one contiguous row
@@ -908,7 +967,7 @@ float TouchKV(const float* k, const float* v, const int32_t* table, const int32_
       const int32_t page = table[b * L.W + j / L.ps];
       if (page < 0 || page >= L.P) continue;
       const int64_t first = (page * L.ps + j % L.ps) * row;
-      for (int64_t f = first; f < first + row; f += 16) sum += k[f] + v[f];
+      for (int64_t f = first; f < first + row; f += 64 / sizeof(E)) sum += float(k[f]) + float(v[f]);
     }
   }
   return sum;
@@ -919,18 +978,21 @@ float TouchKV(const float* k, const float* v, const int32_t* table, const int32_
 ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
                         ffi::AnyBuffer wqkv_b, ffi::Buffer<ffi::F32> bqkv, ffi::Buffer<ffi::F32> q_norm,
                         ffi::Buffer<ffi::F32> k_norm, ffi::AnyBuffer wo_b, ffi::Buffer<ffi::F32> mlp_norm,
-                        ffi::AnyBuffer w_gate_up_b, ffi::AnyBuffer w_down_b, ffi::Buffer<ffi::F32>,
-                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> positions,
+                        ffi::AnyBuffer w_gate_up_b, ffi::AnyBuffer w_down_b, ffi::AnyBuffer, ffi::AnyBuffer,
+                        ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> positions,
                         ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t qkv_kind, int64_t o_kind,
                         int64_t gate_up_kind, int64_t down_kind, int64_t num_heads, int64_t num_kv_heads,
                         int64_t window, float eps, float scale, ffi::ResultBuffer<ffi::F32> x_out,
-                        ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+                        ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out) {
   const auto xd = x.dimensions(), kd = k_out->dimensions(), td = page_table.dimensions(),
              pd = positions.dimensions();
   if (xd.size() != 2 || kd.size() != 4 || td.size() != 2 || pd.size() != 2 || td[0] != pd[0] ||
       pd[0] * pd[1] != xd[0] || kd[2] != num_kv_heads || num_heads % num_kv_heads || kd[3] % 8 ||
       num_heads > kMaxHeads || cos.element_count() != xd[0] * kd[3] || sin.element_count() != xd[0] * kd[3]) {
     return ffi::Error::InvalidArgument("decoder_layer: shapes disagree");
+  }
+  if (!PageTypes(k_out->element_type(), v_out->element_type())) {
+    return ffi::Error::InvalidArgument("decoder_layer: K/V pages must both be float32 or both bfloat16");
   }
   const LayerDims L{xd[0], pd[1], xd[1], num_heads, num_kv_heads, kd[3], td[1], kd[0], kd[1], window, eps, scale};
   const int64_t Q = L.H * L.hd, KVS = L.KV * L.hd;
@@ -972,8 +1034,6 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
   const float* xp = x.typed_data();
   float* xo = x_out->typed_data();
-  float* kp = k_out->typed_data();
-  float* vp = v_out->typed_data();
   const int32_t* table = page_table.typed_data();
   const int32_t* pos = positions.typed_data();
   const float *cs = cos.typed_data(), *sn = sin.typed_data();
@@ -993,48 +1053,58 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   auto norm1 = [&](int64_t r) { RmsNorm(xp + r * D, attn_norm.typed_data(), D, eps, h.data() + r * D); };
   team.Run(M, norm1);
   quantize(wqkv, h.data(), D);
-  // Item 0 of the q/k/v matmul reads the keys and values attention will read (see TouchKV).
-  std::atomic<float> touched{0.f};
-  auto qkv_and_touch = [&](int64_t i) {
-    if (i == 0) return touched.store(TouchKV(kp, vp, table, pos, L), std::memory_order_relaxed);
-    MatmulPanel(wqkv, h.data(), codes, M, i - 1, qkv.data(), ld_qkv);
-  };
-  team.Run(wqkv.panels + 1, qkv_and_touch);
+  // q/k/v (item 0 reads the keys and values attention will read, see TouchKV), rope and the K/V write, attention:
+  // the phases that touch the pages, of either element type.
+  auto qkv_rope_attention = [&](auto* kp, auto* vp) {
+    using E = std::remove_pointer_t<decltype(kp)>;
+    // Item 0 of the q/k/v matmul reads the keys and values attention will read (see TouchKV).
+    std::atomic<float> touched{0.f};
+    auto qkv_and_touch = [&](int64_t i) {
+      if (i == 0) return touched.store(TouchKV(kp, vp, table, pos, L), std::memory_order_relaxed);
+      MatmulPanel(wqkv, h.data(), codes, M, i - 1, qkv.data(), ld_qkv);
+    };
+    team.Run(wqkv.panels + 1, qkv_and_touch);
 
-  // Bias, q/k norms, rope; then the row's key and value into its page (rows at padding or past the table: none).
-  auto rope = [&](int64_t r) {
-    float* row = qkv.data() + r * ld_qkv;
-    if (bqkv.element_count()) {
-      for (int64_t i = 0; i < Q + 2 * KVS; ++i) row[i] += bqkv.typed_data()[i];
-    }
-    const float *c = cs + r * L.hd, *s = sn + r * L.hd;
-    for (int64_t i = 0; i < L.H + L.KV; ++i) {
-      float* head = row + i * L.hd;
-      const float* nw = i < L.H ? q_norm.typed_data() : k_norm.typed_data();
-      if ((i < L.H ? q_norm : k_norm).element_count()) RmsNorm(head, nw, L.hd, eps, head);
-      Rope(head, c, s, L.hd);
-    }
-    std::memcpy(q.data() + r * Q, row, Q * sizeof(float));
-    const int64_t p = pos[r], b = r / L.T;
-    if (p < 0 || p >= L.W * L.ps) return;
-    const int32_t page = table[b * L.W + p / L.ps];
-    if (page < 0 || page >= L.P) return;
-    const int64_t slot = (page * L.ps + p % L.ps) * KVS;
-    std::memcpy(kp + slot, row + Q, KVS * sizeof(float));
-    std::memcpy(vp + slot, row + Q + KVS, KVS * sizeof(float));
-  };
-  team.Run(M, rope);
+    // Bias, q/k norms, rope; then the row's key and value into its page (rows at padding or past the table: none).
+    auto rope = [&](int64_t r) {
+      float* row = qkv.data() + r * ld_qkv;
+      if (bqkv.element_count()) {
+        for (int64_t i = 0; i < Q + 2 * KVS; ++i) row[i] += bqkv.typed_data()[i];
+      }
+      const float *c = cs + r * L.hd, *s = sn + r * L.hd;
+      for (int64_t i = 0; i < L.H + L.KV; ++i) {
+        float* head = row + i * L.hd;
+        const float* nw = i < L.H ? q_norm.typed_data() : k_norm.typed_data();
+        if ((i < L.H ? q_norm : k_norm).element_count()) RmsNorm(head, nw, L.hd, eps, head);
+        Rope(head, c, s, L.hd);
+      }
+      std::memcpy(q.data() + r * Q, row, Q * sizeof(float));
+      const int64_t p = pos[r], b = r / L.T;
+      if (p < 0 || p >= L.W * L.ps) return;
+      const int32_t page = table[b * L.W + p / L.ps];
+      if (page < 0 || page >= L.P) return;
+      const int64_t slot = (page * L.ps + p % L.ps) * KVS;
+      StoreKV(kp + slot, row + Q, KVS);
+      StoreKV(vp + slot, row + Q + KVS, KVS);
+    };
+    team.Run(M, rope);
 
-  const Attention a{q.data(), kp, vp, table, pos, attn.data(), L.T, L.KV, L.H / L.KV, L.hd, L.ps, L.W, L.P,
-                    window, scale};
-  // Few rows: an item per query head, so that two members split a step's 9 heads 5:4 rather than 3 kv heads 2:1.
-  const int64_t split = M < 4 ? L.H : L.KV, G = L.H / L.KV;
-  auto attend = [&](int64_t item) {
-    const int64_t row = item / split, head = item % split;
-    if (split == L.KV) return a.Row(row, head, head + 1);
-    a.Row(row, head / G, head / G + 1, head % G, head % G + 1);
+    const Attention<E> a{q.data(), kp, vp, table, pos, attn.data(), L.T, L.KV, L.H / L.KV, L.hd, L.ps, L.W, L.P,
+                         window, scale};
+    // Few rows: an item per query head, so that two members split a step's 9 heads 5:4 rather than 3 kv heads 2:1.
+    const int64_t split = M < 4 ? L.H : L.KV, G = L.H / L.KV;
+    auto attend = [&](int64_t item) {
+      const int64_t row = item / split, head = item % split;
+      if (split == L.KV) return a.Row(row, head, head + 1);
+      a.Row(row, head / G, head / G + 1, head % G, head % G + 1);
+    };
+    team.Run(M * split, attend);
   };
-  team.Run(M * split, attend);
+  if (k_out->element_type() == ffi::DataType::BF16) {
+    qkv_rope_attention(static_cast<bf16*>(k_out->untyped_data()), static_cast<bf16*>(v_out->untyped_data()));
+  } else {
+    qkv_rope_attention(static_cast<float*>(k_out->untyped_data()), static_cast<float*>(v_out->untyped_data()));
+  }
 
   quantize(wo, attn.data(), Q);
   matmul(wo, attn.data(), tmp.data(), ld_o);
@@ -1079,8 +1149,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmPagedAttentionF32, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("window")
@@ -1115,8 +1185,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmDecoderLayerF32, DecoderLayer,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mlp_norm
                                   .Arg<ffi::AnyBuffer>()         // w_gate_up
                                   .Arg<ffi::AnyBuffer>()         // w_down
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages (aliased to the second result)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages (aliased to the third result)
+                                  .Arg<ffi::AnyBuffer>()         // k_pages (aliased to the second result)
+                                  .Arg<ffi::AnyBuffer>()         // v_pages (aliased to the third result)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page_table
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos
@@ -1131,5 +1201,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmDecoderLayerF32, DecoderLayer,
                                   .Attr<float>("eps")
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

@@ -221,7 +221,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     """Causal GQA attention of q [B, T, H, hd] over one layer's pages [P, ps, KV, hd] -> [B, T, H * hd].
 
     Query (b, t) sees the keys at positions <= positions[b, t] (and > it minus the window) through page_table [B, W];
-    padding queries (negative positions) give zeros. float32 only; head_dim a multiple of 8.
+    padding queries (negative positions) give zeros. q float32, pages float32 or bfloat16; head_dim a multiple of 8.
     """
     b, t, h, hd = q.shape
     kv = k_pages.shape[2]
@@ -245,7 +245,7 @@ def decoder_layer(p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     b, t, d = x.shape
     none = jnp.zeros((0,), jnp.float32)
     cos, sin = (a.reshape(b * t, cfg.head_dim).astype(jnp.float32) for a in rope_cs)
-    pages = jax.ShapeDtypeStruct(k_pages.shape, jnp.float32)
+    pages = jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)
     call = _ffi_call(_LAYER, (jax.ShapeDtypeStruct((b * t, d), jnp.float32), pages, pages),
                      input_output_aliases={10: 1, 11: 2})
     out, k_pages, v_pages = call(
