@@ -620,8 +620,8 @@ inline v8 Exp(v8 x) {
   return y * scale;
 }
 
-// K/V pages hold float32, or bfloat16 (the upper half of a float32, rounded to nearest even: half the bytes that
-// attention streams per key, the bulk of a many-row step's memory traffic at a few hundred tokens of context).
+// K/V pages hold float32, or bfloat16 (the upper half of a float32, rounded to nearest even): half the memory per
+// token, so a pool holds twice the tokens. (Attention here measured no faster on bfloat16 pages: see benchmarks/.)
 typedef uint16_t bf16;
 
 inline v8 LoadKV(const float* p) { return Load(p); }
@@ -650,9 +650,7 @@ inline void StoreKV(bf16* dst, const float* src, int64_t n) {
   }
 }
 
-// The 8 dot products of each of NG queries q[g] [hd] with keys k[0..7] [hd] -> out[g]: 8 * NG independent
-// accumulators, then one horizontal reduction per query for all eight keys (a per-key reduction cost more than the
-// products).
+// The 8 horizontal sums of a[0..7], as one vector.
 inline v8 Reduce8(const v8* a) {
 #if defined(__AVX__)
   const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
@@ -682,6 +680,9 @@ inline float HorizontalSum(v8 v) {
   return r;
 }
 
+// The 8 dot products of each of NG queries q[g] [hd] with keys k[0..7] [hd] -> out[g]: 8 * NG independent
+// accumulators, then one horizontal reduction per query for all eight keys (a per-key reduction cost more than the
+// products).
 template <int NG, typename T>
 inline void Dot8(const float* const* q, const T* const* k, int64_t hd, v8* out) {
   v8 a[NG][8];
@@ -1095,7 +1096,6 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // the phases that touch the pages, of either element type.
   auto qkv_rope_attention = [&](auto* kp, auto* vp) {
     using E = std::remove_pointer_t<decltype(kp)>;
-    // Item 0 of the q/k/v matmul reads the keys and values attention will read (see TouchKV).
     std::atomic<float> touched{0.f};
     auto qkv_and_touch = [&](int64_t i) {
       if (i == 0) return touched.store(TouchKV(kp, vp, table, pos, L), std::memory_order_relaxed);
