@@ -17,8 +17,7 @@ ACTIVATIONS = flags.DEFINE_enum("activations", "float32", ["float32", "int8"],
                                 "not identical with float32's; needs a Q4/Q5/Q8 GGUF model and AVX2).")
 KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"],
                                    "KV cache dtype (default: the model's): bfloat16 holds twice the tokens in the same "
-                                   "memory and speeds attention over long contexts; keys and values keep 8 "
-                                   "significant bits.")
+                                   "memory; keys and values keep 8 significant bits.")
 COMPILE_CACHE_DIR = flags.DEFINE_string(
     "compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "novallm-jax", "xla"),
     "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")

@@ -74,8 +74,8 @@ class LLM:
       run integer dot products, as llama.cpp does (~1.5x faster decoding on CPU; outputs close to, not identical
       with, float32 arithmetic's). Needs block codes (a Q4/Q5/Q8 GGUF file) and an AVX2 CPU.
     kv_cache_dtype: the KV cache's dtype, "float32" or "bfloat16" (half the memory per token, so twice the tokens in
-      the same pool, and faster attention over long or many sequences; keys and values rounded to 8 significant
-      bits). Default: the model's dtype. Overrides `engine_config`'s.
+      the same pool; keys and values rounded to 8 significant bits). Default: the model's dtype. Overrides
+      `engine_config`'s.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,

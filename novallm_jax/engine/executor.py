@@ -58,8 +58,8 @@ class ExecutorConfig:
     ragged_steps: bool | None = None
     # Each decoder layer as one native call (`native.decoder_layer`); None: wherever the native attention runs.
     fused_layers: bool | None = None
-    # The K/V pages' dtype: "float32" or "bfloat16" (half the memory per token, and half the bytes attention reads;
-    # keys and values rounded to 8 significant bits). None: the model's dtype.
+    # The K/V pages' dtype: "float32" or "bfloat16" (half the memory per token; keys and values rounded to 8
+    # significant bits). None: the model's dtype.
     kv_cache_dtype: str | None = None
 
     def __post_init__(self):
