@@ -681,7 +681,8 @@ def main(argv):
     m = results["machine"]
     share = m["cpu_share"] or {}
     print(f"{m['cpu_count']} cores, load {m['loadavg_before']} -> {m['loadavg_after']}, "
-          f"CPU stolen by the hypervisor {100 * share.get('steal', 0):.0f}%, {results['wall_s']:.0f} s; "
+          f"CPU stolen by the hypervisor {100 * share.get('steal', 0):.0f}%, int8 dot {m.get('native_int8_dot')}, "
+          f"{results['wall_s']:.0f} s; "
           f"wrote {FLAGS.output}")
 
 

@@ -110,7 +110,17 @@ def machine_info(packages: Sequence[str] = ("jax", "jaxlib", "torch", "transform
         "python": platform.python_version(),
         "versions": {p: _version(p.replace("_", "-")) for p in packages},
         "loadavg": loadavg(),
+        "native_int8_dot": _int8_dot_isa(),
     }
+
+
+def _int8_dot_isa() -> str | None:
+    """Which int8-dot tiles the native kernels run here ("avx512-vnni", "avx2"; None: none)."""
+    try:
+        from novallm_jax.kernels import native
+    except ImportError:
+        return None
+    return native.int8_dot_isa()
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
