@@ -857,6 +857,13 @@ inline bool PageTypes(ffi::DataType k, ffi::DataType v) {
   return k == v && (k == ffi::DataType::F32 || k == ffi::DataType::BF16);
 }
 
+// fn(k, v) with the pages' data typed as their elements (`PageTypes` checked first): float* or bf16*.
+template <typename F>
+void WithPages(ffi::DataType type, void* k, void* v, F&& fn) {
+  if (type == ffi::DataType::BF16) return fn(static_cast<bf16*>(k), static_cast<bf16*>(v));
+  fn(static_cast<float*>(k), static_cast<float*>(v));
+}
+
 // q [B, T, KV, G, hd]; pages [P, ps, KV, hd] (float32 or bfloat16); page_table [B, W]; positions [B, T] (< 0:
 // padding, output 0).
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
@@ -873,17 +880,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   }
   const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], hd = qd[4];
   if (KV * G > kMaxHeads) return ffi::Error::InvalidArgument("paged_attention: at most 256 query heads");
-  auto run = [&](auto* kp, auto* vp) {
-    using E = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
+  WithPages(k_pages.element_type(), k_pages.untyped_data(), v_pages.untyped_data(), [&](auto* kp, auto* vp) {
+    using E = std::remove_pointer_t<decltype(kp)>;
     const Attention<E> a{q.typed_data(), kp, vp, page_table.typed_data(), positions.typed_data(), out->typed_data(),
                          T, KV, G, hd, kd[1], td[1], kd[0], window, scale};
     RunAttention(pool, a, B);
-  };
-  if (k_pages.element_type() == ffi::DataType::BF16) {
-    run(static_cast<const bf16*>(k_pages.untyped_data()), static_cast<const bf16*>(v_pages.untyped_data()));
-  } else {
-    run(static_cast<const float*>(k_pages.untyped_data()), static_cast<const float*>(v_pages.untyped_data()));
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -1138,11 +1140,7 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     };
     team.Run(M * split, attend);
   };
-  if (k_out->element_type() == ffi::DataType::BF16) {
-    qkv_rope_attention(static_cast<bf16*>(k_out->untyped_data()), static_cast<bf16*>(v_out->untyped_data()));
-  } else {
-    qkv_rope_attention(static_cast<float*>(k_out->untyped_data()), static_cast<float*>(v_out->untyped_data()));
-  }
+  WithPages(k_out->element_type(), k_out->untyped_data(), v_out->untyped_data(), qkv_rope_attention);
 
   quantize(wo, attn.data(), Q);
   matmul(wo, attn.data(), tmp.data(), ld_o);
