@@ -572,7 +572,8 @@ def print_report(res: dict[str, Any]) -> None:
     m = res["machine"]
     share = m["cpu_share"] or {}
     print(f"\n{m['cpu_count']} cores, load {m['loadavg_before']} -> {m['loadavg_after']}, CPU stolen "
-          f"{100 * share.get('steal', 0):.0f}%, int8 dot {m.get('native_int8_dot')}, warm-up {res['warmup']['total_s']:.0f} s (excluded), "
+          f"{100 * share.get('steal', 0):.0f}%, int8 dot {m.get('native_int8_dot')}, "
+          f"warm-up {res['warmup']['total_s']:.0f} s (excluded), "
           f"{res['wall_s']:.0f} s in all; wrote {FLAGS.output}")
 
 

@@ -171,17 +171,21 @@ def test_kernels_say_why_they_cannot_run(monkeypatch):
         w.apply(x)
 
 
+def _int8_outputs() -> dict[str, np.ndarray]:
+    """int8-dot outputs of this process's kernel build on fixed weights and inputs, 4- and 8-bit codes."""
+    out = {}
+    for bits in (4, 8):
+        w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
+        out[f"y{bits}"] = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
+    return out
+
+
 _OTHER_BUILD = """
 import sys
 import numpy as np
-import jax, jax.numpy as jnp
 from novallm_jax.kernels import native
-from tests.test_int8_activations import _weight, _x
-out = {"isa": np.array(native.int8_dot_isa())}
-for bits in (4, 8):
-    w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
-    out[f"y{bits}"] = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
-np.savez(sys.argv[1], **out)
+from tests.test_int8_activations import _int8_outputs
+np.savez(sys.argv[1], isa=np.array(native.int8_dot_isa()), **_int8_outputs())
 """
 
 
@@ -196,7 +200,5 @@ def test_the_vnni_and_avx2_tiles_give_the_same_results(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     avx2 = np.load(tmp_path / "avx2.npz")
     assert str(avx2["isa"]) == "avx2"
-    for bits in (4, 8):
-        w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
-        y = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
-        np.testing.assert_array_equal(y, avx2[f"y{bits}"])
+    for name, y in _int8_outputs().items():
+        np.testing.assert_array_equal(y, avx2[name])
