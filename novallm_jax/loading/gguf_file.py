@@ -13,7 +13,7 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
 from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
-from novallm_jax.loading.gguf_readers import reader_for
+from novallm_jax.loading.gguf_readers import FastReader, reader_for
 
 GGUF_MAGIC = b"GGUF"
 
@@ -32,8 +32,6 @@ def gguf_names(i: int | None, part: str) -> str:
 
 def open_gguf(path: str):
     """Opens a GGUF file with the `gguf` package, with a clear error if the file is not GGUF."""
-    import gguf
-
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path} does not exist")
     with open(path, "rb") as f:
@@ -41,7 +39,7 @@ def open_gguf(path: str):
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        return reader_for(path, gguf.GGUFReader)
+        return reader_for(path, FastReader)
     except Exception as e:  # the reader raises bare ValueErrors/struct errors on truncated files
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
 

@@ -90,13 +90,11 @@ def _sentencepiece(tokens: list[str], scores: list[float], merges: list[str] | N
 
 def tokenizer_from_gguf(source: str | Any) -> HFTokenizer:
     """The tokenizer embedded in a GGUF file (a path or an open `gguf.GGUFReader`)."""
-    from gguf import GGUFReader
-
-    from novallm_jax.loading.gguf_readers import reader_for
+    from novallm_jax.loading.gguf_readers import FastReader, reader_for
 
     if isinstance(source, str):
         try:
-            reader = reader_for(source, GGUFReader)
+            reader = reader_for(source, FastReader)
         except Exception as e:  # GGUFReader raises ValueError/struct errors on foreign files
             raise TokenizerError(f"{source} is not a readable GGUF file: {e}") from e
         name = source
