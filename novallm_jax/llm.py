@@ -15,7 +15,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
-from novallm_jax.engine.executor import enable_compilation_cache
+from novallm_jax.engine.executor import default_compilation_cache_dir, enable_compilation_cache
 from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
@@ -76,12 +76,15 @@ class LLM:
     kv_cache_dtype: the KV cache's dtype, "float32" or "bfloat16" (half the memory per token, so twice the tokens in
       the same pool; keys and values rounded to 8 significant bits). Default: the model's dtype. Overrides
       `engine_config`'s.
+    compile_cache_dir: JAX's persistent compilation cache, so a second start loads the compiled steps instead of
+      compiling them: "auto" (default) is a per-user directory per jax/jaxlib version
+      (`executor.default_compilation_cache_dir()`); None turns it off.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
                  weights: str = "auto", activations: str = "float32", kv_cache_dtype: str | None = None,
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 compile_cache_dir: str | None = None, warmup: bool = False):
+                 compile_cache_dir: str | None = "auto", warmup: bool = False):
         from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
                                          with_activations)
         from novallm_jax.loading.gguf_readers import shared_readers
@@ -96,7 +99,8 @@ class LLM:
 
         self.model_path = model or default_model_path()
         if compile_cache_dir:
-            enable_compilation_cache(compile_cache_dir)
+            enable_compilation_cache(default_compilation_cache_dir() if compile_cache_dir == "auto"
+                                     else compile_cache_dir)
         with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
             self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
             params = with_activations(params, activations)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import threading
 from typing import Sequence
 
@@ -350,6 +351,15 @@ def _fed_back(tokens: jax.Array, src: jax.Array, last_tokens: jax.Array) -> jax.
 def _rows(logits: jax.Array, n: int) -> jax.Array:
     """The first n rows (a no-op slice would still cost a dispatch)."""
     return logits if logits.shape[0] == n else logits[:n]
+
+
+def default_compilation_cache_dir() -> str:
+    """$XDG_CACHE_HOME (or ~/.cache)/novallm-jax/xla/jax-V-jaxlib-V: an upgrade of jax or jaxlib starts a cache of its
+    own instead of loading entries another version wrote."""
+    import jaxlib
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "novallm-jax", "xla", f"jax-{jax.__version__}-jaxlib-{jaxlib.__version__}")
 
 
 def enable_compilation_cache(directory: str) -> None:
