@@ -19,6 +19,7 @@ from novallm_jax.engine.executor import default_compilation_cache_dir, enable_co
 from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
+from novallm_jax.startup import phase
 from novallm_jax.tokenization.base import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -102,16 +103,20 @@ class LLM:
             enable_compilation_cache(default_compilation_cache_dir() if compile_cache_dir == "auto"
                                      else compile_cache_dir)
         with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
-            self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
-            params = with_activations(params, activations)
-            self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
-                              else load_tokenizer(tokenizer or self.model_path))
+            with phase("weights: read and pack"):
+                self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
+                params = with_activations(params, activations)
+            with phase("tokenizer"):
+                self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
+                                  else load_tokenizer(tokenizer or self.model_path))
         if max_model_len is not None:
             config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
                                                                               max_model_len=max_model_len))
-        self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
+        with phase("engine: executor and KV pool"):
+            self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
         if warmup:
-            self.engine.warmup()
+            with phase("warm-up"):
+                self.engine.warmup()
         self.engine.start()
         self._closed = False
 

@@ -14,7 +14,9 @@ Two kinds of step:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -364,6 +366,34 @@ def default_compilation_cache_dir() -> str:
 
 def enable_compilation_cache(directory: str) -> None:
     """Turns on JAX's persistent compilation cache, so a second start loads compiled steps instead of compiling."""
+    _drop_unreadable_entries(directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@functools.cache
+def _drop_unreadable_entries(directory: str) -> None:
+    """Removes cache entries that do not decompress (a truncated write, a full disk), once per process.
+
+    JAX skips such an entry with a warning but never replaces it (it writes only new keys), so every later start
+    would compile that step again; removed, it is compiled once more and written anew. ~30 ms for 70 entries.
+    """
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:  # a jax without it: entries are not checked
+        return
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if not name.endswith("-cache"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                decompress_executable(f.read())
+        except Exception as e:  # zstd and zlib raise their own error types
+            logging.warning("compilation cache entry %s is unreadable (%s: %s): removed, to be compiled again",
+                            path, type(e).__name__, e)
+            with contextlib.suppress(OSError):
+                os.remove(path)

@@ -27,6 +27,8 @@ import jaxlib
 import numpy as np
 from absl import logging
 
+from novallm_jax.startup import phase
+
 PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.cc
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
@@ -86,7 +88,8 @@ def _library() -> ctypes.CDLL | None:
         logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        with phase("native kernels: build or load"):
+            lib = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
