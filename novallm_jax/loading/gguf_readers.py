@@ -56,6 +56,9 @@ _SCALARS = {gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.
             gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d"}
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Field:
     """A metadata field, decoded once: the subset of `gguf.ReaderField` that readers of metadata use."""
 
@@ -112,6 +115,13 @@ def _value(buf: memoryview, offs: int, kind) -> tuple[Any, list, int]:
     if sub in _SCALARS:
         dtype = np.dtype(_SCALARS[sub])
         return np.frombuffer(buf, dtype, n, offs).tolist(), [sub], offs + n * dtype.itemsize
+    if sub == gguf.GGUFValueType.STRING:  # a vocabulary: the hot loop of a load
+        items, length = [], _U64.unpack_from
+        for _ in range(n):
+            (k,) = length(buf, offs)
+            items.append(str(buf[offs + 8:offs + 8 + k], "utf-8"))
+            offs += 8 + k
+        return items, [sub], offs
     items, types = [], [sub]
     for _ in range(n):
         item, inner, offs = _value(buf, offs, sub)
