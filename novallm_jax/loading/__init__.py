@@ -107,8 +107,12 @@ def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False
     dtype = resolve_dtype(dtype)
     kind = model_kind(path)
     if kind == "gguf":
+        from novallm_jax.loading import packed_cache
         from novallm_jax.loading.gguf_file import load_gguf
-        return load_gguf(path, dtype, keep_quantized=keep_quantized and dtype == jnp.float32)
+
+        keep = keep_quantized and dtype == jnp.float32
+        return packed_cache.cached(path, ("gguf", jnp.dtype(dtype).name, keep),
+                                   lambda: load_gguf(path, dtype, keep_quantized=keep))
     if kind == "orbax":
         from novallm_jax.loading.checkpoint import load_checkpoint
         return load_checkpoint(path, dtype)
