@@ -9,11 +9,17 @@ the ratio HTTP / direct (the server's overhead). After one untimed warm-up run e
 
     python benchmarks/bench_serving.py                          # SmolLM2-135M-Instruct, 16 clients, 64 requests
     python benchmarks/bench_serving.py --model=random-tiny --clients=4 --requests=8 --max_tokens=8   # smoke run
+    python benchmarks/bench_serving.py --peer=llama-server --clients=32 --requests=96 --max_tokens=64 \
+        --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)"    # also llama.cpp's server, same file
+
+`--peer=llama-server` runs the same closed-loop load against `llama-server -np CLIENTS` on the same GGUF file (the
+default model), alternating with ours, and reports ours / llama-server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging as std_logging
 import os
@@ -27,6 +33,7 @@ from absl import app, flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and the package when it is not installed
 import common  # noqa: E402  (the benchmarks folder is not a package)
+import llama_cpp_tools  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model path (default: SmolLM2-135M-Instruct), or random-tiny: a 2-layer random "
@@ -37,6 +44,8 @@ flags.DEFINE_integer("max_tokens", 32, "Tokens generated per request.", lower_bo
 flags.DEFINE_integer("prompt_words", 24, "Words per prompt (each prompt differs, so the prefix cache cannot help).")
 flags.DEFINE_float("time_limit_s", 120.0, "No new request starts after this long, per run.")
 flags.DEFINE_integer("repeats", 2, "Timed runs each way, alternating; the fastest of each is reported.", lower_bound=1)
+flags.DEFINE_enum("peer", None, ["llama-server"], "Also run the load against this server on the same GGUF file.")
+flags.DEFINE_string("llama_cpp_bin", None, "llama.cpp's tools for --peer (default $NOVALLM_LLAMA_CPP).")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_serving.json"), "Where to write the JSON results.")
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
@@ -128,7 +137,7 @@ async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
     return await closed_loop(FLAGS.clients, len(texts), FLAGS.time_limit_s, one)
 
 
-async def run_http(url: str, model: str, texts: list[str]) -> tuple[list[Trace], float]:
+async def run_http(url: str, model: str, texts: list[str], per_chunk: bool = False) -> tuple[list[Trace], float]:
     import httpx
 
     limits = httpx.Limits(max_connections=FLAGS.clients + 4, max_keepalive_connections=FLAGS.clients + 4)
@@ -142,13 +151,63 @@ async def run_http(url: str, model: str, texts: list[str]) -> tuple[list[Trace],
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    choice = json.loads(line[6:])["choices"][0]
-                    n = len((choice.get("logprobs") or {}).get("tokens") or [])
+                    n = _tokens_in(json.loads(line[6:]), per_chunk)
                     if n:
                         trace.arrivals.append((time.perf_counter(), n))
             return trace
 
         return await closed_loop(FLAGS.clients, len(texts), FLAGS.time_limit_s, one)
+
+
+def _tokens_in(chunk: dict, per_chunk: bool) -> int:
+    """Tokens a streamed completion chunk carries: its logprobs entries (ours); with `per_chunk` (llama-server,
+    which streams a token per chunk and no logprobs), one per chunk before the one that finishes."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return 0
+    if per_chunk:
+        return int(choices[0].get("finish_reason") is None)
+    return len((choices[0].get("logprobs") or {}).get("tokens") or [])
+
+
+class LlamaServer:
+    """`llama-server -np N` on a GGUF file, on a free loopback port, for as long as the block runs."""
+
+    def __init__(self, bin_dir: str, model: str, slots: int, ctx_per_slot: int):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.cmd = [os.path.join(bin_dir, "llama-server"), "-m", model, "--host", "127.0.0.1", "--port",
+                    str(self.port), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(common.cpu_count()),
+                    "--no-webui"]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LlamaServer":
+        import subprocess
+        import urllib.request
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited {self.proc.returncode}: {' '.join(self.cmd)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError("llama-server did not answer /health within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
 
 
 def main(argv) -> None:
@@ -164,8 +223,19 @@ def main(argv) -> None:
     warm = prompts(FLAGS.requests, FLAGS.prompt_words + 1)  # other prompts: warm-up leaves no useful prefix cache
     results: dict[str, Any] = {}
     runs = {"direct": lambda ps: run_direct(llm, ps)}
-    with BackgroundServer(llm, ServerConfig(max_concurrent=FLAGS.clients + 8)) as srv:
+    peer = contextlib.nullcontext()
+    if FLAGS.peer == "llama-server":
+        bin_dir = llama_cpp_tools.find_bin(FLAGS.llama_cpp_bin)
+        if bin_dir is None or FLAGS.model == "random-tiny":
+            raise app.UsageError("--peer=llama-server needs --llama_cpp_bin (or $NOVALLM_LLAMA_CPP) and a GGUF model")
+        from novallm_jax.loading import default_model_path
+
+        ctx = 2 * (FLAGS.prompt_words * 4 + FLAGS.max_tokens) + 64
+        peer = LlamaServer(bin_dir, FLAGS.model or default_model_path(), FLAGS.clients, ctx)
+    with BackgroundServer(llm, ServerConfig(max_concurrent=FLAGS.clients + 8)) as srv, peer:
         runs["http"] = lambda ps: run_http(srv.url, srv.server.model_name, ps)
+        if FLAGS.peer:
+            runs[FLAGS.peer] = lambda ps: run_http(peer.url, "model", ps, per_chunk=True)
         # Warm-up: the whole load once each way (compiles every shape it reaches, fills connection pools).
         for run in runs.values():
             asyncio.run(run(warm))
@@ -173,7 +243,7 @@ def main(argv) -> None:
         # neighbour only slows a run down).
         for _ in range(FLAGS.repeats):
             for name, run in runs.items():
-                llm.engine.prefix_cache.clear()
+                llm.engine.prefix_cache.clear()  # (llama-server's prompts differ per request, as ours)
                 r = summarize(*asyncio.run(run(texts)))
                 if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
                     results[name] = r
@@ -190,6 +260,13 @@ def main(argv) -> None:
     rows.append({"run": "http/direct", "requests_per_s": ratios["requests_per_s"],
                  "tokens_per_s": ratios["tokens_per_s"], "ttft_p50_ms": ratios["ttft_p50"],
                  "per_token_p50_ms": ratios["per_token_p50"]})
+    if FLAGS.peer:
+        p = results[FLAGS.peer]
+        ratios[f"http_over_{FLAGS.peer}"] = {"tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"],
+                                             "ttft_p50": h["ttft_p50_ms"] / p["ttft_p50_ms"]}
+        rows.append({"run": f"http/{FLAGS.peer}", "requests_per_s": h["requests_per_s"] / p["requests_per_s"],
+                     "tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"], "ttft_p50_ms": h["ttft_p50_ms"] /
+                     p["ttft_p50_ms"], "per_token_p50_ms": h["per_token_p50_ms"] / p["per_token_p50_ms"]})
     print(common.format_table(rows, ["run", "requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms",
                                      "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms"]))
     machine = common.machine_info(("jax", "jaxlib", "fastapi", "uvicorn", "httpx", "numpy"))
@@ -198,8 +275,8 @@ def main(argv) -> None:
         "machine": machine,
         "settings": {"model": FLAGS.model or "default", "clients": FLAGS.clients, "requests": FLAGS.requests,
                      "max_tokens": FLAGS.max_tokens, "prompt_words": FLAGS.prompt_words,
-                     "time_limit_s": FLAGS.time_limit_s, "repeats": FLAGS.repeats},
-        "direct": d, "http": h, "ratios": ratios, "leaks": leaks, "wall_s": time.time() - t_start})
+                     "time_limit_s": FLAGS.time_limit_s, "repeats": FLAGS.repeats, "peer": FLAGS.peer},
+        "direct": d, "http": h, **({FLAGS.peer: results[FLAGS.peer]} if FLAGS.peer else {}), "ratios": ratios, "leaks": leaks, "wall_s": time.time() - t_start})
 
 
 if __name__ == "__main__":
