@@ -20,6 +20,7 @@ from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOu
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.startup import phase
+from novallm_jax.text_checks import check_text
 from novallm_jax.tokenization.base import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -60,6 +61,21 @@ def _completion(index: int, out: RequestOutput) -> Completion:
 def result_of(out: RequestOutput, prompt: str | None = None) -> GenerationResult:
     """The result of a finished single-sequence request (e.g. the last output of a stream)."""
     return GenerationResult(prompt, out.prompt_token_ids, [_completion(0, out)])
+
+
+def _check_messages_text(messages: Sequence[Message]) -> None:
+    """Refuses lone surrogates in messages' strings (content parts' text too) before the template sees them."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue  # the template's own check names the bad message
+        for key, value in message.items():
+            if isinstance(value, str):
+                check_text(value, f"messages[{i}].{key}")
+            elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+                for j, part in enumerate(value):
+                    text = part.get("text") if isinstance(part, Mapping) else part
+                    if isinstance(text, str):
+                        check_text(text, f"messages[{i}].{key}[{j}]")
 
 
 class LLM:
@@ -139,15 +155,18 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(check_text(prompt, "prompt"))
         return [int(t) for t in prompt]
 
-    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False, **kwargs) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (which writes bos itself, so
+        `add_special_tokens` is off by default)."""
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
+        _check_messages_text(messages)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- submission ---------------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from novallm_jax.errors import InvalidRequestError
+from novallm_jax.text_checks import lone_surrogate_problem
 
 # The most top-N logprobs one request may ask for (OpenAI's `top_logprobs` limit, vLLM's default `max_logprobs`).
 MAX_LOGPROBS = 20
@@ -130,7 +131,9 @@ class SamplingParams:
         bias: dict[int, float] = {}
         for key, value in self.logit_bias.items():
             token = key
-            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            # ASCII digits only, and few of them: int() takes other scripts' digits but not "²", and refuses past
+            # 4300 digits, with ValueErrors of its own.
+            if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit() and len(key.strip()) < 20:
                 token = int(key)
             if not _is_int(token) or token < 0:
                 raise InvalidRequestError(
@@ -173,6 +176,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"stop must be a string or a list of non-empty strings, got {self.stop!r}", param="stop"
             )
+        for s in stop:
+            problem = lone_surrogate_problem(s)
+            if problem is not None:
+                raise InvalidRequestError(f"stop string {s!r} {problem}", param="stop")
         self._set("stop", tuple(stop))
 
     def _check_stop_token_ids(self) -> None:

@@ -98,6 +98,15 @@ def test_bad_input_is_rejected_and_the_llm_keeps_working(llm):
         llm.chat([], SAMPLED)
     with pytest.raises(InvalidRequestError, match="temperature"):
         llm.generate("ok", SamplingParams(temperature=-1))
+    # Lone surrogates (JSON's "\ud800") have no UTF-8 form: refused, naming the argument, before the tokenizer.
+    for call, param in ((lambda: llm.generate(["ok", "\ud800 hi"], SAMPLED), "prompt"),
+                        (lambda: llm.chat([{"role": "user", "content": "hi \udfff"}], SAMPLED), "messages[0].content"),
+                        (lambda: llm.chat([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
+                         "messages[0].content[0]"),
+                        (lambda: llm.generate("ok", SamplingParams(stop=["\ud800"])), "stop")):
+        with pytest.raises(InvalidRequestError, match="lone UTF-16 surrogate") as info:
+            call()
+        assert info.value.param == param
     assert llm.generate("ok", SAMPLED)[0].text == llm.generate("ok", SAMPLED)[0].text
 
 

@@ -35,6 +35,9 @@ from novallm_jax.sampling_params import SamplingParams
         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens", "min_tokens must be <= max_tokens (10), got 20"),
         ({"stop": ["ok", ""]}, "stop", "stop must be a string or a list of non-empty strings"),
         ({"stop": [1]}, "stop", "stop must be a string or a list of non-empty strings"),
+        ({"stop": ["ok", "\ud800 hi"]}, "stop", "stop string '\\ud800 hi' holds a lone UTF-16 surrogate U+D800"),
+        ({"logit_bias": {"\u00b2": 1.0}}, "logit_bias", "logit_bias keys must be token ids"),  # int() refuses "²"
+        ({"logit_bias": {"9" * 5000: 1.0}}, "logit_bias", "logit_bias keys must be token ids"),  # past int()'s limit
         ({"stop_token_ids": [3, -4]}, "stop_token_ids", "stop_token_ids must be a list of token ids"),
         ({"ignore_eos": 1}, "ignore_eos", "ignore_eos must be a boolean"),
         ({"logprobs": 21}, "logprobs", "logprobs must be null or an integer in [0, 20], got 21"),

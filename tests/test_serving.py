@@ -150,10 +150,103 @@ def test_chat_logprobs(client, llm):
 
 def test_models_and_health(client, http, llm):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert client.models.retrieve(MODEL).id == MODEL
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.owned_by == "novallm" and card.object == "model"
+    assert 0 < card.created <= time.time() and card.max_model_len == llm.engine.max_model_len
+    assert client.models.list().data[0].max_model_len == llm.engine.max_model_len
     assert http.get("/health").json() == {"status": "ok"}
     r = http.get("/v1/models/other")
     assert r.status_code == 404 and is_openai_error(r.json()) and r.json()["error"]["code"] == "model_not_found"
+
+
+# ---- echo, suffix, tokenize and detokenize --------------------------------------------------------------------------
+
+def test_echo_prepends_the_prompt_and_suffix_is_refused(client, llm):
+    prompt = "Echo this prompt"
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, seed=4, echo=True)
+    want = llm.generate(prompt, SamplingParams(max_tokens=6, seed=4))[0].text
+    assert resp.choices[0].text == prompt + want
+    chunks = list(client.completions.create(model=MODEL, prompt=[llm.encode(prompt)], max_tokens=6, seed=4, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt + want
+    for kwargs, param in ((dict(suffix=" and the end"), "suffix"), (dict(echo=True, logprobs=1), "echo")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+
+
+def test_tokenize_and_detokenize(http, llm, server):
+    max_len = llm.engine.max_model_len
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello tokens"})
+    ids = llm.encode("Hello tokens")
+    assert r.json() == {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
+    r = http.post("/tokenize", json={"prompt": "Hello tokens", "add_special_tokens": False,
+                                     "return_token_strs": True})
+    plain = llm.tokenizer.encode("Hello tokens", add_special_tokens=False)
+    assert r.json()["tokens"] == plain
+    assert r.json()["token_strs"] == [llm.tokenizer.id_to_token(t) for t in plain]
+    chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == llm.chat_prompt(MESSAGES) and chat["count"] == len(chat["tokens"])
+    no_prompt = http.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert no_prompt["tokens"] == llm.chat_prompt(MESSAGES, add_generation_prompt=False) != chat["tokens"]
+    r = http.post("/detokenize", json={"model": MODEL, "tokens": chat["tokens"]})
+    assert r.json() == {"prompt": llm.tokenizer.decode(chat["tokens"])}
+    assert "Name a colour." in r.json()["prompt"]
+    assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    # The chat request's usage counts exactly the tokens /tokenize reports.
+    done = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 1}).json()
+    assert done["usage"]["prompt_tokens"] == chat["count"]
+    _post(http, "/tokenize", json.dumps({"model": MODEL}), 400, param="prompt")
+    _post(http, "/tokenize", json.dumps({"prompt": "x", "messages": MESSAGES}), 400, param="prompt")
+    _post(http, "/tokenize", json.dumps({"model": "other", "prompt": "x"}), 404, param="model")
+    _post(http, "/detokenize", json.dumps({"tokens": [1, llm.tokenizer.vocab_size]}), 400, param="tokens")
+    _post(http, "/detokenize", json.dumps({"tokens": [-1]}), 400, param="tokens")
+    _post(http, "/detokenize", json.dumps({"tokens": "abc"}), 400, param="tokens")
+
+
+# ---- the last resort: unexpected errors -----------------------------------------------------------------------------
+
+def test_an_unexpected_error_is_an_openai_500_with_a_request_id_and_a_logged_traceback(http, llm, monkeypatch,
+                                                                                        caplog):
+    def broken(*args, **kwargs):
+        raise TypeError("TextInputSequence must be str")  # what a library raised on a lone surrogate
+
+    monkeypatch.setattr(llm.tokenizer, "encode", broken)
+    with caplog.at_level("ERROR"):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}, headers={"x-request-id": "probe-1"})
+        r2 = http.post("/tokenize", json={"prompt": "x"})
+    for resp, rid in ((r, "probe-1"), (r2, r2.headers["x-request-id"])):
+        assert resp.status_code == 500 and is_openai_error(resp.json()), resp.text
+        assert resp.headers["x-request-id"] == rid and rid in resp.json()["error"]["message"]
+        assert "TextInputSequence" not in resp.text and resp.json()["error"]["type"] == "server_error"
+        logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+        assert logged and logged[0].exc_info and "TextInputSequence" in caplog.text
+    assert http.get("/health").headers["x-request-id"].startswith("req-")
+    assert http.get("/health", headers={"x-request-id": "bad id\u00e9".encode()}).headers["x-request-id"] != "bad id"
+
+
+def test_an_error_mid_stream_ends_the_stream_with_an_error_event(http, llm, monkeypatch):
+    from novallm_jax.serving import app as app_module
+
+    real = app_module._finish_reason
+    calls = []
+
+    def broken(out):
+        calls.append(out)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(out)
+
+    monkeypatch.setattr(app_module, "_finish_reason", broken)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": True,
+                                            "ignore_eos": True})
+    events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert is_openai_error(error) and r.headers["x-request-id"] in error["error"]["message"]
+    assert "boom" not in r.text
+    wait_idle(llm)
+    assert llm.engine.check_leaks() == []
 
 
 # ---- concurrency, disconnects ---------------------------------------------------------------------------------------

@@ -105,6 +105,18 @@ def test_grpc_errors_map_to_status_codes(stub):
              (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(max_tokens=10 ** 6)),
               grpc.StatusCode.INVALID_ARGUMENT),
              (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10 ** 8])), grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=float("nan"))),
+              grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(top_p=float("inf"))),
+              grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(logit_bias={5: float("nan")})),
+              grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(text="x", sampling=pb.SamplingParams(min_tokens=2 ** 32 - 1)),
+              grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(chat=pb.Conversation()), grpc.StatusCode.INVALID_ARGUMENT),
+             (pb.GenerateRequest(chat=pb.Conversation(messages=[pb.ChatMessage(role="robot", content="x")])),
+              grpc.StatusCode.INVALID_ARGUMENT),
              (pb.GenerateRequest(model="other", text="x"), grpc.StatusCode.NOT_FOUND)]
     for request, code in cases:
         with pytest.raises(grpc.RpcError) as e:
@@ -114,6 +126,41 @@ def test_grpc_errors_map_to_status_codes(stub):
         with pytest.raises(grpc.RpcError) as e:
             _generate(stub, pb.GenerateRequest(text="x"), metadata)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_grpc_bytes_that_are_not_utf8_are_invalid_argument(server):
+    """A lone surrogate cannot be set on a Python proto string; on the wire it is bytes that are not UTF-8 (here
+    U+D800 as CESU-8 would write it), which fail to parse: INVALID_ARGUMENT, not grpc's INTERNAL."""
+    field = lambda number, payload: bytes([number << 3 | 2, len(payload)]) + payload  # a length-delimited field
+    text = b"\xed\xa0\x80 hi"
+    bodies = {"text": field(2, text), "chat": field(4, field(1, field(1, b"user") + field(2, text))),
+              "model": field(1, text) + field(2, b"ok"), "truncated": b"\x12\x10abc"}
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        generate = channel.unary_stream("/novallm.v1.Generation/Generate", request_serializer=lambda b: b,
+                                        response_deserializer=pb.GenerateResponse.FromString)
+        health = channel.unary_unary("/novallm.v1.Generation/Health", request_serializer=lambda b: b,
+                                     response_deserializer=pb.HealthResponse.FromString)
+        for name, body in bodies.items():
+            with pytest.raises(grpc.RpcError) as e:
+                list(generate(body, metadata=AUTH, timeout=TIMEOUT))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, e.value.details())
+            assert "GenerateRequest" in e.value.details()
+            assert name == "truncated" or "UTF-8" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            health(b"\x0a\x05ab", timeout=TIMEOUT)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_unexpected_error_is_internal_with_a_request_id(stub, llm, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise TypeError("TextInputSequence must be str")
+
+    monkeypatch.setattr(llm.tokenizer, "encode", broken)
+    with caplog.at_level("ERROR"), pytest.raises(grpc.RpcError) as e:
+        _generate(stub, pb.GenerateRequest(text="x"))
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "TextInputSequence" not in e.value.details()
+    rid = re.search(r"request id (grpc-[0-9a-f]+)", e.value.details()).group(1)
+    assert any(rid in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 def test_grpc_cancel_frees_pages_and_health(stub, llm):

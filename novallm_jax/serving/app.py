@@ -1,4 +1,5 @@
-"""The OpenAI-compatible REST API over one `LLM`: completions, chat completions, models, health and metrics.
+"""The OpenAI-compatible REST API over one `LLM`: completions, chat completions, models, tokenize and detokenize
+(vLLM's), health and metrics.
 
     app = build_app(llm, ServerConfig(api_key="sk-..."))   # then serve it with uvicorn
 
@@ -16,6 +17,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
+from absl import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -24,7 +26,8 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.llm import LLM
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import protocol as P
-from novallm_jax.serving.errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, install_handlers
+from novallm_jax.serving.errors import (APIError, APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware,
+                                        install_handlers, internal_error, request_id)
 from novallm_jax.serving.metrics import ServerMetrics
 from novallm_jax.serving.streams import Fanout
 
@@ -88,6 +91,28 @@ class Server:
                                 f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
                            "invalid_request_error", param if n >= limit else "max_tokens", "context_length_exceeded")
         return limit - n if max_tokens is None else max_tokens
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Every id must be one the tokenizer can render (the model's vocabulary may be padded past it)."""
+        vocab = min(self.llm.cfg.vocab_size, self.llm.tokenizer.vocab_size)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} in {param} is outside the vocabulary [0, {vocab})", param=param)
+
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                 add_special_tokens: bool = False) -> list[int]:
+        """The token ids of a conversation ({"role", "content"} dicts, roles already checked), rendered with the
+        model's chat template."""
+        rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+        try:
+            return self.llm.chat_prompt(rendered, add_generation_prompt=add_generation_prompt,
+                                        add_special_tokens=add_special_tokens)
+        except InvalidRequestError:
+            raise
+        except Exception as e:  # a template that cannot render this conversation: its text is not for clients
+            logging.warning("the chat template failed on a request: %r", e)
+            raise APIError(400, "the model's chat template could not render these messages (check their roles, "
+                                "order and contents)", param="messages") from e
 
     def token_text(self, token_id: int) -> str:
         try:
@@ -164,10 +189,16 @@ class _Handlers:
             self.s.admission.release()
             raise
         if stream:
+            rid = request_id(request.scope)
+
             async def body():
                 try:
                     async for chunk in make_stream(fan):
                         yield chunk
+                except Exception:  # the status line is sent: end the stream with an error event instead
+                    logging.exception("request %s: its stream failed", rid)
+                    yield _sse(internal_error(rid).body())
+                    yield "data: [DONE]\n\n"
                 finally:
                     await fan.aclose()
                     self.s.observe(fan.final)
@@ -213,11 +244,8 @@ class _Handlers:
         if isinstance(prompt[0], str):
             return [self.s.llm.encode(p) for p in prompt]
         prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
-        vocab = self.s.llm.cfg.vocab_size
         for ids in prompts:
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+            self.s.check_token_ids(ids, "prompt")
         return prompts
 
     def _completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -233,11 +261,13 @@ class _Handlers:
     async def completions(self, body: P.CompletionRequest, request: Request) -> Response:
         self._check_common(body)
         if body.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server; put the text to "
+                                "continue in prompt and leave suffix out", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
         if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported", param="echo")
+            raise APIError(400, "echo together with logprobs is not supported (the prompt tokens' logprobs are not "
+                                "computed); drop one of them", param="echo")
         prompts = self._prompts(body.prompt)
         if len(prompts) * body.n > P.MAX_CHOICES:
             raise APIError(400, f"n times the number of prompts must be at most {P.MAX_CHOICES}", param="n")
@@ -291,6 +321,22 @@ class _Handlers:
 
         return await self._run(request, jobs, body.stream, stream, full)
 
+    # ---- tokenize --------------------------------------------------------------------------------------------
+
+    def tokenize(self, body: P.TokenizeRequest) -> dict:
+        if body.model is not None:
+            self.s.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = self.s.llm.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        else:
+            ids = self.s.chat_ids(P.message_dicts(body.messages), body.add_generation_prompt,
+                                  bool(body.add_special_tokens))
+        strs = [self.s.llm.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids, "token_strs": strs}
+
     # ---- chat ------------------------------------------------------------------------------------------------
 
     def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -305,14 +351,7 @@ class _Handlers:
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        try:
-            ids = self.s.llm.chat_prompt(messages, add_generation_prompt=body.add_generation_prompt)
-        except InvalidRequestError:
-            raise
-        except Exception as e:  # a template that cannot render this conversation
-            raise APIError(400, f"the chat template could not render the messages: {e}", param="messages") from e
+        ids = self.s.chat_ids(P.message_dicts(body.messages), body.add_generation_prompt)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens, logprobs)
@@ -387,9 +426,9 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     server = server or Server(llm, config)
     config = server.config
     app = FastAPI(title="NovaLLM-JAX", version="0.1.0",
-                  description="OpenAI-compatible completions and chat completions.")
+                  description="OpenAI-compatible completions and chat completions; vLLM's tokenize and detokenize.")
     app.state.server = server
-    install_handlers(app)
+    install_handlers(app, P.FIELD_NAMES)
     h = _Handlers(server)
 
     @app.get("/health")
@@ -423,10 +462,22 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return await h.chat(body, request)
 
+    @app.post("/tokenize", responses=_ERRORS)
+    async def tokenize(body: P.TokenizeRequest) -> dict:
+        return h.tokenize(body)
+
+    @app.post("/detokenize", responses=_ERRORS)
+    async def detokenize(body: P.DetokenizeRequest) -> dict:
+        if body.model is not None:
+            server.check_model(body.model)
+        server.check_token_ids(body.tokens, "tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
     _complete_schema(app, server.model_name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(_MetricsMiddleware, server=server, routes={r.path for r in app.routes})
     return app
 

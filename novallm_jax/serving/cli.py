@@ -23,7 +23,8 @@ flags.DEFINE_string("served_model_name", None, "The model id clients send (defau
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
 flags.DEFINE_integer("port", 8000, "REST port (0: any free port).")
 flags.DEFINE_integer("grpc_port", None, "gRPC port; unset: no gRPC server.")
-flags.DEFINE_string("api_key", None, "Required bearer key on /v1/* (default: $NOVALLM_API_KEY; unset: no key).")
+flags.DEFINE_string("api_key", None, "Required bearer key on /v1/*, /tokenize and /detokenize "
+                    "(default: $NOVALLM_API_KEY; unset: no key).")
 flags.DEFINE_integer("max_concurrent", 256, "Generation requests in flight before new ones get 429.", lower_bound=1)
 flags.DEFINE_integer("max_queue", 1024, "Requests waiting in the engine before new ones get 503.", lower_bound=1)
 flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine's).")

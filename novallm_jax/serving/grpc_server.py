@@ -2,22 +2,29 @@
 
 It shares the REST front's request building, admission limit and metrics, so a seeded request gives the same text
 over either protocol. Run it on the event loop that serves REST (see `runner.py`), or on its own.
+
+Bad input is INVALID_ARGUMENT, whatever it is: a message that does not parse (a string field that is not UTF-8, such
+as a lone surrogate's bytes, fails there), an unknown role, a template that cannot render the conversation. Any other
+failure is INTERNAL with a request id, its traceback logged under that id; no exception escapes a handler.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
-from typing import AsyncIterator
+import uuid
+from typing import AsyncIterator, Callable
 
 import grpc
 from absl import logging
+from google.protobuf.message import DecodeError
 
 from novallm_jax.engine.request import FinishReason
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import novallm_pb2 as pb
 from novallm_jax.serving import novallm_pb2_grpc as pb_grpc
+from novallm_jax.serving import protocol as P
 from novallm_jax.serving.app import Server
 from novallm_jax.serving.errors import APIError
 from novallm_jax.serving.streams import Fanout
@@ -38,15 +45,36 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=get("logprobs", None))
 
 
+class Undecodable:
+    """Stands for a request message that did not parse, so that the handler answers INVALID_ARGUMENT (grpc's own
+    answer to a deserializer's exception is INTERNAL)."""
+
+    def __init__(self, type_name: str, error: DecodeError):
+        self.message = f"the request is not a valid {type_name} message: {error}"
+
+
+def _tolerant(message_type) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message_type.DESCRIPTOR.full_name, e)
+
+    return parse
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, server: Server):
         self.s = server
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         err = APIError.from_exception(e)
+        message = err.message
         if err.status >= 500:
-            logging.error("gRPC Generate failed: %s", e)
-        await context.abort(_CODES.get(err.status, grpc.StatusCode.INTERNAL), err.message)
+            rid = f"grpc-{uuid.uuid4().hex}"
+            logging.error("gRPC request %s failed: %s", rid, e, exc_info=e)
+            message = f"{message} (request id {rid})"
+        await context.abort(_CODES.get(err.status, grpc.StatusCode.INTERNAL), message)
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> None:
         key = self.s.config.api_key
@@ -66,7 +94,11 @@ class GenerationService(pb_grpc.GenerationServicer):
             if not ids:
                 raise InvalidRequestError("the prompt is empty", param="token_ids")
         elif which == "chat":
-            ids = self.s.llm.chat_prompt([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            for i, m in enumerate(request.chat.messages):
+                if m.role not in P.ROLES:
+                    raise InvalidRequestError(f"chat.messages[{i}].role must be one of {', '.join(P.ROLES)}, got "
+                                              f"{m.role!r}", param="chat")
+            ids = self.s.chat_ids([{"role": m.role, "content": m.content} for m in request.chat.messages])
         else:
             raise InvalidRequestError("set one of text, token_ids or chat", param="prompt")
         return ids
@@ -75,6 +107,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                        ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._check_key(context)
+            if isinstance(request, Undecodable):
+                raise InvalidRequestError(request.message)
             if request.model:
                 self.s.check_model(request.model)
             params = sampling_from_proto(request.sampling)
@@ -109,12 +143,18 @@ class GenerationService(pb_grpc.GenerationServicer):
                                                  completion_tokens=len(out.token_ids),
                                                  cached_prompt_tokens=out.metrics.cached_prompt_tokens))
                 yield resp
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # mid-stream: end the call with a status rather than let grpc report UNKNOWN
+            await self._abort(context, e)
         finally:  # also on cancellation by the client: the fan-out aborts the engine request
             await fan.aclose()
             self.s.observe(fan.final)
             self.s.admission.release()
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         stats = self.s.llm.engine.stats()
         status = pb.HealthResponse.NOT_SERVING if self.s.llm.closed else pb.HealthResponse.SERVING
         return pb.HealthResponse(status=status, model=self.s.model_name, running=stats["running"],
@@ -124,7 +164,16 @@ class GenerationService(pb_grpc.GenerationServicer):
 def build_grpc_server(server: Server, address: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server (not started) serving `server` on `address` ("host:port", port 0 for any); and its port."""
     grpc_server = grpc.aio.server()
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(server), grpc_server)
+    service = GenerationService(server)
+    # As pb_grpc.add_GenerationServicer_to_server, with deserializers that hand a bad message to the handler.
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_tolerant(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            service.Health, request_deserializer=_tolerant(pb.HealthRequest),
+            response_serializer=pb.HealthResponse.SerializeToString)}
+    grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("novallm.v1.Generation", handlers),))
     port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"gRPC could not bind {address}")

@@ -3,23 +3,36 @@
 Field ranges mirror `SamplingParams`, so that the schema tells clients (and the fuzzer) what is valid; whatever the
 schema cannot say (a prompt longer than the context, token ids outside the vocabulary) is checked when the request
 is built and reported as a 400 with `param` set. Unknown fields are ignored, as OpenAI-compatible servers do, so
-that newer clients keep working.
+that newer clients keep working. Every string is `Text`: one holding a lone UTF-16 surrogate (JSON `"\ud800"`) is
+refused with a 400 naming its field (see `novallm_jax.text_checks`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 from novallm_jax.sampling_params import MAX_LOGPROBS
+from novallm_jax.text_checks import lone_surrogate_problem
 
 # Most completions one request may ask for (n times the number of prompts): bounds the work one call can queue.
 MAX_CHOICES = 64
 
+
+
+def _valid_text(text: str) -> str:
+    problem = lone_surrogate_problem(text)
+    if problem is not None:
+        raise PydanticCustomError("invalid_text", problem)
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_text)]
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
+Stop = Text | Annotated[list[Text], Field(max_length=16)] | None
 
 
 class _Body(BaseModel):
@@ -33,18 +46,18 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     """Fields common to completions and chat completions (OpenAI's, then vLLM-style extensions)."""
 
-    model: StrictStr
+    model: Text
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Text, Annotated[Number, Field(ge=-100, le=100)]] | None = None
     seed: StrictInt | None = None
     stop: Stop = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     # Extensions (vLLM's names).
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
@@ -57,29 +70,38 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | Annotated[
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+ROLES = Role.__args__
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    role: Role
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """What the chat template sees of each message: its role and its text."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
 class ResponseFormat(_Body):
@@ -96,3 +118,31 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: StrictBool = True
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's): `prompt` (raw text) or `messages` (through the chat template), not both."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    # Default: True for a prompt (as /v1/completions encodes it), False for messages (the template adds them).
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's)."""
+
+    model: Text | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+def _field_names(models: tuple[type[BaseModel], ...]) -> frozenset[str]:
+    return frozenset(name for m in models for name in m.model_fields)
+
+
+# Every request body's field names: what an error's location may show (see serving/errors.py).
+FIELD_NAMES = _field_names((StreamOptions, CompletionRequest, TextPart, ChatMessage, ResponseFormat,
+                            ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
