@@ -397,6 +397,11 @@ def test_wrong_types_name_the_parameter(http):
     _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
           400, param="messages")
     _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hello"}), 400, param="messages")
+    # Of a union's errors (content: str | list of parts), the message shows the one that got furthest.
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+    body = _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [image]}), 400,
+                 param="messages")
+    assert "Input should be 'text' at messages.0.content.0.type" in body["error"]["message"]
 
 
 def test_negative_zero_and_huge_max_tokens(http, llm):

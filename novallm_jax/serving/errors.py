@@ -82,9 +82,12 @@ def _validation_message(exc: RequestValidationError, field_names: frozenset[str]
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    # A union (prompt: str | list[str] | ...) reports one error per member; a bad text is the one that matters.
-    first = next((e for e in errors if e.get("type") == "invalid_text"), errors[0])
-    loc = _field_path(tuple(first.get("loc", ())), field_names)
+    # A union (prompt: str | list[str] | ...) reports one error per member: a bad text is the one that matters,
+    # else the member that got furthest into the value ("content.0.type" over "content" for an image part).
+    paths = [_field_path(tuple(e.get("loc", ())), field_names) for e in errors]
+    index = next((i for i, e in enumerate(errors) if e.get("type") == "invalid_text"),
+                 max(range(len(errors)), key=lambda i: (len(paths[i]), -i)))
+    first, loc = errors[index], paths[index]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = ".".join(loc) or None
