@@ -428,7 +428,7 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     app = FastAPI(title="NovaLLM-JAX", version="0.1.0",
                   description="OpenAI-compatible completions and chat completions; vLLM's tokenize and detokenize.")
     app.state.server = server
-    install_handlers(app, P.FIELD_NAMES)
+    install_handlers(app, P.field_names())
     h = _Handlers(server)
 
     @app.get("/health")

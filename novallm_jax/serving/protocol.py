@@ -139,10 +139,12 @@ class DetokenizeRequest(_Body):
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
 
 
-def _field_names(models: tuple[type[BaseModel], ...]) -> frozenset[str]:
-    return frozenset(name for m in models for name in m.model_fields)
-
-
-# Every request body's field names: what an error's location may show (see serving/errors.py).
-FIELD_NAMES = _field_names((StreamOptions, CompletionRequest, TextPart, ChatMessage, ResponseFormat,
-                            ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
+def field_names() -> frozenset[str]:
+    """Every request body's field names (of every `_Body` subclass defined so): what an error's location may show
+    (see serving/errors.py)."""
+    names, todo = set(), [_Body]
+    while todo:
+        model = todo.pop()
+        names.update(model.model_fields)
+        todo.extend(model.__subclasses__())
+    return frozenset(names)
