@@ -121,9 +121,16 @@ def smollm(smollm_gguf) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smollm_ref(smollm_gguf):
+    from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(smollm_gguf), gguf_file=os.path.basename(smollm_gguf))
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(smollm_gguf), gguf_file=os.path.basename(smollm_gguf))
+    # transformers' GGUF conversion drops the digit split that tokenizer.ggml.pre "smollm" means to llama.cpp and
+    # that SmolLM2's own tokenizer.json has; put it back so the reference is SmolLM2's tokenizer.
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    return ref
 
 
 def test_gguf_metadata_matches_transformers(smollm, smollm_ref):
@@ -301,4 +308,7 @@ def test_gguf_sentencepiece_vocabulary_parity(spm, tmp_path):
     ours = load_tokenizer(path)
     assert ours.decode_mode is DecodeMode.BYTE_FALLBACK and ours.add_bos
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm_vocab.gguf")
-    _check_parity(ours, ref, CORPUS[::2], with_bos=True)
+    # Text that starts with a space is where the two part: llama.cpp (and so we) always prepend "▁" ("  " is
+    # "▁▁▁"), transformers' Metaspace does not when the text already starts with one. The llama.cpp vectors
+    # (test_gguf_vocab_vectors) hold those cases.
+    _check_parity(ours, ref, [s for s in CORPUS[::2] if not s.startswith(" ")], with_bos=True)

@@ -1,0 +1,90 @@
+"""GGUF tokenizers against llama.cpp's own test vectors (models/ggml-vocab-*.gguf with .inp/.out).
+
+llama.cpp's tests/test-tokenizer-0.cpp encodes each text with no bos/eos and without parsing control tokens
+(user-defined ones are still matched); every case of every vocabulary we accept must give its ids exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import pytest
+
+from novallm_jax.errors import TokenizerError
+from novallm_jax.tokenizer import load_tokenizer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from llama_cpp_sdist import llama_cpp_dir, read_vocab_tests  # noqa: E402
+
+ACCEPTED = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2", "llama-bpe", "llama-spm",
+            "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder"]
+# WordPiece (BERT) is an embedding model's vocabulary; refused with one clear line.
+REFUSED = {"bert-bge": "tokenizer.ggml.model 'bert' is not supported"}
+
+
+def _vocab_path(name: str) -> str:
+    return os.path.join(llama_cpp_dir(), "models", f"ggml-vocab-{name}.gguf")
+
+
+_loaded: dict[str, object] = {}
+
+
+def _tokenizer(name: str):
+    if name not in _loaded:
+        tok = load_tokenizer(_vocab_path(name))
+        tok.backend.encode_special_tokens = True  # llama.cpp's test passes parse_special=false
+        _loaded[name] = tok
+    return _loaded[name]
+
+
+def test_every_vocabulary_with_vectors_is_listed():
+    models = os.path.join(llama_cpp_dir(), "models")
+    with_vectors = {os.path.basename(p)[len("ggml-vocab-"):-len(".gguf")]
+                    for p in glob.glob(os.path.join(models, "ggml-vocab-*.gguf"))
+                    if os.path.isfile(p + ".inp") and os.path.isfile(p + ".out")}
+    assert with_vectors == set(ACCEPTED) | set(REFUSED)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_vectors_exact(name):
+    tok = _tokenizer(name)
+    cases = read_vocab_tests(_vocab_path(name))
+    assert len(cases) >= 40
+    wrong = [(text, got, ids) for text, ids in cases
+             if (got := tok.encode(text, add_special_tokens=False)) != ids]
+    assert not wrong, "\n".join(f"{t!r}: ours {g} llama.cpp {i}" for t, g, i in wrong[:5])
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_vectors_round_trip(name):
+    """decode(encode(text)) gives the text back: these vocabularies lose nothing on these texts."""
+    tok = _tokenizer(name)
+    wrong = [text for text, _ in read_vocab_tests(_vocab_path(name))
+             if tok.decode(tok.encode(text, add_special_tokens=False)) != text]
+    assert not wrong, f"{len(wrong)} texts do not round-trip, e.g. {wrong[:3]!r}"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_with_one_line_error(name):
+    with pytest.raises(TokenizerError, match=REFUSED[name]) as info:
+        load_tokenizer(_vocab_path(name))
+    assert "\n" not in str(info.value)
+
+
+def test_llama_spm_tokens_and_code_points_round_trip():
+    """llama.cpp's test-tokenizer-1-spm: each token's text, and each code point, detokenize back to themselves."""
+    tok = load_tokenizer(_vocab_path("llama-spm"))  # parses special tokens, as that test does
+    backend = tok.backend
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    again = backend.decode_batch([e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)],
+                                 skip_special_tokens=False)
+    bad = [(i, p, a) for i, (p, a) in enumerate(zip(pieces, again)) if p != a]
+    assert not bad, f"{len(bad)} tokens do not round-trip, e.g. {bad[:3]!r}"
+    # Surrogates cannot be encoded; llama.cpp skips 0x40000-0xE0000 (unassigned) and U+2581 (its own space mark).
+    points = [chr(c) for c in range(0x110000)
+              if not (0xD800 <= c <= 0xDFFF or 0x40000 <= c <= 0xE0000 or c == 0x2581)]
+    texts = backend.decode_batch([e.ids for e in backend.encode_batch(points, add_special_tokens=False)])
+    bad = [(hex(ord(p)), t) for p, t in zip(points, texts) if p != t]
+    assert not bad, f"{len(bad)} code points do not round-trip, e.g. {bad[:3]!r}"
