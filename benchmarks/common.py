@@ -147,12 +147,12 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     matvec = jax.jit(lambda v, w: v @ w)
     out["jax_sum"] = nbytes / time_repeats(lambda: jsum(x).block_until_ready(), repeats).best / 1e9
     out["jax_matvec"] = nbytes / time_repeats(lambda: matvec(v, x).block_until_ready(), repeats).best / 1e9
-    del x, v
+    x = v = None  # frees the arrays (a `del` of names the lambdas above close over reads as undefined)
 
     src = np.ones(n, np.float32)
     dst = np.empty_like(src)
     out["numpy_copy"] = 2 * nbytes / time_repeats(lambda: np.copyto(dst, src), repeats).best / 1e9
-    del src, dst
+    src = dst = None
     out["roofline"] = max(out["jax_sum"], out["jax_matvec"], out["numpy_copy"])
     return out
 

@@ -21,7 +21,7 @@ def make_storage(num_pages=8, page_size=2, heads=1, dim=3, layers=2):
 
 def maximal_runs(free):
     """Reference: the maximal runs of consecutive integers in a set."""
-    runs, start = [], None
+    runs, start, prev = [], None, None
     for p in sorted(free):
         if start is not None and p == prev + 1:
             prev = p

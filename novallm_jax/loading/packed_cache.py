@@ -99,7 +99,7 @@ def _write(entry: Path, cfg: ModelConfig, params: Any) -> None:
         with open(tmp / "leaves.bin", "wb") as f:
             for a in arrays:
                 f.write(np.ascontiguousarray(a).data)
-        index = [(a.dtype.name, a.shape) for a in arrays]  # by name: bfloat16's .str is an opaque '<V2' 
+        index = [(a.dtype.name, a.shape) for a in arrays]  # by name: bfloat16's .str is an opaque '<V2'
         with open(tmp / "index.pkl", "wb") as f:
             pickle.dump({"config": cfg, "treedef": treedef, "leaves": index}, f)
         os.rename(tmp, entry)  # atomic: a reader sees no entry or a whole one
