@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import pytest
+from llama_cpp_sdist import llama_cpp_dir, read_vocab_tests
 
 from novallm_jax.errors import TokenizerError
 from novallm_jax.tokenizer import load_tokenizer
-
-sys.path.insert(0, os.path.dirname(__file__))
-from llama_cpp_sdist import llama_cpp_dir, read_vocab_tests  # noqa: E402
 
 ACCEPTED = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2", "llama-bpe", "llama-spm",
             "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder"]

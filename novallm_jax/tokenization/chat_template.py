@@ -33,6 +33,26 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without reaching the dict type itself (as transformers)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+# A message's reasoning, under each name templates read it by (transformers' _REASONING_FIELDS).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-style templates read `reasoning_content`, gpt-oss `thinking`: give both whichever name was sent."""
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 class _Namespace(jinja2.utils.Namespace):
     """A namespace that refuses underscore names, so templates cannot reach Python internals."""
 
@@ -75,6 +95,7 @@ def compile_chat_template(template: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _Namespace
     try:
         return env.from_string(template)
@@ -89,7 +110,7 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message:
             raise InvalidRequestError(f"messages[{i}] must be a dict with a 'role' key, got {message!r}", "messages")
-        checked.append(dict(message))
+        checked.append(_alias_reasoning(dict(message)))
     return checked
 
 
@@ -112,3 +133,6 @@ def render_chat_template(template: str | None, messages: Sequence[Mapping[str, A
     except jinja2.exceptions.TemplateError as e:
         # raise_exception() in a template reports a bad conversation, not a broken tokenizer.
         raise InvalidRequestError(f"chat template rejected the messages: {e}", "messages") from e
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # A template doing arithmetic on what the messages hold (e.g. `"..." + content` with content None).
+        raise InvalidRequestError(f"chat template failed on the messages: {type(e).__name__}: {e}", "messages") from e
