@@ -78,7 +78,7 @@ def profile(cfg, params, batch: int, steps: int, repeats: int, context: int) -> 
             tok, cache = carry
             pos = jnp.full((batch, 1), context, jnp.int32) + i
             logits, cache = forward(p, tok, pos, cache, cfg, table, jnp.zeros(batch, jnp.int32),
-                                    rope_cs=(cos[i], sin[i]))
+                                    rope_cs=((cos[i], sin[i]),))
             return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], cache
         return jax.lax.fori_loop(0, steps, body, (tok, cache))
 

@@ -8,10 +8,13 @@ import math
 import os
 from typing import Any, Mapping
 
+from novallm_jax.config_gemma import GEMMA_GGUF_ARCHS, GEMMA_MODEL_TYPES, GemmaSpec, gemma_fields_from_hf, \
+    gemma_fields_from_gguf, gemma_text_config
 from novallm_jax.errors import ModelLoadError, UnsupportedArchitectureError
 
 # HF `model_type` values this decoder implements, and what each family adds to plain Llama.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3") + tuple(GEMMA_MODEL_TYPES)
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3") + tuple(GEMMA_GGUF_ARCHS)
 # Presets live in the repository's top-level `configs/models/` (HF `config.json` format).
 _PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
@@ -52,6 +55,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    gemma: GemmaSpec | None = None  # Gemma 2/3/4 (config_gemma.py)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -69,6 +73,46 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    # --- per layer: what differs between the layers of one model (Gemma's sliding and global layers) ---------------
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window (a query sees the keys at positions > its own minus the window), or None."""
+        g = self.gemma
+        if g is None:
+            return self.sliding_window
+        return g.sliding_window if g.layer_types[i] == "sliding_attention" else None
+
+    def layer_is_sliding(self, i: int) -> bool:
+        return self.layer_window(i) is not None
+
+    def layer_head_dim(self, i: int) -> int:
+        g = self.gemma
+        return g.full_head_dim if g and g.full_head_dim and g.layer_types[i] == "full_attention" else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        g = self.gemma
+        return g.full_kv_heads if g and g.full_kv_heads and g.layer_types[i] == "full_attention" else \
+            self.num_kv_heads
+
+    def layer_kv_source(self, i: int) -> int:
+        """The layer whose cached K/V layer i attends over (itself but for Gemma 4's K/V-sharing layers)."""
+        return i if self.gemma is None else self.gemma.kv_source(i)
+
+    def layer_rope(self, i: int) -> int:
+        """Index of layer i's RoPE table in `rope_inv_freqs(cfg)` (one per kind of layer)."""
+        return 1 if self.gemma is not None and self.gemma.layer_types[i] == "sliding_attention" else 0
+
+    @property
+    def attention_scale(self) -> float:
+        g = self.gemma
+        if g is None:
+            return self.head_dim ** -0.5
+        return 1.0 if g.query_pre_attn_scalar is None else g.query_pre_attn_scalar ** -0.5
+
+    @property
+    def attn_softcap(self) -> float | None:
+        return None if self.gemma is None else self.gemma.attn_softcap
+
     def num_params(self) -> int:
         """Parameter count as stored (the tied lm_head counted once)."""
         d, f = self.hidden_size, self.intermediate_size
@@ -77,7 +121,7 @@ class ModelConfig:
             attn += self.q_size + 2 * self.kv_size
         if self.qk_norm:
             attn += 2 * self.head_dim
-        layer = attn + 3 * d * f + 2 * d
+        layer = attn + 3 * d * f + (4 if self.gemma else 2) * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * layer + d + head
 
@@ -97,7 +141,7 @@ class ModelConfig:
                 raise ModelLoadError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-        c = dict(config)
+        c = dict(gemma_text_config(config))
         model_type = c.get("model_type")
         if model_type is None:
             arch = (c.get("architectures") or ["?"])[0]
@@ -113,7 +157,11 @@ class ModelConfig:
             window = c.get("sliding_window") if model_type == "mistral" else None
             if model_type == "qwen2" and c.get("use_sliding_window"):
                 window = c.get("sliding_window")
-            return cls(
+            extra = {}
+            if model_type in GEMMA_MODEL_TYPES:
+                extra = gemma_fields_from_hf(c, GEMMA_MODEL_TYPES[model_type], int(c["num_hidden_layers"]))
+                extra["rope_scaling"] = _rope_scaling(extra["rope_scaling"])
+            fields = dict(
                 model_type=model_type,
                 vocab_size=int(c["vocab_size"]),
                 hidden_size=hidden,
@@ -133,6 +181,7 @@ class ModelConfig:
                 bos_token_id=c.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
+            return cls(**{**fields, **extra})
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 
@@ -140,9 +189,9 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> "ModelConfig":
         """From the key/value metadata of a GGUF file (`general.architecture` = llama, qwen2, qwen3)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3"):
+        if arch not in SUPPORTED_GGUF_ARCHS:
             raise UnsupportedArchitectureError(
-                f"GGUF architecture {arch!r} is not supported; supported: llama, qwen2, qwen3")
+                f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
 
         def get(key, default=None):
             return meta.get(f"{arch}.{key}", default)
@@ -155,14 +204,15 @@ class ModelConfig:
         if get("rope.scaling.type") == "linear":
             scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
+        extra = gemma_fields_from_gguf(meta, arch, tensor_names) if arch in GEMMA_GGUF_ARCHS else {}
+        fields = dict(
             model_type="llama" if arch == "llama" else arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
+            intermediate_size=int(_first(get("feed_forward_length"))),
             num_layers=int(get("block_count")),
             num_heads=num_heads,
-            num_kv_heads=int(get("attention.head_count_kv") or num_heads),
+            num_kv_heads=int(_first(get("attention.head_count_kv")) or num_heads),
             head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
@@ -175,6 +225,7 @@ class ModelConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
         )
+        return cls(**{**fields, **extra})
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
@@ -196,7 +247,14 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        if d.get("gemma") is not None:
+            d["gemma"] = GemmaSpec.from_dict(d["gemma"])
         return cls(**d)
+
+
+def _first(v):
+    """A per-layer GGUF array's first entry (Gemma 4 stores some fields per layer); a scalar as it is."""
+    return v[0] if isinstance(v, (list, tuple)) else v
 
 
 def _rope_theta(c: Mapping[str, Any]) -> float:
@@ -223,11 +281,31 @@ def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
     )
 
 
-def rope_inv_freq(cfg: ModelConfig):
-    """Per-pair inverse frequencies (numpy, float64), with `rope_scaling` applied as transformers does."""
+def rope_inv_freqs(cfg: ModelConfig) -> tuple:
+    """One `rope_inv_freq` table per kind of layer (see `ModelConfig.layer_rope`): the global layers' (all layers'
+    but Gemma's), then for Gemma the sliding layers' (their own base, no scaling)."""
     import numpy as np
 
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    g = cfg.gemma
+    if g is None:
+        return (rope_inv_freq(cfg),)
+    full = next((i for i, t in enumerate(g.layer_types) if t == "full_attention"), 0)
+    hd = cfg.layer_head_dim(full)
+    local = 1.0 / (g.local_rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    return rope_inv_freq(cfg, hd, g.full_rotary_fraction), local
+
+
+def rope_inv_freq(cfg: ModelConfig, head_dim: int | None = None, rotary_fraction: float = 1.0):
+    """Per-pair inverse frequencies (numpy, float64), with `rope_scaling` applied as transformers does.
+
+    `rotary_fraction` < 1 ("proportional" RoPE, Gemma 4): only that share of the pairs rotate, at the frequencies
+    of the full head size; the rest get frequency 0."""
+    import numpy as np
+
+    hd = head_dim or cfg.head_dim
+    rotated = int(rotary_fraction * hd // 2)
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, 2 * rotated, 2, dtype=np.float64) / hd))
+    inv = np.concatenate([inv, np.zeros(hd // 2 - rotated)])
     rs = cfg.rope_scaling
     if rs is None:
         return inv

@@ -38,6 +38,11 @@ class ContiguousKVCache:
         pos = jnp.where(positions < 0, self.max_len, positions)  # out of range: dropped
         return _scatter(self, layer, (b, pos), k, v)
 
+    def read(self, layer: int, page_table=None):
+        """Layer `layer`'s keys and values [B, S, KV, hd], as `update` returns them, without writing."""
+        del page_table
+        return self.k[layer], self.v[layer]
+
 
 @flax.struct.dataclass
 class PagedKVCache:
@@ -86,9 +91,17 @@ class PagedKVCache:
         `page_table` is [B, W] int32; the gathered keys are [B, W * page_size, KV, hd], key j at position j.
         """
         new, k_l, v_l = self.write(layer, k, v, positions, page_table)
-        b, width = page_table.shape
-        gathered = lambda pages: pages[page_table].reshape(b, width * self.page_size, *pages.shape[2:])
-        return new, gathered(k_l), gathered(v_l)
+        return new, *_gathered(k_l, v_l, page_table)
+
+    def read(self, layer: int, page_table: jax.Array):
+        """Layer `layer`'s keys and values gathered per row, as `update` returns them, without writing."""
+        return _gathered(self.k[layer], self.v[layer], page_table)
+
+
+def _gathered(k_pages, v_pages, page_table):
+    b, width = page_table.shape
+    gathered = lambda pages: pages[page_table].reshape(b, width * pages.shape[1], *pages.shape[2:])
+    return gathered(k_pages), gathered(v_pages)
 
 
 def with_layer(cache, layer: int, k_l: jax.Array, v_l: jax.Array):
@@ -98,7 +111,8 @@ def with_layer(cache, layer: int, k_l: jax.Array, v_l: jax.Array):
 
 
 def _zeros(cfg: ModelConfig, lead: tuple[int, int], dtype) -> tuple[jax.Array, ...]:
-    return tuple(jnp.zeros(lead + (cfg.num_kv_heads, cfg.head_dim), dtype) for _ in range(cfg.num_layers))
+    return tuple(jnp.zeros(lead + (cfg.layer_kv_heads(i), cfg.layer_head_dim(i)), dtype)
+                 for i in range(cfg.num_layers))
 
 
 def _scatter(cache, layer: int, index: tuple, k: jax.Array, v: jax.Array):

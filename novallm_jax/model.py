@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from novallm_jax.config import ModelConfig, rope_inv_freq
+from novallm_jax.config import ModelConfig, rope_inv_freqs
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache, with_layer
 
@@ -25,6 +25,9 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query yields uniform weig
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
     """The params pytree as `jax.ShapeDtypeStruct`s: one description for init, loading checks and restore."""
+    if cfg.gemma is not None:
+        from novallm_jax.model_gemma import gemma_param_shapes  # model_gemma builds on this module's functions
+        return gemma_param_shapes(cfg, dtype)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qkv = cfg.q_size + 2 * cfg.kv_size
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
@@ -56,10 +59,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
     out = []
+    norm_one = 0.0 if cfg.gemma is not None and cfg.gemma.norm_offset else 1.0  # Gemma 2/3 norms scale by 1 + w
     for (path, sds), k in zip(leaves, keys):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            out.append(jnp.ones(sds.shape, dtype))
+        if "norm" in name or "layer_scalar" in name:
+            out.append(jnp.full(sds.shape, norm_one, dtype))
         else:
             out.append((0.02 * jax.random.normal(k, sds.shape, jnp.float32)).astype(dtype))
     params = jax.tree.unflatten(treedef, out)
@@ -87,6 +91,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
+def rope_tables_per_kind(positions, inv_freqs, xp=jnp) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """`rope_tables` for each table of `rope_inv_freqs(cfg)` (layer i uses entry `cfg.layer_rope(i)`)."""
+    return tuple(rope_tables(positions, inv, xp) for inv in inv_freqs)
+
+
 def rope_tables(positions, inv_freq: np.ndarray, xp=jnp) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, 1, hd] of each position's rotation angles (rotate-half layout), shared by every layer.
 
@@ -106,27 +115,53 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def attention(q, keys, values, positions, cfg: ModelConfig) -> jax.Array:
-    """Causal GQA attention of q [B, T, H, hd] over keys/values [B, S, KV, hd], key j being at position j."""
+def attention(q, keys, values, positions, cfg: ModelConfig, layer: int = 0) -> jax.Array:
+    """Causal GQA attention of q [B, T, H, hd] over keys/values [B, S, KV, hd], key j being at position j, with
+    layer `layer`'s window, the config's scale and (Gemma 2) soft-capping of the scores."""
     b, t, h, hd = q.shape
-    kv = cfg.num_kv_heads
+    kv = keys.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
     # A bfloat16 cache under a float32 model: its keys and values are widened, the arithmetic stays float32.
     precision = _precision(jnp.promote_types(q.dtype, keys.dtype))
     scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32,
-                        precision=precision) * (hd ** -0.5)
+                        precision=precision) * cfg.attention_scale
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     key_pos = jnp.arange(keys.shape[1])
     qpos = positions[:, None, None, :, None]
     allowed = key_pos <= qpos
-    if cfg.sliding_window:
-        allowed &= key_pos > qpos - cfg.sliding_window
+    window = cfg.layer_window(layer)
+    if window:
+        allowed &= key_pos > qpos - window
     scores = jnp.where(allowed, scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(q.dtype, values.dtype))
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values, precision=precision)
     return out.reshape(b, t, h * hd)
 
 
+def attend(q, k, v, positions, cache: KVCache, layer: int, cfg: ModelConfig, page_table):
+    """Writes layer `layer`'s k, v [B, T, KV, hd] to the cache and attends q over its keys: (attn [B, T, H*hd],
+    cache). A layer that reads another's K/V (`cfg.layer_kv_source`) writes nothing (k, v are ignored)."""
+    src = cfg.layer_kv_source(layer)
+    # The native kernel reads keys in place and only the causal ones; XLA's path gathers every row's pages first.
+    if isinstance(cache, PagedKVCache) and cache.native_attention:
+        if src == layer:
+            cache, k_pages, v_pages = cache.write(layer, k, v, positions, page_table)
+        else:
+            k_pages, v_pages = cache.k[src], cache.v[src]
+        attn = native.paged_attention(q, k_pages, v_pages, page_table, positions, cfg.layer_window(layer),
+                                      scale=cfg.attention_scale)
+    else:
+        if src == layer:
+            cache, keys, values = cache.update(layer, k, v, positions, page_table)
+        else:
+            keys, values = cache.read(src, page_table)
+        attn = attention(q, keys, values, positions, cfg, layer)
+    return attn, cache
+
+
 def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: ModelConfig, rope_cs, page_table):
+    rope_cs = rope_cs[cfg.layer_rope(layer)]
     if isinstance(cache, PagedKVCache) and cache.fused_layers:
         x, k_l, v_l = native.decoder_layer(p, x, cache.k[layer], cache.v[layer], page_table, positions, rope_cs, cfg)
         return x, with_layer(cache, layer, k_l, v_l)
@@ -143,13 +178,7 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-    # The native kernel reads keys in place and only the causal ones; XLA's path gathers every row's pages first.
-    if isinstance(cache, PagedKVCache) and cache.native_attention:
-        cache, k_pages, v_pages = cache.write(layer, k, v, positions, page_table)
-        attn = native.paged_attention(q, k_pages, v_pages, page_table, positions, cfg.sliding_window)
-    else:
-        cache, keys, values = cache.update(layer, k, v, positions, page_table)
-        attn = attention(q, keys, values, positions, cfg)
+    attn, cache = attend(q, k, v, positions, cache, layer, cfg, page_table)
     x = x + linear(attn.astype(x.dtype), p["wo"])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)
@@ -165,24 +194,35 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     Returns (logits, cache): logits [B, T, V]; or [B, V] at `logits_index` [B] when given (the last real token of each
     row, say), which skips the vocabulary projection of every other position; or [R, V] for rows `logits_rows` [R] of
     a batch of one token per row (T = 1), as in a ragged step whose rows are the tokens of several sequences.
-    `rope_cs`: `rope_tables(positions)` when computed elsewhere (the executor computes them on the host).
+    `rope_cs`: `rope_tables_per_kind(positions, rope_inv_freqs(cfg))` when computed elsewhere (the executor computes
+    them on the host).
     """
     if rope_cs is None:
-        rope_cs = rope_tables(positions, rope_inv_freq(cfg))
+        rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
+    if cfg.gemma is not None:
+        from novallm_jax.model_gemma import gemma_forward  # model_gemma builds on this module's functions
+        return gemma_forward(params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs)
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
         x, cache = decoder_layer(p, x, positions, cache, i, cfg, rope_cs, page_table)
+    x = rms_norm(select_rows(x, logits_index, logits_rows), params["final_norm"], cfg.rms_norm_eps)
+    return lm_head(x, params["lm_head"]), cache
+
+
+def select_rows(x, logits_index, logits_rows):
+    """The hidden states [B, T, D] whose logits `forward` returns (see its docstring)."""
     if logits_rows is not None:
-        x = x[logits_rows, 0]
-    elif logits_index is not None:
-        x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["lm_head"]
+        return x[logits_rows, 0]
+    if logits_index is not None:
+        return jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+    return x
+
+
+def lm_head(x, head) -> jax.Array:
+    """Float32 logits of the final hidden states x."""
     if isinstance(head, native.NATIVE_LINEAR):
-        logits = linear(x, head)
-    else:
-        logits = jnp.dot(x, head, preferred_element_type=jnp.float32, precision=_precision(head.dtype))
-    return logits, cache
+        return linear(x, head)
+    return jnp.dot(x, head, preferred_element_type=jnp.float32, precision=_precision(head.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

@@ -21,15 +21,38 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
     "smollm2": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    # Gemma: windows of 4 tokens, shorter than most test prompts; small soft caps, so that tanh bends.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=4,
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=1.5, initializer_range=0.1)),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=32, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], initializer_range=0.1,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
+    "gemma4_text": ("Gemma4TextConfig", dict(
+        head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, num_hidden_layers=5,
+        num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=256, sliding_window=4,
+        use_double_wide_mlp=True, final_logit_softcapping=3.0, initializer_range=0.1,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                            "rope_theta": 10000.0}})),
 }
 
 
-def build_hf_model(family: str, seed: int = 0):
+def build_hf_config(family: str):
     cls_name, extra = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**{**_BASE, **extra})
+    return getattr(transformers, cls_name)(**{**_BASE, **extra})
+
+
+def build_hf_model(family: str, seed: int = 0):
+    config = build_hf_config(family)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family.startswith("gemma"):
+        _randomize_norms(model)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -40,3 +63,14 @@ def save_hf_model(model, directory: str, max_shard_size: str | None = None) -> s
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
     return directory
+
+
+def _randomize_norms(model) -> None:
+    """Norm weights and layer scalars off their initial constants, so that the test sees (1 + w) against w."""
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "norm" in name:
+                t.add_(0.2 * torch.randn_like(t))
+        for name, t in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                t.copy_(0.5 + torch.rand_like(t))

@@ -72,7 +72,7 @@ def _batch(cfg: ModelConfig, rows: list[tuple[int, int]], ps: int, width: int, s
 
 def _run(cfg, p, x, positions, table, pages, fused: bool):
     cache = PagedKVCache(k=(pages[0],), v=(pages[1],), native_attention=True, fused_layers=fused)
-    rope_cs = rope_tables(positions, rope_inv_freq(cfg), xp=np)
+    rope_cs = (rope_tables(positions, rope_inv_freq(cfg), xp=np),)
     fn = jax.jit(lambda p, x, cache: decoder_layer(p, x, jnp.asarray(positions), cache, 0, cfg, rope_cs,
                                                    jnp.asarray(table)))
     out, cache = fn(p, x, cache)

@@ -66,4 +66,5 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     proc = generate("--prompt", "hi", "--model", str(tmp_path), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "novallm-generate: error: model_type 'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3")
+        "novallm-generate: error: model_type 'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3, "
+        "gemma2, gemma3_text, gemma3, gemma4_text")

@@ -29,11 +29,11 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from novallm_jax.config import ModelConfig, rope_inv_freq
+from novallm_jax.config import ModelConfig, rope_inv_freqs
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
-from novallm_jax.model import Params, forward, rope_tables
+from novallm_jax.model import Params, forward, rope_tables_per_kind
 
 
 KV_CACHE_DTYPES = (None, "float32", "bfloat16")
@@ -135,7 +135,7 @@ class Executor:
         self.params = native.pack_params(params) if self.native_kernels else native.dequantize_params(params)
         self._lock = threading.Lock()
         self.compile_count = 0
-        self._inv_freq = rope_inv_freq(cfg)
+        self._inv_freqs = rope_inv_freqs(cfg)
         self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
         self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
         self.no_tokens = jnp.zeros(self.exec_cfg.max_decode_batch, jnp.int32)  # `last_tokens` when none is fed back
@@ -144,7 +144,8 @@ class Executor:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
         self.ragged = self.native_attention if wanted is None else wanted
         wanted = self.exec_cfg.fused_layers
-        fusable = self.native_attention and native.fusable(self.params)
+        # The fused layer implements Llama's layer only.
+        fusable = self.native_attention and cfg.gemma is None and native.fusable(self.params)
         if wanted and not fusable:
             raise ValueError("fused_layers=True needs the native kernels and attention (float32 on CPU)")
         self.fused_layers = fusable if wanted is None else wanted
@@ -172,7 +173,9 @@ class Executor:
     @property
     def native_attention(self) -> bool:
         c = self.cfg
-        return self.native_kernels and native.supports_attention(c.head_dim, c.num_heads, c.num_kv_heads)
+        # The native kernel has no soft-capping of the scores (Gemma 2).
+        return self.native_kernels and c.attn_softcap is None and all(
+            native.supports_attention(c.layer_head_dim(i), c.num_heads, c.layer_kv_heads(i)) for i in range(c.num_layers))
 
     def new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
@@ -180,14 +183,14 @@ class Executor:
                                    native_attention=self.native_attention, fused_layers=self.fused_layers)
 
     def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None):
-        rope_cs = rope_tables(positions, self._inv_freq, xp=np)
+        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
                               last_tokens)
 
     def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None):
-        rope_cs = rope_tables(positions, self._inv_freq, xp=np)
+        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src,

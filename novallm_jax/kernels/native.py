@@ -220,17 +220,19 @@ def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool 
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                    positions: jax.Array, sliding_window: int | None = None) -> jax.Array:
+                    positions: jax.Array, sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
     """Causal GQA attention of q [B, T, H, hd] over one layer's pages [P, ps, KV, hd] -> [B, T, H * hd].
 
     Query (b, t) sees the keys at positions <= positions[b, t] (and > it minus the window) through page_table [B, W];
     padding queries (negative positions) give zeros. q float32, pages float32 or bfloat16; head_dim a multiple of 8.
+    `scale` multiplies the scores (default head_dim ** -0.5).
     """
     b, t, h, hd = q.shape
     kv = k_pages.shape[2]
     out = _ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, t, kv, h // kv, hd), jnp.float32))(
         q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
-        positions.astype(jnp.int32), window=np.int64(sliding_window or 0), scale=np.float32(hd ** -0.5))
+        positions.astype(jnp.int32), window=np.int64(sliding_window or 0),
+        scale=np.float32(hd ** -0.5 if scale is None else scale))
     return out.reshape(b, t, h * hd)
 
 

@@ -36,7 +36,11 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
     params = {"embed": put(embed), "final_norm": put(get(name(None, "final_norm"))), "layers": []}
     params["lm_head"] = matmul_weight([embed if cfg.tie_word_embeddings else get(name(None, "lm_head"))])
     del embed
-    for i in tqdm(range(cfg.num_layers), desc=f"loading {desc}", unit="layer", leave=False):
+    progress = lambda layers: tqdm(layers, desc=f"loading {desc}", unit="layer", leave=False)
+    if cfg.gemma is not None:
+        from novallm_jax.loading.gemma import assemble_gemma
+        return assemble_gemma(cfg, get, name, put, matmul_weight, params, progress)
+    for i in progress(range(cfg.num_layers)):
         w = lambda part: get(name(i, part))
         layer = {
             "attn_norm": put(w("attn_norm")),

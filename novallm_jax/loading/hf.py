@@ -12,6 +12,7 @@ from safetensors import safe_open
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
+from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIX, gemma_hf_names, gemma_tensor_shapes
 
 # Buffers some checkpoints carry that hold no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -19,6 +20,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a HF checkpoint of this config must hold, with its shape ([out, in] for linears)."""
+    if cfg.gemma is not None:
+        return gemma_tensor_shapes(cfg)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
     if not cfg.tie_word_embeddings:
@@ -69,7 +72,7 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
     """Reads config and weights tensor by tensor, checks every name and shape, returns (config, params)."""
     cfg = ModelConfig.from_hf(model_dir)
     expected = hf_tensor_shapes(cfg)
-    files = _shard_files(model_dir)
+    files, stored = _text_model_files(_shard_files(model_dir))
     names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         names.discard("lm_head.weight")  # some tied checkpoints store the copy too
@@ -94,14 +97,25 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
                 handles[fn] = safe_open(fn, framework="flax")
             except Exception as e:
                 raise ModelLoadError(f"{fn} is not a valid safetensors file: {e}") from None
-        a = handles[fn].get_tensor(name)
+        a = handles[fn].get_tensor(stored.get(name, name))
         if tuple(a.shape) != expected[name]:
             raise TensorError(f"tensor {name!r} in {os.path.basename(fn)} has shape {tuple(a.shape)}, "
                               f"expected {expected[name]}")
         return np.asarray(a.astype(np.float32))
 
     logging.info("loading %s (%s, %d layers)", model_dir, cfg.model_type, cfg.num_layers)
-    return cfg, assemble_params(cfg, get, hf_names, dtype, desc=os.path.basename(model_dir.rstrip("/")))
+    names_of = hf_names if cfg.gemma is None else gemma_hf_names
+    return cfg, assemble_params(cfg, get, names_of, dtype, desc=os.path.basename(model_dir.rstrip("/")))
+
+
+def _text_model_files(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A multimodal checkpoint's text model under the text-only names, its vision tensors left out: (name -> file,
+    name -> the name stored in the file where they differ)."""
+    stored = {"model." + n[len(MULTIMODAL_TEXT_PREFIX):]: n for n in files if n.startswith(MULTIMODAL_TEXT_PREFIX)}
+    if not stored:
+        return files, {}
+    kept = {n: fn for n, fn in files.items() if not n.startswith(MULTIMODAL_IGNORED + (MULTIMODAL_TEXT_PREFIX,))}
+    return {**kept, **{n: files[s] for n, s in stored.items()}}, stored
 
 
 def hf_names(i: int | None, part: str) -> str:
