@@ -13,7 +13,7 @@ from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.model import greedy_generate, init_params
 from novallm_jax.sampling_params import SamplingParams
 from tests.engine_fixtures import EXEC
-from tests.hf_models import FAMILIES, build_hf_config
+from tests.hf_models import build_hf_config
 
 GEMMAS = ["gemma2", "gemma3_text", "gemma4_text"]
 
