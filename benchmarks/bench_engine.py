@@ -190,7 +190,7 @@ class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
     Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler function
-    the engine module calls (`sample_slots`, a module global); `restore()` puts them back.
+    the engine core calls (`sample_slots`, a global of engine/core.py); `restore()` puts them back.
     With synchronous steps the wrappers block on their outputs so that the time lands where the work is: host =
     step - model - sampler. With async scheduling (the default) blocking would serialise what the engine overlaps,
     so they time the dispatch only, and "host" includes waiting for the device; step times stay true.
@@ -199,7 +199,7 @@ class StepProfiler:
     def __init__(self, engine):
         import jax
 
-        from novallm_jax.engine import engine as engine_mod
+        from novallm_jax.engine import core as core_mod
         from novallm_jax.engine.executor import bucket
 
         self.engine, self.steps, self._cur = engine, [], None
@@ -245,7 +245,7 @@ class StepProfiler:
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
         self._patch(ex, "ragged_step", timed("model", ex.ragged_step, ragged_shape), instance=True)
-        self._patch(engine_mod, "sample_slots", timed("sampler", engine_mod.sample_slots))
+        self._patch(core_mod, "sample_slots", timed("sampler", core_mod.sample_slots))
 
         step = engine.step
 

@@ -222,6 +222,17 @@ class SamplingParams:
             return self
         return dataclasses.replace(self, seed=secrets.randbits(63))
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields (lists for tuples, string keys for `logit_bias`); `from_dict` reads them back."""
+        d = dataclasses.asdict(self)
+        d["stop"], d["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        d["logit_bias"] = None if self.logit_bias is None else {str(k): v for k, v in self.logit_bias.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        return cls(**{**d, "stop": tuple(d.get("stop") or ()), "stop_token_ids": tuple(d.get("stop_token_ids") or ())})
+
     def for_child(self, index: int) -> SamplingParams:
         """Settings of completion `index` of an n > 1 request: n=1 and, as in vLLM, seed + index when seeded."""
         seed = None if self.seed is None else (self.seed + index) % _SEED_MAX

@@ -253,13 +253,13 @@ def test_prefill_rows_share_a_length_bucket_and_fill_a_row_bucket(tokenizer):
 
     oldest_long, long2, long3, long4, long5 = (req(t, n) for t, n in [(0, 70), (3, 64), (4, 200), (5, 65), (6, 99)])
     short = req(1, 10)
-    assert [engine._chunk_len(r) for r in (short, req(0, 16), req(0, 40), long3)] == [10, 16, 16, 64]
-    picked = engine._pick_prefill([long2, short, long3, oldest_long, long4, long5])
+    assert [engine.scheduler._chunk_len(r) for r in (short, req(0, 16), req(0, 40), long3)] == [10, 16, 16, 64]
+    picked = engine.scheduler._pick_prefill([long2, short, long3, oldest_long, long4, long5])
     assert picked == [oldest_long, long2, long3, long4]  # oldest first; all 64-token chunks; 4 = a row bucket
     # Three 64-bucket chunks would be padded to 4 rows: take one (the row buckets are 1 and 4).
-    assert engine._pick_prefill([long3, short, oldest_long, long2]) == [oldest_long]
-    assert engine._pick_prefill([short, long2]) == [short]
-    assert engine._pick_prefill([]) == []
+    assert engine.scheduler._pick_prefill([long3, short, oldest_long, long2]) == [oldest_long]
+    assert engine.scheduler._pick_prefill([short, long2]) == [short]
+    assert engine.scheduler._pick_prefill([]) == []
 
 
 def test_warm_engine_compiles_nothing_while_serving(engine):

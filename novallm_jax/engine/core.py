@@ -1,0 +1,85 @@
+"""The engine core: executes step plans on the executor and dispatches the sampler, knowing nothing of queues.
+
+Executing a plan needs only the params (in the executor), the paged KV cache and the sampler's per-slot state, so a
+process that holds a shard of them can execute the plans another process makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from novallm_jax.engine.executor import Executor, PrefillChunk
+from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
+from novallm_jax.sampling import SamplingBatch, sample_slots
+from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One sampler call of a step: the sampled rows' request ids (row i of the arrays is `request_ids[i]`'s, or padding
+    when None) and the output arrays, still on the device."""
+
+    request_ids: list[str | None]
+    arrays: tuple[jax.Array, ...]
+
+
+class EngineCore:
+    """Runs `StepPlan`s: slot updates, then each model call and the sampling of its rows."""
+
+    def __init__(self, executor: Executor, num_slots: int, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.executor = executor
+        self.num_slots = num_slots
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.reset_sampling()
+
+    def execute(self, plan: StepPlan, storage) -> tuple[list[Sampled], object]:
+        """Executes `plan` on `storage` (donated); returns the sampler calls (tokens still on the device) and the
+        updated storage."""
+        for u in plan.slot_updates:
+            if u.params is None:
+                self.sampling = self.sampling.clear_row(u.slot)
+            else:
+                self.sampling = self.sampling.set_row(u.slot, u.params, prompt_token_ids=list(u.prompt_token_ids),
+                                                      output_token_ids=list(u.output_token_ids),
+                                                      eos_token_ids=self.eos_token_ids)
+            self.slot_params[u.slot] = u.params
+        sampled = []
+        for call in plan.calls:
+            logits, storage = self._run(call, storage)
+            if any(r.sample for r in call.rows):
+                sampled.append(self._sample(call, logits))
+        return sampled, storage
+
+    def _run(self, call: ModelCall, storage):
+        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot) for r in call.rows]
+        if call.kind == RAGGED:
+            return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
+        if call.kind == PREFILL:
+            return self.executor.prefill(storage, chunks, padded=True)
+        if call.kind == DECODE:
+            return self.executor.decode(storage, [c.tokens[0] for c in chunks], [c.start for c in chunks],
+                                        [c.pages for c in chunks], padded=True, from_slots=[c.from_slot for c in chunks],
+                                        last_tokens=self.sampling.last_token)
+        raise ValueError(f"unknown model call kind {call.kind!r}")
+
+    def _sample(self, call: ModelCall, logits: jax.Array) -> Sampled:
+        # The logits (one array per model call, padded to a row bucket) are sampled in place: their rows map to their
+        # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
+        # the work scales with the step's row bucket, not with num_slots.
+        slots = np.full(logits.shape[0], -1, np.int32)
+        ids: list[str | None] = [None] * logits.shape[0]
+        for i, r in enumerate(call.rows):
+            if r.sample:
+                slots[i], ids[i] = r.slot, r.request_id
+        n_top = MAX_LOGPROBS if any((self.slot_params[s].logprobs or 0) > 0 for s in slots if s >= 0) else 0
+        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top)
+        return Sampled(ids, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
+
+    def reset_sampling(self) -> None:
+        """An empty sampler state: at start, and after a failed step (which fails every running request)."""
+        self.sampling = SamplingBatch.from_params([None] * self.num_slots, self.vocab_size)
+        self.slot_params: list[SamplingParams | None] = [None] * self.num_slots

@@ -1,0 +1,83 @@
+"""A step plan: what one engine step computes, as plain data.
+
+The scheduler (`scheduler.py`) decides it from the queues and the memory pool; the engine core (`core.py`) executes it
+with nothing but the params, the KV cache and the sampler's state. `to_dict`/`from_dict` give JSON-safe data, the
+form in which process 0 can send a plan to the processes that hold the other shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from novallm_jax.sampling_params import SamplingParams
+
+# Kinds of model call: one ragged batch of rows (prompt chunks and decode rows alike, CPU), or padded prefill and
+# decode calls (see `executor.Executor`).
+RAGGED, PREFILL, DECODE = "ragged", "prefill", "decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sequence's tokens in a model call: `tokens` at positions start.., its KV pages `pages`, sampled after when
+    `sample` (the row computes its sequence's last known token). `from_slot` >= 0: the row's one token is still on
+    the device, the sampler's last draw for that slot (`tokens` then holds a placeholder)."""
+
+    request_id: str
+    slot: int
+    tokens: tuple[int, ...]
+    start: int
+    pages: tuple[int, ...]
+    sample: bool
+    from_slot: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCall:
+    kind: str
+    rows: tuple[Row, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotUpdate:
+    """A batch slot's sampling state set for a request (`params` given) or cleared (`params` None)."""
+
+    slot: int
+    params: SamplingParams | None = None
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One step: the slot updates to apply first, then the model calls, in order; sampling follows every call that
+    has rows to sample."""
+
+    step: int
+    slot_updates: tuple[SlotUpdate, ...] = ()
+    calls: tuple[ModelCall, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.tokens) for c in self.calls for r in c.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe data (lists, ints, strings, and sampling parameters as dicts)."""
+        return {
+            "step": self.step,
+            "slot_updates": [{"slot": u.slot, "params": None if u.params is None else u.params.to_dict(),
+                              "prompt_token_ids": list(u.prompt_token_ids),
+                              "output_token_ids": list(u.output_token_ids)} for u in self.slot_updates],
+            "calls": [{"kind": c.kind, "rows": [{**dataclasses.asdict(r), "tokens": list(r.tokens),
+                                                  "pages": list(r.pages)} for r in c.rows]} for c in self.calls],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepPlan":
+        updates = tuple(SlotUpdate(u["slot"], None if u["params"] is None else SamplingParams.from_dict(u["params"]),
+                                   tuple(u["prompt_token_ids"]), tuple(u["output_token_ids"]))
+                        for u in d["slot_updates"])
+        calls = tuple(ModelCall(c["kind"], tuple(Row(**{**r, "tokens": tuple(r["tokens"]),
+                                                        "pages": tuple(r["pages"])}) for r in c["rows"]))
+                      for c in d["calls"])
+        return cls(d["step"], updates, calls)

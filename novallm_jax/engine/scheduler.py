@@ -1,0 +1,304 @@
+"""The scheduler: the request queues and the memory pool's bookkeeping, turned into one `StepPlan` per step.
+
+It admits requests into batch slots (swapped ones first), reserves their KV pages (evicting unused prefix-cache pages,
+then preempting the newest running request by swap or recompute), and picks what each step computes: on CPU one
+ragged batch (every decode row, then prompt chunks up to a token bucket), elsewhere padded prefill and decode calls.
+A request's tokens count as computed when they are planned, as in vLLM's scheduler: the plan is executed before the
+next one is made. It runs no model: `core.EngineCore` executes its plans.
+
+Not yet in the plan: the pool operations that copy KV contents (swap out and in, copy-on-write) run at once on the
+local cache when the scheduler decides them. A process holding other shards would need them as plan operations too.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+
+from absl import logging
+
+from novallm_jax.amp import MemoryPool
+from novallm_jax.engine import prefix_cache as pc
+from novallm_jax.engine.executor import ExecutorConfig, bucket
+from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, Row, SlotUpdate, StepPlan
+from novallm_jax.engine.request import FinishReason, Request, Status
+
+
+class Scheduler:
+    """Queues, slots and pages of the engine's requests. Not thread-safe: the engine calls it under its lock."""
+
+    def __init__(self, pool: MemoryPool, exec_cfg: ExecutorConfig, *, ragged: bool, max_model_len: int,
+                 max_prefill_rows: int, enable_prefix_caching: bool, preemption_mode: str):
+        self.pool = pool
+        self.exec_cfg = exec_cfg
+        self.ragged = ragged
+        self.page_size = exec_cfg.page_size
+        self.max_model_len = max_model_len
+        self.max_prefill_rows = max_prefill_rows
+        self.enable_prefix_caching = enable_prefix_caching
+        self.preemption_mode = preemption_mode
+        self.prefix_cache = pc.PrefixCache(pool, self.page_size)
+        self.slots: list[Request | None] = [None] * exec_cfg.max_decode_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.swapped: collections.deque[Request] = collections.deque()
+        self.requests: dict[str, Request] = {}
+        self.counters = collections.Counter()
+        self._slot_updates: list[SlotUpdate] = []  # for the next plan
+        self._steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        self.requests[req.id] = req
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.swapped or any(self.slots))
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Frees everything the request holds; it stays in `requests` only until its final output is emitted."""
+        if req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        if req.status is Status.SWAPPED and req in self.swapped:
+            self.swapped.remove(req)
+            if req.swap_handle is not None:
+                self.pool.drop_swapped(req.swap_handle)
+                req.swap_handle = None
+        self._release_slot(req)
+        self.pool.free_all(req.id)
+        req.pages = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.metrics.finished = time.monotonic()
+        self.counters[f"finished_{reason.value}"] += 1
+        self.requests.pop(req.id, None)
+
+    # ---- admission and pages --------------------------------------------------------------------------------------
+
+    def _free_slot(self) -> int | None:
+        return next((i for i, r in enumerate(self.slots) if r is None), None)
+
+    def admit(self) -> None:
+        """Resumes swapped requests first (they were admitted earlier), then waiting ones, while slots and pages last."""
+        while self.swapped and (slot := self._free_slot()) is not None:
+            req = self.swapped[0]
+            if not self._reserve(req.swap_handle.num_pages):
+                return
+            req.pages = self.pool.swap_in(req.swap_handle)
+            req.swap_handle = None
+            self.swapped.popleft()
+            self._place(req, slot)
+        while self.waiting and (slot := self._free_slot()) is not None:
+            req = self.waiting[0]
+            if req.metrics.first_scheduled is None:
+                req.metrics.first_scheduled = time.monotonic()
+            if self.enable_prefix_caching and not req.page_hashes:
+                req.page_hashes = pc.page_hashes(req.prompt, self.page_size, (len(req.prompt) - 1) // self.page_size)
+            need = math.ceil(len(req.tokens) / self.page_size)
+            if self.enable_prefix_caching:
+                req.pages = self.prefix_cache.match(req.id, req.page_hashes)
+                req.num_cached_pages = len(req.pages)
+                req.num_computed = len(req.pages) * self.page_size
+                req.metrics.cached_prompt_tokens = req.num_computed
+            if not self._reserve(need - len(req.pages)):
+                if req.pages:
+                    self.pool.free(req.id, req.pages)
+                req.pages, req.num_computed, req.num_cached_pages = [], 0, 0
+                return
+            self.waiting.popleft()
+            self._place(req, slot)
+
+    def _place(self, req: Request, slot: int) -> None:
+        req.slot, req.status = slot, Status.RUNNING
+        self.slots[slot] = req
+        self._slot_updates.append(SlotUpdate(slot, req.params, tuple(req.prompt), tuple(req.output_ids)))
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot is not None:
+            self.slots[req.slot] = None
+            self._slot_updates.append(SlotUpdate(req.slot))
+            req.slot = None
+
+    def _reserve(self, n: int) -> bool:
+        """Whether `n` pages are free, evicting unused prefix-cache pages if that helps."""
+        short = n - self.pool.num_free
+        if short > 0:
+            self.prefix_cache.evict(short)
+        return self.pool.num_free >= n
+
+    def _ensure_pages(self, req: Request, upto: int) -> bool:
+        """Gives `req` pages for positions < upto, preempting newer requests if needed; False if `req` was preempted."""
+        need = math.ceil(upto / self.page_size) - len(req.pages)
+        while need > 0:
+            if self._reserve(need):
+                req.pages += self.pool.allocate(req.id, need)
+                break
+            victim = max((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        # Copy-on-write before writing into a page someone else also holds.
+        idx = req.num_computed // self.page_size
+        if req.num_computed % self.page_size and idx < len(req.pages):
+            req.pages[idx] = self.pool.make_writable(req.id, req.pages[idx])
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        if req.pending:  # `can_plan_ahead` makes the engine read the step in flight back before anything may preempt
+            raise RuntimeError(f"preempting {req.id} with a token still on the device")
+        logging.info("preempting %s (%s) to free %d pages", req.id, self.preemption_mode, len(req.pages))
+        req.metrics.preemptions += 1
+        self.counters["preemptions"] += 1
+        self._release_slot(req)
+        if self.preemption_mode == "swap" and req.num_computed > 0:
+            req.swap_handle = self.pool.swap_out(req.id, req.pages)
+            req.status = Status.SWAPPED
+            self.swapped.append(req)
+        else:
+            self.pool.free_all(req.id)
+            req.num_computed, req.num_cached_pages = 0, 0
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
+        req.pages = []
+
+    def can_plan_ahead(self) -> bool:
+        """Whether the next step can be planned before the step in flight is read back: it must not preempt anyone
+        (a preempted request would leave with a token still on the device), so every page it may need must be free.
+        Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
+        """
+        cap = max(self.exec_cfg.token_buckets[-1], self.exec_cfg.max_chunk)
+        need = 0
+        for req in self.slots:
+            if req is not None:
+                upto = req.num_computed + min(req.num_tokens - req.num_computed, cap)
+                need += max(0, math.ceil(upto / self.page_size) - len(req.pages)) + 1  # + 1: a copy-on-write page
+        return self.pool.num_free >= need
+
+    # ---- planning -------------------------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Admits what fits, then plans this step's model calls; their tokens count as computed from here on."""
+        self.admit()
+        calls = self._plan_ragged() if self.ragged else self._plan_padded()
+        updates, self._slot_updates = tuple(self._slot_updates), []
+        self._steps += 1
+        return StepPlan(self._steps, updates, tuple(calls))
+
+    def _plan_ragged(self) -> list[ModelCall]:
+        """One ragged call: every decode row, then prompt chunks, oldest first, up to the step's token budget.
+
+        Only the call's total is padded (to a token bucket), so prompts are cut wherever the budget ends.
+        """
+        running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
+        budget = self._ragged_budget(running)
+        picked: list[tuple[Request, int]] = []
+        for decoding in (True, False):
+            for req in running:
+                remaining = req.num_tokens - req.num_computed
+                if (remaining == 1) != decoding or req.status is not Status.RUNNING or budget <= 0:
+                    continue
+                if self._done_when_read(req):
+                    continue
+                n = min(remaining, budget)
+                if self._ensure_pages(req, req.num_computed + n):
+                    picked.append((req, n))
+                    budget -= n
+        rows = self._rows(picked)
+        return [ModelCall(RAGGED, rows)] if rows else []
+
+    def _plan_padded(self) -> list[ModelCall]:
+        """A prefill call for chunks of prompts that share a length bucket, then a decode call for every decode row."""
+        running = [r for r in self.slots if r is not None]
+        prefill = []
+        for req in self._pick_prefill([r for r in running if r.num_tokens - r.num_computed > 1]):
+            n = self._chunk_len(req)
+            # A request picked above may have been preempted to make room for an older one.
+            if req.status is Status.RUNNING and self._ensure_pages(req, req.num_computed + n):
+                prefill.append((req, n))
+        decode = [(r, 1) for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1
+                  and not self._done_when_read(r) and self._ensure_pages(r, r.num_tokens)]
+        calls = [ModelCall(kind, rows) for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(decode)))
+                 if rows]
+        return calls
+
+    def _rows(self, picked: list[tuple[Request, int]]) -> tuple[Row, ...]:
+        """The rows of the picked (request, tokens) that are still running (a later pick may have preempted an earlier
+        one); their tokens count as computed from now."""
+        rows = []
+        for req, n in picked:
+            if req.status is not Status.RUNNING:
+                continue
+            if req.pending:  # then n == 1: a decode row fed by the sampler's last token for the slot
+                tokens, from_slot = (0,), req.slot
+            else:
+                tokens, from_slot = tuple(req.tokens[req.num_computed:req.num_computed + n]), -1
+            start = req.num_computed
+            sample = self._advance(req, n)
+            rows.append(Row(req.id, req.slot, tokens, start, tuple(req.pages), sample, from_slot))
+        return tuple(rows)
+
+    def _advance(self, req: Request, n: int) -> bool:
+        """Counts `n` more of `req`'s tokens as computed; True when the next one is to be sampled."""
+        if n > 1 or req.num_computed < len(req.prompt):  # a prompt chunk, or a prompt's last token
+            req.metrics.prefilled_tokens += n
+            self.counters["prefill_tokens"] += n
+        req.num_computed += n
+        self._cache_prompt_pages(req)
+        return req.num_computed == req.num_tokens
+
+    def _done_when_read(self, req: Request) -> bool:
+        """Whether a token still on the device ends `req` by length (so no step is planned for it)."""
+        return req.pending > 0 and self.at_length(req, req.num_tokens)
+
+    def at_length(self, req: Request, num_tokens: int) -> bool:
+        """Whether `req` stops by length (max_tokens, or the model's context) once it has `num_tokens` tokens."""
+        return num_tokens - len(req.prompt) >= (req.params.max_tokens or math.inf) or num_tokens >= self.max_model_len
+
+    def _ragged_budget(self, running: list[Request]) -> int:
+        """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
+
+        A large step that would end between two buckets stops at the lower one: the prompt tokens left over join
+        the next step, whose decode rows they would otherwise pad. Small steps pad instead, since a step costs a
+        read of every weight however few its tokens.
+        """
+        e = self.exec_cfg
+        remaining = [r.num_tokens - r.num_computed for r in running]
+        decode = sum(n == 1 for n in remaining)
+        total = min(sum(remaining), e.token_buckets[-1])
+        lower = max((b for b in e.token_buckets if b <= total), default=0)
+        return lower if lower > decode and lower >= 2 * e.max_decode_batch else total
+
+    def _chunk_len(self, req: Request) -> int:
+        """Tokens of `req`'s next prefill chunk: the largest length bucket that its remaining prompt fills.
+
+        A chunk is padded to its bucket, and prefill is compute-bound, so a 200-token prompt runs as 128 + 64 + 8
+        rather than as one 256-token chunk with 56 tokens of padding; only the last piece (< the smallest bucket) pads.
+        """
+        remaining = req.num_tokens - req.num_computed
+        filled = [b for b in self.exec_cfg.prefill_len_buckets if b <= remaining]
+        return filled[-1] if filled else remaining
+
+    def _pick_prefill(self, candidates: list[Request]) -> list[Request]:
+        """The oldest request's chunk, plus others whose chunks fall in the same length bucket.
+
+        A prefill step pads every row to the longest chunk's bucket and to a row bucket: rows share one length bucket
+        and their count is a row bucket exactly (3 rows padded to 4 would cost as much as 4).
+        """
+        if not candidates:
+            return []
+        e = self.exec_cfg
+        length = lambda r: bucket(self._chunk_len(r), e.prefill_len_buckets)
+        candidates = sorted(candidates, key=lambda r: r.metrics.arrival)
+        first = length(candidates[0])
+        same = [r for r in candidates if length(r) == first][: self.max_prefill_rows]
+        fits = [b for b in e.prefill_batch_buckets if b <= len(same)]
+        return same[: fits[-1]] if fits else same
+
+    def _cache_prompt_pages(self, req: Request) -> None:
+        if not self.enable_prefix_caching:
+            return
+        full = min(req.num_computed // self.page_size, len(req.page_hashes))
+        if full > req.num_cached_pages:
+            self.prefix_cache.insert(req.id, req.page_hashes[:full], req.pages[:full])
+            req.num_cached_pages = full

@@ -1,0 +1,136 @@
+"""The engine split into a scheduler that emits plain step plans and a core that executes them.
+
+A plan round-trips through JSON; a second core that holds only the params, its own cache and sampler state, fed the
+deserialised plans of a workload with preemption and prefix caching, draws exactly the tokens the engine drew; and
+the scheduler plans without a model.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from novallm_jax.amp import MemoryPool
+from novallm_jax.engine.core import EngineCore
+from novallm_jax.engine.executor import Executor, ExecutorConfig
+from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, StepPlan
+from novallm_jax.engine.request import Request, Status
+from novallm_jax.engine.scheduler import Scheduler
+from novallm_jax.sampling_params import SamplingParams
+from tests.engine_fixtures import TINY, make_engine, tiny_params
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    from novallm_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf)
+
+
+def _recording(engine):
+    """Records each step's plan (as JSON text) and the tokens its sampler calls drew."""
+    plans, drawn = [], []
+    schedule, execute = engine.scheduler.schedule, engine.core.execute
+
+    def recorded_schedule():
+        plan = schedule()
+        plans.append(json.dumps(plan.to_dict()))
+        return plan
+
+    def recorded_execute(plan, storage):
+        sampled, storage = execute(plan, storage)
+        drawn.append([(s.request_ids, np.asarray(s.arrays[0])) for s in sampled])
+        return sampled, storage
+
+    engine.scheduler.schedule, engine.core.execute = recorded_schedule, recorded_execute
+    return plans, drawn
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged):
+    # A pool of 24 pages of 8 tokens for 6 requests of up to 40 tokens: preemption (recompute) must happen; the
+    # shared first 16 tokens hit the prefix cache.
+    engine = make_engine(tokenizer, num_pages=24, preemption_mode="recompute", ragged_steps=ragged)
+    plans, drawn = _recording(engine)
+    common = list(range(100, 116))
+    reqs = [engine.add_request(common + [200 + i] * (3 + i), SamplingParams(temperature=0.9, seed=i, max_tokens=18,
+                                                                           ignore_eos=True)) for i in range(6)]
+    engine.run_until_idle()
+    assert engine.counters["preemptions"] > 0 and engine.stats()["prefix_cache_hit_rate"] > 0
+    assert all(len(r.output_ids) == 18 for r in reqs) and engine.check_leaks() == []
+
+    exec_cfg = engine.executor.exec_cfg
+    core = EngineCore(Executor(TINY, tiny_params(), exec_cfg), engine.num_slots, TINY.vocab_size,
+                      engine.eos_token_ids)
+    storage = core.executor.new_cache()
+    kinds = set()
+    for text, expected in zip(plans, drawn):
+        plan = StepPlan.from_dict(json.loads(text))
+        kinds |= {c.kind for c in plan.calls}
+        sampled, storage = core.execute(plan, storage)
+        got = [(s.request_ids, np.asarray(s.arrays[0])) for s in sampled]
+        assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+        for (ids, tokens), (_, want) in zip(got, expected):
+            rows = [i for i, rid in enumerate(ids) if rid is not None]
+            np.testing.assert_array_equal(tokens[rows], want[rows])
+    assert kinds == ({RAGGED} if ragged else {PREFILL, DECODE})
+
+
+def test_plans_round_trip_through_json(tokenizer):
+    engine = make_engine(tokenizer)
+    plans, _ = _recording(engine)
+    engine.add_request([5, 6, 7, 8] * 5, SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: -2.0}, seed=1,
+                                                        stop=("x",), max_tokens=4, logprobs=2))
+    engine.run_until_idle()
+    for text in plans:
+        plan = StepPlan.from_dict(json.loads(text))
+        assert json.dumps(plan.to_dict()) == text
+        assert StepPlan.from_dict(plan.to_dict()) == plan
+    first = StepPlan.from_dict(json.loads(plans[0]))
+    assert first.slot_updates[0].params.logit_bias == {3: -2.0} and first.slot_updates[0].params.stop == ("x",)
+
+
+def _request(rid: str, prompt_len: int, arrival: float) -> Request:
+    req = Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=8, seed=0), detokenizer=None,
+                  eos_token_ids=())
+    req.metrics.arrival = arrival
+    return req
+
+
+def test_the_scheduler_plans_without_a_model():
+    """Admission, chunking, decode rows fed from the device, and preemption, on a pool with no KV storage at all."""
+    exec_cfg = ExecutorConfig(page_size=4, num_pages=7, max_model_len=32, decode_batch_buckets=(1, 2, 4),
+                              prefill_batch_buckets=(1,), prefill_len_buckets=(8,), token_buckets=(4, 8))
+    sched = Scheduler(MemoryPool(num_pages=7), exec_cfg, ragged=True, max_model_len=32, max_prefill_rows=1,
+                      enable_prefix_caching=False, preemption_mode="recompute")
+    a, b = _request("a", 6, 0.0), _request("b", 5, 1.0)
+    sched.add(a), sched.add(b)
+
+    plan = sched.schedule()
+    assert [(u.slot, u.params is not None) for u in plan.slot_updates] == [(0, True), (1, True)]
+    (call,) = plan.calls
+    # 8 tokens: a's whole prompt (6) then the first 2 of b's; only a's last token is sampled.
+    assert [(r.request_id, r.start, len(r.tokens), r.sample) for r in call.rows] == [("a", 0, 6, True),
+                                                                                   ("b", 0, 2, False)]
+    assert call.rows[0].tokens == tuple(a.prompt) and len(call.rows[0].pages) == 2
+
+    a.pending = 1  # the engine dispatched a's sampling: its next token is on the device
+    plan = sched.schedule()
+    rows = plan.calls[0].rows
+    assert (rows[0].request_id, rows[0].from_slot, rows[0].tokens) == ("a", 0, (0,))  # fed from slot 0
+    assert (rows[1].request_id, rows[1].start, rows[1].tokens) == ("b", 2, tuple(b.prompt[2:]))
+    assert sched.pool.num_free == 6 - 4  # 2 pages each (page 0 is the null page)
+
+    a.pending, b.pending = 0, 0
+    a.tokens += [1, 2, 3, 4, 5, 6, 7, 8]  # a long run of output: a's 14 tokens need 4 pages, and 2 are free...
+    a.num_computed = len(a.tokens) - 1
+    b.tokens += [1]
+    plan = sched.schedule()
+    # ... a (older) takes them; b fits in 2 pages still.
+    assert [r.request_id for r in plan.calls[0].rows] == ["a", "b"] and sched.pool.num_free == 0
+    b.tokens += [2, 3, 4]
+    b.num_computed = len(b.tokens) - 1
+    plan = sched.schedule()  # b needs a 3rd page: none free, so b (the newest) is preempted and recomputed later
+    assert [r.request_id for r in plan.calls[0].rows] == ["a"]
+    assert b.status is Status.WAITING and b.num_computed == 0 and sched.counters["preemptions"] == 1
+    assert [(u.slot, u.params) for u in plan.slot_updates] == [(1, None)]
