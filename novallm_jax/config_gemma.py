@@ -170,16 +170,13 @@ def gemma_fields_from_gguf(meta: Mapping[str, Any], arch: str, tensor_names: set
         ff = get("feed_forward_length")
         first_shared = layers - int(get("attention.shared_kv_layers") or 0)
         full_hd = int(get("attention.key_length") or head_dim)
-        n_rot = int(get("rope.dimension_count") or full_hd)
-        fraction = n_rot / full_hd
-        if "rope_freqs.weight" in tensor_names:  # set by the caller when the file has per-pair factors
-            fraction = float(meta.get("novallm.rope_freqs_rotated_fraction", fraction))
+        # The rotated share of a global head (rope_freqs) and the per-layer vocabulary are tensors' business: the
+        # loader fills them in (gguf_file.gemma_gguf_config).
         spec.update(full_head_dim=full_hd, full_kv_heads=int(kv_per_layer[full]) if full is not None else None,
-                    full_rotary_fraction=fraction, k_eq_v="blk.%d.attn_v.weight" % full not in tensor_names
-                    if full is not None else False,
+                    k_eq_v=full is not None and f"blk.{full}.attn_v.weight" not in tensor_names,
                     num_kv_shared_layers=layers - first_shared,
                     per_layer_input_size=int(get("embedding_length_per_layer_input") or 0),
-                    per_layer_vocab=0, double_wide_mlp=isinstance(ff, (list, tuple)) and ff[-1] != ff[0])
+                    double_wide_mlp=isinstance(ff, (list, tuple)) and ff[-1] != ff[0])
         fields["intermediate_size"] = int(ff[0] if isinstance(ff, (list, tuple)) else ff)
     fields["gemma"] = GemmaSpec(**spec)
     return fields

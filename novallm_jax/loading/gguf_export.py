@@ -78,7 +78,8 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
         w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
     cfg = ModelConfig.from_hf(model_dir)
-    _check_supported(cfg)
+    if cfg.gemma is None:
+        _check_supported(cfg)
     files = _shard_files(model_dir)
     handles: dict[str, object] = {}
 
@@ -87,7 +88,8 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
             handles[files[name]] = safe_open(files[name], framework="numpy")
         return np.ascontiguousarray(handles[files[name]].get_tensor(name), np.float32)
 
-    w = gguf.GGUFWriter(dst, "llama")
+    arch = {2: "gemma2", 3: "gemma3", 4: "gemma4"}[cfg.gemma.version] if cfg.gemma else "llama"
+    w = gguf.GGUFWriter(dst, arch)
     w.add_name(os.path.basename(model_dir.rstrip("/")))
     w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}") if quant else gguf.LlamaFileType.ALL_F32)
     w.add_context_length(cfg.max_position_embeddings)
@@ -114,6 +116,19 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
+    if cfg.gemma is not None:
+        _write_gemma(w, cfg, get, add)
+    else:
+        _write_llama_tensors(cfg, get, add)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    logging.info("wrote %s (%d layers, %s)", dst, cfg.num_layers, quant or "float32")
+    return dst
+
+
+def _write_llama_tensors(cfg: ModelConfig, get, add) -> None:
     add(gguf_names(None, "embed"), get(hf_names(None, "embed")))
     add(gguf_names(None, "final_norm"), get(hf_names(None, "final_norm")), matmul=False)
     if not cfg.tie_word_embeddings:
@@ -124,10 +139,59 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
             if part in ("q", "k"):
                 a = _permute(a, cfg.num_heads if part == "q" else cfg.num_kv_heads)
             add(gguf_names(i, part), a, matmul="norm" not in part)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
-    w.close()
-    logging.info("wrote %s (%d layers, %s)", dst, cfg.num_layers, quant or "float32")
-    return dst
+
+
+def _write_gemma(w, cfg: ModelConfig, get, add) -> None:
+    """Gemma's metadata and tensors as llama.cpp's converter writes them (norms as 1 + w for Gemma 2/3, the layer
+    pattern as a per-layer flag), plus `attention.scale` (llama.cpp derives it from the model size instead)."""
+    import gguf
+
+    from novallm_jax.loading.gemma import gemma_gguf_names, gemma_hf_names, gemma_layer_parts
+    from novallm_jax.model_gemma import layer_widths
+
+    g = cfg.gemma
+    sliding = [t == "sliding_attention" for t in g.layer_types]
+    arch = w.arch
+    if g.sliding_window:
+        w.add_sliding_window(g.sliding_window)
+    w.add_sliding_window_pattern(sliding)
+    w.add_float32(f"{arch}.rope.freq_base_swa", g.local_rope_theta)
+    w.add_float32(f"{arch}.attention.scale", cfg.attention_scale)
+    if g.attn_softcap:
+        w.add_attn_logit_softcapping(g.attn_softcap)
+    if g.final_softcap:
+        w.add_final_logit_softcapping(g.final_softcap)
+    if g.version >= 4:
+        full = [i for i, s in enumerate(sliding) if not s]
+        w.add_shared_kv_layers(g.num_kv_shared_layers)
+        w.add_embedding_length_per_layer_input(g.per_layer_input_size)
+        w.add_key_length_swa(cfg.head_dim)
+        w.add_value_length_swa(cfg.head_dim)
+        if full:  # the global head size replaces the sliding one written before
+            w.kv_data[0].pop(gguf.Keys.Attention.KEY_LENGTH.format(arch=arch))
+            w.kv_data[0].pop(gguf.Keys.Attention.VALUE_LENGTH.format(arch=arch))
+            w.add_key_length(cfg.layer_head_dim(full[0]))
+            w.add_value_length(cfg.layer_head_dim(full[0]))
+        w.kv_data[0].pop(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch))
+        w.add_head_count_kv([cfg.layer_kv_heads(i) for i in range(cfg.num_layers)])
+        if g.double_wide_mlp:
+            w.kv_data[0].pop(gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch))
+            w.add_feed_forward_length([layer_widths(cfg, i)[3] for i in range(cfg.num_layers)])
+        if full:
+            hd = cfg.layer_head_dim(full[0])
+            rotated = int(g.full_rotary_fraction * hd // 2)
+            add("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (hd // 2 - rotated), np.float32),
+                matmul=False)
+    shift = np.float32(g.norm_offset)
+    for part in ("embed", "final_norm", "lm_head", "embed_per_layer", "ple_model_proj", "ple_proj_norm"):
+        if (part == "lm_head" and cfg.tie_word_embeddings) or (part not in ("embed", "final_norm", "lm_head")
+                                                                 and not g.per_layer_input_size):
+            continue
+        a = get(gemma_hf_names(None, part))
+        add(gemma_gguf_names(None, part), a + shift if part.endswith("norm") else a, matmul="norm" not in part)
+    for i in tqdm(range(cfg.num_layers), desc="writing GGUF", unit="layer", leave=False):
+        for part in gemma_layer_parts(cfg, i):
+            a = get(gemma_hf_names(i, part))
+            norm = part.endswith("norm")
+            add(gemma_gguf_names(i, part), a + shift if norm else a, matmul=not norm and part != "layer_scalar")
 

@@ -12,6 +12,7 @@ from absl import logging
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
+from novallm_jax.loading.gemma import GGUF_GLOBAL, GGUF_LAYER, gemma_gguf_names, gemma_tensor_shapes
 from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
 from novallm_jax.loading.gguf_readers import FastReader, reader_for
 
@@ -72,6 +73,10 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     tensors = {t.name: t for t in reader.tensors}
     cfg = ModelConfig.from_gguf_metadata(gguf_metadata(reader), set(tensors))
     arch = reader.fields["general.architecture"].contents()
+    names = gguf_names
+    if cfg.gemma is not None:
+        cfg = gemma_gguf_config(cfg, tensors)
+        names = gemma_gguf_names
     expected = _expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -103,20 +108,42 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         a = np.asarray(a, np.float32)
         if a.shape != expected[name]:
             raise TensorError(f"tensor {name!r} in {path} has shape {a.shape}, expected {expected[name]}")
+        if cfg.gemma is not None and cfg.gemma.norm_offset and name.endswith("norm.weight"):
+            a = a - np.float32(cfg.gemma.norm_offset)  # llama.cpp stores Gemma 2/3 norms as 1 + w
         heads = permuted_heads(name)
         return a if heads is None else _unpermute(a, heads)
 
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
-    return cfg, assemble_params(cfg, get, gguf_names, dtype, desc=os.path.basename(path))
+    return cfg, assemble_params(cfg, get, names, dtype, desc=os.path.basename(path))
 
 
 _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
-    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"])
+    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"],
+    GGUF_GLOBAL["ple_model_proj"])
+
+
+def gemma_gguf_config(cfg: ModelConfig, tensors: dict) -> ModelConfig:
+    """What a Gemma 4 file says in tensors rather than metadata: the per-layer embeddings' vocabulary, and the share
+    of a global head that RoPE rotates (`rope_freqs`: factor 1 for a rotated pair, 1e30 for one left alone)."""
+    import dataclasses
+
+    g = cfg.gemma
+    if g.version < 4:
+        return cfg
+    if "per_layer_token_embd.weight" in tensors:
+        g = dataclasses.replace(g, per_layer_vocab=int(tensors["per_layer_token_embd.weight"].shape[-1]))
+    if "rope_freqs.weight" in tensors:
+        factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32)
+        g = dataclasses.replace(g, full_rotary_fraction=float((factors == 1.0).sum()) / factors.size)
+    return dataclasses.replace(cfg, gemma=g)
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Tensor shapes in numpy order ([out, in]), as the gguf package returns them."""
     from novallm_jax.loading.hf import hf_names, hf_tensor_shapes
+
+    if cfg.gemma is not None:
+        return gemma_tensor_shapes(cfg, gemma_gguf_names)
 
     hf = hf_tensor_shapes(cfg)
     out = {gguf_names(None, p): hf[hf_names(None, p)] for p in ("embed", "final_norm")}
