@@ -105,6 +105,21 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     return [(a, b) for a, b, _ in merges]
 
 
+def _wordpiece(tokens: list[str], token_types: list[int], unk: str, lowercase: bool,
+               strip_accents: bool) -> tokenizers.Tokenizer:
+    """llama.cpp's WPM (BERT): greedy longest match over "▁" + word, i.e. WordPiece with "▁x" -> "x", "x" -> "##x"."""
+    vocab: dict[str, int] = {}
+    for i, (t, k) in enumerate(zip(tokens, token_types)):
+        vocab.setdefault(t if k == _CONTROL else t[1:] if t.startswith("▁") else "##" + t, i)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+        vocab=vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=1 << 30))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tok
+
+
 def _splits(regexes: tuple[str, ...]) -> list[pre_tokenizers.PreTokenizer]:
     return [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
 
@@ -173,6 +188,24 @@ _ADDS_BOS = frozenset(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1"
                        "jina-v5-nano", "tekken", "chameleon"])
 
 
+# Texts llama.cpp ends generation on in any vocabulary (llama_vocab::impl::load, special_eog_ids): a Gemma GGUF's eos
+# is <eos> but its turns end with <end_of_turn>, Phi-3's with <|end|>.
+_EOG_TEXTS = frozenset(["<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+                        "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+                        "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+                        "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~["])
+
+
+def _end_of_generation(tokens: list[str]) -> list[int]:
+    """Ids llama.cpp stops on, with its two exceptions (harmony's <|end|>, Gemma 4's plain </s>)."""
+    ids = {t: i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
+    if ("<|return|>" in ids and "<|call|>" in ids) or ("<|calls|>" in ids and "<|flush|>" in ids):
+        ids.pop("<|end|>", None)
+    if "<|tool_response>" in ids:
+        ids.pop("</s>", None)
+    return sorted(ids.values())
+
+
 def _rstrip_rule(model_name: str) -> Any:
     """llama.cpp strips the whitespace after Phi-3's special tokens (except <unk>, <s>, <|endoftext|>)."""
     lowered = model_name.lower()
@@ -221,10 +254,16 @@ def tokenizer_from_gguf(source: str | Any) -> HFTokenizer:
         if merges is None:
             raise TokenizerError(f"{name}: gemma4 vocabulary without tokenizer.ggml.merges")
         tok = _gemma4(tokens, merges)
-        add_bos_default = False
+        add_bos_default = True
+    elif model == "bert":
+        lowercase = bool(_field(reader, "tokenizer.ggml.normalizer.lowercase", True))
+        unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id", 100))
+        tok = _wordpiece(tokens, token_types, tokens[unk_id] if 0 <= unk_id < len(tokens) else "[UNK]", lowercase,
+                         bool(_field(reader, "tokenizer.ggml.normalizer.strip_accents", lowercase)))
+        add_bos_default = True  # [CLS] ... [SEP], as llama.cpp's WPM adds them
     else:
         raise TokenizerError(f"{name}: tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2', 'llama', "
-                             "'gemma4')")
+                             "'gemma4', 'bert')")
 
     def token_id(key: str) -> int | None:
         value = _field(reader, f"tokenizer.ggml.{key}")
@@ -232,6 +271,8 @@ def tokenizer_from_gguf(source: str | Any) -> HFTokenizer:
 
     bos, eos, pad, unk = (token_id(k) for k in ("bos_token_id", "eos_token_id", "padding_token_id",
                                                   "unknown_token_id"))
+    if model == "bert":  # [CLS] opens a sequence and [SEP] closes it
+        bos, eos = bos if bos is not None else token_id("cls_token_id"), token_id("seperator_token_id")
     # Control tokens stay whole and are special; user-defined ones stay whole but are text (llama.cpp splits them
     # out even when it does not parse special tokens). A control token outside the byte alphabet of a byte-level
     # vocabulary is a llama.cpp mislabel and is left alone.
@@ -246,9 +287,10 @@ def tokenizer_from_gguf(source: str | Any) -> HFTokenizer:
             if k == _USER_DEFINED and t not in {c.content for c in control}]
     if user:
         tok.add_tokens(user)
-    extra_eos = [token_id(k) for k in ("eot_token_id", "eom_token_id")]
+    extra_eos = [token_id(k) for k in ("eot_token_id", "eom_token_id")] + _end_of_generation(tokens)
+    # llama.cpp always gives Gemma 4 its bos, whatever the file says.
+    add_bos = model == "gemma4" or bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = model == "bert" or bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
     return HFTokenizer(tok, bos_token_id=bos, eos_token_ids=[i for i in [eos, *extra_eos] if i is not None],
-                       pad_token_id=pad, unk_token_id=unk,
-                       add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
-                       add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+                       pad_token_id=pad, unk_token_id=unk, add_bos=add_bos, add_eos=add_eos,
                        chat_template=_field(reader, "tokenizer.chat_template"), name=os.path.basename(name))
