@@ -29,13 +29,15 @@ pytestmark = [
 
 
 def _weight(bits: int, n: int, k: int, seed: int) -> BlockQuant:
-    """Random codes over their whole range (4-bit 0..15, 8-bit -128..127), random scales and offsets."""
+    """Random codes over their whole range (4-bit 0..15, 8-bit -128..127, 6: Q6_K's -32..31), random scales (bits 6:
+    a second one per block, signed as Q6_K's) and offsets (none for Q6_K alone, but a Q4_K beside it has them)."""
     rng = np.random.default_rng(seed)
-    codes = (rng.integers(0, 16, (n, k)).astype(np.uint8) if bits == 4
-             else rng.integers(-128, 128, (n, k)).astype(np.int8))
+    lo, hi = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[bits]
+    codes = rng.integers(lo, hi, (n, k)).astype(np.uint8 if bits == 4 else np.int8)
     d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32)
     m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32)
-    return BlockQuant(codes, d, m, bits)
+    d2 = rng.uniform(-0.08, 0.08, (n, k // 32)).astype(np.float32) if bits == 6 else None
+    return BlockQuant(codes, d, m, bits, d2)
 
 
 def _x(m: int, k: int, seed: int) -> np.ndarray:
@@ -54,27 +56,32 @@ def _emulate(x: np.ndarray, bq: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
     xb = x.reshape(m, k // 32, 32)
     amax = np.abs(xb).max(-1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(xb * inv[..., None]).astype(np.int64)
-    isum = np.einsum("mbk,nbk->mnb", q, bq.codes.astype(np.int64).reshape(bq.shape[0], k // 32, 32))
-    dx = (amax / np.float32(127)).astype(np.float64)
-    terms = (isum * (bq.d[None].astype(np.float64) * dx[:, None]), bq.m[None] * xb.sum(-1, dtype=np.float64)[:, None])
+    q = np.rint(xb * inv[..., None]).astype(np.int64).reshape(m, k // 16, 16)
+    # Exact integer sums per 16 k (the scale of bits=6 changes at 16; other kinds' two halves have one scale).
+    isum = np.einsum("mbk,nbk->mnb", q, bq.codes.astype(np.int64).reshape(bq.shape[0], k // 16, 16))
+    d2 = bq.d if bq.d2 is None else bq.d2
+    scale = np.stack([bq.d, d2], -1).reshape(bq.shape[0], k // 16).astype(np.float64)
+    dx = np.repeat((amax / np.float32(127)).astype(np.float64), 2, -1)
+    terms = ((isum * (scale[None] * dx[:, None])).reshape(m, bq.shape[0], k // 32, 2).sum(-1),
+             bq.m[None] * xb.sum(-1, dtype=np.float64)[:, None])
     return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("n", [16, 40])
 def test_int8_layout_holds_the_same_weights(bits, n):
     bq = _weight(bits, n, 96, seed=n)
-    exact = native.QuantLinear(jnp.asarray(native.pack_quant(bq.codes, bq.d, bq.m, bits)), n, bits)
+    exact = native.QuantLinear.from_blocks(bq)
     dot = exact.with_int8_activations()
     assert dot.int8 and dot.panels.shape == exact.panels.shape
-    np.testing.assert_array_equal(np.asarray(dot.panels), native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True))
+    np.testing.assert_array_equal(np.asarray(dot.panels),
+                                  native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True, d2=bq.d2))
     np.testing.assert_array_equal(dot.to_dense(), exact.to_dense())
     np.testing.assert_array_equal(dot.to_dense(), bq.dequantize().T)
     assert dot.with_int8_activations() is dot
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 32])
 def test_int8_matmul_computes_its_stated_arithmetic(bits, m):
     k, n = 256, 40  # 40 columns: a padded panel
@@ -145,7 +152,7 @@ def test_llm_generates_with_int8_activations(default_gguf):
         assert llm.engine.check_leaks() == []
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 def test_int8_matmul_rows_do_not_depend_on_their_batch(bits):
     """Each row is quantised and summed on its own, in the same order in every tile: a request's results do not
     depend on which rows share its step (the engine's batch invariance)."""
@@ -172,9 +179,9 @@ def test_kernels_say_why_they_cannot_run(monkeypatch):
 
 
 def _int8_outputs() -> dict[str, np.ndarray]:
-    """int8-dot outputs of this process's kernel build on fixed weights and inputs, 4- and 8-bit codes."""
+    """int8-dot outputs of this process's kernel build on fixed weights and inputs, 4-, 6- and 8-bit codes."""
     out = {}
-    for bits in (4, 8):
+    for bits in (4, 6, 8):
         w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
         out[f"y{bits}"] = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
     return out

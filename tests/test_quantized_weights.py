@@ -31,15 +31,18 @@ def _raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     if not type_name.endswith("_K"):  # the gguf package quantises these
         return gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32), qtype)
-    # K-quants (the gguf package cannot quantise them): random codes, scales and mins with sane float16 d and dmin.
+    # K-quants (the gguf package cannot quantise them): random codes, scales and mins with sane float16 d and dmin
+    # (Q6_K: random signed 8-bit scales and its d at the end of the block).
     n = rows * cols // 256
     blocks = rng.integers(0, 256, (n, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
-    blocks[:, :4] = rng.uniform(0.001, 0.1, (n, 2)).astype(np.float16).view(np.uint8).reshape(n, 4)
+    where = slice(-2, None) if type_name == "Q6_K" else slice(0, 4)
+    d = rng.uniform(0.001, 0.1, (n, 2 if type_name != "Q6_K" else 1)).astype(np.float16)
+    blocks[:, where] = d.view(np.uint8).reshape(n, -1)
     return blocks.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("type_name,bits", [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 8),
-                                            ("Q5_1", 8), ("Q5_K", 8)])
+                                            ("Q5_1", 8), ("Q5_K", 8), ("Q6_K", 6)])
 def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     rows, cols = 24, 512
     raw = _raw(type_name, rows, cols)
@@ -50,6 +53,18 @@ def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     perm = np.random.default_rng(1).permutation(rows)
     np.testing.assert_array_equal(BlockQuant.concat_rows([bq, bq.take_rows(perm)]).dequantize(),
                                   np.concatenate([ref, ref[perm]]))
+
+
+@pytest.mark.parametrize("kinds", [("Q4_K", "Q6_K"), ("Q6_K", "Q8_0")])
+def test_codes_beside_q6_k_concatenate_with_two_scales(kinds):
+    """A Q4_K_M file's Q4_K q and k with its Q6_K v: one weight, bits=6, decoding to each part's gguf values."""
+    parts = [decode_blocks(_raw(t, 16 * (i + 1), 256, seed=i), t, (16 * (i + 1), 256)) for i, t in enumerate(kinds)]
+    both = BlockQuant.concat_rows(parts)
+    assert both.bits == 6 and both.codes.dtype == np.int8
+    np.testing.assert_array_equal(both.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 256), dtype=np.float32))
+    y = native.QuantLinear.from_blocks(both).apply(x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(native.PackedLinear.from_dense(both.dequantize().T).apply(x)))
 
 
 def test_codes_of_mixed_widths_concatenate_in_8_bits():
@@ -67,22 +82,24 @@ def test_codes_of_mixed_widths_concatenate_in_8_bits():
 def test_unsupported_types_are_not_decoded():
     raw = np.zeros((4, 64 * 2), np.uint8)
     assert decode_blocks(raw, "F16", (4, 64)) is None
-    assert decode_blocks(raw, "Q6_K", (4, 256)) is None
+    assert decode_blocks(raw, "Q3_K", (4, 256)) is None
     assert decode_blocks(raw, "Q4_1", (4, 48)) is None  # rows that are not whole blocks
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("n", [16, 50])
 def test_pack_quant_round_trip(type_name, n):
-    bq = decode_blocks(_raw(type_name, n, 96), type_name, (n, 96))
-    panels = native.pack_quant(bq.codes, bq.d, bq.m, bq.bits)
-    assert panels.shape == (-(-n // 16), 3, 8 * 16 + 32 * 16 * bq.bits // 8)
+    k = 256 if type_name == "Q6_K" else 96
+    bq = decode_blocks(_raw(type_name, n, k), type_name, (n, k))
+    panels = native.pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)
+    scales, code_bits = (3, 8) if bq.bits == 6 else (2, bq.bits)
+    assert panels.shape == (-(-n // 16), k // 32, scales * 4 * 16 + 32 * 16 * code_bits // 8)
     dense = native.unpack_quant(panels, -(-n // 16) * 16, bq.bits)
     np.testing.assert_array_equal(dense[:, :n], bq.dequantize().T)
     assert not dense[:, n:].any()  # padding columns decode to zero
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 32, 100])
 def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
     k, n = 512, 72

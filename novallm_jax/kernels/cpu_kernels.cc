@@ -253,12 +253,16 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 // Block-quantised panels (GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights in their own codes): per panel, K / 32 blocks of
 // {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to a
-// byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed. A panel is decoded into
+// byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed. BITS = 6 (Q6_K, whose
+// scales cover 16 weights): 8-bit codes and a third scale row, {d[16], m[16], d2[16], codes[32][16]}, with d2 in
+// place of d for k = 16..31. A panel is decoded into
 // a float32 scratch panel (bit-identical to the float32 weights that the `gguf` package dequantises: a product,
 // then a sum, never fused) and multiplied by the same tiles as float32 weights, so the results are bit-identical
 // to the float32 path's while each weight costs 0.75 (4-bit) or 1.25 (8-bit) bytes of memory traffic instead of 4.
 constexpr int64_t kBlock = 32;
-template <int BITS> constexpr int64_t kBlockBytes = 2 * kPanel * 4 + kBlock * kPanel * BITS / 8;
+template <int BITS> constexpr int64_t kCodeBits = BITS == 4 ? 4 : 8;
+template <int BITS> constexpr int64_t kHeaderBytes = (BITS == 6 ? 3 : 2) * kPanel * 4;
+template <int BITS> constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kBlock * kPanel * kCodeBits<BITS> / 8;
 
 // Keeps the compiler from contracting `NoFuse(a * b) + c` into an FMA, whose single rounding would differ from the
 // reference dequantisation.
@@ -294,14 +298,17 @@ template <> inline void Codes<8>(const uint8_t* c, v8& lo, v8& hi) {
   lo = __builtin_convertvector(Widen(c, true), v8);
   hi = __builtin_convertvector(Widen(c + 8, true), v8);
 }
+template <> inline void Codes<6>(const uint8_t* c, v8& lo, v8& hi) { Codes<8>(c, lo, hi); }
 
 template <int BITS>
 void Dequant(const uint8_t* q, int64_t K, float* w) {
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
     const float* dm = reinterpret_cast<const float*>(q);
-    const v8 d0 = Load(dm), d1 = Load(dm + 8), m0 = Load(dm + 16), m1 = Load(dm + 24);
-    const uint8_t* c = q + 2 * kPanel * 4;
-    for (int64_t k = 0; k < kBlock; ++k, c += kPanel * BITS / 8, w += kPanel) {
+    v8 d0 = Load(dm), d1 = Load(dm + 8);
+    const v8 m0 = Load(dm + 16), m1 = Load(dm + 24);
+    const uint8_t* c = q + kHeaderBytes<BITS>;
+    for (int64_t k = 0; k < kBlock; ++k, c += kPanel * kCodeBits<BITS> / 8, w += kPanel) {
+      if (BITS == 6 && k == kBlock / 2) { d0 = Load(dm + 32); d1 = Load(dm + 40); }
       v8 lo, hi;
       Codes<BITS>(c, lo, hi);
       Store(w, NoFuse(lo * d0) + m0);
@@ -315,12 +322,14 @@ void Dequant(const uint8_t* q, int64_t K, float* w) {
 template <int BITS>
 void QuantRow(const float* x, const uint8_t* q, int64_t K, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
-  constexpr int64_t kRowBytes = kPanel * BITS / 8;
+  constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>, x += kBlock) {
     const float* dm = reinterpret_cast<const float*>(q);
-    const v8 d0 = Load(dm), d1 = Load(dm + 8), m0 = Load(dm + 16), m1 = Load(dm + 24);
-    const uint8_t* c = q + 2 * kPanel * 4;
+    v8 d0 = Load(dm), d1 = Load(dm + 8);
+    const v8 m0 = Load(dm + 16), m1 = Load(dm + 24);
+    const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; k += 2, c += 2 * kRowBytes) {
+      if (BITS == 6 && k == kBlock / 2) { d0 = Load(dm + 32); d1 = Load(dm + 40); }
       v8 lo, hi, lo2, hi2;
       Codes<BITS>(c, lo, hi);
       Codes<BITS>(c + kRowBytes, lo2, hi2);
@@ -441,9 +450,9 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
   v16 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   for (int64_t b = 0; b < KB; ++b, w += kBlockBytes<BITS>) {
-    const uint8_t* c = w + 2 * kPanel * 4;
+    const uint8_t* c = w + kHeaderBytes<BITS>;
     const int8_t* xq = x.q + row * x.K + b * kBlock;
-    __m512i s[MR];
+    __m512i s[MR], lo[MR];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
     for (int r = 0; r < MR; ++r) s[r] = _mm512_setzero_si512();
     if constexpr (BITS == 4) {
       // 32 bytes of [8 columns][4 k] in both halves; the upper half shifted by 4 bits: columns 0-7 from the low
@@ -464,6 +473,13 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       const __m512i bias = _mm512_set1_epi8(char(0x80));
       __m512i wsum = _mm512_setzero_si512();
       for (int kq = 0; kq < 8; ++kq) {
+        if (BITS == 6 && kq == 4) {
+          for (int r = 0; r < MR; ++r) {
+            lo[r] = _mm512_sub_epi32(s[r], wsum);
+            s[r] = _mm512_setzero_si512();
+          }
+          wsum = _mm512_setzero_si512();
+        }
         const __m512i codes = _mm512_loadu_si512(c + 64 * kq);
         wsum = _mm512_dpbusd_epi32(wsum, bias, codes);
         for (int r = 0; r < MR; ++r) {
@@ -474,12 +490,18 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       }
       for (int r = 0; r < MR; ++r) s[r] = _mm512_sub_epi32(s[r], wsum);
     }
-    v16 d, m;
+    v16 d, m, d2;
     std::memcpy(&d, w, sizeof d);
     std::memcpy(&m, w + sizeof d, sizeof m);
     for (int r = 0; r < MR; ++r) {
       const float dx = x.dx[(row + r) * KB + b], sx = x.sx[(row + r) * KB + b];
-      acc[r] += (d * dx) * __builtin_convertvector((__v16si)s[r], v16) + m * sx;
+      if constexpr (BITS == 6) {
+        std::memcpy(&d2, w + 2 * sizeof d, sizeof d2);
+        acc[r] += (d * dx) * __builtin_convertvector((__v16si)lo[r], v16) +
+                  (d2 * dx) * __builtin_convertvector((__v16si)s[r], v16) + m * sx;
+      } else {
+        acc[r] += (d * dx) * __builtin_convertvector((__v16si)s[r], v16) + m * sx;
+      }
     }
   }
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof acc[r]);
@@ -496,8 +518,8 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
   v8 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
   for (int64_t b = 0; b < KB; ++b, w += kBlockBytes<BITS>) {
-    const uint8_t* c = w + 2 * kPanel * 4;
-    __m256i s[MR][2];
+    const uint8_t* c = w + kHeaderBytes<BITS>;
+    __m256i s[MR][2], lo[MR][2];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
     if constexpr (BITS == 4) {
       // 16-bit sums are exact here: 8 k-quads of two products of a code (0..15) and a qx (|qx| <= 127) stay under
       // 8 * 2 * 15 * 127 = 30480.
@@ -525,6 +547,13 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
+        if (BITS == 6 && kq == 4) {
+          for (int r = 0; r < MR; ++r) {
+            lo[r][0] = s[r][0];
+            lo[r][1] = s[r][1];
+            s[r][0] = s[r][1] = _mm256_setzero_si256();
+          }
+        }
         const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * kq));
         const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 64 * kq + 32));
         const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
@@ -543,8 +572,16 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
     const v8 d0 = Load(dm), d1 = Load(dm + 8), m0 = Load(dm + 16), m1 = Load(dm + 24);
     for (int r = 0; r < MR; ++r) {
       const v8 dx = Splat(x.dx[(row + r) * KB + b]), sx = Splat(x.sx[(row + r) * KB + b]);
-      acc[r][0] += (d0 * dx) * __builtin_convertvector((v8i)s[r][0], v8) + m0 * sx;
-      acc[r][1] += (d1 * dx) * __builtin_convertvector((v8i)s[r][1], v8) + m1 * sx;
+      if constexpr (BITS == 6) {
+        const v8 e0 = Load(dm + 32), e1 = Load(dm + 40);
+        acc[r][0] += (d0 * dx) * __builtin_convertvector((v8i)lo[r][0], v8) +
+                     (e0 * dx) * __builtin_convertvector((v8i)s[r][0], v8) + m0 * sx;
+        acc[r][1] += (d1 * dx) * __builtin_convertvector((v8i)lo[r][1], v8) +
+                     (e1 * dx) * __builtin_convertvector((v8i)s[r][1], v8) + m1 * sx;
+      } else {
+        acc[r][0] += (d0 * dx) * __builtin_convertvector((v8i)s[r][0], v8) + m0 * sx;
+        acc[r][1] += (d1 * dx) * __builtin_convertvector((v8i)s[r][1], v8) + m1 * sx;
+      }
     }
   }
   for (int r = 0; r < MR; ++r) { Store(y + r * ldy, acc[r][0]); Store(y + r * ldy + 8, acc[r][1]); }
@@ -918,8 +955,8 @@ struct Weight {
       w.panel_bytes = K * kPanel * 4;
     } else {
       const int bits = kind & 15;
-      const int64_t block = bits == 4 ? kBlockBytes<4> : kBlockBytes<8>;
-      ok = ok && (bits == 4 || bits == 8) && (kind & ~int64_t{31}) == 0 && b.element_type() == ffi::DataType::U8 &&
+      const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 6 ? kBlockBytes<6> : kBlockBytes<8>;
+      ok = ok && (bits == 4 || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 && b.element_type() == ffi::DataType::U8 &&
            d[1] * kBlock == K && d[2] == block;
       if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
       w.panel_bytes = d[1] * block;
@@ -955,9 +992,11 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
   switch (w.kind) {
     case 0: return Panel(x, M, w.K, reinterpret_cast<const float*>(wp), y, ldy);
     case 4: return QuantPanel<4>(x, M, w.K, wp, y, ldy);
+    case 6: return QuantPanel<6>(x, M, w.K, wp, y, ldy);
     case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
 #if defined(__AVX2__)
     case 16 + 4: return DotPanel<4>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
+    case 16 + 6: return DotPanel<6>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
     case 16 + 8: return DotPanel<8>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
 #endif
   }
@@ -1200,8 +1239,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmPagedAttentionF32, PagedAttention,
                                                              .Arg<ffi::Buffer<ffi::U8>>()        \
                                                              .Ret<ffi::Buffer<ffi::F32>>());
 NOVALLM_QUANT_MATMUL(NovallmQ4MatmulF32, QuantMatmul, 4)
+NOVALLM_QUANT_MATMUL(NovallmQ6MatmulF32, QuantMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8MatmulF32, QuantMatmul, 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
+NOVALLM_QUANT_MATMUL(NovallmQ6DotMatmulF32, DotMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
 
 extern "C" int NovallmHasInt8Dot() { return kInt8Dot; }

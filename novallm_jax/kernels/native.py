@@ -34,8 +34,8 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
-_QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 8: "novallm_q8_matmul_f32"}
-_DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
+_QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 6: "novallm_q6_matmul_f32", 8: "novallm_q8_matmul_f32"}
+_DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 6: "novallm_q6_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
 
@@ -93,9 +93,10 @@ def _library() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
-        for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (8, lib.NovallmQ8MatmulF32)):
+        for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (6, lib.NovallmQ6MatmulF32), (8, lib.NovallmQ8MatmulF32)):
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
-        for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (8, lib.NovallmQ8DotMatmulF32)):
+        for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (6, lib.NovallmQ6DotMatmulF32),
+                             (8, lib.NovallmQ8DotMatmulF32)):
             jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
@@ -155,8 +156,19 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return y[:, :n].reshape(*lead, n)
 
 
+def _header_bytes(bits: int) -> int:
+    """Bytes of a panel block's float32 scales: d[16] and m[16], and with bits=6 (two scales, `BlockQuant.d2`)
+    d2[16] after them."""
+    return (3 if bits == 6 else 2) * 4 * PANEL
+
+
+def block_bytes(bits: int) -> int:
+    """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 bits, or 8 for bits 6 and 8)."""
+    return _header_bytes(bits) + QUANT_BLOCK * PANEL * (4 if bits == 4 else 8) // 8
+
+
 def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
-    """Codes [P, KB, 32, 16] (k, column) -> the panels' code bytes [P, KB, block code bytes]: k-major for the float32
+    """Codes [P, KB, 32, 16] (k, column; bits 6 are 8-bit codes) -> the panels' code bytes [P, KB, block code bytes]: k-major for the float32
     decode; for the int8-dot kernel, [8 k-quads][16 columns][4 k] (4-bit: 8 columns, c and c + 8 in one byte)."""
     p, kb = c.shape[:2]
     if int8:
@@ -171,7 +183,7 @@ def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
 def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4-bit) or int8."""
     p, kb, _ = panels.shape
-    c = np.ascontiguousarray(panels[..., 8 * PANEL:])
+    c = np.ascontiguousarray(panels[..., _header_bytes(bits):])
     if bits == 4:
         c = c.reshape(p, kb, QUANT_BLOCK // 4, PANEL // 2, 4) if int8 else c.reshape(p, kb, QUANT_BLOCK, PANEL // 2)
         c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=3 if int8 else -1)
@@ -182,19 +194,24 @@ def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     return c.reshape(p, kb, QUANT_BLOCK, PANEL)
 
 
-def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False) -> np.ndarray:
-    """Block codes of w^T (`codes` [N, K], `d`, `m` [N, K / 32], as in `loading.gguf_quant.BlockQuant`) -> panels
-    [ceil(N / 16), K / 32, block bytes] of {float d[16], float m[16], codes}, the layout `quant_matmul` reads (codes
-    [32][16]; 4-bit codes hold column j in the low nibble and column j + 8 in the high one), or with `int8` the
-    int8-dot kernel's (see `_layout_codes`). Padding columns are zero."""
+def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False,
+               d2: np.ndarray | None = None) -> np.ndarray:
+    """Block codes of w^T (`codes` [N, K], `d`, `m` (and with bits=6 `d2`) [N, K / 32], as in
+    `loading.gguf_quant.BlockQuant`) -> panels [ceil(N / 16), K / 32, `block_bytes`] of {float d[16], float m[16],
+    (float d2[16],) codes}, the layout `quant_matmul` reads (codes [32][16]; 4-bit codes hold column j in the low
+    nibble and column j + 8 in the high one), or with `int8` the int8-dot kernel's (see `_layout_codes`). Padding
+    columns are zero."""
     n, k = codes.shape
+    if (bits == 6) != (d2 is not None):
+        raise ValueError("pack_quant: d2 (the second scale of each block) goes with bits=6, and only with it")
+    scales = (d, m) if d2 is None else (d, m, d2)
     pad = -n % PANEL
     if pad:
-        codes, d, m = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, d, m))
+        codes, *scales = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, *scales))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
     scales = [np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
-              for a in (d, m)]
+              for a in scales]
     return np.concatenate(scales + [_layout_codes(c, bits, int8)], axis=-1)
 
 
@@ -202,9 +219,12 @@ def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False) -> n
     """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
-    d, m = (np.ascontiguousarray(panels[..., i * 4 * PANEL:(i + 1) * 4 * PANEL]).view(np.float32) for i in (0, 1))
+    d, m, d2 = (np.ascontiguousarray(panels[..., i * 4 * PANEL:(i + 1) * 4 * PANEL]).view(np.float32)
+                for i in (0, 1, 2 if bits == 6 else 0))
     c = _panel_codes(panels, bits, int8)
-    w = (d[:, :, None, :] * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
+    d = np.repeat(d[:, :, None, :], QUANT_BLOCK, 2)
+    d[:, :, QUANT_BLOCK // 2:] = d2[:, :, None, :]
+    w = (d * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
     return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
 
 
@@ -291,7 +311,8 @@ class PackedLinear:
 
 @flax.struct.dataclass
 class QuantLinear:
-    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`) stored as `pack_quant` panels.
+    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`; `bits` 4, 8, or 6: Q6_K's 8-bit codes
+    with two scales per block) stored as `pack_quant` panels.
 
     `int8`: the int8-dot layout, whose matmul quantises x to int8 per block of 32, as llama.cpp does: about 5x less
     arithmetic per weight than decoding it to float32, at the cost of x's rounding (results close to, not
@@ -305,7 +326,8 @@ class QuantLinear:
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
         """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout)."""
-        return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits)), n=int(bq.shape[0]), bits=bq.bits)
+        return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)), n=int(bq.shape[0]),
+                   bits=bq.bits)
 
     def to_dense(self) -> np.ndarray:
         return unpack_quant(self.panels, self.n, self.bits, self.int8)
@@ -316,8 +338,8 @@ class QuantLinear:
             return self
         panels = np.asarray(self.panels)
         codes = _layout_codes(_panel_codes(panels, self.bits, False), self.bits, True)
-        return QuantLinear(jnp.asarray(np.concatenate([panels[..., :8 * PANEL], codes], axis=-1)), self.n, self.bits,
-                           True)
+        header = panels[..., :_header_bytes(self.bits)]
+        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, self.bits, True)
 
     def apply(self, x: jax.Array) -> jax.Array:
         return quant_matmul(x, self.panels, self.n, self.bits, self.int8)

@@ -4,7 +4,8 @@ Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 have that form, with per-block scale
 exactly to the float32 values the `gguf` package dequantises (`BlockQuant.dequantize` is bit-identical to it). The
 native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes, so a Q4 weight costs 0.75 bytes of memory
 traffic instead of float32's 4, with the same arithmetic as the float32 weights. 5-bit codes are held in 8 bits
-(1.25 bytes). Q6_K (16-weight sub-blocks) and other types load as float32.
+(1.25 bytes). Q6_K's sub-blocks are 16 weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for
+the last 16 weights of each block of 32 (`bits=6`); other types load as float32.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import dataclasses
 import numpy as np
 
 BLOCK = 32  # weights per (d, m) pair
-SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0")
+SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 
 @dataclasses.dataclass
 class BlockQuant:
-    """A [rows, cols] weight as codes [rows, cols] (uint8 0..15 for bits=4, int8 for bits=8) and float32 d, m
-    [rows, cols / 32]: w[r, c] = d[r, c // 32] * codes[r, c] + m[r, c // 32] (a product, then a sum)."""
+    """A [rows, cols] weight as codes [rows, cols] (uint8 0..15 for bits=4, int8 for bits=8 and 6) and float32 d, m
+    [rows, cols / 32]: w[r, c] = d[r, c // 32] * codes[r, c] + m[r, c // 32] (a product, then a sum). bits=6 (Q6_K's
+    sub-blocks of 16): int8 codes, and the last 16 weights of each block of 32 are scaled by d2 instead of d."""
 
     codes: np.ndarray
     d: np.ndarray
     m: np.ndarray
     bits: int
+    d2: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -34,21 +37,32 @@ class BlockQuant:
     def dequantize(self) -> np.ndarray:
         rows, cols = self.codes.shape
         codes = self.codes.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
-        return ((self.d[..., None] * codes) + self.m[..., None]).reshape(rows, cols)
+        d = np.repeat(self.d[..., None], BLOCK, -1)
+        if self.d2 is not None:
+            d[..., BLOCK // 2:] = self.d2[..., None]
+        return ((d * codes) + self.m[..., None]).reshape(rows, cols)
 
     def take_rows(self, index: np.ndarray) -> "BlockQuant":
-        return BlockQuant(self.codes[index], self.d[index], self.m[index], self.bits)
+        return BlockQuant(self.codes[index], self.d[index], self.m[index], self.bits,
+                          None if self.d2 is None else self.d2[index])
 
     def to_8bit(self) -> "BlockQuant":
         """The same weights with their codes held in 8 bits (4-bit codes are 0..15)."""
-        return self if self.bits == 8 else BlockQuant(self.codes.astype(np.int8), self.d, self.m, 8)
+        return self if self.bits in (6, 8) else BlockQuant(self.codes.astype(np.int8), self.d, self.m, 8)
+
+    def to_two_scales(self) -> "BlockQuant":
+        """The same weights in the bits=6 form (8-bit codes, d2 = d)."""
+        return self if self.bits == 6 else BlockQuant(self.to_8bit().codes, self.d, self.m, 6, self.d.copy())
 
     @staticmethod
     def concat_rows(parts: list["BlockQuant"]) -> "BlockQuant":
-        """Rows of several weights; codes of mixed widths (a Q4_K q beside a Q5_K v, say) go to 8 bits."""
+        """Rows of several weights; codes of mixed widths (a Q4_K q beside a Q5_K v, say) go to 8 bits, and beside
+        Q6_K codes (a Q4_K_M file's Q4_K q and k with a Q6_K v) to the two-scale form."""
         if len({p.bits for p in parts}) != 1:
-            parts = [p.to_8bit() for p in parts]
-        return BlockQuant(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "d", "m")), parts[0].bits)
+            widen = BlockQuant.to_two_scales if any(p.bits == 6 for p in parts) else BlockQuant.to_8bit
+            parts = [widen(p) for p in parts]
+        cat = [np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "d", "m")]
+        return BlockQuant(*cat, parts[0].bits, None if parts[0].d2 is None else np.concatenate([p.d2 for p in parts]))
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -102,6 +116,14 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     elif type_name == "Q5_1":
         d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 8
         codes = (_nibbles(blocks[:, 8:], 16) | (_high_bits(blocks[:, 4:8]) << np.uint8(4))).astype(np.int8)
+    elif type_name == "Q6_K":  # ql [128], qh [64], int8 scales [16] of sub-blocks of 16, d: as gguf decodes them
+        ql = _nibbles(blocks[:, :128], 64)
+        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        qh = (qh & np.uint8(3)).reshape(-1, 256)
+        codes, bits = (ql | (qh << np.uint8(4))).astype(np.int8) - np.int8(32), 6
+        sub = _f16(blocks[:, 208:210])[:, None] * blocks[:, 192:208].view(np.int8).astype(np.float32)  # [n, 16]
+        d, d2 = sub[:, 0::2], sub[:, 1::2].reshape(rows, cols // BLOCK)
+        m = None
     else:  # Q4_K, Q5_K: super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins
         sc, mn = _q4_k_scales(blocks[:, 4:16])
         d = (_f16(blocks[:, :2])[:, None] * sc.astype(np.float32))
@@ -114,5 +136,5 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
             codes, bits = (_nibbles(blocks[:, 48:], 32) | (high << np.uint8(4))).astype(np.int8), 8
     d = np.asarray(d, np.float32).reshape(rows, cols // BLOCK)
     m = np.zeros_like(d) if m is None else np.asarray(m, np.float32).reshape(rows, cols // BLOCK)
-    return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits)
+    return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits, d2 if bits == 6 else None)
 
