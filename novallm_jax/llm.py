@@ -84,7 +84,7 @@ class LLM:
     model: a HF directory, a GGUF file or an orbax checkpoint (default: SmolLM2-135M-Instruct).
     tokenizer: where to read the tokenizer from, if not from `model`.
     dtype: "float32", "bfloat16", ... (default: float32 on CPU, bfloat16 on GPU).
-    weights: a GGUF file's Q4_0/1/K, Q5_0/1/K and Q8_0 matmul weights stay in their block codes ("quantized": the
+    weights: a GGUF file's Q4_0/1/K, Q5_0/1/K, Q6_K and Q8_0 matmul weights stay in their block codes ("quantized": the
       native CPU kernels decode them to the same float32 values, reading 3-5x fewer bytes per token) or are
       dequantised ("float"); "auto" (default): quantized where that can run (float32 on CPU with a C++ compiler).
     activations: "float32" (default), or "int8": block-coded matmuls quantise their inputs to int8 per 32 values and

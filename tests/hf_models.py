@@ -74,3 +74,12 @@ def _randomize_norms(model) -> None:
         for name, t in model.named_buffers():
             if name.endswith("layer_scalar"):
                 t.copy_(0.5 + torch.rand_like(t))
+
+
+def build_superblock_llama(layers: int = 8, seed: int = 0):
+    """A random Llama whose weight rows are whole 256-weight super-blocks (hidden 256, 4 heads of 64, FFN 512), as
+    GGUF K-quants need; untied, so token_embd and output are separate tensors."""
+    config = transformers.LlamaConfig(**{**_BASE, "vocab_size": 300, "hidden_size": 256, "intermediate_size": 512,
+                                         "num_hidden_layers": layers, "head_dim": 64, "tie_word_embeddings": False})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -17,7 +17,7 @@ from novallm_jax.kernels import native
 from novallm_jax.loading import load_model
 from novallm_jax.loading.gguf_export import hf_to_gguf
 from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
-from tests.hf_models import build_hf_model, save_hf_model
+from tests.hf_models import build_hf_model, build_superblock_llama, save_hf_model
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls"),
@@ -64,7 +64,8 @@ def test_codes_beside_q6_k_concatenate_with_two_scales(kinds):
     np.testing.assert_array_equal(both.dequantize(), np.concatenate([p.dequantize() for p in parts]))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 256), dtype=np.float32))
     y = native.QuantLinear.from_blocks(both).apply(x)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(native.PackedLinear.from_dense(both.dequantize().T).apply(x)))
+    dense = native.PackedLinear.from_dense(both.dequantize().T)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply(x)))
 
 
 def test_codes_of_mixed_widths_concatenate_in_8_bits():
@@ -208,3 +209,68 @@ def test_a_checkpoint_of_coded_params_holds_their_float_values(tmp_path):
     _, restored = load_checkpoint(str(tmp_path / "ckpt"), np.float32)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(dense)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _kquant_llama(tmp_path, layers: int = 8) -> str:
+    return save_hf_model(build_superblock_llama(layers), str(tmp_path / "hf"))
+
+
+def test_q4_k_m_gguf_runs_on_its_codes_with_the_float_logits(tmp_path, caplog):
+    """A Q4_K_M file from our writer (Q4_K, with Q6_K attn_v / ffn_down on llama.cpp's layers and Q6_K output): every
+    matmul weight stays in codes, each type's keeping is logged, and the logits equal the dequantised load's."""
+    import logging
+
+    path = hf_to_gguf(_kquant_llama(tmp_path), str(tmp_path / "model-Q4_K_M.gguf"), quant="Q4_K_M")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    six = {f"blk.{i}.{p}.weight" for i in (0, 3, 6, 7) for p in ("attn_v", "ffn_down")} | {"output.weight"}
+    assert {n for n, t in types.items() if t == "Q6_K"} == six
+    assert {t for n, t in types.items() if n not in six} == {"Q4_K", "F32"}
+    cfg, dense = load_model(path, np.float32)
+    caplog.set_level(logging.INFO, logger="absl")
+    _, coded = load_model(path, np.float32, keep_quantized=True)
+    lines = {r.getMessage() for r in caplog.records}
+    assert {"Q4_K: 48 tensors kept in codes (exact), the embedding table as float32 (its rows are gathered)",
+            "Q6_K: 9 tensors kept in codes (exact)", "F32: 17 norms"} <= lines
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "absl"]
+    layers = coded["layers"]
+    assert (layers[0]["wqkv"].bits, layers[1]["wqkv"].bits, layers[0]["w_down"].bits, coded["lm_head"].bits) == (
+        6, 4, 6, 6)  # layer 0's Q4_K q/k with its Q6_K v: the two-scale form
+    assert all(isinstance(layer[k], native.QuantLinear) for layer in layers for k in native.PACKED_WEIGHTS)
+    np.testing.assert_array_equal(layers[0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
+    _, want = _logits(cfg, dense)
+    ex, got = _logits(cfg, coded)
+    assert ex.params["lm_head"] is coded["lm_head"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_weight_widened_beside_codes_is_logged_as_a_warning():
+    from novallm_jax.loading.gguf_file import kept_line
+
+    assert kept_line("Q4_K", ["codes"] * 3 + ["dense"], "float32") == (
+        "Q4_K: 3 tensors kept in codes (exact), 1 matmul weights dequantised to float32", True)
+    assert kept_line("F16", ["dense"] * 2 + ["vector"], "float32") == (
+        "F16: 2 matmul weights widened to float32 (exact), 1 norms as float32", False)
+
+
+@pytest.mark.parametrize("quant", ["F16", "BF16"])
+def test_16_bit_gguf_loads_the_rounded_float_weights(tmp_path, quant, caplog):
+    """An F16 / BF16 file from our writer loads as the float32 file's weights rounded to 16 bits (norms stay
+    float32), and its logits are those of the float32 weights so rounded."""
+    import logging
+
+    import ml_dtypes
+
+    src = _kquant_llama(tmp_path, layers=2)
+    _, f32 = load_model(hf_to_gguf(src, str(tmp_path / "model.gguf")), np.float32)
+    caplog.set_level(logging.INFO, logger="absl")
+    cfg, half = load_model(hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant), np.float32,
+                           keep_quantized=True)
+    assert f"{quant}: 15 matmul weights widened to float32 (exact), the embedding table as float32 (its rows are " \
+           "gathered)" in {r.getMessage() for r in caplog.records}
+    dtype = np.float16 if quant == "F16" else ml_dtypes.bfloat16
+    flat32, flat16 = jax.tree.leaves(f32), jax.tree.leaves(half)
+    assert len(flat32) == len(flat16)
+    rounded = jax.tree.map(lambda a: a if a.ndim == 1 else np.asarray(a).astype(dtype).astype(np.float32), f32)
+    for a, b in zip(jax.tree.leaves(rounded), flat16):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    np.testing.assert_array_equal(_logits(cfg, half)[1], _logits(cfg, rounded)[1])

@@ -956,8 +956,8 @@ struct Weight {
     } else {
       const int bits = kind & 15;
       const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 6 ? kBlockBytes<6> : kBlockBytes<8>;
-      ok = ok && (bits == 4 || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 && b.element_type() == ffi::DataType::U8 &&
-           d[1] * kBlock == K && d[2] == block;
+      ok = ok && (bits == 4 || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 &&
+           b.element_type() == ffi::DataType::U8 && d[1] * kBlock == K && d[2] == block;
       if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
       w.panel_bytes = d[1] * block;
     }

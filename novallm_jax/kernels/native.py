@@ -168,8 +168,9 @@ def block_bytes(bits: int) -> int:
 
 
 def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
-    """Codes [P, KB, 32, 16] (k, column; bits 6 are 8-bit codes) -> the panels' code bytes [P, KB, block code bytes]: k-major for the float32
-    decode; for the int8-dot kernel, [8 k-quads][16 columns][4 k] (4-bit: 8 columns, c and c + 8 in one byte)."""
+    """Codes [P, KB, 32, 16] (k, column; bits 6 are 8-bit codes) -> the panels' code bytes [P, KB, block code
+    bytes]: k-major for the float32 decode; for the int8-dot kernel, [8 k-quads][16 columns][4 k] (4-bit: 8 columns,
+    c and c + 8 in one byte)."""
     p, kb = c.shape[:2]
     if int8:
         c = c.reshape(p, kb, QUANT_BLOCK // 4, 4, PANEL).swapaxes(-1, -2)  # [P, KB, 8, 16, 4]

@@ -74,8 +74,8 @@ def with_activations(params: dict, activations: str) -> dict:
         return params
     leaves = jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear))
     if not any(isinstance(w, native.QuantLinear) for w in leaves):
-        raise NovaLLMError("activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K or "
-                           "Q8_0 GGUF model with weights='auto' or 'quantized'")
+        raise NovaLLMError("activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, "
+                           "Q6_K or Q8_0 GGUF model with weights='auto' or 'quantized'")
     if not native.int8_dot_available():
         raise NovaLLMError("activations='int8' needs the native CPU kernels built for a CPU with AVX2")
     return native.int8_activations(params)
@@ -100,7 +100,7 @@ def model_kind(path: str) -> str:
 def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
     """Loads (config, params) from `path` (default: SmolLM2-135M-Instruct), cast to `dtype` (default per platform).
 
-    `keep_quantized`: a GGUF file's Q4_0/1/K, Q5_0/1/K and Q8_0 matmul weights stay in their block codes, for the
+    `keep_quantized`: a GGUF file's Q4_0/1/K, Q5_0/1/K, Q6_K and Q8_0 matmul weights stay in their block codes, for the
     native CPU kernels (float32 only; other files and types load as usual). See `quantized_by_default`.
     """
     path = os.path.expanduser(path) if path else default_model_path()

@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from novallm_jax.config import ModelConfig
@@ -26,9 +27,14 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
         return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, BlockQuant) else a, dtype))
 
     def matmul_weight(parts: list) -> jax.Array | native.QuantLinear:
-        """[out, in] tensors -> one [in, sum(out)] weight, kept in block codes when every part has the same kind."""
-        if all(isinstance(p, BlockQuant) for p in parts) and len({p.bits for p in parts}) == 1:
+        """[out, in] tensors -> one [in, sum(out)] weight, kept in block codes when every part has them (codes of
+        different kinds are brought to a common one, see `BlockQuant.concat_rows`)."""
+        coded = [isinstance(p, BlockQuant) for p in parts]
+        if all(coded):
             return native.QuantLinear.from_blocks(BlockQuant.concat_rows(parts))
+        if any(coded):
+            logging.warning("a matmul weight's parts in block codes are widened to %s beside parts that are not "
+                            "(shapes %s)", np.dtype(dtype).name, [tuple(p.shape) for p in parts])
         dense = [p.dequantize() if isinstance(p, BlockQuant) else p for p in parts]
         return put(np.concatenate([p.T for p in dense], axis=1))
 

@@ -1,4 +1,6 @@
-"""Writes a transformers Llama-family checkpoint as a float32 GGUF file that llama.cpp and our GGUF loader read.
+"""Writes a transformers Llama-family checkpoint as a GGUF file that llama.cpp and our GGUF loader read: float32,
+float16, bfloat16, or the matmul weights in a block format (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K, or llama.cpp's
+Q4_K_M mix).
 
 Used to run llama.cpp on exactly our weights (e.g. the random benchmark models, which have no GGUF of their own).
 """
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import UnsupportedArchitectureError
 from novallm_jax.loading.gguf_file import gguf_names
+from novallm_jax.loading.gguf_kquants import QUANTIZERS
 from novallm_jax.loading.hf import _shard_files, hf_names
 
 # SentencePiece piece types, as llama.cpp reads `tokenizer.ggml.token_type`.
@@ -57,25 +60,64 @@ def _check_supported(cfg: ModelConfig) -> None:
             f"GGUF export covers the llama architecture without extras; this model has {', '.join(problems)}")
 
 
+QUANTS = (None, "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
+_FILE_TYPES = {None: "ALL_F32", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
+# llama.cpp's fallback for rows that are not whole 256-weight super-blocks (llama-quant.cpp, tensor_type_fallback).
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp's use_more_bits: the layers whose attn_v and ffn_down a Q4_K_M file keeps in Q6_K."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(quant: str | None, name: str, n_layers: int, cols: int, tied: bool, matmul: bool = True) -> str:
+    """The GGUF type of tensor `name` (rows of `cols` weights; `tied`: token_embd is also the output) for a `quant`
+    setting, as llama-quantize chooses it for a Llama model; tensors that are not matmul weights stay float32."""
+    if quant is None or not matmul:
+        return "F32"
+    kind = quant
+    if quant == "Q4_K_M":
+        kind = "Q4_K"
+        output = name == "output.weight" or (tied and name == "token_embd.weight")
+        if output:
+            kind = "Q6_K" if cols % 256 == 0 else "Q8_0"
+        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(name.split(".")[1]), n_layers):
+            kind = "Q6_K"
+    if kind in _FALLBACK and cols % 256:
+        kind = _FALLBACK[kind]
+    # Rows that are not whole 32-weight blocks stay float32 (llama.cpp would write float16).
+    return "F32" if kind not in ("F16", "BF16") and cols % 32 else kind
+
+
 def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     """Writes the safetensors checkpoint in `model_dir` to `dst` as a llama GGUF; returns `dst`.
 
-    Float32, or with `quant` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0: what the `gguf` package can quantise) the matmul
-    weights and the embedding table in that block format (those whose rows are a whole number of 32-weight blocks).
-    The tokenizer is not converted: the file gets a placeholder vocabulary of the model's size, which is enough for
-    running token ids (benchmarks, logit comparisons), not for text.
+    Float32, or with `quant` (one of `QUANTS`) the matmul weights and the embedding table in that type: F16, BF16,
+    a block format (quantised by the `gguf` package where it can, else by `gguf_kquants`), or "Q4_K_M": llama.cpp's
+    mix (`tensor_type`). Norms stay float32. The tokenizer is not converted: the file gets a placeholder vocabulary
+    of the model's size, which is enough for running token ids (benchmarks, logit comparisons), not for text.
     """
     import gguf
     import gguf.quants
 
-    if quant not in (None, "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-        raise ValueError(f"quant must be None, 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1' or 'Q8_0', not {quant!r}")
-    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {', '.join(map(repr, QUANTS))}, not {quant!r}")
+    written: dict[str, int] = {}
 
     def add(name: str, a: np.ndarray, matmul: bool = True) -> None:
-        if qtype is None or not matmul or a.shape[-1] % 32:
+        kind = tensor_type(quant, name, cfg.num_layers, a.shape[-1], cfg.tie_word_embeddings, matmul)
+        written[kind] = written.get(kind, 0) + 1
+        if kind == "F32":
             return w.add_tensor(name, a)
-        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        if kind == "F16":
+            return w.add_tensor(name, a.astype(np.float16))
+        qtype = gguf.GGMLQuantizationType[kind]
+        try:
+            raw = gguf.quants.quantize(a, qtype)
+        except NotImplementedError:
+            raw = QUANTIZERS[kind](a)
+        w.add_tensor(name, raw, raw_dtype=qtype)
 
     cfg = ModelConfig.from_hf(model_dir)
     if cfg.gemma is None:
@@ -91,7 +133,7 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     arch = {2: "gemma2", 3: "gemma3", 4: "gemma4"}[cfg.gemma.version] if cfg.gemma else "llama"
     w = gguf.GGUFWriter(dst, arch)
     w.add_name(os.path.basename(model_dir.rstrip("/")))
-    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}") if quant else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES.get(quant, f"MOSTLY_{quant}")))
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
@@ -124,7 +166,8 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    logging.info("wrote %s (%d layers, %s)", dst, cfg.num_layers, quant or "float32")
+    logging.info("wrote %s (%d layers, %s: %s)", dst, cfg.num_layers, quant or "float32",
+                 ", ".join(f"{n} {k}" for k, n in sorted(written.items())))
     return dst
 
 

@@ -92,14 +92,29 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
             return None
         return cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
 
+    roles: dict[str, list[str]] = {}  # GGUF type -> how each of its tensors is kept (see `kept_line`)
+
+    def note(t, coded: bool) -> None:
+        """Notes how tensor `t` is kept: "codes" or "dense" for a matmul weight, "table" for the embedding table
+        (gathered, so dequantised; its codes kept too when it is also the tied output), "vector" for the rest."""
+        how = roles.setdefault(t.tensor_type.name, [])
+        if t.name == _GLOBAL_NAMES["embed"]:
+            how.append("table")
+            if not cfg.tie_word_embeddings:
+                return
+        how.append(("codes" if coded else "dense") if t.name.endswith(_MATMUL_TENSORS) else "vector")
+
     def get(name: str) -> np.ndarray | BlockQuant:
         t = tensors[name]
         if keep_quantized and name.endswith(_MATMUL_TENSORS):
             shape = tuple(int(s) for s in reversed(t.shape))
             bq = decode_blocks(t.data, t.tensor_type.name, shape) if shape == expected[name] else None
+            note(t, bq is not None)
             if bq is not None:
                 heads = permuted_heads(name)
                 return bq if heads is None else bq.take_rows(_unpermute(np.arange(shape[0]), heads))
+        if not keep_quantized or not name.endswith(_MATMUL_TENSORS):
+            note(t, False)
         try:
             a = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -114,7 +129,31 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         return a if heads is None else _unpermute(a, heads)
 
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
-    return cfg, assemble_params(cfg, get, names, dtype, desc=os.path.basename(path))
+    params = assemble_params(cfg, get, names, dtype, desc=os.path.basename(path))
+    for type_name, how in sorted(roles.items()):
+        line, widened = kept_line(type_name, how, np.dtype(dtype).name)
+        (logging.warning if widened and keep_quantized else logging.info)("%s", line)
+    return cfg, params
+
+
+def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
+    """The load's log line for one GGUF tensor type, e.g. "Q4_K: 120 tensors kept in codes (exact)", from how each
+    of its tensors is kept ("codes", "dense", "table", "vector"; see `load_gguf`), and whether a matmul weight of a
+    block type was dequantised (what a Q4_K_M file must not do silently)."""
+    count = {r: roles.count(r) for r in ("codes", "dense", "table", "vector")}
+    same = type_name == {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype)
+    exact = type_name in ("F32", "F16", "BF16") and dtype == "float32"
+    phrases = []
+    if count["codes"]:
+        phrases.append(f"{count['codes']} tensors kept in codes (exact)")
+    if count["dense"]:
+        phrases.append(f"{count['dense']} matmul weights " + (
+            f"in {dtype}" if same else f"widened to {dtype} (exact)" if exact else f"dequantised to {dtype}"))
+    if count["table"]:
+        phrases.append("the embedding table" + ("" if same else f" as {dtype} (its rows are gathered)"))
+    if count["vector"]:
+        phrases.append(f"{count['vector']} norms" + ("" if same else f" as {dtype}"))
+    return f"{type_name}: {', '.join(phrases)}", bool(count["dense"]) and not exact
 
 
 _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
