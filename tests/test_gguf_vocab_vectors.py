@@ -137,3 +137,10 @@ def test_every_pre_tokenizer_regex_compiles():
     for pre, regexes in PRE_TOKENIZER_SPLITS.items():
         for split in _splits(regexes):
             assert split.pre_tokenize_str("Hello, wörld 123 日本語 \n\n  x") is not None, pre
+
+
+def test_phi3_special_tokens_strip_what_follows():
+    """llama.cpp strips the whitespace after Phi-3's special tokens; the text after one gets its own '▁'."""
+    tok = _tokenizer("phi-3")
+    ids = load_tokenizer(_vocab_path("phi-3")).encode("<|user|>\n  Hi<|end|>\n<|assistant|>", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in ids] == ["<|user|>", "▁Hi", "<|end|>", "<|assistant|>"]
