@@ -144,3 +144,13 @@ def test_phi3_special_tokens_strip_what_follows():
     tok = _tokenizer("phi-3")
     ids = load_tokenizer(_vocab_path("phi-3")).encode("<|user|>\n  Hi<|end|>\n<|assistant|>", add_special_tokens=False)
     assert [tok.id_to_token(i) for i in ids] == ["<|user|>", "▁Hi", "<|end|>", "<|assistant|>"]
+
+
+@pytest.mark.parametrize("name", ["phi-3", "mpt", "deepseek-llm", "bert-bge"])
+def test_saved_as_tokenizer_json_encodes_the_same(tmp_path, name):
+    """novallm-convert writes a GGUF's tokenizer as tokenizer.json: read back, it gives llama.cpp's ids still."""
+    load_tokenizer(_vocab_path(name)).save_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    tok.backend.encode_special_tokens = True
+    wrong = [text for text, ids in read_vocab_tests(_vocab_path(name)) if tok.encode(text, False) != ids]
+    assert not wrong, f"{len(wrong)} cases differ after the round trip through tokenizer.json, e.g. {wrong[:2]!r}"
