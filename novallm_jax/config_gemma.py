@@ -87,8 +87,10 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
         layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
     if version >= 4 and layer_types[-1] != FULL:
         layer_types = list(layer_types[:-1]) + [FULL]  # transformers forces it too
-    if c.get("use_bidirectional_attention"):
-        raise UnsupportedArchitectureError("use_bidirectional_attention is not supported (a causal decoder only)")
+    # Gemma 4's "vision" makes only image tokens attend both ways: text stays causal.
+    if c.get("use_bidirectional_attention") not in (None, False, "vision"):
+        raise UnsupportedArchitectureError(
+            f"use_bidirectional_attention={c['use_bidirectional_attention']!r} is not supported (a causal decoder only)")
     if c.get("enable_moe_block"):
         raise UnsupportedArchitectureError("Gemma 4's mixture-of-experts block (enable_moe_block) is not supported")
     act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"

@@ -83,3 +83,18 @@ def build_superblock_llama(layers: int = 8, seed: int = 0):
                                          "num_hidden_layers": layers, "head_dim": 64, "tie_word_embeddings": False})
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def build_gemma3_multimodal(seed: int = 0):
+    """A tiny `gemma3` (Gemma3ForConditionalGeneration): the gemma3_text family's text tower and a small vision tower."""
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=build_hf_config("gemma3_text").to_dict(),
+                                       vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=255,
+                                       boi_token_index=253, eoi_token_index=254)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    _randomize_norms(model)
+    return model

@@ -50,3 +50,22 @@ def test_novallm_generate_runs_on_the_gguf(gguf_model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stderr.strip().splitlines()[-1]
     assert summary.startswith("prompt tokens: ") and "generated tokens: 6" in summary
+
+
+def test_unsupported_gguf_architecture_is_one_line(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "falcon.gguf")
+    w = gguf.GGUFWriter(path, "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    proc = subprocess.run([sys.executable, "-m", "novallm_jax.generate", "--model", path, "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("novallm-generate: error: GGUF architecture 'falcon' is not supported; supported: ")
+    assert all(arch in last for arch in ("llama", "gemma2", "gemma3", "gemma4"))

@@ -54,3 +54,19 @@ def test_greedy_generation_matches_transformers(family):
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                               do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
         assert got == ref[0, len(p):].tolist()
+
+
+def test_multimodal_gemma3_checkpoint_runs_its_text_tower(tmp_path):
+    """A `gemma3` directory (vision tower included, text under language_model.*): text-only logits as transformers'."""
+    from tests.hf_models import build_gemma3_multimodal
+
+    hf = build_gemma3_multimodal()
+    cfg, params = load_model(save_hf_model(hf, str(tmp_path)), dtype=jnp.float32)
+    assert cfg.model_type == "gemma3_text" and cfg.gemma.version == 3
+    tokens, positions, _ = ragged_batch(PROMPTS)
+    cache = ContiguousKVCache.create(cfg, len(PROMPTS), tokens.shape[1])
+    logits = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)[0])
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([p])).logits[0].numpy()
+        assert np.abs(logits[i, :len(p)] - ref).max() <= 1e-4

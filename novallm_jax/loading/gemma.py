@@ -28,9 +28,11 @@ GGUF_LAYER = {
 GGUF_GLOBAL = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
                "embed_per_layer": "per_layer_token_embd.weight", "ple_model_proj": "per_layer_model_proj.weight",
                "ple_proj_norm": "per_layer_proj_norm.weight"}
-# HF multimodal Gemma 3 keeps the text model under this prefix, beside vision tensors this text decoder ignores.
-MULTIMODAL_TEXT_PREFIX = "model.language_model."
-MULTIMODAL_IGNORED = ("model.vision_tower.", "model.multi_modal_projector.")
+# HF multimodal Gemma 3 keeps the text model under one of these prefixes (the Hub's checkpoints and transformers'
+# save_pretrained use the first), beside vision tensors this text decoder ignores.
+MULTIMODAL_TEXT_PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                            "model.language_model.": "model."}
+MULTIMODAL_IGNORED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def gemma_hf_names(i: int | None, part: str) -> str:

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
-from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIX, gemma_hf_names, gemma_tensor_shapes
+from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIXES, gemma_hf_names, \
+    gemma_tensor_shapes
 
 # Buffers some checkpoints carry that hold no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -111,10 +112,11 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
 def _text_model_files(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """A multimodal checkpoint's text model under the text-only names, its vision tensors left out: (name -> file,
     name -> the name stored in the file where they differ)."""
-    stored = {"model." + n[len(MULTIMODAL_TEXT_PREFIX):]: n for n in files if n.startswith(MULTIMODAL_TEXT_PREFIX)}
+    stored = {new + n[len(old):]: n for n in files for old, new in MULTIMODAL_TEXT_PREFIXES.items()
+              if n.startswith(old)}
     if not stored:
         return files, {}
-    kept = {n: fn for n, fn in files.items() if not n.startswith(MULTIMODAL_IGNORED + (MULTIMODAL_TEXT_PREFIX,))}
+    kept = {n: fn for n, fn in files.items() if not n.startswith(MULTIMODAL_IGNORED + tuple(MULTIMODAL_TEXT_PREFIXES))}
     return {**kept, **{n: files[s] for n, s in stored.items()}}, stored
 
 
