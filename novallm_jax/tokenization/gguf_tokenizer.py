@@ -1,4 +1,4 @@
-"""Rebuilds the tokenizer a GGUF file describes, as transformers' GGUF conversion does."""
+"""Rebuilds the tokenizer a GGUF file describes, as llama.cpp tokenizes with it (its test vectors are exact)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def _wordpiece(tokens: list[str], token_types: list[int], unk: str, lowercase: b
                strip_accents: bool) -> tokenizers.Tokenizer:
     """llama.cpp's WPM (BERT): greedy longest match over "▁" + word, i.e. WordPiece with "▁x" -> "x", "x" -> "##x"."""
     vocab: dict[str, int] = {}
-    for i, (t, k) in enumerate(zip(tokens, token_types)):
+    for i, (t, k) in enumerate(itertools.zip_longest(tokens, token_types[:len(tokens)])):
         vocab.setdefault(t if k == _CONTROL else t[1:] if t.startswith("▁") else "##" + t, i)
     tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(
         vocab=vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=1 << 30))
