@@ -2,7 +2,8 @@
 
 `<!-- flags: MODULE -->` becomes a table of the absl flags MODULE defines (name, type, default, help), read from the
 flag objects themselves after importing it; `<!-- metrics -->` becomes the list of the server's Prometheus metrics,
-read from a `ServerMetrics` registry; `<!-- model-types -->` lists the `model_type`s and GGUF architectures that load.
+read from a `ServerMetrics` registry; `<!-- model-types -->` lists the `model_type`s and GGUF architectures that load; `<!-- block-codes -->` the GGUF
+types whose matmul weights stay in their block codes, `<!-- gguf-export-types -->` those the GGUF writer writes.
 """
 
 from __future__ import annotations
@@ -65,7 +66,29 @@ def model_types() -> str:
             f"- GGUF `general.architecture`: {', '.join(f'`{a}`' for a in SUPPORTED_GGUF_ARCHS)}")
 
 
+def _code_list(values) -> str:
+    return ", ".join(f"`{v}`" for v in values if v)
+
+
+def _block_codes() -> str:
+    from novallm_jax.loading.gguf_quant import SUPPORTED
+
+    return _code_list(SUPPORTED)
+
+
+def _export_types() -> str:
+    from novallm_jax.loading.gguf_export import QUANTS
+
+    return _code_list(QUANTS)
+
+
+_SIMPLE = {"<!-- block-codes -->": _block_codes, "<!-- gguf-export-types -->": _export_types}
+
+
 def on_page_markdown(markdown, page, config, files):
+    for marker, render in _SIMPLE.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, render())
     if "<!-- model-types -->" in markdown:
         markdown = markdown.replace("<!-- model-types -->", model_types())
     markdown = _FLAGS.sub(lambda m: flags_table(m.group(1)), markdown)
