@@ -53,13 +53,32 @@ def test_notebooks_found():
     assert {_name(p) for p in NOTEBOOKS} >= {"quickstart", "sampling", "research", "serving", "memory"}
 
 
+def _cells_with_outputs(nb) -> list[int]:
+    return [i for i, cell in enumerate(nb.cells)
+            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
 def test_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"cell {i} has outputs: strip them"
+    assert _cells_with_outputs(nb) == [], "strip the outputs (jupyter nbconvert --clear-output --inplace)"
+
+
+def test_output_check_sees_outputs():
+    cell = nbformat.v4.new_code_cell("1 + 1", execution_count=1,
+                                     outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"})])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), cell])
+    assert _cells_with_outputs(nb) == [1]
+
+
+def test_overrides_name_parameters():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("MODEL = None\nSTEPS = 8")])
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    injected = _with_overrides(nb, {"STEPS": 2}).cells[1]
+    assert injected.source == "STEPS = 2" and injected.metadata["tags"] == ["injected-parameters"]
+    with pytest.raises(AssertionError, match="not a parameter"):
+        _with_overrides(nb, {"STEP": 2})
 
 
 @pytest.mark.slow
