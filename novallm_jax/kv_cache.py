@@ -111,8 +111,9 @@ def with_layer(cache, layer: int, k_l: jax.Array, v_l: jax.Array):
 
 
 def _zeros(cfg: ModelConfig, lead: tuple[int, int], dtype) -> tuple[jax.Array, ...]:
-    return tuple(jnp.zeros(lead + (cfg.layer_kv_heads(i), cfg.layer_head_dim(i)), dtype)
-                 for i in range(cfg.num_layers))
+    """Each layer's K (or V) pages; a layer that reads another's K/V (Gemma 4) holds none: 0 heads."""
+    return tuple(jnp.zeros(lead + (cfg.layer_kv_heads(i) if cfg.layer_kv_source(i) == i else 0,
+                                   cfg.layer_head_dim(i)), dtype) for i in range(cfg.num_layers))
 
 
 def _scatter(cache, layer: int, index: tuple, k: jax.Array, v: jax.Array):

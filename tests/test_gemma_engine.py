@@ -78,3 +78,16 @@ def test_gemma_windows_are_shorter_than_the_prompts():
         cfg, _ = gemma_model(family)
         windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
         assert windows == {4, None}, family  # sliding and global layers, the window well inside every prompt
+
+
+def test_gemma4_kv_sharing_layers_hold_no_pages_of_their_own():
+    from novallm_jax.kv_cache import PagedKVCache
+
+    cfg, _ = gemma_model("gemma4_text")
+    cache = PagedKVCache.create(cfg, num_pages=8, page_size=4)
+    sources = [cfg.layer_kv_source(i) for i in range(cfg.num_layers)]
+    assert sources == [0, 1, 2, 2, 1]  # the last two layers read layer 2's (sliding) and layer 1's (global) K/V
+    for i, src in enumerate(sources):
+        want = (8, 4, cfg.layer_kv_heads(i), cfg.layer_head_dim(i)) if src == i else (8, 4, 0, cfg.layer_head_dim(i))
+        assert cache.k[i].shape == cache.v[i].shape == want
+    assert cache.k[1].shape[2:] == (1, 32) and cache.k[0].shape[2:] == (2, 16)  # global layers' own heads
