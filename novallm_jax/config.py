@@ -10,11 +10,12 @@ from typing import Any, Mapping
 
 from novallm_jax.config_gemma import GEMMA_GGUF_ARCHS, GEMMA_MODEL_TYPES, GemmaSpec, gemma_fields_from_hf, \
     gemma_fields_from_gguf, gemma_text_config
+from novallm_jax.config_moe import MOE_GGUF_ARCHS, MOE_MODEL_TYPES, MoeSpec, moe_fields_from_gguf, moe_fields_from_hf
 from novallm_jax.errors import ModelLoadError, UnsupportedArchitectureError
 
 # HF `model_type` values this decoder implements, and what each family adds to plain Llama.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3") + tuple(GEMMA_MODEL_TYPES)
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3") + tuple(GEMMA_GGUF_ARCHS)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3") + tuple(GEMMA_MODEL_TYPES) + MOE_MODEL_TYPES
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3") + tuple(GEMMA_GGUF_ARCHS) + MOE_GGUF_ARCHS
 # Presets live in the repository's top-level `configs/models/` (HF `config.json` format).
 _PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
@@ -23,11 +24,16 @@ _PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 class RopeScaling:
     """RoPE frequency scaling (`rope_scaling` in HF configs); hashable so the config stays static under `jit`."""
 
-    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_type: str = "default"  # "default" | "linear" | "llama3" | "longrope"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3): per-pair divisors of the frequencies for sequences up to / past the original length, and
+    # the factor cos and sin are multiplied by (both sets).
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     gemma: GemmaSpec | None = None  # Gemma 2/3/4 (config_gemma.py)
+    moe: MoeSpec | None = None  # Mixtral, Qwen3-MoE (config_moe.py)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -123,7 +130,11 @@ class ModelConfig:
             attn += 2 * self.head_dim
         layer = attn + 3 * d * f + (4 if self.gemma else 2) * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        experts = 0
+        if self.moe is not None:  # sparse layers: a router and E expert FFNs instead of the dense MLP
+            m = self.moe
+            experts = sum(m.sparse_layers) * (d * m.num_experts + 3 * d * m.expert_size * m.num_experts - 3 * d * f)
+        return self.vocab_size * d + self.num_layers * layer + d + head + experts
 
     # --- constructors ------------------------------------------------------------------------------
 
@@ -154,13 +165,15 @@ class ModelConfig:
             hidden = int(c["hidden_size"])
             eos = c.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-            window = c.get("sliding_window") if model_type == "mistral" else None
+            window = c.get("sliding_window") if model_type in ("mistral", "mixtral", "phi3") else None
             if model_type == "qwen2" and c.get("use_sliding_window"):
                 window = c.get("sliding_window")
             extra = {}
             if model_type in GEMMA_MODEL_TYPES:
                 extra = gemma_fields_from_hf(c, GEMMA_MODEL_TYPES[model_type], int(c["num_hidden_layers"]))
                 extra["rope_scaling"] = _rope_scaling(extra["rope_scaling"])
+            if model_type in MOE_MODEL_TYPES:
+                extra = moe_fields_from_hf(c, model_type, int(c["num_hidden_layers"]))
             fields = dict(
                 model_type=model_type,
                 vocab_size=int(c["vocab_size"]),
@@ -172,11 +185,11 @@ class ModelConfig:
                 head_dim=int(c.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(_rope_theta(c)),
-                rope_scaling=_rope_scaling(c.get("rope_scaling") or c.get("rope_parameters")),
+                rope_scaling=_rope_scaling(c.get("rope_scaling") or c.get("rope_parameters"), c),
                 max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
                 attention_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
-                qk_norm=model_type == "qwen3",
+                qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 sliding_window=int(window) if window else None,
                 bos_token_id=c.get("bos_token_id"),
                 eos_token_ids=eos_ids,
@@ -205,6 +218,7 @@ class ModelConfig:
             scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         extra = gemma_fields_from_gguf(meta, arch, tensor_names) if arch in GEMMA_GGUF_ARCHS else {}
+        extra.update(moe_fields_from_gguf(meta, arch, int(get("block_count"))))
         fields = dict(
             model_type="llama" if arch == "llama" else arch,
             vocab_size=int(vocab),
@@ -245,10 +259,14 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            rs = dict(d["rope_scaling"])
+            rs.update({k: tuple(rs.get(k) or ()) for k in ("short_factor", "long_factor")})
+            d["rope_scaling"] = RopeScaling(**rs)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
         if d.get("gemma") is not None:
             d["gemma"] = GemmaSpec.from_dict(d["gemma"])
+        if d.get("moe") is not None:
+            d["moe"] = MoeSpec.from_dict(d["moe"])
         return cls(**d)
 
 
@@ -264,14 +282,22 @@ def _rope_theta(c: Mapping[str, Any]) -> float:
     return c.get("rope_theta", 10000.0)
 
 
-def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling(rs: Mapping[str, Any] | None, c: Mapping[str, Any] | None = None) -> RopeScaling | None:
+    """`rope_scaling` / `rope_parameters` of a config.json `c` (whose other fields longrope reads)."""
     if not rs:
         return None
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in ("su", "yarn") and c is not None and c.get("model_type") == "phi3":
+        kind = "longrope"  # as Phi3Config reads its older configs
     if kind == "default":
         return None
+    if float(rs.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedArchitectureError("partial_rotary_factor other than 1 is not supported")
+    if kind == "longrope":
+        return _longrope(rs, c or {})
     if kind not in ("linear", "llama3"):
-        raise UnsupportedArchitectureError(f"rope_scaling type {kind!r} is not supported; supported: linear, llama3")
+        raise UnsupportedArchitectureError(
+            f"rope_scaling type {kind!r} is not supported; supported: linear, llama3, longrope")
     return RopeScaling(
         rope_type=kind,
         factor=float(rs.get("factor", 1.0)),
@@ -279,6 +305,35 @@ def _rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
     )
+
+
+def _longrope(rs: Mapping[str, Any], c: Mapping[str, Any]) -> RopeScaling:
+    """LongRoPE as transformers' `_compute_longrope_parameters` reads it: the attention factor from `factor`, or
+    from max_position_embeddings / original_max_position_embeddings (Phi-3's configs)."""
+    orig = rs.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+    if not orig:
+        raise ModelLoadError("longrope rope scaling lacks original_max_position_embeddings")
+    orig = int(orig)
+    factor = rs.get("factor")
+    if factor is None:
+        factor = int(c.get("max_position_embeddings", orig)) / orig
+    attention = rs.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return RopeScaling("longrope", factor=float(factor), original_max_position_embeddings=orig,
+                       short_factor=tuple(float(f) for f in rs["short_factor"]),
+                       long_factor=tuple(float(f) for f in rs["long_factor"]), attention_factor=float(attention))
+
+
+@dataclasses.dataclass(frozen=True)
+class LongRopeTables:
+    """longrope's two frequency sets: a sequence uses `long` when it reaches past `original` positions (see
+    `model.rope_tables`), and cos and sin are scaled by `scale`."""
+
+    short: Any
+    long: Any
+    original: int
+    scale: float
 
 
 def rope_inv_freqs(cfg: ModelConfig) -> tuple:
@@ -309,6 +364,12 @@ def rope_inv_freq(cfg: ModelConfig, head_dim: int | None = None, rotary_fraction
     rs = cfg.rope_scaling
     if rs is None:
         return inv
+    if rs.rope_type == "longrope":
+        # transformers: 1 / (factor * base ** (2i / d)), in float32 for the base powers as there.
+        base = (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+        per = lambda f: (1.0 / (np.asarray(f, np.float32) * base)).astype(np.float64)
+        return LongRopeTables(per(rs.short_factor), per(rs.long_factor), rs.original_max_position_embeddings,
+                              rs.attention_factor)
     if rs.rope_type == "linear":
         return inv / rs.factor
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.

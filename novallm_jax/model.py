@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from novallm_jax.config import ModelConfig, rope_inv_freqs
+from novallm_jax.config import LongRopeTables, ModelConfig, rope_inv_freqs
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import ContiguousKVCache, PagedKVCache, with_layer
 
@@ -44,9 +44,16 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
     if cfg.qk_norm:
         layer["q_norm"] = s(hd)
         layer["k_norm"] = s(hd)
+    layers = [dict(layer) for _ in range(cfg.num_layers)]
+    if cfg.moe is not None:
+        from novallm_jax.moe import moe_layer_shapes
+        for i, sparse in enumerate(cfg.moe.sparse_layers):
+            if sparse:
+                del layers[i]["w_gate_up"], layers[i]["w_down"]
+                layers[i].update(moe_layer_shapes(cfg, dtype))
     return {
         "embed": s(cfg.vocab_size, d),
-        "layers": [dict(layer) for _ in range(cfg.num_layers)],
+        "layers": layers,
         "final_norm": s(d),
         # Kept even when tied: `h @ embed.T` makes XLA:CPU transpose the table on every call.
         "lm_head": s(d, cfg.vocab_size),
@@ -91,20 +98,33 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)
 
 
-def rope_tables_per_kind(positions, inv_freqs, xp=jnp) -> tuple[tuple[jax.Array, jax.Array], ...]:
+def rope_tables_per_kind(positions, inv_freqs, xp=jnp, extents=None) -> tuple[tuple[jax.Array, jax.Array], ...]:
     """`rope_tables` for each table of `rope_inv_freqs(cfg)` (layer i uses entry `cfg.layer_rope(i)`)."""
-    return tuple(rope_tables(positions, inv, xp) for inv in inv_freqs)
+    return tuple(rope_tables(positions, inv, xp, extents) for inv in inv_freqs)
 
 
-def rope_tables(positions, inv_freq: np.ndarray, xp=jnp) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions, inv_freq: np.ndarray | LongRopeTables, xp=jnp, extents=None) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, 1, hd] of each position's rotation angles (rotate-half layout), shared by every layer.
 
     `xp=np` computes them on the host: the executor passes them to its jitted steps, because computed inside, XLA:CPU
     fuses cos and sin into each layer's rope and recomputes them for every query head of every layer (3.7-5.8 ms of
     a 32-row SmolLM2 decode step in a profile, 0.5 ms with host tables); an optimization barrier does not stop it.
+
+    longrope (`LongRopeTables`): row b takes the long frequencies when its sequence reaches past the original length,
+    `extents[b]` [B] positions in all (default: its last position + 1), as transformers decides per forward call
+    from the largest position id; cos and sin are scaled by the attention factor.
     """
+    scale = 1.0
+    if isinstance(inv_freq, LongRopeTables):
+        if extents is None:
+            extents = positions.max(axis=1) + 1
+        long = (extents > inv_freq.original)[:, None, None]
+        scale = inv_freq.scale
+        inv_freq = xp.where(long, xp.asarray(inv_freq.long, np.float32), xp.asarray(inv_freq.short, np.float32))
     freqs = positions.astype(np.float32)[..., None] * xp.asarray(inv_freq, np.float32)  # [B, T, hd/2]
     emb = xp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    if scale != 1.0:
+        return xp.cos(emb) * np.float32(scale), xp.sin(emb) * np.float32(scale)
     return xp.cos(emb), xp.sin(emb)
 
 
@@ -181,6 +201,9 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
     attn, cache = attend(q, k, v, positions, cache, layer, cfg, page_table)
     x = x + linear(attn.astype(x.dtype), p["wo"])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    if "router" in p:  # mixture of experts (moe.py)
+        from novallm_jax.moe import moe_mlp
+        return x + moe_mlp(p, h, cfg), cache
     gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)
     x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
     return x, cache

@@ -38,6 +38,17 @@ FAMILIES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                             "rope_theta": 10000.0}})),
+    # Mixture of experts: 8 experts, top-3 (Mixtral, whose weights are always renormalised) and top-2 without
+    # renormalisation beside a dense layer (Qwen3-MoE).
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=3, intermediate_size=32,
+                                      initializer_range=0.1)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         mlp_only_layers=[1], norm_topk_prob=False, head_dim=16,
+                                         initializer_range=0.1)),
+    # Phi-3 with longrope: 20 of the prompts' tokens and most generations reach past the original 16 positions.
+    "phi3": ("Phi3Config", dict(original_max_position_embeddings=16, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
+        short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]))),
 }
 
 

@@ -144,8 +144,8 @@ class Executor:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
         self.ragged = self.native_attention if wanted is None else wanted
         wanted = self.exec_cfg.fused_layers
-        # The fused layer implements Llama's layer only.
-        fusable = self.native_attention and cfg.gemma is None and native.fusable(self.params)
+        # The fused layer implements Llama's layer only (no experts).
+        fusable = self.native_attention and cfg.gemma is None and cfg.moe is None and native.fusable(self.params)
         if wanted and not fusable:
             raise ValueError("fused_layers=True needs the native kernels and attention (float32 on CPU)")
         self.fused_layers = fusable if wanted is None else wanted
@@ -189,8 +189,9 @@ class Executor:
             return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
                               last_tokens)
 
-    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None):
-        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np)
+    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None,
+                    extents=None):
+        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src,
@@ -282,10 +283,12 @@ class Executor:
         table = np.full((rows, width), NULL_PAGE, np.int32)
         src = np.full((rows, 1), -1, np.int32)
         last = np.zeros(self._logits_rows(rows), np.int32)
+        extents = np.zeros(rows, np.int32)  # each token's sequence's end in this step (longrope's choice)
         at = 0
         for i, s in enumerate(seqs):
             k = len(s.tokens)
             needed = self._pages_needed(s)
+            extents[at:at + k] = s.start + k
             tokens[at:at + k, 0] = s.tokens
             if s.from_slot >= 0:
                 src[at, 0] = s.from_slot
@@ -293,7 +296,7 @@ class Executor:
             table[at:at + k, :needed] = s.pages[:needed]
             at += k
             last[i] = at - 1
-        return self._run_ragged(cache, tokens, positions, table, last, src, last_tokens)
+        return self._run_ragged(cache, tokens, positions, table, last, src, last_tokens, extents)
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""

@@ -53,9 +53,12 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
             "wqkv": matmul_weight([w("q"), w("k"), w("v")]),
             "wo": matmul_weight([w("o")]),
             "mlp_norm": put(w("mlp_norm")),
-            "w_gate_up": matmul_weight([w("gate"), w("up")]),
-            "w_down": matmul_weight([w("down")]),
         }
+        if cfg.moe is not None and cfg.moe.sparse_layers[i]:
+            from novallm_jax.loading.moe import assemble_moe_layer
+            layer.update(assemble_moe_layer(cfg, get, name, i, put))
+        else:
+            layer.update(w_gate_up=matmul_weight([w("gate"), w("up")]), w_down=matmul_weight([w("down")]))
         if cfg.attention_bias:
             layer["bqkv"] = put(np.concatenate([w("q_bias"), w("k_bias"), w("v_bias")]))
         if cfg.qk_norm:

@@ -36,10 +36,19 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (cfg.kv_size, d),
             p + "self_attn.v_proj.weight": (cfg.kv_size, d),
             p + "self_attn.o_proj.weight": (d, cfg.q_size),
-            p + "mlp.gate_proj.weight": (f, d),
-            p + "mlp.up_proj.weight": (f, d),
-            p + "mlp.down_proj.weight": (d, f),
         })
+        if cfg.model_type == "phi3":  # q/k/v and gate/up fused in the checkpoint
+            for n in ("q", "k", "v"):
+                del shapes[p + f"self_attn.{n}_proj.weight"]
+            shapes[p + "self_attn.qkv_proj.weight"] = (cfg.q_size + 2 * cfg.kv_size, d)
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
+            shapes[p + "mlp.down_proj.weight"] = (d, f)
+        elif cfg.moe is not None and cfg.moe.sparse_layers[i]:
+            from novallm_jax.loading.moe import moe_hf_shapes
+            shapes.update(moe_hf_shapes(cfg, i))
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                           p + "mlp.down_proj.weight": (d, f)})
         if cfg.attention_bias:
             for n, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
                 shapes[p + f"self_attn.{n}_proj.bias"] = (size,)
@@ -106,6 +115,10 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
 
     logging.info("loading %s (%s, %d layers)", model_dir, cfg.model_type, cfg.num_layers)
     names_of = hf_names if cfg.gemma is None else gemma_hf_names
+    if cfg.moe is not None:
+        names_of = _moe_names(cfg)
+    if cfg.model_type == "phi3":
+        get = _phi3_unfused(cfg, get)
     return cfg, assemble_params(cfg, get, names_of, dtype, desc=os.path.basename(model_dir.rstrip("/")))
 
 
@@ -132,3 +145,27 @@ def hf_names(i: int | None, part: str) -> str:
         "v_bias": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
         "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
     }[part]
+
+
+def _moe_names(cfg: ModelConfig):
+    from novallm_jax.loading.moe import is_moe_part, moe_hf_name
+    return lambda i, part: moe_hf_name(cfg, i, part) if is_moe_part(part) else hf_names(i, part)
+
+
+def _phi3_unfused(cfg: ModelConfig, get):
+    """A getter that answers q/k/v and gate/up names with the rows of Phi-3's fused qkv_proj and gate_up_proj."""
+    fused = {"self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, cfg.q_size),
+             "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", cfg.q_size, cfg.q_size + cfg.kv_size),
+             "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", cfg.q_size + cfg.kv_size, None),
+             "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, cfg.intermediate_size),
+             "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", cfg.intermediate_size, None)}
+
+    def unfused(name: str) -> np.ndarray:
+        prefix, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
+        key = name[len(prefix) + 1:]
+        if key not in fused:
+            return get(name)
+        whole, start, end = fused[key]
+        return get(f"{prefix}.{whole}")[start:end]
+
+    return unfused

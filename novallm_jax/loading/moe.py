@@ -1,0 +1,72 @@
+"""Mixture-of-experts tensors (Mixtral, Qwen3-MoE): names in HF checkpoints and GGUF files, shapes, and their params.
+
+Logical parts: `moe_router` [E, D], and per expert j `moe_gate.j`, `moe_up.j` [F, D], `moe_down.j` [D, F] (torch
+layout). A GGUF file stores each as one stacked tensor [E, ...], whatever j is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from novallm_jax.config import ModelConfig
+
+_HF = {
+    "mixtral": {"router": "block_sparse_moe.gate.weight", "gate": "block_sparse_moe.experts.{j}.w1.weight",
+                "up": "block_sparse_moe.experts.{j}.w3.weight", "down": "block_sparse_moe.experts.{j}.w2.weight"},
+    "qwen3_moe": {"router": "mlp.gate.weight", "gate": "mlp.experts.{j}.gate_proj.weight",
+                  "up": "mlp.experts.{j}.up_proj.weight", "down": "mlp.experts.{j}.down_proj.weight"},
+}
+GGUF_LAYER = {"router": "ffn_gate_inp.weight", "gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight",
+              "down": "ffn_down_exps.weight"}
+
+
+def is_moe_part(part: str) -> bool:
+    return part.startswith("moe_")
+
+
+def _split(part: str) -> tuple[str, str]:
+    kind, _, j = part[len("moe_"):].partition(".")
+    return kind, j
+
+
+def moe_hf_name(cfg: ModelConfig, i: int, part: str) -> str:
+    kind, j = _split(part)
+    return f"model.layers.{i}." + _HF[cfg.model_type][kind].format(j=j)
+
+
+def moe_gguf_name(i: int, part: str) -> str:
+    return f"blk.{i}.{GGUF_LAYER[_split(part)[0]]}"
+
+
+def moe_hf_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    m, d = cfg.moe, cfg.hidden_size
+    shapes = {moe_hf_name(cfg, i, "moe_router"): (m.num_experts, d)}
+    for j in range(m.num_experts):
+        shapes[moe_hf_name(cfg, i, f"moe_gate.{j}")] = (m.expert_size, d)
+        shapes[moe_hf_name(cfg, i, f"moe_up.{j}")] = (m.expert_size, d)
+        shapes[moe_hf_name(cfg, i, f"moe_down.{j}")] = (d, m.expert_size)
+    return shapes
+
+
+def moe_gguf_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    m, d, f = cfg.moe, cfg.hidden_size, cfg.moe.expert_size
+    return {moe_gguf_name(i, "moe_router"): (m.num_experts, d), moe_gguf_name(i, "moe_gate"): (m.num_experts, f, d),
+            moe_gguf_name(i, "moe_up"): (m.num_experts, f, d), moe_gguf_name(i, "moe_down"): (m.num_experts, d, f)}
+
+
+def stacked_experts(get, name, i: int, kind: str, num_experts: int) -> np.ndarray:
+    """[E, out, in] of an expert weight: the file's stacked tensor, or each expert's stacked."""
+    first = get(name(i, f"moe_{kind}.0"))
+    if first.ndim == 3:
+        return first
+    return np.stack([first] + [get(name(i, f"moe_{kind}.{j}")) for j in range(1, num_experts)])
+
+
+def assemble_moe_layer(cfg: ModelConfig, get, name, i: int, put) -> dict:
+    """A sparse layer's router and experts in the params layout (see moe.moe_layer_shapes)."""
+    e = cfg.moe.num_experts
+    dense = lambda a: a.dequantize() if hasattr(a, "dequantize") else a
+    g = lambda kind: np.asarray(dense(stacked_experts(lambda n: dense(get(n)), name, i, kind, e)), np.float32)
+    gate_up = np.concatenate([g("gate"), g("up")], axis=1)  # [E, 2F, D]
+    return {"router": put(np.asarray(dense(get(name(i, "moe_router")))).T),
+            "experts_gate_up": put(gate_up.transpose(0, 2, 1)), "experts_down": put(g("down").transpose(0, 2, 1))}

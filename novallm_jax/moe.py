@@ -1,0 +1,91 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE) as a pure function, the hook `model.decoder_layer` calls for layers
+with a `router`.
+
+Routing as transformers' modeling_mixtral.py / modeling_qwen3_moe.py compute it: router logits, softmax in float32,
+top-k, the k weights renormalised to sum to 1 (Mixtral always, Qwen3-MoE when `norm_topk_prob`), then each token's
+expert outputs weighted and summed in ascending expert order. Expert weights are stacked [E, in, out].
+
+The expert FFNs run over the (token, expert) assignments only, never every expert for every token:
+- fewer assignments than experts (a batch-1 decode step, say): each assignment's expert weights are gathered, so
+  the step reads the active experts' bytes only;
+- otherwise the assignments are sorted by expert and run as grouped matmuls (`jax.lax.ragged_dot`). XLA:GPU/TPU
+  lower it to a grouped kernel; XLA:CPU (jax 0.10) lowers it to a masked dense dot over every group (measured: 32
+  groups of 8 rows x 512 x 512, 251 ms against 1.7 ms for one 256-row dot), so large CPU batches still pay for
+  every expert's FLOPs there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from novallm_jax.config import ModelConfig
+
+
+def moe_layer_shapes(cfg: ModelConfig, dtype) -> dict:
+    """The params of a layer's experts: router [D, E], gate/up [E, D, 2F] (gate then up), down [E, F, D]."""
+    m, d = cfg.moe, cfg.hidden_size
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    return {"router": s(d, m.num_experts), "experts_gate_up": s(m.num_experts, d, 2 * m.expert_size),
+            "experts_down": s(m.num_experts, m.expert_size, d)}
+
+
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(weights [N, k] in x's dtype, experts [N, k]) of tokens x [N, D]."""
+    m = cfg.moe
+    logits = jnp.dot(x, router, precision=_precision(router.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, m.top_k)
+    if m.norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights.astype(x.dtype), experts
+
+
+def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The experts' output [B, T, D] for the normalised hidden states h [B, T, D]."""
+    m = cfg.moe
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])
+    n, k = x.shape[0], m.top_k
+    weights, experts = route(x, p["router"], cfg)
+    flat = experts.reshape(-1)  # assignment a = token a // k, its (a % k)-th expert
+    tokens = jnp.arange(n * k) // k
+    if n * k < m.num_experts:
+        y = _gathered_ffn(x[tokens], flat, p)
+    else:
+        y = _grouped_ffn(x, tokens, flat, p, m.num_experts)
+    y = y.reshape(n, k, -1) * weights[..., None]
+    # transformers adds each token's expert outputs to zeros in ascending expert order.
+    order = jnp.argsort(experts, axis=-1)
+    y = jnp.take_along_axis(y, order[..., None], axis=1)
+    out = jnp.zeros_like(x)
+    for j in range(k):
+        out = out + y[:, j]
+    return out.reshape(shape)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _swiglu(gate_up: jax.Array) -> jax.Array:
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def _gathered_ffn(xa: jax.Array, experts: jax.Array, p: dict) -> jax.Array:
+    """Expert FFN of each assignment (rows xa [A, D], experts [A]) through its own gathered weights."""
+    prec = _precision(p["experts_down"].dtype)
+    h = jnp.einsum("ad,adf->af", xa, p["experts_gate_up"][experts], precision=prec)
+    return jnp.einsum("af,afd->ad", _swiglu(h), p["experts_down"][experts], precision=prec)
+
+
+def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int) -> jax.Array:
+    """Expert FFN of each assignment, the assignments sorted by expert and run as one grouped matmul per weight."""
+    prec = _precision(p["experts_down"].dtype)
+    order = jnp.argsort(experts, stable=True)
+    sizes = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
+    xs = x[tokens[order]]
+    h = jax.lax.ragged_dot(xs, p["experts_gate_up"], sizes, precision=prec)
+    ys = jax.lax.ragged_dot(_swiglu(h), p["experts_down"], sizes, precision=prec)
+    return jnp.zeros_like(ys).at[order].set(ys)

@@ -1,0 +1,71 @@
+"""Mixtral, Qwen3-MoE and Phi-3 (longrope) through the engine: paged cache, the executor's CPU kernels (the fused
+Llama layer off for the experts), preemption and prefix caching, each request giving what it gives alone
+(greedy_generate, which test_model_parity checks against transformers)."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.engine.engine import EngineConfig, LLMEngine
+from novallm_jax.model import greedy_generate, init_params
+from novallm_jax.sampling_params import SamplingParams
+from tests.engine_fixtures import EXEC
+from tests.hf_models import build_hf_config
+
+FAMILIES = ["mixtral", "qwen3_moe", "phi3"]
+
+
+@functools.lru_cache(maxsize=None)
+def model(family: str):
+    """The parity test's tiny config with the SmolLM2 tokenizer's vocabulary; weights large enough that the greedy
+    choices (and the experts chosen) depend on the context."""
+    cfg = ModelConfig.from_hf({**build_hf_config(family).to_dict(), "vocab_size": 49152})
+    params = init_params(cfg, jax.random.key(7))
+    params = jax.tree.map(lambda a: a * 10 if a.ndim >= 2 else a, params)
+    params["lm_head"] = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return cfg, params
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    from novallm_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf)
+
+
+def prompt_of(n, seed):
+    return np.random.default_rng(seed).integers(3, 49152, n).tolist()
+
+
+def greedy(n):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_with_preemption_and_prefix_cache_matches_each_alone(family, tokenizer):
+    cfg, params = model(family)
+    eng = LLMEngine(cfg, params, tokenizer, EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24),
+                                                          preemption_mode="swap", enable_prefix_caching=True))
+    assert not eng.executor.fused_layers or cfg.moe is None
+    shared = prompt_of(20, 1)
+    # Phi-3: prompts past its original 16 positions (long factors from the start) and one of 10 that crosses there
+    # while it generates.
+    specs = [(prompt_of(30 + 5 * i, 100 + i), 24) for i in range(4)] + [(prompt_of(10, 5), 24),
+                                                                        (shared + prompt_of(7, 2), 12)]
+    reqs = [eng.add_request(p, greedy(m)) for p, m in specs]
+    eng.run_until_idle()
+    assert eng.counters["preemptions"] > 0
+    again = eng.add_request(shared + prompt_of(9, 3), greedy(12))  # the shared prefix's pages come from the cache
+    eng.run_until_idle()
+    assert again.metrics.cached_prompt_tokens == 16
+    specs.append((shared + prompt_of(9, 3), 12))
+    refs = greedy_generate(params, cfg, [p for p, _ in specs], 24)
+    for req, (_, m), ref in zip(reqs + [again], specs, refs):
+        assert req.output_ids == ref[:m]
+    assert eng.check_leaks() == []
+    eng.prefix_cache.clear()
+    assert eng.pool.check_leaks() == []
