@@ -218,7 +218,7 @@ class ModelConfig:
             scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         extra = gemma_fields_from_gguf(meta, arch, tensor_names) if arch in GEMMA_GGUF_ARCHS else {}
-        extra.update(moe_fields_from_gguf(meta, arch, int(get("block_count"))))
+        extra.update(moe_fields_from_gguf(meta, arch, int(get("block_count")), tensor_names))
         fields = dict(
             model_type="llama" if arch == "llama" else arch,
             vocab_size=int(vocab),

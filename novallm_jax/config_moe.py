@@ -47,14 +47,16 @@ def moe_fields_from_hf(c: Mapping[str, Any], model_type: str, num_layers: int) -
     return {"moe": spec, "qk_norm": True}
 
 
-def moe_fields_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int) -> dict[str, Any]:
-    """`moe` of a GGUF file with `{arch}.expert_count` (llama.cpp's keys), else {}."""
+def moe_fields_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, tensor_names) -> dict[str, Any]:
+    """`moe` of a GGUF file with `{arch}.expert_count` (llama.cpp's keys), else {}. A layer without a router
+    (`ffn_gate_inp`) keeps a dense MLP (Qwen3-MoE's mlp_only_layers)."""
     count = meta.get(f"{arch}.expert_count")
     if not count:
         return {}
     ff = meta.get(f"{arch}.expert_feed_forward_length") or meta.get(f"{arch}.feed_forward_length")
     norm = meta.get(f"{arch}.expert_weights_norm")
     # llama.cpp renormalises the top-k weights of both unless the file says otherwise.
+    sparse = tuple(f"blk.{i}.ffn_gate_inp.weight" in tensor_names for i in range(num_layers))
     spec = MoeSpec(int(count), int(meta[f"{arch}.expert_used_count"]), int(ff), True if norm is None else bool(norm),
-                   (True,) * num_layers)
+                   sparse)
     return {"moe": spec, "model_type": "mixtral" if arch == "llama" else "qwen3_moe"}

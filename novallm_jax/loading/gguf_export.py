@@ -47,11 +47,11 @@ def placeholder_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
 
 def _check_supported(cfg: ModelConfig) -> None:
     problems = []
-    if cfg.model_type not in ("llama", "mistral"):
+    if cfg.model_type not in ("llama", "mistral", "mixtral", "qwen3_moe"):
         problems.append(f"model_type {cfg.model_type!r}")
     if cfg.sliding_window:
         problems.append("a sliding window")
-    if cfg.attention_bias or cfg.qk_norm:
+    if cfg.attention_bias or (cfg.qk_norm and cfg.model_type != "qwen3_moe"):
         problems.append("attention biases / q-k norms")
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type != "linear":
         problems.append(f"{cfg.rope_scaling.rope_type} rope scaling")
@@ -131,6 +131,8 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
         return np.ascontiguousarray(handles[files[name]].get_tensor(name), np.float32)
 
     arch = {2: "gemma2", 3: "gemma3", 4: "gemma4"}[cfg.gemma.version] if cfg.gemma else "llama"
+    if cfg.model_type == "qwen3_moe":
+        arch = "qwen3moe"
     w = gguf.GGUFWriter(dst, arch)
     w.add_name(os.path.basename(model_dir.rstrip("/")))
     w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES.get(quant, f"MOSTLY_{quant}")))
@@ -160,6 +162,9 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
 
     if cfg.gemma is not None:
         _write_gemma(w, cfg, get, add)
+    elif cfg.moe is not None:
+        from novallm_jax.loading.moe import write_moe
+        write_moe(w, cfg, get, add, _permute)
     else:
         _write_llama_tensors(cfg, get, add)
     w.write_header_to_file()

@@ -74,6 +74,9 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     cfg = ModelConfig.from_gguf_metadata(gguf_metadata(reader), set(tensors))
     arch = reader.fields["general.architecture"].contents()
     names = gguf_names
+    if cfg.moe is not None:
+        from novallm_jax.loading.moe import is_moe_part, moe_gguf_name
+        names = lambda i, part: moe_gguf_name(i, part) if is_moe_part(part) else gguf_names(i, part)
     if cfg.gemma is not None:
         cfg = gemma_gguf_config(cfg, tensors)
         names = gemma_gguf_names
@@ -192,4 +195,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for part in _LAYER_NAMES:
             if hf_names(i, part) in hf:
                 out[gguf_names(i, part)] = hf[hf_names(i, part)]
+        if cfg.moe is not None and cfg.moe.sparse_layers[i]:
+            from novallm_jax.loading.moe import moe_gguf_shapes
+            out.update(moe_gguf_shapes(cfg, i))
     return out

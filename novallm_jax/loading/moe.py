@@ -70,3 +70,33 @@ def assemble_moe_layer(cfg: ModelConfig, get, name, i: int, put) -> dict:
     gate_up = np.concatenate([g("gate"), g("up")], axis=1)  # [E, 2F, D]
     return {"router": put(np.asarray(dense(get(name(i, "moe_router")))).T),
             "experts_gate_up": put(gate_up.transpose(0, 2, 1)), "experts_down": put(g("down").transpose(0, 2, 1))}
+
+
+def write_moe(w, cfg: ModelConfig, get, add, permute) -> None:
+    """A Mixtral (GGUF arch `llama`, Q/K rows permuted) or Qwen3-MoE (`qwen3moe`) checkpoint's expert metadata and
+    tensors, as llama.cpp's converter writes them (each expert weight stacked [E, out, in])."""
+    from novallm_jax.loading.gguf_file import gguf_names
+    from novallm_jax.loading.hf import hf_names
+
+    m, arch = cfg.moe, w.arch
+    w.add_expert_count(m.num_experts)
+    w.add_expert_used_count(m.top_k)
+    w.add_bool(f"{arch}.expert_weights_norm", m.norm_topk_prob)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(m.expert_size)
+    name = lambda i, part: moe_hf_name(cfg, i, part) if is_moe_part(part) else hf_names(i, part)
+    add(gguf_names(None, "embed"), get(hf_names(None, "embed")))
+    add(gguf_names(None, "final_norm"), get(hf_names(None, "final_norm")), matmul=False)
+    if not cfg.tie_word_embeddings:
+        add(gguf_names(None, "lm_head"), get(hf_names(None, "lm_head")))
+    for i in range(cfg.num_layers):
+        parts = ["attn_norm", "q", "k", "v", "o", "mlp_norm"] + ["q_norm", "k_norm"] * cfg.qk_norm
+        for part in parts + ([] if m.sparse_layers[i] else ["gate", "up", "down"]):
+            a = get(hf_names(i, part))
+            if arch == "llama" and part in ("q", "k"):
+                a = permute(a, cfg.num_heads if part == "q" else cfg.num_kv_heads)
+            add(gguf_names(i, part), a, matmul="norm" not in part)
+        if m.sparse_layers[i]:
+            add(moe_gguf_name(i, "moe_router"), get(name(i, "moe_router")), matmul=False)
+            for kind in ("gate", "up", "down"):
+                add(moe_gguf_name(i, f"moe_{kind}"), stacked_experts(get, name, i, kind, m.num_experts))
