@@ -124,10 +124,10 @@ def test_quant_matmul_rejects_a_mismatched_inner_dimension():
             bq.codes, bq.d, bq.m, bq.bits)), 16, 8).block_until_ready()
 
 
-def _logits(cfg, params, native_kernels=None):
+def _logits(cfg, params, native_kernels=None, **config):
     """Prefill logits of two ragged prompts, then two decode steps' logits, through the executor."""
     ex = Executor(cfg, params, ExecutorConfig(page_size=8, num_pages=32, max_model_len=64,
-                                              native_kernels=native_kernels))
+                                              native_kernels=native_kernels, **config))
     cache = ex.new_cache()
     prompts = [[3, 17, 42, 9, 11, 5, 8, 13, 21, 34, 55, 2], [7, 1, 4]]
     tables = [[1, 2, 3], [4, 5, 6]]
@@ -253,9 +253,10 @@ def test_a_weight_widened_beside_codes_is_logged_as_a_warning():
 
 
 @pytest.mark.parametrize("quant", ["F16", "BF16"])
-def test_16_bit_gguf_loads_the_rounded_float_weights(tmp_path, quant, caplog):
-    """An F16 / BF16 file from our writer loads as the float32 file's weights rounded to 16 bits (norms stay
-    float32), and its logits are those of the float32 weights so rounded."""
+def test_16_bit_gguf_keeps_16_bits_and_gives_the_rounded_float_logits(tmp_path, quant, caplog):
+    """An F16 / BF16 file from our writer: its matmul weights stay in 16 bits (`HalfLinear`), holding the float32
+    file's weights rounded to 16 bits (norms stay float32), and the logits are those of the rounded float32 weights,
+    bit for bit, with and without the fused layers."""
     import logging
 
     import ml_dtypes
@@ -265,12 +266,34 @@ def test_16_bit_gguf_loads_the_rounded_float_weights(tmp_path, quant, caplog):
     caplog.set_level(logging.INFO, logger="absl")
     cfg, half = load_model(hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant), np.float32,
                            keep_quantized=True)
-    assert f"{quant}: 15 matmul weights widened to float32 (exact), the embedding table as float32 (its rows are " \
-           "gathered)" in {r.getMessage() for r in caplog.records}
+    assert f"{quant}: 15 tensors kept in 16 bits (exact), the embedding table as float32 (its rows are gathered)" \
+        in {r.getMessage() for r in caplog.records}
+    assert all(isinstance(layer[k], native.HalfLinear) and layer[k].bf16 == (quant == "BF16")
+               for layer in half["layers"] for k in native.PACKED_WEIGHTS)
     dtype = np.float16 if quant == "F16" else ml_dtypes.bfloat16
-    flat32, flat16 = jax.tree.leaves(f32), jax.tree.leaves(half)
-    assert len(flat32) == len(flat16)
     rounded = jax.tree.map(lambda a: a if a.ndim == 1 else np.asarray(a).astype(dtype).astype(np.float32), f32)
-    for a, b in zip(jax.tree.leaves(rounded), flat16):
+    widened = native.dequantize_params(half)
+    assert jax.tree.structure(widened) == jax.tree.structure(rounded)
+    for a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(widened)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
-    np.testing.assert_array_equal(_logits(cfg, half)[1], _logits(cfg, rounded)[1])
+    for fused in (True, False):  # the fused layer sums its norms in another order: each against its own kind
+        ex, got = _logits(cfg, half, fused_layers=fused)
+        assert ex.fused_layers == fused and isinstance(ex.params["layers"][0]["w_down"], native.HalfLinear)
+        np.testing.assert_array_equal(got, _logits(cfg, rounded, fused_layers=fused)[1])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 100])
+def test_half_matmul_is_bit_identical_to_the_float32_kernel(bf16, m):
+    import ml_dtypes
+
+    k, n = 96, 72
+    rng = np.random.default_rng(m)
+    w = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16 if bf16 else np.float16)
+    w.reshape(-1)[:3] = [0.0, -0.0, 1e-7 if not bf16 else 1e-40]  # zeros and a subnormal
+    half = native.HalfLinear.from_bits(w.view(np.uint16), bf16)
+    dense = native.PackedLinear.from_dense(w.astype(np.float32).T)
+    np.testing.assert_array_equal(half.to_dense(), w.astype(np.float32).T)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    apply = jax.jit(lambda x, w: w.apply(x))
+    np.testing.assert_array_equal(np.asarray(apply(x, half)), np.asarray(apply(x, dense)))

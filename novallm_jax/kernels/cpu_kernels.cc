@@ -356,18 +356,24 @@ bool QuantShapesAgree(const D& xd, const D& wd) {
 
 // Rows [M, K] of x against one block-coded panel: one row decodes in registers; more rows decode the panel once
 // into a scratch panel that every tile of rows then reads from L1/L2.
-template <int BITS>
-void QuantPanel(const float* x, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N) {
-  if (M == 1) return QuantRow<BITS>(x, w, K, y);
-  // Cache-line aligned like XLA's buffers: the tiles' 32-byte loads would otherwise straddle lines.
+// This thread's scratch panel of K x 16 floats, cache-line aligned like XLA's buffers: the tiles' 32-byte loads
+// would otherwise straddle lines.
+inline float* ScratchPanel(int64_t K) {
   thread_local std::unique_ptr<float, FreeDeleter> scratch;
   thread_local int64_t scratch_size = 0;
   if (scratch_size < K * kPanel) {
     scratch.reset(static_cast<float*>(std::aligned_alloc(64, K * kPanel * sizeof(float))));
     scratch_size = K * kPanel;
   }
-  Dequant<BITS>(w, K, scratch.get());
-  Panel(x, M, K, scratch.get(), y, N);
+  return scratch.get();
+}
+
+template <int BITS>
+void QuantPanel(const float* x, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N) {
+  if (M == 1) return QuantRow<BITS>(x, w, K, y);
+  float* scratch = ScratchPanel(K);
+  Dequant<BITS>(w, K, scratch);
+  Panel(x, M, K, scratch, y, N);
 }
 
 template <int BITS>
@@ -926,6 +932,84 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   return ffi::Error::Success();
 }
 
+// ---- 16-bit float weights (GGUF F16 / BF16 files) ----
+//
+// Panels [N / 16, K, 16] of float16 or bfloat16 bits, widened exactly to float32 (F16C's vcvtph2ps; bfloat16 is the
+// upper half of a float32) and multiplied as `Panel` / `Row` multiply float32 panels: the same products and sums in
+// the same order, so the results are bit-identical to the float32 weights' while each weight costs 2 bytes.
+
+// An IEEE half's bits -> the float it holds (exact; the portable path where F16C is missing).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FFu;
+  if (exp == 0) return (sign ? -1.f : 1.f) * std::ldexp(float(man), -24);  // zero and subnormals
+  const uint32_t bits = sign | (exp == 31 ? 0x7F800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <bool BF16>
+inline v8 LoadHalf(const uint16_t* p) {
+  if constexpr (BF16) {
+    return LoadKV(reinterpret_cast<const bf16*>(p));
+  } else {
+#if defined(__F16C__)
+    return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    v8 out;
+    for (int i = 0; i < 8; ++i) out[i] = HalfToFloat(p[i]);
+    return out;
+#endif
+  }
+}
+
+// One row against a 16-bit panel, widening in registers: `Row`'s products and sums in `Row`'s order.
+template <bool BF16>
+void HalfRow(const float* x, int64_t K, const uint16_t* w, float* y) {
+  v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
+    a0 += xa * LoadHalf<BF16>(w + k * kPanel);
+    a1 += xa * LoadHalf<BF16>(w + k * kPanel + 8);
+    b0 += xb * LoadHalf<BF16>(w + (k + 1) * kPanel);
+    b1 += xb * LoadHalf<BF16>(w + (k + 1) * kPanel + 8);
+  }
+  for (; k < K; ++k) {
+    const v8 xa = Splat(x[k]);
+    a0 += xa * LoadHalf<BF16>(w + k * kPanel);
+    a1 += xa * LoadHalf<BF16>(w + k * kPanel + 8);
+  }
+  Store(y, a0 + b0);
+  Store(y + 8, a1 + b1);
+}
+
+// Rows [M, K] of x against one 16-bit panel: one row widens in registers; more rows widen the panel once into a
+// scratch panel that `Panel`'s tiles read.
+template <bool BF16>
+void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
+  if (M == 1) return HalfRow<BF16>(x, K, w, y);
+  float* scratch = ScratchPanel(K);
+  for (int64_t i = 0; i < K * kPanel; i += 8) Store(scratch + i, LoadHalf<BF16>(w + i));
+  Panel(x, M, K, scratch, y, N);
+}
+
+template <bool BF16>
+ffi::Error HalfMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != xd[1]) {
+    return ffi::Error::InvalidArgument("16-bit matmul wants x [M, K] and w [N / 16, K, 16]");
+  }
+  const float* xp = x.typed_data();
+  const uint16_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t M = xd[0], K = xd[1], N = wd[0] * kPanel;
+  ParallelFor(pool, wd[0], 4 * M * K + 2 * wd[0] * K * kPanel,
+              [=](int64_t p) { HalfPanel<BF16>(xp, M, K, wp + p * K * kPanel, yp + p * kPanel, N); });
+  return ffi::Error::Success();
+}
+
 // ---- One decoder layer in one call ----
 //
 // Why: a batch-1 decode step of SmolLM2 on the block codes was ~150 kernel calls of 10-60 us each plus ~300 small
@@ -935,8 +1019,8 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
 // so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up. Batch 1 gained 5-8%; 32 rows,
 // whose calls already kept every thread busy, nothing.
 
-// A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), or
-// the int8-dot layout (kind = 16 + bits, x quantised per row first).
+// A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), the
+// int8-dot layout (kind = 16 + bits, x quantised per row first), or 16-bit panels (kind 32 float16, 33 bfloat16).
 struct Weight {
   int64_t kind = 0;
   const uint8_t* data = nullptr;
@@ -953,6 +1037,9 @@ struct Weight {
     if (kind == 0) {
       ok = ok && b.element_type() == ffi::DataType::F32 && d[1] == K && d[2] == kPanel;
       w.panel_bytes = K * kPanel * 4;
+    } else if (kind == 32 || kind == 33) {
+      ok = ok && b.element_type() == ffi::DataType::U16 && d[1] == K && d[2] == kPanel;
+      w.panel_bytes = K * kPanel * 2;
     } else {
       const int bits = kind & 15;
       const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 6 ? kBlockBytes<6> : kBlockBytes<8>;
@@ -993,6 +1080,8 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
     case 0: return Panel(x, M, w.K, reinterpret_cast<const float*>(wp), y, ldy);
     case 4: return QuantPanel<4>(x, M, w.K, wp, y, ldy);
     case 6: return QuantPanel<6>(x, M, w.K, wp, y, ldy);
+    case 32: return HalfPanel<false>(x, M, w.K, reinterpret_cast<const uint16_t*>(wp), y, ldy);
+    case 33: return HalfPanel<true>(x, M, w.K, reinterpret_cast<const uint16_t*>(wp), y, ldy);
     case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
 #if defined(__AVX2__)
     case 16 + 4: return DotPanel<4>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
@@ -1077,7 +1166,7 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const LayerDims L{xd[0], pd[1], xd[1], num_heads, num_kv_heads, kd[3], td[1], kd[0], kd[1], window, eps, scale};
   const int64_t Q = L.H * L.hd, KVS = L.KV * L.hd;
   const auto dd = w_down_b.dimensions();
-  const int64_t F = dd.size() == 3 ? (down_kind ? dd[1] * kBlock : dd[1]) : 0;
+  const int64_t F = dd.size() == 3 ? (down_kind > 0 && down_kind < 32 ? dd[1] * kBlock : dd[1]) : 0;
   Weight wqkv, wo, wgu, wdown;
   for (const char* error : {Weight::Of(wqkv_b, qkv_kind, L.D, wqkv), Weight::Of(wo_b, o_kind, Q, wo),
                             Weight::Of(w_gate_up_b, gate_up_kind, L.D, wgu),
@@ -1244,6 +1333,15 @@ NOVALLM_QUANT_MATMUL(NovallmQ8MatmulF32, QuantMatmul, 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ6DotMatmulF32, DotMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
+
+#define NOVALLM_HALF_MATMUL(name, bf16)                                                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, HalfMatmul<bf16>, ffi::Ffi::Bind()                              \
+                                                            .Ctx<ffi::ThreadPool>()                   \
+                                                            .Arg<ffi::Buffer<ffi::F32>>()             \
+                                                            .Arg<ffi::Buffer<ffi::U16>>()             \
+                                                            .Ret<ffi::Buffer<ffi::F32>>());
+NOVALLM_HALF_MATMUL(NovallmF16MatmulF32, false)
+NOVALLM_HALF_MATMUL(NovallmBf16MatmulF32, true)
 
 extern "C" int NovallmHasInt8Dot() { return kInt8Dot; }
 // 2: the int8-dot tiles use AVX-512 VNNI, 1: AVX2.

@@ -36,6 +36,7 @@ _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
 _QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 6: "novallm_q6_matmul_f32", 8: "novallm_q8_matmul_f32"}
 _DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 6: "novallm_q6_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
+_HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
 
@@ -93,6 +94,8 @@ def _library() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
+        for bf16, symbol in ((False, lib.NovallmF16MatmulF32), (True, lib.NovallmBf16MatmulF32)):
+            jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (6, lib.NovallmQ6MatmulF32), (8, lib.NovallmQ8MatmulF32)):
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (6, lib.NovallmQ6DotMatmulF32),
@@ -121,13 +124,14 @@ def int8_dot_isa() -> str | None:
     return {0: None, 1: "avx2", 2: "avx512-vnni"}[lib.NovallmInt8DotIsa()] if lib is not None else None
 
 
-def pack(w) -> np.ndarray:
-    """[K, N] -> panels [ceil(N / 16), K, 16] (zero-padded columns), the layout `packed_matmul` reads."""
-    w = np.asarray(w, np.float32)
+def pack(w, dtype=np.float32) -> np.ndarray:
+    """[K, N] -> panels [ceil(N / 16), K, 16] (zero-padded columns), the layout `packed_matmul` reads (`dtype`
+    uint16: the bits of 16-bit floats, for `half_matmul`)."""
+    w = np.asarray(w, dtype)
     k, n = w.shape
     pad = -n % PANEL
     if pad:
-        w = np.concatenate([w, np.zeros((k, pad), np.float32)], axis=1)
+        w = np.concatenate([w, np.zeros((k, pad), dtype)], axis=1)
     return np.ascontiguousarray(w.reshape(k, -1, PANEL).transpose(1, 0, 2))
 
 
@@ -165,6 +169,22 @@ def _header_bytes(bits: int) -> int:
 def block_bytes(bits: int) -> int:
     """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 bits, or 8 for bits 6 and 8)."""
     return _header_bytes(bits) + QUANT_BLOCK * PANEL * (4 if bits == 4 else 8) // 8
+
+
+def half_matmul(x: jax.Array, panels: jax.Array, n: int, bf16: bool) -> jax.Array:
+    """x [..., K] float32 @ the weight of `n` output columns in panels of float16 (or `bf16`) bits -> [..., n]: the
+    weights widened exactly, then `packed_matmul`'s arithmetic (the same bits as on the float32 weights)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = int(np.prod(lead, dtype=np.int64))
+    y = _ffi_call(_HALF_MATMUL[bf16], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+        x.reshape(m, k).astype(jnp.float32), panels)
+    return y[:, :n].reshape(*lead, n)
+
+
+def widen_half(bits: np.ndarray, bf16: bool) -> np.ndarray:
+    """float16 / bfloat16 bits (uint16) -> the float32 values they hold (exact)."""
+    bits = np.asarray(bits, np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32) if bf16 else bits.view(np.float16).astype(np.float32)
 
 
 def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
@@ -286,7 +306,10 @@ def decoder_layer(p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def _kind(w) -> np.int64:
-    """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, or 16 + bits (int8 dot)."""
+    """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, 16 + bits (int8 dot), or
+    32 (float16) / 33 (bfloat16) panels."""
+    if isinstance(w, HalfLinear):
+        return np.int64(32 + w.bf16)
     return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8)
 
 
@@ -346,14 +369,35 @@ class QuantLinear:
         return quant_matmul(x, self.panels, self.n, self.bits, self.int8)
 
 
-NATIVE_LINEAR = (PackedLinear, QuantLinear)
+@flax.struct.dataclass
+class HalfLinear:
+    """A [K, n] weight of a float16 (or `bf16`) GGUF tensor, kept in 16 bits as `pack` panels of its bits: half the
+    bytes of float32, the same results (`half_matmul`)."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+    bf16: bool = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_bits(cls, bits: np.ndarray, bf16: bool) -> "HalfLinear":
+        """From the uint16 bits of w^T ([n, K], the checkpoint's [out, in] layout)."""
+        return cls(panels=jnp.asarray(pack(np.asarray(bits).T, np.uint16)), n=int(bits.shape[0]), bf16=bf16)
+
+    def to_dense(self) -> np.ndarray:
+        return widen_half(unpack(np.asarray(self.panels), self.n), self.bf16)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return half_matmul(x, self.panels, self.n, self.bf16)
+
+
+NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
 PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
 def pack_params(params: dict) -> dict:
     """The params pytree with every float32 matmul weight (and `lm_head`) packed for the native kernel."""
     def maybe_pack(w):
-        return PackedLinear.from_dense(w) if not isinstance(w, QuantLinear) and w.dtype == np.float32 else w
+        return PackedLinear.from_dense(w) if not isinstance(w, NATIVE_LINEAR) and w.dtype == np.float32 else w
 
     layers = [{k: maybe_pack(v) if k in PACKED_WEIGHTS else v for k, v in layer.items()} for layer in params["layers"]]
     return {**params, "layers": layers, "lm_head": maybe_pack(params["lm_head"])}
@@ -366,6 +410,8 @@ def int8_activations(params: dict) -> dict:
 
 
 def dequantize_params(params: dict) -> dict:
-    """The params pytree with every `QuantLinear` decoded to its float32 weight (for XLA's own dots)."""
-    dense = lambda w: jnp.asarray(w.to_dense()) if isinstance(w, QuantLinear) else w
-    return jax.tree.map(dense, params, is_leaf=lambda w: isinstance(w, QuantLinear))
+    """The params pytree with every `QuantLinear` and `HalfLinear` decoded to its float32 weight (for XLA's own
+    dots)."""
+    kept = (QuantLinear, HalfLinear)
+    dense = lambda w: jnp.asarray(w.to_dense()) if isinstance(w, kept) else w
+    return jax.tree.map(dense, params, is_leaf=lambda w: isinstance(w, kept))

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.kernels import native
-from novallm_jax.loading.gguf_quant import BlockQuant
+from novallm_jax.loading.gguf_quant import BlockQuant, HalfWeight
 
 TensorGetter = Callable[[str], "np.ndarray | BlockQuant"]
 NameFn = Callable[[int | None, str], str]
@@ -24,7 +24,7 @@ NameFn = Callable[[int | None, str], str]
 def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, desc: str = "weights") -> dict:
     """Builds params layer by layer, so at most one layer's float32 tensors sit in host memory at a time."""
     def put(a):
-        return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, BlockQuant) else a, dtype))
+        return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, (BlockQuant, HalfWeight)) else a, dtype))
 
     def matmul_weight(parts: list) -> jax.Array | native.QuantLinear:
         """[out, in] tensors -> one [in, sum(out)] weight, kept in block codes when every part has them (codes of
@@ -32,10 +32,12 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
         coded = [isinstance(p, BlockQuant) for p in parts]
         if all(coded):
             return native.QuantLinear.from_blocks(BlockQuant.concat_rows(parts))
-        if any(coded):
-            logging.warning("a matmul weight's parts in block codes are widened to %s beside parts that are not "
-                            "(shapes %s)", np.dtype(dtype).name, [tuple(p.shape) for p in parts])
-        dense = [p.dequantize() if isinstance(p, BlockQuant) else p for p in parts]
+        if all(isinstance(p, HalfWeight) for p in parts) and len({p.bf16 for p in parts}) == 1:
+            return native.HalfLinear.from_bits(np.concatenate([p.bits for p in parts]), parts[0].bf16)
+        if any(coded) or any(isinstance(p, HalfWeight) for p in parts):
+            logging.warning("a matmul weight's parts in block codes or 16 bits are widened to %s beside parts that "
+                            "are not (shapes %s)", np.dtype(dtype).name, [tuple(p.shape) for p in parts])
+        dense = [p.dequantize() if isinstance(p, (BlockQuant, HalfWeight)) else p for p in parts]
         return put(np.concatenate([p.T for p in dense], axis=1))
 
     embed = get(name(None, "embed"))

@@ -1,5 +1,6 @@
 """Loads a GGUF file: metadata to `ModelConfig`; tensors dequantised by the `gguf` package to the compute dtype, or,
-with `keep_quantized`, matmul weights of a `gguf_quant.SUPPORTED` type kept in their block codes."""
+with `keep_quantized`, matmul weights of a `gguf_quant.SUPPORTED` type kept in their block codes, and F16 / BF16 ones
+in 16 bits."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
 from novallm_jax.loading.gemma import GGUF_GLOBAL, GGUF_LAYER, gemma_gguf_names, gemma_tensor_shapes
-from novallm_jax.loading.gguf_quant import BlockQuant, decode_blocks
+from novallm_jax.loading.gguf_quant import BlockQuant, HalfWeight, decode_blocks, half_bits
 from novallm_jax.loading.gguf_readers import FastReader, reader_for
 
 GGUF_MAGIC = b"GGUF"
@@ -65,7 +66,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
-    """(config, params); `keep_quantized`: matmul weights stay in their GGUF block codes (`native.QuantLinear`, for
+    """(config, params); `keep_quantized`: matmul weights stay in their GGUF block codes or 16 bits
+    (`native.QuantLinear`, `native.HalfLinear`, for
     the native CPU kernels, which compute in float32 with the same values)."""
     from gguf.quants import dequantize
 
@@ -107,11 +109,12 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
                 return
         how.append(("codes" if coded else "dense") if t.name.endswith(_MATMUL_TENSORS) else "vector")
 
-    def get(name: str) -> np.ndarray | BlockQuant:
+    def get(name: str) -> np.ndarray | BlockQuant | HalfWeight:
         t = tensors[name]
         if keep_quantized and name.endswith(_MATMUL_TENSORS):
             shape = tuple(int(s) for s in reversed(t.shape))
-            bq = decode_blocks(t.data, t.tensor_type.name, shape) if shape == expected[name] else None
+            kept = (decode_blocks, half_bits)[t.tensor_type.name in ("F16", "BF16")]
+            bq = kept(t.data, t.tensor_type.name, shape) if shape == expected[name] else None
             note(t, bq is not None)
             if bq is not None:
                 heads = permuted_heads(name)
@@ -148,7 +151,7 @@ def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
     exact = type_name in ("F32", "F16", "BF16") and dtype == "float32"
     phrases = []
     if count["codes"]:
-        phrases.append(f"{count['codes']} tensors kept in codes (exact)")
+        phrases.append(f"{count['codes']} tensors kept in " + ("16 bits" if exact else "codes") + " (exact)")
     if count["dense"]:
         phrases.append(f"{count['dense']} matmul weights " + (
             f"in {dtype}" if same else f"widened to {dtype} (exact)" if exact else f"dequantised to {dtype}"))

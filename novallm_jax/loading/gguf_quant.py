@@ -65,6 +65,33 @@ class BlockQuant:
         return BlockQuant(*cat, parts[0].bits, None if parts[0].d2 is None else np.concatenate([p.d2 for p in parts]))
 
 
+@dataclasses.dataclass
+class HalfWeight:
+    """A [rows, cols] float16 (or `bf16`) GGUF weight as its uint16 bits, for `native.HalfLinear`."""
+
+    bits: np.ndarray
+    bf16: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.bits.shape
+
+    def dequantize(self) -> np.ndarray:
+        from novallm_jax.kernels.native import widen_half
+
+        return widen_half(self.bits, self.bf16)
+
+    def take_rows(self, index: np.ndarray) -> "HalfWeight":
+        return HalfWeight(self.bits[index], self.bf16)
+
+
+def half_bits(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> HalfWeight | None:
+    """The bits of an F16 / BF16 tensor's raw data (numpy shape `shape`), or None for other types."""
+    if type_name not in ("F16", "BF16"):
+        return None
+    return HalfWeight(np.ascontiguousarray(raw).view(np.uint16).reshape(shape), type_name == "BF16")
+
+
 def _f16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
 
