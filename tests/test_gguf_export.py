@@ -71,7 +71,7 @@ def test_q4_k_m_picks_llama_cpps_types():
     from novallm_jax.loading.gguf_export import tensor_type
 
     six = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
-    for part in ("attn_v", "ffn_down"):
+    for part in ("attn_v", "ffn_down", "ffn_down_exps"):
         assert {i for i in range(32) if tensor_type("Q4_K_M", f"blk.{i}.{part}.weight", 32, 4096, False) == "Q6_K"} \
             == six
     assert {tensor_type("Q4_K_M", f"blk.{i}.{p}.weight", 32, 4096, False) for i in range(32)

@@ -82,7 +82,8 @@ def tensor_type(quant: str | None, name: str, n_layers: int, cols: int, tied: bo
         output = name == "output.weight" or (tied and name == "token_embd.weight")
         if output:
             kind = "Q6_K" if cols % 256 == 0 else "Q8_0"
-        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(name.split(".")[1]), n_layers):
+        elif (name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight"))
+              and _more_bits(int(name.split(".")[1]), n_layers)):
             kind = "Q6_K"
     if kind in _FALLBACK and cols % 256:
         kind = _FALLBACK[kind]

@@ -100,14 +100,15 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     roles: dict[str, list[str]] = {}  # GGUF type -> how each of its tensors is kept (see `kept_line`)
 
     def note(t, coded: bool) -> None:
-        """Notes how tensor `t` is kept: "codes" or "dense" for a matmul weight, "table" for the embedding table
-        (gathered, so dequantised; its codes kept too when it is also the tied output), "vector" for the rest."""
+        """Notes how tensor `t` is kept: "codes" or "dense" for a matmul weight (any tensor of 2 or more dimensions
+        that is not the embedding table), "table" for the embedding table (gathered, so dequantised; its codes kept
+        too when it is also the tied output), "vector" for norms and biases."""
         how = roles.setdefault(t.tensor_type.name, [])
         if t.name == _GLOBAL_NAMES["embed"]:
             how.append("table")
             if not cfg.tie_word_embeddings:
                 return
-        how.append(("codes" if coded else "dense") if t.name.endswith(_MATMUL_TENSORS) else "vector")
+        how.append("codes" if coded else "dense" if len(t.shape) > 1 else "vector")
 
     def get(name: str) -> np.ndarray | BlockQuant | HalfWeight:
         t = tensors[name]

@@ -54,26 +54,26 @@ def _low_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """x [rows, cols] (cols a multiple of 256) -> Q4_K blocks [rows, cols / 256 * 144] (d, dmin, scales, qs)."""
-    rows = x.shape[0]
+    """x [..., cols] (cols a multiple of 256) -> Q4_K blocks [..., cols / 256 * 144] (d, dmin, scales, qs)."""
+    lead = np.shape(x)[:-1]
     head, scales, q = _affine_codes(np.asarray(x, np.float32).reshape(-1, QK_K), 16)
-    return np.concatenate([head, scales, _low_nibbles(q)], axis=1).reshape(rows, -1)
+    return np.concatenate([head, scales, _low_nibbles(q)], axis=1).reshape(*lead, -1)
 
 
 def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """x [rows, cols] -> Q5_K blocks [rows, cols / 256 * 176] (d, dmin, scales, qh: bit i of byte l is the fifth bit
+    """x [..., cols] -> Q5_K blocks [..., cols / 256 * 176] (d, dmin, scales, qh: bit i of byte l is the fifth bit
     of weight 32 i + l, qs)."""
-    rows = x.shape[0]
+    lead = np.shape(x)[:-1]
     head, scales, q = _affine_codes(np.asarray(x, np.float32).reshape(-1, QK_K), 32)
     high = (q >> 4).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]
     qh = np.bitwise_or.reduce(high, axis=1).astype(np.uint8)
-    return np.concatenate([head, scales, qh, _low_nibbles(q)], axis=1).reshape(rows, -1)
+    return np.concatenate([head, scales, qh, _low_nibbles(q)], axis=1).reshape(*lead, -1)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """x [rows, cols] -> Q6_K blocks [rows, cols / 256 * 210] (ql, qh, int8 scales of 16 sub-blocks of 16, d):
+    """x [..., cols] -> Q6_K blocks [..., cols / 256 * 210] (ql, qh, int8 scales of 16 sub-blocks of 16, d):
     x ~ d * sc * (q - 32), the sub-block's largest magnitude at code 0 (q - 32 = -32) as llama.cpp places it."""
-    rows = x.shape[0]
+    lead = np.shape(x)[:-1]
     sub = np.asarray(x, np.float32).reshape(-1, 16, 16)
     n = sub.shape[0]
     peak = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
@@ -87,7 +87,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     hi = (q >> 4).reshape(n, 2, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[:, None]
     qh = np.bitwise_or.reduce(hi, axis=2).astype(np.uint8).reshape(n, 64)
     out = np.concatenate([ql, qh, sc.view(np.uint8), d.astype(np.float16).view(np.uint8)[:, None].reshape(n, 2)], 1)
-    return out.reshape(rows, -1)
+    return out.reshape(*lead, -1)
 
 
 QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
