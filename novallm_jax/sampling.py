@@ -593,9 +593,21 @@ def _take_rows(batch: SamplingBatch, slots: jax.Array, wide: bool) -> SamplingBa
     )
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """logits [B, V] with the tokens whose bit is 0 in bitmask [B, ceil(V / 32)] (int32) set to -inf.
+
+    A row whose words are all -1 (every bit set) is unchanged: that is how unconstrained rows are passed.
+    """
+    b, v = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32], bit j of word w: token 32w+j
+    allowed = bits.reshape(b, -1)[:, :v].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames="num_top_logprobs", donate_argnames="batch")
 def sample_slots(
-    logits: jax.Array, slots: jax.Array, batch: SamplingBatch, num_top_logprobs: int = 0
+    logits: jax.Array, slots: jax.Array, batch: SamplingBatch, num_top_logprobs: int = 0,
+    bitmask: jax.Array | None = None,
 ) -> tuple[SamplerOutput, SamplingBatch]:
     """`sample` for the running rows of a slot batch, then `update_counts` for them; costs O(n), not O(B).
 
@@ -604,15 +616,21 @@ def sample_slots(
     num_top_logprobs); slots must be distinct. Returns the output rows [n] and the batch with the state of those
     slots advanced (steps + 1, the token counted), updated in place: `batch` is donated.
 
+    bitmask i32[n, ceil(V / 32)] (structured outputs): only the tokens whose bit is set may be drawn; rows of all
+    bits set are unconstrained. Logprobs stay those of the model's logits. Without it the program is the same as
+    before (one more compile per row bucket when given).
+
     Tokens equal `sample` on the same rows (a row's draw depends only on its own parameters, seed and step).
     Logprobs differ in one way: with num_top_logprobs = 0 the chosen token's logprob is computed only when some
     row has `wants_logprobs`, and is 0 for every row otherwise (a log-softmax over [n, V] saved per step).
     """
     _check_num_top(num_top_logprobs)
+    raw = logits.astype(jnp.float32)
+    if bitmask is not None:
+        logits = apply_token_bitmask(logits, bitmask)
     rows = _take_rows(batch, slots, wide=False)
     # The penalties read [n, V] rows of the batch; gathering them inside the branch skips that copy when unused.
     tokens = _draw_penalized(logits, rows, lambda: apply_penalties(logits, _take_rows(batch, slots, wide=True)))
-    raw = logits.astype(jnp.float32)
     if num_top_logprobs:
         chosen, top_ids, top_logprobs = _logprobs(raw, tokens, num_top_logprobs)
     else:

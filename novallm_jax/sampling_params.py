@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from novallm_jax.errors import InvalidRequestError
+from novallm_jax.structured import StructuredOutput
 from novallm_jax.text_checks import lone_surrogate_problem
 
 # The most top-N logprobs one request may ask for (OpenAI's `top_logprobs` limit, vLLM's default `max_logprobs`).
@@ -52,6 +53,8 @@ class SamplingParams:
     ignore_eos: keep generating after EOS.
     logprobs: None for none, 0 for the chosen token's logprob only, N in 1..20 for the top N as well.
     n: number of completions for the prompt.
+    structured: the text must match a JSON schema, a regex, a Lark grammar or a choice (`StructuredOutput`; a dict of
+      its fields is accepted), enforced token by token while sampling.
     """
 
     temperature: float = 1.0
@@ -70,6 +73,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lo=0.0)
@@ -92,6 +96,11 @@ class SamplingParams:
             )
         if not _is_int(self.n) or self.n < 1:
             raise InvalidRequestError(f"n must be an integer >= 1, got {self.n!r}", param="n")
+        if isinstance(self.structured, Mapping):
+            self._set("structured", StructuredOutput.from_dict(self.structured))
+        elif self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequestError("structured must be a StructuredOutput (or its fields as a dict)",
+                                      param="structured")
 
     def __hash__(self) -> int:
         # The generated hash would fail on the logit_bias dict; hash its sorted items instead.
@@ -231,7 +240,10 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
-        return cls(**{**d, "stop": tuple(d.get("stop") or ()), "stop_token_ids": tuple(d.get("stop_token_ids") or ())})
+        structured = d.get("structured")
+        return cls(**{**d, "stop": tuple(d.get("stop") or ()), "stop_token_ids": tuple(d.get("stop_token_ids") or ()),
+                      "structured": None if structured is None else StructuredOutput.from_dict(
+                          {k: v for k, v in structured.items() if v not in (None, False)})})
 
     def for_child(self, index: int) -> SamplingParams:
         """Settings of completion `index` of an n > 1 request: n=1 and, as in vLLM, seed + index when seeded."""

@@ -2,8 +2,8 @@
 
 llguidance (a Rust grammar engine; vLLM's default backend too) compiles the constraint and computes on the host, per
 step and row, the bitmask of the tokens that keep the text valid: a few microseconds to ~1 ms a row, in its own
-threads without the GIL, so the mask of the next step can be computed while a step runs. `apply_token_bitmask` puts
-the mask on the logits inside the jitted sampler; rows without a constraint are left alone.
+threads without the GIL, so the mask of the next step can be computed while a step runs. The sampler puts the mask
+on the logits on the device (`sampling.apply_token_bitmask`); rows without a constraint are left alone.
 
 Grammars are compiled once per constraint (`compile_grammar`, cached) and llguidance's view of a tokenizer is built
 once per tokenizer (`ll_tokenizer`, ~0.3 s for a 49k vocabulary).
@@ -18,8 +18,6 @@ import threading
 import weakref
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from novallm_jax.errors import InvalidRequestError
@@ -220,14 +218,3 @@ def fill_bitmasks(matchers: Sequence[tuple[Matcher, int]], bitmask: np.ndarray) 
     if _executor is None:
         _executor = LLExecutor()
     fill_next_token_bitmask_par(_executor, [(m._m, row) for m, row in matchers], bitmask)
-
-
-def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
-    """logits [B, V] with the tokens whose bit is 0 in bitmask [B, ceil(V / 32)] (int32) set to -inf.
-
-    A row whose words are all -1 (every bit set) is unchanged: that is how unconstrained rows are passed.
-    """
-    b, v = logits.shape
-    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32], bit j of word w: token 32w+j
-    allowed = bits.reshape(b, -1)[:, :v].astype(bool)
-    return jnp.where(allowed, logits, -jnp.inf)

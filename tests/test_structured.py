@@ -17,8 +17,9 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kv_cache import ContiguousKVCache
 from novallm_jax.model import forward, init_params
-from novallm_jax.structured import (Matcher, StructuredOutput, apply_token_bitmask, bitmask_words, compile_grammar,
-                                    fill_bitmasks, ll_tokenizer)
+from novallm_jax.sampling import apply_token_bitmask
+from novallm_jax.structured import (Matcher, StructuredOutput, bitmask_words, compile_grammar, fill_bitmasks,
+                                    ll_tokenizer)
 
 MAX_STEPS = 320
 
@@ -180,3 +181,62 @@ def test_grammars_and_tokenizer_views_are_built_once(tok):
     b = StructuredOutput(json='{"properties": {"x": {"type": "integer"}}, "type": "object"}')  # same schema, other text
     assert a == b and hash(a) == hash(b)
     assert compile_grammar(a, tok, tok.vocab_size) is compile_grammar(b, tok, tok.vocab_size)
+
+
+# --- through the engine --------------------------------------------------------------------------------------------
+
+def test_engine_constrained_rows_validate_and_free_rows_are_untouched(tokenizer_engine):
+    """A batch mixing constrained and free rows: every constrained output validates; every free row's tokens are
+    exactly those of the same request run with no constrained neighbour; nothing leaks."""
+    from novallm_jax.sampling_params import SamplingParams
+    from tests.engine_fixtures import make_engine
+
+    tok = tokenizer_engine
+    rng = random.Random(5)
+    schemas = [_object_schema(rng) for _ in range(6)]
+    free = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True) for i in range(4)]
+    prompts = [[100 + i, 7, 8, 9] for i in range(10)]
+
+    def run(prompts, params_list):
+        engine = make_engine(tok)
+        reqs = [engine.add_request(p, params) for p, params in zip(prompts, params_list)]
+        engine.run_until_idle()
+        assert engine.check_leaks() == []
+        return reqs
+
+    constrained = [SamplingParams(temperature=1.0, seed=10 + i, max_tokens=300, structured={"json": s})
+                   for i, s in enumerate(schemas)]
+    mixed = run(prompts, constrained + free)
+    alone = run(prompts[6:], free)  # the free rows with no constrained neighbour
+    for schema, req in zip(schemas, mixed[:6]):
+        assert req.finish_reason.value == "stop", req.text
+        jsonschema.validate(json.loads(req.text), schema)
+    assert [r.output_ids for r in mixed[6:]] == [r.output_ids for r in alone]
+
+
+def test_a_bad_schema_is_refused_before_queueing(tokenizer_engine):
+    from novallm_jax.sampling_params import SamplingParams
+    from tests.engine_fixtures import make_engine
+
+    engine = make_engine(tokenizer_engine)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request([5, 6], SamplingParams(structured={"regex": "(unclosed"}))
+    assert e.value.param == "structured_outputs.regex" and engine.stats()["waiting"] == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer_engine(tok):
+    return tok
+
+
+@pytest.mark.slow
+def test_the_default_model_answers_in_json_mode_with_valid_json():
+    from novallm_jax import LLM
+    from novallm_jax.sampling_params import SamplingParams
+
+    with LLM() as llm:
+        r = llm.chat([{"role": "user", "content": "Give me a JSON object describing Paris with keys city and country."}],
+                     SamplingParams(temperature=0.0, max_tokens=120, structured={"json_object": True}))
+    assert r.outputs[0].finish_reason.value == "stop"
+    answer = json.loads(r.text)
+    assert isinstance(answer, dict) and answer.get("city") == "Paris", r.text

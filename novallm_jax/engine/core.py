@@ -39,6 +39,11 @@ class EngineCore:
     def execute(self, plan: StepPlan, storage) -> tuple[list[Sampled], object]:
         """Executes `plan` on `storage` (donated); returns the sampler calls (tokens still on the device) and the
         updated storage."""
+        logits, storage = self.run(plan, storage)
+        return self.sample(plan, logits), storage
+
+    def run(self, plan: StepPlan, storage) -> tuple[list[jax.Array], object]:
+        """The slot updates and the model calls of `plan`: each call's logits (on the device) and the storage."""
         for u in plan.slot_updates:
             if u.params is None:
                 self.sampling = self.sampling.clear_row(u.slot)
@@ -47,12 +52,18 @@ class EngineCore:
                                                       output_token_ids=list(u.output_token_ids),
                                                       eos_token_ids=self.eos_token_ids)
             self.slot_params[u.slot] = u.params
-        sampled = []
+        out = []
         for call in plan.calls:
             logits, storage = self._run(call, storage)
-            if any(r.sample for r in call.rows):
-                sampled.append(self._sample(call, logits))
-        return sampled, storage
+            out.append(logits)
+        return out, storage
+
+    def sample(self, plan: StepPlan, logits: list[jax.Array], bitmasks: list[np.ndarray | None] | None = None
+               ) -> list[Sampled]:
+        """Dispatches the sampler for each call with rows to sample; `bitmasks[i]` (int32 [rows, ceil(V / 32)], or
+        None) restricts call i's rows to the tokens whose bits are set (structured outputs)."""
+        return [self._sample(call, out, None if bitmasks is None else bitmasks[i])
+                for i, (call, out) in enumerate(zip(plan.calls, logits)) if any(r.sample for r in call.rows)]
 
     def _run(self, call: ModelCall, storage):
         chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot) for r in call.rows]
@@ -66,7 +77,7 @@ class EngineCore:
                                         last_tokens=self.sampling.last_token)
         raise ValueError(f"unknown model call kind {call.kind!r}")
 
-    def _sample(self, call: ModelCall, logits: jax.Array) -> Sampled:
+    def _sample(self, call: ModelCall, logits: jax.Array, bitmask: np.ndarray | None) -> Sampled:
         # The logits (one array per model call, padded to a row bucket) are sampled in place: their rows map to their
         # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
         # the work scales with the step's row bucket, not with num_slots.
@@ -76,7 +87,8 @@ class EngineCore:
             if r.sample:
                 slots[i], ids[i] = r.slot, r.request_id
         n_top = MAX_LOGPROBS if any((self.slot_params[s].logprobs or 0) > 0 for s in slots if s >= 0) else 0
-        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top)
+        masked = {} if bitmask is None else {"bitmask": bitmask}  # no keyword at all: the warmed-up program
+        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **masked)
         return Sampled(ids, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
 
     def reset_sampling(self) -> None:

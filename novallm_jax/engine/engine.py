@@ -33,7 +33,7 @@ from novallm_jax.amp import MemoryPool
 from novallm_jax.config import ModelConfig
 from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine import prefix_cache as pc
-from novallm_jax.engine.core import EngineCore
+from novallm_jax.engine.core import EngineCore, Sampled
 from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.engine.plan import StepPlan
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
@@ -42,6 +42,7 @@ from novallm_jax.errors import EngineClosedError, InvalidRequestError
 from novallm_jax.model import Params
 from novallm_jax.sampling import sample_slots
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from novallm_jax.structured import Matcher, bitmask_words, fill_bitmasks
 from novallm_jax.tokenization.base import Tokenizer
 
 
@@ -174,6 +175,9 @@ class LLMEngine:
                 f"the request may need {longest} tokens of KV cache, more than the whole pool holds "
                 f"({(self.pool.num_pages - 1) * self.page_size}); lower max_tokens", param="max_tokens")
         params = params.with_resolved_seed()
+        # Compiled here (cached per constraint), so a bad grammar is refused before the request is queued.
+        matcher = None if params.structured is None else Matcher(params.structured, self.tokenizer,
+                                                                 self.cfg.vocab_size)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -184,6 +188,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             req = Request(rid, prompt, params, IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
                           self.eos_token_ids, on_output)
+            req.matcher = matcher
             self.scheduler.add(req)
             self._work.notify_all()
         return req
@@ -246,10 +251,22 @@ class LLMEngine:
             if self._inflight is not None and not self.scheduler.can_plan_ahead():
                 emitted += self._emit(self._take_inflight())
             plan = self.scheduler.schedule()  # admits again: into the slots of requests that just finished
-            sampled = self._execute(plan) or None
-            if self._inflight is not None:
-                self.counters["steps_planned_ahead"] += sampled is not None
-                emitted += self._emit(self._take_inflight())
+            sampled_rows = {r.request_id: self.requests[r.request_id] for c in plan.calls for r in c.rows if r.sample}
+            if not any(req.matcher is not None for req in sampled_rows.values()):
+                dispatched, self.pool.storage = self.core.execute(plan, self.pool.storage)
+                sampled = self._track(dispatched, sampled_rows) or None
+                if self._inflight is not None:
+                    self.counters["steps_planned_ahead"] += sampled is not None
+                    emitted += self._emit(self._take_inflight())
+            else:
+                # A constrained row's mask needs its previous token: the model calls are dispatched first, and the
+                # masks are computed from the step in flight, read back while they run; then the sampler.
+                logits, self.pool.storage = self.core.run(plan, self.pool.storage)
+                if self._inflight is not None:
+                    self.counters["steps_planned_ahead"] += 1
+                    emitted += self._emit(self._take_inflight())
+                masks = self._bitmasks(plan, logits, sampled_rows)
+                sampled = self._track(self.core.sample(plan, logits, masks), sampled_rows) or None
             if sampled is not None:
                 if self.config.async_scheduling:
                     self._inflight = sampled
@@ -317,16 +334,33 @@ class LLMEngine:
         """Row counts the sampler is compiled for: those of the logits a step returns."""
         return self.executor.logits_row_counts()
 
-    def _execute(self, plan: StepPlan) -> list[_Sampled]:
-        """Executes the plan and dispatches the sampler; the tokens stay on the device until `_emit`."""
-        sampled, self.pool.storage = self.core.execute(plan, self.pool.storage)
+    @staticmethod
+    def _track(sampled: list[Sampled], requests: dict[str, Request]) -> list[_Sampled]:
+        """The dispatched sampler calls with their requests, each of which now has one more token on the device."""
         results = []
         for s in sampled:
-            rows = [(self.requests[rid], i) for i, rid in enumerate(s.request_ids) if rid is not None]
+            rows = [(requests[rid], i) for i, rid in enumerate(s.request_ids) if rid is not None]
             for req, _ in rows:
                 req.pending += 1
             results.append(_Sampled(rows, s.arrays))
         return results
+
+    def _bitmasks(self, plan: StepPlan, logits: list[jax.Array], requests: dict[str, Request]
+                  ) -> list[np.ndarray | None]:
+        """Per model call, the token bitmask of its rows (all bits set for unconstrained and padding rows), or None
+        for a call without a constrained row: such calls sample exactly as without structured outputs."""
+        masks: list[np.ndarray | None] = []
+        for call, out in zip(plan.calls, logits):
+            rows = [(requests[r.request_id].matcher, i) for i, r in enumerate(call.rows)
+                    if r.sample and requests[r.request_id].matcher is not None
+                    and requests[r.request_id].status is Status.RUNNING and not requests[r.request_id].matcher.done]
+            if not rows:
+                masks.append(None)
+                continue
+            mask = np.full((out.shape[0], bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+            fill_bitmasks(rows, mask)
+            masks.append(mask)
+        return masks
 
     def _emit(self, sampled: list[_Sampled]) -> list[RequestOutput]:
         """Reads sampled tokens back and appends them; rows of requests that ended meanwhile are dropped."""
@@ -357,6 +391,8 @@ class LLMEngine:
             req.logprobs.append(TokenLogprob(token, logprob, {int(i): float(v) for i, v in zip(top_ids[:n],
                                                                                                 top_lps[:n])}))
         reason = None
+        if req.matcher is not None:
+            req.matcher.advance(token)  # a token its mask allowed; a refusal fails this request only (see _emit)
         if token in req.stop_token_ids:
             reason, delta = FinishReason.STOP, self._drain_text(req)
         else:
@@ -365,6 +401,8 @@ class LLMEngine:
                 reason = FinishReason.STOP
             elif self.scheduler.at_length(req, len(req.tokens)):
                 reason, delta = FinishReason.LENGTH, delta + self._drain_text(req)
+            elif req.matcher is not None and req.matcher.done:  # the text is complete: nothing but EOS may follow
+                reason, delta = FinishReason.STOP, delta + self._drain_text(req)
         req.text += delta
         if reason is not None:
             self._finish(req, reason)

@@ -106,6 +106,7 @@ class Request:
         self.metrics = Metrics(arrival=time.monotonic(), prompt_tokens=len(self.prompt))
         self.outputs: queue.Queue[RequestOutput] = queue.Queue()
         self.on_output = on_output
+        self.matcher = None  # structured.Matcher of a constrained request (set by the engine)
 
     @property
     def num_tokens(self) -> int:

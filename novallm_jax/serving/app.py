@@ -26,6 +26,7 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.llm import LLM
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import protocol as P
+from novallm_jax.structured import StructuredOutput
 from novallm_jax.serving.errors import (APIError, APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware,
                                         install_handlers, internal_error, request_id)
 from novallm_jax.serving.metrics import ServerMetrics
@@ -126,6 +127,37 @@ class Server:
                 self.metrics.observe_sequence(out)
 
 
+def structured_output(req: P._Sampling) -> StructuredOutput | None:
+    """The request's constraint, from whichever one of its fields gives it (two are a 400 naming the second)."""
+    given: list[tuple[str, dict]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs a json_schema object",
+                           param="response_format.json_schema")
+        given.append(("response_format", {"json": fmt.json_schema.schema_}))
+    if req.structured_outputs is not None:
+        so = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        given.append(("structured_outputs", {k: v for k, v in so.items() if v is not False}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            given.append((name, {key: getattr(req, name)}))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give one structured-output constraint, not {given[0][0]} and {given[1][0]}",
+                       param=given[1][0])
+    name, fields = given[0]
+    try:
+        return StructuredOutput.from_dict(fields)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), param=name if e.param == "structured_outputs" else
+                       e.param.replace("structured_outputs", name)) from None
+
+
 def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The SDK's settings of one request body (each child of n > 1 gets `for_child(i)` later)."""
     opt = lambda v, default: default if v is None else v
@@ -135,7 +167,7 @@ def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | No
         presence_penalty=opt(req.presence_penalty, 0.0), frequency_penalty=opt(req.frequency_penalty, 0.0),
         logit_bias=req.logit_bias, seed=req.seed, max_tokens=max_tokens, min_tokens=opt(req.min_tokens, 0),
         stop=opt(req.stop, ()), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, n=req.n)
+        logprobs=logprobs, n=req.n, structured=structured_output(req))
 
 
 def _finish_reason(out: RequestOutput) -> str | None:

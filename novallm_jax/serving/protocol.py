@@ -9,7 +9,7 @@ refused with a 400 naming its field (see `novallm_jax.text_checks`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
@@ -65,6 +65,13 @@ class _Sampling(_Body):
     min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     ignore_eos: StrictBool = False
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[Text, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: Text | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -104,8 +111,28 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.text()} for m in messages]
 
 
+class JsonSchema(_Body):
+    """OpenAI's `response_format.json_schema`: the schema under `schema` (a Python name pydantic reserves)."""
+
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[Text, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchema | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[Text, Any] | Text | None = Field(default=None, alias="json")
+    json_object: StrictBool | None = None
+    regex: Text | None = None
+    grammar: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -116,7 +143,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: StrictBool = True
 
 
