@@ -87,6 +87,9 @@ flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before re
 flags.DEFINE_bool("fused_layers", True, "Each decoder layer as one native call (`ExecutorConfig.fused_layers`).")
 flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache's dtype (default: the model's).")
 flags.DEFINE_bool("profile", True, "Split engine step time into model / sampler / host.")
+flags.DEFINE_bool("structured", False, "Instead of the usual runs: --concurrency requests under JSON schemas "
+                  "(structured outputs), then the same requests unconstrained with each one's output length; reports "
+                  "the throughput ratio and the host's mask time per step.")
 flags.DEFINE_bool("quick", False, "Smoke run: a tiny random model, 8 short requests, small buckets.")
 flags.DEFINE_integer("seed", 0, "Seed of the workload and of random models.")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_engine.json"), "Where to write the JSON.")
@@ -411,6 +414,76 @@ def run_engine(engine, jobs: list[Job], arrivals: Sequence[float] | None = None,
     return out
 
 
+# JSON schemas of the --structured run: bounded (enums, ranges, short strings), so every output ends.
+_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                      "role": {"enum": ["admin", "user", "guest"]}},
+     "required": ["name", "age", "role"], "additionalProperties": False},
+    {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                                      "price": {"type": "number", "minimum": 0, "maximum": 1000},
+                                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
+                                               "maxItems": 3}},
+     "required": ["sku", "price"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                      "coastal": {"type": "boolean"},
+                                      "population": {"type": "integer", "minimum": 0, "maximum": 40000000}},
+     "required": ["city", "coastal"], "additionalProperties": False},
+]
+
+
+def run_structured(engine, s: dict[str, Any]) -> dict[str, Any]:
+    """--concurrency requests at once under JSON schemas, then the same prompts unconstrained, each generating as
+    many tokens as its constrained run did: tokens/s of each, their ratio, and the host's mask time per step."""
+    from novallm_jax.sampling_params import SamplingParams
+
+    n = s["concurrency"]
+    jobs = make_workload(n, (s["conc_prompt"],) * 2, (s["conc_output"],) * 2, engine.cfg.vocab_size, s["seed"] + 5)
+    masks = {"calls": 0, "s": 0.0}
+    bitmasks = engine._bitmasks
+
+    def timed_bitmasks(*args):
+        t0 = time.perf_counter()
+        try:
+            return bitmasks(*args)
+        finally:
+            masks["calls"] += 1
+            masks["s"] += time.perf_counter() - t0
+
+    def run(params: list[SamplingParams]) -> tuple[list, float]:
+        steps0 = engine.counters["steps"]
+        t0 = time.perf_counter()
+        reqs = [engine.add_request(j.prompt, p) for j, p in zip(jobs, params)]
+        engine.run_until_idle()
+        return reqs, time.perf_counter() - t0, engine.counters["steps"] - steps0
+
+    schema = lambda i: {"json": _SCHEMAS[i % len(_SCHEMAS)]}
+    run([SamplingParams(temperature=1.0, seed=i, max_tokens=128, structured=schema(i)) for i in range(4)])  # warm-up
+    engine._bitmasks = timed_bitmasks
+    try:
+        constrained, wall_c, steps_c = run([SamplingParams(temperature=1.0, seed=i, max_tokens=256,
+                                                           structured=schema(i)) for i in range(n)])
+    finally:
+        del engine._bitmasks
+    lengths = [len(r.output_ids) for r in constrained]
+    free, wall_f, steps_f = run([SamplingParams(temperature=1.0, seed=i, max_tokens=k, ignore_eos=True)
+                                 for i, k in enumerate(lengths)])
+    tokens = sum(lengths)
+    valid = 0
+    for r in constrained:
+        try:
+            json.loads(r.text)
+            valid += 1
+        except ValueError:
+            pass
+    return {"requests": n, "tokens": tokens, "valid_json": valid, "finish_stop": sum(
+        r.finish_reason is not None and r.finish_reason.value == "stop" for r in constrained),
+            "constrained_tok_s": tokens / wall_c, "free_tok_s": sum(len(r.output_ids) for r in free) / wall_f,
+            "ratio": (tokens / wall_c) / (sum(len(r.output_ids) for r in free) / wall_f),
+            "steps": {"constrained": steps_c, "free": steps_f},
+            "mask_ms_per_step": 1e3 * masks["s"] / max(1, masks["calls"]), "mask_calls": masks["calls"]}
+
+
 def _greedy(cls, n: int):
     return cls(temperature=0.0, max_tokens=n, ignore_eos=True)
 
@@ -586,7 +659,7 @@ def settings_from_flags() -> dict[str, Any]:
          "decode_buckets": [int(b) for b in FLAGS.decode_buckets],
          "prefill_len_buckets": [int(b) for b in FLAGS.prefill_len_buckets],
          "prefill_batch_buckets": [int(b) for b in FLAGS.prefill_batch_buckets], "seed": FLAGS.seed,
-         "profile": FLAGS.profile, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
+         "profile": FLAGS.profile, "structured": FLAGS.structured, "token_buckets": [int(b) for b in FLAGS.token_buckets], "ragged": FLAGS.ragged,
          "fused_layers": FLAGS.fused_layers, "kv_cache_dtype": FLAGS.kv_cache_dtype,
          "weights": FLAGS.weights, "activations": FLAGS.activations, "async_scheduling": FLAGS.async_scheduling}
     if FLAGS.quick:
@@ -644,6 +717,18 @@ def main(argv):
                                 "ragged_steps": engine.executor.ragged, "token_buckets": e.token_buckets}
     results["warmup"] = warm_up(engine)
     phase("warmup")
+    if s["structured"]:
+        r = results["structured"] = run_structured(engine, s)
+        results["leaks"] = engine.check_leaks()
+        engine.close()
+        results["wall_s"] = time.perf_counter() - t_start
+        common.write_json(FLAGS.output, results)
+        print(f"structured outputs, {r['requests']} concurrent JSON-schema requests, {r['tokens']} tokens "
+              f"({r['valid_json']} valid JSON, {r['finish_stop']} ended by their grammar): "
+              f"{r['constrained_tok_s']:.1f} tok/s against {r['free_tok_s']:.1f} unconstrained "
+              f"(ratio {r['ratio']:.2f}); masks {r['mask_ms_per_step']:.2f} ms a step ({r['mask_calls']} steps); "
+              f"leaks {results['leaks']}; wrote {FLAGS.output}")
+        return
 
     jobs = make_workload(s["num_requests"], (s["min_prompt"], s["max_prompt"]), (s["min_output"], s["max_output"]),
                          cfg.vocab_size, s["seed"])
