@@ -209,3 +209,20 @@ def test_the_vnni_and_avx2_tiles_give_the_same_results(tmp_path):
     assert str(avx2["isa"]) == "avx2"
     for name, y in _int8_outputs().items():
         np.testing.assert_array_equal(y, avx2[name])
+
+
+def test_int8_logits_of_a_q4_k_m_gguf_stay_close_to_the_exact_ones(tmp_path):
+    """Q4_K and Q6_K weights (and layer 0's q/k/v in the two-scale form) with int8 activations."""
+    from tests.hf_models import build_superblock_llama
+    from tests.test_quantized_weights import _logits
+
+    src = save_hf_model(build_superblock_llama(layers=2), str(tmp_path / "hf"))
+    cfg, coded = load_model(hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_K_M"), np.float32,
+                            keep_quantized=True)
+    fast = with_activations(coded, "int8")
+    assert {(w.bits, w.int8) for w in (fast["layers"][0]["wqkv"], fast["layers"][1]["wqkv"], fast["lm_head"])} == {
+        (6, True), (4, True)}
+    _, want = _logits(cfg, coded)
+    _, got = _logits(cfg, fast)
+    assert not np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
