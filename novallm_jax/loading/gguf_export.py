@@ -47,13 +47,14 @@ def placeholder_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
 
 def _check_supported(cfg: ModelConfig) -> None:
     problems = []
-    if cfg.model_type not in ("llama", "mistral", "mixtral", "qwen3_moe"):
+    if cfg.model_type not in ("llama", "mistral", "mixtral", "qwen3_moe", "phi3"):
         problems.append(f"model_type {cfg.model_type!r}")
-    if cfg.sliding_window:
+    if cfg.sliding_window and cfg.model_type != "phi3":
         problems.append("a sliding window")
     if cfg.attention_bias or (cfg.qk_norm and cfg.model_type != "qwen3_moe"):
         problems.append("attention biases / q-k norms")
-    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type != "linear":
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in (
+            "linear", "longrope" if cfg.model_type == "phi3" else "linear"):
         problems.append(f"{cfg.rope_scaling.rope_type} rope scaling")
     if problems:
         raise UnsupportedArchitectureError(
@@ -132,8 +133,8 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
         return np.ascontiguousarray(handles[files[name]].get_tensor(name), np.float32)
 
     arch = {2: "gemma2", 3: "gemma3", 4: "gemma4"}[cfg.gemma.version] if cfg.gemma else "llama"
-    if cfg.model_type == "qwen3_moe":
-        arch = "qwen3moe"
+    if cfg.model_type in ("qwen3_moe", "phi3"):
+        arch = {"qwen3_moe": "qwen3moe"}.get(cfg.model_type, cfg.model_type)
     w = gguf.GGUFWriter(dst, arch)
     w.add_name(os.path.basename(model_dir.rstrip("/")))
     w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES.get(quant, f"MOSTLY_{quant}")))
@@ -148,7 +149,7 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_scaling.factor)
     w.add_vocab_size(cfg.vocab_size)
@@ -166,6 +167,9 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     elif cfg.moe is not None:
         from novallm_jax.loading.moe import write_moe
         write_moe(w, cfg, get, add, _permute)
+    elif cfg.model_type == "phi3":
+        from novallm_jax.loading.phi3 import write_phi3
+        write_phi3(w, cfg, get, add)
     else:
         _write_llama_tensors(cfg, get, add)
     w.write_header_to_file()

@@ -82,6 +82,9 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     if cfg.gemma is not None:
         cfg = gemma_gguf_config(cfg, tensors)
         names = gemma_gguf_names
+    if cfg.model_type == "phi3":
+        from novallm_jax.loading.phi3 import phi3_gguf_config
+        cfg = phi3_gguf_config(cfg, gguf_metadata(reader), tensors)
     expected = _expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -136,6 +139,9 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         return a if heads is None else _unpermute(a, heads)
 
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
+    if cfg.model_type == "phi3":
+        from novallm_jax.loading.phi3 import GGUF_FUSED, unfused_getter
+        get = unfused_getter(cfg, get, names, lambda i, part: f"blk.{i}.{GGUF_FUSED[part]}")
     params = assemble_params(cfg, get, names, dtype, desc=os.path.basename(path))
     for type_name, how in sorted(roles.items()):
         line, widened = kept_line(type_name, how, np.dtype(dtype).name)
@@ -164,7 +170,7 @@ def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
 
 
 _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
-    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"],
+    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"], "attn_qkv.weight",
     GGUF_GLOBAL["ple_model_proj"])
 
 
@@ -202,4 +208,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.moe is not None and cfg.moe.sparse_layers[i]:
             from novallm_jax.loading.moe import moe_gguf_shapes
             out.update(moe_gguf_shapes(cfg, i))
+    if cfg.model_type == "phi3":
+        from novallm_jax.loading.phi3 import gguf_shapes
+        out.update(gguf_shapes(cfg))
     return out

@@ -38,10 +38,10 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (d, cfg.q_size),
         })
         if cfg.model_type == "phi3":  # q/k/v and gate/up fused in the checkpoint
+            from novallm_jax.loading.phi3 import HF_FUSED, fused_shapes
             for n in ("q", "k", "v"):
                 del shapes[p + f"self_attn.{n}_proj.weight"]
-            shapes[p + "self_attn.qkv_proj.weight"] = (cfg.q_size + 2 * cfg.kv_size, d)
-            shapes[p + "mlp.gate_up_proj.weight"] = (2 * f, d)
+            shapes.update({p + HF_FUSED[part]: shape for part, shape in fused_shapes(cfg).items()})
             shapes[p + "mlp.down_proj.weight"] = (d, f)
         elif cfg.moe is not None and cfg.moe.sparse_layers[i]:
             from novallm_jax.loading.moe import moe_hf_shapes
@@ -118,7 +118,8 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
     if cfg.moe is not None:
         names_of = _moe_names(cfg)
     if cfg.model_type == "phi3":
-        get = _phi3_unfused(cfg, get)
+        from novallm_jax.loading.phi3 import HF_FUSED, unfused_getter
+        get = unfused_getter(cfg, get, hf_names, lambda i, part: f"model.layers.{i}.{HF_FUSED[part]}")
     return cfg, assemble_params(cfg, get, names_of, dtype, desc=os.path.basename(model_dir.rstrip("/")))
 
 
@@ -150,22 +151,3 @@ def hf_names(i: int | None, part: str) -> str:
 def _moe_names(cfg: ModelConfig):
     from novallm_jax.loading.moe import is_moe_part, moe_hf_name
     return lambda i, part: moe_hf_name(cfg, i, part) if is_moe_part(part) else hf_names(i, part)
-
-
-def _phi3_unfused(cfg: ModelConfig, get):
-    """A getter that answers q/k/v and gate/up names with the rows of Phi-3's fused qkv_proj and gate_up_proj."""
-    fused = {"self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, cfg.q_size),
-             "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", cfg.q_size, cfg.q_size + cfg.kv_size),
-             "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", cfg.q_size + cfg.kv_size, None),
-             "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, cfg.intermediate_size),
-             "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", cfg.intermediate_size, None)}
-
-    def unfused(name: str) -> np.ndarray:
-        prefix, _, rest = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
-        key = name[len(prefix) + 1:]
-        if key not in fused:
-            return get(name)
-        whole, start, end = fused[key]
-        return get(f"{prefix}.{whole}")[start:end]
-
-    return unfused
