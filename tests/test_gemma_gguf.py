@@ -69,3 +69,22 @@ def test_unsupported_gguf_architecture_is_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("novallm-generate: error: GGUF architecture 'falcon' is not supported; supported: ")
     assert all(arch in last for arch in ("llama", "gemma2", "gemma3", "gemma4"))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma4_text"])
+def test_q8_0_gemma_runs_on_its_block_codes(tmp_path, family):
+    """A Q8_0 Gemma file: matmul weights stay in their codes (native kernels) and give the dequantised load's logits
+    (Gemma 2/3 to the bit; Gemma 4's narrow per-layer-embedding matmuls sum in another order)."""
+    from novallm_jax.kernels import native
+
+    path = save_hf_model(build_hf_model(family), str(tmp_path))
+    dst = hf_to_gguf(path, os.path.join(path, "q8.gguf"), quant="Q8_0")
+    cfg, codes = load_model(dst, dtype=jnp.float32, keep_quantized=True)
+    _, dense = load_model(dst, dtype=jnp.float32, keep_quantized=False)
+    assert isinstance(codes["layers"][0]["wqkv"], native.QuantLinear)
+    tokens, positions, _ = ragged_batch(PROMPTS)
+    out = []
+    for params in (native.pack_params(codes), dense):
+        cache = ContiguousKVCache.create(cfg, len(PROMPTS), tokens.shape[1])
+        out.append(np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)[0]))
+    assert np.abs(out[0] - out[1]).max() <= (0.0 if family != "gemma4_text" else 1e-4)
