@@ -69,3 +69,30 @@ def test_engine_with_preemption_and_prefix_cache_matches_each_alone(family, toke
     assert eng.check_leaks() == []
     eng.prefix_cache.clear()
     assert eng.pool.check_leaks() == []
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_longrope_prompt_in_chunks_takes_the_long_factors_with_its_prompt_len(ragged):
+    """A Phi-3 prompt past the original 16 positions, prefilled in chunks of 8: with `prompt_len` its logits are the
+    one-call forward's (every token rotated with the long factors, as transformers does); judged by each chunk's
+    own end, the first two chunks take the short factors and the logits differ."""
+    import jax.numpy as jnp
+
+    from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+    from novallm_jax.kv_cache import ContiguousKVCache
+    from novallm_jax.model import forward
+
+    cfg, params = model("phi3")
+    prompt = prompt_of(40, 9)
+    cache = ContiguousKVCache.create(cfg, 1, 40)
+    ref = np.asarray(forward(params, jnp.asarray([prompt]), jnp.arange(40)[None], cache, cfg)[0])[0, -1]
+    ex = Executor(cfg, params, ExecutorConfig(page_size=8, num_pages=16, max_model_len=64, ragged_steps=ragged,
+                                              decode_batch_buckets=(1, 4), prefill_batch_buckets=(1,),
+                                              prefill_len_buckets=(8,)))
+    for prompt_len, close in ((40, True), (0, False)):
+        kv = ex.new_cache()
+        for start in range(0, 40, 8):
+            chunk = [PrefillChunk(prompt[start:start + 8], start, [1, 2, 3, 4, 5], prompt_len=prompt_len)]
+            logits, kv = (ex.ragged_step if ragged else ex.prefill)(kv, chunk)
+        got = np.asarray(logits)[0]
+        assert (np.abs(got - ref).max() <= 1e-4) == close, np.abs(got - ref).max()

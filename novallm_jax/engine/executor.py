@@ -114,12 +114,22 @@ class PrefillChunk:
 
     `from_slot` >= 0 marks a decode row whose one token is still on the device: the token the sampler last drew for
     that batch slot (`last_tokens[from_slot]` in the step), so a pipelined engine need not wait for it.
+
+    `prompt_len`: the length of the sequence's prompt, for longrope (Phi-3), which rotates every token of a prompt
+    longer than the original context with the long factors, as transformers does when it runs the prompt in one
+    call; without it a chunk is judged by its own end, so the early chunks of such a prompt take the short factors.
     """
 
     tokens: Sequence[int]
     start: int
     pages: Sequence[int]
     from_slot: int = -1
+    prompt_len: int = 0
+
+    @property
+    def rope_extent(self) -> int:
+        """How far the sequence reaches for longrope's choice of factors (`model.rope_tables`)."""
+        return max(self.start + len(self.tokens), self.prompt_len)
 
 
 class Executor:
@@ -182,8 +192,8 @@ class Executor:
         return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.kv_dtype,
                                    native_attention=self.native_attention, fused_layers=self.fused_layers)
 
-    def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None):
-        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np)
+    def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None, extents=None):
+        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
@@ -229,14 +239,16 @@ class Executor:
         positions = np.full((rows, t), -1, np.int32)
         table = np.full((rows, width), NULL_PAGE, np.int32)
         last = np.zeros(rows, np.int32)
+        extents = np.zeros(rows, np.int32)
         for i, c in enumerate(chunks):
             n = len(c.tokens)
             needed = self._pages_needed(c)
+            extents[i] = c.rope_extent
             tokens[i, :n] = c.tokens
             positions[i, :n] = np.arange(c.start, c.start + n)
             table[i, :needed] = c.pages[:needed]
             last[i] = n - 1
-        logits, cache = self._run(cache, tokens, positions, table, last)
+        logits, cache = self._run(cache, tokens, positions, table, last, extents=extents)
         return (logits if padded else _rows(logits, len(chunks))), cache
 
     def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
@@ -288,7 +300,7 @@ class Executor:
         for i, s in enumerate(seqs):
             k = len(s.tokens)
             needed = self._pages_needed(s)
-            extents[at:at + k] = s.start + k
+            extents[at:at + k] = s.rope_extent
             tokens[at:at + k, 0] = s.tokens
             if s.from_slot >= 0:
                 src[at, 0] = s.from_slot
