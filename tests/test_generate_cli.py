@@ -65,6 +65,8 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoX"]}))
     proc = generate("--prompt", "hi", "--model", str(tmp_path), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    from novallm_jax.config import SUPPORTED_MODEL_TYPES
+
     assert proc.stderr.strip().splitlines()[-1] == (
-        "novallm-generate: error: model_type 'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3, "
-        "gemma2, gemma3_text, gemma3, gemma4_text")
+        f"novallm-generate: error: model_type 'gpt_neox' is not supported; supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
