@@ -97,6 +97,8 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise UnsupportedArchitectureError(f"hidden_activation {act!r} is not supported; supported: gelu_pytorch_tanh")
     full = _rope_params(c, FULL) if version >= 3 else _rope_params(c, "")
+    if not full and c.get("rope_scaling"):  # config.json files written before rope_parameters (Gemma 3 4B-27B)
+        full = dict(c["rope_scaling"])
     local = _rope_params(c, SLIDING) if version >= 3 else full
     if local.get("rope_type", "default") != "default":
         raise UnsupportedArchitectureError(f"rope scaling {local['rope_type']!r} on sliding layers is not supported")

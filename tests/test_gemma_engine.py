@@ -91,3 +91,23 @@ def test_gemma4_kv_sharing_layers_hold_no_pages_of_their_own():
         want = (8, 4, cfg.layer_kv_heads(i), cfg.layer_head_dim(i)) if src == i else (8, 4, 0, cfg.layer_head_dim(i))
         assert cache.k[i].shape == cache.v[i].shape == want
     assert cache.k[1].shape[2:] == (1, 32) and cache.k[0].shape[2:] == (2, 16)  # global layers' own heads
+
+
+def test_gemma3_config_in_the_older_layout_reads_as_transformers_reads_it():
+    """rope_theta, rope_local_base_freq and rope_scaling at the top level (as Gemma 3 4B-27B's config.json has them,
+    no layer_types): the same layer kinds and RoPE frequencies as transformers derives."""
+    import transformers
+
+    from novallm_jax.config import rope_inv_freqs
+
+    old = dict(model_type="gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6, rope_local_base_freq=1e4,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512, query_pre_attn_scalar=16)
+    cfg = ModelConfig.from_hf(old)
+    hf = transformers.Gemma3TextConfig(**{k: v for k, v in old.items() if k != "model_type"})
+    assert cfg.gemma.layer_types == tuple(hf.layer_types)
+    model = transformers.Gemma3ForCausalLM(hf)
+    full, local = rope_inv_freqs(cfg)
+    rot = model.model.rotary_emb
+    np.testing.assert_allclose(full, rot.full_attention_inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(local, rot.sliding_attention_inv_freq.numpy(), rtol=1e-6)
