@@ -106,6 +106,15 @@ def test_fused_layer_equals_the_separate_kernels(kind, rows):
     _check_fused_equals_separate(cfg, _layer(cfg, kind, seed=1), rows, seed=2)
 
 
+def test_fused_layer_quantises_x_per_256_for_q6_k_codes():
+    """With K a multiple of 256, two-scale (Q6_K) int8-dot weights meet x scaled per 256 values (llama.cpp's q8_K),
+    in the fused call as in the separate kernel."""
+    if not native.int8_dot_available():
+        pytest.skip("no int8-dot kernels (AVX2)")
+    cfg = _cfg(hidden_size=256, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
+    _check_fused_equals_separate(cfg, _layer(cfg, "int8-q6", seed=1), ROWS, seed=2)
+
+
 @pytest.mark.parametrize("variant", [dict(attention_bias=True), dict(qk_norm=True),
                                      dict(model_type="mistral", sliding_window=5)], ids=["bias", "qk_norm", "window"])
 def test_fused_layer_covers_the_model_variants(variant):

@@ -50,11 +50,13 @@ def _x(m: int, k: int, seed: int) -> np.ndarray:
 
 
 def _emulate(x: np.ndarray, bq: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel's arithmetic in numpy, with a float64 epilogue (qx = round(x * 127 / amax) per block of 32), and
-    the sum of its terms' sizes (what the float32 epilogue's rounding scales with)."""
+    """The kernel's arithmetic in numpy, with a float64 epilogue (qx = round(x * 127 / amax) per block of 32; for
+    bits 6, amax of 256 values), and the sum of its terms' sizes (what the float32 epilogue's rounding scales with)."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     amax = np.abs(xb).max(-1)
+    if bq.bits == 6 and k % 256 == 0:  # Q6_K codes meet x scaled per 256 values, as llama.cpp's q8_K
+        amax = np.repeat(np.abs(x).reshape(m, k // 256, 256).max(-1), 8, -1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(xb * inv[..., None]).astype(np.int64).reshape(m, k // 16, 16)
     # Exact integer sums per 16 k (the scale of bits=6 changes at 16; other kinds' two halves have one scale).
@@ -93,9 +95,10 @@ def test_int8_matmul_computes_its_stated_arithmetic(bits, m):
     want, size = _emulate(x, bq)
     # Integer sums are exact; only the float32 epilogue rounds (a few ulps of the sum of the block terms' sizes).
     assert (np.abs(y - want) <= 4 * np.finfo(np.float32).eps * size).all()
-    # Against the float32 weights, the error is x's rounding: at most amax / 254 per element.
+    # Against the float32 weights, the error is x's rounding: at most amax / 254 per element (amax of x's group).
     dense = bq.dequantize().T.astype(np.float64)
-    xb = np.abs(x).reshape(m, -1, 32).max(-1) / 254
+    group = 256 if bits == 6 else 32
+    xb = np.repeat(np.abs(x).reshape(m, -1, group).max(-1), group // 32, -1) / 254
     bound = np.einsum("mb,bkn->mn", xb, np.abs(dense).reshape(k // 32, 32, n))
     assert (np.abs(y - x.astype(np.float64) @ dense) <= bound * 1.001 + 1e-4).all()
 

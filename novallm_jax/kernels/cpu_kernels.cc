@@ -1,7 +1,9 @@
 // Native float32 CPU kernels called through XLA's FFI (see native.py):
 // - PackedMatmul: y[M, N] = x[M, K] @ W, W packed as panels [N / 16, K, 16];
 // - QuantMatmul: the same with W in GGUF block codes (4- or 8-bit codes and per-block scales, see below);
-// - DotMatmul: the same codes against x rounded to int8 per block of 32, with integer dot products (opt-in);
+// - DotMatmul: the same codes against x rounded to int8 per block of 32 (per 256 for Q6_K's), with integer dot
+//   products (opt-in);
+// - HalfMatmul: the same with W as float16 / bfloat16 panels, widened exactly to float32;
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
@@ -403,13 +405,27 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // A block's codes are [8 k-quads][16 columns][4 k] (8-bit, signed), or, 4-bit, [8 k-quads][8 columns][4 k] bytes
 // with column c in the low nibble and c + 8 in the high one: a 32-byte load is 8 columns x 4 consecutive k, the
 // shape of _mm256_maddubs_epi16 against 4 broadcast bytes of qx.
+// x's scale group for a weight kind: Q6_K codes (BITS 6) meet x quantised per 256 values, as llama.cpp's q6_K x
+// q8_K dot does (K permitting), the others per block of 32.
+inline int64_t XGroup(int bits, int64_t K) { return bits == 6 && K % 256 == 0 ? 256 : kBlock; }
+
 #if defined(__AVX2__)
 constexpr bool kInt8Dot = true;
 
-// One row of x -> int8 codes q [K], scales dx and float sums sx [K / 32].
-inline void QuantizeRow(const float* x, int64_t K, int8_t* q, float* dx, float* sx) {
+// One row of x -> int8 codes q [K], scales dx and float sums sx [K / 32]; dx from the largest |x| of each `group`
+// values (32, or 256 for Q6_K: each block of the group gets the group's dx).
+inline void QuantizeRow(const float* x, int64_t K, int8_t* q, float* dx, float* sx, int64_t group = kBlock) {
   const __m256 sign = _mm256_set1_ps(-0.f);
+  float group_max = 0.f;
   for (int64_t b = 0; b < K / kBlock; ++b, x += kBlock, q += kBlock) {
+    if (group > kBlock && b % (group / kBlock) == 0) {
+      __m256 gm = _mm256_setzero_ps();
+      for (int64_t i = 0; i < group; i += 8) gm = _mm256_max_ps(gm, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+      alignas(32) float g[8];
+      _mm256_store_ps(g, gm);
+      group_max = 0.f;
+      for (int i = 0; i < 8; ++i) group_max = std::max(group_max, g[i]);
+    }
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
@@ -422,6 +438,7 @@ inline void QuantizeRow(const float* x, int64_t K, int8_t* q, float* dx, float* 
     _mm256_store_ps(s, sum);
     float m = 0.f, t = 0.f;
     for (int i = 0; i < 8; ++i) { m = std::max(m, a[i]); t += s[i]; }
+    if (group > kBlock) m = group_max;
     dx[b] = m / 127.f;
     sx[b] = t;
     const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
@@ -623,7 +640,7 @@ ffi::Error DotMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   std::unique_ptr<int8_t[]> q(new int8_t[M * K]);
   std::unique_ptr<float[]> scales(new float[2 * M * KB]);
   for (int64_t r = 0; r < M; ++r) QuantizeRow(xp + r * K, K, q.get() + r * K, scales.get() + r * KB,
-                                               scales.get() + (M + r) * KB);
+                                               scales.get() + (M + r) * KB, XGroup(BITS, K));
   const QuantizedX qx{q.get(), scales.get(), scales.get() + M * KB, K};
   const uint8_t* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -1064,9 +1081,9 @@ struct RowCodes {
     dx.resize(M * K / kBlock);
     sx.resize(M * K / kBlock);
   }
-  void Quantize(const float* x, int64_t r) {
+  void Quantize(const float* x, int64_t r, int64_t group) {
 #if defined(__AVX2__)
-    QuantizeRow(x, K, q.data() + r * K, dx.data() + r * K / kBlock, sx.data() + r * K / kBlock);
+    QuantizeRow(x, K, q.data() + r * K, dx.data() + r * K / kBlock, sx.data() + r * K / kBlock, group);
 #endif
   }
 };
@@ -1211,7 +1228,8 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   auto quantize = [&](const Weight& w, const float* rows, int64_t ld) {
     if (!w.dot()) return;
     codes.K = w.K;
-    auto body = [&](int64_t r) { codes.Quantize(rows + r * ld, r); };
+    const int64_t group = XGroup(w.kind & 15, w.K);
+    auto body = [&](int64_t r) { codes.Quantize(rows + r * ld, r, group); };
     team.Run(M, body);
   };
   auto matmul = [&](const Weight& w, const float* in, float* out, int64_t ld) {
