@@ -8,10 +8,12 @@ expert outputs weighted and summed in ascending expert order. Expert weights are
 The expert FFNs run over the (token, expert) assignments only, never every expert for every token:
 - fewer assignments than experts (a batch-1 decode step, say): each assignment's expert weights are gathered, so
   the step reads the active experts' bytes only;
-- otherwise the assignments are sorted by expert and run as grouped matmuls (`jax.lax.ragged_dot`). XLA:GPU/TPU
-  lower it to a grouped kernel; XLA:CPU (jax 0.10) lowers it to a masked dense dot over every group (measured: 32
-  groups of 8 rows x 512 x 512, 251 ms against 1.7 ms for one 256-row dot), so large CPU batches still pay for
-  every expert's FLOPs there.
+- otherwise the assignments are sorted by expert and run as grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU,
+  which lower it to a grouped kernel. XLA:CPU (jax 0.10) lowers ragged_dot to a masked dense dot over every group
+  (measured: 32 groups of 8 rows x 512 x 512, 251 ms against 1.7 ms for one 256-row dot), so on CPU each expert's
+  run is padded to whole blocks of rows and a loop runs one matmul per block with its expert's weights
+  (`_blocked_ffn`; 8 experts of 1024 x 1024, top-2: 32 tokens 104 ms against ragged_dot's 314 ms, 256 tokens 99
+  against 804 ms).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     tokens = jnp.arange(n * k) // k
     if n * k < m.num_experts:
         y = _gathered_ffn(x[tokens], flat, p)
+    elif jax.default_backend() == "cpu":
+        y = _blocked_ffn(x, tokens, flat, p, m.num_experts)
     else:
         y = _grouped_ffn(x, tokens, flat, p, m.num_experts)
     y = y.reshape(n, k, -1) * weights[..., None]
@@ -89,3 +93,36 @@ def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, n
     h = jax.lax.ragged_dot(xs, p["experts_gate_up"], sizes, precision=prec)
     ys = jax.lax.ragged_dot(_swiglu(h), p["experts_down"], sizes, precision=prec)
     return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int) -> jax.Array:
+    """`_grouped_ffn` as XLA:CPU can run it: the assignments sorted by expert, each expert's run padded to whole
+    blocks of rows, and a loop over the blocks, each one matmul with its expert's weights (read once per block; the
+    blocks past the last run are skipped). FLOPs and reads follow the routed tokens, not the number of experts."""
+    a = experts.shape[0]
+    block = 8 if a <= 256 else 32
+    blocks = -(-(a + num_experts * (block - 1)) // block)  # enough for every run padded
+    order = jnp.argsort(experts, stable=True)
+    sorted_e = experts[order]
+    sizes = jnp.bincount(experts, length=num_experts)
+    padded = -(-sizes // block) * block
+    ends = jnp.cumsum(padded)
+    slot = (ends - padded)[sorted_e] + jnp.arange(a) - (jnp.cumsum(sizes) - sizes)[sorted_e]  # sorted -> its row
+    rows = jnp.zeros(blocks * block, jnp.int32).at[slot].set(tokens[order].astype(jnp.int32))
+    first = jnp.arange(blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(ends, first, side="right"), num_experts - 1)
+    used = first < ends[-1]
+    prec = _precision(p["experts_down"].dtype)
+    xb = x[rows].reshape(blocks, block, -1)
+
+    def run(args):
+        xblk, e, live = args
+
+        def ffn(_):
+            h = jnp.dot(xblk, p["experts_gate_up"][e], precision=prec)
+            return jnp.dot(_swiglu(h), p["experts_down"][e], precision=prec)
+
+        return jax.lax.cond(live, ffn, lambda _: jnp.zeros_like(xblk), None)
+
+    yb = jax.lax.map(run, (xb, block_expert, used)).reshape(blocks * block, -1)
+    return jnp.zeros((a, x.shape[-1]), x.dtype).at[order].set(yb[slot])
