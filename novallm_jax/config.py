@@ -284,6 +284,11 @@ def _rope_theta(c: Mapping[str, Any]) -> float:
 
 def _rope_scaling(rs: Mapping[str, Any] | None, c: Mapping[str, Any] | None = None) -> RopeScaling | None:
     """`rope_scaling` / `rope_parameters` of a config.json `c` (whose other fields longrope reads)."""
+    top = (c or {}).get("partial_rotary_factor") if (c or {}).get("model_type") == "phi3" else None  # Phi-4-mini
+    partial = (rs or {}).get("partial_rotary_factor", top)
+    if float(partial or 1.0) != 1.0:
+        raise UnsupportedArchitectureError(f"partial_rotary_factor {partial} is not supported (only 1: every pair "
+                                           f"of a head rotates)")
     if not rs:
         return None
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -291,8 +296,6 @@ def _rope_scaling(rs: Mapping[str, Any] | None, c: Mapping[str, Any] | None = No
         kind = "longrope"  # as Phi3Config reads its older configs
     if kind == "default":
         return None
-    if float(rs.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedArchitectureError("partial_rotary_factor other than 1 is not supported")
     if kind == "longrope":
         return _longrope(rs, c or {})
     if kind not in ("linear", "llama3"):

@@ -96,3 +96,14 @@ def test_longrope_prompt_in_chunks_takes_the_long_factors_with_its_prompt_len(ra
             logits, kv = (ex.ragged_step if ragged else ex.prefill)(kv, chunk)
         got = np.asarray(logits)[0]
         assert (np.abs(got - ref).max() <= 1e-4) == close, np.abs(got - ref).max()
+
+
+def test_phi3_partial_rotary_is_refused_by_name():
+    """Phi-4-mini's partial rotary (a share of each head rotated) is not implemented: refused, never ignored."""
+    from novallm_jax.errors import UnsupportedArchitectureError
+
+    base = build_hf_config("phi3").to_dict()
+    for c in ({**base, "rope_parameters": {**base["rope_parameters"], "partial_rotary_factor": 0.75}},
+              {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "partial_rotary_factor": 0.75}):
+        with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
+            ModelConfig.from_hf(c)
