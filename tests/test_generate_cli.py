@@ -50,7 +50,7 @@ def test_prompts_file_runs_as_a_batch(cache_dir, tmp_path):
     (["--prompt", "hi", "--model", "/no/such/model"], "model path /no/such/model does not exist"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--prompt", "hi", "--weights=float", "--activations=int8"],
-     "activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K or Q8_0 GGUF model with "
+     "activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, Q6_K or Q8_0 GGUF model with "
      "weights='auto' or 'quantized'"),
 ])
 def test_errors_are_one_line(flags, message):

@@ -35,8 +35,8 @@ def test_second_start_compiles_nothing_and_a_corrupt_cache_is_rebuilt(tmp_path):
     assert {"weights: read and pack", "tokenizer", "engine: executor and KV pool",
             "native kernels: build or load"} <= set(cold["phases"])
 
-    warm, _ = _start(str(tmp_path))
-    assert warm["xla"]["cache_misses"] == 0 and warm["xla"]["cache_hits"] == cold["xla"]["cache_misses"]
+    warm, _ = _start(str(tmp_path))  # weights now come from the packed cache: fewer programs, none compiled
+    assert warm["xla"]["cache_misses"] == 0 and 0 < warm["xla"]["cache_hits"] <= cold["xla"]["cache_misses"]
     assert warm["text"] == cold["text"]
 
     entries = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "novallm-jax" / "xla") for f in files
@@ -47,7 +47,7 @@ def test_second_start_compiles_nothing_and_a_corrupt_cache_is_rebuilt(tmp_path):
             f.truncate(max(1, os.path.getsize(path) // 3))
     rebuilt, log = _start(str(tmp_path))
     assert rebuilt["text"] == cold["text"]
-    assert rebuilt["xla"]["cache_hits"] == 0 and rebuilt["xla"]["cache_misses"] == cold["xla"]["cache_misses"]
+    assert rebuilt["xla"]["cache_hits"] == 0 and rebuilt["xla"]["cache_misses"] == warm["xla"]["cache_hits"]
     assert log.count("is unreadable") == len(entries)  # each named in a warning, removed, then written anew
 
     again, _ = _start(str(tmp_path))  # ... and wrote them anew

@@ -119,7 +119,8 @@ def _read(entry: Path) -> tuple[ModelConfig, Any]:
         raise ValueError(f"leaves.bin holds {raw.size} bytes, the index {sum(sizes)}")
     leaves, offset = [], 0
     for dt, (_, shape), n in zip(dtypes, index["leaves"], sizes):
-        leaves.append(jnp.asarray(raw[offset:offset + n].view(dt).reshape(shape)))  # a copy: the file may change
+        # A copy (the file may change), made without compiling: jnp.asarray would build a program per shape and dtype.
+        leaves.append(jax.device_put(raw[offset:offset + n].view(dt).reshape(shape), may_alias=False))
         offset += n
     return index["config"], jax.tree.unflatten(index["treedef"], leaves)
 
