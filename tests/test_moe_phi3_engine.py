@@ -107,3 +107,26 @@ def test_phi3_partial_rotary_is_refused_by_name():
               {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "partial_rotary_factor": 0.75}):
         with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
             ModelConfig.from_hf(c)
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_a_long_phi3_prompt_prefilled_in_chunks_and_its_prefix_match_each_alone(tokenizer, ragged):
+    """Through the engine, a Phi-3 prompt past the original 16 positions is prefilled in chunks of at most 16 tokens
+    and still takes the long factors for every token (each row carries its prompt's length); a short prompt that
+    shares its first tokens neither serves nor takes those pages (the prefix cache hashes longrope's choice)."""
+    cfg, params = model("phi3")
+    exec_cfg = dataclasses.replace(EXEC, prefill_len_buckets=(8, 16), token_buckets=(1, 4, 16), ragged_steps=ragged)
+    eng = LLMEngine(cfg, params, tokenizer, EngineConfig(executor=exec_cfg, enable_prefix_caching=True))
+    shared = prompt_of(16, 9)
+    short, long = shared, shared + prompt_of(30, 10)  # 16 tokens: the short factors; 46: the long ones
+    first = eng.add_request(short, greedy(6))
+    eng.run_until_idle()
+    second = eng.add_request(long, greedy(6))
+    eng.run_until_idle()
+    assert second.metrics.cached_prompt_tokens == 0  # the short prompt's pages were rotated with the short factors
+    third = eng.add_request(long[:40] + [7], greedy(6))
+    eng.run_until_idle()
+    assert third.metrics.cached_prompt_tokens == 40  # a long prompt's pages serve another long prompt
+    refs = greedy_generate(params, cfg, [short, long, long[:40] + [7]], 6)
+    assert [r.output_ids for r in (first, second, third)] == refs
+    assert eng.check_leaks() == []

@@ -66,7 +66,8 @@ class EngineCore:
                 for i, (call, out) in enumerate(zip(plan.calls, logits)) if any(r.sample for r in call.rows)]
 
     def _run(self, call: ModelCall, storage):
-        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot) for r in call.rows]
+        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot, prompt_len=r.prompt_len)
+                  for r in call.rows]
         if call.kind == RAGGED:
             return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
         if call.kind == PREFILL:

@@ -75,6 +75,12 @@ class _Sampled:
     arrays: tuple[jax.Array, ...]
 
 
+def _long_context(cfg: ModelConfig) -> int | None:
+    """The prompt length past which longrope rotates with its long factors; None for other models."""
+    rs = cfg.rope_scaling
+    return rs.original_max_position_embeddings if rs is not None and rs.rope_type == "longrope" else None
+
+
 class _CountingRLock:
     """A re-entrant lock that counts the threads blocked on it, so that the engine loop can let them in between steps."""
 
@@ -134,7 +140,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, ecfg, ragged=self.executor.ragged, max_model_len=self.max_model_len,
                                    max_prefill_rows=self.max_prefill_rows,
                                    enable_prefix_caching=self.config.enable_prefix_caching,
-                                   preemption_mode=self.config.preemption_mode)
+                                   preemption_mode=self.config.preemption_mode, long_context=_long_context(cfg))
         self.core = EngineCore(self.executor, self.num_slots, cfg.vocab_size, self.eos_token_ids)
         # The scheduler's state, under the names callers know.
         self.prefix_cache = self.scheduler.prefix_cache

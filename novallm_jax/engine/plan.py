@@ -21,7 +21,8 @@ RAGGED, PREFILL, DECODE = "ragged", "prefill", "decode"
 class Row:
     """One sequence's tokens in a model call: `tokens` at positions start.., its KV pages `pages`, sampled after when
     `sample` (the row computes its sequence's last known token). `from_slot` >= 0: the row's one token is still on
-    the device, the sampler's last draw for that slot (`tokens` then holds a placeholder)."""
+    the device, the sampler's last draw for that slot (`tokens` then holds a placeholder). `prompt_len`: its
+    sequence's prompt length (longrope picks its factors by it, see `executor.PrefillChunk`)."""
 
     request_id: str
     slot: int
@@ -30,6 +31,7 @@ class Row:
     pages: tuple[int, ...]
     sample: bool
     from_slot: int = -1
+    prompt_len: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,10 @@ from novallm_jax.amp import MemoryPool
 OWNER = "prefix-cache"
 
 
-def page_hashes(tokens: Sequence[int], page_size: int, max_pages: int) -> list[bytes]:
-    """Chained hashes of the first `max_pages` full pages: page i's hash covers tokens [0, (i + 1) * page_size)."""
-    out, h = [], b""
+def page_hashes(tokens: Sequence[int], page_size: int, max_pages: int, salt: bytes = b"") -> list[bytes]:
+    """Chained hashes of the first `max_pages` full pages: page i's hash covers tokens [0, (i + 1) * page_size), and
+    `salt` (what else the pages' contents depend on)."""
+    out, h = [], salt
     for i in range(min(max_pages, len(tokens) // page_size)):
         chunk = np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes()
         h = hashlib.blake2b(h + chunk, digest_size=16).digest()

@@ -29,7 +29,8 @@ class Scheduler:
     """Queues, slots and pages of the engine's requests. Not thread-safe: the engine calls it under its lock."""
 
     def __init__(self, pool: MemoryPool, exec_cfg: ExecutorConfig, *, ragged: bool, max_model_len: int,
-                 max_prefill_rows: int, enable_prefix_caching: bool, preemption_mode: str):
+                 max_prefill_rows: int, enable_prefix_caching: bool, preemption_mode: str,
+                 long_context: int | None = None):
         self.pool = pool
         self.exec_cfg = exec_cfg
         self.ragged = ragged
@@ -38,6 +39,9 @@ class Scheduler:
         self.max_prefill_rows = max_prefill_rows
         self.enable_prefix_caching = enable_prefix_caching
         self.preemption_mode = preemption_mode
+        # longrope (Phi-3): a prompt longer than this rotates every key with the long factors, so its cached pages
+        # must not serve a shorter prompt with the same tokens (nor the reverse).
+        self.long_context = long_context
         self.prefix_cache = pc.PrefixCache(pool, self.page_size)
         self.slots: list[Request | None] = [None] * exec_cfg.max_decode_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -94,7 +98,9 @@ class Scheduler:
             if req.metrics.first_scheduled is None:
                 req.metrics.first_scheduled = time.monotonic()
             if self.enable_prefix_caching and not req.page_hashes:
-                req.page_hashes = pc.page_hashes(req.prompt, self.page_size, (len(req.prompt) - 1) // self.page_size)
+                long = self.long_context is not None and len(req.prompt) > self.long_context
+                req.page_hashes = pc.page_hashes(req.prompt, self.page_size, (len(req.prompt) - 1) // self.page_size,
+                                                 salt=b"longrope" if long else b"")
             need = math.ceil(len(req.tokens) / self.page_size)
             if self.enable_prefix_caching:
                 req.pages = self.prefix_cache.match(req.id, req.page_hashes)
@@ -235,7 +241,7 @@ class Scheduler:
                 tokens, from_slot = tuple(req.tokens[req.num_computed:req.num_computed + n]), -1
             start = req.num_computed
             sample = self._advance(req, n)
-            rows.append(Row(req.id, req.slot, tokens, start, tuple(req.pages), sample, from_slot))
+            rows.append(Row(req.id, req.slot, tokens, start, tuple(req.pages), sample, from_slot, len(req.prompt)))
         return tuple(rows)
 
     def _advance(self, req: Request, n: int) -> bool:
