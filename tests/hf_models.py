@@ -96,6 +96,21 @@ def build_superblock_llama(layers: int = 8, seed: int = 0):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def build_superblock_moe(family: str, layers: int = 2, seed: int = 0):
+    """A random Mixtral or Qwen3-MoE whose weight rows (experts' included) are whole 256-weight super-blocks (hidden
+    256, 4 experts of 256, top-2), as GGUF K-quants need."""
+    config = build_hf_config(family)
+    size = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    experts = "num_local_experts" if family == "mixtral" else "num_experts"
+    for key, value in {"hidden_size": 256, "head_dim": 64, size: 256, experts: 4, "num_experts_per_tok": 2,
+                       "num_hidden_layers": layers, "vocab_size": 300, "tie_word_embeddings": False}.items():
+        setattr(config, key, value)
+    if family == "qwen3_moe":
+        config.mlp_only_layers = []
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def build_gemma3_multimodal(seed: int = 0):
     """A tiny `gemma3` (Gemma3ForConditionalGeneration): the gemma3_text family's text tower and a small vision tower."""
     vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -658,6 +658,69 @@ ffi::Error DotMatmul(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8
 }
 #endif
 
+// Mixture-of-experts: rows x [A, K], row a through expert e[a]'s weight, the experts' panels stacked as
+// w [E, N / 16, K / 32, block bytes]. The rows are grouped by expert (a counting sort), so each active expert's
+// weight is read once per call, whatever its number of rows, and an idle expert's not at all: a batch-1 decode step
+// reads the top-k experts' bytes only. Per group the arithmetic is QuantMatmul's (or DotMatmul's, `DOT`), so each
+// row's result equals its expert's own matmul.
+template <int BITS, bool DOT>
+ffi::Error ExpertMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
+                        ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), ed = experts.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || ed.size() != 1 || wd.size() != 4 || ed[0] != xd[0] || wd[2] * kBlock != xd[1] ||
+      wd[3] != kBlockBytes<BITS>) {
+    return ffi::Error::InvalidArgument("expert matmul wants x [A, K], experts [A], w [E, N / 16, K / 32, block bytes]");
+  }
+  const int64_t A = xd[0], K = xd[1], E = wd[0], P = wd[1], KB = wd[2], N = P * kPanel;
+  const int64_t panel_bytes = KB * kBlockBytes<BITS>, expert_bytes = P * panel_bytes;
+  const int32_t* ep = experts.typed_data();
+  std::vector<int64_t> start(E + 1, 0), order(A);
+  for (int64_t a = 0; a < A; ++a) {
+    if (ep[a] < 0 || ep[a] >= E) return ffi::Error::InvalidArgument("expert matmul: an expert index out of range");
+    ++start[ep[a] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), active;
+  for (int64_t a = 0; a < A; ++a) order[fill[ep[a]]++] = a;
+  for (int64_t e = 0; e < E; ++e) if (start[e + 1] > start[e]) active.push_back(e);
+  const float* xp = x.typed_data();
+  std::unique_ptr<float[]> xs(new float[A * K]), ys(new float[A * N]);
+  for (int64_t i = 0; i < A; ++i) std::memcpy(xs.get() + i * K, xp + order[i] * K, K * sizeof(float));
+  const uint8_t* wp = w.typed_data();
+  const int64_t* st = start.data();
+  const int64_t* act = active.data();
+  float* ysp = ys.get();
+  const int64_t bytes = static_cast<int64_t>(active.size()) * expert_bytes + 4 * A * K;
+#if defined(__AVX2__)
+  if constexpr (DOT) {
+    std::unique_ptr<int8_t[]> q(new int8_t[A * K]);
+    std::unique_ptr<float[]> scales(new float[2 * A * KB]);
+    for (int64_t r = 0; r < A; ++r) QuantizeRow(xs.get() + r * K, K, q.get() + r * K, scales.get() + r * KB,
+                                                 scales.get() + (A + r) * KB, XGroup(BITS, K));
+    const int8_t* qp = q.get();
+    const float* sp = scales.get();
+    ParallelFor(pool, static_cast<int64_t>(active.size()) * P, bytes, [=](int64_t i) {
+      const int64_t e = act[i / P], p = i % P, s = st[e];
+      const QuantizedX qx{qp + s * K, sp + s * KB, sp + (A + s) * KB, K};
+      DotPanel<BITS>(qx, st[e + 1] - s, wp + e * expert_bytes + p * panel_bytes, ysp + s * N + p * kPanel, N);
+    });
+  } else
+#else
+  if constexpr (DOT) return ffi::Error(ffi::ErrorCode::kUnimplemented, "int8-dot matmul needs AVX2");
+#endif
+  {
+    const float* xsp = xs.get();
+    ParallelFor(pool, static_cast<int64_t>(active.size()) * P, bytes, [=](int64_t i) {
+      const int64_t e = act[i / P], p = i % P, s = st[e];
+      QuantPanel<BITS>(xsp + s * K, st[e + 1] - s, K, wp + e * expert_bytes + p * panel_bytes,
+                       ysp + s * N + p * kPanel, N);
+    });
+  }
+  float* yp = y->typed_data();
+  for (int64_t i = 0; i < A; ++i) std::memcpy(yp + order[i] * N, ysp + i * N, N * sizeof(float));
+  return ffi::Error::Success();
+}
+
 // exp of 8 floats (Cephes' expf polynomial, ~1 ulp): the scalar std::exp per score was most of the attention time.
 inline v8 Exp(v8 x) {
   x = x < Splat(-87.3f) ? Splat(-87.3f) : x;
@@ -1351,6 +1414,20 @@ NOVALLM_QUANT_MATMUL(NovallmQ8MatmulF32, QuantMatmul, 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ6DotMatmulF32, DotMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
+
+#define NOVALLM_EXPERT_MATMUL(name, bits, dot)                                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ExpertMatmul<bits, dot>), ffi::Ffi::Bind()                     \
+                                                                     .Ctx<ffi::ThreadPool>()          \
+                                                                     .Arg<ffi::Buffer<ffi::F32>>()    \
+                                                                     .Arg<ffi::Buffer<ffi::S32>>()    \
+                                                                     .Arg<ffi::Buffer<ffi::U8>>()     \
+                                                                     .Ret<ffi::Buffer<ffi::F32>>());
+NOVALLM_EXPERT_MATMUL(NovallmQ4ExpertMatmulF32, 4, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ6ExpertMatmulF32, 6, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ8ExpertMatmulF32, 8, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ4DotExpertMatmulF32, 4, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ6DotExpertMatmulF32, 6, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ8DotExpertMatmulF32, 8, true)
 
 #define NOVALLM_HALF_MATMUL(name, bf16)                                                               \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, HalfMatmul<bf16>, ffi::Ffi::Bind()                              \

@@ -36,6 +36,8 @@ _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
 _QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 6: "novallm_q6_matmul_f32", 8: "novallm_q8_matmul_f32"}
 _DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 6: "novallm_q6_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
+_EXPERT_MATMUL = {(bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32" for bits in (4, 6, 8)
+                  for dot in (False, True)}
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
@@ -101,6 +103,9 @@ def _library() -> ctypes.CDLL | None:
         for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (6, lib.NovallmQ6DotMatmulF32),
                              (8, lib.NovallmQ8DotMatmulF32)):
             jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
+        for (bits, dot), target in _EXPERT_MATMUL.items():
+            symbol = getattr(lib, f"NovallmQ{bits}{'Dot' * dot}ExpertMatmulF32")
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return None
@@ -146,7 +151,7 @@ def _ffi_call(target: str, out, **kwargs):
     `available()`), and says why where they cannot run instead of XLA's "no FFI handler registered"."""
     if not available():
         raise RuntimeError(f"native CPU kernel {target} is not available (no C++ compiler, or {_ENV}=0; see the log)")
-    if target in _DOT_MATMUL.values() and not int8_dot_available():
+    if (target in _DOT_MATMUL.values() or "_dot_expert" in target) and not int8_dot_available():
         raise RuntimeError(f"native CPU kernel {target} needs a CPU with AVX2")
     return jax.ffi.ffi_call(target, out, **kwargs)
 
@@ -258,6 +263,17 @@ def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool 
     y = _ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels)
     return y[:, :n].reshape(*lead, n)
+
+
+def expert_quant_matmul(x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int,
+                        int8: bool = False) -> jax.Array:
+    """Row a of x [A, K] float32 @ expert experts[a]'s weight, `pack_quant` panels stacked [E, ...] -> [A, n]. Reads
+    each expert with rows once and the others not at all; each row's result equals `quant_matmul` with its expert's
+    panels."""
+    a = x.shape[0]
+    y = _ffi_call(_EXPERT_MATMUL[bits, int8], jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32))(
+        x.astype(jnp.float32), experts.astype(jnp.int32), panels)
+    return y[:, :n]
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
@@ -390,6 +406,37 @@ class HalfLinear:
         return half_matmul(x, self.panels, self.n, self.bf16)
 
 
+@flax.struct.dataclass
+class ExpertQuantLinear:
+    """A mixture-of-experts weight [E, K, n] in GGUF block codes: each expert's `QuantLinear` panels, stacked. `apply`
+    takes each row's expert; see `expert_quant_matmul`."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+    bits: int = flax.struct.field(pytree_node=False)
+    int8: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def from_experts(cls, weights: list[QuantLinear]) -> "ExpertQuantLinear":
+        first = weights[0]
+        return cls(jnp.stack([w.panels for w in weights]), first.n, first.bits, first.int8)
+
+    def expert(self, e: int) -> QuantLinear:
+        return QuantLinear(self.panels[e], self.n, self.bits, self.int8)
+
+    def to_dense(self) -> np.ndarray:
+        return np.stack([self.expert(e).to_dense() for e in range(self.panels.shape[0])])
+
+    def with_int8_activations(self) -> "ExpertQuantLinear":
+        if self.int8:
+            return self
+        return ExpertQuantLinear.from_experts([self.expert(e).with_int8_activations()
+                                               for e in range(self.panels.shape[0])])
+
+    def apply(self, x: jax.Array, experts: jax.Array) -> jax.Array:
+        return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8)
+
+
 NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
 PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
@@ -405,13 +452,14 @@ def pack_params(params: dict) -> dict:
 
 def int8_activations(params: dict) -> dict:
     """The params pytree with every `QuantLinear` in the int8-dot layout (`QuantLinear.with_int8_activations`)."""
-    to_int8 = lambda w: w.with_int8_activations() if isinstance(w, QuantLinear) else w
-    return jax.tree.map(to_int8, params, is_leaf=lambda w: isinstance(w, QuantLinear))
+    coded = (QuantLinear, ExpertQuantLinear)
+    to_int8 = lambda w: w.with_int8_activations() if isinstance(w, coded) else w
+    return jax.tree.map(to_int8, params, is_leaf=lambda w: isinstance(w, coded))
 
 
 def dequantize_params(params: dict) -> dict:
     """The params pytree with every `QuantLinear` and `HalfLinear` decoded to its float32 weight (for XLA's own
     dots)."""
-    kept = (QuantLinear, HalfLinear)
+    kept = (QuantLinear, HalfLinear, ExpertQuantLinear)
     dense = lambda w: jnp.asarray(w.to_dense()) if isinstance(w, kept) else w
     return jax.tree.map(dense, params, is_leaf=lambda w: isinstance(w, kept))

@@ -16,6 +16,7 @@ from novallm_jax.loading.assemble import assemble_params
 from novallm_jax.loading.gemma import GGUF_GLOBAL, GGUF_LAYER, gemma_gguf_names, gemma_tensor_shapes
 from novallm_jax.loading.gguf_quant import BlockQuant, HalfWeight, decode_blocks, half_bits
 from novallm_jax.loading.gguf_readers import FastReader, reader_for
+from novallm_jax.loading.moe import GGUF_LAYER as MOE_GGUF_LAYER
 
 GGUF_MAGIC = b"GGUF"
 
@@ -115,6 +116,14 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
 
     def get(name: str) -> np.ndarray | BlockQuant | HalfWeight:
         t = tensors[name]
+        if keep_quantized and name.endswith(_EXPERT_TENSORS) and len(t.shape) == 3:
+            # An expert stack [E, out, in] stays in codes as one [E * out, in] weight (see loading/moe.py).
+            shape = tuple(int(s) for s in reversed(t.shape))
+            bq = decode_blocks(t.data, t.tensor_type.name, (shape[0] * shape[1], shape[2]))
+            bq = bq if shape == expected[name] else None
+            note(t, bq is not None)
+            if bq is not None:
+                return bq
         if keep_quantized and name.endswith(_MATMUL_TENSORS):
             shape = tuple(int(s) for s in reversed(t.shape))
             kept = (decode_blocks, half_bits)[t.tensor_type.name in ("F16", "BF16")]
@@ -123,7 +132,7 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
             if bq is not None:
                 heads = permuted_heads(name)
                 return bq if heads is None else bq.take_rows(_unpermute(np.arange(shape[0]), heads))
-        if not keep_quantized or not name.endswith(_MATMUL_TENSORS):
+        if not keep_quantized or not name.endswith(_MATMUL_TENSORS + _EXPERT_TENSORS):
             note(t, False)
         try:
             a = dequantize(t.data, t.tensor_type)
@@ -172,6 +181,8 @@ def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
 _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
     _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"], "attn_qkv.weight",
     GGUF_GLOBAL["ple_model_proj"])
+
+_EXPERT_TENSORS = tuple(MOE_GGUF_LAYER[k] for k in ("gate", "up", "down"))
 
 
 def gemma_gguf_config(cfg: ModelConfig, tensors: dict) -> ModelConfig:

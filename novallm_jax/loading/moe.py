@@ -7,6 +7,7 @@ layout). A GGUF file stores each as one stacked tensor [E, ...], whatever j is a
 from __future__ import annotations
 
 import numpy as np
+from absl import logging
 
 from novallm_jax.config import ModelConfig
 
@@ -54,22 +55,51 @@ def moe_gguf_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
             moe_gguf_name(i, "moe_up"): (m.num_experts, f, d), moe_gguf_name(i, "moe_down"): (m.num_experts, d, f)}
 
 
-def stacked_experts(get, name, i: int, kind: str, num_experts: int) -> np.ndarray:
+def stacked_experts(get, name, i: int, kind: str, num_experts: int, first=None) -> np.ndarray:
     """[E, out, in] of an expert weight: the file's stacked tensor, or each expert's stacked."""
-    first = get(name(i, f"moe_{kind}.0"))
+    first = get(name(i, f"moe_{kind}.0")) if first is None else first
     if first.ndim == 3:
         return first
     return np.stack([first] + [get(name(i, f"moe_{kind}.{j}")) for j in range(1, num_experts)])
 
 
 def assemble_moe_layer(cfg: ModelConfig, get, name, i: int, put) -> dict:
-    """A sparse layer's router and experts in the params layout (see moe.moe_layer_shapes)."""
+    """A sparse layer's router and experts in the params layout (see moe.moe_layer_shapes). Expert stacks that a GGUF
+    getter returns in block codes (one `BlockQuant` of [E * out, in]) stay in them as `native.ExpertQuantLinear`."""
+    from novallm_jax.loading.gguf_quant import BlockQuant
+
     e = cfg.moe.num_experts
     dense = lambda a: a.dequantize() if hasattr(a, "dequantize") else a
-    g = lambda kind: np.asarray(dense(stacked_experts(lambda n: dense(get(n)), name, i, kind, e)), np.float32)
+    router = put(np.asarray(dense(get(name(i, "moe_router")))).T)
+    first = {kind: get(name(i, f"moe_{kind}.0")) for kind in ("gate", "up", "down")}
+    coded = [isinstance(a, BlockQuant) for a in first.values()]
+    if all(coded):
+        return {"router": router, **_coded_experts(first["gate"], first["up"], first["down"], e)}
+    if any(coded):
+        logging.warning("layer %d: expert weights in block codes beside ones that are not are widened to float32", i)
+    # codes of an [E * out, in] stack decode to that shape
+    unstack = lambda a: a.dequantize().reshape(e, -1, a.shape[1]) if isinstance(a, BlockQuant) else a
+    g = lambda kind: np.asarray(stacked_experts(lambda n: dense(get(n)), name, i, kind, e, first=unstack(first[kind])),
+                                np.float32)
     gate_up = np.concatenate([g("gate"), g("up")], axis=1)  # [E, 2F, D]
-    return {"router": put(np.asarray(dense(get(name(i, "moe_router")))).T),
-            "experts_gate_up": put(gate_up.transpose(0, 2, 1)), "experts_down": put(g("down").transpose(0, 2, 1))}
+    return {"router": router, "experts_gate_up": put(gate_up.transpose(0, 2, 1)),
+            "experts_down": put(g("down").transpose(0, 2, 1))}
+
+
+def _coded_experts(gate, up, down, num_experts: int) -> dict:
+    """The experts' params from [E * out, in] block codes: per expert, gate and up rows fused as one weight."""
+    from novallm_jax.kernels import native
+    from novallm_jax.loading.gguf_quant import BlockQuant
+
+    def rows(bq, j):
+        r = bq.shape[0] // num_experts
+        return bq.take_rows(slice(j * r, (j + 1) * r))
+
+    gate_up = [native.QuantLinear.from_blocks(BlockQuant.concat_rows([rows(gate, j), rows(up, j)]))
+               for j in range(num_experts)]
+    down_ = [native.QuantLinear.from_blocks(rows(down, j)) for j in range(num_experts)]
+    return {"experts_gate_up": native.ExpertQuantLinear.from_experts(gate_up),
+            "experts_down": native.ExpertQuantLinear.from_experts(down_)}
 
 
 def write_moe(w, cfg: ModelConfig, get, add, permute) -> None:
