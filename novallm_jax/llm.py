@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 from typing import AsyncIterator, Iterator, Mapping, Sequence
 
@@ -20,8 +21,11 @@ from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOu
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.startup import phase
+from novallm_jax.structured import compile_grammar
 from novallm_jax.text_checks import check_text
 from novallm_jax.tokenization.base import Tokenizer
+from novallm_jax.tool_calls import ChatRendering, ToolRequest, prepare_chat
+from novallm_jax.tool_parsers import ToolCall, get_parser
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -38,6 +42,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None
     metrics: Metrics
     error: str | None = None
+    tool_calls: list[ToolCall] | None = None  # with tools: the calls read from the answer (`text` is the rest)
 
 
 @dataclasses.dataclass
@@ -135,6 +140,7 @@ class LLM:
                 self.engine.warmup()
         self.engine.start()
         self._closed = False
+        self.tool_call_parser: str | None = None
 
     @classmethod
     def from_engine(cls, engine: LLMEngine, name: str = "model") -> "LLM":
@@ -142,6 +148,7 @@ class LLM:
         llm = cls.__new__(cls)
         llm.model_path, llm.cfg, llm.tokenizer, llm.engine = name, engine.cfg, engine.tokenizer, engine
         llm._closed = False
+        llm.tool_call_parser = None
         engine.start()
         return llm
 
@@ -239,11 +246,56 @@ class LLM:
             if out.delta_text:
                 yield out.delta_text
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs
-             ) -> GenerationResult:
-        """Answers a conversation (a list of {"role", "content"}) through the model's chat template."""
-        ids = self.chat_prompt(messages, **template_kwargs)
-        return self.generate([ids], params)[0]
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping] | None = None, tool_choice=None,
+                    parallel_tool_calls: bool | None = None, add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False, **template_kwargs) -> tuple[list[int], ChatRendering]:
+        """Token ids of a conversation with its tools (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`,
+        checked here), and how its answer is read back (`tool_calls.ChatRendering`)."""
+        request = ToolRequest.check(tools, tool_choice, parallel_tool_calls)
+        parser = get_parser(self.tool_call_parser) if self.tool_call_parser else None
+        rendering = prepare_chat(messages, self.tokenizer.chat_template, request, parser)
+        ids = self.chat_prompt(rendering.messages, add_generation_prompt, add_special_tokens,
+                               **rendering.template_kwargs, **template_kwargs)
+        return ids, rendering
+
+    def tool_params(self, params: SamplingParams, rendering: ChatRendering) -> SamplingParams:
+        """`params` for an answer with tools: tool_choice "required" or a named function constrains sampling to
+        valid calls; "auto" keeps special tokens, which some families' call markers are."""
+        tools = rendering.tools
+        if tools is None or tools.choice == "none":
+            return params
+        structured = tools.structured()
+        if structured is not None and params.structured is not None:
+            raise InvalidRequestError(f"tool_choice {tools.choice!r} constrains the answer to tool calls; it cannot "
+                                      "be combined with a structured output (response_format, structured_outputs)",
+                                      param="tool_choice")
+        if structured is not None:
+            try:  # compiled (and cached) now, so that a schema llguidance cannot take is a 400 naming tools
+                compile_grammar(structured, self.tokenizer, self.cfg.vocab_size)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"the tools' parameter schemas cannot be enforced: {e}", param="tools"
+                                          ) from None
+            return dataclasses.replace(params, structured=structured)
+        return dataclasses.replace(params, skip_special_tokens=False)
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *,
+             tools: Sequence[Mapping] | None = None, tool_choice=None, parallel_tool_calls: bool | None = None,
+             **template_kwargs) -> GenerationResult:
+        """Answers a conversation (a list of {"role", "content"}) through the model's chat template.
+
+        tools: OpenAI-style function tools; each completion then has `tool_calls` (a list, empty if the model
+        called none) and `text` is the rest of its answer. tool_choice: "auto" (default), "none", "required" or
+        {"type": "function", "function": {"name": ...}}; the last two always give calls whose arguments validate
+        against the function's parameters. Assistant messages' `tool_calls` and `tool` messages go back through
+        the template.
+        """
+        ids, rendering = self.render_chat(messages, tools, tool_choice, parallel_tool_calls, **template_kwargs)
+        result = self.generate([ids], self.tool_params(params or SamplingParams(), rendering))[0]
+        if rendering.tools is not None:
+            for completion in result.outputs:
+                content, calls = rendering.tools.parse(completion.text, rendering.parser)
+                completion.text, completion.tool_calls = content or "", calls
+        return result
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Iterator[str]:
         return self.stream(self.chat_prompt(messages), params)
@@ -254,8 +306,9 @@ class LLM:
                         ) -> list[GenerationResult]:
         return await asyncio.to_thread(self.generate, prompts, params)
 
-    async def achat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> GenerationResult:
-        return await asyncio.to_thread(self.chat, messages, params)
+    async def achat(self, messages: Sequence[Message], params: SamplingParams | None = None, **kwargs
+                    ) -> GenerationResult:
+        return await asyncio.to_thread(functools.partial(self.chat, messages, params, **kwargs))
 
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[str]:
         """Async text deltas; cancelling the consumer cancels the request."""

@@ -55,6 +55,8 @@ class SamplingParams:
     n: number of completions for the prompt.
     structured: the text must match a JSON schema, a regex, a Lark grammar or a choice (`StructuredOutput`; a dict of
       its fields is accepted), enforced token by token while sampling.
+    skip_special_tokens: leave special tokens out of the text (default); tool calling keeps them, since some
+      families' call markers ([TOOL_CALLS], <|tool_call>) are special tokens.
     """
 
     temperature: float = 1.0
@@ -74,6 +76,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     structured: StructuredOutput | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lo=0.0)
@@ -94,6 +97,9 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", param="logprobs"
             )
+        if not isinstance(self.skip_special_tokens, bool):
+            raise InvalidRequestError(f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}",
+                                      param="skip_special_tokens")
         if not _is_int(self.n) or self.n < 1:
             raise InvalidRequestError(f"n must be an integer >= 1, got {self.n!r}", param="n")
         if isinstance(self.structured, Mapping):

@@ -192,7 +192,8 @@ class LLMEngine:
             rid = request_id or f"req-{next(self._ids)}"
             if rid in self.requests:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
-            req = Request(rid, prompt, params, IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+            detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            req = Request(rid, prompt, params, detokenizer,
                           self.eos_token_ids, on_output)
             req.matcher = matcher
             self.scheduler.add(req)

@@ -27,6 +27,7 @@ from novallm_jax.llm import LLM
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import protocol as P
 from novallm_jax.structured import StructuredOutput
+from novallm_jax.tool_calls import ChatRendering, ToolStream
 from novallm_jax.serving.errors import (APIError, APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware,
                                         install_handlers, internal_error, request_id)
 from novallm_jax.serving.metrics import ServerMetrics
@@ -100,13 +101,20 @@ class Server:
         if bad is not None:
             raise APIError(400, f"token id {bad} in {param} is outside the vocabulary [0, {vocab})", param=param)
 
-    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                  add_special_tokens: bool = False) -> list[int]:
-        """The token ids of a conversation ({"role", "content"} dicts, roles already checked), rendered with the
-        model's chat template."""
+        """The token ids of a conversation (roles already checked), rendered with the model's chat template."""
+        return self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                add_special_tokens=add_special_tokens)[0]
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, tool_choice=None,
+                    parallel_tool_calls: bool | None = None, add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> tuple[list[int], ChatRendering]:
+        """`LLM.render_chat` with "developer" read as "system" and a template's own failures as a plain 400."""
         rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
         try:
-            return self.llm.chat_prompt(rendered, add_generation_prompt=add_generation_prompt,
+            return self.llm.render_chat(rendered, tools, tool_choice, parallel_tool_calls,
+                                        add_generation_prompt=add_generation_prompt,
                                         add_special_tokens=add_special_tokens)
         except InvalidRequestError:
             raise
@@ -170,10 +178,12 @@ def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | No
         logprobs=logprobs, n=req.n, structured=structured_output(req))
 
 
-def _finish_reason(out: RequestOutput) -> str | None:
+def _finish_reason(out: RequestOutput, tool_calls: bool = False) -> str | None:
     if not out.finished:
         return None
-    return "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+    if out.finish_reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def _check_failed(out: RequestOutput) -> None:
@@ -383,10 +393,12 @@ class _Handlers:
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids = self.s.chat_ids(P.message_dicts(body.messages), body.add_generation_prompt)
+        ids, rendering = self.s.render_chat(P.message_dicts(body.messages), **body.tool_fields(),
+                                            add_generation_prompt=body.add_generation_prompt)
+        tools = rendering.tools
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling_params(body, max_tokens, logprobs)
+        params = self.s.llm.tool_params(sampling_params(body, max_tokens, logprobs), rendering)
         params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, max_tokens, "messages"))
         jobs = [(ids, params.for_child(i)) for i in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -399,6 +411,7 @@ class _Handlers:
             return _sse(data)
 
         async def stream(fan: Fanout) -> AsyncIterator[str]:
+            splitters = [ToolStream(tools, rendering.parser) if tools is not None else None for _ in jobs]
             for i in range(len(jobs)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
@@ -407,20 +420,45 @@ class _Handlers:
                     yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
                     break
                 lp = self._chat_logprobs(_delta_logprobs(out)) if body.logprobs else None
-                if out.delta_text or (lp and lp["content"]):
-                    yield chunk([{"index": i, "delta": {"content": out.delta_text}, "logprobs": lp,
-                                  "finish_reason": None}])
+                text, calls = out.delta_text, []
+                if splitters[i] is not None:
+                    text = splitters[i].push(text)
+                    if out.finished:
+                        tail, calls = splitters[i].finish()
+                        text += tail
+                if text or (lp and lp["content"]):
+                    yield chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
+                for k, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
+                    yield chunk([{"index": i, "delta": {"tool_calls": [{
+                        "index": k, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None}])
+                    yield chunk([{"index": i, "delta": {"tool_calls": [{
+                        "index": k, "function": {"arguments": call.arguments}}]}, "logprobs": None,
+                        "finish_reason": None}])
                 if out.finished:
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out)}])
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                                  "finish_reason": _finish_reason(out, bool(calls))}])
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield chunk([], _usage([ids], list(fan.final)))
             yield "data: [DONE]\n\n"
 
+        def message(out: RequestOutput) -> tuple[dict, bool]:
+            if tools is None:
+                return {"role": "assistant", "content": out.text}, False
+            content, calls = tools.parse(out.text, rendering.parser)
+            msg = {"role": "assistant", "content": content}
+            if calls:
+                msg["tool_calls"] = [c.to_openai() for c in calls]
+            return msg, bool(calls)
+
         def full(outs: list[RequestOutput]) -> dict:
-            choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
-                        "finish_reason": _finish_reason(out)} for i, out in enumerate(outs)]
+            choices = []
+            for i, out in enumerate(outs):
+                msg, called = message(out)
+                choices.append({"index": i, "message": msg,
+                                "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
+                                "finish_reason": _finish_reason(out, called)})
             return {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name,
                     "choices": choices, "usage": _usage([ids], outs)}
 

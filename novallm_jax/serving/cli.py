@@ -33,6 +33,8 @@ flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before re
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
 flags.DEFINE_bool("warmup", False, "Compile every shape bucket before serving (minutes on CPU; pair it with "
                                    "--compile_cache_dir so that later starts load them). Off: first requests compile.")
+flags.DEFINE_enum("tool_call_parser", None, ["hermes", "llama3_json", "mistral", "gemma4", "pythonic"],
+                  "How tool calls are read from answers (default: chosen from the chat template's call syntax).")
 
 API_KEY_ENV = "NOVALLM_API_KEY"
 
@@ -52,6 +54,7 @@ def main(argv) -> None:
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, activations=FLAGS.activations,
               kv_cache_dtype=FLAGS.kv_cache_dtype, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
               compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup)
+    llm.tool_call_parser = FLAGS.tool_call_parser
     config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
                           max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)
     try:

@@ -95,10 +95,23 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 ROLES = Role.__args__
 
 
+class CalledFunction(_Body):
+    name: Text
+    arguments: Text  # JSON text of the arguments object, as OpenAI sends it
+
+
+class MessageToolCall(_Body):
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Role
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -106,9 +119,40 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """What the chat template sees of each message: its role and its text."""
-    return [{"role": m.role, "content": m.text()} for m in messages]
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """What the chat template sees of each message: its role, its text, and the tool fields it has."""
+    out = []
+    for m in messages:
+        d = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = None  # a JSON schema; checked when the request is built
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: Text
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class JsonSchema(_Body):
@@ -144,6 +188,16 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: StrictBool = True
+    # Tool calling (OpenAI's fields).
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def tool_fields(self) -> dict[str, Any]:
+        """tools, tool_choice and parallel_tool_calls as `LLM.render_chat` takes them."""
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        return {"tools": None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools],
+                "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls}
 
 
 class TokenizeRequest(_Body):
