@@ -100,12 +100,13 @@ def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -
         spec = llama_cpp_tools.quantize(llama_cpp_bin, src, os.path.join(workdir, f"{os.path.basename(src)}.{kind}.gguf"),
                                         kind)
 
-    gguf_path = hf_dir = params_quant = None
+    gguf_path = hf_dir = params_quant = random_hf = None
     if spec.startswith("random:") and FLAGS.random_quant:
         from novallm_jax.loading.gguf_export import hf_to_gguf
 
         hf_dir = os.path.join(workdir, "random_model")
-        _hf_random(spec.split(":", 1)[1], seed).save_pretrained(hf_dir)
+        random_hf = _hf_random(spec.split(":", 1)[1], seed)
+        random_hf.save_pretrained(hf_dir)
         spec = hf_to_gguf(hf_dir, os.path.join(workdir, f"random-{FLAGS.random_quant}.gguf"), quant=FLAGS.random_quant)
     if spec == "smollm2" or spec.endswith(".gguf"):
         gguf_path = default_model_path() if spec == "smollm2" else spec
@@ -114,7 +115,9 @@ def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -
             params_quant = load_model(gguf_path, dtype, keep_quantized=True)[1]
             if not _has_codes(params_quant):  # a float file: ours_quant would be ours again
                 params_quant = None
-        hf = _hf_from_gguf(gguf_path) if FLAGS.transformers else None
+        # transformers reads neither MoE nor Gemma 3 GGUF files: it runs the float weights they were written from
+        # (the same shapes and arithmetic).
+        hf = (random_hf or _hf_from_gguf(gguf_path)) if FLAGS.transformers else None
     elif spec.startswith("random:"):
         hf = _hf_random(spec.split(":", 1)[1], seed)
         hf_dir = os.path.join(workdir, "random_model")
@@ -196,8 +199,8 @@ def weight_bytes_per_token(params, cfg=None) -> int:
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
     if cfg is not None and cfg.moe is not None:
         idle = 1 - cfg.moe.top_k / cfg.moe.num_experts
-        total -= sum(int(layer[k].nbytes * idle) for layer in params["layers"]
-                     for k in ("experts_gate_up", "experts_down") if k in layer)
+        total -= sum(int(leaf.nbytes * idle) for layer in params["layers"]
+                     for k in ("experts_gate_up", "experts_down") if k in layer for leaf in jax.tree.leaves(layer[k]))
     return total
 
 

@@ -38,6 +38,11 @@ class GemmaSpec:
     per_layer_input_size: int = 0  # per-layer embeddings (PLE) width; 0: none
     per_layer_vocab: int = 0
     double_wide_mlp: bool = False  # K/V-sharing layers have an MLP twice as wide
+    # Gemma 4's mixture-of-experts block (enable_moe_block): in every layer, beside the dense MLP, `num_experts`
+    # GeGLU experts of width `moe_size`, `top_k_experts` per token (model_gemma.gemma_experts).
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_size: int = 0
 
     @property
     def norm_offset(self) -> float:
@@ -91,8 +96,6 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
     if c.get("use_bidirectional_attention") not in (None, False, "vision"):
         raise UnsupportedArchitectureError(
             f"use_bidirectional_attention={c['use_bidirectional_attention']!r} is not supported (a causal decoder only)")
-    if c.get("enable_moe_block"):
-        raise UnsupportedArchitectureError("Gemma 4's mixture-of-experts block (enable_moe_block) is not supported")
     act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise UnsupportedArchitectureError(f"hidden_activation {act!r} is not supported; supported: gelu_pytorch_tanh")
@@ -128,6 +131,9 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
             per_layer_input_size=int(c.get("hidden_size_per_layer_input") or 0),
             per_layer_vocab=int(c.get("vocab_size_per_layer_input") or c["vocab_size"]),
             double_wide_mlp=bool(c.get("use_double_wide_mlp", False)))
+        if c.get("enable_moe_block"):
+            spec.update(num_experts=int(c["num_experts"]), top_k_experts=int(c["top_k_experts"]),
+                        moe_size=int(c["moe_intermediate_size"]))
     return {"gemma": GemmaSpec(**spec), "rope_theta": float(full_theta), "rope_scaling": full_scaling or None,
             "tie_word_embeddings": bool(c.get("tie_word_embeddings", True)), "qk_norm": version >= 3}
 
@@ -181,6 +187,9 @@ def gemma_fields_from_gguf(meta: Mapping[str, Any], arch: str, tensor_names: set
                     num_kv_shared_layers=layers - first_shared,
                     per_layer_input_size=int(get("embedding_length_per_layer_input") or 0),
                     double_wide_mlp=isinstance(ff, (list, tuple)) and ff[-1] != ff[0])
+        if get("expert_count"):
+            spec.update(num_experts=int(get("expert_count")), top_k_experts=int(get("expert_used_count")),
+                        moe_size=int(get("expert_feed_forward_length")))
         fields["intermediate_size"] = int(ff[0] if isinstance(ff, (list, tuple)) else ff)
     fields["gemma"] = GemmaSpec(**spec)
     return fields

@@ -7,7 +7,8 @@ What differs from Llama, as transformers' modeling_gemma2/3/4.py compute it:
 - attention scaled by query_pre_attn_scalar ** -0.5 (Gemma 4: 1), soft-capped scores (Gemma 2), soft-capped logits;
 - sliding and global layers, each kind with its window and its RoPE table (`ModelConfig.layer_*`);
 - Gemma 4: global layers with their own head size and K/V heads, keys as values there (`k_eq_v`), the last layers
-  reading an earlier layer's K/V, per-layer embeddings (PLE) mixed in after each layer, a per-layer output scalar.
+  reading an earlier layer's K/V, per-layer embeddings (PLE) mixed in after each layer, a per-layer output scalar,
+  and (enable_moe_block) a mixture of GeGLU experts beside each layer's MLP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.model import Params, attend, linear, lm_head, rope, select_rows
+from novallm_jax.moe import mix_experts
 
 
 def gemma_norm(x: jax.Array, w: jax.Array | None, eps: float, offset: float) -> jax.Array:
@@ -54,6 +56,10 @@ def gemma_param_shapes(cfg: ModelConfig, dtype) -> Params:
             layer["q_norm"] = s(hd)
             if k:
                 layer["k_norm"] = s(hd)
+        if g.num_experts:
+            e, m = g.num_experts, g.moe_size
+            layer.update(router=s(d, e), router_scale=s(d), expert_scale=s(e), experts_gate_up=s(e, d, 2 * m),
+                         experts_down=s(e, m, d), pre_moe_norm=s(d), post_mlp_norm_1=s(d), post_moe_norm=s(d))
         if g.version >= 4:
             layer["layer_scalar"] = s(1)
             if g.per_layer_input_size:
@@ -112,13 +118,30 @@ def gemma_layer(p: Params, x, positions, cache, layer: int, cfg: ModelConfig, ro
     attn, cache = attend(q, k, v, positions, cache, layer, cfg, page_table)
     x = x + norm(linear(attn.astype(x.dtype), p["wo"]), "post_attn_norm")
     gate, up = jnp.split(linear(norm(x, "mlp_norm"), p["w_gate_up"]), 2, axis=-1)
-    x = x + norm(linear(_gelu(gate) * up, p["w_down"]), "post_mlp_norm")
+    mlp = linear(_gelu(gate) * up, p["w_down"])
+    if g.num_experts:
+        mlp = norm(mlp, "post_mlp_norm_1") + norm(gemma_experts(p, x, cfg), "post_moe_norm")
+    x = x + norm(mlp, "post_mlp_norm")
     if per_layer_input is not None:
         h = _gelu(linear(x, p["ple_gate"])) * per_layer_input
         x = x + norm(linear(h, p["ple_proj"]), "ple_norm")
     if "layer_scalar" in p:
         x = x * p["layer_scalar"].astype(x.dtype)
     return x, cache
+
+
+def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Gemma 4's expert block on the layer's input x [B, T, D]: routed on x RMS-normalised, times a learned scale
+    and hidden ** -1/2; softmax, top-k, renormalised, times each chosen expert's own scale; the experts see x through
+    their own norm."""
+    g, eps = cfg.gemma, cfg.rms_norm_eps
+    xf = x.reshape(-1, x.shape[-1])
+    r = gemma_norm(xf, None, eps, 0.0) * p["router_scale"] * np.float32(cfg.hidden_size ** -0.5)
+    probs = jax.nn.softmax(linear(r, p["router"]).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, g.top_k_experts)
+    weights = weights / weights.sum(axis=-1, keepdims=True) * p["expert_scale"].astype(jnp.float32)[experts]
+    h = gemma_norm(xf, p["pre_moe_norm"], eps, g.norm_offset)
+    return mix_experts(p, h, weights.astype(x.dtype), experts, g.num_experts, _gelu).reshape(x.shape)
 
 
 def gemma_forward(params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows,

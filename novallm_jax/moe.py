@@ -48,21 +48,25 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array,
 
 def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The experts' output [B, T, D] for the normalised hidden states h [B, T, D]."""
-    m = cfg.moe
-    shape = h.shape
-    x = h.reshape(-1, shape[-1])
-    n, k = x.shape[0], m.top_k
+    x = h.reshape(-1, h.shape[-1])
     weights, experts = route(x, p["router"], cfg)
+    return mix_experts(p, x, weights, experts, cfg.moe.num_experts, jax.nn.silu).reshape(h.shape)
+
+
+def mix_experts(p: dict, x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, act) -> jax.Array:
+    """Tokens x [N, D] through their experts [N, k] (gated FFNs `act(gate) * up` of p's `experts_gate_up` and
+    `experts_down`), weighted by `weights` [N, k] and summed: [N, D]."""
+    n, k = experts.shape
     flat = experts.reshape(-1)  # assignment a = token a // k, its (a % k)-th expert
     tokens = jnp.arange(n * k) // k
     if isinstance(p["experts_gate_up"], native.ExpertQuantLinear):
-        y = _coded_ffn(x[tokens], flat, p)
-    elif n * k < m.num_experts:
-        y = _gathered_ffn(x[tokens], flat, p)
+        y = _coded_ffn(x[tokens], flat, p, act)
+    elif n * k < num_experts:
+        y = _gathered_ffn(x[tokens], flat, p, act)
     elif jax.default_backend() == "cpu":
-        y = _blocked_ffn(x, tokens, flat, p, m.num_experts)
+        y = _blocked_ffn(x, tokens, flat, p, num_experts, act)
     else:
-        y = _grouped_ffn(x, tokens, flat, p, m.num_experts)
+        y = _grouped_ffn(x, tokens, flat, p, num_experts, act)
     y = y.reshape(n, k, -1) * weights[..., None]
     # transformers adds each token's expert outputs to zeros in ascending expert order.
     order = jnp.argsort(experts, axis=-1)
@@ -70,44 +74,44 @@ def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     out = jnp.zeros_like(x)
     for j in range(k):
         out = out + y[:, j]
-    return out.reshape(shape)
+    return out
 
 
 def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _swiglu(gate_up: jax.Array) -> jax.Array:
+def _glu(gate_up: jax.Array, act) -> jax.Array:
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    return act(gate) * up
 
 
-def _gathered_ffn(xa: jax.Array, experts: jax.Array, p: dict) -> jax.Array:
+def _gathered_ffn(xa: jax.Array, experts: jax.Array, p: dict, act) -> jax.Array:
     """Expert FFN of each assignment (rows xa [A, D], experts [A]) through its own gathered weights."""
     prec = _precision(p["experts_down"].dtype)
     h = jnp.einsum("ad,adf->af", xa, p["experts_gate_up"][experts], precision=prec)
-    return jnp.einsum("af,afd->ad", _swiglu(h), p["experts_down"][experts], precision=prec)
+    return jnp.einsum("af,afd->ad", _glu(h, act), p["experts_down"][experts], precision=prec)
 
 
-def _coded_ffn(xa: jax.Array, experts: jax.Array, p: dict) -> jax.Array:
+def _coded_ffn(xa: jax.Array, experts: jax.Array, p: dict, act) -> jax.Array:
     """`_gathered_ffn` with expert weights in GGUF block codes, on the native CPU kernel: it groups the assignments
     by expert itself and reads each active expert's codes once."""
     h = p["experts_gate_up"].apply(xa, experts)
-    return p["experts_down"].apply(_swiglu(h), experts)
+    return p["experts_down"].apply(_glu(h, act), experts)
 
 
-def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int) -> jax.Array:
+def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act) -> jax.Array:
     """Expert FFN of each assignment, the assignments sorted by expert and run as one grouped matmul per weight."""
     prec = _precision(p["experts_down"].dtype)
     order = jnp.argsort(experts, stable=True)
     sizes = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
     xs = x[tokens[order]]
     h = jax.lax.ragged_dot(xs, p["experts_gate_up"], sizes, precision=prec)
-    ys = jax.lax.ragged_dot(_swiglu(h), p["experts_down"], sizes, precision=prec)
+    ys = jax.lax.ragged_dot(_glu(h, act), p["experts_down"], sizes, precision=prec)
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
-def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int) -> jax.Array:
+def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act) -> jax.Array:
     """`_grouped_ffn` as XLA:CPU can run it: the assignments sorted by expert, each expert's run padded to whole
     blocks of rows, and a loop over the blocks, each one matmul with its expert's weights (read once per block; the
     blocks past the last run are skipped). FLOPs and reads follow the routed tokens, not the number of experts."""
@@ -132,7 +136,7 @@ def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, n
 
         def ffn(_):
             h = jnp.dot(xblk, p["experts_gate_up"][e], precision=prec)
-            return jnp.dot(_swiglu(h), p["experts_down"][e], precision=prec)
+            return jnp.dot(_glu(h, act), p["experts_down"][e], precision=prec)
 
         return jax.lax.cond(live, ffn, lambda _: jnp.zeros_like(xblk), None)
 

@@ -38,6 +38,14 @@ FAMILIES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                             "rope_theta": 10000.0}})),
+    # Gemma 4 with its mixture-of-experts block beside each layer's MLP: 4 experts, top-2.
+    "gemma4_moe": ("Gemma4TextConfig", dict(
+        head_dim=16, global_head_dim=32, hidden_size_per_layer_input=0, num_hidden_layers=3, sliding_window=4,
+        final_logit_softcapping=3.0, initializer_range=0.1,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     # Mixture of experts: 8 experts, top-3 (Mixtral, whose weights are always renormalised) and top-2 without
     # renormalisation beside a dense layer (Qwen3-MoE).
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=3, intermediate_size=32,
@@ -80,7 +88,7 @@ def _randomize_norms(model) -> None:
     """Norm weights and layer scalars off their initial constants, so that the test sees (1 + w) against w."""
     with torch.no_grad():
         for name, t in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(("router.scale", "per_expert_scale")):
                 t.add_(0.2 * torch.randn_like(t))
         for name, t in model.named_buffers():
             if name.endswith("layer_scalar"):

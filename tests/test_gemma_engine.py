@@ -15,7 +15,7 @@ from novallm_jax.sampling_params import SamplingParams
 from tests.engine_fixtures import EXEC
 from tests.hf_models import build_hf_config
 
-GEMMAS = ["gemma2", "gemma3_text", "gemma4_text"]
+GEMMAS = ["gemma2", "gemma3_text", "gemma4_text", "gemma4_moe"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -82,9 +82,9 @@ def test_the_three_ffn_paths_agree(tokens):
     x = jnp.asarray(np.random.default_rng(tokens).normal(0, 1, (tokens, D)), jnp.float32)
     experts = jnp.asarray(np.random.default_rng(1).choice([0, 2, 3, 7], 2 * tokens), jnp.int32)
     rows = jnp.arange(2 * tokens) // 2
-    want = np.asarray(_gathered_ffn(x[rows], experts, p))
-    np.testing.assert_allclose(np.asarray(_grouped_ffn(x, rows, experts, p, E)), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(_blocked_ffn(x, rows, experts, p, E)), want, rtol=1e-5, atol=1e-6)
+    want = np.asarray(_gathered_ffn(x[rows], experts, p, jax.nn.silu))
+    np.testing.assert_allclose(np.asarray(_grouped_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_blocked_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_many_tokens_take_a_grouped_path():

@@ -12,6 +12,10 @@ _HF_LAYER = {
     "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
     "layer_scalar": "layer_scalar", "ple_gate": "per_layer_input_gate.weight",
     "ple_proj": "per_layer_projection.weight", "ple_norm": "post_per_layer_input_norm.weight",
+    "router": "router.proj.weight", "router_scale": "router.scale", "expert_scale": "router.per_expert_scale",
+    "experts_gate_up": "experts.gate_up_proj", "experts_down": "experts.down_proj",
+    "pre_moe_norm": "pre_feedforward_layernorm_2.weight", "post_mlp_norm_1": "post_feedforward_layernorm_1.weight",
+    "post_moe_norm": "post_feedforward_layernorm_2.weight",
 }
 _HF_GLOBAL = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
               "embed_per_layer": "model.embed_tokens_per_layer.weight",
@@ -24,7 +28,14 @@ GGUF_LAYER = {
     "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
     "layer_scalar": "layer_output_scale.weight", "ple_gate": "inp_gate.weight", "ple_proj": "proj.weight",
     "ple_norm": "post_norm.weight",
+    "router": "ffn_gate_inp.weight", "router_scale": "ffn_gate_inp.scale", "expert_scale": "ffn_down_exps.scale",
+    "experts_gate_up": "ffn_gate_up_exps.weight", "experts_down": "ffn_down_exps.weight",
+    "pre_moe_norm": "pre_ffw_norm_2.weight", "post_mlp_norm_1": "post_ffw_norm_1.weight",
+    "post_moe_norm": "post_ffw_norm_2.weight",
 }
+# Gemma 4's expert block: stacked [E, ...] tensors and vectors (`scale`s are not norms: no offset).
+EXPERT_PARTS = ("router", "router_scale", "expert_scale", "experts_gate_up", "experts_down", "pre_moe_norm",
+                "post_mlp_norm_1", "post_moe_norm")
 GGUF_GLOBAL = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
                "embed_per_layer": "per_layer_token_embd.weight", "ple_model_proj": "per_layer_model_proj.weight",
                "ple_proj_norm": "per_layer_proj_norm.weight"}
@@ -57,6 +68,8 @@ def gemma_layer_parts(cfg: ModelConfig, i: int) -> list[str]:
         parts.append("layer_scalar")
         if g.per_layer_input_size:
             parts += ["ple_gate", "ple_proj", "ple_norm"]
+    if g.num_experts:
+        parts += list(EXPERT_PARTS)
     return parts
 
 
@@ -78,7 +91,9 @@ def gemma_tensor_shapes(cfg: ModelConfig, name=gemma_hf_names) -> dict[str, tupl
         full = {"attn_norm": (d,), "post_attn_norm": (d,), "mlp_norm": (d,), "post_mlp_norm": (d,), "q": (q, d),
                 "k": (k, d), "v": (v, d), "o": (d, q), "q_norm": (hd,), "k_norm": (hd,), "gate": (f, d),
                 "up": (f, d), "down": (d, f), "layer_scalar": (1,), "ple_gate": (p, d), "ple_proj": (d, p),
-                "ple_norm": (d,)}
+                "ple_norm": (d,), "router": (g.num_experts, d), "router_scale": (d,), "expert_scale": (g.num_experts,),
+                "experts_gate_up": (g.num_experts, 2 * g.moe_size, d), "experts_down": (g.num_experts, d, g.moe_size),
+                "pre_moe_norm": (d,), "post_mlp_norm_1": (d,), "post_moe_norm": (d,)}
         for part in gemma_layer_parts(cfg, i):
             shapes[name(i, part)] = full[part]
     return shapes
@@ -100,7 +115,15 @@ def assemble_gemma(cfg: ModelConfig, get, name, put, matmul_weight, params: dict
             if part in parts:
                 layer[part] = matmul_weight([w(part)])
         for part in parts:
-            if "norm" in part or part == "layer_scalar":
+            if "norm" in part or part in ("layer_scalar", "router_scale", "expert_scale"):
                 layer[part] = put(w(part))
+        if g.num_experts:
+            from novallm_jax.loading.moe import assemble_experts
+            layer["router"] = put(_dense(w("router")).T)
+            layer.update(assemble_experts([w("experts_gate_up")], w("experts_down"), g.num_experts, put))
         params["layers"].append(layer)
     return params
+
+
+def _dense(a):
+    return a.dequantize() if hasattr(a, "dequantize") else a

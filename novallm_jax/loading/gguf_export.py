@@ -242,9 +242,14 @@ def _write_gemma(w, cfg: ModelConfig, get, add) -> None:
             continue
         a = get(gemma_hf_names(None, part))
         add(gemma_gguf_names(None, part), a + shift if part.endswith("norm") else a, matmul="norm" not in part)
+    if g.num_experts:
+        w.add_expert_count(g.num_experts)
+        w.add_expert_used_count(g.top_k_experts)
+        w.add_expert_feed_forward_length(g.moe_size)
+    vectors = ("layer_scalar", "router", "router_scale", "expert_scale")  # the router stays float32, as llama.cpp's
     for i in tqdm(range(cfg.num_layers), desc="writing GGUF", unit="layer", leave=False):
         for part in gemma_layer_parts(cfg, i):
             a = get(gemma_hf_names(i, part))
             norm = part.endswith("norm")
-            add(gemma_gguf_names(i, part), a + shift if norm else a, matmul=not norm and part != "layer_scalar")
+            add(gemma_gguf_names(i, part), a + shift if norm else a, matmul=not norm and part not in vectors)
 

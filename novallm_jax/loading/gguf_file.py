@@ -182,7 +182,7 @@ _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "u
     _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"], "attn_qkv.weight",
     GGUF_GLOBAL["ple_model_proj"])
 
-_EXPERT_TENSORS = tuple(MOE_GGUF_LAYER[k] for k in ("gate", "up", "down"))
+_EXPERT_TENSORS = tuple(MOE_GGUF_LAYER[k] for k in ("gate", "up", "down")) + (GGUF_LAYER["experts_gate_up"],)
 
 
 def gemma_gguf_config(cfg: ModelConfig, tensors: dict) -> ModelConfig:

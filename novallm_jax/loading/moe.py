@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from novallm_jax.config import ModelConfig
+from novallm_jax.loading.gguf_quant import BlockQuant
 
 _HF = {
     "mixtral": {"router": "block_sparse_moe.gate.weight", "gate": "block_sparse_moe.experts.{j}.w1.weight",
@@ -64,41 +65,44 @@ def stacked_experts(get, name, i: int, kind: str, num_experts: int, first=None) 
 
 
 def assemble_moe_layer(cfg: ModelConfig, get, name, i: int, put) -> dict:
-    """A sparse layer's router and experts in the params layout (see moe.moe_layer_shapes). Expert stacks that a GGUF
-    getter returns in block codes (one `BlockQuant` of [E * out, in]) stay in them as `native.ExpertQuantLinear`."""
-    from novallm_jax.loading.gguf_quant import BlockQuant
-
+    """A sparse layer's router and experts in the params layout (see moe.moe_layer_shapes)."""
     e = cfg.moe.num_experts
     dense = lambda a: a.dequantize() if hasattr(a, "dequantize") else a
     router = put(np.asarray(dense(get(name(i, "moe_router")))).T)
     first = {kind: get(name(i, f"moe_{kind}.0")) for kind in ("gate", "up", "down")}
-    coded = [isinstance(a, BlockQuant) for a in first.values()]
+    if not any(isinstance(a, BlockQuant) for a in first.values()):  # an HF directory: per-expert tensors
+        first = {kind: stacked_experts(get, name, i, kind, e, first=a) for kind, a in first.items()}
+    return {"router": router, **assemble_experts([first["gate"], first["up"]], first["down"], e, put)}
+
+
+def assemble_experts(gate_up: list, down, num_experts: int, put) -> dict:
+    """`experts_gate_up` [E, D, 2F] and `experts_down` [E, F, D] params from stacked expert tensors: `gate_up` the
+    gate then the up parts ([E, F, D] each, or one [E, 2F, D]), `down` [E, D, F]. Stacks that a GGUF getter returns
+    in block codes (a `BlockQuant` of [E * out, in]) stay in them as `native.ExpertQuantLinear` when all do."""
+    parts = [*gate_up, down]
+    coded = [isinstance(a, BlockQuant) for a in parts]
     if all(coded):
-        return {"router": router, **_coded_experts(first["gate"], first["up"], first["down"], e)}
+        return _coded_experts(gate_up, down, num_experts)
     if any(coded):
-        logging.warning("layer %d: expert weights in block codes beside ones that are not are widened to float32", i)
-    # codes of an [E * out, in] stack decode to that shape
-    unstack = lambda a: a.dequantize().reshape(e, -1, a.shape[1]) if isinstance(a, BlockQuant) else a
-    g = lambda kind: np.asarray(stacked_experts(lambda n: dense(get(n)), name, i, kind, e, first=unstack(first[kind])),
-                                np.float32)
-    gate_up = np.concatenate([g("gate"), g("up")], axis=1)  # [E, 2F, D]
-    return {"router": router, "experts_gate_up": put(gate_up.transpose(0, 2, 1)),
-            "experts_down": put(g("down").transpose(0, 2, 1))}
+        logging.warning("expert weights in block codes beside ones that are not are widened to float32")
+    stack = lambda a: (a.dequantize().reshape(num_experts, -1, a.shape[1]) if isinstance(a, BlockQuant)
+                       else np.asarray(a, np.float32))
+    gu = np.concatenate([stack(a) for a in gate_up], axis=1)  # [E, 2F, D]
+    return {"experts_gate_up": put(gu.transpose(0, 2, 1)), "experts_down": put(stack(down).transpose(0, 2, 1))}
 
 
-def _coded_experts(gate, up, down, num_experts: int) -> dict:
-    """The experts' params from [E * out, in] block codes: per expert, gate and up rows fused as one weight."""
+def _coded_experts(gate_up: list, down, num_experts: int) -> dict:
+    """The experts' params from [E * out, in] block codes: per expert, its gate and up rows as one weight."""
     from novallm_jax.kernels import native
-    from novallm_jax.loading.gguf_quant import BlockQuant
 
     def rows(bq, j):
         r = bq.shape[0] // num_experts
         return bq.take_rows(slice(j * r, (j + 1) * r))
 
-    gate_up = [native.QuantLinear.from_blocks(BlockQuant.concat_rows([rows(gate, j), rows(up, j)]))
-               for j in range(num_experts)]
+    fused = [native.QuantLinear.from_blocks(BlockQuant.concat_rows([rows(a, j) for a in gate_up]))
+             for j in range(num_experts)]
     down_ = [native.QuantLinear.from_blocks(rows(down, j)) for j in range(num_experts)]
-    return {"experts_gate_up": native.ExpertQuantLinear.from_experts(gate_up),
+    return {"experts_gate_up": native.ExpertQuantLinear.from_experts(fused),
             "experts_down": native.ExpertQuantLinear.from_experts(down_)}
 
 
