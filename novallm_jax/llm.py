@@ -120,6 +120,12 @@ class LLM:
                                                                               kv_cache_dtype=kv_cache_dtype))
 
         self.model_path = model or default_model_path()
+        import jax
+
+        from novallm_jax.kernels import native
+
+        if jax.default_backend() == "cpu":
+            native.build_in_background()  # a first start compiles them while the weights load
         if compile_cache_dir:
             enable_compilation_cache(default_compilation_cache_dir() if compile_cache_dir == "auto"
                                      else compile_cache_dir)

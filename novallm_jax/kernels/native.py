@@ -10,7 +10,6 @@ the CPU, so the build (~5 s) happens once per machine. Where there is no compile
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -18,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import flax.struct
@@ -81,14 +81,42 @@ def _build(compiler: str) -> Path:
     return out
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The built kernels with their FFI targets registered, or None where they cannot be (see the log)."""
+_LOCK = threading.Lock()
+_LOADED: list = []  # [the library or None], once built or loaded
+
+
+def _compiler() -> str | None:
+    """The C++ compiler to build with; None where the kernels are turned off or none is installed."""
     if os.environ.get(_ENV, "1").lower() in ("0", "false", "no", "off"):
         return None
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def buildable() -> bool:
+    """Whether the kernels can be built here (or are): a C++ compiler, and not turned off. Does not build them."""
+    return bool(_LOADED[0]) if _LOADED else _compiler() is not None
+
+
+def build_in_background() -> None:
+    """Starts building (or loading) the kernels on a thread, so that the compiler runs while the caller reads weights
+    (a first start's longest phase beside it); whoever needs them next waits for that build, not a second one."""
+    if not _LOADED and _compiler() is not None:
+        threading.Thread(target=_library, name="novallm-kernel-build", daemon=True).start()
+
+
+def _library() -> ctypes.CDLL | None:
+    """The built kernels with their FFI targets registered, or None where they cannot be (see the log)."""
+    with _LOCK:
+        if not _LOADED:
+            _LOADED.append(_load())
+        return _LOADED[0]
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = _compiler()
     if compiler is None:
-        logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
+        if os.environ.get(_ENV, "1").lower() not in ("0", "false", "no", "off"):
+            logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
         return None
     try:
         with phase("native kernels: build or load"):

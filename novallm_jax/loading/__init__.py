@@ -30,13 +30,14 @@ def default_model_path() -> str:
 
 
 def quantized_by_default(dtype) -> bool:
-    """Whether GGUF weights stay in their block codes by default: in float32 on CPU, where the native kernels are
-    built (they decode the codes to the very float32 values a dequantised load holds, reading 3-5x fewer bytes)."""
+    """Whether GGUF weights stay in their block codes by default: in float32 on CPU, where the native kernels can
+    be built (they decode the codes to the very float32 values a dequantised load holds, reading 3-5x fewer bytes;
+    should the build fail, the executor dequantises them for XLA's dots)."""
     import jax
 
     from novallm_jax.kernels import native
 
-    return jax.default_backend() == "cpu" and resolve_dtype(dtype) == jnp.float32 and native.available()
+    return jax.default_backend() == "cpu" and resolve_dtype(dtype) == jnp.float32 and native.buildable()
 
 
 def keep_quantized_for(weights: str, dtype) -> bool:
