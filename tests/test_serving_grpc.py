@@ -3,6 +3,7 @@ for the same seed; errors map to status codes; cancelling a call frees the reque
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -181,3 +182,32 @@ def test_grpc_cancel_frees_pages_and_health(stub, llm):
     health = stub.Health(pb.HealthRequest(), timeout=TIMEOUT)
     assert health.status == pb.HealthResponse.SERVING and health.model == MODEL
     assert health.kv_pages_free == llm.engine.stats()["kv_pages_free"] and health.running == stats["running"] == 0
+
+
+def test_grpc_tool_calls_match_rest(server, stub):
+    """The same tool-calling code under both fronts: a named function's call, seeded, is the same over gRPC and REST;
+    a tool_choice naming no tool is INVALID_ARGUMENT."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {
+        "type": "object", "required": ["city", "days"], "properties": {
+            "city": {"type": "string", "enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                            "maximum": 9}}}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    responses = _generate(stub, pb.GenerateRequest(
+        chat=pb.Conversation(messages=[pb.ChatMessage(**m) for m in messages], tools_json=json.dumps(tools),
+                             tool_choice="get_weather"),
+        sampling=pb.SamplingParams(seed=7, max_tokens=30, temperature=1.0)))
+    last = responses[-1]
+    assert last.finish_reason == "tool_calls" and "".join(r.text for r in responses) == ""
+    (call,) = last.tool_calls
+    rest = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT,
+                      headers={"Authorization": "Bearer sk-grpc"},
+                      json={"model": MODEL, "messages": messages, "seed": 7, "max_tokens": 30, "temperature": 1.0,
+                            "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+                      ).json()
+    (rest_call,) = rest["choices"][0]["message"]["tool_calls"]
+    assert (call.name, json.loads(call.arguments)) == (rest_call["function"]["name"],
+                                                       json.loads(rest_call["function"]["arguments"]))
+    with pytest.raises(grpc.RpcError) as e:
+        _generate(stub, pb.GenerateRequest(chat=pb.Conversation(
+            messages=[pb.ChatMessage(**m) for m in messages], tools_json=json.dumps(tools), tool_choice="nope")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in e.value.details()

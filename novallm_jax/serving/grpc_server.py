@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import json
 import uuid
 from typing import AsyncIterator, Callable
 
@@ -25,9 +26,10 @@ from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import novallm_pb2 as pb
 from novallm_jax.serving import novallm_pb2_grpc as pb_grpc
 from novallm_jax.serving import protocol as P
-from novallm_jax.serving.app import Server
+from novallm_jax.serving.app import Server, _finish_reason
 from novallm_jax.serving.errors import APIError
 from novallm_jax.serving.streams import Fanout
+from novallm_jax.tool_calls import ChatRendering, ToolStream
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -51,6 +53,13 @@ class Undecodable:
 
     def __init__(self, type_name: str, error: DecodeError):
         self.message = f"the request is not a valid {type_name} message: {error}"
+
+
+def _json(text: str, param: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"{param} is not valid JSON: {e}", param=param) from None
 
 
 def _tolerant(message_type) -> Callable[[bytes], object]:
@@ -85,7 +94,27 @@ class GenerationService(pb_grpc.GenerationServicer):
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or incorrect API key")
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    def _chat(self, chat: pb.Conversation) -> tuple[list[int], ChatRendering]:
+        messages = []
+        for i, m in enumerate(chat.messages):
+            if m.role not in P.ROLES:
+                raise InvalidRequestError(f"chat.messages[{i}].role must be one of {', '.join(P.ROLES)}, got "
+                                          f"{m.role!r}", param="chat")
+            message = {"role": m.role, "content": m.content}
+            if m.tool_calls_json:
+                message["tool_calls"] = _json(m.tool_calls_json, f"chat.messages[{i}].tool_calls_json")
+            for key in ("tool_call_id", "name"):
+                if getattr(m, key):
+                    message[key] = getattr(m, key)
+            messages.append(message)
+        tools = _json(chat.tools_json, "chat.tools_json") if chat.tools_json else None
+        choice = chat.tool_choice or None
+        if choice not in (None, "auto", "none", "required"):
+            choice = {"type": "function", "function": {"name": choice}}
+        parallel = chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else None
+        return self.s.render_chat(messages, tools, choice, parallel)
+
+    def _prompt(self, request: pb.GenerateRequest) -> tuple[list[int], ChatRendering | None]:
         which = request.WhichOneof("prompt")
         if which == "text":
             ids = self.s.llm.encode(request.text)
@@ -94,14 +123,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             if not ids:
                 raise InvalidRequestError("the prompt is empty", param="token_ids")
         elif which == "chat":
-            for i, m in enumerate(request.chat.messages):
-                if m.role not in P.ROLES:
-                    raise InvalidRequestError(f"chat.messages[{i}].role must be one of {', '.join(P.ROLES)}, got "
-                                              f"{m.role!r}", param="chat")
-            ids = self.s.chat_ids([{"role": m.role, "content": m.content} for m in request.chat.messages])
+            return self._chat(request.chat)
         else:
             raise InvalidRequestError("set one of text, token_ids or chat", param="prompt")
-        return ids
+        return ids, None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
@@ -112,7 +137,11 @@ class GenerationService(pb_grpc.GenerationServicer):
             if request.model:
                 self.s.check_model(request.model)
             params = sampling_from_proto(request.sampling)
-            ids = self._prompt(request)
+            ids, rendering = self._prompt(request)
+            if rendering is not None:
+                params = self.s.llm.tool_params(params, rendering)
+            tools = None if rendering is None else rendering.tools
+            splitter = None if tools is None else ToolStream(tools, rendering.parser)
             params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, params.max_tokens,
                                                                                 request.WhichOneof("prompt")))
             self.s.admission.acquire()
@@ -131,14 +160,21 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if out.finish_reason is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
                     return
-                resp = pb.GenerateResponse(text=out.delta_text, token_ids=out.delta_token_ids,
-                                           finished=out.finished)
+                text, calls = out.delta_text, []
+                if splitter is not None:
+                    text = splitter.push(text)
+                    if out.finished:
+                        tail, calls = splitter.finish()
+                        text += tail
+                resp = pb.GenerateResponse(text=text, token_ids=out.delta_token_ids, finished=out.finished)
+                for call in calls:
+                    resp.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
                 if out.logprobs is not None and out.delta_token_ids:
                     end = len(out.token_ids)
                     for e in out.logprobs[end - len(out.delta_token_ids):end]:
                         resp.logprobs.add(token_id=e.token_id, logprob=e.logprob, top=e.top)
                 if out.finished:
-                    resp.finish_reason = "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+                    resp.finish_reason = _finish_reason(out, bool(calls))
                     resp.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
                                                  completion_tokens=len(out.token_ids),
                                                  cached_prompt_tokens=out.metrics.cached_prompt_tokens))
