@@ -52,6 +52,7 @@ class GenerationResult:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[Completion]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams(prompt_logprobs=k)
 
     @property
     def text(self) -> str:
@@ -222,10 +223,12 @@ class LLM:
                     self.engine.abort(r.id)
             raise
         results = []
+        k = params.prompt_logprobs
         for prompt, ids, reqs in tqdm(list(zip(prompts, encoded, submitted)), desc="generating", unit="prompt",
                                       disable=not use_tqdm):
             outs = [_completion(i, self._wait(r)) for i, r in enumerate(reqs)]
-            results.append(GenerationResult(prompt if isinstance(prompt, str) else None, ids, outs))
+            results.append(GenerationResult(prompt if isinstance(prompt, str) else None, ids, outs,
+                                            None if k is None else self.prompt_logprobs(ids, k)))
         return results
 
     def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -305,6 +308,51 @@ class LLM:
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Iterator[str]:
         return self.stream(self.chat_prompt(messages), params)
+
+    # ---- hidden states ------------------------------------------------------------------------------------------
+
+    def _inputs(self, inputs, param: str = "input") -> list[list[int]]:
+        single = isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            raise InvalidRequestError(f"{param} must not be empty", param=param)
+        prompts = [self.encode(x) for x in items]
+        for ids in prompts:
+            if len(ids) > self.engine.max_model_len:
+                raise InvalidRequestError(f"an input has {len(ids)} tokens, more than the context "
+                                          f"({self.engine.max_model_len})", param=param)
+            if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
+                raise InvalidRequestError(f"token ids in {param} must be in [0, {self.cfg.vocab_size})", param=param)
+        return prompts
+
+    def embed(self, texts: Prompt | Sequence[Prompt], pooling: str = "last", normalize: bool = True):
+        """Embeddings [N, D] (numpy float32) of texts or token-id lists: the final hidden states (after the final
+        norm) pooled at the last token or averaged over the tokens, L2-normalised unless `normalize` is False. One
+        prefill-only batch; no KV pages or decode slots are taken (`novallm_jax.embeddings`)."""
+        from novallm_jax.embeddings import hidden_states, pool
+
+        self._check_open()
+        prompts = self._inputs(texts)
+        return pool(hidden_states(self.engine.executor.params, self.cfg, prompts), pooling, normalize)
+
+    def prompt_logprobs(self, prompt: Prompt, k: int = 0) -> list[TokenLogprob | None]:
+        """The logprob of each prompt token given the ones before it, with the top k (None for the first token):
+        vLLM's prompt_logprobs, from one prefill-only forward (`novallm_jax.embeddings`)."""
+        from novallm_jax.embeddings import prompt_logprobs
+
+        self._check_open()
+        (ids,) = self._inputs([prompt], "prompt")
+        return [None if e is None else TokenLogprob(*e) for e in prompt_logprobs(self.engine.executor.params,
+                                                                                 self.cfg, ids, k)]
+
+    def hidden_states(self, prompt: Prompt):
+        """Per-layer activations of one prompt, [L + 1, T, D] numpy: the embeddings, then each layer's output
+        (before the final norm), as transformers' `output_hidden_states` lists them up to its last entry."""
+        from novallm_jax.embeddings import hidden_states
+
+        self._check_open()
+        (ids,) = self._inputs([prompt], "prompt")
+        return hidden_states(self.engine.executor.params, self.cfg, [ids], all_layers=True)[0]
 
     # ---- asyncio ------------------------------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ class SamplingParams:
     n: number of completions for the prompt.
     structured: the text must match a JSON schema, a regex, a Lark grammar or a choice (`StructuredOutput`; a dict of
       its fields is accepted), enforced token by token while sampling.
+    prompt_logprobs: None, or k in 0..20: the logprob of each prompt token given the ones before it (and the top k),
+      computed by a prefill-only forward beside the request (vLLM's field; `GenerationResult.prompt_logprobs`).
     skip_special_tokens: leave special tokens out of the text (default); tool calling keeps them, since some
       families' call markers ([TOOL_CALLS], <|tool_call>) are special tokens.
     """
@@ -77,6 +79,7 @@ class SamplingParams:
     n: int = 1
     structured: StructuredOutput | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lo=0.0)
@@ -97,6 +100,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", param="logprobs"
             )
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got "
+                                      f"{self.prompt_logprobs!r}", param="prompt_logprobs")
         if not isinstance(self.skip_special_tokens, bool):
             raise InvalidRequestError(f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}",
                                       param="skip_special_tokens")

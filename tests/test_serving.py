@@ -169,10 +169,32 @@ def test_echo_prepends_the_prompt_and_suffix_is_refused(client, llm):
     chunks = list(client.completions.create(model=MODEL, prompt=[llm.encode(prompt)], max_tokens=6, seed=4, echo=True,
                                             stream=True))
     assert "".join(c.choices[0].text for c in chunks) == prompt + want
-    for kwargs, param in ((dict(suffix=" and the end"), "suffix"), (dict(echo=True, logprobs=1), "echo")):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **kwargs)
-        assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, suffix=" and the end")
+    assert e.value.body["param"] == "suffix" and "not supported" in e.value.body["message"]
+
+
+def test_echo_with_logprobs_and_prompt_logprobs_give_the_prompts_logprobs(client, llm):
+    """The prompt's tokens come first (None for the first, as OpenAI's legacy API), with the SDK's prompt_logprobs
+    (which tests/test_embeddings.py checks against transformers); then the completion's, as without echo."""
+    prompt = "Echo this prompt"
+    ids = llm.encode(prompt)
+    sdk = llm.prompt_logprobs(ids, 2)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, seed=4, logprobs=2)
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, seed=4, echo=True, logprobs=2,
+                                      stream=stream, extra_body={"prompt_logprobs": 1})
+        choices = list(r) if stream else [r]
+        lp = {key: sum((getattr(c.choices[0].logprobs, key) for c in (choices if stream else [r]) if c.choices
+                        and c.choices[0].logprobs), []) for key in ("tokens", "token_logprobs", "top_logprobs")}
+        first = (choices[0] if stream else r).choices[0].model_extra["prompt_logprobs"]
+        n = len(ids)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:n] == pytest.approx([e.logprob for e in sdk[1:]], abs=1e-5)
+        assert [len(t) for t in lp["top_logprobs"][1:n]] == [2] * (n - 1)
+        assert lp["token_logprobs"][n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+        assert first[0] is None and len(first) == n
+        assert first[1][str(ids[1])]["logprob"] == pytest.approx(sdk[1].logprob, abs=1e-5)
 
 
 def test_tokenize_and_detokenize(http, llm, server):

@@ -32,7 +32,7 @@ from tests.test_serving_support import MODEL, is_openai_error, shared_llm, wait_
 # (positive, negative) examples per operation; Hypothesis stops early where an operation has fewer distinct inputs.
 EXAMPLES = {("POST", "/v1/completions"): (300, 230), ("POST", "/v1/chat/completions"): (300, 230),
             ("GET", "/v1/models/{model}"): (40, 40), ("POST", "/tokenize"): (40, 40),
-            ("POST", "/detokenize"): (40, 40)}
+            ("POST", "/detokenize"): (40, 40), ("POST", "/v1/embeddings"): (40, 40)}
 DEFAULT_EXAMPLES = (10, 10)
 MIN_REQUESTS = 1000
 TIMEOUT = 60.0
@@ -132,6 +132,16 @@ SURROGATE_CASES = [
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "stop": [LONE]}, "stop.0"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "user": LONE}, "user"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logit_bias": {LONE: 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [
+        {"type": "function", "function": {"name": "f", "description": LONE}}]}, "tools.0.function.description"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f"}}], "tool_choice": {"type": "function", "function": {"name": LONE}}}, "tool_choice.function.name"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT + [{"role": "tool", "content": "x", "tool_call_id": LONE}]},
+     "messages.1.tool_call_id"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {
+        "name": "f", "arguments": LONE}}]}] + CHAT}, "messages.0.tool_calls.0.function.arguments"),
+    ("/v1/embeddings", {"model": MODEL, "input": LONE}, "input"),
+    ("/v1/embeddings", {"model": MODEL, "input": ["ok", LONE]}, "input.1"),
     ("/tokenize", {"model": LONE, "prompt": "x"}, "model"),
     ("/tokenize", {"prompt": LONE}, "prompt"),
     ("/tokenize", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),

@@ -11,6 +11,7 @@ does, so a seeded request gives the same text from the SDK and from the server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import time
@@ -300,6 +301,21 @@ class _Handlers:
                 "top_logprobs": [{self.s.token_text(k): v for k, v in e.top.items()} for e in entries],
                 "text_offset": offsets}
 
+    async def _prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
+        return [await asyncio.to_thread(self.s.llm.prompt_logprobs, ids, k) for ids in prompts]
+
+    def _vllm_prompt_logprobs(self, entries: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+        """vLLM's shape: per prompt token, None for the first, else {token id: {"logprob", "decoded_token"}} for the
+        token and the top k."""
+        out = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            scores = {e.token_id: e.logprob, **e.top}
+            out.append({str(t): {"logprob": v, "decoded_token": self.s.token_text(t)} for t, v in scores.items()})
+        return out
+
     async def completions(self, body: P.CompletionRequest, request: Request) -> Response:
         self._check_common(body)
         if body.suffix:
@@ -307,9 +323,6 @@ class _Handlers:
                                 "continue in prompt and leave suffix out", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported (the prompt tokens' logprobs are not "
-                                "computed); drop one of them", param="echo")
         prompts = self._prompts(body.prompt)
         if len(prompts) * body.n > P.MAX_CHOICES:
             raise APIError(400, f"n times the number of prompts must be at most {P.MAX_CHOICES}", param="n")
@@ -321,6 +334,30 @@ class _Handlers:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [self.s.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in prompts]
         prompt_of = lambda index: index // body.n
+        # The prompt's own logprobs: for echo with logprobs (OpenAI's legacy shape: None for the first token), and
+        # for vLLM's prompt_logprobs field.
+        k = max(body.logprobs if body.echo and body.logprobs is not None else 0, body.prompt_logprobs or 0)
+        wanted = (body.echo and body.logprobs is not None) or body.prompt_logprobs is not None
+        prompt_lps = await self._prompt_logprobs(prompts, k) if wanted else [None] * len(prompts)
+
+        def echoed_logprobs(index: int) -> dict[str, Any] | None:
+            entries = prompt_lps[prompt_of(index)]
+            if not (body.echo and body.logprobs is not None):
+                return None
+            first = TokenLogprob(prompts[prompt_of(index)][0], None, {})
+            lp = self._completion_logprobs([first] + [TokenLogprob(e.token_id, e.logprob, dict(
+                list(e.top.items())[:body.logprobs])) for e in entries[1:]], 0)
+            lp["top_logprobs"][0] = None
+            return lp
+
+        def joined(head: dict[str, Any] | None, tail: dict[str, Any]) -> dict[str, Any]:
+            if head is None:
+                return tail
+            end = head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0
+            return {"tokens": head["tokens"] + tail["tokens"],
+                    "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+                    "top_logprobs": head["top_logprobs"] + tail["top_logprobs"],
+                    "text_offset": head["text_offset"] + [o + end for o in tail["text_offset"]]}
 
         def chunk(choices, usage=None):
             data = {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
@@ -336,17 +373,26 @@ class _Handlers:
                 if out.finish_reason is FinishReason.ERROR:
                     yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
                     break
-                text = out.delta_text
-                if i not in sent_echo:
+                text, head = out.delta_text, None
+                first = i not in sent_echo
+                if first:
                     sent_echo.add(i)
                     text = echo[prompt_of(i)] + text
+                    head = echoed_logprobs(i)
+                    if head is not None and head["tokens"]:
+                        offsets[i] = head["text_offset"][-1] + len(head["tokens"][-1])
                 lp = None
                 if body.logprobs is not None:
                     entries = _delta_logprobs(out)
                     lp = self._completion_logprobs(entries, offsets[i])
                     offsets[i] += sum(len(t) for t in lp["tokens"])
+                    if head is not None:
+                        lp = {key: head[key] + lp[key] for key in lp}
+                extra = {"prompt_logprobs": self._vllm_prompt_logprobs(prompt_lps[prompt_of(i)])} if (
+                    first and body.prompt_logprobs is not None) else {}
                 if text or out.finished or lp:
-                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(out)}])
+                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(out),
+                                  **extra}])
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield chunk([], _usage(prompts, list(fan.final)))
@@ -355,13 +401,50 @@ class _Handlers:
         def full(outs: list[RequestOutput]) -> dict:
             choices = []
             for i, out in enumerate(outs):
-                lp = self._completion_logprobs(out.logprobs or [], 0) if body.logprobs is not None else None
-                choices.append({"index": i, "text": echo[prompt_of(i)] + out.text, "logprobs": lp,
-                                "finish_reason": _finish_reason(out)})
+                lp = None
+                if body.logprobs is not None:
+                    lp = joined(echoed_logprobs(i), self._completion_logprobs(out.logprobs or [], 0))
+                choice = {"index": i, "text": echo[prompt_of(i)] + out.text, "logprobs": lp,
+                          "finish_reason": _finish_reason(out)}
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt_lps[prompt_of(i)])
+                choices.append(choice)
             return {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
                     "choices": choices, "usage": _usage(prompts, outs)}
 
         return await self._run(request, jobs, body.stream, stream, full)
+
+    # ---- embeddings ------------------------------------------------------------------------------------------
+
+    async def embeddings(self, body: P.EmbeddingRequest) -> dict:
+        self.s.check_model(body.model)
+        inputs = body.input
+        if isinstance(inputs, list) and inputs and isinstance(inputs[0], list):
+            for ids in inputs:
+                self.s.check_token_ids(ids, "input")
+        elif isinstance(inputs, list) and inputs and isinstance(inputs[0], int):
+            self.s.check_token_ids(inputs, "input")
+        elif isinstance(inputs, str) and not inputs:
+            raise APIError(400, "input must not be empty", param="input")
+        prompts = self.s.llm._inputs(inputs)
+        if body.dimensions is not None and body.dimensions != self.s.llm.cfg.hidden_size:
+            raise APIError(400, f"dimensions must be {self.s.llm.cfg.hidden_size} (this model's hidden size) or left "
+                                "out", param="dimensions")
+        for ids in prompts:
+            if len(ids) > self.s.max_model_len:
+                raise APIError(400, f"an input has {len(ids)} tokens, more than this model's maximum context length "
+                                    f"({self.s.max_model_len})", param="input", code="context_length_exceeded")
+        self.s.admission.acquire()
+        try:
+            vectors = await asyncio.to_thread(self.s.llm.embed, prompts, body.pooling, body.normalize)
+        finally:
+            self.s.admission.release()
+        data = [{"object": "embedding", "index": i,
+                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                               else v.tolist())} for i, v in enumerate(vectors)]
+        n = sum(len(p) for p in prompts)
+        return {"object": "list", "data": data, "model": self.s.model_name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     # ---- tokenize --------------------------------------------------------------------------------------------
 
@@ -402,6 +485,10 @@ class _Handlers:
         params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, max_tokens, "messages"))
         jobs = [(ids, params.for_child(i)) for i in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_lps = None
+        if body.prompt_logprobs is not None:
+            prompt_lps = self._vllm_prompt_logprobs((await self._prompt_logprobs([ids], body.prompt_logprobs))[0])
+        extra = {} if prompt_lps is None else {"prompt_logprobs": prompt_lps}
 
         def chunk(choices, usage=None):
             data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.s.model_name,
@@ -414,7 +501,7 @@ class _Handlers:
             splitters = [ToolStream(tools, rendering.parser) if tools is not None else None for _ in jobs]
             for i in range(len(jobs)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                              "finish_reason": None, **extra}])
             async for i, out in fan:
                 if out.finish_reason is FinishReason.ERROR:
                     yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
@@ -458,7 +545,7 @@ class _Handlers:
                 msg, called = message(out)
                 choices.append({"index": i, "message": msg,
                                 "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
-                                "finish_reason": _finish_reason(out, called)})
+                                "finish_reason": _finish_reason(out, called), **extra})
             return {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name,
                     "choices": choices, "usage": _usage([ids], outs)}
 
@@ -532,6 +619,10 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return await h.chat(body, request)
 
+    @app.post("/v1/embeddings", responses=_ERRORS)
+    async def embeddings(body: P.EmbeddingRequest) -> dict:
+        return await h.embeddings(body)
+
     @app.post("/tokenize", responses=_ERRORS)
     async def tokenize(body: P.TokenizeRequest) -> dict:
         return h.tokenize(body)
@@ -566,7 +657,7 @@ def _complete_schema(app: FastAPI, model_name: str) -> None:
                                      "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                                     "param": {"type": ["string", "null"]},
                                                     "code": {"type": ["string", "null"]}}}}}
-        for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
             props = schema["components"]["schemas"].get(name, {}).get("properties", {})
             if "model" in props:
                 props["model"] = {"type": "string", "enum": [model_name], "title": "Model"}

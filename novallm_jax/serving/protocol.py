@@ -72,6 +72,7 @@ class _Sampling(_Body):
     guided_regex: Text | None = None
     guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
     guided_grammar: Text | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
 
 
 class CompletionRequest(_Sampling):
@@ -198,6 +199,20 @@ class ChatCompletionRequest(_Sampling):
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
         return {"tools": None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools],
                 "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls}
+
+
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings (OpenAI's): a text, texts, token ids, or lists of token ids."""
+
+    model: Text
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: Text | None = None
+    # Extensions: how the final hidden states become one vector.
+    pooling: Literal["last", "mean"] = "last"
+    normalize: StrictBool = True
 
 
 class TokenizeRequest(_Body):

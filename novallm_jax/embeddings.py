@@ -1,0 +1,106 @@
+"""Hidden states of prompts, for embeddings and research, and the logprobs of prompt tokens: a prefill-only forward
+over the engine's weights.
+
+The prompts of one call run as one padded batch (lengths rounded up to 16, batch to a power of two, so compiles stay
+few) with a contiguous K/V scratch cache made for the call and dropped after it: nothing is taken from the KV page
+pool, so an embedding call holds no decode slot and leaves no page behind. Returns the final hidden states after the
+final norm (what the LM head reads), or every layer's output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.kv_cache import ContiguousKVCache
+from novallm_jax.model import decoder_layer, lm_head, rms_norm, rope_inv_freqs, rope_tables_per_kind
+from novallm_jax.sampling_params import MAX_LOGPROBS
+
+POOLINGS = ("last", "mean")
+
+
+def _forward(params, tokens, positions, cfg: ModelConfig, all_layers: bool):
+    cache = ContiguousKVCache.create(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
+    x = params["embed"][tokens]
+    layers = [x]
+    for i, p in enumerate(params["layers"]):
+        x, cache = decoder_layer(p, x, positions, cache, i, cfg, rope_cs, None)
+        layers.append(x)
+    final = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return jnp.stack(layers) if all_layers else final
+
+
+_hidden = jax.jit(_forward, static_argnames=("cfg", "all_layers"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prompt_logprobs(params, tokens, positions, cfg: ModelConfig):
+    """For each position t < T - 1 of row 0: log p(tokens[t + 1]) and the top MAX_LOGPROBS (logprob, id)."""
+    final = _forward(params, tokens, positions, cfg, False)[0]
+    logprobs = jax.nn.log_softmax(lm_head(final, params["lm_head"]).astype(jnp.float32), axis=-1)[:-1]
+    chosen = jnp.take_along_axis(logprobs, tokens[0, 1:, None], axis=-1)[:, 0]
+    top, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return chosen, top, top_ids
+
+
+def _bucket(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def hidden_states(params, cfg: ModelConfig, prompts: list[list[int]], all_layers: bool = False) -> list[np.ndarray]:
+    """Per prompt: its final hidden states [T, D] after the final norm, or with `all_layers` the embeddings and
+    every layer's output (before the final norm) [L + 1, T, D], as transformers' `output_hidden_states` lists them
+    but for the last entry, which transformers gives after the norm."""
+    if cfg.gemma is not None:
+        raise InvalidRequestError("hidden states and embeddings are not available for Gemma models yet", param="model")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InvalidRequestError("every input needs at least one token", param="input")
+    tokens, positions = _padded(prompts)
+    out = np.asarray(_hidden(params, jnp.asarray(tokens), jnp.asarray(positions), cfg, all_layers))
+    if all_layers:
+        return [out[:, i, :len(p)] for i, p in enumerate(prompts)]
+    return [out[i, :len(p)] for i, p in enumerate(prompts)]
+
+
+def _padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and positions (-1 past each prompt) of a batch padded to a power of two and to 16-token lengths."""
+    batch = 1 << (len(prompts) - 1).bit_length()
+    length = _bucket(max(map(len, prompts)), 16)
+    tokens = np.zeros((batch, length), np.int32)
+    positions = np.full((batch, length), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+        positions[i, :len(p)] = np.arange(len(p))
+    return tokens, positions
+
+
+def prompt_logprobs(params, cfg: ModelConfig, prompt: list[int], k: int) -> list[tuple[int, float, dict[int, float]]
+                                                                                     | None]:
+    """vLLM's prompt_logprobs: None for the first token, then per token (id, its logprob given the tokens before,
+    the top k {id: logprob})."""
+    if cfg.gemma is not None:
+        raise InvalidRequestError("prompt_logprobs is not available for Gemma models yet", param="prompt_logprobs")
+    tokens, positions = _padded([prompt])
+    chosen, top, top_ids = (np.asarray(a) for a in _prompt_logprobs(params, jnp.asarray(tokens[:1]),
+                                                                    jnp.asarray(positions[:1]), cfg))
+    out = [None]
+    for t in range(len(prompt) - 1):
+        out.append((prompt[t + 1], float(chosen[t]),
+                    {int(i): float(v) for i, v in zip(top_ids[t, :k], top[t, :k])}))
+    return out
+
+
+def pool(states: list[np.ndarray], pooling: str = "last", normalize: bool = True) -> np.ndarray:
+    """[N, D] embeddings: each prompt's last token's state or the mean over its tokens, L2-normalised if asked."""
+    if pooling not in POOLINGS:
+        raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
+    vectors = np.stack([s[-1] if pooling == "last" else s.mean(axis=0) for s in states]).astype(np.float32)
+    if normalize:
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    return vectors

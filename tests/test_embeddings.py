@@ -1,0 +1,117 @@
+"""Prefill-only forwards against transformers on a random Llama: LLM.embed (last and mean pooling, normalised or not)
+and LLM.hidden_states equal transformers' hidden states within 1e-4, prompt_logprobs its log_softmax; /v1/embeddings
+through the openai client; no KV page is left behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from novallm_jax.engine.engine import EngineConfig, LLMEngine
+from novallm_jax.engine.executor import ExecutorConfig
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.llm import LLM
+from novallm_jax.loading import load_model
+from novallm_jax.sampling_params import SamplingParams
+from novallm_jax.serving.app import ServerConfig
+from novallm_jax.serving.runner import BackgroundServer
+from tests.hf_models import build_hf_model, save_hf_model
+from tests.test_serving_support import is_openai_error, shared_tokenizer
+
+PROMPTS = [[1, 5, 9, 200, 31], [1, 7, 7, 7, 100, 101, 102, 103, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2]]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_and_llm(tmp_path_factory):
+    model = build_hf_model("llama2", seed=3)
+    path = save_hf_model(model, str(tmp_path_factory.mktemp("embed_llama")))
+    config = EngineConfig(executor=ExecutorConfig(page_size=8, num_pages=64, max_model_len=128,
+                                                  decode_batch_buckets=(4,), prefill_batch_buckets=(1,),
+                                                  prefill_len_buckets=(32,)))
+    cfg, params = load_model(path)
+    llm = LLM.from_engine(LLMEngine(cfg, params, shared_tokenizer(), config), "embed-llama")
+    yield model, llm
+    llm.close()
+
+
+def _reference(model, ids: list[int]) -> tuple[np.ndarray, ...]:
+    with torch.no_grad():
+        out = model.model(torch.tensor([ids]), output_hidden_states=True)
+    return tuple(h[0].numpy() for h in out.hidden_states)
+
+
+def test_embed_and_hidden_states_equal_transformers(hf_and_llm):
+    model, llm = hf_and_llm
+    refs = [_reference(model, ids) for ids in PROMPTS]
+    for pooling in ("last", "mean"):
+        for normalize in (True, False):
+            got = llm.embed(PROMPTS, pooling=pooling, normalize=normalize)
+            want = np.stack([r[-1][-1] if pooling == "last" else r[-1].mean(axis=0) for r in refs])
+            if normalize:
+                want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    states = llm.hidden_states(PROMPTS[1])
+    ref = refs[1]
+    assert states.shape == (len(ref), len(PROMPTS[1]), ref[0].shape[-1])
+    for layer in range(len(ref) - 1):  # transformers' last entry is after the final norm
+        np.testing.assert_allclose(states[layer], ref[layer], atol=TOL, rtol=0)
+    assert llm.engine.check_leaks() == [] and llm.engine.stats()["running"] == 0
+    with pytest.raises(Exception, match="pooling"):
+        llm.embed(PROMPTS, pooling="max")
+
+
+def test_embeddings_endpoint_through_the_openai_client(hf_and_llm):
+    model, llm = hf_and_llm
+    with BackgroundServer(llm, ServerConfig()) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=60.0, max_retries=0)
+        r = client.embeddings.create(model="embed-llama", input=PROMPTS)
+        want = llm.embed(PROMPTS)
+        assert [d.index for d in r.data] == [0, 1, 2]
+        np.testing.assert_allclose(np.array([d.embedding for d in r.data]), want, atol=1e-6)
+        assert r.usage.prompt_tokens == sum(map(len, PROMPTS)) == r.usage.total_tokens
+        # Text (this random model's 256-token vocabulary is the first ids of SmolLM2's tokenizer: "an" is id 276,
+        # "at" 261, "on" 258, outside it; "in" 254 and "a" 81 are inside).
+        text = client.embeddings.create(model="embed-llama", input=["in", "a"], encoding_format="float")
+        np.testing.assert_allclose(np.array([d.embedding for d in text.data]), llm.embed([[254], [81]]), atol=1e-6)
+        raw = httpx.post(srv.url + "/v1/embeddings", json={"model": "embed-llama", "input": PROMPTS[0],
+                                                           "encoding_format": "base64"}).json()
+        vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), np.float32)
+        np.testing.assert_allclose(vec, want[0], atol=1e-6)
+        for body, param in (({"input": []}, "input"), ({"input": [[]]}, "input"),
+                            ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+                            ({"input": [[10 ** 6]]}, "input"), ({"input": "\ud800"}, "input")):
+            bad = httpx.post(srv.url + "/v1/embeddings", headers={"Content-Type": "application/json"},
+                             content=json.dumps({"model": "embed-llama", **body}))
+            assert bad.status_code == 400 and is_openai_error(bad.json()), (body, bad.text)
+            assert bad.json()["error"]["param"].startswith(param), bad.json()
+    assert llm.engine.check_leaks() == []
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(hf_and_llm):
+    model, llm = hf_and_llm
+    ids = PROMPTS[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1).numpy()
+    k = 5
+    result = llm.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=k))[0]
+    got = result.prompt_logprobs
+    assert got[0] is None and len(got) == len(ids)
+    for t in range(1, len(ids)):
+        entry = got[t]
+        assert entry.token_id == ids[t]
+        assert abs(entry.logprob - ref[t - 1, ids[t]]) < TOL
+        top = np.argsort(-ref[t - 1])[:k]
+        assert list(entry.top) == [int(i) for i in top]
+        np.testing.assert_allclose(list(entry.top.values()), ref[t - 1, top], atol=TOL, rtol=0)
+    assert llm.engine.check_leaks() == []
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(prompt_logprobs=21)
+    assert info.value.param == "prompt_logprobs"
