@@ -56,16 +56,35 @@ def _bucket(n: int, step: int) -> int:
 def hidden_states(params, cfg: ModelConfig, prompts: list[list[int]], all_layers: bool = False) -> list[np.ndarray]:
     """Per prompt: its final hidden states [T, D] after the final norm, or with `all_layers` the embeddings and
     every layer's output (before the final norm) [L + 1, T, D], as transformers' `output_hidden_states` lists them
-    but for the last entry, which transformers gives after the norm."""
+    but for the last entry, which transformers gives after the norm. Prompts run in batches of at most
+    `MAX_BATCH_TOKENS` padded tokens (one longer prompt alone), which bounds the scratch cache."""
     if cfg.gemma is not None:
         raise InvalidRequestError("hidden states and embeddings are not available for Gemma models yet", param="model")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequestError("every input needs at least one token", param="input")
-    tokens, positions = _padded(prompts)
-    out = np.asarray(_hidden(params, jnp.asarray(tokens), jnp.asarray(positions), cfg, all_layers))
-    if all_layers:
-        return [out[:, i, :len(p)] for i, p in enumerate(prompts)]
-    return [out[i, :len(p)] for i, p in enumerate(prompts)]
+    out: list[np.ndarray] = []
+    for group in _groups(prompts):
+        tokens, positions = _padded(group)
+        states = np.asarray(_hidden(params, jnp.asarray(tokens), jnp.asarray(positions), cfg, all_layers))
+        out += [states[:, i, :len(p)] if all_layers else states[i, :len(p)] for i, p in enumerate(group)]
+    return out
+
+
+MAX_BATCH_TOKENS = 8192
+
+
+def _groups(prompts: list[list[int]]) -> list[list[list[int]]]:
+    """Consecutive prompts whose padded batch (`_padded`'s shape) holds at most MAX_BATCH_TOKENS tokens."""
+    groups: list[list[list[int]]] = []
+    for p in prompts:
+        if groups:
+            candidate = groups[-1] + [p]
+            rows = 1 << (len(candidate) - 1).bit_length()
+            if rows * _bucket(max(map(len, candidate)), 16) <= MAX_BATCH_TOKENS:
+                groups[-1] = candidate
+                continue
+        groups.append([p])
+    return groups
 
 
 def _padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

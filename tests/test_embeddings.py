@@ -115,3 +115,14 @@ def test_prompt_logprobs_equal_transformers_log_softmax(hf_and_llm):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(prompt_logprobs=21)
     assert info.value.param == "prompt_logprobs"
+
+
+def test_large_batches_run_in_groups_with_the_same_results(hf_and_llm, monkeypatch):
+    from novallm_jax import embeddings
+
+    _, llm = hf_and_llm
+    whole = llm.embed(PROMPTS * 3, pooling="mean")
+    monkeypatch.setattr(embeddings, "MAX_BATCH_TOKENS", 32)  # one or two prompts a batch
+    groups = embeddings._groups(PROMPTS * 3)  # lengths 5, 20, 2, ...: [5], [20], [2, 5], [20], [2, 5], [20], [2]
+    assert [len(g) for g in groups] == [1, 1, 2, 1, 2, 1, 1] and sum(groups, []) == PROMPTS * 3
+    np.testing.assert_allclose(llm.embed(PROMPTS * 3, pooling="mean"), whole, atol=1e-5)
