@@ -63,6 +63,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     gemma: GemmaSpec | None = None  # Gemma 2/3/4 (config_gemma.py)
     moe: MoeSpec | None = None  # Mixtral, Qwen3-MoE (config_moe.py)
+    # Tensor-parallel shards the fused q/k/v and gate/up columns are laid out for: each shard's columns are
+    # contiguous (its q, k, v heads; its gate, up units), so a column split over the mesh's `model` axis gives every
+    # device whole heads (sharding.py). 1: the checkpoint's layout.
+    model_shards: int = 1
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -99,6 +99,10 @@ class LLM:
     kv_cache_dtype: the KV cache's dtype, "float32" or "bfloat16" (half the memory per token, so twice the tokens in
       the same pool; keys and values rounded to 8 significant bits). Default: the model's dtype. Overrides
       `engine_config`'s.
+    mesh: devices to split the model and the batch over: "model=4,data=2" (tensor parallel over `model`, each `data`
+      replica its own rows; see sharding.py) or a `jax.sharding.Mesh` with those axis names. Default: one device.
+      On a mesh of several devices steps run on XLA's float path (GGUF block codes are dequantised). Overrides
+      `engine_config`'s.
     compile_cache_dir: JAX's persistent compilation cache, so a second start loads the compiled steps instead of
       compiling them: "auto" (default) is a per-user directory per jax/jaxlib version
       (`executor.default_compilation_cache_dir()`); None turns it off.
@@ -107,15 +111,25 @@ class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
                  weights: str = "auto", activations: str = "float32", kv_cache_dtype: str | None = None,
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 compile_cache_dir: str | None = "auto", warmup: bool = False):
+                 compile_cache_dir: str | None = "auto", warmup: bool = False, mesh=None):
         from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
                                          with_activations)
         from novallm_jax.loading.gguf_readers import shared_readers
+        from novallm_jax.sharding import parse_mesh
         from novallm_jax.tokenizer import load_tokenizer
 
-        keep_quantized = keep_quantized_for(weights, dtype)
-        check_activations(activations)  # before the load, which takes seconds
+        check_activations(activations)  # checked before the load, which takes seconds, as the mesh is
         config = engine_config or EngineConfig()
+        if mesh is not None:
+            config = dataclasses.replace(config, mesh=mesh)
+        mesh = parse_mesh(config.mesh)
+        sharded = mesh is not None and mesh.size > 1
+        for name, value, native_only in (("weights", weights, "quantized"), ("activations", activations, "int8")):
+            if sharded and value == native_only:
+                raise InvalidRequestError(f"{name}={native_only!r} needs the native CPU kernels of one device; a mesh "
+                                          f"of {mesh.size} devices runs XLA's float path (GGUF block codes "
+                                          f"dequantised): leave {name} at its default", param=name)
+        keep_quantized = keep_quantized_for("float" if sharded else weights, dtype)
         if kv_cache_dtype is not None:  # ExecutorConfig checks the value, before the load too
             config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
                                                                               kv_cache_dtype=kv_cache_dtype))

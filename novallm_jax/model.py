@@ -8,7 +8,7 @@ fused. Layers are a Python list (unrolled under `jit`): on XLA:CPU this decodes 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +190,7 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
     qkv = linear(h, p["wqkv"])
     if cfg.attention_bias:
         qkv = qkv + p["bqkv"]
-    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q, k, v = split_columns(qkv, cfg, [cfg.q_size, cfg.q_size + cfg.kv_size])
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -204,9 +204,19 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
     if "router" in p:  # mixture of experts (moe.py)
         from novallm_jax.moe import moe_mlp
         return x + moe_mlp(p, h, cfg), cache
-    gate, up = jnp.split(linear(h, p["w_gate_up"]), 2, axis=-1)
+    gate, up = split_columns(linear(h, p["w_gate_up"]), cfg, [cfg.intermediate_size])
     x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
     return x, cache
+
+
+def split_columns(y: jax.Array, cfg: ModelConfig, at: Sequence[int]) -> list[jax.Array]:
+    """Splits the output y [..., N] of a fused matmul at columns `at` (of the checkpoint's layout), with its columns
+    laid out per shard (`cfg.model_shards`): each part [..., n] with its units in the checkpoint's order."""
+    g = cfg.model_shards
+    if g == 1:
+        return jnp.split(y, at, axis=-1)
+    parts = jnp.split(y.reshape(*y.shape[:-1], g, y.shape[-1] // g), [a // g for a in at], axis=-1)
+    return [part.reshape(*y.shape[:-1], -1) for part in parts]
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,

@@ -19,6 +19,7 @@ from novallm_jax.amp.page_heap import Owner, PageHeap
 from novallm_jax.amp.stats import ArenaStats
 from novallm_jax.amp.thread_cache import ThreadCache
 from novallm_jax.errors import OutOfPagesError, PoolError
+from novallm_jax.sharding import bytes_per_device
 
 
 def local_devices() -> list[jax.Device]:
@@ -157,7 +158,7 @@ class Arena:
             device=self.name, num_pages=self.heap.num_pages, free=free, cached=free - self.heap.num_free,
             owned=len(owned), shared=sum(1 for o in owned.values() if len(o) > 1),
             peak_owned=self.heap.peak_owned, largest_free_run=self.heap.largest_free_run(),
-            pages_per_owner=self.heap.pages_per_owner())
+            pages_per_owner=self.heap.pages_per_owner(), bytes_per_device=bytes_per_device(self.heap.storage))
 
     def free_page_ids(self) -> list[int]:
         """Every unowned page (heap runs, central and thread caches), duplicates kept; exact when quiescent."""

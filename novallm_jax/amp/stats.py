@@ -21,6 +21,8 @@ class ArenaStats:
     peak_owned: int
     largest_free_run: int
     pages_per_owner: dict[Hashable, int]
+    # The page storage's bytes on each device it spans (a mesh holds 1/model of every page's heads per device).
+    bytes_per_device: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from novallm_jax.amp import MemoryPool
 from novallm_jax.config import ModelConfig
@@ -40,6 +41,7 @@ from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Sta
 from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.errors import EngineClosedError, InvalidRequestError
 from novallm_jax.model import Params
+from novallm_jax.sharding import bytes_per_device
 from novallm_jax.sampling import sample_slots
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from novallm_jax.structured import Matcher, bitmask_words, fill_bitmasks
@@ -61,6 +63,9 @@ class EngineConfig:
     max_prefill_rows: int | None = None
     # Dispatch each step before reading the previous step's tokens back (see the module docstring).
     async_scheduling: bool = True
+    # Devices to split the model and the steps' rows over: "model=4,data=2" or a `jax.sharding.Mesh` (sharding.py);
+    # None: one device.
+    mesh: str | Mesh | None = None
 
     def __post_init__(self):
         if self.preemption_mode not in ("swap", "recompute"):
@@ -129,8 +134,8 @@ class LLMEngine:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        ecfg = self.config.executor
-        self.executor = Executor(cfg, params, ecfg)
+        self.executor = Executor(cfg, params, self.config.executor, mesh=self.config.mesh)
+        ecfg = self.executor.exec_cfg  # on a mesh, row buckets rounded up to whole rows per data replica
         self.page_size = ecfg.page_size
         self.max_model_len = min(ecfg.max_model_len, cfg.max_position_embeddings)
         self.num_slots = ecfg.max_decode_batch
@@ -457,6 +462,7 @@ class LLMEngine:
                 "swapped": len(self.swapped),
                 "kv_pages_used": used,
                 "kv_pages_free": self.pool.num_free,
+                "kv_bytes_per_device": bytes_per_device(self.pool.storage),
                 "prefix_cache_pages": len(self.prefix_cache),
                 "prefix_cache_hit_rate": self.prefix_cache.hit_rate,
                 **self.counters,

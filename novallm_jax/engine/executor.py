@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from novallm_jax import sharding
 from novallm_jax.config import ModelConfig, rope_inv_freqs
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
@@ -133,11 +135,25 @@ class PrefillChunk:
 
 
 class Executor:
-    """Runs prefill and decode steps for one model; owns the jitted functions and counts their compiles."""
+    """Runs prefill and decode steps for one model; owns the jitted functions and counts their compiles.
 
-    def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None):
+    `mesh` ("model=2,data=2" or a Mesh; see sharding.py): the params and the KV pages are split over it, and the steps are
+    jitted with the layout's in/out shardings. The native CPU kernels are not used on a mesh of several devices
+    (XLA cannot partition a foreign call); quantized weights are dequantised.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None,
+                 mesh: str | Mesh | None = None):
         self.cfg = cfg
-        self.exec_cfg = exec_cfg or ExecutorConfig()
+        mesh = sharding.parse_mesh(mesh)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        exec_cfg = exec_cfg or ExecutorConfig()
+        if self.mesh is not None:
+            sharding.check_model(cfg, self.mesh)
+            exec_cfg = _rows_per_replica(exec_cfg, sharding.axis_size(self.mesh, "data"))
+        self.exec_cfg = exec_cfg
+        # The config the steps trace with (on a mesh: fused columns per shard, KV heads copied up to the shards).
+        self.step_cfg = cfg if self.mesh is None else sharding.sharded_config(cfg, self.mesh)
         self.dtype = params["embed"].dtype
         self.kv_dtype = jnp.dtype(self.exec_cfg.kv_cache_dtype or self.dtype)
         self.native_kernels = self._use_native_kernels()
@@ -146,9 +162,8 @@ class Executor:
         self._lock = threading.Lock()
         self.compile_count = 0
         self._inv_freqs = rope_inv_freqs(cfg)
-        self._step = jax.jit(self._traced_step, static_argnames=(), donate_argnames=("cache",))
-        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
         self.no_tokens = jnp.zeros(self.exec_cfg.max_decode_batch, jnp.int32)  # `last_tokens` when none is fed back
+        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
         wanted = self.exec_cfg.ragged_steps
         if wanted and not self.native_attention:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
@@ -159,19 +174,39 @@ class Executor:
         if wanted and not fusable:
             raise ValueError("fused_layers=True needs the native kernels and attention (float32 on CPU)")
         self.fused_layers = fusable if wanted is None else wanted
+        if self.mesh is None:
+            self._step = jax.jit(self._traced_step, donate_argnames=("cache",))
+        else:
+            self._step = self._sharded_step()
 
     def _use_native_kernels(self) -> bool:
         wanted = self.exec_cfg.native_kernels
-        possible = jax.default_backend() == "cpu" and self.dtype == jnp.float32
+        possible = jax.default_backend() == "cpu" and self.dtype == jnp.float32 and self.mesh is None
         if wanted and not (possible and native.available()):
-            raise ValueError("native_kernels=True needs float32 weights on CPU and a C++ compiler (see the log)")
+            raise ValueError("native_kernels=True needs float32 weights on CPU, a C++ compiler (see the log) and no "
+                             "mesh of several devices")
         return (possible and native.available()) if wanted is None else wanted
+
+    def _sharded_step(self):
+        """The step jitted with the mesh's layout: params and pages as sharding.py splits them, a step's rows over
+        `data`, the fed-back tokens replicated; the logits come back gathered (replicated)."""
+        mesh = self.mesh
+        params = sharding.shard_layout(self.cfg, self.params, mesh)
+        self.param_shardings = sharding.param_specs(self.step_cfg, params, mesh)
+        self.params = jax.device_put(params, self.param_shardings)
+        self.cache_shardings = sharding.cache_shardings(jax.eval_shape(self._new_cache), mesh)
+        rows, rep = sharding.rows_sharding(mesh), sharding.replicated(mesh)
+        self._replicated = rep
+        # params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
+        ins = (self.param_shardings, rows, rows, self.cache_shardings, rows, rows, rows, rows, rep)
+        return jax.jit(self._traced_step, donate_argnames=("cache",), in_shardings=ins,
+                       out_shardings=(rep, self.cache_shardings))
 
     def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
         tokens = _fed_back(tokens, src, last_tokens)
-        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_index, rope_cs=rope_cs)
+        return forward(params, tokens, positions, cache, self.step_cfg, page_table, logits_index, rope_cs=rope_cs)
 
     def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens):
         self.compile_count += 1
@@ -188,16 +223,44 @@ class Executor:
             native.supports_attention(c.layer_head_dim(i), c.num_heads, c.layer_kv_heads(i)) for i in range(c.num_layers))
 
     def new_cache(self) -> PagedKVCache:
+        """Zeroed KV pages (on a mesh, created in place on every device, each with its heads)."""
+        if self.mesh is None:
+            return self._new_cache()
+        return jax.jit(self._new_cache, out_shardings=self.cache_shardings)()
+
+    def _new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
-        return PagedKVCache.create(self.cfg, e.num_pages, e.page_size, self.kv_dtype,
+        return PagedKVCache.create(self.step_cfg, e.num_pages, e.page_size, self.kv_dtype,
                                    native_attention=self.native_attention, fused_layers=self.fused_layers)
+
+    def step_hlo(self, rows: int, t: int, width: int) -> str:
+        """The optimised HLO of the step for (rows, tokens, page-table width), as compiled (e.g. to count its
+        collectives); compiles without running or counting."""
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.full((rows, t), -1, np.int32)
+        rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np)
+        src, last = self._feedback(tokens, None, None)
+        cache = jax.eval_shape(self._new_cache)
+        count = self.compile_count
+        text = self._step.lower(self.params, tokens, positions, cache, np.zeros((rows, width), np.int32),
+                                np.zeros(rows, np.int32), rope_cs, src, last).compile().as_text()
+        self.compile_count = count
+        return text
 
     def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None, extents=None):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
-            return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
-                              last_tokens)
+            if self.mesh is None:
+                return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
+                                  last_tokens)
+            # The sampler's state lives on one device: the fed-back tokens are broadcast to the mesh (device to
+            # device), and the gathered logits are handed over as the first device's copy (no transfer). Sampling
+            # on all devices at once crashes XLA:CPU's TopkDecomposer (jax 0.10.2).
+            last_tokens = jax.device_put(last_tokens, self._replicated)
+            logits, cache = self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs,
+                                       src, last_tokens)
+            return logits.addressable_shards[0].data, cache
 
     def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None,
                     extents=None):
@@ -361,6 +424,15 @@ class Executor:
         jax.block_until_ready(cache)
         logging.info("warm-up compiled %d step shapes", self.compile_count)
         return cache
+
+
+def _rows_per_replica(e: ExecutorConfig, replicas: int) -> ExecutorConfig:
+    """`e` with every row bucket a multiple of `replicas`, so a step's rows split evenly over the `data` axis."""
+    if replicas == 1:
+        return e
+    up = lambda buckets: tuple(sorted({-(-b // replicas) * replicas for b in buckets}))
+    return dataclasses.replace(e, decode_batch_buckets=up(e.decode_batch_buckets),
+                               prefill_batch_buckets=up(e.prefill_batch_buckets), token_buckets=up(e.token_buckets))
 
 
 def _fed_back(tokens: jax.Array, src: jax.Array, last_tokens: jax.Array) -> jax.Array:

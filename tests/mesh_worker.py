@@ -1,0 +1,159 @@
+"""Runs the mesh checks of test_mesh.py in a process of its own, whose 8 fake CPU devices are fixed at start.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.mesh_worker OUT.json
+
+Writes, per model config and mesh shape, the figures test_mesh.py asserts on: logits against the unsharded executor
+(same XLA arithmetic, float32), greedy tokens, each device's shard shapes, the engine's outputs under preemption and
+prefix caching, its leaks and the pool's per-device bytes, and the collectives in the compiled decode step's HLO.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jax
+import numpy as np
+
+from novallm_jax.config import ModelConfig
+from novallm_jax.engine.engine import EngineConfig, LLMEngine
+from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.model import greedy_generate, init_params
+from novallm_jax.sampling_params import SamplingParams
+
+MESHES = ("model=2", "model=4", "model=2,data=2", "data=4", "model=8")
+# 8 query heads over 2 KV heads: model=8 copies each KV head to 4 shards.
+CONFIGS = {
+    "llama": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=512),
+    "qwen3": ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=512),
+}
+EXEC = ExecutorConfig(page_size=8, num_pages=64, max_model_len=128, decode_batch_buckets=(4,),
+                      prefill_batch_buckets=(4,), prefill_len_buckets=(16,), native_kernels=False)
+PROMPTS = ([5, 17, 3, 99, 250, 7, 1, 42, 300], [8, 9], [400, 401, 402, 11, 12])  # a ragged batch
+NEW_TOKENS = 32
+
+
+def params_of(cfg):
+    # Larger weights than init_params' make the random model's choices depend on context (tests/engine_fixtures.py
+    # takes 10x; 5x keeps the logits within ~3.3, where float32 sums in another order differ by ~3e-6, not 1e-5).
+    params = init_params(cfg, jax.random.key(7))
+    return jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a, params)
+
+
+def run_executor(cfg, params, mesh):
+    """Prefill of the ragged batch, then NEW_TOKENS greedy decode steps: every step's logits and the tokens."""
+    ex = Executor(cfg, params, EXEC, mesh=mesh)
+    cache = ex.new_cache()
+    pages = [list(range(1 + 6 * i, 7 + 6 * i)) for i in range(len(PROMPTS))]
+    logits, cache = ex.prefill(cache, [PrefillChunk(p, 0, t) for p, t in zip(PROMPTS, pages)])
+    steps = [np.asarray(logits)]
+    tokens, positions = [], [len(p) for p in PROMPTS]
+    for _ in range(NEW_TOKENS):
+        nxt = steps[-1].argmax(-1).tolist()
+        tokens.append(nxt)
+        logits, cache = ex.decode(cache, nxt, positions, pages)
+        steps.append(np.asarray(logits))
+        spec = str(getattr(logits.sharding, "spec", None))
+        positions = [p + 1 for p in positions]
+    return ex, cache, steps, np.array(tokens).T.tolist(), spec
+
+
+def shard_shapes(array) -> list[list[int]]:
+    return sorted({tuple(s.data.shape) for s in array.addressable_shards})
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """Collective ops of an optimised HLO module (async pairs counted once, at their start)."""
+    counts = {}
+    for op in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
+        counts[op] = len(re.findall(rf"= [^=]*\b{op}(-start)?\(", hlo))
+    return counts
+
+
+def executor_checks(out):
+    for name, cfg in CONFIGS.items():
+        params = params_of(cfg)
+        _, _, ref_steps, ref_tokens, _ = run_executor(cfg, params, None)
+        assert ref_tokens == [t[:NEW_TOKENS] for t in greedy_generate(params, cfg, list(PROMPTS), NEW_TOKENS)]
+        for spec in MESHES:
+            ex, cache, steps, tokens, logits_spec = run_executor(cfg, params, spec)
+            layer = ex.params["layers"][0]
+            out[f"{name} {spec}"] = {
+                "max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(steps, ref_steps)),
+                "tokens_equal": tokens == ref_tokens,
+                "kv_heads": ex.step_cfg.num_kv_heads,
+                "kv_shards": shard_shapes(cache.k[0]),
+                "wqkv_shards": shard_shapes(layer["wqkv"]),
+                "wo_shards": shard_shapes(layer["wo"]),
+                "w_gate_up_shards": shard_shapes(layer["w_gate_up"]),
+                "w_down_shards": shard_shapes(layer["w_down"]),
+                "embed_shards": shard_shapes(ex.params["embed"]),
+                "lm_head_shards": shard_shapes(ex.params["lm_head"]),
+                "logits_spec": logits_spec,
+                "decode_collectives": collectives(ex.step_hlo(4, 1, EXEC.page_table_buckets[0])),
+                "num_layers": cfg.num_layers,
+            }
+
+
+ENGINE_CFG = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=1024, eos_token_ids=(2,))
+ENGINE_EXEC = ExecutorConfig(page_size=8, num_pages=20, max_model_len=256, decode_batch_buckets=(4, 8),
+                             prefill_batch_buckets=(4,), prefill_len_buckets=(16, 64))
+
+
+# Both axes, fewer KV heads than shards, and data alone (model=2 and model=4 are the executor checks' too).
+ENGINE_RUNS = (("swap", "model=2,data=2"), ("swap", "model=8"), ("swap", "data=4"), ("recompute", "model=2,data=2"))
+
+
+def engine_run(tokenizer, params, mesh, mode):
+    """Five requests in a pool too small for them (preemption), then two sharing a 40-token prefix."""
+    engine = LLMEngine(ENGINE_CFG, params, tokenizer, EngineConfig(executor=ENGINE_EXEC, preemption_mode=mode,
+                                                                   mesh=mesh))
+    rng = np.random.default_rng(0)
+    greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    reqs = [engine.add_request(rng.integers(3, 49152, 30 + 5 * i).tolist(), greedy(24)) for i in range(5)]
+    engine.run_until_idle()
+    prefix = rng.integers(3, 49152, 40).tolist()
+    for tail in (7, 9):
+        reqs.append(engine.add_request(prefix + rng.integers(3, 49152, tail).tolist(), greedy(12)))
+        engine.run_until_idle()
+    storage = engine.pool.storage
+    return {
+        "outputs": [list(r.output_ids) for r in reqs],
+        "preemptions": engine.counters["preemptions"],
+        "cached_prompt_tokens": reqs[-1].metrics.cached_prompt_tokens,
+        "leaks": engine.check_leaks(),
+        "bytes_per_device": engine.pool.stats().arenas[0].bytes_per_device,
+        "storage_spec": str(storage.k[0].sharding.spec) if mesh else None,
+        "kv_shards": shard_shapes(storage.k[0]),
+        "compiles": engine.executor.compile_count,
+        "native_kernels": engine.executor.native_kernels,
+    }
+
+
+def engine_checks(out):
+    from novallm_jax.loading import default_model_path
+    from novallm_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    params = params_of(ENGINE_CFG)
+    # The unsharded engine as it runs by default (native kernels on CPU); greedy outputs do not depend on the mode.
+    out["engine none"] = engine_run(tokenizer, params, None, "swap")
+    for mode, spec in ENGINE_RUNS:
+        out[f"engine {mode} {spec}"] = engine_run(tokenizer, params, spec, mode)
+
+
+def main(path):
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    out = {}
+    executor_checks(out)
+    engine_checks(out)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

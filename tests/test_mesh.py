@@ -1,0 +1,124 @@
+"""Tensor and data parallelism over a mesh of 8 fake CPU devices (sharding.py), against the unsharded runs.
+
+The device count is fixed when jax starts, so the checks run in one subprocess (tests/mesh_worker.py), which writes
+its figures to a JSON file; the tests here assert on them. Mesh shapes: model=2, model=4, model=2,data=2, data=4 and
+model=8 (8 query heads over 2 KV heads: each KV head copied to 4 shards).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import mesh_worker as w
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh") / "figures.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def sizes(spec: str) -> tuple[int, int]:
+    axes = dict(part.split("=") for part in spec.split(","))
+    return int(axes.get("data", 1)), int(axes.get("model", 1))
+
+
+CASES = [(name, spec) for name in w.CONFIGS for spec in w.MESHES]
+
+
+@pytest.mark.parametrize("name,spec", CASES)
+def test_logits_and_greedy_tokens_match_the_unsharded_run(figures, name, spec):
+    f = figures[f"{name} {spec}"]
+    assert f["max_logit_diff"] <= 1e-5  # float32, every step of a ragged batch: prefill and 32 decode steps
+    assert f["tokens_equal"]  # 32 greedy tokens per row
+    assert f["logits_spec"] == "None"  # handed to the sampler as one device's array
+
+
+@pytest.mark.parametrize("name,spec", CASES)
+def test_each_device_holds_its_shard_of_every_weight_and_page(figures, name, spec):
+    cfg = w.CONFIGS[name]
+    f = figures[f"{name} {spec}"]
+    _, m = sizes(spec)
+    kv = max(cfg.num_kv_heads, m)  # KV heads copied up to one per shard when fewer
+    assert f["kv_heads"] == kv
+    d, hd, ffn, vocab = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    pages = w.EXEC.num_pages, w.EXEC.page_size
+    # One shard shape per array: every device holds the same share.
+    assert f["kv_shards"] == [[*pages, kv // m, hd]]
+    assert f["wqkv_shards"] == [[d, (cfg.num_heads + 2 * kv) * hd // m]]
+    assert f["wo_shards"] == [[cfg.num_heads * hd // m, d]]
+    assert f["w_gate_up_shards"] == [[d, 2 * ffn // m]]
+    assert f["w_down_shards"] == [[ffn // m, d]]
+    assert f["embed_shards"] == [[vocab // m, d]]
+    assert f["lm_head_shards"] == [[d, vocab // m]]
+
+
+@pytest.mark.parametrize("name,spec", CASES)
+def test_decode_step_has_exactly_the_expected_collectives(figures, name, spec):
+    """model: one all-reduce after each layer's attention out-projection and one after its FFN down-projection, one
+    for the vocab-parallel embedding lookup, one all-gather of the logits. data: each layer gathers the step's new
+    K and V and their (page, slot) indices over the replicas (every replica keeps every page), plus the logits."""
+    f = figures[f"{name} {spec}"]
+    data, model = sizes(spec)
+    layers = f["num_layers"]
+    expected = {"all-reduce": (2 * layers + 1) * (model > 1),
+                "all-gather": (model > 1) + (data > 1) * (4 * layers + 1),
+                "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    assert f["decode_collectives"] == expected
+
+
+@pytest.mark.parametrize("mode,spec", w.ENGINE_RUNS)
+def test_engine_with_preemption_and_prefix_caching_matches_the_unsharded_engine(figures, mode, spec):
+    alone = figures["engine none"]
+    f = figures[f"engine {mode} {spec}"]
+    assert alone["native_kernels"] and not f["native_kernels"]  # a mesh runs XLA's float path
+    assert f["preemptions"] > 0 and f["cached_prompt_tokens"] == 40
+    assert f["outputs"] == alone["outputs"]
+    assert f["leaks"] == [] and alone["leaks"] == []
+    assert f["storage_spec"] == "P(None, None, 'model', None)"  # pages still split after swaps and copies
+    _, m = sizes(spec)
+    kv = w.ENGINE_CFG.num_kv_heads
+    assert f["kv_shards"] == [[w.ENGINE_EXEC.num_pages, w.ENGINE_EXEC.page_size, max(kv, m) // m, w.ENGINE_CFG.head_dim]]
+    # The pool reports each device's bytes: 1/model of the pages' heads, down to one (copied) head per device.
+    assert f["bytes_per_device"] == alone["bytes_per_device"] * (max(kv, m) // m) // kv
+
+
+def test_a_bad_mesh_is_refused_naming_the_field():
+    from novallm_jax.errors import InvalidRequestError
+    from novallm_jax.sharding import parse_mesh
+
+    for bad, words in [("model=2,foo=2", "'foo'"), ("model", "axis=size"), ("model=0", "positive"),
+                       ("model=64", "needs 64 devices"), ("model=2,model=2", "twice")]:
+        with pytest.raises(InvalidRequestError, match=words) as e:
+            parse_mesh(bad)
+        assert e.value.param == "mesh"
+    assert parse_mesh(None) is None and parse_mesh("") is None
+
+
+def test_a_model_that_does_not_split_is_refused_naming_the_field():
+    import dataclasses
+
+    import jax
+
+    from novallm_jax.errors import InvalidRequestError
+    from novallm_jax.sharding import check_model
+
+    mesh = lambda m: jax.sharding.AbstractMesh((1, m), ("data", "model"))
+    cfg = w.CONFIGS["llama"]  # 8 heads, 2 KV heads, FFN 128
+    check_model(cfg, mesh(8))
+    for bad_cfg, m, words in [(cfg, 3, "num_heads"), (dataclasses.replace(cfg, num_kv_heads=4, num_heads=12), 6,
+                                                        "num_kv_heads"),
+                              (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size")]:
+        with pytest.raises(InvalidRequestError, match=words) as e:
+            check_model(bad_cfg, mesh(m))
+        assert e.value.param == "mesh"
