@@ -18,7 +18,7 @@ import numpy as np
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kv_cache import ContiguousKVCache
-from novallm_jax.model import decoder_layer, lm_head, rms_norm, rope_inv_freqs, rope_tables_per_kind
+from novallm_jax.model import decoder_layer, forward, rms_norm, rope_inv_freqs, rope_tables_per_kind
 from novallm_jax.sampling_params import MAX_LOGPROBS
 
 POOLINGS = ("last", "mean")
@@ -41,9 +41,11 @@ _hidden = jax.jit(_forward, static_argnames=("cfg", "all_layers"))
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _prompt_logprobs(params, tokens, positions, cfg: ModelConfig):
-    """For each position t < T - 1 of row 0: log p(tokens[t + 1]) and the top MAX_LOGPROBS (logprob, id)."""
-    final = _forward(params, tokens, positions, cfg, False)[0]
-    logprobs = jax.nn.log_softmax(lm_head(final, params["lm_head"]).astype(jnp.float32), axis=-1)[:-1]
+    """For each position t < T - 1 of row 0: log p(tokens[t + 1]) and the top MAX_LOGPROBS (logprob, id). The
+    model's own `forward`, so every family's logits (Gemma's scaling and soft cap too)."""
+    cache = ContiguousKVCache.create(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    logits, _ = forward(params, tokens, positions, cache, cfg)
+    logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)[:-1]
     chosen = jnp.take_along_axis(logprobs, tokens[0, 1:, None], axis=-1)[:, 0]
     top, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return chosen, top, top_ids
@@ -103,8 +105,6 @@ def prompt_logprobs(params, cfg: ModelConfig, prompt: list[int], k: int) -> list
                                                                                      | None]:
     """vLLM's prompt_logprobs: None for the first token, then per token (id, its logprob given the tokens before,
     the top k {id: logprob})."""
-    if cfg.gemma is not None:
-        raise InvalidRequestError("prompt_logprobs is not available for Gemma models yet", param="prompt_logprobs")
     tokens, positions = _padded([prompt])
     chosen, top, top_ids = (np.asarray(a) for a in _prompt_logprobs(params, jnp.asarray(tokens[:1]),
                                                                     jnp.asarray(positions[:1]), cfg))

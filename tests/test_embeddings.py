@@ -126,3 +126,19 @@ def test_large_batches_run_in_groups_with_the_same_results(hf_and_llm, monkeypat
     groups = embeddings._groups(PROMPTS * 3)  # lengths 5, 20, 2, ...: [5], [20], [2, 5], [20], [2, 5], [20], [2]
     assert [len(g) for g in groups] == [1, 1, 2, 1, 2, 1, 1] and sum(groups, []) == PROMPTS * 3
     np.testing.assert_allclose(llm.embed(PROMPTS * 3, pooling="mean"), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen3_moe"])
+def test_prompt_logprobs_of_other_families_equal_transformers(family, tmp_path):
+    """The model's own forward: Gemma's embedding scale, sliding windows and logit soft cap, experts."""
+    from novallm_jax.embeddings import prompt_logprobs
+
+    model = build_hf_model(family, seed=1)
+    cfg, params = load_model(save_hf_model(model, str(tmp_path)))
+    ids = PROMPTS[1]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1).numpy()
+    got = prompt_logprobs(params, cfg, ids, 3)
+    assert got[0] is None
+    np.testing.assert_allclose([e[1] for e in got[1:]], ref[np.arange(len(ids) - 1), ids[1:]], atol=TOL, rtol=0)
+    assert [list(e[2]) for e in got[1:]] == [[int(i) for i in np.argsort(-ref[t])[:3]] for t in range(len(ids) - 1)]
