@@ -25,15 +25,25 @@ POOLINGS = ("last", "mean")
 
 
 def _forward(params, tokens, positions, cfg: ModelConfig, all_layers: bool):
+    """`model.forward`'s layers (`gemma_forward`'s for Gemma) up to the final norm, keeping each layer's output."""
     cache = ContiguousKVCache.create(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
     rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
-    x = params["embed"][tokens]
+    if cfg.gemma is None:
+        x, layer = params["embed"][tokens], decoder_layer
+        norm = lambda h: rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    else:
+        from novallm_jax.model_gemma import _scaled, gemma_layer, gemma_norm, per_layer_inputs
+
+        x = _scaled(params["embed"][tokens], cfg.hidden_size ** 0.5)
+        pli = per_layer_inputs(params, tokens, x, cfg) if cfg.gemma.per_layer_input_size else None
+        layer = lambda p, h, pos, c, i, *rest: gemma_layer(p, h, pos, c, i, *rest,
+                                                           None if pli is None else pli[:, :, i])
+        norm = lambda h: gemma_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.gemma.norm_offset)
     layers = [x]
     for i, p in enumerate(params["layers"]):
-        x, cache = decoder_layer(p, x, positions, cache, i, cfg, rope_cs, None)
+        x, cache = layer(p, x, positions, cache, i, cfg, rope_cs, None)
         layers.append(x)
-    final = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return jnp.stack(layers) if all_layers else final
+    return jnp.stack(layers) if all_layers else norm(x)
 
 
 _hidden = jax.jit(_forward, static_argnames=("cfg", "all_layers"))
@@ -60,8 +70,6 @@ def hidden_states(params, cfg: ModelConfig, prompts: list[list[int]], all_layers
     every layer's output (before the final norm) [L + 1, T, D], as transformers' `output_hidden_states` lists them
     but for the last entry, which transformers gives after the norm. Prompts run in batches of at most
     `MAX_BATCH_TOKENS` padded tokens (one longer prompt alone), which bounds the scratch cache."""
-    if cfg.gemma is not None:
-        raise InvalidRequestError("hidden states and embeddings are not available for Gemma models yet", param="model")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequestError("every input needs at least one token", param="input")
     out: list[np.ndarray] = []

@@ -142,3 +142,18 @@ def test_prompt_logprobs_of_other_families_equal_transformers(family, tmp_path):
     assert got[0] is None
     np.testing.assert_allclose([e[1] for e in got[1:]], ref[np.arange(len(ids) - 1), ids[1:]], atol=TOL, rtol=0)
     assert [list(e[2]) for e in got[1:]] == [[int(i) for i in np.argsort(-ref[t])[:3]] for t in range(len(ids) - 1)]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma4_text", "qwen3_moe"])
+def test_hidden_states_of_other_families_equal_transformers(family, tmp_path):
+    from novallm_jax.embeddings import hidden_states
+
+    model = build_hf_model(family, seed=2)
+    cfg, params = load_model(save_hf_model(model, str(tmp_path)))
+    ids = PROMPTS[1]
+    ref = _reference(model, ids)
+    (final,) = hidden_states(params, cfg, [ids])
+    np.testing.assert_allclose(final, ref[-1], atol=TOL, rtol=0)
+    (layers,) = hidden_states(params, cfg, [ids], all_layers=True)
+    for layer in range(len(ref) - 1):
+        np.testing.assert_allclose(layers[layer], ref[layer], atol=TOL, rtol=0)
