@@ -607,18 +607,21 @@ def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames="num_top_logprobs", donate_argnames="batch")
 def sample_slots(
     logits: jax.Array, slots: jax.Array, batch: SamplingBatch, num_top_logprobs: int = 0,
-    bitmask: jax.Array | None = None,
+    bitmask: jax.Array | None = None, offsets: jax.Array | None = None,
 ) -> tuple[SamplerOutput, SamplingBatch]:
     """`sample` for the running rows of a slot batch, then `update_counts` for them; costs O(n), not O(B).
 
     logits f32/bf16[n, V]: row i is drawn with the parameters and state of `batch` row `slots[i]` (i32[n]; -1 =
     padding, whose output is meaningless). n is the caller's shape bucket (one compile per n and
-    num_top_logprobs); slots must be distinct. Returns the output rows [n] and the batch with the state of those
-    slots advanced (steps + 1, the token counted), updated in place: `batch` is donated.
+    num_top_logprobs); slots are distinct but with `offsets`. Returns the output rows [n] and the batch with the
+    state of those slots advanced (steps + 1, the token counted), updated in place: `batch` is donated.
 
     bitmask i32[n, ceil(V / 32)] (structured outputs): only the tokens whose bit is set may be drawn; rows of all
     bits set are unconstrained. Logprobs stay those of the model's logits. Without it the program is the same as
     before (one more compile per row bucket when given).
+
+    offsets i32[n] (speculative decoding): row i draws as its slot's `steps + offsets[i]`-th token, so that several
+    rows of one slot (the positions a step verifies) draw independently; a slot's steps then advance by its rows.
 
     Tokens equal `sample` on the same rows (a row's draw depends only on its own parameters, seed and step).
     Logprobs differ in one way: with num_top_logprobs = 0 the chosen token's logprob is computed only when some
@@ -629,6 +632,8 @@ def sample_slots(
     if bitmask is not None:
         logits = apply_token_bitmask(logits, bitmask)
     rows = _take_rows(batch, slots, wide=False)
+    if offsets is not None:
+        rows = rows.replace(steps=rows.steps + offsets)
     # The penalties read [n, V] rows of the batch; gathering them inside the branch skips that copy when unused.
     tokens = _draw_penalized(logits, rows, lambda: apply_penalties(logits, _take_rows(batch, slots, wide=True)))
     if num_top_logprobs:

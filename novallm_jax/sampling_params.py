@@ -18,6 +18,7 @@ from novallm_jax.structured import StructuredOutput
 from novallm_jax.text_checks import lone_surrogate_problem
 
 # The most top-N logprobs one request may ask for (OpenAI's `top_logprobs` limit, vLLM's default `max_logprobs`).
+MAX_DRAFT_TOKENS = 8  # speculative decoding: drafted tokens a step verifies per row
 MAX_LOGPROBS = 20
 # Temperatures below this are treated as greedy, as in vLLM: dividing by them overflows float32 logits.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -59,6 +60,11 @@ class SamplingParams:
       computed by a prefill-only forward beside the request (vLLM's field; `GenerationResult.prompt_logprobs`).
     skip_special_tokens: leave special tokens out of the text (default); tool calling keeps them, since some
       families' call markers ([TOOL_CALLS], <|tool_call>) are special tokens.
+    speculative: draft up to this many tokens per step by prompt lookup (the continuation of the latest earlier
+      occurrence of the text's last n-gram) and verify them in one step (0 = off, at most 8). Lossless: greedy output
+      is unchanged and sampled tokens follow the same distribution. Needs an engine started with
+      `max_draft_tokens`; not with penalties, logit bias, min_tokens or structured outputs (each position's
+      distribution would depend on the drafts before it).
     """
 
     temperature: float = 1.0
@@ -80,6 +86,7 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    speculative: int = 0
 
     def __post_init__(self) -> None:
         self._check_real("temperature", lo=0.0)
@@ -109,6 +116,7 @@ class SamplingParams:
                                       param="skip_special_tokens")
         if not _is_int(self.n) or self.n < 1:
             raise InvalidRequestError(f"n must be an integer >= 1, got {self.n!r}", param="n")
+        self._check_speculative()
         if isinstance(self.structured, Mapping):
             self._set("structured", StructuredOutput.from_dict(self.structured))
         elif self.structured is not None and not isinstance(self.structured, StructuredOutput):
@@ -187,6 +195,21 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}", param="min_tokens"
             )
+
+    def _check_speculative(self) -> None:
+        if not _is_int(self.speculative) or not 0 <= self.speculative <= MAX_DRAFT_TOKENS:
+            raise InvalidRequestError(f"speculative must be an integer in [0, {MAX_DRAFT_TOKENS}] (draft tokens per "
+                                      f"step), got {self.speculative!r}", param="speculative")
+        if not self.speculative:
+            return
+        clashes = [name for name, on in (
+            ("repetition_penalty", self.repetition_penalty != 1.0), ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
+            ("min_tokens", self.min_tokens > 0), ("structured", self.structured is not None)) if on]
+        if clashes:
+            raise InvalidRequestError(f"speculative decoding does not combine with {', '.join(clashes)}: each "
+                                      f"drafted position's distribution would depend on the drafts before it",
+                                      param="speculative")
 
     def _check_stop(self) -> None:
         stop = self.stop

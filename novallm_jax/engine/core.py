@@ -66,8 +66,8 @@ class EngineCore:
                 for i, (call, out) in enumerate(zip(plan.calls, logits)) if any(r.sample for r in call.rows)]
 
     def _run(self, call: ModelCall, storage):
-        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot, prompt_len=r.prompt_len)
-                  for r in call.rows]
+        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot, prompt_len=r.prompt_len,
+                               logits=1 + r.draft) for r in call.rows]
         if call.kind == RAGGED:
             return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
         if call.kind == PREFILL:
@@ -82,14 +82,22 @@ class EngineCore:
         # The logits (one array per model call, padded to a row bucket) are sampled in place: their rows map to their
         # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
         # the work scales with the step's row bucket, not with num_slots.
+        # A row verifying drafted tokens has a logits row per position (see `Row.draft`), each drawn as its slot's
+        # next-but-j token.
         slots = np.full(logits.shape[0], -1, np.int32)
+        offsets = np.zeros(logits.shape[0], np.int32)
         ids: list[str | None] = [None] * logits.shape[0]
-        for i, r in enumerate(call.rows):
+        at = 0
+        for r in call.rows:
             if r.sample:
-                slots[i], ids[i] = r.slot, r.request_id
+                slots[at:at + 1 + r.draft] = r.slot
+                offsets[at:at + 1 + r.draft] = np.arange(1 + r.draft)
+                ids[at:at + 1 + r.draft] = [r.request_id] * (1 + r.draft)
+            at += 1 + r.draft
         n_top = MAX_LOGPROBS if any((self.slot_params[s].logprobs or 0) > 0 for s in slots if s >= 0) else 0
-        masked = {} if bitmask is None else {"bitmask": bitmask}  # no keyword at all: the warmed-up program
-        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **masked)
+        # No keyword at all when unused: the warmed-up program.
+        extra = ({} if bitmask is None else {"bitmask": bitmask}) | ({"offsets": offsets} if offsets.any() else {})
+        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **extra)
         return Sampled(ids, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
 
     def reset_sampling(self) -> None:

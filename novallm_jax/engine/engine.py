@@ -34,6 +34,7 @@ from novallm_jax.amp import MemoryPool
 from novallm_jax.config import ModelConfig
 from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine import prefix_cache as pc
+from novallm_jax.engine import speculative
 from novallm_jax.engine.core import EngineCore, Sampled
 from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.engine.plan import StepPlan
@@ -76,7 +77,7 @@ class EngineConfig:
 class _Sampled:
     """One sampler call of a step: its (request, row) pairs and its output arrays, still on the device."""
 
-    rows: list[tuple[Request, int]]
+    rows: list[tuple[Request, list[int]]]  # each request's output rows: one, or one per position a draft verified
     arrays: tuple[jax.Array, ...]
 
 
@@ -180,6 +181,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens, but the model's context is {self.max_model_len} tokens "
                 f"(max_model_len), leaving no room to generate", param="prompt")
+        if params.speculative and not (self.executor.ragged and self.executor.exec_cfg.max_draft_tokens):
+            raise InvalidRequestError(
+                "speculative decoding needs an engine that verifies drafted tokens: ragged steps (CPU) and "
+                "ExecutorConfig.max_draft_tokens > 0 (LLM(speculative=...), --speculative)", param="speculative")
         longest = min(len(prompt) + (params.max_tokens or self.max_model_len), self.max_model_len)
         if math.ceil(longest / self.page_size) > self.pool.num_pages - 1:
             raise InvalidRequestError(
@@ -351,10 +356,13 @@ class LLMEngine:
         """The dispatched sampler calls with their requests, each of which now has one more token on the device."""
         results = []
         for s in sampled:
-            rows = [(requests[rid], i) for i, rid in enumerate(s.request_ids) if rid is not None]
-            for req, _ in rows:
-                req.pending += 1
-            results.append(_Sampled(rows, s.arrays))
+            rows: dict[str, list[int]] = {}
+            for i, rid in enumerate(s.request_ids):
+                if rid is not None:
+                    rows.setdefault(rid, []).append(i)
+            for rid in rows:
+                requests[rid].pending += 1
+            results.append(_Sampled([(requests[rid], idx) for rid, idx in rows.items()], s.arrays))
         return results
 
     def _bitmasks(self, plan: StepPlan, logits: list[jax.Array], requests: dict[str, Request]
@@ -379,13 +387,25 @@ class LLMEngine:
         fetched = jax.device_get([s.arrays for s in sampled])
         emitted = []
         for s, (tokens, logprobs, top_ids, top_lps) in zip(sampled, fetched):
-            for req, i in s.rows:
+            for req, idx in s.rows:
                 if req.status is not Status.RUNNING:  # stopped by an earlier token, cancelled, or failed
                     continue
                 req.pending -= 1
                 try:
-                    emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i],
-                                                      top_lps[i]))
+                    draft = req.draft
+                    n = speculative.accepted(tokens[idx], draft)
+                    if draft:
+                        req.metrics.draft_tokens += len(draft)
+                        req.metrics.accepted_tokens += n
+                        self.counters["draft_tokens"] += len(draft)
+                        self.counters["accepted_tokens"] += n
+                    for i in idx[:n + 1]:  # the accepted drafts and the draw after them
+                        if req.status is not Status.RUNNING:
+                            break
+                        emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i],
+                                                          top_lps[i]))
+                    if draft:
+                        self.scheduler.settle(req, n)
                 except Exception as e:  # a bad request must not take the others down
                     logging.exception("request %s failed while emitting output", req.id)
                     req.error = f"{type(e).__name__}: {e}"

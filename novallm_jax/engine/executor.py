@@ -36,6 +36,7 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
 from novallm_jax.model import Params, forward, rope_tables_per_kind
+from novallm_jax.sampling_params import MAX_DRAFT_TOKENS
 
 
 KV_CACHE_DTYPES = (None, "float32", "bfloat16")
@@ -66,6 +67,9 @@ class ExecutorConfig:
     # The K/V pages' dtype: "float32" or "bfloat16" (half the memory per token; keys and values rounded to 8
     # significant bits). None: the model's dtype.
     kv_cache_dtype: str | None = None
+    # Speculative decoding: the most drafted tokens a ragged step's row may verify. A step then returns logits for
+    # up to max_decode_batch * (1 + this) rows (more lm_head rows in steps of many tokens), so it is opt-in.
+    max_draft_tokens: int = 0
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -88,6 +92,8 @@ class ExecutorConfig:
         object.__setattr__(self, "token_buckets", tuple(sorted(tokens)))
         if self.token_buckets[-1] < self.max_decode_batch:
             raise ValueError("the largest token bucket must hold a decode row per batch slot")
+        if not 0 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"max_draft_tokens must be in [0, {MAX_DRAFT_TOKENS}], not {self.max_draft_tokens}")
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -127,6 +133,7 @@ class PrefillChunk:
     pages: Sequence[int]
     from_slot: int = -1
     prompt_len: int = 0
+    logits: int = 1  # ragged steps: logits of this many last tokens (a row verifying logits - 1 drafted tokens)
 
     @property
     def rope_extent(self) -> int:
@@ -341,7 +348,8 @@ class Executor:
     def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk],
                     last_tokens: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
-        of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad).
+        of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad), or
+        with `PrefillChunk.logits` > 1 the logits of each sequence's last `logits` tokens, in order.
         `last_tokens` feeds the rows marked `from_slot` (see PrefillChunk)."""
         e = self.exec_cfg
         if not self.ragged:
@@ -358,9 +366,12 @@ class Executor:
         table = np.full((rows, width), NULL_PAGE, np.int32)
         src = np.full((rows, 1), -1, np.int32)
         last = np.zeros(self._logits_rows(rows), np.int32)
+        if sum(s.logits for s in seqs) > len(last):
+            raise ValueError(f"{sum(s.logits for s in seqs)} logits rows in a step of {rows} tokens; at most "
+                             f"{len(last)} (ExecutorConfig.max_draft_tokens)")
         extents = np.zeros(rows, np.int32)  # each token's sequence's end in this step (longrope's choice)
-        at = 0
-        for i, s in enumerate(seqs):
+        at = out = 0
+        for s in seqs:
             k = len(s.tokens)
             needed = self._pages_needed(s)
             extents[at:at + k] = s.rope_extent
@@ -370,7 +381,8 @@ class Executor:
             positions[at:at + k, 0] = np.arange(s.start, s.start + k)
             table[at:at + k, :needed] = s.pages[:needed]
             at += k
-            last[i] = at - 1
+            last[out:out + s.logits] = np.arange(at - s.logits, at)
+            out += s.logits
         return self._run_ragged(cache, tokens, positions, table, last, src, last_tokens, extents)
 
     def _table_width(self, end: int) -> int:
@@ -390,7 +402,7 @@ class Executor:
     def _logits_rows(self, tokens: int) -> int:
         # One count per token bucket (not per sequence count) keeps one compile per shape; a step holds at most a
         # batch slot's worth of sequences.
-        return min(tokens, self.exec_cfg.max_decode_batch)
+        return min(tokens, self.exec_cfg.max_decode_batch * (1 + self.exec_cfg.max_draft_tokens))
 
     def logits_row_counts(self) -> tuple[int, ...]:
         """Every row count of the logits a step returns (with `padded=True`): what the sampler is compiled for."""

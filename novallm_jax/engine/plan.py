@@ -22,7 +22,8 @@ class Row:
     """One sequence's tokens in a model call: `tokens` at positions start.., its KV pages `pages`, sampled after when
     `sample` (the row computes its sequence's last known token). `from_slot` >= 0: the row's one token is still on
     the device, the sampler's last draw for that slot (`tokens` then holds a placeholder). `prompt_len`: its
-    sequence's prompt length (longrope picks its factors by it, see `executor.PrefillChunk`)."""
+    sequence's prompt length (longrope picks its factors by it, see `executor.PrefillChunk`). `draft` > 0: the last
+    `draft` tokens are drafted (speculative decoding), and each of the row's last draft + 1 positions is sampled."""
 
     request_id: str
     slot: int
@@ -32,6 +33,7 @@ class Row:
     sample: bool
     from_slot: int = -1
     prompt_len: int = 0
+    draft: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,12 @@ class Metrics:
     cached_prompt_tokens: int = 0  # prefilled from the prefix cache
     prefilled_tokens: int = 0  # tokens run through prefill (recomputation included)
     preemptions: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens drafted for this request, and how many the model accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -107,6 +113,7 @@ class Request:
         self.outputs: queue.Queue[RequestOutput] = queue.Queue()
         self.on_output = on_output
         self.matcher = None  # structured.Matcher of a constrained request (set by the engine)
+        self.draft: tuple[int, ...] = ()  # tokens drafted after tokens[-1] in the step in flight (speculative)
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,7 @@ from absl import logging
 
 from novallm_jax.amp import MemoryPool
 from novallm_jax.engine import prefix_cache as pc
+from novallm_jax.engine import speculative
 from novallm_jax.engine.executor import ExecutorConfig, bucket
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, Row, SlotUpdate, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
@@ -173,6 +174,8 @@ class Scheduler:
         (a preempted request would leave with a token still on the device), so every page it may need must be free.
         Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
         """
+        if any(r is not None and r.params.speculative for r in self.slots):
+            return False  # drafting needs the last token on the host
         cap = max(self.exec_cfg.token_buckets[-1], self.exec_cfg.max_chunk)
         need = 0
         for req in self.slots:
@@ -197,8 +200,9 @@ class Scheduler:
         Only the call's total is padded (to a token bucket), so prompts are cut wherever the budget ends.
         """
         running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
-        budget = self._ragged_budget(running)
-        picked: list[tuple[Request, int]] = []
+        drafts = {r.id: self._draft(r) for r in running if r.params.speculative}
+        budget = self._ragged_budget(running, sum(len(d) for d in drafts.values()))
+        picked: list[tuple[Request, int, tuple[int, ...]]] = []
         for decoding in (True, False):
             for req in running:
                 remaining = req.num_tokens - req.num_computed
@@ -207,9 +211,10 @@ class Scheduler:
                 if self._done_when_read(req):
                     continue
                 n = min(remaining, budget)
-                if self._ensure_pages(req, req.num_computed + n):
-                    picked.append((req, n))
-                    budget -= n
+                draft = drafts.get(req.id, ())[:budget - 1] if decoding else ()
+                if self._ensure_pages(req, req.num_computed + n + len(draft)):
+                    picked.append((req, n, draft))
+                    budget -= n + len(draft)
         rows = self._rows(picked)
         return [ModelCall(RAGGED, rows)] if rows else []
 
@@ -221,18 +226,18 @@ class Scheduler:
             n = self._chunk_len(req)
             # A request picked above may have been preempted to make room for an older one.
             if req.status is Status.RUNNING and self._ensure_pages(req, req.num_computed + n):
-                prefill.append((req, n))
-        decode = [(r, 1) for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1
+                prefill.append((req, n, ()))
+        decode = [(r, 1, ()) for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1
                   and not self._done_when_read(r) and self._ensure_pages(r, r.num_tokens)]
         calls = [ModelCall(kind, rows) for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(decode)))
                  if rows]
         return calls
 
-    def _rows(self, picked: list[tuple[Request, int]]) -> tuple[Row, ...]:
-        """The rows of the picked (request, tokens) that are still running (a later pick may have preempted an earlier
-        one); their tokens count as computed from now."""
+    def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
+        """The rows of the picked (request, tokens, drafted tokens) that are still running (a later pick may have
+        preempted an earlier one); their tokens count as computed from now (drafts once accepted, see `settle`)."""
         rows = []
-        for req, n in picked:
+        for req, n, draft in picked:
             if req.status is not Status.RUNNING:
                 continue
             if req.pending:  # then n == 1: a decode row fed by the sampler's last token for the slot
@@ -241,8 +246,31 @@ class Scheduler:
                 tokens, from_slot = tuple(req.tokens[req.num_computed:req.num_computed + n]), -1
             start = req.num_computed
             sample = self._advance(req, n)
-            rows.append(Row(req.id, req.slot, tokens, start, tuple(req.pages), sample, from_slot, len(req.prompt)))
+            req.draft = draft
+            rows.append(Row(req.id, req.slot, tokens + draft, start, tuple(req.pages), sample, from_slot,
+                            len(req.prompt), len(draft)))
         return tuple(rows)
+
+    def _draft(self, req: Request) -> tuple[int, ...]:
+        """Prompt-lookup drafts for a decode row whose last token is on the host, as many as its length allows (the
+        step may add them all and one more)."""
+        if req.pending or req.num_tokens - req.num_computed != 1:
+            return ()
+        left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
+        k = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
+        return speculative.propose(req.tokens, k)
+
+    def settle(self, req: Request, accepted: int) -> None:
+        """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
+        the pages that only the rejected ones reached go back to the pool."""
+        req.draft = ()
+        if req.status is not Status.RUNNING:
+            return
+        req.num_computed += accepted
+        keep = math.ceil((req.num_computed + 1) / self.page_size)
+        if len(req.pages) > keep:
+            self.pool.free(req.id, req.pages[keep:])
+            req.pages = req.pages[:keep]
 
     def _advance(self, req: Request, n: int) -> bool:
         """Counts `n` more of `req`'s tokens as computed; True when the next one is to be sampled."""
@@ -261,7 +289,7 @@ class Scheduler:
         """Whether `req` stops by length (max_tokens, or the model's context) once it has `num_tokens` tokens."""
         return num_tokens - len(req.prompt) >= (req.params.max_tokens or math.inf) or num_tokens >= self.max_model_len
 
-    def _ragged_budget(self, running: list[Request]) -> int:
+    def _ragged_budget(self, running: list[Request], drafted: int = 0) -> int:
         """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
 
         A large step that would end between two buckets stops at the lower one: the prompt tokens left over join
@@ -270,8 +298,8 @@ class Scheduler:
         """
         e = self.exec_cfg
         remaining = [r.num_tokens - r.num_computed for r in running]
-        decode = sum(n == 1 for n in remaining)
-        total = min(sum(remaining), e.token_buckets[-1])
+        decode = sum(n == 1 for n in remaining) + drafted
+        total = min(sum(remaining) + drafted, e.token_buckets[-1])
         lower = max((b for b in e.token_buckets if b <= total), default=0)
         return lower if lower > decode and lower >= 2 * e.max_decode_batch else total
 

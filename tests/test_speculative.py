@@ -1,0 +1,109 @@
+"""Speculative decoding by prompt lookup: drafting, the acceptance rule's exactness, and the engine's outputs.
+
+Greedy outputs must equal plain decoding token for token; sampled ones must follow the target distribution (a
+chi-square over the first two tokens of 20,000 draws against the exact sequential distribution, with a draft the
+target rarely picks); every page comes back after rejections.
+"""
+
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from novallm_jax.engine import speculative
+from novallm_jax.errors import InvalidRequestError
+from novallm_jax.sampling import SamplingBatch, sample_slots
+from novallm_jax.sampling_params import SamplingParams
+from tests.engine_fixtures import TINY, make_engine
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
+    t = [5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 2, 6, 7]
+    assert speculative.propose(t, 3) == (3, 4, 2)  # "6 7" last seen before the end at index 6, then 3 4 2
+    assert speculative.propose([1, 2, 3, 1, 2], 5) == (3, 1, 2)  # the continuation may run into the suffix itself
+    assert speculative.propose([1, 2, 3, 4], 4) == ()  # nothing repeats
+    assert speculative.propose(t, 0) == () and speculative.propose([7], 3) == ()
+    assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
+
+
+def test_speculative_is_validated_where_it_enters():
+    with pytest.raises(InvalidRequestError, match="speculative must be an integer in") as e:
+        SamplingParams(speculative=9)
+    assert e.value.param == "speculative"
+    with pytest.raises(InvalidRequestError, match="does not combine with repetition_penalty, min_tokens"):
+        SamplingParams(speculative=2, repetition_penalty=1.2, min_tokens=1, max_tokens=4)
+
+
+def test_drafts_are_accepted_exactly_as_sequential_sampling():
+    """Target: a 2-token sequence over 8 tokens, p(x1) from L0 and p(x2 | x1) from L1[x1], at temperature 0.8. The
+    step drafts d1 (a token the target rarely picks) and d2, draws every position with `offsets`, and keeps the
+    accepted drafts and the draw after them; where only one token came out, the next step draws x2 as usual."""
+    v, n, temperature = 8, 20000, 0.8
+    rng = np.random.default_rng(0)
+    l0 = rng.normal(size=v).astype(np.float32)
+    l0[3] = l0.min() - 1.0  # the draft's first token: rarely the target's choice
+    l1 = rng.normal(size=(v, v)).astype(np.float32)
+    draft = (3, 5)
+    batch = SamplingBatch.from_params([SamplingParams(temperature=temperature, seed=i) for i in range(n)], v)
+    slots = np.repeat(np.arange(n, dtype=np.int32), 3)
+    offsets = np.tile(np.arange(3, dtype=np.int32), n)
+    rows = np.stack([l0, l1[draft[0]], np.zeros(v, np.float32)])  # the 3rd row's draw is never kept here
+    out, batch = sample_slots(jnp.asarray(np.tile(rows, (n, 1))), slots, batch, offsets=offsets)
+    draws = np.asarray(out.tokens).reshape(n, 3)
+    kept = [draws[i, :speculative.accepted(draws[i], draft) + 1] for i in range(n)]
+    assert np.mean([len(k) > 1 for k in kept]) < 0.1  # mostly rejected: the rule's correction path is exercised
+    # Second tokens of the samples that stopped after one: a plain draw from p(. | x1), from the advanced state.
+    short = [i for i in range(n) if len(kept[i]) == 1]
+    follow, _ = sample_slots(jnp.asarray(l1[[kept[i][0] for i in short]]), np.asarray(short, np.int32), batch)
+    second = dict(zip(short, np.asarray(follow.tokens).tolist()))
+    pairs = np.array([(k[0], k[1] if len(k) > 1 else second[i]) for i, k in enumerate(kept)])
+    softmax = lambda x: np.exp(x / temperature - (x / temperature).max(-1, keepdims=True)) / np.exp(
+        x / temperature - (x / temperature).max(-1, keepdims=True)).sum(-1, keepdims=True)
+    expected = (softmax(l0)[:, None] * softmax(l1)).reshape(-1) * n
+    observed = np.bincount(pairs[:, 0] * v + pairs[:, 1], minlength=v * v)
+    keep = expected > 5  # chi-square needs populated cells; the rest are pooled
+    f_obs = np.append(observed[keep], observed[~keep].sum())
+    f_exp = np.append(expected[keep], expected[~keep].sum())
+    assert chisquare(f_obs, f_exp).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    from novallm_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def engines(tokenizer):
+    return (make_engine(tokenizer, max_draft_tokens=8, num_pages=40),
+            make_engine(tokenizer, num_pages=40))
+
+
+def _run(eng, specs):
+    reqs = [eng.add_request(p, sp) for p, sp in specs]
+    eng.run_until_idle()
+    assert eng.check_leaks() == []
+    return [r.output_ids for r in reqs]
+
+
+def test_greedy_speculative_outputs_equal_plain_decoding(engines):
+    """Rows drafting 1..8 tokens beside plain rows in the same steps, a pool small enough to preempt: each output is
+    the plain engine's, token for token, and drafts were accepted on the way."""
+    spec, plain = engines
+    rng = np.random.default_rng(1)
+    base = rng.integers(3, TINY.vocab_size, 12).tolist()
+    prompts = [base * 3 + rng.integers(3, TINY.vocab_size, 5).tolist() for _ in range(9)]
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, speculative=k)
+    got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
+    want = _run(plain, [(p, greedy(0)) for p in prompts])
+    assert got == want
+    assert spec.counters["accepted_tokens"] > 0 and spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
+
+
+def test_speculative_needs_an_engine_that_verifies_drafts(engines):
+    _, plain = engines
+    with pytest.raises(InvalidRequestError, match="max_draft_tokens") as e:
+        plain.add_request([5, 6, 7], SamplingParams(speculative=2))
+    assert e.value.param == "speculative"
