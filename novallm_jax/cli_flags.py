@@ -21,6 +21,10 @@ KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16
 COMPILE_CACHE_DIR = flags.DEFINE_string(
     "compile_cache_dir", default_compilation_cache_dir(),
     "JAX persistent compilation cache, so that a second start skips compiling ('' to turn off).")
+SPECULATIVE = flags.DEFINE_integer(
+    "speculative", 0, "Speculative decoding: draft up to this many tokens per step by prompt lookup (the text's own "
+    "repeats) and verify them in one step; lossless, fastest where the output copies its input (0: off, at most 8).",
+    lower_bound=0, upper_bound=8)
 MESH = flags.DEFINE_string("mesh", None, "Devices to split the model and the batch over, e.g. 'model=4,data=2': "
                            "attention heads and FFN over `model`, each `data` replica its own rows (default: one "
                            "device). On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N devices.")

@@ -10,7 +10,8 @@ import sys
 
 from absl import app, flags, logging
 
-from novallm_jax.cli_flags import ACTIVATIONS, COMPILE_CACHE_DIR, DTYPE, KV_CACHE_DTYPE, MESH, MODEL, WEIGHTS
+from novallm_jax.cli_flags import (ACTIVATIONS, COMPILE_CACHE_DIR, DTYPE, KV_CACHE_DTYPE, MESH, MODEL, SPECULATIVE,
+                                  WEIGHTS)
 from novallm_jax.errors import NovaLLMError
 
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt.")
@@ -64,10 +65,10 @@ def generate_main() -> None:
 
     prompts = _read_prompts()
     params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                            seed=_SEED.value, max_tokens=_MAX_NEW_TOKENS.value)
+                            seed=_SEED.value, max_tokens=_MAX_NEW_TOKENS.value, speculative=SPECULATIVE.value)
     with LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, activations=ACTIVATIONS.value,
              kv_cache_dtype=KV_CACHE_DTYPE.value, compile_cache_dir=COMPILE_CACHE_DIR.value or None,
-             mesh=MESH.value) as llm:
+             mesh=MESH.value, speculative=SPECULATIVE.value) as llm:
         chat = _CHAT.value if _CHAT.value is not None else bool(llm.tokenizer.chat_template)
         system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
         encoded = [llm.chat_prompt(system + [{"role": "user", "content": p}]) if chat else llm.encode(p)

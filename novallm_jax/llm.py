@@ -103,6 +103,9 @@ class LLM:
       replica its own rows; see sharding.py) or a `jax.sharding.Mesh` with those axis names. Default: one device.
       On a mesh of several devices steps run on XLA's float path (GGUF block codes are dequantised). Overrides
       `engine_config`'s.
+    speculative: the most tokens a request may draft per step by prompt lookup (`SamplingParams.speculative`,
+      which requests set; 0, the default, compiles no step for verifying drafts). The server and the CLI also make
+      it their requests' default.
     compile_cache_dir: JAX's persistent compilation cache, so a second start loads the compiled steps instead of
       compiling them: "auto" (default) is a per-user directory per jax/jaxlib version
       (`executor.default_compilation_cache_dir()`); None turns it off.
@@ -111,7 +114,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
                  weights: str = "auto", activations: str = "float32", kv_cache_dtype: str | None = None,
                  engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 compile_cache_dir: str | None = "auto", warmup: bool = False, mesh=None):
+                 compile_cache_dir: str | None = "auto", warmup: bool = False, mesh=None, speculative: int = 0):
         from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
                                          with_activations)
         from novallm_jax.loading.gguf_readers import shared_readers
@@ -133,6 +136,11 @@ class LLM:
         if kv_cache_dtype is not None:  # ExecutorConfig checks the value, before the load too
             config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
                                                                               kv_cache_dtype=kv_cache_dtype))
+        SamplingParams(speculative=speculative)  # the same check as a request's
+        self.speculative = speculative
+        if speculative:
+            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
+                                                                              max_draft_tokens=speculative))
 
         self.model_path = model or default_model_path()
         import jax

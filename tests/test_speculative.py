@@ -107,3 +107,47 @@ def test_speculative_needs_an_engine_that_verifies_drafts(engines):
     with pytest.raises(InvalidRequestError, match="max_draft_tokens") as e:
         plain.add_request([5, 6, 7], SamplingParams(speculative=2))
     assert e.value.param == "speculative"
+
+
+COPY = ("Repeat this paragraph exactly: The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and "
+        "the fox runs into the forest to find its friends.")
+
+
+def test_default_model_copies_with_drafts_and_the_server_serves_them(default_gguf):
+    """The real default model on an input-copying prompt: greedy speculative output equals plain output over 64
+    tokens, drafts accepted on the way; the server drafts by default (`--speculative`) and reports acceptance."""
+    import httpx
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.llm import LLM
+    from novallm_jax.serving.app import ServerConfig
+    from novallm_jax.serving.runner import BackgroundServer
+    from tests.engine_fixtures import EXEC
+
+    greedy = dict(temperature=0.0, max_tokens=64, ignore_eos=True)
+    config = EngineConfig(executor=EXEC)
+    with LLM(default_gguf, engine_config=config) as plain:
+        ids = plain.chat_prompt([{"role": "user", "content": COPY}])
+        want = plain.generate([ids], SamplingParams(**greedy))[0].outputs[0]
+    with LLM(default_gguf, engine_config=config, speculative=8) as llm:
+        out = llm.generate([ids], SamplingParams(**greedy, speculative=8))[0].outputs[0]
+        assert out.token_ids == want.token_ids
+        assert llm.engine.counters["accepted_tokens"] > 0
+        with BackgroundServer(llm, ServerConfig(model_name="m")) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+            messages = [{"role": "user", "content": COPY}]
+            default = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=64,
+                                                     extra_body={"ignore_eos": True})
+            assert default.choices[0].message.content == want.text
+            off = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8,
+                                                 extra_body={"speculative": 0, "repetition_penalty": 1.1})
+            assert off.choices[0].finish_reason == "length"
+            with pytest.raises(openai.BadRequestError, match="speculative"):
+                client.chat.completions.create(model="m", messages=messages, max_tokens=8,
+                                               extra_body={"speculative": 9})
+            metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+            values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+            assert values["novallm_spec_decode_accepted_tokens_total"] > 0
+        assert llm.engine.check_leaks() == []

@@ -53,7 +53,8 @@ def main(argv) -> None:
                                         async_scheduling=FLAGS.async_scheduling)
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, activations=FLAGS.activations,
               kv_cache_dtype=FLAGS.kv_cache_dtype, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
-              compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup, mesh=FLAGS.mesh)
+              compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup, mesh=FLAGS.mesh,
+              speculative=FLAGS.speculative)
     llm.tool_call_parser = FLAGS.tool_call_parser
     config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
                           max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)

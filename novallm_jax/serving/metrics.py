@@ -46,6 +46,11 @@ class ServerMetrics:
                                 registry=self.registry)
         self.ttft = Histogram("novallm_time_to_first_token_seconds", "Time from arrival to the first token.",
                               buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.draft_tokens = Counter("novallm_spec_decode_draft_tokens", "Tokens drafted by speculative decoding.",
+                                    registry=self.registry)
+        self.accepted_tokens = Counter("novallm_spec_decode_accepted_tokens",
+                                       "Drafted tokens the model accepted (their ratio to drafted: acceptance rate).",
+                                       registry=self.registry)
         self.tpot = Histogram("novallm_time_per_output_token_seconds",
                               "Mean time per generated token after the first, per sequence.",
                               buckets=_TPOT_BUCKETS, registry=self.registry)
@@ -59,6 +64,8 @@ class ServerMetrics:
         m = out.metrics
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generated_tokens.inc(len(out.token_ids))
+        self.draft_tokens.inc(m.draft_tokens)
+        self.accepted_tokens.inc(m.accepted_tokens)
         if out.finish_reason is not None:
             self.finished.labels(out.finish_reason.value).inc()
         if m.first_token is not None:

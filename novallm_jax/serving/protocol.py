@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
-from novallm_jax.sampling_params import MAX_LOGPROBS
+from novallm_jax.sampling_params import MAX_DRAFT_TOKENS, MAX_LOGPROBS
 from novallm_jax.text_checks import lone_surrogate_problem
 
 # Most completions one request may ask for (n times the number of prompts): bounds the work one call can queue.
@@ -73,6 +73,9 @@ class _Sampling(_Body):
     guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
     guided_grammar: Text | None = None
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's
+    # Prompt-lookup speculative decoding: drafted tokens per step (default: the server's --speculative where the
+    # request's settings allow it).
+    speculative: Annotated[StrictInt, Field(ge=0, le=MAX_DRAFT_TOKENS)] | None = None
 
 
 class CompletionRequest(_Sampling):
