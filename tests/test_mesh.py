@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests import mesh_worker as w
@@ -42,6 +43,13 @@ def test_logits_and_greedy_tokens_match_the_unsharded_run(figures, name, spec):
     assert f["max_logit_diff"] <= 1e-5  # float32, every step of a ragged batch: prefill and 32 decode steps
     assert f["tokens_equal"]  # 32 greedy tokens per row
     assert f["logits_spec"] == "None"  # handed to the sampler as one device's array
+    assert f["donated_in_place"]  # every device's shard of the pages updated in place
+
+
+@pytest.mark.parametrize("name", w.DATA_ONLY)
+def test_data_parallel_moe_matches_the_unsharded_run(figures, name):
+    f = figures[f"{name} data=4"]
+    assert f["max_logit_diff"] <= 1e-5 and f["tokens_equal"]
 
 
 @pytest.mark.parametrize("name,spec", CASES)
@@ -84,6 +92,7 @@ def test_engine_with_preemption_and_prefix_caching_matches_the_unsharded_engine(
     assert alone["native_kernels"] and not f["native_kernels"]  # a mesh runs XLA's float path
     assert f["preemptions"] > 0 and f["cached_prompt_tokens"] == 40
     assert f["outputs"] == alone["outputs"]
+    np.testing.assert_allclose(f["embeddings"], alone["embeddings"], atol=1e-5)  # LLM.embed on the sharded weights
     assert f["leaks"] == [] and alone["leaks"] == []
     assert f["storage_spec"] == "P(None, None, 'model', None)"  # pages still split after swaps and copies
     _, m = sizes(spec)
@@ -110,15 +119,19 @@ def test_a_model_that_does_not_split_is_refused_naming_the_field():
 
     import jax
 
+    from novallm_jax.config import ModelConfig
     from novallm_jax.errors import InvalidRequestError
     from novallm_jax.sharding import check_model
+    from tests.hf_models import build_hf_config
 
     mesh = lambda m: jax.sharding.AbstractMesh((1, m), ("data", "model"))
     cfg = w.CONFIGS["llama"]  # 8 heads, 2 KV heads, FFN 128
     check_model(cfg, mesh(8))
     for bad_cfg, m, words in [(cfg, 3, "num_heads"), (dataclasses.replace(cfg, num_kv_heads=4, num_heads=12), 6,
                                                         "num_kv_heads"),
-                              (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size")]:
+                              (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size"),
+                              (w.DATA_ONLY["qwen3_moe"], 2, "mixture of experts"),
+                              (ModelConfig.from_hf(build_hf_config("gemma4_text").to_dict()), 2, "Gemma 4")]:
         with pytest.raises(InvalidRequestError, match=words) as e:
             check_model(bad_cfg, mesh(m))
         assert e.value.param == "mesh"
