@@ -24,6 +24,9 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert speculative.propose([1, 2, 3, 1, 2], 5) == (3, 1, 2)  # the continuation may run into the suffix itself
     assert speculative.propose([1, 2, 3, 4], 4) == ()  # nothing repeats
     assert speculative.propose(t, 0) == () and speculative.propose([7], 3) == ()
+    assert speculative.propose([4, 9, 5, 9], 2) == ()  # a lone repeated token is no match (MIN_NGRAM = 2)
+    assert speculative.propose([4, 9, 5, 9], 2, min_ngram=1) == (5, 9)
+    assert [speculative.draft_length(8, d, a) for d, a in ((0, 0), (2, 2), (8, 8), (8, 3), (4, 0))] == [8, 4, 8, 4, 1]
     assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
 
 
@@ -77,8 +80,9 @@ def tokenizer(default_gguf):
 
 @pytest.fixture(scope="module")
 def engines(tokenizer):
-    return (make_engine(tokenizer, max_draft_tokens=8, num_pages=40),
-            make_engine(tokenizer, num_pages=40))
+    # Token buckets 1, 2, 4, 8, 16: rows draft 1, 3 or 7 tokens (what fills a bucket, see Scheduler._draft).
+    buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40)
+    return make_engine(tokenizer, max_draft_tokens=8, **buckets), make_engine(tokenizer, **buckets)
 
 
 def _run(eng, specs):
@@ -88,18 +92,33 @@ def _run(eng, specs):
     return [r.output_ids for r in reqs]
 
 
-def test_greedy_speculative_outputs_equal_plain_decoding(engines):
+def test_greedy_speculative_outputs_equal_plain_decoding(engines, monkeypatch):
     """Rows drafting 1..8 tokens beside plain rows in the same steps, a pool small enough to preempt: each output is
-    the plain engine's, token for token, and drafts were accepted on the way."""
+    the plain engine's, token for token. A random model repeats too little for prompt lookup, so the drafts come from
+    an oracle that knows the plain output and spoils every third draft's last token: whole drafts accepted, partial
+    ones, rejections, rejected pages returned."""
     spec, plain = engines
     rng = np.random.default_rng(1)
     base = rng.integers(3, TINY.vocab_size, 12).tolist()
     prompts = [base * 3 + rng.integers(3, TINY.vocab_size, 5).tolist() for _ in range(9)]
     greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, speculative=k)
-    got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
     want = _run(plain, [(p, greedy(0)) for p in prompts])
+    calls = []
+
+    def oracle(tokens, k, **_):
+        i = next(i for i, p in enumerate(prompts) if tokens[:len(p)] == p)
+        done = len(tokens) - len(prompts[i])
+        draft = list(want[i][done:done + k])
+        calls.append(len(draft))
+        if draft and len(calls) % 3 == 0:
+            draft[-1] = (draft[-1] + 1) % TINY.vocab_size
+        return tuple(draft)
+
+    monkeypatch.setattr(speculative, "propose", oracle)
+    got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
     assert got == want
-    assert spec.counters["accepted_tokens"] > 0 and spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
+    assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
+    assert spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
 
 
 def test_speculative_needs_an_engine_that_verifies_drafts(engines):

@@ -114,6 +114,7 @@ class Request:
         self.on_output = on_output
         self.matcher = None  # structured.Matcher of a constrained request (set by the engine)
         self.draft: tuple[int, ...] = ()  # tokens drafted after tokens[-1] in the step in flight (speculative)
+        self.last_draft = (0, 0)  # (drafted, accepted) of its latest verified draft
 
     @property
     def num_tokens(self) -> int:

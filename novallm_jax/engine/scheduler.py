@@ -257,12 +257,16 @@ class Scheduler:
         if req.pending or req.num_tokens - req.num_computed != 1:
             return ()
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
-        k = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
+        k = min(req.params.speculative, self.exec_cfg.max_draft_tokens)
+        k = int(min(speculative.draft_length(k, *req.last_draft), left - 1))
+        # A row alone in its step pads to a token bucket: draft what fills it (3 rather than 4 or 5 into 8 rows).
+        k = max((b - 1 for b in self.exec_cfg.token_buckets if b - 1 <= k), default=k)
         return speculative.propose(req.tokens, k)
 
     def settle(self, req: Request, accepted: int) -> None:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
         the pages that only the rejected ones reached go back to the pool."""
+        req.last_draft = (len(req.draft), accepted)
         req.draft = ()
         if req.status is not Status.RUNNING:
             return

@@ -1,8 +1,9 @@
 """Speculative decoding by prompt lookup: drafts from the text itself, and the rule that accepts them.
 
 A request with `SamplingParams.speculative = k` gets up to k drafted tokens per step: the tokens that followed the
-latest earlier occurrence of its text's last n-gram (n from `MAX_NGRAM` down to 1), as vLLM's n-gram proposer and
-transformers' prompt lookup draft. The step computes the request's last token and the drafts as one row, with a
+latest earlier occurrence of its text's last n-gram (n from `MAX_NGRAM` down to `MIN_NGRAM`), as vLLM's n-gram
+proposer and transformers' prompt lookup draft; how many of them it drafts follows its recent acceptance
+(`draft_length`), so a text that does not repeat itself pays for few rejected drafts. The step computes the request's last token and the drafts as one row, with a
 logits row per position, and samples every position as the slot's next tokens (`sampling.sample_slots` with
 `offsets`: independent draws). Drafted token j is accepted while each draw equals it; the first draw that differs
 (or the draw after the last draft) is the step's last token. For a deterministic draft this is the standard
@@ -16,21 +17,33 @@ from typing import Sequence
 
 import numpy as np
 
-MAX_NGRAM = 4
+MAX_NGRAM, MIN_NGRAM = 4, 2  # a single repeated token predicts little: its drafts mostly cost a wider step
 
 
-def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> tuple[int, ...]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of `tokens`."""
+def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None
+            ) -> tuple[int, ...]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of `tokens`
+    (n from max_ngram down to min_ngram, default `MIN_NGRAM`)."""
     if k <= 0 or len(tokens) < 2:
         return ()
+    min_ngram = MIN_NGRAM if min_ngram is None else min_ngram
     a = np.asarray(tokens, np.int64)
-    for n in range(min(max_ngram, len(a) - 1), 0, -1):
+    for n in range(min(max_ngram, len(a) - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(a[:-1], n)  # each earlier n-gram with a token after it
         hits = np.flatnonzero((windows == a[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
             return tuple(int(t) for t in a[start:start + k])
     return ()
+
+
+def draft_length(k: int, last_drafted: int, last_accepted: int) -> int:
+    """Drafts for the next step: double after a draft accepted whole, back to what was accepted plus one after a
+    rejection (at least 1, at most k)."""
+    if last_drafted == 0:
+        return k
+    grown = 2 * last_drafted if last_accepted == last_drafted else last_accepted + 1
+    return max(1, min(k, grown))
 
 
 def accepted(draws: Sequence[int], draft: Sequence[int]) -> int:
