@@ -50,23 +50,25 @@ def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The experts' output [B, T, D] for the normalised hidden states h [B, T, D]."""
     x = h.reshape(-1, h.shape[-1])
     weights, experts = route(x, p["router"], cfg)
-    return mix_experts(p, x, weights, experts, cfg.moe.num_experts, jax.nn.silu).reshape(h.shape)
+    return mix_experts(p, x, weights, experts, cfg.moe.num_experts, jax.nn.silu, cfg.model_shards).reshape(h.shape)
 
 
-def mix_experts(p: dict, x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, act) -> jax.Array:
+def mix_experts(p: dict, x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, act,
+                shards: int = 1) -> jax.Array:
     """Tokens x [N, D] through their experts [N, k] (gated FFNs `act(gate) * up` of p's `experts_gate_up` and
-    `experts_down`), weighted by `weights` [N, k] and summed: [N, D]."""
+    `experts_down`), weighted by `weights` [N, k] and summed: [N, D]. `shards`: the gate/up columns are grouped per
+    tensor-parallel shard (`ModelConfig.model_shards`, sharding.py)."""
     n, k = experts.shape
     flat = experts.reshape(-1)  # assignment a = token a // k, its (a % k)-th expert
     tokens = jnp.arange(n * k) // k
     if isinstance(p["experts_gate_up"], native.ExpertQuantLinear):
-        y = _coded_ffn(x[tokens], flat, p, act)
+        y = _coded_ffn(x[tokens], flat, p, act, shards)
     elif n * k < num_experts:
-        y = _gathered_ffn(x[tokens], flat, p, act)
+        y = _gathered_ffn(x[tokens], flat, p, act, shards)
     elif jax.default_backend() == "cpu":
-        y = _blocked_ffn(x, tokens, flat, p, num_experts, act)
+        y = _blocked_ffn(x, tokens, flat, p, num_experts, act, shards)
     else:
-        y = _grouped_ffn(x, tokens, flat, p, num_experts, act)
+        y = _grouped_ffn(x, tokens, flat, p, num_experts, act, shards)
     y = y.reshape(n, k, -1) * weights[..., None]
     # transformers adds each token's expert outputs to zeros in ascending expert order.
     order = jnp.argsort(experts, axis=-1)
@@ -81,37 +83,41 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _glu(gate_up: jax.Array, act) -> jax.Array:
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return act(gate) * up
+def _glu(gate_up: jax.Array, act, shards: int = 1) -> jax.Array:
+    """act(gate) * up of gate_up [..., 2F], gate then up (within each of `shards` column groups)."""
+    lead = gate_up.shape[:-1]
+    gate, up = jnp.split(gate_up.reshape(*lead, shards, -1), 2, axis=-1)
+    return (act(gate) * up).reshape(*lead, -1)
 
 
-def _gathered_ffn(xa: jax.Array, experts: jax.Array, p: dict, act) -> jax.Array:
+def _gathered_ffn(xa: jax.Array, experts: jax.Array, p: dict, act, shards: int = 1) -> jax.Array:
     """Expert FFN of each assignment (rows xa [A, D], experts [A]) through its own gathered weights."""
     prec = _precision(p["experts_down"].dtype)
     h = jnp.einsum("ad,adf->af", xa, p["experts_gate_up"][experts], precision=prec)
-    return jnp.einsum("af,afd->ad", _glu(h, act), p["experts_down"][experts], precision=prec)
+    return jnp.einsum("af,afd->ad", _glu(h, act, shards), p["experts_down"][experts], precision=prec)
 
 
-def _coded_ffn(xa: jax.Array, experts: jax.Array, p: dict, act) -> jax.Array:
+def _coded_ffn(xa: jax.Array, experts: jax.Array, p: dict, act, shards: int = 1) -> jax.Array:
     """`_gathered_ffn` with expert weights in GGUF block codes, on the native CPU kernel: it groups the assignments
     by expert itself and reads each active expert's codes once."""
     h = p["experts_gate_up"].apply(xa, experts)
-    return p["experts_down"].apply(_glu(h, act), experts)
+    return p["experts_down"].apply(_glu(h, act, shards), experts)
 
 
-def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act) -> jax.Array:
+def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act,
+                 shards: int = 1) -> jax.Array:
     """Expert FFN of each assignment, the assignments sorted by expert and run as one grouped matmul per weight."""
     prec = _precision(p["experts_down"].dtype)
     order = jnp.argsort(experts, stable=True)
     sizes = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
     xs = x[tokens[order]]
     h = jax.lax.ragged_dot(xs, p["experts_gate_up"], sizes, precision=prec)
-    ys = jax.lax.ragged_dot(_glu(h, act), p["experts_down"], sizes, precision=prec)
+    ys = jax.lax.ragged_dot(_glu(h, act, shards), p["experts_down"], sizes, precision=prec)
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
-def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act) -> jax.Array:
+def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act,
+                 shards: int = 1) -> jax.Array:
     """`_grouped_ffn` as XLA:CPU can run it: the assignments sorted by expert, each expert's run padded to whole
     blocks of rows, and a loop over the blocks, each one matmul with its expert's weights (read once per block; the
     blocks past the last run are skipped). FLOPs and reads follow the routed tokens, not the number of experts."""
@@ -136,7 +142,7 @@ def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, n
 
         def ffn(_):
             h = jnp.dot(xblk, p["experts_gate_up"][e], precision=prec)
-            return jnp.dot(_glu(h, act), p["experts_down"][e], precision=prec)
+            return jnp.dot(_glu(h, act, shards), p["experts_down"][e], precision=prec)
 
         return jax.lax.cond(live, ffn, lambda _: jnp.zeros_like(xblk), None)
 

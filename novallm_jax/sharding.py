@@ -13,6 +13,8 @@ Data parallelism over `data`: a step's rows (tokens, positions, page tables) are
 computing its own rows with a whole copy of the weights' `model` shards; the new keys and values of a step are
 gathered over `data` before they are written, so every replica's pages stay the same.
 
+A mixture of experts splits every expert's FFN hidden units the same way (the router is replicated).
+
 The fused q/k/v and gate/up matmuls keep one weight each: `shard_layout` reorders their columns so that a contiguous
 split gives each shard its own heads (see `ModelConfig.model_shards` and `model.split_columns`).
 """
@@ -42,6 +44,9 @@ _LAYER_SPECS = {
     "wo": P("model", None),
     "w_gate_up": P(None, "model"),
     "w_down": P("model", None),
+    # Mixture of experts: every expert's FFN hidden units over `model` (the router is replicated).
+    "experts_gate_up": P(None, None, "model"),
+    "experts_down": P(None, "model", None),
 }
 # KV pages [num_pages, page_size, kv_heads, head_dim]: heads over `model`, replicated over `data`.
 KV_PAGES = P(None, None, "model", None)
@@ -104,11 +109,12 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     m = axis_size(mesh, "model")
     if m == 1:
         return
-    family = ("Gemma 4" if cfg.gemma is not None and cfg.gemma.version >= 4
-              else "a mixture of experts" if cfg.moe is not None else None)
-    if family:
-        raise _mesh_error(f"tensor parallelism (model={m}) is not implemented for {family} yet; "
+    if cfg.gemma is not None and cfg.gemma.version >= 4:
+        raise _mesh_error(f"tensor parallelism (model={m}) is not implemented for Gemma 4 yet; "
                           f"use data parallelism (mesh 'data={m}') or model=1")
+    if cfg.moe is not None and cfg.moe.expert_size % m:
+        raise _mesh_error(f"the experts' FFN size ({cfg.moe.expert_size}) is not divisible by the mesh's model axis "
+                          f"({m})")
     if cfg.num_heads % m:
         raise _mesh_error(f"num_heads ({cfg.num_heads}) is not divisible by the mesh's model axis ({m})")
     kv = cfg.num_kv_heads
@@ -151,7 +157,9 @@ def shard_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
         p["wqkv"] = qkv(p["wqkv"])
         if "bqkv" in p:
             p["bqkv"] = qkv(p["bqkv"])
-        p["w_gate_up"] = gate_up(p["w_gate_up"])
+        for name in ("w_gate_up", "experts_gate_up"):  # a sparse layer has experts instead of the dense MLP
+            if name in p:
+                p[name] = gate_up(p[name])
         layers.append(p)
     return {**params, "layers": layers}
 

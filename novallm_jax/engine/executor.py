@@ -144,9 +144,9 @@ class PrefillChunk:
 class Executor:
     """Runs prefill and decode steps for one model; owns the jitted functions and counts their compiles.
 
-    `mesh` ("model=2,data=2" or a Mesh; see sharding.py): the params and the KV pages are split over it, and the steps are
-    jitted with the layout's in/out shardings. The native CPU kernels are not used on a mesh of several devices
-    (XLA cannot partition a foreign call); quantized weights are dequantised.
+    `mesh` ("model=2,data=2" or a Mesh; see sharding.py): the params and the KV pages are split over it, and the
+    steps are jitted with the layout's in/out shardings. The native CPU kernels are not used on a mesh of several
+    devices (XLA cannot partition a foreign call); quantized weights are dequantised.
     """
 
     def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None,
