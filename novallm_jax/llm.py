@@ -178,6 +178,7 @@ class LLM:
         llm.model_path, llm.cfg, llm.tokenizer, llm.engine = name, engine.cfg, engine.tokenizer, engine
         llm._closed = False
         llm.tool_call_parser = None
+        llm.speculative = engine.executor.exec_cfg.max_draft_tokens  # the default drafts, as LLM(speculative=...)
         engine.start()
         return llm
 

@@ -202,14 +202,23 @@ class SamplingParams:
                                       f"step), got {self.speculative!r}", param="speculative")
         if not self.speculative:
             return
-        clashes = [name for name, on in (
-            ("repetition_penalty", self.repetition_penalty != 1.0), ("presence_penalty", self.presence_penalty != 0),
-            ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
-            ("min_tokens", self.min_tokens > 0), ("structured", self.structured is not None)) if on]
+        clashes = self._drafting_clashes()
         if clashes:
             raise InvalidRequestError(f"speculative decoding does not combine with {', '.join(clashes)}: each "
                                       f"drafted position's distribution would depend on the drafts before it",
                                       param="speculative")
+
+    def _drafting_clashes(self) -> list[str]:
+        return [name for name, on in (
+            ("repetition_penalty", self.repetition_penalty != 1.0), ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
+            ("min_tokens", self.min_tokens > 0), ("structured", self.structured is not None)) if on]
+
+    def with_default_drafts(self, k: int) -> SamplingParams:
+        """These settings drafting k tokens per step where they set none and allow drafting (a server's default)."""
+        if self.speculative or not k or self._drafting_clashes():
+            return self
+        return dataclasses.replace(self, speculative=k)
 
     def _check_stop(self) -> None:
         stop = self.stop

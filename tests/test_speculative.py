@@ -38,6 +38,18 @@ def test_speculative_is_validated_where_it_enters():
         SamplingParams(speculative=2, repetition_penalty=1.2, min_tokens=1, max_tokens=4)
 
 
+def test_a_servers_default_drafts_only_where_the_request_allows_them():
+    from novallm_jax.serving import novallm_pb2 as pb
+    from novallm_jax.serving.grpc_server import sampling_from_proto
+
+    assert SamplingParams(temperature=0.0).with_default_drafts(4).speculative == 4
+    assert SamplingParams(speculative=2).with_default_drafts(4).speculative == 2
+    assert SamplingParams(repetition_penalty=1.1).with_default_drafts(4).speculative == 0
+    assert sampling_from_proto(pb.SamplingParams(speculative=3)).speculative == 3
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        sampling_from_proto(pb.SamplingParams(speculative=3, min_tokens=2))
+
+
 def test_drafts_are_accepted_exactly_as_sequential_sampling():
     """Target: a 2-token sequence over 8 tokens, p(x1) from L0 and p(x2 | x1) from L1[x1], at temperature 0.8. The
     step drafts d1 (a token the target rarely picks) and d2, draws every position with `offsets`, and keeps the
@@ -163,6 +175,11 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
             off = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8,
                                                  extra_body={"speculative": 0, "repetition_penalty": 1.1})
             assert off.choices[0].finish_reason == "length"
+            tools = [{"type": "function", "function": {"name": "echo", "parameters": {
+                "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}]
+            called = client.chat.completions.create(model="m", messages=messages, tools=tools, max_tokens=40,
+                                                    tool_choice="required")  # constrained: drafts off by default
+            assert called.choices[0].message.tool_calls
             with pytest.raises(openai.BadRequestError, match="speculative"):
                 client.chat.completions.create(model="m", messages=messages, max_tokens=8,
                                                extra_body={"speculative": 9})

@@ -167,17 +167,10 @@ def structured_output(req: P._Sampling) -> StructuredOutput | None:
                        e.param.replace("structured_outputs", name)) from None
 
 
-def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | None,
-                    speculative: int = 0) -> SamplingParams:
-    """The SDK's settings of one request body (each child of n > 1 gets `for_child(i)` later); `speculative` is the
-    server's default draft length, for requests that set none and whose settings allow drafting."""
+def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The SDK's settings of one request body (each child of n > 1 gets `for_child(i)` later)."""
     opt = lambda v, default: default if v is None else v
-    if req.speculative is not None:
-        speculative = req.speculative
-    elif any(v not in (None, 0, 1.0) for v in (req.repetition_penalty, req.presence_penalty, req.frequency_penalty,
-                                               req.min_tokens)) or req.logit_bias or structured_output(req):
-        speculative = 0
-    return SamplingParams(speculative=speculative,
+    return SamplingParams(speculative=opt(req.speculative, 0),
         temperature=opt(req.temperature, 1.0), top_p=opt(req.top_p, 1.0), top_k=opt(req.top_k, 0),
         min_p=opt(req.min_p, 0.0), repetition_penalty=opt(req.repetition_penalty, 1.0),
         presence_penalty=opt(req.presence_penalty, 0.0), frequency_penalty=opt(req.frequency_penalty, 0.0),
@@ -333,7 +326,9 @@ class _Handlers:
         prompts = self._prompts(body.prompt)
         if len(prompts) * body.n > P.MAX_CHOICES:
             raise APIError(400, f"n times the number of prompts must be at most {P.MAX_CHOICES}", param="n")
-        params = sampling_params(body, body.max_tokens, body.logprobs, self.s.llm.speculative)
+        params = sampling_params(body, body.max_tokens, body.logprobs)
+        if body.speculative is None:
+            params = params.with_default_drafts(self.s.llm.speculative)
         jobs = []
         for ids in prompts:
             fitted = dataclasses.replace(params, max_tokens=self.s.check_length(ids, body.max_tokens, "prompt"))
@@ -488,8 +483,9 @@ class _Handlers:
         tools = rendering.tools
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.s.llm.tool_params(sampling_params(body, max_tokens, logprobs, self.s.llm.speculative),
-                                             rendering)
+        params = self.s.llm.tool_params(sampling_params(body, max_tokens, logprobs), rendering)
+        if body.speculative is None:
+            params = params.with_default_drafts(self.s.llm.speculative)
         params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, max_tokens, "messages"))
         jobs = [(ids, params.for_child(i)) for i in range(body.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -39,7 +39,7 @@ _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTI
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     """The SDK's settings of a proto message; unset fields take the REST API's defaults."""
     get = lambda name, default: getattr(s, name) if s.HasField(name) else default
-    return SamplingParams(
+    return SamplingParams(speculative=get("speculative", 0),
         temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0), min_p=get("min_p", 0.0),
         repetition_penalty=get("repetition_penalty", 1.0), presence_penalty=get("presence_penalty", 0.0),
         frequency_penalty=get("frequency_penalty", 0.0), logit_bias=dict(s.logit_bias) or None,
@@ -140,6 +140,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             ids, rendering = self._prompt(request)
             if rendering is not None:
                 params = self.s.llm.tool_params(params, rendering)
+            if not request.sampling.HasField("speculative"):
+                params = params.with_default_drafts(self.s.llm.speculative)
             tools = None if rendering is None else rendering.tools
             splitter = None if tools is None else ToolStream(tools, rendering.parser)
             params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, params.max_tokens,

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!novallm_jax/serving/novallm.proto\x12\nnovallm.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9c\x01\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.novallm.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xdd\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).novallm.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x08\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xbd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.novallm.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.novallm.v1.ConversationH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.novallm.v1.SamplingParamsB\x08\n\x06prompt\"\x8d\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12.\n\x03top\x18\x03 \x03(\x0b\x32!.novallm.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.novallm.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.novallm.v1.Usage\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.novallm.v1.ToolCall\"\x0f\n\rHealthRequest\"\xc0\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.novallm.v1.HealthResponse.Status\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x15\n\rkv_pages_free\x18\x05 \x01(\r\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\x96\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.novallm.v1.GenerateRequest\x1a\x1c.novallm.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.novallm.v1.HealthRequest\x1a\x1a.novallm.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!novallm_jax/serving/novallm.proto\x12\nnovallm.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9c\x01\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.novallm.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x87\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).novallm.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x03H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x08\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\t\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x10 \x01(\rH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x0e\n\x0c_speculative\"\xbd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.novallm.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.novallm.v1.ConversationH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.novallm.v1.SamplingParamsB\x08\n\x06prompt\"\x8d\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12.\n\x03top\x18\x03 \x03(\x0b\x32!.novallm.v1.TokenLogprob.TopEntry\x1a*\n\x08TopEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.novallm.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.novallm.v1.Usage\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.novallm.v1.ToolCall\"\x0f\n\rHealthRequest\"\xc0\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.novallm.v1.HealthResponse.Status\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x15\n\rkv_pages_free\x18\x05 \x01(\r\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\x96\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.novallm.v1.GenerateRequest\x1a\x1c.novallm.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.novallm.v1.HealthRequest\x1a\x1a.novallm.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSATION']._serialized_start=182
   _globals['_CONVERSATION']._serialized_end=338
   _globals['_SAMPLINGPARAMS']._serialized_start=341
-  _globals['_SAMPLINGPARAMS']._serialized_end=946
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=749
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=797
-  _globals['_GENERATEREQUEST']._serialized_start=949
-  _globals['_GENERATEREQUEST']._serialized_end=1138
-  _globals['_TOKENLOGPROB']._serialized_start=1141
-  _globals['_TOKENLOGPROB']._serialized_end=1282
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=1240
-  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=1282
-  _globals['_TOOLCALL']._serialized_start=1284
-  _globals['_TOOLCALL']._serialized_end=1339
-  _globals['_USAGE']._serialized_start=1341
-  _globals['_USAGE']._serialized_end=1428
-  _globals['_GENERATERESPONSE']._serialized_start=1431
-  _globals['_GENERATERESPONSE']._serialized_end=1643
-  _globals['_HEALTHREQUEST']._serialized_start=1645
-  _globals['_HEALTHREQUEST']._serialized_end=1660
-  _globals['_HEALTHRESPONSE']._serialized_start=1663
-  _globals['_HEALTHRESPONSE']._serialized_end=1855
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1804
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1855
-  _globals['_GENERATION']._serialized_start=1858
-  _globals['_GENERATION']._serialized_end=2008
+  _globals['_SAMPLINGPARAMS']._serialized_end=988
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=775
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=823
+  _globals['_GENERATEREQUEST']._serialized_start=991
+  _globals['_GENERATEREQUEST']._serialized_end=1180
+  _globals['_TOKENLOGPROB']._serialized_start=1183
+  _globals['_TOKENLOGPROB']._serialized_end=1324
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_start=1282
+  _globals['_TOKENLOGPROB_TOPENTRY']._serialized_end=1324
+  _globals['_TOOLCALL']._serialized_start=1326
+  _globals['_TOOLCALL']._serialized_end=1381
+  _globals['_USAGE']._serialized_start=1383
+  _globals['_USAGE']._serialized_end=1470
+  _globals['_GENERATERESPONSE']._serialized_start=1473
+  _globals['_GENERATERESPONSE']._serialized_end=1685
+  _globals['_HEALTHREQUEST']._serialized_start=1687
+  _globals['_HEALTHREQUEST']._serialized_end=1702
+  _globals['_HEALTHRESPONSE']._serialized_start=1705
+  _globals['_HEALTHRESPONSE']._serialized_end=1897
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1846
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1897
+  _globals['_GENERATION']._serialized_start=1900
+  _globals['_GENERATION']._serialized_end=2050
 # @@protoc_insertion_point(module_scope)
