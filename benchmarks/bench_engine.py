@@ -347,7 +347,7 @@ def warm_up(engine) -> dict[str, Any]:
     with engine._lock:
         ex.step_shapes = lambda: shapes
         try:
-            engine.pool.storage = ex.warmup(engine.pool.storage)
+            engine.kv_cache = ex.warmup(engine.kv_cache)
         finally:
             del ex.step_shapes
         engine.warmup_sampler()

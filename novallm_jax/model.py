@@ -161,8 +161,11 @@ def attention(q, keys, values, positions, cfg: ModelConfig, layer: int = 0) -> j
 
 def attend(q, k, v, positions, cache: KVCache, layer: int, cfg: ModelConfig, page_table):
     """Writes layer `layer`'s k, v [B, T, KV, hd] to the cache and attends q over its keys: (attn [B, T, H*hd],
-    cache). A layer that reads another's K/V (`cfg.layer_kv_source`) writes nothing (k, v are ignored)."""
+    cache). A layer that reads another's K/V (`cfg.layer_kv_source`) writes nothing (k, v are ignored). `page_table`:
+    [B, W], or (full, window, window_start) for a cache with a WINDOW group (see `PagedKVCache`)."""
     src = cfg.layer_kv_source(layer)
+    if isinstance(cache, PagedKVCache):
+        page_table, positions = cache.view(src, page_table, positions)
     # The native kernel reads keys in place and only the causal ones; XLA's path gathers every row's pages first.
     if isinstance(cache, PagedKVCache) and cache.native_attention:
         if src == layer:

@@ -67,7 +67,8 @@ class EngineCore:
 
     def _run(self, call: ModelCall, storage):
         chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot, prompt_len=r.prompt_len,
-                               logits=1 + r.draft) for r in call.rows]
+                               logits=1 + r.draft, window_pages=list(r.window_pages), window_first=r.window_first)
+                  for r in call.rows]
         if call.kind == RAGGED:
             return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
         if call.kind == PREFILL:
@@ -75,7 +76,8 @@ class EngineCore:
         if call.kind == DECODE:
             return self.executor.decode(storage, [c.tokens[0] for c in chunks], [c.start for c in chunks],
                                         [c.pages for c in chunks], padded=True, from_slots=[c.from_slot for c in chunks],
-                                        last_tokens=self.sampling.last_token)
+                                        last_tokens=self.sampling.last_token,
+                                        window_tables=[(c.window_first, c.window_pages) for c in chunks])
         raise ValueError(f"unknown model call kind {call.kind!r}")
 
     def _sample(self, call: ModelCall, logits: jax.Array, bitmask: np.ndarray | None) -> Sampled:

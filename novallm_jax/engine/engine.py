@@ -141,12 +141,18 @@ class LLMEngine:
         self.max_model_len = min(ecfg.max_model_len, cfg.max_position_embeddings)
         self.num_slots = ecfg.max_decode_batch
         self.max_prefill_rows = self.config.max_prefill_rows or ecfg.prefill_batch_buckets[-1]
-        self.pool = MemoryPool(num_pages=ecfg.num_pages, storage=self.executor.new_cache())
+        # The KV pages: one pool, or with a window group (sliding layers' pages, `kv_cache.window_groups`) a second.
+        storages = self.executor.split_cache(self.executor.new_cache())
+        self.pool = MemoryPool(num_pages=ecfg.num_pages, storage=storages[0])
+        self.window_pool = None if len(storages) == 1 else MemoryPool(
+            num_pages=self.executor.window_num_pages, storage=storages[1])
+        self.pools = (self.pool,) if self.window_pool is None else (self.pool, self.window_pool)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or cfg.eos_token_ids
         self.scheduler = Scheduler(self.pool, ecfg, ragged=self.executor.ragged, max_model_len=self.max_model_len,
                                    max_prefill_rows=self.max_prefill_rows,
                                    enable_prefix_caching=self.config.enable_prefix_caching,
-                                   preemption_mode=self.config.preemption_mode, long_context=_long_context(cfg))
+                                   preemption_mode=self.config.preemption_mode, long_context=_long_context(cfg),
+                                   window_pool=self.window_pool, window=self.executor.window)
         self.core = EngineCore(self.executor, self.num_slots, cfg.vocab_size, self.eos_token_ids)
         # The scheduler's state, under the names callers know.
         self.prefix_cache = self.scheduler.prefix_cache
@@ -224,7 +230,7 @@ class LLMEngine:
         """Compiles every shape a step can use: the executor's step shapes, then `warmup_sampler`; and builds the
         tokenizer's per-token byte table, which its first detokenized token would otherwise build (~0.2-0.4 s)."""
         with self._lock:
-            self.pool.storage = self.executor.warmup(self.pool.storage)
+            self.kv_cache = self.executor.warmup(self.kv_cache)
             self.warmup_sampler()
             self.tokenizer.token_bytes(0)
 
@@ -270,7 +276,7 @@ class LLMEngine:
             plan = self.scheduler.schedule()  # admits again: into the slots of requests that just finished
             sampled_rows = {r.request_id: self.requests[r.request_id] for c in plan.calls for r in c.rows if r.sample}
             if not any(req.matcher is not None for req in sampled_rows.values()):
-                dispatched, self.pool.storage = self.core.execute(plan, self.pool.storage)
+                dispatched, self.kv_cache = self.core.execute(plan, self.kv_cache)
                 sampled = self._track(dispatched, sampled_rows) or None
                 if self._inflight is not None:
                     self.counters["steps_planned_ahead"] += sampled is not None
@@ -278,7 +284,7 @@ class LLMEngine:
             else:
                 # A constrained row's mask needs its previous token: the model calls are dispatched first, and the
                 # masks are computed from the step in flight, read back while they run; then the sampler.
-                logits, self.pool.storage = self.core.run(plan, self.pool.storage)
+                logits, self.kv_cache = self.core.run(plan, self.kv_cache)
                 if self._inflight is not None:
                     self.counters["steps_planned_ahead"] += 1
                     emitted += self._emit(self._take_inflight())
@@ -456,21 +462,33 @@ class LLMEngine:
                 req.error = message
                 self._finish(req, FinishReason.ERROR)
                 req.emit("", [])
-        if any(a.is_deleted() for a in jax.tree.leaves(self.pool.storage)):
-            self.pool.storage = self.executor.new_cache()  # a failed donated step consumed the cache
+        if any(a.is_deleted() for p in self.pools for a in jax.tree.leaves(p.storage)):
+            self.kv_cache = self.executor.new_cache()  # a failed donated step consumed the cache
         if any(a.is_deleted() for a in jax.tree.leaves(self.core.sampling)):  # likewise a failed sample_slots
             self.core.reset_sampling()
+
+    @property
+    def kv_cache(self):
+        """The KV cache the steps run on: the pools' storages (one per KV cache group) as one pytree."""
+        return self.executor.join_cache([p.storage for p in self.pools])
+
+    @kv_cache.setter
+    def kv_cache(self, cache) -> None:
+        for pool, storage in zip(self.pools, self.executor.split_cache(cache)):
+            pool.storage = storage
 
     # ---- accounting ---------------------------------------------------------------------------------------------
 
     def check_leaks(self) -> list[str]:
         """Pages or buffers held by anyone but the prefix cache, plus any mismatch in the cache's own accounting."""
         with self._lock:
-            leaks = [line for line in self.pool.check_leaks() if repr(pc.OWNER) not in line]
-            held = set(self.pool.pages_of(pc.OWNER))
-            if held != self.prefix_cache.pages():
-                leaks.append(f"prefix cache index ({len(self.prefix_cache)} pages) disagrees with the pool "
-                             f"({len(held)} pages held by {pc.OWNER!r})")
+            leaks = []
+            for pool, cached in zip(self.pools, (self.prefix_cache.pages(), self.prefix_cache.window_pages())):
+                leaks += [line for line in pool.check_leaks() if repr(pc.OWNER) not in line]
+                held = set(pool.pages_of(pc.OWNER))
+                if held != cached:
+                    leaks.append(f"prefix cache index ({len(cached)} pages) disagrees with the pool "
+                                 f"({len(held)} pages held by {pc.OWNER!r})")
             return leaks
 
     def stats(self) -> dict:
@@ -482,7 +500,10 @@ class LLMEngine:
                 "swapped": len(self.swapped),
                 "kv_pages_used": used,
                 "kv_pages_free": self.pool.num_free,
-                "kv_bytes_per_device": bytes_per_device(self.pool.storage),
+                "kv_bytes_per_device": bytes_per_device(self.kv_cache),
+                **({} if self.window_pool is None else {
+                    "kv_window_pages_used": self.window_pool.num_pages - 1 - self.window_pool.num_free,
+                    "kv_window_pages_free": self.window_pool.num_free}),
                 "prefix_cache_pages": len(self.prefix_cache),
                 "prefix_cache_hit_rate": self.prefix_cache.hit_rate,
                 **self.counters,

@@ -34,7 +34,7 @@ from novallm_jax import sharding
 from novallm_jax.config import ModelConfig, rope_inv_freqs
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
-from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache
+from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache, group_window
 from novallm_jax.model import Params, forward, rope_tables_per_kind
 from novallm_jax.sampling_params import MAX_DRAFT_TOKENS
 
@@ -70,6 +70,12 @@ class ExecutorConfig:
     # Speculative decoding: the most drafted tokens a ragged step's row may verify. A step then returns logits for
     # up to max_decode_batch * (1 + this) rows (more lm_head rows in steps of many tokens), so it is opt-in.
     max_draft_tokens: int = 0
+    # Sliding-window layers of a model that also has global ones (Gemma 2/3/4) keep their K/V in pages of their own,
+    # which return to the pool once behind the window (`kv_cache.window_groups`); None: wherever a model mixes them.
+    window_kv_group: bool | None = None
+    # Pages of that group's pool; None: as many as every batch slot's window and the largest step need, at most
+    # num_pages (`Executor.window_num_pages`).
+    window_num_pages: int | None = None
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -134,6 +140,10 @@ class PrefillChunk:
     from_slot: int = -1
     prompt_len: int = 0
     logits: int = 1  # ragged steps: logits of this many last tokens (a row verifying logits - 1 drafted tokens)
+    # The sequence's pages of the window group (sliding layers, `ExecutorConfig.window_kv_group`) from page index
+    # `window_first` on: those before it are behind the window of every query left, and back in the pool.
+    window_pages: Sequence[int] = ()
+    window_first: int = 0
 
     @property
     def rope_extent(self) -> int:
@@ -181,6 +191,10 @@ class Executor:
         if wanted and not fusable:
             raise ValueError("fused_layers=True needs the native kernels and attention (float32 on CPU)")
         self.fused_layers = fusable if wanted is None else wanted
+        # The window group's window (None: one group, as for models without sliding layers).
+        self.window = group_window(cfg) if self.exec_cfg.window_kv_group in (None, True) else None
+        if self.exec_cfg.window_kv_group and self.window is None:
+            raise ValueError("window_kv_group=True needs a model with both sliding-window and global layers")
         if self.mesh is None:
             self._step = jax.jit(self._traced_step, donate_argnames=("cache",))
         else:
@@ -211,13 +225,14 @@ class Executor:
 
     def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
-        logging.info("compiling step for tokens %s, page table %s", tokens.shape, page_table.shape)
+        logging.info("compiling step for tokens %s, page table %s", tokens.shape, jax.tree.leaves(page_table)[0].shape)
         tokens = _fed_back(tokens, src, last_tokens)
         return forward(params, tokens, positions, cache, self.step_cfg, page_table, logits_index, rope_cs=rope_cs)
 
     def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens):
         self.compile_count += 1
-        logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0], page_table.shape)
+        logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0],
+                     jax.tree.leaves(page_table)[0].shape)
         tokens = _fed_back(tokens, src, last_tokens)
         return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows,
                        rope_cs=rope_cs)
@@ -229,6 +244,27 @@ class Executor:
         return self.native_kernels and c.attn_softcap is None and all(
             native.supports_attention(c.layer_head_dim(i), c.num_heads, c.layer_kv_heads(i)) for i in range(c.num_layers))
 
+    @property
+    def window_num_pages(self) -> int | None:
+        """Pages of the window group's pool (null page included); None without a window group.
+
+        By default enough that no step waits for them: each batch slot's window and partial pages, plus the pages of
+        the most tokens one step computes; never more than num_pages, since a sequence holds no more window pages
+        than pages of the full group.
+        """
+        if self.window is None:
+            return None
+        e, ps = self.exec_cfg, self.exec_cfg.page_size
+        step = max(e.token_buckets[-1], e.prefill_batch_buckets[-1] * e.max_chunk + e.max_decode_batch)
+        per_slot = math.ceil((self.window - 1) / ps) + 3  # the window, a partial page, a copy-on-write page
+        least = per_slot + math.ceil(step / ps) + 1
+        if e.window_num_pages is not None:
+            if e.window_num_pages < least:
+                raise ValueError(f"window_num_pages={e.window_num_pages} is below the {least} pages one sequence's "
+                                 f"largest step may need; raise it")
+            return e.window_num_pages
+        return min(e.num_pages, e.max_decode_batch * per_slot + least)
+
     def new_cache(self) -> PagedKVCache:
         """Zeroed KV pages (on a mesh, created in place on every device, each with its heads)."""
         if self.mesh is None:
@@ -238,7 +274,69 @@ class Executor:
     def _new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
         return PagedKVCache.create(self.step_cfg, e.num_pages, e.page_size, self.kv_dtype,
-                                   native_attention=self.native_attention, fused_layers=self.fused_layers)
+                                   native_attention=self.native_attention, fused_layers=self.fused_layers,
+                                   window_pages=self.window_num_pages)
+
+    def split_cache(self, cache: PagedKVCache) -> tuple:
+        """The storage of each KV cache group's memory pool: the cache itself when there is one group."""
+        if cache.groups is None:
+            return (cache,)
+        return tuple(cache.group_storage(g) for g in range(2))
+
+    def join_cache(self, storages: Sequence) -> PagedKVCache:
+        """The cache whose groups' storages are `storages` (as `split_cache` gives them)."""
+        if len(storages) == 1:
+            return storages[0]
+        return self._shell.with_group_storages(storages)
+
+    @functools.cached_property
+    def _shell(self) -> PagedKVCache:
+        """A cache of this executor's layout without memory (its arrays are replaced by `join_cache`)."""
+        e = self.exec_cfg
+        return jax.eval_shape(lambda: PagedKVCache.create(
+            self.step_cfg, 1, e.page_size, self.kv_dtype, native_attention=self.native_attention,
+            fused_layers=self.fused_layers, window_pages=1))
+
+    @property
+    def window_table_width(self) -> int | None:
+        """Pages of a row's window-group table: what the window before a row's first query and the most tokens of
+        one row reach (a page-table bucket's width when narrower)."""
+        if self.window is None:
+            return None
+        e = self.exec_cfg
+        row = max(e.token_buckets[-1] if self.ragged else 0, e.max_chunk)
+        return math.ceil((self.window - 1 + row) / e.page_size) + 1
+
+    def _tables(self, rows: int, width: int) -> list[np.ndarray]:
+        """Empty page tables [rows, width]; with a window group also its table and each row's window_start (see
+        `PagedKVCache`)."""
+        full = np.full((rows, width), NULL_PAGE, np.int32)
+        if self.window is None:
+            return [full]
+        window = np.full((rows, min(width, self.window_table_width)), NULL_PAGE, np.int32)
+        return [full, window, np.zeros(rows, np.int32)]
+
+    def _fill_tables(self, tables: list[np.ndarray], rows, chunk: PrefillChunk, needed: int) -> None:
+        """Writes `chunk`'s pages into `rows` of the tables; the window group's from the first page its first query
+        can see."""
+        tables[0][rows, :needed] = chunk.pages[:needed]
+        if self.window is None:
+            return
+        ps = self.exec_cfg.page_size
+        lo = max(0, chunk.start - self.window + 1) // ps
+        first, live = chunk.window_first, chunk.window_pages
+        if first > lo or len(live) < needed - first:
+            raise ValueError(f"sequence at {chunk.start}+{len(chunk.tokens)} needs its window pages from index {lo} "
+                             f"to {needed}; has {len(live)} from index {first}")
+        if needed - lo > tables[1].shape[1]:
+            raise ValueError(f"a row of {len(chunk.tokens)} tokens reaches {needed - lo} window pages; the window "
+                             f"table has {tables[1].shape[1]}")
+        tables[1][rows, :needed - lo] = live[lo - first:needed - first]
+        tables[2][rows] = lo * ps
+
+    @staticmethod
+    def _table_arg(tables: list[np.ndarray]):
+        return tables[0] if len(tables) == 1 else tuple(tables)
 
     def step_hlo(self, rows: int, t: int, width: int) -> str:
         """The optimised HLO of the step for (rows, tokens, page-table width), as compiled (e.g. to count its
@@ -249,7 +347,7 @@ class Executor:
         src, last = self._feedback(tokens, None, None)
         cache = jax.eval_shape(self._new_cache)
         count = self.compile_count
-        text = self._step.lower(self.params, tokens, positions, cache, np.zeros((rows, width), np.int32),
+        text = self._step.lower(self.params, tokens, positions, cache, self._table_arg(self._tables(rows, width)),
                                 np.zeros(rows, np.int32), rope_cs, src, last).compile().as_text()
         self.compile_count = count
         return text
@@ -307,7 +405,7 @@ class Executor:
         width = self._table_width(end)
         tokens = np.zeros((rows, t), np.int32)
         positions = np.full((rows, t), -1, np.int32)
-        table = np.full((rows, width), NULL_PAGE, np.int32)
+        tables = self._tables(rows, width)
         last = np.zeros(rows, np.int32)
         extents = np.zeros(rows, np.int32)
         for i, c in enumerate(chunks):
@@ -316,33 +414,37 @@ class Executor:
             extents[i] = c.rope_extent
             tokens[i, :n] = c.tokens
             positions[i, :n] = np.arange(c.start, c.start + n)
-            table[i, :needed] = c.pages[:needed]
+            self._fill_tables(tables, i, c, needed)
             last[i] = n - 1
-        logits, cache = self._run(cache, tokens, positions, table, last, extents=extents)
+        logits, cache = self._run(cache, tokens, positions, self._table_arg(tables), last, extents=extents)
         return (logits if padded else _rows(logits, len(chunks))), cache
 
     def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
                page_tables: Sequence[Sequence[int]], padded: bool = False, from_slots: Sequence[int] | None = None,
-               last_tokens: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
+               last_tokens: jax.Array | None = None,
+               window_tables: Sequence[tuple[int, Sequence[int]]] | None = None) -> tuple[jax.Array, PagedKVCache]:
         """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V] (every row
         of the bucket with `padded=True`, as in `prefill`). Where from_slots[i] >= 0, token i is
-        last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g. `SamplingBatch.last_token`)."""
+        last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g. `SamplingBatch.last_token`).
+        `window_tables[i]`: (window_first, window_pages) of sequence i, as in PrefillChunk (a window group only)."""
         e = self.exec_cfg
         n = len(tokens)
         rows = bucket(n, e.decode_batch_buckets)
         width = self._table_width(max(p + 1 for p in positions))
         tok = np.zeros((rows, 1), np.int32)
         pos = np.full((rows, 1), -1, np.int32)
-        table = np.full((rows, width), NULL_PAGE, np.int32)
+        tables = self._tables(rows, width)
         src = np.full((rows, 1), -1, np.int32)
         tok[:n, 0] = tokens
         pos[:n, 0] = positions
         if from_slots is not None:
             src[:n, 0] = from_slots
         for i, pages in enumerate(page_tables):
-            needed = positions[i] // e.page_size + 1
-            table[i, :needed] = pages[:needed]
-        logits, cache = self._run(cache, tok, pos, table, np.zeros(rows, np.int32), src, last_tokens)
+            first, live = window_tables[i] if window_tables is not None else (0, ())
+            chunk = PrefillChunk((0,), positions[i], pages, window_pages=live, window_first=first)
+            self._fill_tables(tables, i, chunk, self._pages_needed(chunk))
+        logits, cache = self._run(cache, tok, pos, self._table_arg(tables), np.zeros(rows, np.int32), src,
+                                  last_tokens)
         return (logits if padded else _rows(logits, n)), cache
 
     def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk],
@@ -363,7 +465,7 @@ class Executor:
         width = self._table_width(max(s.start + len(s.tokens) for s in seqs))
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
-        table = np.full((rows, width), NULL_PAGE, np.int32)
+        tables = self._tables(rows, width)
         src = np.full((rows, 1), -1, np.int32)
         last = np.zeros(self._logits_rows(rows), np.int32)
         if sum(s.logits for s in seqs) > len(last):
@@ -379,11 +481,11 @@ class Executor:
             if s.from_slot >= 0:
                 src[at, 0] = s.from_slot
             positions[at:at + k, 0] = np.arange(s.start, s.start + k)
-            table[at:at + k, :needed] = s.pages[:needed]
+            self._fill_tables(tables, slice(at, at + k), s, needed)
             at += k
             last[out:out + s.logits] = np.arange(at - s.logits, at)
             out += s.logits
-        return self._run_ragged(cache, tokens, positions, table, last, src, last_tokens, extents)
+        return self._run_ragged(cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents)
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""
@@ -427,7 +529,7 @@ class Executor:
         for rows, t, width in tqdm(self.step_shapes(), desc="compiling", unit="shape", leave=False):
             tokens = np.zeros((rows, t), np.int32)
             positions = np.full((rows, t), -1, np.int32)
-            table = np.full((rows, width), NULL_PAGE, np.int32)
+            table = self._table_arg(self._tables(rows, width))
             if self.ragged:
                 rows_out = np.zeros(self._logits_rows(rows), np.int32)
                 _, cache = self._run_ragged(cache, tokens, positions, table, rows_out)

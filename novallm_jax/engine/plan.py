@@ -15,6 +15,7 @@ from novallm_jax.sampling_params import SamplingParams
 # Kinds of model call: one ragged batch of rows (prompt chunks and decode rows alike, CPU), or padded prefill and
 # decode calls (see `executor.Executor`).
 RAGGED, PREFILL, DECODE = "ragged", "prefill", "decode"
+_LISTS = ("tokens", "pages", "window_pages")  # a Row's tuples, lists in JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,9 @@ class Row:
     `sample` (the row computes its sequence's last known token). `from_slot` >= 0: the row's one token is still on
     the device, the sampler's last draw for that slot (`tokens` then holds a placeholder). `prompt_len`: its
     sequence's prompt length (longrope picks its factors by it, see `executor.PrefillChunk`). `draft` > 0: the last
-    `draft` tokens are drafted (speculative decoding), and each of the row's last draft + 1 positions is sampled."""
+    `draft` tokens are drafted (speculative decoding), and each of the row's last draft + 1 positions is sampled.
+    `window_pages`: its pages of the window group (a model's sliding layers, see `kv_cache.window_groups`) from page
+    index `window_first` on; the earlier ones went back to the pool once behind the window."""
 
     request_id: str
     slot: int
@@ -34,6 +37,8 @@ class Row:
     from_slot: int = -1
     prompt_len: int = 0
     draft: int = 0
+    window_pages: tuple[int, ...] = ()
+    window_first: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +77,8 @@ class StepPlan:
             "slot_updates": [{"slot": u.slot, "params": None if u.params is None else u.params.to_dict(),
                               "prompt_token_ids": list(u.prompt_token_ids),
                               "output_token_ids": list(u.output_token_ids)} for u in self.slot_updates],
-            "calls": [{"kind": c.kind, "rows": [{**dataclasses.asdict(r), "tokens": list(r.tokens),
-                                                  "pages": list(r.pages)} for r in c.rows]} for c in self.calls],
+            "calls": [{"kind": c.kind, "rows": [{**dataclasses.asdict(r), **{k: list(getattr(r, k)) for k in _LISTS}}
+                                                 for r in c.rows]} for c in self.calls],
         }
 
     @classmethod
@@ -81,7 +86,6 @@ class StepPlan:
         updates = tuple(SlotUpdate(u["slot"], None if u["params"] is None else SamplingParams.from_dict(u["params"]),
                                    tuple(u["prompt_token_ids"]), tuple(u["output_token_ids"]))
                         for u in d["slot_updates"])
-        calls = tuple(ModelCall(c["kind"], tuple(Row(**{**r, "tokens": tuple(r["tokens"]),
-                                                        "pages": tuple(r["pages"])}) for r in c["rows"]))
-                      for c in d["calls"])
+        calls = tuple(ModelCall(c["kind"], tuple(Row(**{**r, **{k: tuple(r[k]) for k in _LISTS if k in r}})
+                                                 for r in c["rows"])) for c in d["calls"])
         return cls(d["step"], updates, calls)

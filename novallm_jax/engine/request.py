@@ -93,6 +93,10 @@ class Request:
         self.num_computed = 0
         self.pending = 0  # tokens drawn on the device and not yet read back (a pipelined step is in flight)
         self.pages: list[int] = []
+        # Its page table of the window group (sliding layers; `scheduler.Scheduler`), NULL_PAGE behind the window,
+        # and while swapped out: (index of its first page still held, the swap handle of those pages or None).
+        self.window_pages: list[int] = []
+        self.window_swap = None
         self.page_hashes: list[bytes] = []  # of the prompt's full pages, for the prefix cache
         self.num_cached_pages = 0  # pages of page_hashes registered in (or taken from) the prefix cache
         self.slot: int | None = None

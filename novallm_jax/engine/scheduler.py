@@ -6,6 +6,12 @@ ragged batch (every decode row, then prompt chunks up to a token bucket), elsewh
 A request's tokens count as computed when they are planned, as in vLLM's scheduler: the plan is executed before the
 next one is made. It runs no model: `core.EngineCore` executes its plans.
 
+A model whose sliding-window layers have a KV cache group of their own (`kv_cache.window_groups`) gives each request a
+second page table, from a second pool: before each step a request is planned in, its window-group pages that lie
+wholly behind the window of its next query (the page's last position <= that position - window) go back to that
+pool and their entries become the null page; so the group holds about window / page_size + 1 pages per sequence
+however long it grows, while the full group's pages grow with its length.
+
 Not yet in the plan: the pool operations that copy KV contents (swap out and in, copy-on-write) run at once on the
 local cache when the scheduler decides them. A process holding other shards would need them as plan operations too.
 """
@@ -24,6 +30,7 @@ from novallm_jax.engine import speculative
 from novallm_jax.engine.executor import ExecutorConfig, bucket
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, Row, SlotUpdate, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
+from novallm_jax.kv_cache import NULL_PAGE
 
 
 class Scheduler:
@@ -31,8 +38,10 @@ class Scheduler:
 
     def __init__(self, pool: MemoryPool, exec_cfg: ExecutorConfig, *, ragged: bool, max_model_len: int,
                  max_prefill_rows: int, enable_prefix_caching: bool, preemption_mode: str,
-                 long_context: int | None = None):
+                 long_context: int | None = None, window_pool: MemoryPool | None = None, window: int | None = None):
         self.pool = pool
+        # The window group's pool and window (sliding layers' pages, see the module docstring); None: one group.
+        self.window_pool, self.window = window_pool, window
         self.exec_cfg = exec_cfg
         self.ragged = ragged
         self.page_size = exec_cfg.page_size
@@ -43,7 +52,7 @@ class Scheduler:
         # longrope (Phi-3): a prompt longer than this rotates every key with the long factors, so its cached pages
         # must not serve a shorter prompt with the same tokens (nor the reverse).
         self.long_context = long_context
-        self.prefix_cache = pc.PrefixCache(pool, self.page_size)
+        self.prefix_cache = pc.PrefixCache(pool, self.page_size, window_pool, window)
         self.slots: list[Request | None] = [None] * exec_cfg.max_decode_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.swapped: collections.deque[Request] = collections.deque()
@@ -71,8 +80,7 @@ class Scheduler:
                 self.pool.drop_swapped(req.swap_handle)
                 req.swap_handle = None
         self._release_slot(req)
-        self.pool.free_all(req.id)
-        req.pages = []
+        self._free_all(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.metrics.finished = time.monotonic()
@@ -88,10 +96,14 @@ class Scheduler:
         """Resumes swapped requests first (they were admitted earlier), then waiting ones, while slots and pages last."""
         while self.swapped and (slot := self._free_slot()) is not None:
             req = self.swapped[0]
-            if not self._reserve(req.swap_handle.num_pages):
+            first, handle = req.window_swap or (0, None)
+            if not self._reserve(req.swap_handle.num_pages, handle.num_pages if handle else 0):
                 return
             req.pages = self.pool.swap_in(req.swap_handle)
             req.swap_handle = None
+            if req.window_swap is not None:
+                req.window_pages = [NULL_PAGE] * first + (self.window_pool.swap_in(handle) if handle else [])
+                req.window_swap = None
             self.swapped.popleft()
             self._place(req, slot)
         while self.waiting and (slot := self._free_slot()) is not None:
@@ -104,14 +116,15 @@ class Scheduler:
                                                  salt=b"longrope" if long else b"")
             need = math.ceil(len(req.tokens) / self.page_size)
             if self.enable_prefix_caching:
-                req.pages = self.prefix_cache.match(req.id, req.page_hashes)
+                req.pages, req.window_pages = self.prefix_cache.match(req.id, req.page_hashes)
                 req.num_cached_pages = len(req.pages)
                 req.num_computed = len(req.pages) * self.page_size
                 req.metrics.cached_prompt_tokens = req.num_computed
-            if not self._reserve(need - len(req.pages)):
-                if req.pages:
-                    self.pool.free(req.id, req.pages)
-                req.pages, req.num_computed, req.num_cached_pages = [], 0, 0
+            # The window group needs pages for the first step only: the earlier ones return before the next.
+            need_window = min(need - len(req.pages), math.ceil(self._step_cap / self.page_size) + 1)
+            if not self._reserve(need - len(req.pages), need_window if self.window_pool else 0):
+                self._free_all(req)
+                req.num_computed, req.num_cached_pages = 0, 0
                 return
             self.waiting.popleft()
             self._place(req, slot)
@@ -127,19 +140,51 @@ class Scheduler:
             self._slot_updates.append(SlotUpdate(req.slot))
             req.slot = None
 
-    def _reserve(self, n: int) -> bool:
-        """Whether `n` pages are free, evicting unused prefix-cache pages if that helps."""
+    def _reserve(self, n: int, n_window: int = 0) -> bool:
+        """Whether `n` pages (and `n_window` of the window group) are free, evicting unused prefix-cache pages if that
+        helps."""
         short = n - self.pool.num_free
         if short > 0:
             self.prefix_cache.evict(short)
-        return self.pool.num_free >= n
+        if self.window_pool is not None and n_window > self.window_pool.num_free:
+            self.prefix_cache.evict_window(n_window - self.window_pool.num_free)
+        return self.pool.num_free >= n and (self.window_pool is None or self.window_pool.num_free >= n_window)
+
+    def _free_all(self, req: Request) -> None:
+        """Frees every page `req` holds, in both groups, and its host copies."""
+        self.pool.free_all(req.id)
+        req.pages = []
+        if self.window_pool is not None:
+            self.window_pool.free_all(req.id)
+            req.window_pages, req.window_swap = [], None
+
+    def _window_first(self, req: Request) -> int:
+        """The first window-group page that `req`'s next query (and every later one) can see."""
+        return max(0, req.num_computed - self.window + 1) // self.page_size
+
+    def _recycle_window_pages(self, req: Request) -> None:
+        """Returns `req`'s window-group pages behind the window of its next query to the pool."""
+        first = min(self._window_first(req), len(req.window_pages))
+        behind = [p for p in req.window_pages[:first] if p != NULL_PAGE]
+        if behind:
+            self.window_pool.free(req.id, behind)
+            req.window_pages[:first] = [NULL_PAGE] * first
+            self.counters["window_pages_recycled"] += len(behind)
 
     def _ensure_pages(self, req: Request, upto: int) -> bool:
         """Gives `req` pages for positions < upto, preempting newer requests if needed; False if `req` was preempted."""
-        need = math.ceil(upto / self.page_size) - len(req.pages)
-        while need > 0:
-            if self._reserve(need):
-                req.pages += self.pool.allocate(req.id, need)
+        if self.window_pool is not None:
+            self._recycle_window_pages(req)
+        while True:
+            need = math.ceil(upto / self.page_size) - len(req.pages)
+            need_window = math.ceil(upto / self.page_size) - len(req.window_pages) if self.window_pool else 0
+            if need <= 0 and need_window <= 0:
+                break
+            if self._reserve(need, need_window):
+                if need > 0:
+                    req.pages += self.pool.allocate(req.id, need)
+                if need_window > 0:
+                    req.window_pages += self.window_pool.allocate(req.id, need_window)
                 break
             victim = max((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
             self._preempt(victim)
@@ -149,6 +194,8 @@ class Scheduler:
         idx = req.num_computed // self.page_size
         if req.num_computed % self.page_size and idx < len(req.pages):
             req.pages[idx] = self.pool.make_writable(req.id, req.pages[idx])
+            if self.window_pool is not None and req.window_pages[idx] != NULL_PAGE:
+                req.window_pages[idx] = self.window_pool.make_writable(req.id, req.window_pages[idx])
         return True
 
     def _preempt(self, req: Request) -> None:
@@ -160,10 +207,14 @@ class Scheduler:
         self._release_slot(req)
         if self.preemption_mode == "swap" and req.num_computed > 0:
             req.swap_handle = self.pool.swap_out(req.id, req.pages)
+            if self.window_pool is not None:  # its pages still held, a tail of its window table
+                live = [p for p in req.window_pages if p != NULL_PAGE]
+                handle = self.window_pool.swap_out(req.id, live) if live else None
+                req.window_swap, req.window_pages = (len(req.window_pages) - len(live), handle), []
             req.status = Status.SWAPPED
             self.swapped.append(req)
         else:
-            self.pool.free_all(req.id)
+            self._free_all(req)
             req.num_computed, req.num_cached_pages = 0, 0
             req.status = Status.WAITING
             self.waiting.appendleft(req)
@@ -176,13 +227,14 @@ class Scheduler:
         """
         if any(r is not None and r.params.speculative for r in self.slots):
             return False  # drafting needs the last token on the host
-        cap = max(self.exec_cfg.token_buckets[-1], self.exec_cfg.max_chunk)
-        need = 0
+        cap = self._step_cap
+        need = need_window = 0
         for req in self.slots:
             if req is not None:
-                upto = req.num_computed + min(req.num_tokens - req.num_computed, cap)
-                need += max(0, math.ceil(upto / self.page_size) - len(req.pages)) + 1  # + 1: a copy-on-write page
-        return self.pool.num_free >= need
+                pages = math.ceil((req.num_computed + min(req.num_tokens - req.num_computed, cap)) / self.page_size)
+                need += max(0, pages - len(req.pages)) + 1  # + 1: a copy-on-write page
+                need_window += max(0, pages - len(req.window_pages)) + 1
+        return self.pool.num_free >= need and (self.window_pool is None or self.window_pool.num_free >= need_window)
 
     # ---- planning -------------------------------------------------------------------------------------------------
 
@@ -244,11 +296,14 @@ class Scheduler:
                 tokens, from_slot = (0,), req.slot
             else:
                 tokens, from_slot = tuple(req.tokens[req.num_computed:req.num_computed + n]), -1
-            start = req.num_computed
+            start, first = req.num_computed, 0
+            if self.window_pool is not None:
+                first = next((i for i, p in enumerate(req.window_pages) if p != NULL_PAGE), len(req.window_pages))
             sample = self._advance(req, n)
             req.draft = draft
             rows.append(Row(req.id, req.slot, tokens + draft, start, tuple(req.pages), sample, from_slot,
-                            len(req.prompt), len(draft)))
+                            len(req.prompt), len(draft),
+                            tuple(req.window_pages[first:]), first))
         return tuple(rows)
 
     def _draft(self, req: Request) -> tuple[int, ...]:
@@ -275,6 +330,9 @@ class Scheduler:
         if len(req.pages) > keep:
             self.pool.free(req.id, req.pages[keep:])
             req.pages = req.pages[:keep]
+        if len(req.window_pages) > keep:
+            self.window_pool.free(req.id, [p for p in req.window_pages[keep:] if p != NULL_PAGE])
+            req.window_pages = req.window_pages[:keep]
 
     def _advance(self, req: Request, n: int) -> bool:
         """Counts `n` more of `req`'s tokens as computed; True when the next one is to be sampled."""
@@ -292,6 +350,11 @@ class Scheduler:
     def at_length(self, req: Request, num_tokens: int) -> bool:
         """Whether `req` stops by length (max_tokens, or the model's context) once it has `num_tokens` tokens."""
         return num_tokens - len(req.prompt) >= (req.params.max_tokens or math.inf) or num_tokens >= self.max_model_len
+
+    @property
+    def _step_cap(self) -> int:
+        """The most tokens of one sequence that one step computes."""
+        return max(self.exec_cfg.token_buckets[-1], self.exec_cfg.max_chunk)
 
     def _ragged_budget(self, running: list[Request], drafted: int = 0) -> int:
         """Tokens for this ragged step: every decode row, and prompt tokens up to a token bucket.
@@ -338,5 +401,5 @@ class Scheduler:
             return
         full = min(req.num_computed // self.page_size, len(req.page_hashes))
         if full > req.num_cached_pages:
-            self.prefix_cache.insert(req.id, req.page_hashes[:full], req.pages[:full])
+            self.prefix_cache.insert(req.id, req.page_hashes[:full], req.pages[:full], req.window_pages[:full])
             req.num_cached_pages = full
