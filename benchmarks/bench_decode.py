@@ -39,8 +39,11 @@ import common  # noqa: E402  (the benchmarks folder is not a package)
 import llama_cpp_tools  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["smollm2", "random:bench-llama-1024"],
-                  "Models: smollm2, random:PRESET_OR_JSON, or a GGUF file / HF directory.")
+flags.DEFINE_list(
+    "models",
+    ["smollm2", "random:bench-llama-1024"],
+    "Models: smollm2, random:PRESET_OR_JSON, or a GGUF file / HF directory.",
+)
 flags.DEFINE_list("batches", ["1", "8", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("prompt_len", 256, "Prompt length of the prefill measurement (batch 1).")
 flags.DEFINE_integer("context", 16, "Tokens already in each sequence's cache when the timed decode steps start.")
@@ -48,48 +51,102 @@ flags.DEFINE_integer("steps", 16, "Decode steps per timed repeat.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed decode steps before timing (after the compile).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are the best and the median.")
 flags.DEFINE_integer("page_size", 16, "KV page size of our executor.")
-flags.DEFINE_integer("num_pages", 0, "KV pool size of our executor; 0: just what the run needs (the step's cost "
-                     "currently grows with the pool, see README).")
-flags.DEFINE_string("torch_threads", "auto", "torch threads: a number, or auto = whichever of 1 and the core count "
-                    "decodes faster at batch 1 (on a loaded machine, extra threads can be many times slower).")
+flags.DEFINE_integer(
+    "num_pages",
+    0,
+    "KV pool size of our executor; 0: just what the run needs (the step's cost "
+    "currently grows with the pool, see README).",
+)
+flags.DEFINE_string(
+    "torch_threads",
+    "auto",
+    "torch threads: a number, or auto = whichever of 1 and the core count "
+    "decodes faster at batch 1 (on a loaded machine, extra threads can be many times slower).",
+)
 flags.DEFINE_float("bandwidth_gib", 1.0, "Size of the array for the bandwidth measurement, GiB.")
-flags.DEFINE_string("dtype", "auto", "Weight and activation dtype of every engine: auto (float32 on CPU, bfloat16 on "
-                    "GPU), float32, bfloat16, float16.")
+flags.DEFINE_string(
+    "dtype",
+    "auto",
+    "Weight and activation dtype of every engine: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.",
+)
 flags.DEFINE_bool("transformers", True, "Run the transformers baseline.")
-flags.DEFINE_bool("xla_dots", True, "Also run our executor with XLA's own dots instead of the native CPU kernel "
-                  "(engine `ours_xla`), to show what the kernel adds in the same run.")
-flags.DEFINE_bool("quantized", True, "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
-                  "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).")
-flags.DEFINE_integer("interleave_rounds", 6, "Then batch-1 decoding of ours (float32, int8) and transformers in this "
-                     "many alternating rounds, each after a bandwidth probe (`interleaved` in the JSON); 0: off.",
-                     lower_bound=0)
-flags.DEFINE_bool("fused_layers", True, "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
-                  "--nofused_layers: a call per matmul and attention, with XLA ops between.")
+flags.DEFINE_bool(
+    "xla_dots",
+    True,
+    "Also run our executor with XLA's own dots instead of the native CPU kernel "
+    "(engine `ours_xla`), to show what the kernel adds in the same run.",
+)
+flags.DEFINE_bool(
+    "quantized",
+    True,
+    "Also run our executor on a GGUF file's own block codes (`ours_quant`: "
+    "Q4_0/1/K, Q5_0/1/K and Q8_0 weights, decoded in the native kernel to the same float32 values).",
+)
+flags.DEFINE_integer(
+    "interleave_rounds",
+    6,
+    "Then batch-1 decoding of ours (float32, int8) and transformers in this "
+    "many alternating rounds, each after a bandwidth probe (`interleaved` in the JSON); 0: off.",
+    lower_bound=0,
+)
+flags.DEFINE_bool(
+    "fused_layers",
+    True,
+    "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
+    "--nofused_layers: a call per matmul and attention, with XLA ops between.",
+)
 flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache's dtype (default: the model's).")
-flags.DEFINE_bool("int8", True, "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
-                  "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
-                  "other arithmetic).")
-flags.DEFINE_enum("random_quant", "", ["", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K",
-                                        "Q6_K", "Q4_K_M"], "Random models: write them "
-                  "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
-                  "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.")
-flags.DEFINE_bool("llama_cpp", True, "Run llama.cpp on GGUF models: its llama-bench from --llama_cpp_bin, else "
-                  "llama-cpp-python when importable.")
-flags.DEFINE_string("llama_cpp_bin", None, "Directory of llama.cpp's tools (llama-bench, llama-quantize), as "
-                    "benchmarks/build_llama_cpp.sh prints it; default $NOVALLM_LLAMA_CPP. llama.cpp then also runs "
-                    "in the interleaved batch-1 rounds.")
+flags.DEFINE_bool(
+    "int8",
+    True,
+    "With ours_quant, also run it with int8 activations (`ours_int8`: activations "
+    "quantised to int8 per 32 values and integer dot products, as llama.cpp does; the same bytes, "
+    "other arithmetic).",
+)
+flags.DEFINE_enum(
+    "random_quant",
+    "",
+    ["", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"],
+    "Random models: write them "
+    "as a GGUF in this block format and run every engine on it (transformers and ours dequantise it: the "
+    "same float32 values; ours_quant and llama.cpp read the codes). Empty: float32 checkpoints.",
+)
+flags.DEFINE_bool(
+    "llama_cpp",
+    True,
+    "Run llama.cpp on GGUF models: its llama-bench from --llama_cpp_bin, else llama-cpp-python when importable.",
+)
+flags.DEFINE_string(
+    "llama_cpp_bin",
+    None,
+    "Directory of llama.cpp's tools (llama-bench, llama-quantize), as "
+    "benchmarks/build_llama_cpp.sh prints it; default $NOVALLM_LLAMA_CPP. llama.cpp then also runs "
+    "in the interleaved batch-1 rounds.",
+)
 flags.DEFINE_bool("quick", False, "Smoke run: 4 steps, 2 repeats, batches 1,2, 32-token prompt, small bandwidth array.")
 flags.DEFINE_integer("seed", 0, "Seed of the random models and token ids.")
-flags.DEFINE_string("mesh", None, "Mesh shapes separated by ';' (e.g. 'model=1;model=2;model=2,data=2'): instead of "
-                    "the comparison, our decode and prefill on each mesh (XLA's float path), with the weight bytes each "
-                    "device reads per step. On CPU, --mesh_devices fake devices.")
-flags.DEFINE_integer("mesh_devices", 8, "With --mesh on CPU: devices to fake (XLA_FLAGS="
-                     "--xla_force_host_platform_device_count), unless XLA_FLAGS already sets it.")
-flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_decode.json"),
-                    "Where to write the JSON results.")
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "Mesh shapes separated by ';' (e.g. 'model=1;model=2;model=2,data=2'): instead of "
+    "the comparison, our decode and prefill on each mesh (XLA's float path), with the weight bytes each "
+    "device reads per step. On CPU, --mesh_devices fake devices.",
+)
+flags.DEFINE_integer(
+    "mesh_devices",
+    8,
+    "With --mesh on CPU: devices to fake (XLA_FLAGS="
+    "--xla_force_host_platform_device_count), unless XLA_FLAGS already sets it.",
+)
+flags.DEFINE_string(
+    "output",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_decode.json"),
+    "Where to write the JSON results.",
+)
 
 
 # --- models -----------------------------------------------------------------------------------------------------------
+
 
 def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -> dict[str, Any]:
     """Loads one model spec for every engine: our (cfg, params), the HF model (or None), the GGUF file or HF
@@ -104,8 +161,9 @@ def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -
         if llama_cpp_bin is None:
             raise app.UsageError(f"model {spec!r} needs llama-quantize: pass --llama_cpp_bin")
         src = default_model_path() if base == "smollm2" else base
-        spec = llama_cpp_tools.quantize(llama_cpp_bin, src, os.path.join(workdir, f"{os.path.basename(src)}.{kind}.gguf"),
-                                        kind)
+        spec = llama_cpp_tools.quantize(
+            llama_cpp_bin, src, os.path.join(workdir, f"{os.path.basename(src)}.{kind}.gguf"), kind
+        )
 
     gguf_path = hf_dir = params_quant = random_hf = None
     if spec.startswith("random:") and FLAGS.random_quant:
@@ -138,8 +196,15 @@ def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -
         hf = _hf_from_dir(spec) if FLAGS.transformers else None
     if hf is not None:
         hf = hf.to(torch_device(), _torch_dtype(dtype))
-    return {"name": label, "cfg": cfg, "params": params, "params_quant": params_quant, "hf": hf, "gguf": gguf_path,
-            "hf_dir": hf_dir}
+    return {
+        "name": label,
+        "cfg": cfg,
+        "params": params,
+        "params_quant": params_quant,
+        "hf": hf,
+        "gguf": gguf_path,
+        "hf_dir": hf_dir,
+    }
 
 
 def _has_codes(params) -> bool:
@@ -147,8 +212,10 @@ def _has_codes(params) -> bool:
 
     from novallm_jax.kernels import native
 
-    return any(isinstance(w, native.QuantLinear)
-               for w in jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear)))
+    return any(
+        isinstance(w, native.QuantLinear)
+        for w in jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear))
+    )
 
 
 def torch_device() -> str:
@@ -171,7 +238,8 @@ def _hf_from_gguf(path: str):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -206,16 +274,29 @@ def weight_bytes_per_token(params, cfg=None) -> int:
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
     if cfg is not None and cfg.moe is not None:
         idle = 1 - cfg.moe.top_k / cfg.moe.num_experts
-        total -= sum(int(leaf.nbytes * idle) for layer in params["layers"]
-                     for k in ("experts_gate_up", "experts_down") if k in layer for leaf in jax.tree.leaves(layer[k]))
+        total -= sum(
+            int(leaf.nbytes * idle)
+            for layer in params["layers"]
+            for k in ("experts_gate_up", "experts_down")
+            if k in layer
+            for leaf in jax.tree.leaves(layer[k])
+        )
     return total
 
 
 # --- our executor -----------------------------------------------------------------------------------------------------
 
-def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None = None,
-               probe: common.BandwidthProbe | None = None, keep_batch1: bool = False, mesh: str | None = None
-               ) -> dict[str, Any]:
+
+def bench_ours(
+    cfg,
+    params,
+    batches: list[int],
+    s,
+    native_kernels: bool | None = None,
+    probe: common.BandwidthProbe | None = None,
+    keep_batch1: bool = False,
+    mesh: str | None = None,
+) -> dict[str, Any]:
     """Decode tokens/s per batch size and prefill tokens/s through `Executor`, after compiling each shape; `probe`
     samples the bandwidth just before and after the batch-1 timing (its roofline); `keep_batch1` leaves a batch-1
     decoder in out["batch1"] (a callable, for `interleaved_batch1`)."""
@@ -230,11 +311,18 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     max_len = ps * math.ceil(max(decode_len, s["prompt_len"]) / ps)
     width = max_len // ps
     widths = sorted({math.ceil(decode_len / ps), math.ceil(s["prompt_len"] / ps), width})
-    exec_cfg = ExecutorConfig(page_size=ps, num_pages=s["num_pages"] or 1 + max(batches) * width, max_model_len=max_len,
-                              decode_batch_buckets=tuple(batches), prefill_batch_buckets=(1,),
-                              prefill_len_buckets=(s["prompt_len"],), page_table_buckets=tuple(widths),
-                              native_kernels=native_kernels, fused_layers=None if s["fused_layers"] else False,
-                              kv_cache_dtype=s["kv_cache_dtype"])
+    exec_cfg = ExecutorConfig(
+        page_size=ps,
+        num_pages=s["num_pages"] or 1 + max(batches) * width,
+        max_model_len=max_len,
+        decode_batch_buckets=tuple(batches),
+        prefill_batch_buckets=(1,),
+        prefill_len_buckets=(s["prompt_len"],),
+        page_table_buckets=tuple(widths),
+        native_kernels=native_kernels,
+        fused_layers=None if s["fused_layers"] else False,
+        kv_cache_dtype=s["kv_cache_dtype"],
+    )
     ex = Executor(cfg, params, exec_cfg, mesh=mesh)
     exec_cfg = ex.exec_cfg  # on a mesh, row buckets rounded up to whole rows per data replica
     cache = ex.new_cache()
@@ -242,15 +330,21 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
 
     @jax.jit
     def argmax(logits):  # the next step's input tokens, as the engine's sampler leaves them (SamplingBatch.last_token)
-        return jnp.zeros(slots, jnp.int32).at[:logits.shape[0]].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return jnp.zeros(slots, jnp.int32).at[: logits.shape[0]].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
     rng = np.random.default_rng(s["seed"])
-    out: dict[str, Any] = {"decode": {}, "compile_s": {}, "page_table_widths": list(widths),
-                           "num_pages": exec_cfg.num_pages, "native_kernels": ex.native_kernels}
+    out: dict[str, Any] = {
+        "decode": {},
+        "compile_s": {},
+        "page_table_widths": list(widths),
+        "num_pages": exec_cfg.num_pages,
+        "native_kernels": ex.native_kernels,
+    }
 
     for b in batches:
-        timed, state = _ours_decoder(ex, cache, b, width, rng.integers(0, cfg.vocab_size, slots), s, argmax, out,
-                                     f"decode_b{b}")
+        timed, state = _ours_decoder(
+            ex, cache, b, width, rng.integers(0, cfg.vocab_size, slots), s, argmax, out, f"decode_b{b}"
+        )
         around = [probe()] if probe and b == 1 else []
         t = common.time_repeats(timed, s["repeats"], warmup=0)
         around += [probe()] if around else []
@@ -259,8 +353,17 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
         if around:
             out["decode"][str(b)]["bandwidth_gb_s"] = around
     if keep_batch1:  # a batch-1 decoder of its own (its own pages) for the interleaved rounds
-        out["batch1"] = _ours_decoder(ex, ex.new_cache(), 1, width, rng.integers(0, cfg.vocab_size, slots), s, argmax,
-                                      {"compile_s": {}}, "decode_b1")[0]
+        out["batch1"] = _ours_decoder(
+            ex,
+            ex.new_cache(),
+            1,
+            width,
+            rng.integers(0, cfg.vocab_size, slots),
+            s,
+            argmax,
+            {"compile_s": {}},
+            "decode_b1",
+        )[0]
 
     prompt = rng.integers(0, cfg.vocab_size, s["prompt_len"]).tolist()
     chunk = [PrefillChunk(prompt, 0, list(range(1, 1 + width)))]
@@ -277,6 +380,7 @@ def bench_ours(cfg, params, batches: list[int], s, native_kernels: bool | None =
     out["compile_count"] = ex.compile_count
     if mesh:
         from novallm_jax.sharding import bytes_per_device
+
         # A decode step reads every weight but the embedding table (one row): each device its shards.
         out["weight_bytes_per_device"] = bytes_per_device({k: v for k, v in ex.params.items() if k != "embed"})
         out["kv_bytes_per_device"] = bytes_per_device(cache)
@@ -287,8 +391,12 @@ def bench_mesh(shapes: list[str], batches: list[int], s) -> None:
     """Decode and prefill of each model on each mesh shape (XLA's float path everywhere, model=1 included)."""
     import jax
 
-    results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches},
-                               "devices": [str(d) for d in jax.devices()], "models": []}
+    results: dict[str, Any] = {
+        "machine": common.machine_info(),
+        "settings": {**s, "batches": batches},
+        "devices": [str(d) for d in jax.devices()],
+        "models": [],
+    }
     rows = []
     for spec in FLAGS.models:
         m = load_models(spec, FLAGS.seed, tempfile.gettempdir(), None)
@@ -297,17 +405,27 @@ def bench_mesh(shapes: list[str], batches: list[int], s) -> None:
             r = bench_ours(m["cfg"], m["params"], batches, s, native_kernels=False, mesh=shape)
             entry["meshes"][shape] = r
             for b, d in r["decode"].items():
-                rows.append({"model": spec, "mesh": shape, "batch": int(b), "ms/step": d["step_ms_median"],
-                             "tok/s": d["tok_s_median"], "weight MB/device/step": r["weight_bytes_per_device"] / 1e6,
-                             "KV MB/device": r["kv_bytes_per_device"] / 1e6,
-                             "prefill tok/s": r["prefill"]["tok_s_median"]})
+                rows.append(
+                    {
+                        "model": spec,
+                        "mesh": shape,
+                        "batch": int(b),
+                        "ms/step": d["step_ms_median"],
+                        "tok/s": d["tok_s_median"],
+                        "weight MB/device/step": r["weight_bytes_per_device"] / 1e6,
+                        "KV MB/device": r["kv_bytes_per_device"] / 1e6,
+                        "prefill tok/s": r["prefill"]["tok_s_median"],
+                    }
+                )
         results["models"].append(entry)
     results["machine"]["loadavg_after"] = common.loadavg()
     output = FLAGS.output if FLAGS["output"].present else FLAGS.output.replace(".json", "_mesh.json")
     common.write_json(output, results)
     print(common.format_table(rows, list(rows[0])))
-    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices; load {results['machine']['loadavg']} -> "
-          f"{results['machine']['loadavg_after']}; wrote {output}")
+    print(
+        f"{len(jax.devices())} {jax.devices()[0].platform} devices; load {results['machine']['loadavg']} -> "
+        f"{results['machine']['loadavg_after']}; wrote {output}"
+    )
 
 
 def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, name: str):
@@ -324,8 +442,9 @@ def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, n
         # device, then step j's tokens are read back to the host.
         previous = None
         for j in range(n):
-            logits, state["cache"] = ex.decode(state["cache"], [0] * b, [start + j] * b, tables,
-                                               from_slots=range(b), last_tokens=state["tokens"])
+            logits, state["cache"] = ex.decode(
+                state["cache"], [0] * b, [start + j] * b, tables, from_slots=range(b), last_tokens=state["tokens"]
+            )
             if previous is not None:
                 np.asarray(previous)
             previous = state["tokens"] = argmax(logits)
@@ -339,8 +458,9 @@ def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, n
     return (lambda: run(s["steps"], start)), state
 
 
-def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int], probe: common.BandwidthProbe,
-                       rounds: int, steps: int) -> dict[str, Any]:
+def interleaved_batch1(
+    runners: dict[str, Any], bytes_per_token: dict[str, int], probe: common.BandwidthProbe, rounds: int, steps: int
+) -> dict[str, Any]:
     """Batch-1 decoding of every engine in alternating rounds (the order rotating), each timing right after a
     bandwidth probe: the engines compared in the same minutes, each against the bandwidth of its own moment, on a
     machine whose bandwidth drifts. Per engine: tok/s and probe per round, medians, the median fraction of the probed
@@ -348,7 +468,7 @@ def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int],
     names = list(runners)
     out: dict[str, Any] = {n: {"tok_s": [], "bandwidth_gb_s": []} for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             bw = probe()
             t0 = time.perf_counter()
             timed = runners[n]()  # llama.cpp's runner returns the tok/s llama-bench measured (no process start)
@@ -357,7 +477,8 @@ def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int],
     for n, e in out.items():
         e["tok_s_median"], e["tok_s_best"] = statistics.median(e["tok_s"]), max(e["tok_s"])
         e["roofline_fraction_median"] = statistics.median(
-            t * bytes_per_token[n] / (bw * 1e9) for t, bw in zip(e["tok_s"], e["bandwidth_gb_s"]))
+            t * bytes_per_token[n] / (bw * 1e9) for t, bw in zip(e["tok_s"], e["bandwidth_gb_s"])
+        )
         for base in ("transformers", "llama_cpp"):
             if base in out and n != base and not n.startswith(base):
                 e[f"over_{base}_median"] = statistics.median(t / h for t, h in zip(e["tok_s"], out[base]["tok_s"]))
@@ -365,11 +486,16 @@ def interleaved_batch1(runners: dict[str, Any], bytes_per_token: dict[str, int],
 
 
 def _rate(t: common.Timing, tokens: int, steps: int) -> dict[str, float]:
-    return {"tok_s": tokens / t.best, "tok_s_median": tokens / t.median, "step_ms": 1e3 * t.best / steps,
-            "step_ms_median": 1e3 * t.median / steps}
+    return {
+        "tok_s": tokens / t.best,
+        "tok_s_median": tokens / t.median,
+        "step_ms": 1e3 * t.best / steps,
+        "step_ms_median": 1e3 * t.median / steps,
+    }
 
 
 # --- transformers -----------------------------------------------------------------------------------------------------
+
 
 def bench_transformers(model, vocab: int, batches: list[int], s, keep_batch1: bool = False) -> dict[str, Any]:
     """The same measurements with a manual greedy loop over `past_key_values` (on the model's device and dtype);
@@ -382,8 +508,9 @@ def bench_transformers(model, vocab: int, batches: list[int], s, keep_batch1: bo
     with torch.inference_mode():
         for b in batches:
             timed = _hf_decoder(model, torch.randint(0, vocab, (b, s["context"]), generator=gen).to(dev), s)
-            out["decode"][str(b)] = _rate(common.time_repeats(timed, s["repeats"], warmup=0), b * s["steps"],
-                                          s["steps"])
+            out["decode"][str(b)] = _rate(
+                common.time_repeats(timed, s["repeats"], warmup=0), b * s["steps"], s["steps"]
+            )
         if keep_batch1:
             out["batch1"] = _hf_decoder(model, torch.randint(0, vocab, (1, s["context"]), generator=gen).to(dev), s)
         ids = torch.randint(0, vocab, (1, s["prompt_len"]), generator=gen).to(dev)
@@ -391,6 +518,7 @@ def bench_transformers(model, vocab: int, batches: list[int], s, keep_batch1: bo
         def prefill():
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
             _sync(dev)
+
         out["prefill"] = _rate(common.time_repeats(prefill, s["repeats"], warmup=1), s["prompt_len"], 1)
     return out
 
@@ -426,6 +554,7 @@ def _hf_decoder(model, ids, s):
         if extra:  # each repeat decodes the same positions, as ours does
             state["past"].crop(-extra)
         run(s["steps"])
+
     return timed
 
 
@@ -458,25 +587,35 @@ def pick_torch_threads(model, vocab: int, setting: str, steps: int = 3) -> dict[
 
 # --- llama.cpp --------------------------------------------------------------------------------------------------------
 
+
 def bench_llama_bench(bin_dir: str, gguf_path: str, s, keep_batch1: bool = False) -> dict[str, Any]:
     """Batch-1 decode and prefill with llama.cpp's own llama-bench on a GGUF file, 2 threads as ours (`keep_batch1`
     leaves a one-round decoder for `interleaved_batch1` in out["batch1"], returning llama-bench's tok/s)."""
     threads = common.cpu_count()
-    res = llama_cpp_tools.bench(bin_dir, gguf_path, threads, n_gen=s["steps"], n_prompt=s["prompt_len"],
-                                repeats=s["repeats"])
-    out = {"decode": {"1": _rate_of_samples(res["decode_tok_s"], 1)}, "prefill": _rate_of_samples(res["prefill_tok_s"],
-                                                                                                   s["prompt_len"]),
-           "tool": "llama-bench", "threads": threads}
+    res = llama_cpp_tools.bench(
+        bin_dir, gguf_path, threads, n_gen=s["steps"], n_prompt=s["prompt_len"], repeats=s["repeats"]
+    )
+    out = {
+        "decode": {"1": _rate_of_samples(res["decode_tok_s"], 1)},
+        "prefill": _rate_of_samples(res["prefill_tok_s"], s["prompt_len"]),
+        "tool": "llama-bench",
+        "threads": threads,
+    }
     if keep_batch1:
         out["batch1"] = lambda: statistics.median(
-            llama_cpp_tools.bench(bin_dir, gguf_path, threads, n_gen=s["steps"], repeats=1)["decode_tok_s"])
+            llama_cpp_tools.bench(bin_dir, gguf_path, threads, n_gen=s["steps"], repeats=1)["decode_tok_s"]
+        )
     return out
 
 
 def _rate_of_samples(tok_s: list[float], tokens_per_step: int) -> dict[str, float]:
     best, med = max(tok_s), statistics.median(tok_s)
-    return {"tok_s": best, "tok_s_median": med, "step_ms": 1e3 * tokens_per_step / best,
-            "step_ms_median": 1e3 * tokens_per_step / med}
+    return {
+        "tok_s": best,
+        "tok_s_median": med,
+        "step_ms": 1e3 * tokens_per_step / best,
+        "step_ms_median": 1e3 * tokens_per_step / med,
+    }
 
 
 def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
@@ -485,8 +624,14 @@ def bench_llama_cpp(gguf_path: str, vocab: int, s) -> dict[str, Any]:
     from llama_cpp import Llama
 
     n_ctx = max(s["prompt_len"], s["context"] + s["warmup_steps"] + s["steps"]) + 8
-    llm = Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=max(s["prompt_len"], s["context"]),
-                n_threads=common.cpu_count(), n_threads_batch=common.cpu_count(), verbose=False)
+    llm = Llama(
+        model_path=gguf_path,
+        n_ctx=n_ctx,
+        n_batch=max(s["prompt_len"], s["context"]),
+        n_threads=common.cpu_count(),
+        n_threads_batch=common.cpu_count(),
+        verbose=False,
+    )
     rng = np.random.default_rng(s["seed"])
     context = rng.integers(0, vocab, s["context"]).tolist()
 
@@ -533,8 +678,9 @@ def f32_gguf(src: str, dst: str) -> str:
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, val_type, sub_type=sub_type)
     for t in reader.tensors:
-        writer.add_tensor(t.name, dequantize(t.data, t.tensor_type).astype(np.float32),
-                          raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor(
+            t.name, dequantize(t.data, t.tensor_type).astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -550,6 +696,7 @@ def llama_cpp_available() -> bool:
 
 # --- report -----------------------------------------------------------------------------------------------------------
 
+
 def ratios(entry: dict[str, Any], engine: str = "ours") -> dict[str, Any]:
     """Our (`engine`'s) throughput over each baseline's (best vs best), per batch size and for prefill."""
     ours, r = entry[engine], {}
@@ -557,15 +704,20 @@ def ratios(entry: dict[str, Any], engine: str = "ours") -> dict[str, Any]:
         other = entry.get(base) or {}
         if "decode" not in other:
             continue
-        r[base] = {f"decode_b{b}": ours["decode"][b]["tok_s"] / v["tok_s"]
-                   for b, v in other["decode"].items() if b in ours["decode"]}
+        r[base] = {
+            f"decode_b{b}": ours["decode"][b]["tok_s"] / v["tok_s"]
+            for b, v in other["decode"].items()
+            if b in ours["decode"]
+        }
         r[base]["prefill"] = ours["prefill"]["tok_s"] / other["prefill"]["tok_s"]
     return r
 
 
 # Engines on block codes (their roofline is `quant`'s), with the JSON keys of their ratios and batch-1 fraction.
-_CODED = {"ours_quant": ("ratios_quant", "batch1_roofline_fraction"),
-          "ours_int8": ("ratios_int8", "batch1_roofline_fraction_int8")}
+_CODED = {
+    "ours_quant": ("ratios_quant", "batch1_roofline_fraction"),
+    "ours_int8": ("ratios_int8", "batch1_roofline_fraction_int8"),
+}
 _RATIOS = {"ours": "ratios", **{engine: keys[0] for engine, keys in _CODED.items()}}  # engine -> its ratios' key
 
 
@@ -591,23 +743,40 @@ def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         roof = entry["quant"]["roofline_tok_s"] if engine in _CODED else entry["roofline_tok_s"]
         for b, v in res["decode"].items():
-            rows.append({"model": entry["name"], "engine": engine, "phase": f"decode b{b}", "tok/s": v["tok_s"],
-                         "tok/s med": v["tok_s_median"], "ms/step": v["step_ms"],
-                         **_ours_over(entry, engine, f"decode_b{b}"),
-                         "% roofline": 100 * v["tok_s"] / roof if b == "1" else None,
-                         "% local": 100 * v["roofline_fraction_local"] if "roofline_fraction_local" in v else None})
+            rows.append(
+                {
+                    "model": entry["name"],
+                    "engine": engine,
+                    "phase": f"decode b{b}",
+                    "tok/s": v["tok_s"],
+                    "tok/s med": v["tok_s_median"],
+                    "ms/step": v["step_ms"],
+                    **_ours_over(entry, engine, f"decode_b{b}"),
+                    "% roofline": 100 * v["tok_s"] / roof if b == "1" else None,
+                    "% local": 100 * v["roofline_fraction_local"] if "roofline_fraction_local" in v else None,
+                }
+            )
         p = res["prefill"]
-        rows.append({"model": entry["name"], "engine": engine, "phase": f"prefill {entry['prompt_len']}",
-                     "tok/s": p["tok_s"], "tok/s med": p["tok_s_median"], "ms/step": p["step_ms"],
-                     **_ours_over(entry, engine, "prefill")})
+        rows.append(
+            {
+                "model": entry["name"],
+                "engine": engine,
+                "phase": f"prefill {entry['prompt_len']}",
+                "tok/s": p["tok_s"],
+                "tok/s med": p["tok_s_median"],
+                "ms/step": p["step_ms"],
+                **_ours_over(entry, engine, "prefill"),
+            }
+        )
     return rows
 
 
 def main(argv):
     del argv
     if FLAGS.mesh and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={FLAGS.mesh_devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FLAGS.mesh_devices}"
+        )
     import jax
     import torch
     from tqdm.auto import tqdm
@@ -616,15 +785,25 @@ def main(argv):
     from novallm_jax.loading import with_activations
     from novallm_jax.loading.gguf_export import hf_to_gguf
 
-    s = {"prompt_len": FLAGS.prompt_len, "context": FLAGS.context, "steps": FLAGS.steps,
-         "warmup_steps": FLAGS.warmup_steps, "repeats": FLAGS.repeats, "page_size": FLAGS.page_size,
-         "seed": FLAGS.seed, "bandwidth_gib": FLAGS.bandwidth_gib, "num_pages": FLAGS.num_pages,
-         "fused_layers": FLAGS.fused_layers, "interleave_rounds": FLAGS.interleave_rounds,
-         "kv_cache_dtype": FLAGS.kv_cache_dtype}
+    s = {
+        "prompt_len": FLAGS.prompt_len,
+        "context": FLAGS.context,
+        "steps": FLAGS.steps,
+        "warmup_steps": FLAGS.warmup_steps,
+        "repeats": FLAGS.repeats,
+        "page_size": FLAGS.page_size,
+        "seed": FLAGS.seed,
+        "bandwidth_gib": FLAGS.bandwidth_gib,
+        "num_pages": FLAGS.num_pages,
+        "fused_layers": FLAGS.fused_layers,
+        "interleave_rounds": FLAGS.interleave_rounds,
+        "kv_cache_dtype": FLAGS.kv_cache_dtype,
+    }
     batches = [int(b) for b in FLAGS.batches]
     if FLAGS.quick:
-        s.update(prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2,
-                 bandwidth_gib=min(FLAGS.bandwidth_gib, 0.125))
+        s.update(
+            prompt_len=32, context=8, steps=4, warmup_steps=1, repeats=2, bandwidth_gib=min(FLAGS.bandwidth_gib, 0.125)
+        )
         if not FLAGS["batches"].present:
             batches = [1, 2]
     if FLAGS.mesh:
@@ -632,8 +811,7 @@ def main(argv):
     torch.set_num_threads(common.cpu_count())  # until pick_torch_threads decides per model
     llama_cpp_bin = llama_cpp_tools.find_bin(FLAGS.llama_cpp_bin) if FLAGS.llama_cpp else None
     has_llama_cpp = llama_cpp_bin is not None or llama_cpp_available()
-    results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches},
-                               "models": []}
+    results: dict[str, Any] = {"machine": common.machine_info(), "settings": {**s, "batches": batches}, "models": []}
     results["machine"]["loadavg_before"] = results["machine"].pop("loadavg")
     results["machine"]["jax_backend"] = jax.default_backend()
     results["machine"]["jax_devices"] = [str(d) for d in jax.devices()]
@@ -645,8 +823,10 @@ def main(argv):
     probe = common.BandwidthProbe(s["bandwidth_gib"])
     notes = []
     if not has_llama_cpp:
-        notes.append("llama.cpp: no --llama_cpp_bin / $NOVALLM_LLAMA_CPP (benchmarks/build_llama_cpp.sh builds it) "
-                     "and llama-cpp-python is not installed; skipped")
+        notes.append(
+            "llama.cpp: no --llama_cpp_bin / $NOVALLM_LLAMA_CPP (benchmarks/build_llama_cpp.sh builds it) "
+            "and llama-cpp-python is not installed; skipped"
+        )
 
     with tempfile.TemporaryDirectory() as workdir:
         for spec in tqdm(FLAGS.models, desc="models", unit="model"):
@@ -654,10 +834,24 @@ def main(argv):
             cfg, params = m["cfg"], m["params"]
             bytes_tok = weight_bytes_per_token(params, cfg)
             entry: dict[str, Any] = {
-                "name": spec, "model_type": cfg.model_type, "num_params": cfg.num_params(),
-                "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers",
-                                                        "num_heads", "num_kv_heads", "head_dim", "vocab_size")},
-                "gguf": m["gguf"], "prompt_len": s["prompt_len"], "weight_bytes_per_token": bytes_tok,
+                "name": spec,
+                "model_type": cfg.model_type,
+                "num_params": cfg.num_params(),
+                "config": {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_layers",
+                        "num_heads",
+                        "num_kv_heads",
+                        "head_dim",
+                        "vocab_size",
+                    )
+                },
+                "gguf": m["gguf"],
+                "prompt_len": s["prompt_len"],
+                "weight_bytes_per_token": bytes_tok,
             }
             with tqdm(total=4, desc=spec, unit="engine", leave=False) as bar:
                 bar.set_postfix_str("ours")
@@ -666,12 +860,19 @@ def main(argv):
                 if m["params_quant"] is not None:
                     bar.set_postfix_str("ours, block codes")
                     entry["quant"] = {"weight_bytes_per_token": weight_bytes_per_token(m["params_quant"], cfg)}
-                    entry["ours_quant"] = bench_ours(cfg, m["params_quant"], batches, s, probe=probe,
-                                                     keep_batch1=interleave)
+                    entry["ours_quant"] = bench_ours(
+                        cfg, m["params_quant"], batches, s, probe=probe, keep_batch1=interleave
+                    )
                     if FLAGS.int8 and native.int8_dot_available():
                         bar.set_postfix_str("ours, block codes, int8 activations")
-                        entry["ours_int8"] = bench_ours(cfg, with_activations(m["params_quant"], "int8"), batches, s,
-                                                        probe=probe, keep_batch1=interleave)
+                        entry["ours_int8"] = bench_ours(
+                            cfg,
+                            with_activations(m["params_quant"], "int8"),
+                            batches,
+                            s,
+                            probe=probe,
+                            keep_batch1=interleave,
+                        )
                 bar.update()
                 if FLAGS.xla_dots and entry["ours"]["native_kernels"]:
                     bar.set_postfix_str("ours, XLA dots")
@@ -680,8 +881,9 @@ def main(argv):
                 if m["hf"] is not None:
                     bar.set_postfix_str("transformers")
                     threads = pick_torch_threads(m["hf"], cfg.vocab_size, FLAGS.torch_threads)
-                    entry["transformers"] = bench_transformers(m["hf"], cfg.vocab_size, batches, s,
-                                                               keep_batch1=interleave)
+                    entry["transformers"] = bench_transformers(
+                        m["hf"], cfg.vocab_size, batches, s, keep_batch1=interleave
+                    )
                     entry["transformers"]["torch_threads"] = threads
                 bar.update()
                 if not FLAGS.llama_cpp:
@@ -701,9 +903,12 @@ def main(argv):
                     f32_path = os.path.join(workdir, "model-f32.gguf")
                     # Its own quantisation (what llama.cpp users run), then float32: our weights, byte for byte.
                     # A checkpoint directory (the random models) is exported to GGUF for it.
-                    files = {"llama_cpp": (lambda: m["gguf"]) if m["gguf"] else None,
-                             "llama_cpp_f32": (lambda: f32_gguf(m["gguf"], f32_path)) if m["gguf"]
-                             else lambda: hf_to_gguf(m["hf_dir"], f32_path)}
+                    files = {
+                        "llama_cpp": (lambda: m["gguf"]) if m["gguf"] else None,
+                        "llama_cpp_f32": (lambda: f32_gguf(m["gguf"], f32_path))
+                        if m["gguf"]
+                        else lambda: hf_to_gguf(m["hf_dir"], f32_path),
+                    }
                     for engine, path in files.items():
                         if path is None:
                             entry[engine] = {"status": "no quantised GGUF for this model; see llama_cpp_f32"}
@@ -713,12 +918,14 @@ def main(argv):
                         except Exception as e:  # an optional baseline must not sink the run
                             entry[engine] = {"status": f"failed: {type(e).__name__}: {e}"}
                 bar.update()
-            runners = {e: entry[e].pop("batch1") for e in ("ours", "ours_quant", "ours_int8", "transformers",
-                                                           "llama_cpp") if "batch1" in entry.get(e, {})}
+            runners = {
+                e: entry[e].pop("batch1")
+                for e in ("ours", "ours_quant", "ours_int8", "transformers", "llama_cpp")
+                if "batch1" in entry.get(e, {})
+            }
             if runners:
                 per_token = {e: _weight_bytes(entry, e) for e in runners}
-                entry["interleaved"] = interleaved_batch1(runners, per_token, probe, s["interleave_rounds"],
-                                                          s["steps"])
+                entry["interleaved"] = interleaved_batch1(runners, per_token, probe, s["interleave_rounds"], s["steps"])
                 del runners
             entry["ratios"] = ratios(entry)
             for engine, (ratios_key, _) in _CODED.items():
@@ -749,8 +956,9 @@ def main(argv):
         for engine in ("ours", *_CODED):
             b1 = entry[engine]["decode"].get("1") if engine in entry else None
             if b1 and b1.get("bandwidth_gb_s"):
-                b1["roofline_fraction_local"] = (b1["tok_s"] * _weight_bytes(entry, engine)
-                                                 / (max(b1["bandwidth_gb_s"]) * 1e9))
+                b1["roofline_fraction_local"] = (
+                    b1["tok_s"] * _weight_bytes(entry, engine) / (max(b1["bandwidth_gb_s"]) * 1e9)
+                )
 
     results["machine"]["loadavg_after"] = common.loadavg()
     results["machine"]["cpu_share"] = common.cpu_share(cpu_before, common.cpu_times())
@@ -759,29 +967,57 @@ def main(argv):
     common.write_json(FLAGS.output, results)
 
     probes = ", ".join(f"{p:.1f}" for p in bw["probes"])
-    print(f"\nmemory bandwidth, GB/s, best of the samples before and after: jax sum {bw['jax_sum']:.1f}, "
-          f"jax matvec {bw['jax_matvec']:.1f}, numpy copy {bw['numpy_copy']:.1f}; probes around the batch-1 runs: "
-          f"{probes} -> roofline {bw['roofline']:.1f}")
+    print(
+        f"\nmemory bandwidth, GB/s, best of the samples before and after: jax sum {bw['jax_sum']:.1f}, "
+        f"jax matvec {bw['jax_matvec']:.1f}, numpy copy {bw['numpy_copy']:.1f}; probes around the batch-1 runs: "
+        f"{probes} -> roofline {bw['roofline']:.1f}"
+    )
     for e in results["models"]:
-        print(f"{e['name']}: {e['num_params'] / 1e6:.0f}M params, {e['weight_bytes_per_token'] / 1e6:.0f} MB read "
-              f"per batch-1 token -> roofline {e['roofline_tok_s']:.1f} tok/s; compile s: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in e["ours"]["compile_s"].items())
-              + f"; KV pool {e['ours']['num_pages']} pages")
+        print(
+            f"{e['name']}: {e['num_params'] / 1e6:.0f}M params, {e['weight_bytes_per_token'] / 1e6:.0f} MB read "
+            f"per batch-1 token -> roofline {e['roofline_tok_s']:.1f} tok/s; compile s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in e["ours"]["compile_s"].items())
+            + f"; KV pool {e['ours']['num_pages']} pages"
+        )
         if "quant" in e:
-            print(f"  ours_quant (the file's block codes): {e['quant']['weight_bytes_per_token'] / 1e6:.0f} MB read "
-                  f"per batch-1 token -> roofline {e['quant']['roofline_tok_s']:.1f} tok/s")
+            print(
+                f"  ours_quant (the file's block codes): {e['quant']['weight_bytes_per_token'] / 1e6:.0f} MB read "
+                f"per batch-1 token -> roofline {e['quant']['roofline_tok_s']:.1f} tok/s"
+            )
         if "torch_threads" in e.get("transformers", {}):
             t = e["transformers"]["torch_threads"]
-            print(f"  transformers on {t['device']}" if t.get("device") else
-                  f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})")
-    columns = ["model", "engine", "phase", "tok/s", "tok/s med", "ms/step", "ours/HF", "ours/XLA", "% roofline",
-               "% local"]
+            print(
+                f"  transformers on {t['device']}"
+                if t.get("device")
+                else f"  transformers: torch threads {t['chosen']} (batch-1 step ms by threads: {t['probe_step_ms']})"
+            )
+    columns = [
+        "model",
+        "engine",
+        "phase",
+        "tok/s",
+        "tok/s med",
+        "ms/step",
+        "ours/HF",
+        "ours/XLA",
+        "% roofline",
+        "% local",
+    ]
     print(common.format_table([r for e in results["models"] for r in table_rows(e)], columns))
-    rows = [{"model": e["name"], "engine": n, "tok/s med": r["tok_s_median"], "tok/s best": r["tok_s_best"],
-             "probe GB/s med": statistics.median(r["bandwidth_gb_s"]),
-             "% probed roofline": 100 * r["roofline_fraction_median"], "ours/HF": r.get("over_transformers_median"),
-             "ours/llama.cpp": r.get("over_llama_cpp_median")}
-            for e in results["models"] for n, r in e.get("interleaved", {}).items()]
+    rows = [
+        {
+            "model": e["name"],
+            "engine": n,
+            "tok/s med": r["tok_s_median"],
+            "tok/s best": r["tok_s_best"],
+            "probe GB/s med": statistics.median(r["bandwidth_gb_s"]),
+            "% probed roofline": 100 * r["roofline_fraction_median"],
+            "ours/HF": r.get("over_transformers_median"),
+            "ours/llama.cpp": r.get("over_llama_cpp_median"),
+        }
+        for e in results["models"]
+        for n, r in e.get("interleaved", {}).items()
+    ]
     if rows:
         print(f"\nbatch 1 in {FLAGS.interleave_rounds} alternating rounds, each after a bandwidth probe (medians):")
         print(common.format_table(rows, list(rows[0])))
@@ -790,18 +1026,22 @@ def main(argv):
             for ours, key in _RATIOS.items():
                 r = e.get(key) or {}
                 if engine in r:
-                    print(f"{e['name']}: {ours} / llama.cpp ({what}): "
-                          + ", ".join(f"{k} {v:.2f}x" for k, v in r[engine].items()))
+                    print(
+                        f"{e['name']}: {ours} / llama.cpp ({what}): "
+                        + ", ".join(f"{k} {v:.2f}x" for k, v in r[engine].items())
+                    )
             if "status" in e.get(engine, {}):
                 print(f"{e['name']}: {engine} {e[engine]['status']}")
     for n in notes:
         print(n)
     m = results["machine"]
     share = m["cpu_share"] or {}
-    print(f"{m['cpu_count']} cores, load {m['loadavg_before']} -> {m['loadavg_after']}, "
-          f"CPU stolen by the hypervisor {100 * share.get('steal', 0):.0f}%, int8 dot {m.get('native_int8_dot')}, "
-          f"{results['wall_s']:.0f} s; "
-          f"wrote {FLAGS.output}")
+    print(
+        f"{m['cpu_count']} cores, load {m['loadavg_before']} -> {m['loadavg_after']}, "
+        f"CPU stolen by the hypervisor {100 * share.get('steal', 0):.0f}%, int8 dot {m.get('native_int8_dot')}, "
+        f"{results['wall_s']:.0f} s; "
+        f"wrote {FLAGS.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ def _cases() -> dict[str, tuple[str, list[Any]]]:
     """name -> (logits kind, params cycled over the rows)."""
     from novallm_jax.sampling_params import SamplingParams as P
 
-    penalties = P(temperature=0.8, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3,
-                  logit_bias={11: 2.0}, seed=3)
+    penalties = P(
+        temperature=0.8,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logit_bias={11: 2.0},
+        seed=3,
+    )
     return {
         "greedy": ("peaked", [P(temperature=0)]),
         "greedy_empty_slots": ("peaked", [None]),
@@ -53,8 +59,10 @@ def _cases() -> dict[str, tuple[str, list[Any]]]:
         "top_p0.9_flat": ("flat", [P(top_p=0.9, seed=1)]),
         "k50_p0.9_minp_flat": ("flat", [P(top_k=50, top_p=0.9, min_p=0.05, seed=1)]),
         "penalties": ("peaked", [penalties]),
-        "mixed": ("peaked", [P(temperature=0), P(temperature=0.8, seed=1), P(top_k=50, seed=2),
-                             P(top_p=0.9, seed=4), penalties, None]),
+        "mixed": (
+            "peaked",
+            [P(temperature=0), P(temperature=0.8, seed=1), P(top_k=50, seed=2), P(top_p=0.9, seed=4), penalties, None],
+        ),
     }
 
 
@@ -86,8 +94,9 @@ def run(batches: list[int], vocab: int, repeats: int, only: list[str]) -> dict[s
     for b in batches:
         for name, (kind, params) in cases.items():
             rows = [params[i % len(params)] for i in range(b)]
-            batch = SamplingBatch.from_params(rows, vocab, prompt_token_ids=[rng_prompt] * b,
-                                              output_token_ids=[[5, 7, 7, 9]] * b)
+            batch = SamplingBatch.from_params(
+                rows, vocab, prompt_token_ids=[rng_prompt] * b, output_token_ids=[[5, 7, 7, 9]] * b
+            )
             logits = jnp.asarray(_logits(kind, b, vocab))
             for n_top in (0, 20) if name == "mixed" else (0,):
                 fn = lambda: sample(logits, batch, num_top_logprobs=n_top).tokens.block_until_ready()
@@ -110,6 +119,7 @@ def run(batches: list[int], vocab: int, repeats: int, only: list[str]) -> dict[s
                     nb = nb.clear_row(0) if clear else nb.set_row(0, cases_params, prompt_token_ids=rng_prompt)
                     state["batch"] = nb
                     jax.block_until_ready(nb)
+
                 return fn
 
             from novallm_jax.sampling_params import SamplingParams
@@ -120,8 +130,9 @@ def run(batches: list[int], vocab: int, repeats: int, only: list[str]) -> dict[s
     return {"vocab": vocab, "results": results}
 
 
-def run_engine_shaped(batches: list[int], slot_counts: list[int], vocab: int, repeats: int,
-                      only: list[str]) -> list[dict[str, Any]]:
+def run_engine_shaped(
+    batches: list[int], slot_counts: list[int], vocab: int, repeats: int, only: list[str]
+) -> list[dict[str, Any]]:
     """B running rows out of S slots: sample_slots (the engine) against sample + update_counts over all S slots."""
     import jax
     import jax.numpy as jnp
@@ -175,11 +186,17 @@ def main(argv: list[str]) -> None:
     slot_counts = [4] if FLAGS.quick else [int(x) for x in FLAGS.slots]
     res["results"] += run_engine_shaped(batches, slot_counts, vocab, repeats, FLAGS.cases)
     machine = common.machine_info()
-    machine.update(loadavg_before=before_load, loadavg_after=common.loadavg(),
-                   cpu_share=common.cpu_share(before_cpu, common.cpu_times()))
-    out = {"machine": machine, "settings": {"batches": batches, "vocab": vocab, "repeats": repeats,
-                                            "slots": slot_counts},
-           "wall_s": time.perf_counter() - t0, **res}
+    machine.update(
+        loadavg_before=before_load,
+        loadavg_after=common.loadavg(),
+        cpu_share=common.cpu_share(before_cpu, common.cpu_times()),
+    )
+    out = {
+        "machine": machine,
+        "settings": {"batches": batches, "vocab": vocab, "repeats": repeats, "slots": slot_counts},
+        "wall_s": time.perf_counter() - t0,
+        **res,
+    }
     table = {}
     for r in res["results"]:
         table.setdefault(r["case"], {"case": r["case"]})[f"B={r['batch']}"] = r["best_ms"]

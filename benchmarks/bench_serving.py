@@ -36,8 +36,11 @@ import common  # noqa: E402  (the benchmarks folder is not a package)
 import llama_cpp_tools  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model path (default: SmolLM2-135M-Instruct), or random-tiny: a 2-layer random "
-                                   "Llama with the SmolLM2 tokenizer.")
+flags.DEFINE_string(
+    "model",
+    None,
+    "Model path (default: SmolLM2-135M-Instruct), or random-tiny: a 2-layer random Llama with the SmolLM2 tokenizer.",
+)
 flags.DEFINE_integer("clients", 16, "Concurrent clients.", lower_bound=1)
 flags.DEFINE_integer("requests", 64, "Requests per run (bounded also by --time_limit_s).", lower_bound=1)
 flags.DEFINE_integer("max_tokens", 32, "Tokens generated per request.", lower_bound=2)
@@ -48,8 +51,10 @@ flags.DEFINE_enum("peer", None, ["llama-server"], "Also run the load against thi
 flags.DEFINE_string("llama_cpp_bin", None, "llama.cpp's tools for --peer (default $NOVALLM_LLAMA_CPP).")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_serving.json"), "Where to write the JSON results.")
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
-         "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
+    "romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
 
 
 def prompts(n: int, words: int) -> list[str]:
@@ -71,11 +76,27 @@ def build_llm(model: str | None):
     from novallm_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_model_path())
-    cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-                      eos_token_ids=tuple(tok.eos_token_ids))
-    exec_cfg = ExecutorConfig(page_size=8, num_pages=512, max_model_len=256, decode_batch_buckets=(16,),
-                              prefill_batch_buckets=(4,), prefill_len_buckets=(64,), page_table_buckets=(32,))
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        eos_token_ids=tuple(tok.eos_token_ids),
+    )
+    exec_cfg = ExecutorConfig(
+        page_size=8,
+        num_pages=512,
+        max_model_len=256,
+        decode_batch_buckets=(16,),
+        prefill_batch_buckets=(4,),
+        prefill_len_buckets=(64,),
+        page_table_buckets=(32,),
+    )
     engine = LLMEngine(cfg, init_params(cfg, jax.random.key(0)), tok, EngineConfig(executor=exec_cfg))
     return LLM.from_engine(engine, "random-tiny")
 
@@ -113,14 +134,24 @@ def summarize(traces: list[Trace], wall: float) -> dict[str, Any]:
         return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else None
 
     ttft = [t.arrivals[0][0] - t.start for t in traces if t.arrivals]
-    per_token = [(t.arrivals[-1][0] - t.arrivals[0][0]) / (t.tokens() - t.arrivals[0][1])
-                 for t in traces if t.arrivals and t.tokens() > t.arrivals[0][1]]
+    per_token = [
+        (t.arrivals[-1][0] - t.arrivals[0][0]) / (t.tokens() - t.arrivals[0][1])
+        for t in traces
+        if t.arrivals and t.tokens() > t.arrivals[0][1]
+    ]
     tokens = sum(t.tokens() for t in traces)
-    return {"requests": len(traces), "wall_s": wall, "requests_per_s": len(traces) / wall,
-            "generated_tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
-            "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p99_ms": 1e3 * pct(per_token, 99),
-            "per_token_mean_ms": 1e3 * statistics.fmean(per_token) if per_token else None}
+    return {
+        "requests": len(traces),
+        "wall_s": wall,
+        "requests_per_s": len(traces) / wall,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": 1e3 * pct(ttft, 50),
+        "ttft_p99_ms": 1e3 * pct(ttft, 99),
+        "per_token_p50_ms": 1e3 * pct(per_token, 50),
+        "per_token_p99_ms": 1e3 * pct(per_token, 99),
+        "per_token_mean_ms": 1e3 * statistics.fmean(per_token) if per_token else None,
+    }
 
 
 async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
@@ -142,10 +173,18 @@ async def run_http(url: str, model: str, texts: list[str], per_chunk: bool = Fal
 
     limits = httpx.Limits(max_connections=FLAGS.clients + 4, max_keepalive_connections=FLAGS.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
         async def one(i: int) -> Trace:
             trace = Trace()
-            body = {"model": model, "prompt": texts[i], "max_tokens": FLAGS.max_tokens, "ignore_eos": True,
-                    "seed": i, "stream": True, "logprobs": 0}  # logprobs: one entry per token, to count them
+            body = {
+                "model": model,
+                "prompt": texts[i],
+                "max_tokens": FLAGS.max_tokens,
+                "ignore_eos": True,
+                "seed": i,
+                "stream": True,
+                "logprobs": 0,
+            }  # logprobs: one entry per token, to count them
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
@@ -179,9 +218,22 @@ class LlamaServer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.cmd = [os.path.join(bin_dir, "llama-server"), "-m", model, "--host", "127.0.0.1", "--port",
-                    str(self.port), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(common.cpu_count()),
-                    "--no-webui"]
+        self.cmd = [
+            os.path.join(bin_dir, "llama-server"),
+            "-m",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-np",
+            str(slots),
+            "-c",
+            str(slots * ctx_per_slot),
+            "-t",
+            str(common.cpu_count()),
+            "--no-webui",
+        ]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "LlamaServer":
@@ -250,33 +302,93 @@ def main(argv) -> None:
     leaks = llm.engine.check_leaks()
     llm.close()
     d, h = results["direct"], results["http"]
-    ratios = {"requests_per_s": h["requests_per_s"] / d["requests_per_s"],
-              "tokens_per_s": h["tokens_per_s"] / d["tokens_per_s"],
-              "ttft_p50": h["ttft_p50_ms"] / d["ttft_p50_ms"],
-              "per_token_p50": h["per_token_p50_ms"] / d["per_token_p50_ms"]}
-    rows = [{"run": name, **{k: r[k] for k in ("requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms",
-                                                "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms")}}
-            for name, r in results.items()]
-    rows.append({"run": "http/direct", "requests_per_s": ratios["requests_per_s"],
-                 "tokens_per_s": ratios["tokens_per_s"], "ttft_p50_ms": ratios["ttft_p50"],
-                 "per_token_p50_ms": ratios["per_token_p50"]})
+    ratios = {
+        "requests_per_s": h["requests_per_s"] / d["requests_per_s"],
+        "tokens_per_s": h["tokens_per_s"] / d["tokens_per_s"],
+        "ttft_p50": h["ttft_p50_ms"] / d["ttft_p50_ms"],
+        "per_token_p50": h["per_token_p50_ms"] / d["per_token_p50_ms"],
+    }
+    rows = [
+        {
+            "run": name,
+            **{
+                k: r[k]
+                for k in (
+                    "requests",
+                    "requests_per_s",
+                    "tokens_per_s",
+                    "ttft_p50_ms",
+                    "ttft_p99_ms",
+                    "per_token_p50_ms",
+                    "per_token_p99_ms",
+                )
+            },
+        }
+        for name, r in results.items()
+    ]
+    rows.append(
+        {
+            "run": "http/direct",
+            "requests_per_s": ratios["requests_per_s"],
+            "tokens_per_s": ratios["tokens_per_s"],
+            "ttft_p50_ms": ratios["ttft_p50"],
+            "per_token_p50_ms": ratios["per_token_p50"],
+        }
+    )
     if FLAGS.peer:
         p = results[FLAGS.peer]
-        ratios[f"http_over_{FLAGS.peer}"] = {"tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"],
-                                             "ttft_p50": h["ttft_p50_ms"] / p["ttft_p50_ms"]}
-        rows.append({"run": f"http/{FLAGS.peer}", "requests_per_s": h["requests_per_s"] / p["requests_per_s"],
-                     "tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"], "ttft_p50_ms": h["ttft_p50_ms"] /
-                     p["ttft_p50_ms"], "per_token_p50_ms": h["per_token_p50_ms"] / p["per_token_p50_ms"]})
-    print(common.format_table(rows, ["run", "requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms",
-                                     "ttft_p99_ms", "per_token_p50_ms", "per_token_p99_ms"]))
+        ratios[f"http_over_{FLAGS.peer}"] = {
+            "tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"],
+            "ttft_p50": h["ttft_p50_ms"] / p["ttft_p50_ms"],
+        }
+        rows.append(
+            {
+                "run": f"http/{FLAGS.peer}",
+                "requests_per_s": h["requests_per_s"] / p["requests_per_s"],
+                "tokens_per_s": h["tokens_per_s"] / p["tokens_per_s"],
+                "ttft_p50_ms": h["ttft_p50_ms"] / p["ttft_p50_ms"],
+                "per_token_p50_ms": h["per_token_p50_ms"] / p["per_token_p50_ms"],
+            }
+        )
+    print(
+        common.format_table(
+            rows,
+            [
+                "run",
+                "requests",
+                "requests_per_s",
+                "tokens_per_s",
+                "ttft_p50_ms",
+                "ttft_p99_ms",
+                "per_token_p50_ms",
+                "per_token_p99_ms",
+            ],
+        )
+    )
     machine = common.machine_info(("jax", "jaxlib", "fastapi", "uvicorn", "httpx", "numpy"))
     machine.update(loadavg_before=load_before, loadavg_after=common.loadavg())
-    common.write_json(FLAGS.output, {
-        "machine": machine,
-        "settings": {"model": FLAGS.model or "default", "clients": FLAGS.clients, "requests": FLAGS.requests,
-                     "max_tokens": FLAGS.max_tokens, "prompt_words": FLAGS.prompt_words,
-                     "time_limit_s": FLAGS.time_limit_s, "repeats": FLAGS.repeats, "peer": FLAGS.peer},
-        "direct": d, "http": h, **({FLAGS.peer: results[FLAGS.peer]} if FLAGS.peer else {}), "ratios": ratios, "leaks": leaks, "wall_s": time.time() - t_start})
+    common.write_json(
+        FLAGS.output,
+        {
+            "machine": machine,
+            "settings": {
+                "model": FLAGS.model or "default",
+                "clients": FLAGS.clients,
+                "requests": FLAGS.requests,
+                "max_tokens": FLAGS.max_tokens,
+                "prompt_words": FLAGS.prompt_words,
+                "time_limit_s": FLAGS.time_limit_s,
+                "repeats": FLAGS.repeats,
+                "peer": FLAGS.peer,
+            },
+            "direct": d,
+            "http": h,
+            **({FLAGS.peer: results[FLAGS.peer]} if FLAGS.peer else {}),
+            "ratios": ratios,
+            "leaks": leaks,
+            "wall_s": time.time() - t_start,
+        },
+    )
 
 
 if __name__ == "__main__":

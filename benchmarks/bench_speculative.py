@@ -25,8 +25,13 @@ import common  # noqa: E402  (the benchmarks folder is not a package)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file or model directory (default: the default model).")
-flags.DEFINE_enum("activations", "float32", ["float32", "int8"], "LLM(activations=...): the exact kernels, "
-                  "or int8 dot products (whose cost grows far less with the rows a step verifies).")
+flags.DEFINE_enum(
+    "activations",
+    "float32",
+    ["float32", "int8"],
+    "LLM(activations=...): the exact kernels, "
+    "or int8 dot products (whose cost grows far less with the rows a step verifies).",
+)
 flags.DEFINE_integer("draft", 8, "Tokens drafted per step (SamplingParams.speculative).")
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")
 flags.DEFINE_integer("rounds", 6, "Alternating rounds of plain and speculative runs per task.")
@@ -35,9 +40,9 @@ flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_speculative.
 
 TASKS = {
     "copy": "Rewrite this paragraph, changing only 'cat' to 'dog': The cat sat on the mat, and the cat looked at the "
-            "bird in the garden while the sun was setting behind the old house. Every evening the cat waited by the "
-            "window for the children to come home from school, and when they arrived the cat ran to the door to "
-            "greet them before dinner was served in the warm kitchen.",
+    "bird in the garden while the sun was setting behind the old house. Every evening the cat waited by the "
+    "window for the children to come home from school, and when they arrived the cat ran to the door to "
+    "greet them before dinner was served in the warm kitchen.",
     "free": "Write a short poem about the sea at night.",
 }
 
@@ -62,30 +67,58 @@ def main(argv) -> None:
     load_before, t0 = common.loadavg(), time.perf_counter()
     results = {}
     with LLM(FLAGS.model, speculative=FLAGS.draft, activations=FLAGS.activations) as llm:
-        modes = {"plain": SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                 "speculative": SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=FLAGS.draft)}
+        modes = {
+            "plain": SamplingParams(temperature=0.0, max_tokens=max_tokens),
+            "speculative": SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=FLAGS.draft),
+        }
         for task, text in TASKS.items():
             ids = llm.chat_prompt([{"role": "user", "content": text}])
             for params in modes.values():  # compile and warm up both
                 _run(llm, ids, params)
             runs = {mode: [] for mode in modes}
             for r in range(rounds):
-                for mode in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+                for mode in list(modes) if r % 2 == 0 else list(reversed(modes)):
                     runs[mode].append(_run(llm, ids, modes[mode]))
             tok_s = {mode: statistics.median(n / s for s, n, _, _ in rs) for mode, rs in runs.items()}
             drafted = sum(d for _, _, d, _ in runs["speculative"])
             accepted = sum(a for _, _, _, a in runs["speculative"])
-            results[task] = {"tok_s_median": tok_s, "ratio": tok_s["speculative"] / tok_s["plain"],
-                             "tokens": runs["plain"][0][1], "acceptance_rate": accepted / drafted if drafted else None,
-                             "runs": {m: [list(x) for x in rs] for m, rs in runs.items()}}
-    rows = [{"task": t, "plain tok/s": r["tok_s_median"]["plain"], "speculative tok/s": r["tok_s_median"]["speculative"],
-             "ratio": r["ratio"], "acceptance": r["acceptance_rate"], "tokens": r["tokens"]} for t, r in results.items()]
+            results[task] = {
+                "tok_s_median": tok_s,
+                "ratio": tok_s["speculative"] / tok_s["plain"],
+                "tokens": runs["plain"][0][1],
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "runs": {m: [list(x) for x in rs] for m, rs in runs.items()},
+            }
+    rows = [
+        {
+            "task": t,
+            "plain tok/s": r["tok_s_median"]["plain"],
+            "speculative tok/s": r["tok_s_median"]["speculative"],
+            "ratio": r["ratio"],
+            "acceptance": r["acceptance_rate"],
+            "tokens": r["tokens"],
+        }
+        for t, r in results.items()
+    ]
     print(common.format_table(rows, ["task", "plain tok/s", "speculative tok/s", "ratio", "acceptance", "tokens"]))
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
-    print(f"k = {FLAGS.draft}, activations {FLAGS.activations}, {rounds} rounds, load {load_before} -> {machine['loadavg_after']}, "
-          f"{time.perf_counter() - t0:.0f} s")
-    common.write_json(FLAGS.output, {"machine": machine, "settings": {"draft": FLAGS.draft, "rounds": rounds, "activations": FLAGS.activations,
-                                                                      "max_tokens": max_tokens}, "tasks": results})
+    print(
+        f"k = {FLAGS.draft}, activations {FLAGS.activations}, {rounds} rounds, load {load_before} -> {machine['loadavg_after']}, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    common.write_json(
+        FLAGS.output,
+        {
+            "machine": machine,
+            "settings": {
+                "draft": FLAGS.draft,
+                "rounds": rounds,
+                "activations": FLAGS.activations,
+                "max_tokens": max_tokens,
+            },
+            "tasks": results,
+        },
+    )
     print(f"wrote {FLAGS.output}")
 
 

@@ -96,13 +96,28 @@ def _first_output(cmd: list[str], env: dict, timeout: float) -> dict[str, float]
 
 
 def run_generate(model: str, env: dict) -> dict[str, float]:
-    return _first_output(["novallm-generate", f"--model={model}", f"--prompt={FLAGS.prompt}", "--stream",
-                          f"--max_new_tokens={FLAGS.max_new_tokens}", "--temperature=0"], env, FLAGS.timeout)
+    return _first_output(
+        [
+            "novallm-generate",
+            f"--model={model}",
+            f"--prompt={FLAGS.prompt}",
+            "--stream",
+            f"--max_new_tokens={FLAGS.max_new_tokens}",
+            "--temperature=0",
+        ],
+        env,
+        FLAGS.timeout,
+    )
 
 
 def run_sdk(model: str, env: dict) -> dict[str, Any]:
-    res = subprocess.run([sys.executable, "-c", _SDK_CHILD, model, FLAGS.prompt, str(FLAGS.max_new_tokens)],
-                         capture_output=True, text=True, env=env, timeout=FLAGS.timeout)
+    res = subprocess.run(
+        [sys.executable, "-c", _SDK_CHILD, model, FLAGS.prompt, str(FLAGS.max_new_tokens)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=FLAGS.timeout,
+    )
     line = next((x for x in res.stdout.splitlines() if x.startswith("STARTUP_JSON ")), None)
     if line is None:
         raise RuntimeError(f"the SDK child failed: {res.stderr.strip()[-500:]}")
@@ -112,8 +127,9 @@ def run_sdk(model: str, env: dict) -> dict[str, Any]:
 def _serve_timing(cmd: list[str], port: int, env: dict, request: dict, path: str) -> dict[str, float]:
     """Seconds until GET /health answers 200, then until the first streamed chunk of `request` arrives."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env
+    )
     try:
         health = None
         while health is None:
@@ -127,8 +143,11 @@ def _serve_timing(cmd: list[str], port: int, env: dict, request: dict, path: str
                         health = time.perf_counter() - t0
             except OSError:
                 time.sleep(0.02)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(request).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=FLAGS.timeout) as r:
             for line in r:
                 if line.startswith(b"data: {"):  # the first chunk: its token is out
@@ -144,27 +163,54 @@ def _serve_timing(cmd: list[str], port: int, env: dict, request: dict, path: str
 
 def run_serve(model: str, env: dict) -> dict[str, float]:
     port = _free_port()
-    return _serve_timing(["novallm-serve", f"--model={model}", f"--port={port}", "--served_model_name=bench"], port,
-                         env, {"model": "bench", "prompt": FLAGS.prompt, "max_tokens": FLAGS.max_new_tokens, "stream": True,
-                          "temperature": 0}, "/v1/completions")
+    return _serve_timing(
+        ["novallm-serve", f"--model={model}", f"--port={port}", "--served_model_name=bench"],
+        port,
+        env,
+        {
+            "model": "bench",
+            "prompt": FLAGS.prompt,
+            "max_tokens": FLAGS.max_new_tokens,
+            "stream": True,
+            "temperature": 0,
+        },
+        "/v1/completions",
+    )
 
 
 def run_llama_cli(bin_dir: str, model: str, env: dict) -> dict[str, float]:
     """Wall seconds until llama-cli exits (it writes to stdout before its first token, so only the total compares).
 
     Its default sampler: with `--temp 0` this build decodes ~6x slower (19 against 110 tok/s here)."""
-    out = _first_output([os.path.join(bin_dir, "llama-cli"), "-m", model, "-p", FLAGS.prompt, "-n",
-                         str(FLAGS.max_new_tokens), "-st", "-t", str(common.cpu_count()), "--no-display-prompt"],
-                        env, FLAGS.timeout)
+    out = _first_output(
+        [
+            os.path.join(bin_dir, "llama-cli"),
+            "-m",
+            model,
+            "-p",
+            FLAGS.prompt,
+            "-n",
+            str(FLAGS.max_new_tokens),
+            "-st",
+            "-t",
+            str(common.cpu_count()),
+            "--no-display-prompt",
+        ],
+        env,
+        FLAGS.timeout,
+    )
     return {"total_s": out["total_s"]}
 
 
 def run_llama_server(bin_dir: str, model: str, env: dict) -> dict[str, float]:
     port = _free_port()
-    return _serve_timing([os.path.join(bin_dir, "llama-server"), "-m", model, "--port", str(port), "-t",
-                          str(common.cpu_count())], port, env,
-                         {"prompt": FLAGS.prompt, "max_tokens": FLAGS.max_new_tokens, "stream": True},
-                         "/v1/completions")
+    return _serve_timing(
+        [os.path.join(bin_dir, "llama-server"), "-m", model, "--port", str(port), "-t", str(common.cpu_count())],
+        port,
+        env,
+        {"prompt": FLAGS.prompt, "max_tokens": FLAGS.max_new_tokens, "stream": True},
+        "/v1/completions",
+    )
 
 
 def _median(samples: list[dict[str, Any]]) -> dict[str, float]:
@@ -187,9 +233,13 @@ def main(argv):
         if bin_dir and os.access(os.path.join(bin_dir, name), os.X_OK):
             runners[name] = functools.partial(run, bin_dir, model)
 
-    results: dict[str, Any] = {"machine": common.machine_info(), "model": model,
-                               "settings": {"rounds": FLAGS.rounds, "prompt": FLAGS.prompt,
-                                            "max_new_tokens": FLAGS.max_new_tokens}, "cold": {}, "warm": {}}
+    results: dict[str, Any] = {
+        "machine": common.machine_info(),
+        "model": model,
+        "settings": {"rounds": FLAGS.rounds, "prompt": FLAGS.prompt, "max_new_tokens": FLAGS.max_new_tokens},
+        "cold": {},
+        "warm": {},
+    }
     with tempfile.TemporaryDirectory() as caches:
         # Each entry point its own cache directory: its cold start finds it empty, its warm starts find what it wrote.
         envs = {name: _env(os.path.join(caches, name)) for name in runners}
@@ -198,7 +248,7 @@ def main(argv):
         samples: dict[str, list] = {name: [] for name in runners}
         names = list(runners)
         for r in range(FLAGS.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 samples[name].append(_guarded(runners[name], envs[name]))
     for name, runs in samples.items():
         ok = [s for s in runs if "error" not in s]
@@ -213,25 +263,38 @@ def main(argv):
             if not e or "error" in e:
                 rows.append({"start": kind, "entry": name, "error": (e or {}).get("error", "every run failed")})
                 continue
-            rows.append({"start": kind, "entry": name, "to first token s": e.get("to_first_token_s"),
-                         "to /health s": e.get("to_health_s"), "total s": e.get("total_s"),
-                         "LLM() s": e.get("llm_s")})
-    print(common.format_table(rows, ["start", "entry", "to first token s", "to /health s", "total s", "LLM() s",
-                                     "error"]))
+            rows.append(
+                {
+                    "start": kind,
+                    "entry": name,
+                    "to first token s": e.get("to_first_token_s"),
+                    "to /health s": e.get("to_health_s"),
+                    "total s": e.get("total_s"),
+                    "LLM() s": e.get("llm_s"),
+                }
+            )
+    print(
+        common.format_table(rows, ["start", "entry", "to first token s", "to /health s", "total s", "LLM() s", "error"])
+    )
     for kind in ("cold", "warm"):
-        for name, peer, key in (("generate", "llama-cli", "total_s"), ("serve", "llama-server", "to_first_token_s"),
-                                ("sdk", "llama-server", "to_first_token_s")):
+        for name, peer, key in (
+            ("generate", "llama-cli", "total_s"),
+            ("serve", "llama-server", "to_first_token_s"),
+            ("sdk", "llama-server", "to_first_token_s"),
+        ):
             a, b = _figure(results, kind, name), _figure(results, kind, peer)
             if a and b and a.get(key) and b.get(key):
                 print(f"{kind} {name} / {peer}, {key}: {a[key]:.2f} / {b[key]:.2f} s = {a[key] / b[key]:.2f}x")
     sdk = results["cold"].get("sdk")
     if sdk and "phases" in sdk:
-        print("cold SDK phases: " + ", ".join(f"{n} {s:.2f} s" for n, s in sdk["phases"]) +
-              f"; XLA: {sdk['xla']}")
+        print("cold SDK phases: " + ", ".join(f"{n} {s:.2f} s" for n, s in sdk["phases"]) + f"; XLA: {sdk['xla']}")
     warm_sdk = (results["warm"].get("sdk") or {}).get("runs") or []
     if warm_sdk and "phases" in warm_sdk[-1]:
-        print("warm SDK phases: " + ", ".join(f"{n} {s:.2f} s" for n, s in warm_sdk[-1]["phases"]) +
-              f"; XLA: {warm_sdk[-1]['xla']}")
+        print(
+            "warm SDK phases: "
+            + ", ".join(f"{n} {s:.2f} s" for n, s in warm_sdk[-1]["phases"])
+            + f"; XLA: {warm_sdk[-1]['xla']}"
+        )
     print(f"wrote {FLAGS.output}")
 
 

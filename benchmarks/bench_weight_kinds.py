@@ -22,8 +22,9 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and the package whe
 import common  # noqa: E402  (the benchmarks folder is not a package)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("kinds", ["F32", "F16", "BF16", "Q4_K_M", "Q4_K_M-int8"], "Weight kinds (writer quant, -int8: "
-                  "int8 activations).")
+flags.DEFINE_list(
+    "kinds", ["F32", "F16", "BF16", "Q4_K_M", "Q4_K_M-int8"], "Weight kinds (writer quant, -int8: int8 activations)."
+)
 flags.DEFINE_integer("hidden", 1024, "Hidden size (a multiple of 256 for the K-quants).")
 flags.DEFINE_integer("ffn", 2816, "FFN width (a multiple of 256).")
 flags.DEFINE_integer("layers", 8, "Decoder layers.")
@@ -40,10 +41,16 @@ def _model_dir(workdir: str) -> str:
 
     from tests.hf_models import save_hf_model
 
-    config = transformers.LlamaConfig(vocab_size=8192, hidden_size=FLAGS.hidden, intermediate_size=FLAGS.ffn,
-                                      num_hidden_layers=FLAGS.layers, num_attention_heads=FLAGS.hidden // 64,
-                                      num_key_value_heads=max(1, FLAGS.hidden // 256), max_position_embeddings=512,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=8192,
+        hidden_size=FLAGS.hidden,
+        intermediate_size=FLAGS.ffn,
+        num_hidden_layers=FLAGS.layers,
+        num_attention_heads=FLAGS.hidden // 64,
+        num_key_value_heads=max(1, FLAGS.hidden // 256),
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return save_hf_model(model, os.path.join(workdir, "hf"))
@@ -72,8 +79,9 @@ def main(argv):
         ex = Executor(cfg, params, ExecutorConfig(page_size=16, num_pages=1 + 16 * FLAGS.batch, max_model_len=256))
         matmul = sum(x.nbytes for x in jax.tree.leaves(ex.params)) - ex.params["embed"].nbytes
         executors[kind] = [ex, ex.new_cache()]
-        rows.append({"kind": kind, "matmul MiB": matmul / 2 ** 20, "fused": ex.fused_layers,
-                     "times": {1: [], FLAGS.batch: []}})
+        rows.append(
+            {"kind": kind, "matmul MiB": matmul / 2**20, "fused": ex.fused_layers, "times": {1: [], FLAGS.batch: []}}
+        )
     tables = [list(range(1 + 16 * b, 17 + 16 * b)) for b in range(FLAGS.batch)]
     for _ in range(FLAGS.rounds):
         for row in rows:
@@ -95,11 +103,32 @@ def main(argv):
             row[f"b{bs} best"] = float(min(t))
             row[f"b{bs} / {rows[0]['kind']}"] = float(np.median(t)) / base[bs]
     b = FLAGS.batch
-    print(common.format_table(rows, ["kind", "matmul MiB", "fused", "b1 ms", "b1 best", f"b1 / {rows[0]['kind']}",
-                                     f"b{b} ms", f"b{b} best", f"b{b} / {rows[0]['kind']}"]))
-    common.write_json(FLAGS.output, {"machine": common.machine_info(), "settings": {
-        k: getattr(FLAGS, k) for k in ("kinds", "hidden", "ffn", "layers", "batch", "rounds", "steps")},
-        "rows": rows})
+    print(
+        common.format_table(
+            rows,
+            [
+                "kind",
+                "matmul MiB",
+                "fused",
+                "b1 ms",
+                "b1 best",
+                f"b1 / {rows[0]['kind']}",
+                f"b{b} ms",
+                f"b{b} best",
+                f"b{b} / {rows[0]['kind']}",
+            ],
+        )
+    )
+    common.write_json(
+        FLAGS.output,
+        {
+            "machine": common.machine_info(),
+            "settings": {
+                k: getattr(FLAGS, k) for k in ("kinds", "hidden", "ffn", "layers", "batch", "rounds", "steps")
+            },
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

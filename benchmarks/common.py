@@ -70,8 +70,11 @@ def cpu_share(before: dict[str, float] | None, after: dict[str, float] | None) -
         return None
     d = {k: after[k] - before[k] for k in before}
     total = sum(d.values()) or 1.0
-    return {"busy": (total - d["idle"] - d["iowait"] - d["steal"]) / total, "idle": d["idle"] / total,
-            "steal": d["steal"] / total}
+    return {
+        "busy": (total - d["idle"] - d["iowait"] - d["steal"]) / total,
+        "idle": d["idle"] / total,
+        "steal": d["steal"] / total,
+    }
 
 
 def cpu_count() -> int:
@@ -100,8 +103,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(packages: Sequence[str] = ("jax", "jaxlib", "torch", "transformers", "numpy",
-                                            "llama_cpp_python")) -> dict[str, Any]:
+def machine_info(
+    packages: Sequence[str] = ("jax", "jaxlib", "torch", "transformers", "numpy", "llama_cpp_python"),
+) -> dict[str, Any]:
     """CPU, OS and package versions (None for packages that are not installed)."""
     return {
         "cpu_count": cpu_count(),
@@ -186,8 +190,9 @@ class BandwidthProbe:
         self.samples: list[float] = []
 
     def __call__(self) -> float:
-        best = min(time_repeats(lambda: f(*args).block_until_ready(), self._repeats, warmup=0).best
-                   for f, args in self._reads)
+        best = min(
+            time_repeats(lambda: f(*args).block_until_ready(), self._repeats, warmup=0).best for f, args in self._reads
+        )
         self.samples.append(self._bytes / best / 1e9)
         return self.samples[-1]
 

@@ -27,8 +27,10 @@ def find_bin(flag_value: str | None) -> str | None:
         return None
     missing = [t for t in TOOLS if not os.access(os.path.join(path, t), os.X_OK)]
     if missing:
-        raise ValueError(f"--llama_cpp_bin / ${ENV}={path!r} lacks {', '.join(missing)}; "
-                         "build them with benchmarks/build_llama_cpp.sh")
+        raise ValueError(
+            f"--llama_cpp_bin / ${ENV}={path!r} lacks {', '.join(missing)}; "
+            "build them with benchmarks/build_llama_cpp.sh"
+        )
     return path
 
 
@@ -44,8 +46,21 @@ def bench(bin_dir: str, gguf: str, threads: int, n_gen: int = 0, n_prompt: int =
 
     tg (decode) generates `n_gen` tokens at batch 1 after an empty context; pp (prefill) evaluates `n_prompt` tokens.
     """
-    cmd = [os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-t", str(threads), "-r", str(repeats), "-o", "json",
-           "-p", str(n_prompt), "-n", str(n_gen)]
+    cmd = [
+        os.path.join(bin_dir, "llama-bench"),
+        "-m",
+        gguf,
+        "-t",
+        str(threads),
+        "-r",
+        str(repeats),
+        "-o",
+        "json",
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+    ]
     out: dict[str, Any] = {"decode_tok_s": [], "prefill_tok_s": []}
     for test in json.loads(_run(cmd)):
         if test.get("n_gen"):

@@ -45,9 +45,19 @@ def profile(cfg, params, batch: int, steps: int, repeats: int, context: int) -> 
 
     ps = 16
     width = -(-(context + 2 * steps + 2) // ps)
-    ex = Executor(cfg, params, ExecutorConfig(page_size=ps, num_pages=1 + batch * width, max_model_len=width * ps,
-                                              decode_batch_buckets=(batch,), prefill_batch_buckets=(1,),
-                                              prefill_len_buckets=(ps,), page_table_buckets=(width,)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=ps,
+            num_pages=1 + batch * width,
+            max_model_len=width * ps,
+            decode_batch_buckets=(batch,),
+            prefill_batch_buckets=(1,),
+            prefill_len_buckets=(ps,),
+            page_table_buckets=(width,),
+        ),
+    )
     table = np.arange(1, 1 + batch * width, dtype=np.int32).reshape(batch, width)
     zeros = np.zeros(batch, np.int32)
     next_tokens = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32)[:, None])
@@ -77,14 +87,17 @@ def profile(cfg, params, batch: int, steps: int, repeats: int, context: int) -> 
         def body(i, carry):
             tok, cache = carry
             pos = jnp.full((batch, 1), context, jnp.int32) + i
-            logits, cache = forward(p, tok, pos, cache, cfg, table, jnp.zeros(batch, jnp.int32),
-                                    rope_cs=((cos[i], sin[i]),))
+            logits, cache = forward(
+                p, tok, pos, cache, cfg, table, jnp.zeros(batch, jnp.int32), rope_cs=((cos[i], sin[i]),)
+            )
             return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], cache
+
         return jax.lax.fori_loop(0, steps, body, (tok, cache))
 
     def loop():
-        tok, state["cache"] = loop_fn(ex.params, jnp.asarray(state["tok"]), state["cache"], jnp.asarray(table),
-                                      cos, sin)
+        tok, state["cache"] = loop_fn(
+            ex.params, jnp.asarray(state["tok"]), state["cache"], jnp.asarray(table), cos, sin
+        )
         state["tok"] = np.asarray(tok)
 
     out = {}
@@ -107,14 +120,27 @@ def main(argv):
     cfg = ModelConfig.from_preset(FLAGS.model)
     dtype = resolve_dtype(FLAGS.dtype)
     params = init_params(cfg, jax.random.key(0), dtype)
-    results = {"machine": common.machine_info(), "backend": jax.default_backend(), "model": FLAGS.model,
-               "dtype": str(dtype.dtype if hasattr(dtype, "dtype") else dtype), "batches": {}}
+    results = {
+        "machine": common.machine_info(),
+        "backend": jax.default_backend(),
+        "model": FLAGS.model,
+        "dtype": str(dtype.dtype if hasattr(dtype, "dtype") else dtype),
+        "batches": {},
+    }
     rows = []
     for b in map(int, FLAGS.batches):
         r = profile(cfg, params, b, FLAGS.steps, FLAGS.repeats, FLAGS.context)
         results["batches"][str(b)] = r
-        rows.append({"batch": b, "sync ms": r["sync_ms"], "async ms": r["async_ms"], "loop ms": r["loop_ms"],
-                     "round trip ms": r["sync_ms"] - r["async_ms"], "dispatch ms": r["async_ms"] - r["loop_ms"]})
+        rows.append(
+            {
+                "batch": b,
+                "sync ms": r["sync_ms"],
+                "async ms": r["async_ms"],
+                "loop ms": r["loop_ms"],
+                "round trip ms": r["sync_ms"] - r["async_ms"],
+                "dispatch ms": r["async_ms"] - r["loop_ms"],
+            }
+        )
     print(f"{FLAGS.model} ({results['dtype']}) on {jax.devices()[0]}, ms per decode step (best of {FLAGS.repeats}):")
     print(common.format_table(rows, list(rows[0])))
     if FLAGS.output:

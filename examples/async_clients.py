@@ -26,7 +26,9 @@ def local_server(model: str | None, timeout_s: float = 300):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "novallm_jax.serving.cli", f"--port={port}"] + ([f"--model={model}"] if model else [])
+    command = [sys.executable, "-m", "novallm_jax.serving.cli", f"--port={port}"] + (
+        [f"--model={model}"] if model else []
+    )
     log_path = os.path.join(tempfile.mkdtemp(), "server.log")
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -55,8 +57,12 @@ async def fan_out(url: str, api_key: str, n: int, concurrency: int, max_tokens: 
     async def one(i: int) -> int:
         async with limit:
             reply = await client.chat.completions.create(
-                model=model, max_tokens=max_tokens, temperature=0.7, seed=i,
-                messages=[{"role": "user", "content": f"Give me fun fact number {i} about space."}])
+                model=model,
+                max_tokens=max_tokens,
+                temperature=0.7,
+                seed=i,
+                messages=[{"role": "user", "content": f"Give me fun fact number {i} about space."}],
+            )
             return reply.usage.completion_tokens
 
     start = time.monotonic()

@@ -27,16 +27,27 @@ def main() -> None:
     with open(args.prompts, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
-    with LLM(args.model) as llm, open(args.output, "w", encoding="utf-8") as out, \
-            tqdm(total=len(prompts), unit="prompt") as bar:
+    with (
+        LLM(args.model) as llm,
+        open(args.output, "w", encoding="utf-8") as out,
+        tqdm(total=len(prompts), unit="prompt") as bar,
+    ):
         for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
+            chunk = prompts[start : start + args.batch_size]
             inputs = [llm.chat_prompt([{"role": "user", "content": p}]) for p in chunk] if args.chat else chunk
             for prompt, result in zip(chunk, llm.generate(inputs, params, use_tqdm=False)):
                 completion = result.outputs[0]
-                out.write(json.dumps({"prompt": prompt, "completion": completion.text,
-                                      "finish_reason": completion.finish_reason and completion.finish_reason.value,
-                                      "tokens": len(completion.token_ids)}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "completion": completion.text,
+                            "finish_reason": completion.finish_reason and completion.finish_reason.value,
+                            "tokens": len(completion.token_ids),
+                        }
+                    )
+                    + "\n"
+                )
             bar.update(len(chunk))
 
 

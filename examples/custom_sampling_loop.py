@@ -64,7 +64,7 @@ def main() -> None:
         generated.append(int(token))
         # Decoding the whole suffix keeps multi-byte characters whole; fine for a short example.
         text = tokenizer.decode(generated)
-        print(text[len(tokenizer.decode(generated[:-1])):], end="", flush=True)
+        print(text[len(tokenizer.decode(generated[:-1])) :], end="", flush=True)
         if position == len(ids) + args.max_tokens - 1:
             break
         key, sub = jax.random.split(key)

@@ -46,8 +46,10 @@ async def health():
 
 @app.post("/summarize")
 async def summarize(body: SummarizeRequest):
-    messages = [{"role": "system", "content": "Summarize the user's text in one sentence."},
-                {"role": "user", "content": body.text}]
+    messages = [
+        {"role": "system", "content": "Summarize the user's text in one sentence."},
+        {"role": "user", "content": body.text},
+    ]
     result = await state["llm"].achat(messages, SamplingParams(temperature=0.0, max_tokens=body.max_tokens))
     return {"summary": result.text, "tokens": len(result.outputs[0].token_ids)}
 

@@ -11,14 +11,18 @@ __all__ = ["LLM", "SamplingParams", "ModelConfig", "load_model"]
 def __getattr__(name):
     if name == "LLM":
         from novallm_jax.llm import LLM
+
         return LLM
     if name == "SamplingParams":
         from novallm_jax.sampling_params import SamplingParams
+
         return SamplingParams
     if name == "ModelConfig":
         from novallm_jax.config import ModelConfig
+
         return ModelConfig
     if name == "load_model":
         from novallm_jax.loading import load_model
+
         return load_model
     raise AttributeError(f"module 'novallm_jax' has no attribute {name!r}")

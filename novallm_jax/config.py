@@ -8,8 +8,14 @@ import math
 import os
 from typing import Any, Mapping
 
-from novallm_jax.config_gemma import GEMMA_GGUF_ARCHS, GEMMA_MODEL_TYPES, GemmaSpec, gemma_fields_from_hf, \
-    gemma_fields_from_gguf, gemma_text_config
+from novallm_jax.config_gemma import (
+    GEMMA_GGUF_ARCHS,
+    GEMMA_MODEL_TYPES,
+    GemmaSpec,
+    gemma_fields_from_hf,
+    gemma_fields_from_gguf,
+    gemma_text_config,
+)
 from novallm_jax.config_moe import MOE_GGUF_ARCHS, MOE_MODEL_TYPES, MoeSpec, moe_fields_from_gguf, moe_fields_from_hf
 from novallm_jax.errors import ModelLoadError, UnsupportedArchitectureError
 
@@ -71,10 +77,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
-                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
 
     @property
     def q_size(self) -> int:
@@ -102,8 +110,7 @@ class ModelConfig:
 
     def layer_kv_heads(self, i: int) -> int:
         g = self.gemma
-        return g.full_kv_heads if g and g.full_kv_heads and g.layer_types[i] == "full_attention" else \
-            self.num_kv_heads
+        return g.full_kv_heads if g and g.full_kv_heads and g.layer_types[i] == "full_attention" else self.num_kv_heads
 
     def layer_kv_source(self, i: int) -> int:
         """The layer whose cached K/V layer i attends over (itself but for Gemma 4's K/V-sharing layers)."""
@@ -117,8 +124,8 @@ class ModelConfig:
     def attention_scale(self) -> float:
         g = self.gemma
         if g is None:
-            return self.head_dim ** -0.5
-        return 1.0 if g.query_pre_attn_scalar is None else g.query_pre_attn_scalar ** -0.5
+            return self.head_dim**-0.5
+        return 1.0 if g.query_pre_attn_scalar is None else g.query_pre_attn_scalar**-0.5
 
     @property
     def attn_softcap(self) -> float | None:
@@ -163,7 +170,8 @@ class ModelConfig:
             raise UnsupportedArchitectureError(f"config has no model_type (architectures: {arch})")
         if model_type not in SUPPORTED_MODEL_TYPES:  # before reading fields other families may name differently
             raise UnsupportedArchitectureError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         try:
             num_heads = int(c["num_attention_heads"])
             hidden = int(c["hidden_size"])
@@ -208,7 +216,8 @@ class ModelConfig:
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise UnsupportedArchitectureError(
-                f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
+                f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}"
+            )
 
         def get(key, default=None):
             return meta.get(f"{arch}.{key}", default)
@@ -291,8 +300,9 @@ def _rope_scaling(rs: Mapping[str, Any] | None, c: Mapping[str, Any] | None = No
     top = (c or {}).get("partial_rotary_factor") if (c or {}).get("model_type") == "phi3" else None  # Phi-4-mini
     partial = (rs or {}).get("partial_rotary_factor", top)
     if float(partial or 1.0) != 1.0:
-        raise UnsupportedArchitectureError(f"partial_rotary_factor {partial} is not supported (only 1: every pair "
-                                           f"of a head rotates)")
+        raise UnsupportedArchitectureError(
+            f"partial_rotary_factor {partial} is not supported (only 1: every pair of a head rotates)"
+        )
     if not rs:
         return None
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -304,7 +314,8 @@ def _rope_scaling(rs: Mapping[str, Any] | None, c: Mapping[str, Any] | None = No
         return _longrope(rs, c or {})
     if kind not in ("linear", "llama3"):
         raise UnsupportedArchitectureError(
-            f"rope_scaling type {kind!r} is not supported; supported: linear, llama3, longrope")
+            f"rope_scaling type {kind!r} is not supported; supported: linear, llama3, longrope"
+        )
     return RopeScaling(
         rope_type=kind,
         factor=float(rs.get("factor", 1.0)),
@@ -327,9 +338,14 @@ def _longrope(rs: Mapping[str, Any], c: Mapping[str, Any]) -> RopeScaling:
     attention = rs.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    return RopeScaling("longrope", factor=float(factor), original_max_position_embeddings=orig,
-                       short_factor=tuple(float(f) for f in rs["short_factor"]),
-                       long_factor=tuple(float(f) for f in rs["long_factor"]), attention_factor=float(attention))
+    return RopeScaling(
+        "longrope",
+        factor=float(factor),
+        original_max_position_embeddings=orig,
+        short_factor=tuple(float(f) for f in rs["short_factor"]),
+        long_factor=tuple(float(f) for f in rs["long_factor"]),
+        attention_factor=float(attention),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,10 +389,11 @@ def rope_inv_freq(cfg: ModelConfig, head_dim: int | None = None, rotary_fraction
         return inv
     if rs.rope_type == "longrope":
         # transformers: 1 / (factor * base ** (2i / d)), in float32 for the base powers as there.
-        base = (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+        base = np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd)
         per = lambda f: (1.0 / (np.asarray(f, np.float32) * base)).astype(np.float64)
-        return LongRopeTables(per(rs.short_factor), per(rs.long_factor), rs.original_max_position_embeddings,
-                              rs.attention_factor)
+        return LongRopeTables(
+            per(rs.short_factor), per(rs.long_factor), rs.original_max_position_embeddings, rs.attention_factor
+        )
     if rs.rope_type == "linear":
         return inv / rs.factor
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
@@ -385,7 +402,8 @@ def rope_inv_freq(cfg: ModelConfig, head_dim: int | None = None, rotary_fraction
     wavelen = 2 * math.pi / inv
     scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
     smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
+        rs.high_freq_factor - rs.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled)

@@ -72,8 +72,11 @@ class GemmaSpec:
 def gemma_text_config(c: Mapping[str, Any]) -> Mapping[str, Any]:
     """The text model's config of a `gemma3` (multimodal) config.json; other configs as they are."""
     if c.get("model_type") == "gemma3" and isinstance(c.get("text_config"), Mapping):
-        return {**c["text_config"], "model_type": "gemma3_text",
-                "tie_word_embeddings": c.get("tie_word_embeddings", c["text_config"].get("tie_word_embeddings", True))}
+        return {
+            **c["text_config"],
+            "model_type": "gemma3_text",
+            "tie_word_embeddings": c.get("tie_word_embeddings", c["text_config"].get("tie_word_embeddings", True)),
+        }
     return c
 
 
@@ -95,7 +98,8 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
     # Gemma 4's "vision" makes only image tokens attend both ways: text stays causal.
     if c.get("use_bidirectional_attention") not in (None, False, "vision"):
         raise UnsupportedArchitectureError(
-            f"use_bidirectional_attention={c['use_bidirectional_attention']!r} is not supported (a causal decoder only)")
+            f"use_bidirectional_attention={c['use_bidirectional_attention']!r} is not supported (a causal decoder only)"
+        )
     act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise UnsupportedArchitectureError(f"hidden_activation {act!r} is not supported; supported: gelu_pytorch_tanh")
@@ -113,29 +117,44 @@ def gemma_fields_from_hf(c: Mapping[str, Any], version: int, num_layers: int) ->
         full_scaling = {"rope_type": "linear", "factor": full["factor"]} if full.get("factor", 1.0) != 1.0 else None
     window = c.get("sliding_window")
     spec = dict(
-        version=version, layer_types=tuple(layer_types), sliding_window=int(window) if window else None,
-        local_rope_theta=float(local_theta), final_softcap=_float(c.get("final_logit_softcapping")),
+        version=version,
+        layer_types=tuple(layer_types),
+        sliding_window=int(window) if window else None,
+        local_rope_theta=float(local_theta),
+        final_softcap=_float(c.get("final_logit_softcapping")),
         # Gemma 3 configs carry attn_logit_softcapping, but its attention does not apply it.
         attn_softcap=_float(c.get("attn_logit_softcapping")) if version == 2 else None,
-        query_pre_attn_scalar=_float(c.get("query_pre_attn_scalar", 256)) if version < 4 else None)
+        query_pre_attn_scalar=_float(c.get("query_pre_attn_scalar", 256)) if version < 4 else None,
+    )
     if version >= 4:
         per_layer = c.get("per_layer_config") or {}
-        full_layer = next((per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(layer_types)
-                           if t == FULL), None) or {}
+        full_layer = (
+            next((per_layer.get(str(i), per_layer.get(i)) for i, t in enumerate(layer_types) if t == FULL), None) or {}
+        )
         spec.update(
             full_head_dim=full_layer.get("head_dim") or c.get("global_head_dim"),
-            full_kv_heads=full_layer.get("num_key_value_heads") or (
-                c.get("num_global_key_value_heads") if c.get("attention_k_eq_v") else None),
-            full_rotary_fraction=fraction, k_eq_v=bool(c.get("attention_k_eq_v", False)),
+            full_kv_heads=full_layer.get("num_key_value_heads")
+            or (c.get("num_global_key_value_heads") if c.get("attention_k_eq_v") else None),
+            full_rotary_fraction=fraction,
+            k_eq_v=bool(c.get("attention_k_eq_v", False)),
             num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
             per_layer_input_size=int(c.get("hidden_size_per_layer_input") or 0),
             per_layer_vocab=int(c.get("vocab_size_per_layer_input") or c["vocab_size"]),
-            double_wide_mlp=bool(c.get("use_double_wide_mlp", False)))
+            double_wide_mlp=bool(c.get("use_double_wide_mlp", False)),
+        )
         if c.get("enable_moe_block"):
-            spec.update(num_experts=int(c["num_experts"]), top_k_experts=int(c["top_k_experts"]),
-                        moe_size=int(c["moe_intermediate_size"]))
-    return {"gemma": GemmaSpec(**spec), "rope_theta": float(full_theta), "rope_scaling": full_scaling or None,
-            "tie_word_embeddings": bool(c.get("tie_word_embeddings", True)), "qk_norm": version >= 3}
+            spec.update(
+                num_experts=int(c["num_experts"]),
+                top_k_experts=int(c["top_k_experts"]),
+                moe_size=int(c["moe_intermediate_size"]),
+            )
+    return {
+        "gemma": GemmaSpec(**spec),
+        "rope_theta": float(full_theta),
+        "rope_scaling": full_scaling or None,
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", True)),
+        "qk_norm": version >= 3,
+    }
 
 
 def _float(v) -> float | None:
@@ -145,6 +164,7 @@ def _float(v) -> float | None:
 def gemma_fields_from_gguf(meta: Mapping[str, Any], arch: str, tensor_names: set[str]) -> dict[str, Any]:
     """ModelConfig fields of a Gemma GGUF file, read as llama.cpp reads them (its keys; its attention scale unless
     the file has `attention.scale`)."""
+
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
@@ -169,27 +189,42 @@ def gemma_fields_from_gguf(meta: Mapping[str, Any], arch: str, tensor_names: set
     kv_per_layer = list(kv) if isinstance(kv, (list, tuple)) else [int(kv or heads)] * layers
     full = next((i for i, t in enumerate(types) if t == FULL), None)
     theta = float(get("rope.freq_base", 10000.0))
-    spec = dict(version=version, layer_types=types, sliding_window=int(window) if window else None,
-                local_rope_theta=float(get("rope.freq_base_swa", theta if version == 2 else 10000.0)),
-                final_softcap=_float(get("final_logit_softcapping")),
-                attn_softcap=_float(get("attn_logit_softcapping")) if version == 2 else None,
-                query_pre_attn_scalar=qpas if version < 4 else None)
-    fields = {"model_type": GEMMA_GGUF_ARCHS[arch], "head_dim": head_dim, "num_kv_heads": int(kv_per_layer[0]),
-              "qk_norm": version >= 3, "rope_theta": theta}
+    spec = dict(
+        version=version,
+        layer_types=types,
+        sliding_window=int(window) if window else None,
+        local_rope_theta=float(get("rope.freq_base_swa", theta if version == 2 else 10000.0)),
+        final_softcap=_float(get("final_logit_softcapping")),
+        attn_softcap=_float(get("attn_logit_softcapping")) if version == 2 else None,
+        query_pre_attn_scalar=qpas if version < 4 else None,
+    )
+    fields = {
+        "model_type": GEMMA_GGUF_ARCHS[arch],
+        "head_dim": head_dim,
+        "num_kv_heads": int(kv_per_layer[0]),
+        "qk_norm": version >= 3,
+        "rope_theta": theta,
+    }
     if version >= 4:
         ff = get("feed_forward_length")
         first_shared = layers - int(get("attention.shared_kv_layers") or 0)
         full_hd = int(get("attention.key_length") or head_dim)
         # The rotated share of a global head (rope_freqs) and the per-layer vocabulary are tensors' business: the
         # loader fills them in (gguf_file.gemma_gguf_config).
-        spec.update(full_head_dim=full_hd, full_kv_heads=int(kv_per_layer[full]) if full is not None else None,
-                    k_eq_v=full is not None and f"blk.{full}.attn_v.weight" not in tensor_names,
-                    num_kv_shared_layers=layers - first_shared,
-                    per_layer_input_size=int(get("embedding_length_per_layer_input") or 0),
-                    double_wide_mlp=isinstance(ff, (list, tuple)) and ff[-1] != ff[0])
+        spec.update(
+            full_head_dim=full_hd,
+            full_kv_heads=int(kv_per_layer[full]) if full is not None else None,
+            k_eq_v=full is not None and f"blk.{full}.attn_v.weight" not in tensor_names,
+            num_kv_shared_layers=layers - first_shared,
+            per_layer_input_size=int(get("embedding_length_per_layer_input") or 0),
+            double_wide_mlp=isinstance(ff, (list, tuple)) and ff[-1] != ff[0],
+        )
         if get("expert_count"):
-            spec.update(num_experts=int(get("expert_count")), top_k_experts=int(get("expert_used_count")),
-                        moe_size=int(get("expert_feed_forward_length")))
+            spec.update(
+                num_experts=int(get("expert_count")),
+                top_k_experts=int(get("expert_used_count")),
+                moe_size=int(get("expert_feed_forward_length")),
+            )
         fields["intermediate_size"] = int(ff[0] if isinstance(ff, (list, tuple)) else ff)
     fields["gemma"] = GemmaSpec(**spec)
     return fields

@@ -35,15 +35,25 @@ def moe_fields_from_hf(c: Mapping[str, Any], model_type: str, num_layers: int) -
     if act != "silu":
         raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported for {model_type}; supported: silu")
     if model_type == "mixtral":
-        spec = MoeSpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), int(c["intermediate_size"]),
-                       True, (True,) * num_layers)
+        spec = MoeSpec(
+            int(c["num_local_experts"]),
+            int(c["num_experts_per_tok"]),
+            int(c["intermediate_size"]),
+            True,
+            (True,) * num_layers,
+        )
         return {"moe": spec}
     experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)
     step = int(c.get("decoder_sparse_step", 1) or 1)
     dense = set(c.get("mlp_only_layers") or ())
     sparse = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers))
-    spec = MoeSpec(experts, int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]),
-                   bool(c.get("norm_topk_prob", False)), sparse)
+    spec = MoeSpec(
+        experts,
+        int(c["num_experts_per_tok"]),
+        int(c["moe_intermediate_size"]),
+        bool(c.get("norm_topk_prob", False)),
+        sparse,
+    )
     return {"moe": spec, "qk_norm": True}
 
 
@@ -57,6 +67,7 @@ def moe_fields_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, te
     norm = meta.get(f"{arch}.expert_weights_norm")
     # llama.cpp renormalises the top-k weights of both unless the file says otherwise.
     sparse = tuple(f"blk.{i}.ffn_gate_inp.weight" in tensor_names for i in range(num_layers))
-    spec = MoeSpec(int(count), int(meta[f"{arch}.expert_used_count"]), int(ff), True if norm is None else bool(norm),
-                   sparse)
+    spec = MoeSpec(
+        int(count), int(meta[f"{arch}.expert_used_count"]), int(ff), True if norm is None else bool(norm), sparse
+    )
     return {"moe": spec, "model_type": "mixtral" if arch == "llama" else "qwen3_moe"}

@@ -14,8 +14,14 @@ from novallm_jax.errors import NovaLLMError
 OUTPUT = flags.DEFINE_string("output", None, "Directory to write the orbax checkpoint to (required).")
 
 # Tokenizer files copied along from a HF directory, so the checkpoint directory serves as a model path alone.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 def convert(source: str | None, output: str, dtype: str = "auto") -> str:

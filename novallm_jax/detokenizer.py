@@ -80,19 +80,20 @@ class IncrementalDetokenizer:
         emitted = "".join(self._emitted)
         if not full.startswith(emitted):
             logging.warning("incremental detokenization diverged from a full decode after %d tokens", len(self._ids))
-        return full[len(emitted):]
+        return full[len(emitted) :]
 
     def _add_generic(self, token_id: int) -> str:
         # vLLM's scheme: decode a short window twice and emit the difference, unless it ends mid-character.
         self._ids.append(token_id)
         decode = self.tokenizer.decode
-        window = self._ids[self._prefix_offset:]
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset],
-                             skip_special_tokens=self.skip_special_tokens)
+        window = self._ids[self._prefix_offset :]
+        prefix_text = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self.skip_special_tokens
+        )
         new_text = decode(window, skip_special_tokens=self.skip_special_tokens)
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return ""
-        piece = new_text[len(prefix_text):]
+        piece = new_text[len(prefix_text) :]
         self._read_offset = len(self._ids)
         self._emitted.append(piece)
         self._tail = (self._tail + piece)[-_TAIL_CHARS:]
@@ -100,7 +101,7 @@ class IncrementalDetokenizer:
         # not mid byte-run); otherwise keep the wider window.
         candidate = max(self._read_offset - _WINDOW, self._prefix_offset)
         if candidate > self._prefix_offset:
-            text = decode(self._ids[candidate:self._read_offset], skip_special_tokens=self.skip_special_tokens)
+            text = decode(self._ids[candidate : self._read_offset], skip_special_tokens=self.skip_special_tokens)
             if REPLACEMENT_CHAR not in text and self._tail.endswith(text):
                 self._prefix_offset = candidate
         return piece

@@ -8,10 +8,21 @@ import jax.numpy as jnp
 from novallm_jax.errors import NovaLLMError
 
 # XLA:CPU converts bfloat16 weights to float32 on every matmul (10-20x slower), so CPUs compute in float32.
-_DEFAULT_DTYPE = {"cpu": jnp.float32, "gpu": jnp.bfloat16, "cuda": jnp.bfloat16, "rocm": jnp.bfloat16,
-                  "tpu": jnp.bfloat16}
-_DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "f16": jnp.float16}
+_DEFAULT_DTYPE = {
+    "cpu": jnp.float32,
+    "gpu": jnp.bfloat16,
+    "cuda": jnp.bfloat16,
+    "rocm": jnp.bfloat16,
+    "tpu": jnp.bfloat16,
+}
+_DTYPES = {
+    "float32": jnp.float32,
+    "f32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "f16": jnp.float16,
+}
 
 
 def platform() -> str:

@@ -34,10 +34,11 @@ def _forward(params, tokens, positions, cfg: ModelConfig, all_layers: bool):
     else:
         from novallm_jax.model_gemma import _scaled, gemma_layer, gemma_norm, per_layer_inputs
 
-        x = _scaled(params["embed"][tokens], cfg.hidden_size ** 0.5)
+        x = _scaled(params["embed"][tokens], cfg.hidden_size**0.5)
         pli = per_layer_inputs(params, tokens, x, cfg) if cfg.gemma.per_layer_input_size else None
-        layer = lambda p, h, pos, c, i, *rest: gemma_layer(p, h, pos, c, i, *rest,
-                                                           None if pli is None else pli[:, :, i])
+        layer = lambda p, h, pos, c, i, *rest: gemma_layer(
+            p, h, pos, c, i, *rest, None if pli is None else pli[:, :, i]
+        )
         norm = lambda h: gemma_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.gemma.norm_offset)
     layers = [x]
     for i, p in enumerate(params["layers"]):
@@ -76,7 +77,7 @@ def hidden_states(params, cfg: ModelConfig, prompts: list[list[int]], all_layers
     for group in _groups(prompts):
         tokens, positions = _padded(group)
         states = np.asarray(_hidden(params, jnp.asarray(tokens), jnp.asarray(positions), cfg, all_layers))
-        out += [states[:, i, :len(p)] if all_layers else states[i, :len(p)] for i, p in enumerate(group)]
+        out += [states[:, i, : len(p)] if all_layers else states[i, : len(p)] for i, p in enumerate(group)]
     return out
 
 
@@ -104,22 +105,23 @@ def _padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.zeros((batch, length), np.int32)
     positions = np.full((batch, length), -1, np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-        positions[i, :len(p)] = np.arange(len(p))
+        tokens[i, : len(p)] = p
+        positions[i, : len(p)] = np.arange(len(p))
     return tokens, positions
 
 
-def prompt_logprobs(params, cfg: ModelConfig, prompt: list[int], k: int) -> list[tuple[int, float, dict[int, float]]
-                                                                                     | None]:
+def prompt_logprobs(
+    params, cfg: ModelConfig, prompt: list[int], k: int
+) -> list[tuple[int, float, dict[int, float]] | None]:
     """vLLM's prompt_logprobs: None for the first token, then per token (id, its logprob given the tokens before,
     the top k {id: logprob})."""
     tokens, positions = _padded([prompt])
-    chosen, top, top_ids = (np.asarray(a) for a in _prompt_logprobs(params, jnp.asarray(tokens[:1]),
-                                                                    jnp.asarray(positions[:1]), cfg))
+    chosen, top, top_ids = (
+        np.asarray(a) for a in _prompt_logprobs(params, jnp.asarray(tokens[:1]), jnp.asarray(positions[:1]), cfg)
+    )
     out = [None]
     for t in range(len(prompt) - 1):
-        out.append((prompt[t + 1], float(chosen[t]),
-                    {int(i): float(v) for i, v in zip(top_ids[t, :k], top[t, :k])}))
+        out.append((prompt[t + 1], float(chosen[t]), {int(i): float(v) for i, v in zip(top_ids[t, :k], top[t, :k])}))
     return out
 
 

@@ -1,7 +1,7 @@
 """`novallm-generate`: text generation from the shell.
 
-    novallm-generate --prompt "What is the capital of France?"
-    novallm-generate --prompts_file prompts.txt --temperature 0.8 --seed 1 --max_new_tokens 64
+novallm-generate --prompt "What is the capital of France?"
+novallm-generate --prompts_file prompts.txt --temperature 0.8 --seed 1 --max_new_tokens 64
 """
 
 from __future__ import annotations
@@ -10,8 +10,16 @@ import sys
 
 from absl import app, flags, logging
 
-from novallm_jax.cli_flags import (ACTIVATIONS, COMPILE_CACHE_DIR, DTYPE, KV_CACHE_DTYPE, MESH, MODEL, SPECULATIVE,
-                                  WEIGHTS)
+from novallm_jax.cli_flags import (
+    ACTIVATIONS,
+    COMPILE_CACHE_DIR,
+    DTYPE,
+    KV_CACHE_DTYPE,
+    MESH,
+    MODEL,
+    SPECULATIVE,
+    WEIGHTS,
+)
 from novallm_jax.errors import NovaLLMError
 
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt.")
@@ -55,8 +63,10 @@ def _summary(results) -> str:
     prefill_s = max(firsts) - min(starts) if starts and firsts else 0.0
     decode_s = max(ends) - min(firsts) if ends and firsts else 0.0
     rate = lambda n, s: f"{n / s:.1f}" if s > 0 else "n/a"
-    return (f"prompt tokens: {prompt_tokens}, generated tokens: {generated}, "
-            f"prefill: {rate(prompt_tokens, prefill_s)} tok/s, decode: {rate(generated - len(outs), decode_s)} tok/s")
+    return (
+        f"prompt tokens: {prompt_tokens}, generated tokens: {generated}, "
+        f"prefill: {rate(prompt_tokens, prefill_s)} tok/s, decode: {rate(generated - len(outs), decode_s)} tok/s"
+    )
 
 
 def generate_main() -> None:
@@ -64,15 +74,29 @@ def generate_main() -> None:
     from novallm_jax.sampling_params import SamplingParams
 
     prompts = _read_prompts()
-    params = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                            seed=_SEED.value, max_tokens=_MAX_NEW_TOKENS.value, speculative=SPECULATIVE.value)
-    with LLM(MODEL.value, dtype=DTYPE.value, weights=WEIGHTS.value, activations=ACTIVATIONS.value,
-             kv_cache_dtype=KV_CACHE_DTYPE.value, compile_cache_dir=COMPILE_CACHE_DIR.value or None,
-             mesh=MESH.value, speculative=SPECULATIVE.value) as llm:
+    params = SamplingParams(
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value,
+        max_tokens=_MAX_NEW_TOKENS.value,
+        speculative=SPECULATIVE.value,
+    )
+    with LLM(
+        MODEL.value,
+        dtype=DTYPE.value,
+        weights=WEIGHTS.value,
+        activations=ACTIVATIONS.value,
+        kv_cache_dtype=KV_CACHE_DTYPE.value,
+        compile_cache_dir=COMPILE_CACHE_DIR.value or None,
+        mesh=MESH.value,
+        speculative=SPECULATIVE.value,
+    ) as llm:
         chat = _CHAT.value if _CHAT.value is not None else bool(llm.tokenizer.chat_template)
         system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
-        encoded = [llm.chat_prompt(system + [{"role": "user", "content": p}]) if chat else llm.encode(p)
-                   for p in prompts]
+        encoded = [
+            llm.chat_prompt(system + [{"role": "user", "content": p}]) if chat else llm.encode(p) for p in prompts
+        ]
         if _STREAM.value:
             results = []
             for ids in encoded:

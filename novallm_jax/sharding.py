@@ -96,8 +96,9 @@ def parse_mesh(mesh: str | Mapping[str, int] | Mesh | None) -> Mesh | None:
         raise _mesh_error(
             f"mesh data={shape[0]},model={shape[1]} needs {math.prod(shape)} devices; {len(available)} "
             f"{available[0].platform} device(s) are available (on CPU, XLA_FLAGS="
-            f"--xla_force_host_platform_device_count=N fakes N, set before jax starts)")
-    return jax.make_mesh(shape, AXES, axis_types=_AUTO, devices=available[:math.prod(shape)])
+            f"--xla_force_host_platform_device_count=N fakes N, set before jax starts)"
+        )
+    return jax.make_mesh(shape, AXES, axis_types=_AUTO, devices=available[: math.prod(shape)])
 
 
 def axis_size(mesh: Mesh | None, axis: str) -> int:
@@ -110,20 +111,26 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     if m == 1:
         return
     if cfg.gemma is not None and cfg.gemma.version >= 4:
-        raise _mesh_error(f"tensor parallelism (model={m}) is not implemented for Gemma 4 yet; "
-                          f"use data parallelism (mesh 'data={m}') or model=1")
+        raise _mesh_error(
+            f"tensor parallelism (model={m}) is not implemented for Gemma 4 yet; "
+            f"use data parallelism (mesh 'data={m}') or model=1"
+        )
     if cfg.moe is not None and cfg.moe.expert_size % m:
-        raise _mesh_error(f"the experts' FFN size ({cfg.moe.expert_size}) is not divisible by the mesh's model axis "
-                          f"({m})")
+        raise _mesh_error(
+            f"the experts' FFN size ({cfg.moe.expert_size}) is not divisible by the mesh's model axis ({m})"
+        )
     if cfg.num_heads % m:
         raise _mesh_error(f"num_heads ({cfg.num_heads}) is not divisible by the mesh's model axis ({m})")
     kv = cfg.num_kv_heads
     if kv % m and m % kv:
-        raise _mesh_error(f"num_kv_heads ({kv}) and the mesh's model axis ({m}) must divide one another, so that "
-                          f"each shard holds whole KV heads or one copy of a KV head")
+        raise _mesh_error(
+            f"num_kv_heads ({kv}) and the mesh's model axis ({m}) must divide one another, so that "
+            f"each shard holds whole KV heads or one copy of a KV head"
+        )
     if cfg.intermediate_size % m:
-        raise _mesh_error(f"intermediate_size ({cfg.intermediate_size}) is not divisible by the mesh's model axis "
-                          f"({m})")
+        raise _mesh_error(
+            f"intermediate_size ({cfg.intermediate_size}) is not divisible by the mesh's model axis ({m})"
+        )
 
 
 def sharded_config(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
@@ -177,8 +184,9 @@ def param_specs(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
     named = lambda spec: NamedSharding(mesh, spec if m > 1 else REPLICATED)
     vocab_split = m > 1 and cfg.vocab_size % m == 0
     if m > 1 and not vocab_split:
-        logging.warning("vocab_size %d is not divisible by model=%d: the embedding and lm_head are replicated",
-                        cfg.vocab_size, m)
+        logging.warning(
+            "vocab_size %d is not divisible by model=%d: the embedding and lm_head are replicated", cfg.vocab_size, m
+        )
 
     def spec(path, leaf) -> NamedSharding:
         name = getattr(path[-1], "key", None)

@@ -85,5 +85,11 @@ class CompileStats:
     def as_dict(self) -> dict[str, float]:
         """The counts and seconds; `backend_compile_s` includes the loads from the cache (`cache_load_s`)."""
         with self._lock:
-            return {"cache_hits": self.cache_hits, "cache_misses": self.cache_misses, "backend_compiles": self.compiles,
-                    "backend_compile_s": self.compile_s, "cache_load_s": self.cache_load_s, "trace_s": self.trace_s}
+            return {
+                "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses,
+                "backend_compiles": self.compiles,
+                "backend_compile_s": self.compile_s,
+                "cache_load_s": self.cache_load_s,
+                "trace_s": self.trace_s,
+            }

@@ -49,13 +49,15 @@ class StructuredOutput:
             object.__setattr__(self, "json", _canonical(self.json, "json"))
         elif self.json is not None:
             if not isinstance(self.json, str):
-                raise InvalidRequestError("json must be a JSON schema (an object or its JSON text)",
-                                          param="structured_outputs.json")
+                raise InvalidRequestError(
+                    "json must be a JSON schema (an object or its JSON text)", param="structured_outputs.json"
+                )
             object.__setattr__(self, "json", _canonical(_parse(self.json), "json"))
         if self.choice is not None:
             if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
-                raise InvalidRequestError("choice must be a non-empty list of strings",
-                                          param="structured_outputs.choice")
+                raise InvalidRequestError(
+                    "choice must be a non-empty list of strings", param="structured_outputs.choice"
+                )
             object.__setattr__(self, "choice", tuple(self.choice))
         for name in ("regex", "grammar"):
             value = getattr(self, name)
@@ -63,16 +65,19 @@ class StructuredOutput:
                 raise InvalidRequestError(f"{name} must be a non-empty string", param=f"structured_outputs.{name}")
         given = [f for f in _FIELDS if getattr(self, f) not in (None, False)]
         if len(given) != 1:
-            raise InvalidRequestError(f"give exactly one of {', '.join(_FIELDS)} (got {', '.join(given) or 'none'})",
-                                      param="structured_outputs")
+            raise InvalidRequestError(
+                f"give exactly one of {', '.join(_FIELDS)} (got {', '.join(given) or 'none'})",
+                param="structured_outputs",
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StructuredOutput":
         """From vLLM's `structured_outputs` object ({"json": ...}, {"regex": ...}, {"choice": [...]}, ...)."""
         unknown = set(d) - set(_FIELDS)
         if unknown:
-            raise InvalidRequestError(f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(_FIELDS)}",
-                                      param="structured_outputs")
+            raise InvalidRequestError(
+                f"unknown field {sorted(unknown)[0]!r}; known: {', '.join(_FIELDS)}", param="structured_outputs"
+            )
         return cls(**{k: v for k, v in d.items() if v is not None})
 
     def llguidance_grammar(self) -> str:
@@ -112,14 +117,17 @@ def _canonical(schema: Any, name: str) -> str:
 
 # --- llguidance's view of our tokenizers -------------------------------------------------------------------------
 
+
 class _Vocabulary:
     """What llguidance's TokenizerWrapper reads: every token's bytes (special tokens marked with a 0xff prefix, as
     llguidance's own llama.cpp adapter marks them), the special ids, EOS/BOS, and an encoder."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         n = tokenizer.vocab_size
-        self.tokens = [(b"\xff" + tokenizer.id_to_token(i).encode()) if tokenizer.is_special(i)
-                       else tokenizer.token_bytes(i) for i in range(n)] + [b""] * max(0, vocab_size - n)
+        self.tokens = [
+            (b"\xff" + tokenizer.id_to_token(i).encode()) if tokenizer.is_special(i) else tokenizer.token_bytes(i)
+            for i in range(n)
+        ] + [b""] * max(0, vocab_size - n)
         self.special_token_ids = [i for i in range(n) if tokenizer.is_special(i)]
         self.eos_token_id = tokenizer.eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
@@ -143,8 +151,9 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int):
         per = _tokenizers.setdefault(tokenizer, {})
         if vocab_size not in per:
             eos = list(tokenizer.eos_token_ids) or None
-            per[vocab_size] = LLTokenizer(TokenizerWrapper(_Vocabulary(tokenizer, vocab_size)), n_vocab=vocab_size,
-                                          eos_token=eos)
+            per[vocab_size] = LLTokenizer(
+                TokenizerWrapper(_Vocabulary(tokenizer, vocab_size)), n_vocab=vocab_size, eos_token=eos
+            )
         return per[vocab_size]
 
 
@@ -158,8 +167,7 @@ def _checked_grammar(spec: StructuredOutput, ll_tok) -> str:
         raise InvalidRequestError(f"{spec.field} is not valid: {e}", param=f"structured_outputs.{spec.field}") from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll_tok)
     if is_error:
-        raise InvalidRequestError(f"{spec.field} is not valid: {messages[0]}",
-                                  param=f"structured_outputs.{spec.field}")
+        raise InvalidRequestError(f"{spec.field} is not valid: {messages[0]}", param=f"structured_outputs.{spec.field}")
     return grammar
 
 

@@ -20,8 +20,10 @@ def lone_surrogate_problem(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return (f"holds a lone UTF-16 surrogate U+{ord(text[e.start]):04X} at character {e.start}, which is not "
-                "valid Unicode; send UTF-8 text (a surrogate pair such as \\ud83d\\ude00 is fine)")
+        return (
+            f"holds a lone UTF-16 surrogate U+{ord(text[e.start]):04X} at character {e.start}, which is not "
+            "valid Unicode; send UTF-8 text (a surrogate pair such as \\ud83d\\ude00 is fine)"
+        )
     return None
 
 

@@ -18,8 +18,14 @@ from novallm_jax.tokenization.hf import HFTokenizer, load_hf_tokenizer_json, rea
 from novallm_jax.tokenization.spm import SentencePieceTokenizer
 
 __all__ = [
-    "ChatTemplateError", "DecodeMode", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
-    "render_chat_template", "tokenizer_from_gguf",
+    "ChatTemplateError",
+    "DecodeMode",
+    "HFTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "render_chat_template",
+    "tokenizer_from_gguf",
 ]
 
 _GGUF_MAGIC = b"GGUF"
@@ -53,8 +59,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ModelLoadError(f"tokenizer path {path!r} does not exist; pass a GGUF file, an HF model directory, "
-                             "a tokenizer.json or a sentencepiece .model file")
+        raise ModelLoadError(
+            f"tokenizer path {path!r} does not exist; pass a GGUF file, an HF model directory, "
+            "a tokenizer.json or a sentencepiece .model file"
+        )
     if os.path.isdir(path):
         return _load_dir(path)
     if _is_gguf(path):

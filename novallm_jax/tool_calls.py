@@ -69,41 +69,53 @@ class ToolRequest:
     parallel: bool = True
 
     @classmethod
-    def check(cls, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = None,
-              parallel_tool_calls: bool | None = None) -> "ToolRequest | None":
+    def check(
+        cls, tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = None, parallel_tool_calls: bool | None = None
+    ) -> "ToolRequest | None":
         """Validates OpenAI's fields; None when the request has no tools (and no tool_choice other than "none")."""
         if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
             raise InvalidRequestError("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
         if not tools:
             if tools is not None and (isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence)):
-                raise InvalidRequestError("tools must be a list of {'type': 'function', 'function': {...}}",
-                                          param="tools")
+                raise InvalidRequestError(
+                    "tools must be a list of {'type': 'function', 'function': {...}}", param="tools"
+                )
             if tool_choice not in (None, "none"):
-                raise InvalidRequestError("tool_choice needs tools: give the functions the model may call",
-                                          param="tool_choice")
+                raise InvalidRequestError(
+                    "tool_choice needs tools: give the functions the model may call", param="tool_choice"
+                )
             return None
         if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
             raise InvalidRequestError("tools must be a list of {'type': 'function', 'function': {...}}", param="tools")
         checked, names = [], set()
         for i, tool in enumerate(tools):
             where = f"tools[{i}]"
-            if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(
-                    tool.get("function"), Mapping):
-                raise InvalidRequestError(f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}",
-                                          param=where)
+            if (
+                not isinstance(tool, Mapping)
+                or tool.get("type", "function") != "function"
+                or not isinstance(tool.get("function"), Mapping)
+            ):
+                raise InvalidRequestError(
+                    f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}", param=where
+                )
             fn = tool["function"]
             name = fn.get("name")
             if not isinstance(name, str) or not _NAME.match(name):
-                raise InvalidRequestError(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-', "
-                                          f"got {name!r}", param=f"{where}.function.name")
+                raise InvalidRequestError(
+                    f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}",
+                    param=f"{where}.function.name",
+                )
             if name in names:
-                raise InvalidRequestError(f"{where}.function.name {name!r} is given twice", param=f"{where}.function.name")
+                raise InvalidRequestError(
+                    f"{where}.function.name {name!r} is given twice", param=f"{where}.function.name"
+                )
             names.add(name)
             description = fn.get("description")
             if description is not None:
                 if not isinstance(description, str):
-                    raise InvalidRequestError(f"{where}.function.description must be a string",
-                                              param=f"{where}.function.description")
+                    raise InvalidRequestError(
+                        f"{where}.function.description must be a string", param=f"{where}.function.description"
+                    )
                 check_text(description, f"{where}.function.description")
             function = {"name": name}
             if description is not None:
@@ -116,18 +128,25 @@ class ToolRequest:
             tool_choice = "auto"
         if isinstance(tool_choice, str):
             if tool_choice not in _CHOICES:
-                raise InvalidRequestError(f"tool_choice must be one of {', '.join(_CHOICES)} or "
-                                          "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+                raise InvalidRequestError(
+                    f"tool_choice must be one of {', '.join(_CHOICES)} or "
+                    "{'type': 'function', 'function': {'name': ...}}",
+                    param="tool_choice",
+                )
             choice, named = tool_choice, False
         else:
             fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
             name = fn.get("name") if isinstance(fn, Mapping) else None
             if not isinstance(name, str) or tool_choice.get("type", "function") != "function":
-                raise InvalidRequestError("tool_choice must be a string or {'type': 'function', 'function': "
-                                          "{'name': ...}}", param="tool_choice")
+                raise InvalidRequestError(
+                    "tool_choice must be a string or {'type': 'function', 'function': {'name': ...}}",
+                    param="tool_choice",
+                )
             if name not in names:
-                raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not in tools "
-                                          f"({', '.join(sorted(names))})", param="tool_choice")
+                raise InvalidRequestError(
+                    f"tool_choice names the function {name!r}, which is not in tools ({', '.join(sorted(names))})",
+                    param="tool_choice",
+                )
             choice, named = name, True
         return cls(tuple(checked), choice, named, True if parallel_tool_calls is None else parallel_tool_calls)
 
@@ -154,9 +173,18 @@ class ToolRequest:
         if self.named:
             schema = self._parameters(self.choice)
         elif self.choice == "required":
-            one = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-                    "properties": {"name": {"const": t["function"]["name"]},
-                                   "parameters": self._parameters(t["function"]["name"])}} for t in self.tools]
+            one = [
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name", "parameters"],
+                    "properties": {
+                        "name": {"const": t["function"]["name"]},
+                        "parameters": self._parameters(t["function"]["name"]),
+                    },
+                }
+                for t in self.tools
+            ]
             schema = {"type": "array", "minItems": 1, "items": one[0] if len(one) == 1 else {"anyOf": one}}
             if not self.parallel:
                 schema["maxItems"] = 1
@@ -175,8 +203,10 @@ class ToolRequest:
                 return text, []
             if self.named:
                 return None, [ToolCall(call_id(parser.short_ids), self.choice, json.dumps(value, ensure_ascii=False))]
-            return None, [ToolCall(call_id(parser.short_ids), c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                          for c in value]
+            return None, [
+                ToolCall(call_id(parser.short_ids), c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                for c in value
+            ]
         content, calls = parser.parse(text)
         if not self.parallel:
             calls = calls[:1]
@@ -202,12 +232,15 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
             calls = []
             for j, call in enumerate(m["tool_calls"]):
                 if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
-                    raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', "
-                                              "'function': {'name': ..., 'arguments': ...}}",
-                                              param=f"messages[{i}].tool_calls")
+                    raise InvalidRequestError(
+                        f"messages[{i}].tool_calls[{j}] must be {{'type': 'function', "
+                        "'function': {'name': ..., 'arguments': ...}}",
+                        param=f"messages[{i}].tool_calls",
+                    )
                 fn = dict(call["function"])
-                fn["arguments"] = _arguments_object(fn.get("arguments", {}),
-                                                    f"messages[{i}].tool_calls[{j}].function.arguments")
+                fn["arguments"] = _arguments_object(
+                    fn.get("arguments", {}), f"messages[{i}].tool_calls[{j}].function.arguments"
+                )
                 _check_strings(fn, f"messages[{i}].tool_calls[{j}].function")
                 calls.append({**call, "type": "function", "function": fn})
                 if call.get("id"):
@@ -223,7 +256,8 @@ _HERMES_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+    'XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
 
 
 def _hermes_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -232,8 +266,10 @@ def _hermes_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            blocks = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                 ensure_ascii=False) for c in m["tool_calls"]]
+            blocks = [
+                json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                for c in m["tool_calls"]
+            ]
             text = (m.get("content") or "") + "".join(f"\n<tool_call>\n{b}\n</tool_call>" for b in blocks)
             out.append({**{k: v for k, v in m.items() if k != "tool_calls"}, "content": text.lstrip("\n")})
         elif m.get("role") == "tool":
@@ -260,8 +296,12 @@ class ChatRendering:
     parser: ToolParser
 
 
-def prepare_chat(messages: Sequence[Mapping[str, Any]], template: str | None, tools: ToolRequest | None,
-                 parser: ToolParser | None = None) -> ChatRendering:
+def prepare_chat(
+    messages: Sequence[Mapping[str, Any]],
+    template: str | None,
+    tools: ToolRequest | None,
+    parser: ToolParser | None = None,
+) -> ChatRendering:
     """The messages and template variables for `template` (tools rendered natively, or Hermes-style for a
     template without tools), and the parser of the answer (`parser` overrides the template's)."""
     parser = parser or parser_for_template(template if template_knows_tools(template) else None)
@@ -299,6 +339,6 @@ class ToolStream:
         return "", calls
 
     def _send(self, end: int) -> str:
-        out = self.text[self.sent:end] if end > self.sent else ""
+        out = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return out

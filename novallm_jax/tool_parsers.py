@@ -169,7 +169,7 @@ class MistralParser(ToolParser):
         for part in text.split("[TOOL_CALLS]")[1:]:
             named = self._named.match(part)
             if named:  # name[ARGS]{...} (v7 and later)
-                values = _json_values(part[named.end():])
+                values = _json_values(part[named.end() :])
                 if not values or len(values) != 1:
                     return []
                 call = self._call(named.group(1), values[0])
@@ -200,7 +200,7 @@ class _GemmaArgs:
         t = self.text
         if t.startswith(self.QUOTE, self.i):
             end = t.index(self.QUOTE, self.i + len(self.QUOTE))
-            s = t[self.i + len(self.QUOTE):end]
+            s = t[self.i + len(self.QUOTE) : end]
             self.i = end + len(self.QUOTE)
             return s
         if t.startswith("{", self.i):
@@ -232,7 +232,7 @@ class _GemmaArgs:
                 key = self.value()
             else:
                 colon = self.text.index(":", self.i)
-                key, self.i = self.text[self.i:colon].strip(), colon
+                key, self.i = self.text[self.i : colon].strip(), colon
             if not self._take(":"):
                 raise ValueError(f"no ':' at {self.i}")
             out[key] = self.value()
@@ -275,7 +275,7 @@ class PythonicParser(ToolParser):
     def _calls(self, text: str) -> list[ToolCall]:
         body = text.strip()
         if body.startswith("```tool_code"):
-            body = body[len("```tool_code"):].split("```", 1)[0]
+            body = body[len("```tool_code") :].split("```", 1)[0]
         try:
             tree = ast.parse(body.strip(), mode="eval").body
         except SyntaxError:
@@ -304,14 +304,16 @@ class PythonicParser(ToolParser):
         return found if found >= 0 else None
 
 
-PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser,
-                                                             Gemma4Parser, PythonicParser)}
+PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser, Gemma4Parser, PythonicParser)
+}
 
 
 def get_parser(name: str) -> ToolParser:
     if name not in PARSERS:
-        raise InvalidRequestError(f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}",
-                                  param="tool_call_parser")
+        raise InvalidRequestError(
+            f"unknown tool-call parser {name!r}; known: {', '.join(PARSERS)}", param="tool_call_parser"
+        )
     return PARSERS[name]()
 
 

@@ -12,11 +12,27 @@ from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.engine.executor import ExecutorConfig
 from novallm_jax.model import init_params
 
-TINY = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,))
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    eos_token_ids=(2,),
+)
 
-EXEC = ExecutorConfig(page_size=8, num_pages=256, max_model_len=256, decode_batch_buckets=(1, 4, 16),
-                      prefill_batch_buckets=(1, 4), prefill_len_buckets=(16, 64))
+EXEC = ExecutorConfig(
+    page_size=8,
+    num_pages=256,
+    max_model_len=256,
+    decode_batch_buckets=(1, 4, 16),
+    prefill_batch_buckets=(1, 4),
+    prefill_len_buckets=(16, 64),
+)
 
 
 @functools.lru_cache(maxsize=None)

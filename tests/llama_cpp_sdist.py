@@ -30,14 +30,27 @@ def sdist_dir() -> str:
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".fetch.") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={VERSION}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"llama-cpp-python=={VERSION}",
+            "-d",
+            tmp,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         archive = os.path.join(tmp, f"llama_cpp_python-{VERSION}.tar.gz")
         if done.returncode != 0 or not os.path.isfile(archive):
-            pytest.fail(f"cannot fetch the llama-cpp-python {VERSION} sdist (llama.cpp's tokenizer vectors and chat "
-                        f"templates) into {cache_dir()}: `{' '.join(cmd)}` said: {done.stderr.strip()[-2000:]} -- "
-                        "give this machine PyPI access, or extract that sdist there by hand")
+            pytest.fail(
+                f"cannot fetch the llama-cpp-python {VERSION} sdist (llama.cpp's tokenizer vectors and chat "
+                f"templates) into {cache_dir()}: `{' '.join(cmd)}` said: {done.stderr.strip()[-2000:]} -- "
+                "give this machine PyPI access, or extract that sdist there by hand"
+            )
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
         # A rename is atomic: a concurrent run sees no tree or a whole one; if another run won the race, keep its.

@@ -27,17 +27,43 @@ from tests.hf_models import build_hf_config
 MESHES = ("model=2", "model=4", "model=2,data=2", "data=4", "model=8")
 # 8 query heads over 2 KV heads: model=8 copies each KV head to 4 shards.
 CONFIGS = {
-    "llama": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=512),
-    "qwen3": ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=512),
+    "llama": ModelConfig(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+    ),
+    "qwen3": ModelConfig(
+        model_type="qwen3",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        qk_norm=True,
+        max_position_embeddings=512,
+    ),
     # test_model_parity's tiny Gemma 3 (sliding and global layers, two RoPE tables, q/k norms), with 8 heads.
     "gemma3": ModelConfig.from_hf({**build_hf_config("gemma3_text").to_dict(), "num_attention_heads": 8}),
     # test_model_parity's tiny Qwen3-MoE (8 experts of 32, top 2; a sparse and a dense layer), with 8 heads.
     "qwen3_moe": ModelConfig.from_hf({**build_hf_config("qwen3_moe").to_dict(), "num_attention_heads": 8}),
 }
-EXEC = ExecutorConfig(page_size=8, num_pages=64, max_model_len=128, decode_batch_buckets=(4,),
-                      prefill_batch_buckets=(4,), prefill_len_buckets=(16,), native_kernels=False)
+EXEC = ExecutorConfig(
+    page_size=8,
+    num_pages=64,
+    max_model_len=128,
+    decode_batch_buckets=(4,),
+    prefill_batch_buckets=(4,),
+    prefill_len_buckets=(16,),
+    native_kernels=False,
+)
 PROMPTS = ([5, 17, 3, 99, 250, 7, 1, 42, 300], [8, 9], [400, 401, 402, 11, 12])  # a ragged batch
 NEW_TOKENS = 32
 
@@ -48,8 +74,9 @@ def params_of(cfg):
     # Gemma's norms (w + 1, w = 0) are varied too, as in tests/test_gemma_engine.py, else its greedy tokens repeat.
     params = init_params(cfg, jax.random.key(7))
     vary = 0.3 if cfg.gemma is not None else 0.0
-    return jax.tree.map(lambda a: a * 5 if a.ndim == 2 else a + vary * np.sin(np.arange(a.size)).reshape(a.shape),
-                        params)
+    return jax.tree.map(
+        lambda a: a * 5 if a.ndim == 2 else a + vary * np.sin(np.arange(a.size)).reshape(a.shape), params
+    )
 
 
 def run_executor(cfg, params, mesh):
@@ -120,10 +147,26 @@ def executor_checks(out):
             }
 
 
-ENGINE_CFG = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=8, max_position_embeddings=1024, eos_token_ids=(2,))
-ENGINE_EXEC = ExecutorConfig(page_size=8, num_pages=20, max_model_len=256, decode_batch_buckets=(4, 8),
-                             prefill_batch_buckets=(4,), prefill_len_buckets=(16, 64))
+ENGINE_CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+    eos_token_ids=(2,),
+)
+ENGINE_EXEC = ExecutorConfig(
+    page_size=8,
+    num_pages=20,
+    max_model_len=256,
+    decode_batch_buckets=(4, 8),
+    prefill_batch_buckets=(4,),
+    prefill_len_buckets=(16, 64),
+)
 
 
 # Both axes, fewer KV heads than shards, and data alone (model=2 and model=4 are the executor checks' too).
@@ -132,8 +175,9 @@ ENGINE_RUNS = (("swap", "model=2,data=2"), ("swap", "model=8"), ("swap", "data=4
 
 def engine_run(tokenizer, params, mesh, mode):
     """Five requests in a pool too small for them (preemption), then two sharing a 40-token prefix."""
-    engine = LLMEngine(ENGINE_CFG, params, tokenizer, EngineConfig(executor=ENGINE_EXEC, preemption_mode=mode,
-                                                                   mesh=mesh))
+    engine = LLMEngine(
+        ENGINE_CFG, params, tokenizer, EngineConfig(executor=ENGINE_EXEC, preemption_mode=mode, mesh=mesh)
+    )
     rng = np.random.default_rng(0)
     greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     reqs = [engine.add_request(rng.integers(3, 49152, 30 + 5 * i).tolist(), greedy(24)) for i in range(5)]

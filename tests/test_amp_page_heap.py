@@ -14,8 +14,10 @@ from novallm_jax.errors import OutOfPagesError, PoolError
 def make_storage(num_pages=8, page_size=2, heads=1, dim=3, layers=2):
     """A small KV-like pytree: per layer K and V [pages, page_size, heads, dim], every element distinct."""
     size = num_pages * page_size * heads * dim
+
     def leaf(i):
         return jnp.arange(size, dtype=jnp.float32).reshape(num_pages, page_size, heads, dim) + 1000 * i
+
     return {"k": tuple(leaf(2 * l) for l in range(layers)), "v": tuple(leaf(2 * l + 1) for l in range(layers))}
 
 

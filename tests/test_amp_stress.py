@@ -27,8 +27,9 @@ def worker(pool, tid, model, errors, counts):
     try:
         for _ in range(OPS):
             mine = [o for o in model if not o.startswith("prefix")]
-            op = rng.choices(["alloc", "free", "share", "free_shared", "cow", "bad_free"],
-                             weights=[30, 20, 20, 15, 10, 5])[0]
+            op = rng.choices(
+                ["alloc", "free", "share", "free_shared", "cow", "bad_free"], weights=[30, 20, 20, 15, 10, 5]
+            )[0]
             if len(mine) > 40:  # keep the pool from staying full: most ops should succeed
                 op = "free_shared"
             if op == "alloc" or not mine:

@@ -18,8 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_engine")
     output = tmp / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_engine.py"), "--quick", f"--output={output}",
-           f"--compile_cache_dir={tmp / 'xla'}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_engine.py"),
+        "--quick",
+        f"--output={output}",
+        f"--compile_cache_dir={tmp / 'xla'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(output.read_text())
@@ -31,8 +36,22 @@ def positive(x) -> bool:
 
 def test_quick_run_writes_expected_json(quick_run):
     _, res = quick_run
-    assert {"machine", "settings", "model", "engine_config", "warmup", "engine", "transformers", "ratios",
-            "agreement", "concurrency", "engine_poisson", "leaks", "wall_s", "phase_s"} <= res.keys()
+    assert {
+        "machine",
+        "settings",
+        "model",
+        "engine_config",
+        "warmup",
+        "engine",
+        "transformers",
+        "ratios",
+        "agreement",
+        "concurrency",
+        "engine_poisson",
+        "leaks",
+        "wall_s",
+        "phase_s",
+    } <= res.keys()
     s = res["settings"]
     assert s["model"] == "quick" and s["num_requests"] == 8
     for run in ("engine", "engine_poisson"):

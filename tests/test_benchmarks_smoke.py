@@ -14,9 +14,18 @@ from novallm_jax.kernels import native
 from novallm_jax.loading import quantized_by_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +33,15 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     config, output = tmp / "tiny.json", tmp / "out.json"
     config.write_text(json.dumps(TINY))
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models=random:{config}",
-           "--batches=1,2", "--bandwidth_gib=0.02", f"--output={output}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_decode.py"),
+        "--quick",
+        f"--models=random:{config}",
+        "--batches=1,2",
+        "--bandwidth_gib=0.02",
+        f"--output={output}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(output.read_text())
@@ -94,9 +110,18 @@ def test_quick_run_on_a_quantised_gguf_times_our_block_codes(tmp_path):
 
     src = save_hf_model(build_hf_model("llama2"), str(tmp_path / "hf"))
     path, output = hf_to_gguf(src, str(tmp_path / "tiny-q4_1.gguf"), quant="Q4_1"), tmp_path / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models={path}",
-           "--batches=1,2", "--bandwidth_gib=0.02", "--notransformers", "--noxla_dots", "--nollama_cpp",
-           f"--output={output}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_decode.py"),
+        "--quick",
+        f"--models={path}",
+        "--batches=1,2",
+        "--bandwidth_gib=0.02",
+        "--notransformers",
+        "--noxla_dots",
+        "--nollama_cpp",
+        f"--output={output}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = json.loads(output.read_text())["models"]
@@ -111,7 +136,7 @@ def test_quick_run_on_a_quantised_gguf_times_our_block_codes(tmp_path):
         assert entry["quant"]["batch1_roofline_fraction_int8"] > 0 and "ours_int8" in proc.stdout
 
 
-_FAKE_BENCH = r'''#!/usr/bin/env python3
+_FAKE_BENCH = r"""#!/usr/bin/env python3
 # Stands in for llama.cpp's llama-bench: prints its JSON layout (-o json), one test per -p/-n, -r samples each.
 import json, sys
 a = sys.argv[1:]
@@ -126,12 +151,12 @@ for key, rate in (("-p", 500.0), ("-n", 50.0)):
                       "n_gen": n if key == "-n" else 0, "avg_ts": sum(samples) / len(samples),
                       "samples_ns": [1e9 * n / s for s in samples], "samples_ts": samples})
 print(json.dumps(tests, indent=2))
-'''
-_FAKE_QUANTIZE = r'''#!/usr/bin/env python3
+"""
+_FAKE_QUANTIZE = r"""#!/usr/bin/env python3
 import shutil, sys
 assert sys.argv[1] == "--allow-requantize"
 shutil.copyfile(sys.argv[2], sys.argv[3])
-'''
+"""
 
 
 def _real_or_fake_llama_cpp(tmp_path) -> tuple[str, bool]:
@@ -154,9 +179,18 @@ def test_llama_cpp_tools_run_beside_ours_in_the_interleaved_rounds(tmp_path):
     bin_dir, real = _real_or_fake_llama_cpp(tmp_path)
     src = save_hf_model(build_hf_model("llama2"), str(tmp_path / "hf"))
     path, output = hf_to_gguf(src, str(tmp_path / "tiny.gguf")), tmp_path / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", f"--models={path}@Q8_0",
-           "--batches=1", "--bandwidth_gib=0.02", "--notransformers", "--noxla_dots", f"--llama_cpp_bin={bin_dir}",
-           f"--output={output}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_decode.py"),
+        "--quick",
+        f"--models={path}@Q8_0",
+        "--batches=1",
+        "--bandwidth_gib=0.02",
+        "--notransformers",
+        "--noxla_dots",
+        f"--llama_cpp_bin={bin_dir}",
+        f"--output={output}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = json.loads(output.read_text())["models"]
@@ -174,7 +208,13 @@ def test_llama_cpp_tools_run_beside_ours_in_the_interleaved_rounds(tmp_path):
 
 
 def test_a_named_llama_cpp_dir_without_its_tools_is_an_error(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--quick", "--models=smollm2",
-           f"--llama_cpp_bin={tmp_path}", f"--output={tmp_path / 'out.json'}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_decode.py"),
+        "--quick",
+        "--models=smollm2",
+        f"--llama_cpp_bin={tmp_path}",
+        f"--output={tmp_path / 'out.json'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "lacks llama-bench, llama-quantize" in proc.stderr

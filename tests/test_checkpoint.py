@@ -23,8 +23,9 @@ def test_orbax_round_trip_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     tokens, positions, _ = ragged_batch([[3, 4, 5, 6], [9, 8]])
-    run = lambda p: np.asarray(forward(p, jnp.asarray(tokens), jnp.asarray(positions),
-                                       ContiguousKVCache.create(cfg, 2, 4), cfg)[0])
+    run = lambda p: np.asarray(
+        forward(p, jnp.asarray(tokens), jnp.asarray(positions), ContiguousKVCache.create(cfg, 2, 4), cfg)[0]
+    )
     np.testing.assert_array_equal(run(params), run(params2))
 
 
@@ -47,8 +48,16 @@ def test_presets_match_the_models_they_name(default_gguf):
     from_gguf = ModelConfig.from_gguf_metadata(gguf_metadata(reader), {t.name for t in reader.tensors})
     preset = ModelConfig.from_preset("smollm2-135m")
     assert preset.num_params() == from_gguf.num_params() == 134_515_008
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                  "rope_theta", "tie_word_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rope_theta",
+        "tie_word_embeddings",
+    ):
         assert getattr(preset, field) == getattr(from_gguf, field), field
     assert ModelConfig.from_preset("llama3.2-1b").rope_scaling.rope_type == "llama3"
 
@@ -60,8 +69,12 @@ def test_convert_cli_turns_the_default_gguf_into_a_standalone_checkpoint(default
     from novallm_jax.tokenizer import load_tokenizer
 
     out = tmp_path / "smollm2"
-    proc = subprocess.run([sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg, params = load_model(default_gguf, dtype=jnp.float32)
     cfg2, params2 = load_model(str(out))
@@ -73,8 +86,16 @@ def test_convert_cli_turns_the_default_gguf_into_a_standalone_checkpoint(default
     assert conv.encode(text) == src.encode(text) and conv.eos_token_ids == src.eos_token_ids
     messages = [{"role": "user", "content": "hi"}]
     assert conv.apply_chat_template(messages, add_generation_prompt=True) == src.apply_chat_template(
-        messages, add_generation_prompt=True)
-    again = subprocess.run([sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
-                           capture_output=True, text=True, timeout=600)
+        messages, add_generation_prompt=True
+    )
+    again = subprocess.run(
+        [sys.executable, "-m", "novallm_jax.convert", f"--model={default_gguf}", f"--output={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 1
-    assert again.stderr.strip().splitlines()[-1] == f"novallm-convert: error: output directory {out} exists and is not empty"
+    assert (
+        again.stderr.strip().splitlines()[-1]
+        == f"novallm-convert: error: output directory {out} exists and is not empty"
+    )

@@ -15,22 +15,26 @@ from novallm_jax.loading import load_model
 # dequantised weights are identical, the rest is summation order).
 MAX_ABS_DIFF = 1e-3
 
-TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
-        "movable metal type, oil-based inks and a wooden press adapted from wine making. Within decades, printing "
-        "shops had spread across Europe, and the price of books fell sharply. Scholars could compare identical copies, "
-        "errors were corrected in later editions, and news travelled faster than ever before.")
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based inks and a wooden press adapted from wine making. Within decades, printing "
+    "shops had spread across Europe, and the price of books fell sharply. Scholars could compare identical copies, "
+    "errors were corrected in later editions, and news travelled faster than ever before."
+)
 
 
 @pytest.fixture(scope="module")
 def hf_model(default_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(default_gguf), gguf_file=os.path.basename(default_gguf), dtype=torch.float32).eval()
+        os.path.dirname(default_gguf), gguf_file=os.path.basename(default_gguf), dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def tokens(default_gguf):
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(default_gguf),
-                                                     gguf_file=os.path.basename(default_gguf))
+    tok = transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(default_gguf), gguf_file=os.path.basename(default_gguf)
+    )
     ids = tok(TEXT)["input_ids"][:64]
     assert len(ids) == 64
     return ids

@@ -30,9 +30,15 @@ class _Generic(Tokenizer):
     def __init__(self, inner: Tokenizer):
         self.inner, self.calls = inner, []
         self.strips_leading_space = False
-        super().__init__(bos_token_id=inner.bos_token_id, eos_token_ids=inner.eos_token_ids,
-                         pad_token_id=inner.pad_token_id, add_bos=inner.add_bos, add_eos=inner.add_eos,
-                         chat_template=None, name="generic")
+        super().__init__(
+            bos_token_id=inner.bos_token_id,
+            eos_token_ids=inner.eos_token_ids,
+            pad_token_id=inner.pad_token_id,
+            add_bos=inner.add_bos,
+            add_eos=inner.add_eos,
+            chat_template=None,
+            name="generic",
+        )
 
     vocab_size = property(lambda self: self.inner.vocab_size)
     id_to_token = lambda self, i: self.inner.id_to_token(i)  # noqa: E731
@@ -65,8 +71,8 @@ def _check_stream(tok: Tokenizer, ids: list[int], skip: bool) -> None:
         offset += len(piece)
         # Nothing streamed is ever revised: the text so far is a prefix of the decode of the ids so far.
         if k < len(ids):
-            assert full.startswith("".join(pieces[:k + 1]))
-            assert tok.decode(ids[:k + 1], skip_special_tokens=skip).startswith("".join(pieces[:k + 1]))
+            assert full.startswith("".join(pieces[: k + 1]))
+            assert tok.decode(ids[: k + 1], skip_special_tokens=skip).startswith("".join(pieces[: k + 1]))
 
 
 _SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -32,9 +32,16 @@ TOL = 1e-4
 def hf_and_llm(tmp_path_factory):
     model = build_hf_model("llama2", seed=3)
     path = save_hf_model(model, str(tmp_path_factory.mktemp("embed_llama")))
-    config = EngineConfig(executor=ExecutorConfig(page_size=8, num_pages=64, max_model_len=128,
-                                                  decode_batch_buckets=(4,), prefill_batch_buckets=(1,),
-                                                  prefill_len_buckets=(32,)))
+    config = EngineConfig(
+        executor=ExecutorConfig(
+            page_size=8,
+            num_pages=64,
+            max_model_len=128,
+            decode_batch_buckets=(4,),
+            prefill_batch_buckets=(1,),
+            prefill_len_buckets=(32,),
+        )
+    )
     cfg, params = load_model(path)
     llm = LLM.from_engine(LLMEngine(cfg, params, shared_tokenizer(), config), "embed-llama")
     yield model, llm
@@ -81,15 +88,23 @@ def test_embeddings_endpoint_through_the_openai_client(hf_and_llm):
         # "at" 261, "on" 258, outside it; "in" 254 and "a" 81 are inside).
         text = client.embeddings.create(model="embed-llama", input=["in", "a"], encoding_format="float")
         np.testing.assert_allclose(np.array([d.embedding for d in text.data]), llm.embed([[254], [81]]), atol=1e-6)
-        raw = httpx.post(srv.url + "/v1/embeddings", json={"model": "embed-llama", "input": PROMPTS[0],
-                                                           "encoding_format": "base64"}).json()
+        raw = httpx.post(
+            srv.url + "/v1/embeddings", json={"model": "embed-llama", "input": PROMPTS[0], "encoding_format": "base64"}
+        ).json()
         vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), np.float32)
         np.testing.assert_allclose(vec, want[0], atol=1e-6)
-        for body, param in (({"input": []}, "input"), ({"input": [[]]}, "input"),
-                            ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
-                            ({"input": [[10 ** 6]]}, "input"), ({"input": "\ud800"}, "input")):
-            bad = httpx.post(srv.url + "/v1/embeddings", headers={"Content-Type": "application/json"},
-                             content=json.dumps({"model": "embed-llama", **body}))
+        for body, param in (
+            ({"input": []}, "input"),
+            ({"input": [[]]}, "input"),
+            ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+            ({"input": [[10**6]]}, "input"),
+            ({"input": "\ud800"}, "input"),
+        ):
+            bad = httpx.post(
+                srv.url + "/v1/embeddings",
+                headers={"Content-Type": "application/json"},
+                content=json.dumps({"model": "embed-llama", **body}),
+            )
             assert bad.status_code == 400 and is_openai_error(bad.json()), (body, bad.text)
             assert bad.json()["error"]["param"].startswith(param), bad.json()
     assert llm.engine.check_leaks() == []

@@ -75,9 +75,12 @@ def test_seeded_request_is_batch_invariant(engine, tokenizer):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
     alone = run_alone(tokenizer, target, params)
     for position in (0, 3, 8):
-        others = [engine.add_request(prompt_of(5 + 3 * i, i), SamplingParams(temperature=0.7, seed=i, max_tokens=9,
-                                                                             ignore_eos=True))
-                  for i in range(position)]
+        others = [
+            engine.add_request(
+                prompt_of(5 + 3 * i, i), SamplingParams(temperature=0.7, seed=i, max_tokens=9, ignore_eos=True)
+            )
+            for i in range(position)
+        ]
         req = engine.add_request(target, params)
         others += [engine.add_request(prompt_of(7 + i, 50 + i), greedy(10)) for i in range(8 - position)]
         engine.run_until_idle()
@@ -123,8 +126,9 @@ def test_a_bfloat16_kv_cache_survives_preemption(tokenizer, mode, step_kind):
     eng.run_until_idle()
     assert eng.counters["preemptions"] > 0
     for (prompt, max_tokens), req in zip(specs, reqs):
-        assert req.output_ids == run_alone(tokenizer, prompt, greedy(max_tokens), kv_cache_dtype="bfloat16",
-                                           **step_kind)
+        assert req.output_ids == run_alone(
+            tokenizer, prompt, greedy(max_tokens), kv_cache_dtype="bfloat16", **step_kind
+        )
     assert eng.check_leaks() == []
 
 
@@ -149,9 +153,9 @@ def _find_stop_split_across_tokens(tokenizer, ids):
         a, b = pieces[i], pieces[i + 1]
         if len(a) >= 2 and len(b) >= 2 and "\ufffd" not in a + b:
             stop = a[-2:] + b[:2]
-            text_before = "".join(pieces[:i + 1])
+            text_before = "".join(pieces[: i + 1])
             if stop not in text_before[:-2] + a[-2:]:
-                return stop, tokenizer.decode(ids[:i + 1])[:-2]
+                return stop, tokenizer.decode(ids[: i + 1])[:-2]
     raise AssertionError("no usable token pair")
 
 
@@ -208,8 +212,12 @@ def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engin
     # Neighbours of every kind join while the target runs, so row counts cross buckets 1 -> 4 -> 16 and prefill
     # and decode rows share steps.
     req = engine.add_request(target, params)
-    kinds = [greedy(5), greedy(4, presence_penalty=0.5, logit_bias={7: 2.0}), greedy(3, logprobs=0),
-             SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=5, ignore_eos=True, min_tokens=2)]
+    kinds = [
+        greedy(5),
+        greedy(4, presence_penalty=0.5, logit_bias={7: 2.0}),
+        greedy(3, logprobs=0),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=5, ignore_eos=True, min_tokens=2),
+    ]
     others = []
     for i in range(9):
         engine.step()
@@ -287,9 +295,11 @@ def test_warm_engine_compiles_nothing_while_serving(engine):
             prompt = prompt_of(int(rng.integers(1, 150)), 200 + i)
             if i % 4 == 0:
                 prompt = shared + prompt[:10]
-            kind = [greedy(int(rng.integers(1, 12))),
-                    SamplingParams(temperature=0.9, top_p=0.8, seed=i, max_tokens=6, logprobs=2),
-                    greedy(5, repetition_penalty=1.3, logit_bias={11: 1.5})][i % 3]
+            kind = [
+                greedy(int(rng.integers(1, 12))),
+                SamplingParams(temperature=0.9, top_p=0.8, seed=i, max_tokens=6, logprobs=2),
+                greedy(5, repetition_penalty=1.3, logit_bias={11: 1.5}),
+            ][i % 3]
             reqs.append(engine.add_request(prompt, kind))
             for _ in range(int(rng.integers(0, 3))):
                 engine.step()
@@ -337,10 +347,14 @@ def _mixed_specs(tokenizer):
     return [
         (prompt_of(10, 5), SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(free[2],))),
         (prompt_of(12, 11), greedy(30, stop=(stop,))),
-        (prompt_of(40, 6), SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=2,
-                                          ignore_eos=True)),
-        (prompt_of(25, 7), SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=9, repetition_penalty=1.3,
-                                          ignore_eos=True)),
+        (
+            prompt_of(40, 6),
+            SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=12, logprobs=2, ignore_eos=True),
+        ),
+        (
+            prompt_of(25, 7),
+            SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=9, repetition_penalty=1.3, ignore_eos=True),
+        ),
     ] + [(prompt_of(5 + 9 * i, 20 + i), greedy(3 + 2 * i)) for i in range(6)]
 
 
@@ -352,8 +366,10 @@ def _run_staggered(engine, specs):
         for _ in range(i % 2):
             engine.step()
     engine.run_until_idle()
-    return [(r.output_ids, r.text, r.finish_reason, [(lp.token_id, lp.logprob, lp.top) for lp in r.logprobs or []])
-            for r in reqs]
+    return [
+        (r.output_ids, r.text, r.finish_reason, [(lp.token_id, lp.logprob, lp.top) for lp in r.logprobs or []])
+        for r in reqs
+    ]
 
 
 def test_async_scheduling_gives_the_outputs_of_synchronous_steps(tokenizer, step_kind):

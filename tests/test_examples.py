@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow
 
 
 def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], capture_output=True,
-                          text=True, timeout=TIME_BOUND_S, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIME_BOUND_S,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -70,8 +75,13 @@ def test_fastapi_app():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "fastapi_app.py"), f"--port={port}"],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    app = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "examples", "fastapi_app.py"), f"--port={port}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + TIME_BOUND_S
@@ -82,11 +92,15 @@ def test_fastapi_app():
                     break
             assert time.monotonic() < deadline, "the app did not start in time"
             time.sleep(0.5)
-        summary = httpx.post(f"{base}/summarize", json={"text": "JAX is a Python library for arrays.",
-                                                        "max_tokens": 8}, timeout=TIME_BOUND_S).json()
+        summary = httpx.post(
+            f"{base}/summarize",
+            json={"text": "JAX is a Python library for arrays.", "max_tokens": 8},
+            timeout=TIME_BOUND_S,
+        ).json()
         assert summary["summary"] and 1 <= summary["tokens"] <= 8
-        streamed = httpx.get(f"{base}/stream", params={"prompt": "Once upon a time", "max_tokens": 8},
-                             timeout=TIME_BOUND_S)
+        streamed = httpx.get(
+            f"{base}/stream", params={"prompt": "Once upon a time", "max_tokens": 8}, timeout=TIME_BOUND_S
+        )
         assert streamed.status_code == 200 and streamed.text
         assert httpx.post(f"{base}/summarize", json={"text": "x", "max_tokens": 0}).status_code == 422
     finally:

@@ -16,13 +16,23 @@ from novallm_jax.kv_cache import PagedKVCache
 from novallm_jax.loading.gguf_quant import BlockQuant
 from novallm_jax.model import decoder_layer, rope_tables
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not native.available(),
-                                reason="the native kernels are XLA:CPU custom calls")
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not native.available(), reason="the native kernels are XLA:CPU custom calls"
+)
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = dict(model_type="llama", vocab_size=10, hidden_size=96, intermediate_size=136, num_layers=1, num_heads=6,
-                num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5)
+    base = dict(
+        model_type="llama",
+        vocab_size=10,
+        hidden_size=96,
+        intermediate_size=136,
+        num_layers=1,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -34,9 +44,9 @@ def _weight(kind: str, k: int, n: int, rng) -> native.PackedLinear | native.Quan
     bits = int(kind[-1])
     lo, hi = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[bits]
     codes = rng.integers(lo, hi, (n, k)).astype(np.uint8 if bits == 4 else np.int8)
-    d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2 ** bits)
+    d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2**bits)
     m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32)
-    d2 = rng.uniform(-0.02, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2 ** bits) if bits == 6 else None
+    d2 = rng.uniform(-0.02, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2**bits) if bits == 6 else None
     w = native.QuantLinear.from_blocks(BlockQuant(codes, d, m, bits, d2))
     return w.with_int8_activations() if kind.startswith("int8") else w
 
@@ -44,15 +54,20 @@ def _weight(kind: str, k: int, n: int, rng) -> native.PackedLinear | native.Quan
 def _layer(cfg: ModelConfig, kind: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     d, f, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
-    p = {"attn_norm": jnp.asarray(rng.uniform(0.5, 1.5, d).astype(np.float32)),
-         "wqkv": _weight(kind, d, qkv, rng), "wo": _weight(kind, cfg.q_size, d, rng),
-         "mlp_norm": jnp.asarray(rng.uniform(0.5, 1.5, d).astype(np.float32)),
-         "w_gate_up": _weight(kind, d, 2 * f, rng), "w_down": _weight(kind, f, d, rng)}
+    p = {
+        "attn_norm": jnp.asarray(rng.uniform(0.5, 1.5, d).astype(np.float32)),
+        "wqkv": _weight(kind, d, qkv, rng),
+        "wo": _weight(kind, cfg.q_size, d, rng),
+        "mlp_norm": jnp.asarray(rng.uniform(0.5, 1.5, d).astype(np.float32)),
+        "w_gate_up": _weight(kind, d, 2 * f, rng),
+        "w_down": _weight(kind, f, d, rng),
+    }
     if cfg.attention_bias:
         p["bqkv"] = jnp.asarray(rng.standard_normal(qkv).astype(np.float32) * 0.1)
     if cfg.qk_norm:
-        p["q_norm"], p["k_norm"] = (jnp.asarray(rng.uniform(0.5, 1.5, cfg.head_dim).astype(np.float32))
-                                    for _ in range(2))
+        p["q_norm"], p["k_norm"] = (
+            jnp.asarray(rng.uniform(0.5, 1.5, cfg.head_dim).astype(np.float32)) for _ in range(2)
+        )
     return p
 
 
@@ -75,8 +90,9 @@ def _batch(cfg: ModelConfig, rows: list[tuple[int, int]], ps: int, width: int, s
 def _run(cfg, p, x, positions, table, pages, fused: bool):
     cache = PagedKVCache(k=(pages[0],), v=(pages[1],), native_attention=True, fused_layers=fused)
     rope_cs = (rope_tables(positions, rope_inv_freq(cfg), xp=np),)
-    fn = jax.jit(lambda p, x, cache: decoder_layer(p, x, jnp.asarray(positions), cache, 0, cfg, rope_cs,
-                                                   jnp.asarray(table)))
+    fn = jax.jit(
+        lambda p, x, cache: decoder_layer(p, x, jnp.asarray(positions), cache, 0, cfg, rope_cs, jnp.asarray(table))
+    )
     out, cache = fn(p, x, cache)
     return np.asarray(out), np.asarray(cache.k[0]), np.asarray(cache.v[0])
 
@@ -115,8 +131,11 @@ def test_fused_layer_quantises_x_per_256_for_q6_k_codes():
     _check_fused_equals_separate(cfg, _layer(cfg, "int8-q6", seed=1), ROWS, seed=2)
 
 
-@pytest.mark.parametrize("variant", [dict(attention_bias=True), dict(qk_norm=True),
-                                     dict(model_type="mistral", sliding_window=5)], ids=["bias", "qk_norm", "window"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(attention_bias=True), dict(qk_norm=True), dict(model_type="mistral", sliding_window=5)],
+    ids=["bias", "qk_norm", "window"],
+)
 def test_fused_layer_covers_the_model_variants(variant):
     cfg = _cfg(**variant)
     _check_fused_equals_separate(cfg, _layer(cfg, "f32", seed=3), ROWS, seed=4)
@@ -152,5 +171,6 @@ def test_fused_layer_rejects_weights_that_disagree_with_the_config():
     rope_cs = rope_tables(positions, rope_inv_freq(cfg), xp=np)
     wrong = _cfg(num_heads=4)  # the weights hold 6 query heads
     with pytest.raises(Exception, match="decoder_layer: "):
-        jax.block_until_ready(native.decoder_layer(p, x, pages[0], pages[1], jnp.asarray(table),
-                                                   jnp.asarray(positions), rope_cs, wrong))
+        jax.block_until_ready(
+            native.decoder_layer(p, x, pages[0], pages[1], jnp.asarray(table), jnp.asarray(positions), rope_cs, wrong)
+        )

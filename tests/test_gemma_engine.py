@@ -29,11 +29,13 @@ def gemma_model(family: str, window: int | None = None):
     """The parity test's tiny config with the SmolLM2 tokenizer's vocabulary (and `window`, if given, as its sliding
     window); random weights large enough that the greedy choices depend on the whole (windowed) context."""
     over = {} if window is None else {"sliding_window": window}
-    cfg = ModelConfig.from_hf({**build_hf_config(family).to_dict(), "vocab_size": 49152,
-                               "vocab_size_per_layer_input": 49152, **over})
+    cfg = ModelConfig.from_hf(
+        {**build_hf_config(family).to_dict(), "vocab_size": 49152, "vocab_size_per_layer_input": 49152, **over}
+    )
     params = init_params(cfg, jax.random.key(7))
-    params = jax.tree.map(lambda a: a * 10 if a.ndim == 2 else a + 0.3 * np.sin(np.arange(a.size)).reshape(a.shape),
-                          params)
+    params = jax.tree.map(
+        lambda a: a * 10 if a.ndim == 2 else a + 0.3 * np.sin(np.arange(a.size)).reshape(a.shape), params
+    )
     params["lm_head"] = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return cfg, params
 
@@ -47,8 +49,14 @@ def tokenizer(default_gguf):
 
 def engine_for(family, tokenizer, window=None, **exec_over):
     cfg, params = gemma_model(family, window)
-    return LLMEngine(cfg, params, tokenizer, EngineConfig(executor=dataclasses.replace(EXEC, **exec_over),
-                                                          preemption_mode="swap", enable_prefix_caching=True))
+    return LLMEngine(
+        cfg,
+        params,
+        tokenizer,
+        EngineConfig(
+            executor=dataclasses.replace(EXEC, **exec_over), preemption_mode="swap", enable_prefix_caching=True
+        ),
+    )
 
 
 def prompt_of(n, seed):
@@ -107,9 +115,21 @@ def test_gemma3_config_in_the_older_layout_reads_as_transformers_reads_it():
 
     from novallm_jax.config import rope_inv_freqs
 
-    old = dict(model_type="gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6, rope_local_base_freq=1e4,
-               rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512, query_pre_attn_scalar=16)
+    old = dict(
+        model_type="gemma3_text",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1e6,
+        rope_local_base_freq=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        sliding_window=512,
+        query_pre_attn_scalar=16,
+    )
     cfg = ModelConfig.from_hf(old)
     hf = transformers.Gemma3TextConfig(**{k: v for k, v in old.items() if k != "model_type"})
     assert cfg.gemma.layer_types == tuple(hf.layer_types)

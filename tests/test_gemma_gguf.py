@@ -37,16 +37,35 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(gguf_model):
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].numpy()
-            gen = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        assert np.abs(logits[i, :len(p)] - ref).max() <= 1e-4
-        assert ours[i] == gen[0, len(p):].tolist()
+            gen = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+            )
+        assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4
+        assert ours[i] == gen[0, len(p) :].tolist()
 
 
 def test_novallm_generate_runs_on_the_gguf(gguf_model):
     _, dst = gguf_model
-    proc = subprocess.run([sys.executable, "-m", "novallm_jax.generate", "--model", dst, "--prompt", "t1 t2 t3",
-                           "--max_new_tokens=6", "--nochat"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "novallm_jax.generate",
+            "--model",
+            dst,
+            "--prompt",
+            "t1 t2 t3",
+            "--max_new_tokens=6",
+            "--nochat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stderr.strip().splitlines()[-1]
     assert summary.startswith("prompt tokens: ") and "generated tokens: 6" in summary
@@ -63,8 +82,12 @@ def test_unsupported_gguf_architecture_is_one_line(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    proc = subprocess.run([sys.executable, "-m", "novallm_jax.generate", "--model", path, "--prompt", "hi"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "novallm_jax.generate", "--model", path, "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("novallm-generate: error: GGUF architecture 'falcon' is not supported; supported: ")
@@ -85,8 +108,9 @@ def test_q8_0_gemma_runs_on_its_block_codes(tmp_path, family):
     assert isinstance(codes["layers"][0]["wqkv"], native.QuantLinear)
     if cfg.gemma.num_experts:
         assert isinstance(codes["layers"][0]["experts_gate_up"], native.ExpertQuantLinear)
-        np.testing.assert_array_equal(codes["layers"][1]["experts_down"].to_dense(),
-                                      np.asarray(dense["layers"][1]["experts_down"]))
+        np.testing.assert_array_equal(
+            codes["layers"][1]["experts_down"].to_dense(), np.asarray(dense["layers"][1]["experts_down"])
+        )
     tokens, positions, _ = ragged_batch(PROMPTS)
     out = []
     for params in (native.pack_params(codes), dense):

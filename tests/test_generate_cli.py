@@ -32,8 +32,7 @@ def test_default_model_answers_paris(cache_dir):
 
 
 def test_stream_prints_the_same_text_for_a_fixed_seed(cache_dir):
-    flags = ["--prompt", "Write one sentence about the sea.", "--max_new_tokens=24", "--temperature=0.8",
-             "--seed=3"]
+    flags = ["--prompt", "Write one sentence about the sea.", "--max_new_tokens=24", "--temperature=0.8", "--seed=3"]
     plain = generate(*flags, cache_dir=cache_dir).stdout
     streamed = generate(*flags, "--stream", cache_dir=cache_dir).stdout
     assert streamed == plain and plain.strip()
@@ -46,13 +45,18 @@ def test_prompts_file_runs_as_a_batch(cache_dir, tmp_path):
     assert out.count("=== [") == 2 and "Paris" in out
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--prompt", "hi", "--model", "/no/such/model"], "model path /no/such/model does not exist"),
-    (["--prompt", "   "], "the prompt is empty"),
-    (["--prompt", "hi", "--weights=float", "--activations=int8"],
-     "activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, Q6_K or Q8_0 GGUF model with "
-     "weights='auto' or 'quantized'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "hi", "--model", "/no/such/model"], "model path /no/such/model does not exist"),
+        (["--prompt", "   "], "the prompt is empty"),
+        (
+            ["--prompt", "hi", "--weights=float", "--activations=int8"],
+            "activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, Q6_K or Q8_0 GGUF model with "
+            "weights='auto' or 'quantized'",
+        ),
+    ],
+)
 def test_errors_are_one_line(flags, message):
     proc = generate(*flags, check=False)
     assert proc.returncode == 1
@@ -69,4 +73,5 @@ def test_unsupported_architecture_is_one_line(tmp_path):
 
     assert proc.stderr.strip().splitlines()[-1] == (
         f"novallm-generate: error: model_type 'gpt_neox' is not supported; supported: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

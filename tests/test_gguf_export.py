@@ -21,8 +21,17 @@ def test_export_round_trips_through_our_loader(tmp_path, family):
     dst = hf_to_gguf(src, str(tmp_path / "model.gguf"))
     cfg_hf, p_hf = load_model(src, np.float32)
     cfg_gg, p_gg = load_model(dst, np.float32)
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "rope_scaling", "tie_word_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rope_scaling",
+        "tie_word_embeddings",
+    ):
         assert getattr(cfg_gg, field) == getattr(cfg_hf, field), field
     for field in ("rms_norm_eps", "rope_theta"):  # GGUF stores them as float32
         assert getattr(cfg_gg, field) == pytest.approx(getattr(cfg_hf, field), rel=1e-7), field
@@ -38,8 +47,9 @@ def test_transformers_reads_the_export_as_the_same_model(tmp_path):
     model = build_hf_model("llama2")
     src = save_hf_model(model, str(tmp_path / "hf"))
     hf_to_gguf(src, str(tmp_path / "model.gguf"))
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf",
-                                                             dtype=torch.float32).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="model.gguf", dtype=torch.float32
+    ).eval()
     tokens = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 7, 64]])
     with torch.no_grad():
         want, got = model(tokens).logits, back(tokens).logits
@@ -72,10 +82,14 @@ def test_q4_k_m_picks_llama_cpps_types():
 
     six = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
     for part in ("attn_v", "ffn_down", "ffn_down_exps"):
-        assert {i for i in range(32) if tensor_type("Q4_K_M", f"blk.{i}.{part}.weight", 32, 4096, False) == "Q6_K"} \
-            == six
-    assert {tensor_type("Q4_K_M", f"blk.{i}.{p}.weight", 32, 4096, False) for i in range(32)
-            for p in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")} == {"Q4_K"}
+        assert {
+            i for i in range(32) if tensor_type("Q4_K_M", f"blk.{i}.{part}.weight", 32, 4096, False) == "Q6_K"
+        } == six
+    assert {
+        tensor_type("Q4_K_M", f"blk.{i}.{p}.weight", 32, 4096, False)
+        for i in range(32)
+        for p in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")
+    } == {"Q4_K"}
     assert tensor_type("Q4_K_M", "output.weight", 32, 4096, False) == "Q6_K"
     assert tensor_type("Q4_K_M", "token_embd.weight", 32, 4096, False) == "Q4_K"
     assert tensor_type("Q4_K_M", "token_embd.weight", 32, 4096, True) == "Q6_K"  # tied: it is the output
@@ -85,8 +99,9 @@ def test_q4_k_m_picks_llama_cpps_types():
     assert tensor_type("Q6_K", "blk.5.attn_q.weight", 32, 96, False) == "Q8_0"
 
 
-@pytest.mark.parametrize("quant,rms", [("Q4_K", 0.1), ("Q5_K", 0.05), ("Q6_K", 0.025), ("Q8_0", 0.01),
-                                       ("F16", 1e-3), ("BF16", 5e-3)])
+@pytest.mark.parametrize(
+    "quant,rms", [("Q4_K", 0.1), ("Q5_K", 0.05), ("Q6_K", 0.025), ("Q8_0", 0.01), ("F16", 1e-3), ("BF16", 5e-3)]
+)
 def test_block_formats_write_what_ggufs_reader_decodes_back(tmp_path, quant, rms):
     """Each written tensor reads back with gguf's reader in its type, and gguf's dequantisation gives the weights
     within the format's rounding (relative RMS error)."""
@@ -109,14 +124,23 @@ def test_block_formats_write_what_ggufs_reader_decodes_back(tmp_path, quant, rms
         name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}.get(t.name)
         if name is None:
             i, part = t.name.split(".")[1], t.name.split(".")[2]
-            name = f"model.layers.{i}." + {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                                           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                                           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                                           "ffn_down": "mlp.down_proj"}[part] + ".weight"
+            name = (
+                f"model.layers.{i}."
+                + {
+                    "attn_q": "self_attn.q_proj",
+                    "attn_k": "self_attn.k_proj",
+                    "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj",
+                    "ffn_gate": "mlp.gate_proj",
+                    "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj",
+                }[part]
+                + ".weight"
+            )
         want = hf[name]
         if t.name.endswith(("attn_q.weight", "attn_k.weight")):  # compare without llama.cpp's row permutation
             assert got.shape == want.shape
             got, want = np.sort(got, axis=None), np.sort(want, axis=None)
-        err = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+        err = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
         assert err < rms, (t.name, err)
     assert len(seen) == 2 + 7 * model.config.num_hidden_layers

@@ -65,7 +65,8 @@ def _same_as_gguf(path: str) -> None:
             assert g.contents(0) == f.contents(0) and g.contents(slice(1, 3)) == f.contents(slice(1, 3)), key
     assert fast.data_offset == ref.data_offset and fast.alignment == ref.alignment
     assert [(t.name, t.tensor_type, t.shape.tolist()) for t in fast.tensors] == [
-        (t.name, t.tensor_type, t.shape.tolist()) for t in ref.tensors]
+        (t.name, t.tensor_type, t.shape.tolist()) for t in ref.tensors
+    ]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(fast.tensors, ref.tensors))
 
 
@@ -74,15 +75,17 @@ def test_fast_reader_reads_every_value_type_as_gguf_does(tmp_path):
     w = gguf.GGUFWriter(path, "llama")
     w.add_uint8("k.u8", 250), w.add_int8("k.i8", -5), w.add_uint16("k.u16", 65000), w.add_int16("k.i16", -300)
     w.add_uint32("k.u32", 4_000_000_000), w.add_int32("k.i32", -7), w.add_float32("k.f32", 0.1)
-    w.add_uint64("k.u64", 2 ** 63 + 5), w.add_int64("k.i64", -(2 ** 40)), w.add_float64("k.f64", 1e-300)
+    w.add_uint64("k.u64", 2**63 + 5), w.add_int64("k.i64", -(2**40)), w.add_float64("k.f64", 1e-300)
     w.add_bool("k.bool", True), w.add_string("k.str", "héllo ▁ 🙂"), w.add_string("k.empty", "")
     w.add_array("k.strs", ["a", "", "ü" * 300]), w.add_array("k.ints", [1, -2, 3]), w.add_array("k.floats", [0.5, 2.25])
     w.add_array("k.bools", [True, False]), w.add_array("k.none", [])
     w.add_custom_alignment(64)
     w.add_tensor("t.f32", np.arange(12, dtype=np.float32).reshape(3, 4))
-    w.add_tensor("t.q8", gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32),
-                                              gguf.GGMLQuantizationType.Q8_0),
-                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor(
+        "t.q8",
+        gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+    )
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     _same_as_gguf(path)
     assert FastReader(path).fields["k.str"].contents() == "héllo ▁ 🙂"

@@ -15,8 +15,23 @@ from llama_cpp_sdist import llama_cpp_dir, read_vocab_tests
 from novallm_jax.errors import TokenizerError
 from novallm_jax.tokenizer import load_tokenizer
 
-ACCEPTED = ["bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2", "llama-bpe",
-            "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder"]
+ACCEPTED = [
+    "bert-bge",
+    "command-r",
+    "deepseek-coder",
+    "deepseek-llm",
+    "falcon",
+    "gemma-4",
+    "gpt-2",
+    "llama-bpe",
+    "llama-spm",
+    "mpt",
+    "phi-3",
+    "qwen2",
+    "qwen35",
+    "refact",
+    "starcoder",
+]
 # BERT lowercases and strips accents: its texts do not come back.
 LOSSY = {"bert-bge"}
 
@@ -38,9 +53,11 @@ def _tokenizer(name: str):
 
 def test_every_vocabulary_with_vectors_is_listed():
     models = os.path.join(llama_cpp_dir(), "models")
-    with_vectors = {os.path.basename(p)[len("ggml-vocab-"):-len(".gguf")]
-                    for p in glob.glob(os.path.join(models, "ggml-vocab-*.gguf"))
-                    if os.path.isfile(p + ".inp") and os.path.isfile(p + ".out")}
+    with_vectors = {
+        os.path.basename(p)[len("ggml-vocab-") : -len(".gguf")]
+        for p in glob.glob(os.path.join(models, "ggml-vocab-*.gguf"))
+        if os.path.isfile(p + ".inp") and os.path.isfile(p + ".out")
+    }
     assert with_vectors == set(ACCEPTED)
 
 
@@ -49,8 +66,7 @@ def test_vectors_exact(name):
     tok = _tokenizer(name)
     cases = read_vocab_tests(_vocab_path(name))
     assert len(cases) >= 40
-    wrong = [(text, got, ids) for text, ids in cases
-             if (got := tok.encode(text, add_special_tokens=False)) != ids]
+    wrong = [(text, got, ids) for text, ids in cases if (got := tok.encode(text, add_special_tokens=False)) != ids]
     assert not wrong, "\n".join(f"{t!r}: ours {g} llama.cpp {i}" for t, g, i in wrong[:5])
 
 
@@ -58,8 +74,11 @@ def test_vectors_exact(name):
 def test_vectors_round_trip(name):
     """decode(encode(text)) gives the text back: these vocabularies lose nothing on these texts."""
     tok = _tokenizer(name)
-    wrong = [text for text, _ in read_vocab_tests(_vocab_path(name))
-             if tok.decode(tok.encode(text, add_special_tokens=False)) != text]
+    wrong = [
+        text
+        for text, _ in read_vocab_tests(_vocab_path(name))
+        if tok.decode(tok.encode(text, add_special_tokens=False)) != text
+    ]
     assert not wrong, f"{len(wrong)} texts do not round-trip, e.g. {wrong[:3]!r}"
 
 
@@ -81,10 +100,14 @@ def _vocab_only_gguf(path: str, model: str, pre: str | None = None) -> str:
     return path
 
 
-@pytest.mark.parametrize("model,pre,message", [
-    ("t5", None, "tokenizer.ggml.model 't5' is not supported"),
-    ("rwkv", None, "tokenizer.ggml.model 'rwkv' is not supported"),
-    ("gpt2", "kimi-k2", "tokenizer.ggml.pre 'kimi-k2' .* is not supported")])
+@pytest.mark.parametrize(
+    "model,pre,message",
+    [
+        ("t5", None, "tokenizer.ggml.model 't5' is not supported"),
+        ("rwkv", None, "tokenizer.ggml.model 'rwkv' is not supported"),
+        ("gpt2", "kimi-k2", "tokenizer.ggml.pre 'kimi-k2' .* is not supported"),
+    ],
+)
 def test_refused_with_one_line_error(tmp_path, model, pre, message):
     """Tokenizer models and llama.cpp pre-tokenizers we do not reproduce are refused, never approximated."""
     with pytest.raises(TokenizerError, match=message) as info:
@@ -97,13 +120,13 @@ def test_llama_spm_tokens_and_code_points_round_trip():
     tok = load_tokenizer(_vocab_path("llama-spm"))  # parses special tokens, as that test does
     backend = tok.backend
     pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
-    again = backend.decode_batch([e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)],
-                                 skip_special_tokens=False)
+    again = backend.decode_batch(
+        [e.ids for e in backend.encode_batch(pieces, add_special_tokens=False)], skip_special_tokens=False
+    )
     bad = [(i, p, a) for i, (p, a) in enumerate(zip(pieces, again)) if p != a]
     assert not bad, f"{len(bad)} tokens do not round-trip, e.g. {bad[:3]!r}"
     # Surrogates cannot be encoded; llama.cpp skips 0x40000-0xE0000 (unassigned) and U+2581 (its own space mark).
-    points = [chr(c) for c in range(0x110000)
-              if not (0xD800 <= c <= 0xDFFF or 0x40000 <= c <= 0xE0000 or c == 0x2581)]
+    points = [chr(c) for c in range(0x110000) if not (0xD800 <= c <= 0xDFFF or 0x40000 <= c <= 0xE0000 or c == 0x2581)]
     texts = backend.decode_batch([e.ids for e in backend.encode_batch(points, add_special_tokens=False)])
     bad = [(hex(ord(p)), t) for p, t in zip(points, texts) if p != t]
     assert not bad, f"{len(bad)} code points do not round-trip, e.g. {bad[:3]!r}"
@@ -122,8 +145,12 @@ def test_vector_ids_stream_as_they_decode(name):
 
 def test_end_of_generation_ids():
     """As llama.cpp: turns end generation (Gemma's <turn|>, Phi-3's <|end|>, Llama 3's <|eot_id|>) beside eos."""
-    expected = {"gemma-4": ["<eos>", "<|tool_response>", "<turn|>"], "phi-3": ["<|endoftext|>", "</s>", "<|end|>"],
-                "llama-bpe": ["<|end_of_text|>", "<|eot_id|>"], "llama-spm": ["</s>"]}
+    expected = {
+        "gemma-4": ["<eos>", "<|tool_response>", "<turn|>"],
+        "phi-3": ["<|endoftext|>", "</s>", "<|end|>"],
+        "llama-bpe": ["<|end_of_text|>", "<|eot_id|>"],
+        "llama-spm": ["</s>"],
+    }
     for name, texts in expected.items():
         tok = _tokenizer(name)
         assert sorted(tok.id_to_token(i) for i in tok.eos_token_ids) == sorted(texts), name

@@ -64,8 +64,10 @@ def _emulate(x: np.ndarray, bq: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
     d2 = bq.d if bq.d2 is None else bq.d2
     scale = np.stack([bq.d, d2], -1).reshape(bq.shape[0], k // 16).astype(np.float64)
     dx = np.repeat((amax / np.float32(127)).astype(np.float64), 2, -1)
-    terms = ((isum * (scale[None] * dx[:, None])).reshape(m, bq.shape[0], k // 32, 2).sum(-1),
-             bq.m[None] * xb.sum(-1, dtype=np.float64)[:, None])
+    terms = (
+        (isum * (scale[None] * dx[:, None])).reshape(m, bq.shape[0], k // 32, 2).sum(-1),
+        bq.m[None] * xb.sum(-1, dtype=np.float64)[:, None],
+    )
     return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
 
 
@@ -76,8 +78,9 @@ def test_int8_layout_holds_the_same_weights(bits, n):
     exact = native.QuantLinear.from_blocks(bq)
     dot = exact.with_int8_activations()
     assert dot.int8 and dot.panels.shape == exact.panels.shape
-    np.testing.assert_array_equal(np.asarray(dot.panels),
-                                  native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True, d2=bq.d2))
+    np.testing.assert_array_equal(
+        np.asarray(dot.panels), native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True, d2=bq.d2)
+    )
     np.testing.assert_array_equal(dot.to_dense(), exact.to_dense())
     np.testing.assert_array_equal(dot.to_dense(), bq.dequantize().T)
     assert dot.with_int8_activations() is dot
@@ -117,8 +120,11 @@ def test_int8_logits_of_a_quantized_gguf_stay_close_to_the_float_ones(tmp_path):
     path = hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_1")
     cfg, coded = load_model(path, np.float32, keep_quantized=True)
     fast = with_activations(coded, "int8")
-    assert all(w.int8 for w in jax.tree.leaves(fast, is_leaf=lambda w: isinstance(w, native.QuantLinear))
-               if isinstance(w, native.QuantLinear))
+    assert all(
+        w.int8
+        for w in jax.tree.leaves(fast, is_leaf=lambda w: isinstance(w, native.QuantLinear))
+        if isinstance(w, native.QuantLinear)
+    )
     _, want = _logits(cfg, coded)
     ex, got = _logits(cfg, fast)
     assert ex.params["lm_head"].int8
@@ -165,7 +171,7 @@ def test_int8_matmul_rows_do_not_depend_on_their_batch(bits):
     apply = jax.jit(lambda x, w: w.apply(x))
     batched = np.asarray(apply(x, w))
     for i in range(m):
-        np.testing.assert_array_equal(np.asarray(apply(x[i:i + 1], w))[0], batched[i])
+        np.testing.assert_array_equal(np.asarray(apply(x[i : i + 1], w))[0], batched[i])
     np.testing.assert_array_equal(np.asarray(apply(x[3:5], w)), batched[3:5])
 
 
@@ -205,8 +211,14 @@ def test_the_vnni_and_avx2_tiles_give_the_same_results(tmp_path):
     the float epilogue is the same, so both give the same bits."""
     env = {**os.environ, "NOVALLM_KERNEL_FLAGS": "-mno-avx512vnni", "NOVALLM_KERNEL_CACHE": str(tmp_path / "cache")}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _OTHER_BUILD, str(tmp_path / "avx2.npz")], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _OTHER_BUILD, str(tmp_path / "avx2.npz")],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     avx2 = np.load(tmp_path / "avx2.npz")
     assert str(avx2["isa"]) == "avx2"
@@ -220,11 +232,14 @@ def test_int8_logits_of_a_q4_k_m_gguf_stay_close_to_the_exact_ones(tmp_path):
     from tests.test_quantized_weights import _logits
 
     src = save_hf_model(build_superblock_llama(layers=2), str(tmp_path / "hf"))
-    cfg, coded = load_model(hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_K_M"), np.float32,
-                            keep_quantized=True)
+    cfg, coded = load_model(
+        hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_K_M"), np.float32, keep_quantized=True
+    )
     fast = with_activations(coded, "int8")
     assert {(w.bits, w.int8) for w in (fast["layers"][0]["wqkv"], fast["layers"][1]["wqkv"], fast["lm_head"])} == {
-        (6, True), (4, True)}
+        (6, True),
+        (4, True),
+    }
     _, want = _logits(cfg, coded)
     _, got = _logits(cfg, fast)
     assert not np.array_equal(got, want)

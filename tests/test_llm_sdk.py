@@ -54,8 +54,9 @@ def test_stream_equals_generate(llm):
 
 def test_chat_uses_the_template(llm):
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
-    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                               add_special_tokens=False)
+    ids = llm.tokenizer.encode(
+        llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False
+    )
     assert llm.chat(messages, SAMPLED).text == llm.generate([ids], SAMPLED)[0].text
     assert "".join(llm.stream_chat(messages, SAMPLED)) == llm.chat(messages, SAMPLED).text
 
@@ -99,11 +100,15 @@ def test_bad_input_is_rejected_and_the_llm_keeps_working(llm):
     with pytest.raises(InvalidRequestError, match="temperature"):
         llm.generate("ok", SamplingParams(temperature=-1))
     # Lone surrogates (JSON's "\ud800") have no UTF-8 form: refused, naming the argument, before the tokenizer.
-    for call, param in ((lambda: llm.generate(["ok", "\ud800 hi"], SAMPLED), "prompt"),
-                        (lambda: llm.chat([{"role": "user", "content": "hi \udfff"}], SAMPLED), "messages[0].content"),
-                        (lambda: llm.chat([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
-                         "messages[0].content[0]"),
-                        (lambda: llm.generate("ok", SamplingParams(stop=["\ud800"])), "stop")):
+    for call, param in (
+        (lambda: llm.generate(["ok", "\ud800 hi"], SAMPLED), "prompt"),
+        (lambda: llm.chat([{"role": "user", "content": "hi \udfff"}], SAMPLED), "messages[0].content"),
+        (
+            lambda: llm.chat([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
+            "messages[0].content[0]",
+        ),
+        (lambda: llm.generate("ok", SamplingParams(stop=["\ud800"])), "stop"),
+    ):
         with pytest.raises(InvalidRequestError, match="lone UTF-16 surrogate") as info:
             call()
         assert info.value.param == param

@@ -31,22 +31,31 @@ def _edited(hf_dir, tmp_path, edit):
 
 def test_missing_tensor(hf_dir, tmp_path):
     path = _edited(hf_dir, tmp_path, lambda t: t.pop(Q))
-    with pytest.raises(TensorError, match=r"missing tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
-                                          r"\(expected shape \(64, 64\)"):
+    with pytest.raises(
+        TensorError,
+        match=r"missing tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+        r"\(expected shape \(64, 64\)",
+    ):
         load_model(path)
 
 
 def test_unexpected_tensor(hf_dir, tmp_path):
     path = _edited(hf_dir, tmp_path, lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(TensorError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight' "
-                                          r"in model\.safetensors"):
+    with pytest.raises(
+        TensorError,
+        match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight' "
+        r"in model\.safetensors",
+    ):
         load_model(path)
 
 
 def test_wrongly_shaped_tensor(hf_dir, tmp_path):
     path = _edited(hf_dir, tmp_path, lambda t: t.update({Q: np.zeros((64, 32), np.float32)}))
-    with pytest.raises(TensorError, match=r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' in "
-                                          r"model\.safetensors has shape \(64, 32\), expected \(64, 64\)"):
+    with pytest.raises(
+        TensorError,
+        match=r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' in "
+        r"model\.safetensors has shape \(64, 32\), expected \(64, 64\)",
+    ):
         load_model(path)
 
 
@@ -56,8 +65,11 @@ def test_unknown_architecture(hf_dir, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'gpt_neox' is not supported; "
-                                                           r"supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"model_type 'gpt_neox' is not supported; "
+        r"supported: llama, mistral, qwen2, qwen3",
+    ):
         load_model(str(out))
 
 
@@ -72,8 +84,11 @@ def test_safetensors_file_that_is_not_one(hf_dir, tmp_path):
 def test_gguf_file_that_is_not_one(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 a zip file, really")
-    with pytest.raises(ModelLoadError, match=r"model\.gguf is not a GGUF file \(starts with b'PK\\x03\\x04', "
-                                             r"expected b'GGUF'\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.gguf is not a GGUF file \(starts with b'PK\\x03\\x04', "
+        r"expected b'GGUF'\)",
+    ):
         load_model(str(path))
 
 
@@ -95,8 +110,11 @@ def test_gguf_missing_tensor(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(TensorError, match=r"partial\.gguf is missing tensor 'blk\.0\.attn_(k|norm|output|q|v)\.weight' "
-                                          r"\(expected shape"):
+    with pytest.raises(
+        TensorError,
+        match=r"partial\.gguf is missing tensor 'blk\.0\.attn_(k|norm|output|q|v)\.weight' "
+        r"\(expected shape",
+    ):
         load_model(path)
 
 

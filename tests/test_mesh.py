@@ -21,10 +21,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh") / "figures.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.mesh_worker", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -78,9 +88,13 @@ def test_decode_step_has_exactly_the_expected_collectives(figures, name, spec):
     layers, sparse = f["num_layers"], f["sparse_layers"]
     # A sparse layer's routing of rows split over data adds two all-gathers (the routed tokens) and two all-reduces
     # (their expert outputs summed back), measured.
-    expected = {"all-reduce": (2 * layers + 1) * (model > 1) + 2 * sparse * (data > 1),
-                "all-gather": (model > 1) + (data > 1) * (4 * layers + 1 + 2 * sparse),
-                "reduce-scatter": 0, "all-to-all": 0, "collective-permute": 0}
+    expected = {
+        "all-reduce": (2 * layers + 1) * (model > 1) + 2 * sparse * (data > 1),
+        "all-gather": (model > 1) + (data > 1) * (4 * layers + 1 + 2 * sparse),
+        "reduce-scatter": 0,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }
     assert f["decode_collectives"] == expected
 
 
@@ -105,8 +119,13 @@ def test_a_bad_mesh_is_refused_naming_the_field():
     from novallm_jax.errors import InvalidRequestError
     from novallm_jax.sharding import parse_mesh
 
-    for bad, words in [("model=2,foo=2", "'foo'"), ("model", "axis=size"), ("model=0", "positive"),
-                       ("model=64", "needs 64 devices"), ("model=2,model=2", "twice")]:
+    for bad, words in [
+        ("model=2,foo=2", "'foo'"),
+        ("model", "axis=size"),
+        ("model=0", "positive"),
+        ("model=64", "needs 64 devices"),
+        ("model=2,model=2", "twice"),
+    ]:
         with pytest.raises(InvalidRequestError, match=words) as e:
             parse_mesh(bad)
         assert e.value.param == "mesh"
@@ -128,12 +147,13 @@ def test_a_model_that_does_not_split_is_refused_naming_the_field():
     check_model(cfg, mesh(8))
     moe = w.CONFIGS["qwen3_moe"]
     check_model(moe, mesh(8))
-    for bad_cfg, m, words in [(cfg, 3, "num_heads"), (dataclasses.replace(cfg, num_kv_heads=4, num_heads=12), 6,
-                                                        "num_kv_heads"),
-                              (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size"),
-                              (dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, expert_size=30)), 4,
-                               "experts' FFN size"),
-                              (ModelConfig.from_hf(build_hf_config("gemma4_text").to_dict()), 2, "Gemma 4")]:
+    for bad_cfg, m, words in [
+        (cfg, 3, "num_heads"),
+        (dataclasses.replace(cfg, num_kv_heads=4, num_heads=12), 6, "num_kv_heads"),
+        (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size"),
+        (dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, expert_size=30)), 4, "experts' FFN size"),
+        (ModelConfig.from_hf(build_hf_config("gemma4_text").to_dict()), 2, "Gemma 4"),
+    ]:
         with pytest.raises(InvalidRequestError, match=words) as e:
             check_model(bad_cfg, mesh(m))
         assert e.value.param == "mesh"

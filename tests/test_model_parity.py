@@ -26,6 +26,7 @@ def family(request, tmp_path_factory):
 
 def test_sharded_checkpoint_is_sharded(family):
     import os
+
     name, _, _, _, path = family
     if name == "llama2":
         assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
@@ -41,7 +42,7 @@ def test_ragged_batch_logits_match_transformers(family):
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].numpy()
-        diff = np.abs(logits[i, :len(p)] - ref).max()
+        diff = np.abs(logits[i, : len(p)] - ref).max()
         worst = max(worst, diff)
     assert worst <= 1e-4, f"max abs logit difference {worst}"
 
@@ -51,9 +52,14 @@ def test_greedy_generation_matches_transformers(family):
     ours = greedy_generate(params, cfg, PROMPTS, NEW_TOKENS)
     for p, got in zip(PROMPTS, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        assert got == ref[0, len(p):].tolist()
+            ref = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+            )
+        assert got == ref[0, len(p) :].tolist()
 
 
 def test_multimodal_gemma3_checkpoint_runs_its_text_tower(tmp_path):
@@ -69,4 +75,4 @@ def test_multimodal_gemma3_checkpoint_runs_its_text_tower(tmp_path):
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([p])).logits[0].numpy()
-        assert np.abs(logits[i, :len(p)] - ref).max() <= 1e-4
+        assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4

@@ -14,13 +14,24 @@ E, D, F = 8, 32, 24
 
 
 def cfg_of(top_k, norm):
-    return ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=D, intermediate_size=F, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8, moe=MoeSpec(E, top_k, F, norm, (True,)))
+    return ModelConfig(
+        model_type="mixtral",
+        vocab_size=64,
+        hidden_size=D,
+        intermediate_size=F,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        moe=MoeSpec(E, top_k, F, norm, (True,)),
+    )
 
 
 def params_of(cfg, seed=0):
     rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32) for k, s in moe_layer_shapes(cfg, jnp.float32).items()}
+    return {
+        k: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32) for k, s in moe_layer_shapes(cfg, jnp.float32).items()
+    }
 
 
 def reference(p, x, cfg):
@@ -31,7 +42,7 @@ def reference(p, x, cfg):
         logits = row @ p["router"]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        top = np.argsort(-probs)[:cfg.moe.top_k]
+        top = np.argsort(-probs)[: cfg.moe.top_k]
         w = probs[top] / (probs[top].sum() if cfg.moe.norm_topk_prob else 1.0)
         for e, we in sorted(zip(top, w)):
             gate, up = np.split(row @ p["experts_gate_up"][e], 2)
@@ -83,8 +94,12 @@ def test_the_three_ffn_paths_agree(tokens):
     experts = jnp.asarray(np.random.default_rng(1).choice([0, 2, 3, 7], 2 * tokens), jnp.int32)
     rows = jnp.arange(2 * tokens) // 2
     want = np.asarray(_gathered_ffn(x[rows], experts, p, jax.nn.silu))
-    np.testing.assert_allclose(np.asarray(_grouped_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(_blocked_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(_grouped_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(_blocked_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_many_tokens_take_a_grouped_path():
@@ -105,4 +120,3 @@ def _all_eqns(jaxpr):
         for sub in eqn.params.values():
             if hasattr(sub, "jaxpr"):  # a closed jaxpr (pjit, custom_jvp ...)
                 yield from _all_eqns(sub.jaxpr)
-

@@ -74,8 +74,12 @@ def test_moe_gguf_keeps_its_expert_codes(tmp_path, family, quant, caplog):
         for key in ("experts_gate_up", "experts_down"):
             assert isinstance(layer[key], native.ExpertQuantLinear)
             np.testing.assert_array_equal(layer[key].to_dense(), np.asarray(ref[key]))
-    matmul_bytes = lambda p: sum(x.nbytes for layer in p["layers"] for k in ("experts_gate_up", "experts_down")
-                                 for x in jax.tree.leaves(layer[k]))
+    matmul_bytes = lambda p: sum(
+        x.nbytes
+        for layer in p["layers"]
+        for k in ("experts_gate_up", "experts_down")
+        for x in jax.tree.leaves(layer[k])
+    )
     assert matmul_bytes(dense) > (3.0 if quant == "Q8_0" else 4.0) * matmul_bytes(coded)
     _, want = _logits(cfg, dense)
     _, got = _logits(cfg, coded)

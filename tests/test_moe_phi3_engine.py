@@ -48,14 +48,22 @@ def greedy(n):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_with_preemption_and_prefix_cache_matches_each_alone(family, tokenizer):
     cfg, params = model(family)
-    eng = LLMEngine(cfg, params, tokenizer, EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24),
-                                                          preemption_mode="swap", enable_prefix_caching=True))
+    eng = LLMEngine(
+        cfg,
+        params,
+        tokenizer,
+        EngineConfig(
+            executor=dataclasses.replace(EXEC, num_pages=24), preemption_mode="swap", enable_prefix_caching=True
+        ),
+    )
     assert not eng.executor.fused_layers or cfg.moe is None
     shared = prompt_of(20, 1)
     # Phi-3: prompts past its original 16 positions (long factors from the start) and one of 10 that crosses there
     # while it generates.
-    specs = [(prompt_of(30 + 5 * i, 100 + i), 24) for i in range(4)] + [(prompt_of(10, 5), 24),
-                                                                        (shared + prompt_of(7, 2), 12)]
+    specs = [(prompt_of(30 + 5 * i, 100 + i), 24) for i in range(4)] + [
+        (prompt_of(10, 5), 24),
+        (shared + prompt_of(7, 2), 12),
+    ]
     reqs = [eng.add_request(p, greedy(m)) for p, m in specs]
     eng.run_until_idle()
     assert eng.counters["preemptions"] > 0
@@ -86,13 +94,23 @@ def test_longrope_prompt_in_chunks_takes_the_long_factors_with_its_prompt_len(ra
     prompt = prompt_of(40, 9)
     cache = ContiguousKVCache.create(cfg, 1, 40)
     ref = np.asarray(forward(params, jnp.asarray([prompt]), jnp.arange(40)[None], cache, cfg)[0])[0, -1]
-    ex = Executor(cfg, params, ExecutorConfig(page_size=8, num_pages=16, max_model_len=64, ragged_steps=ragged,
-                                              decode_batch_buckets=(1, 4), prefill_batch_buckets=(1,),
-                                              prefill_len_buckets=(8,)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=8,
+            num_pages=16,
+            max_model_len=64,
+            ragged_steps=ragged,
+            decode_batch_buckets=(1, 4),
+            prefill_batch_buckets=(1,),
+            prefill_len_buckets=(8,),
+        ),
+    )
     for prompt_len, close in ((40, True), (0, False)):
         kv = ex.new_cache()
         for start in range(0, 40, 8):
-            chunk = [PrefillChunk(prompt[start:start + 8], start, [1, 2, 3, 4, 5], prompt_len=prompt_len)]
+            chunk = [PrefillChunk(prompt[start : start + 8], start, [1, 2, 3, 4, 5], prompt_len=prompt_len)]
             logits, kv = (ex.ragged_step if ragged else ex.prefill)(kv, chunk)
         got = np.asarray(logits)[0]
         assert (np.abs(got - ref).max() <= 1e-4) == close, np.abs(got - ref).max()
@@ -103,8 +121,10 @@ def test_phi3_partial_rotary_is_refused_by_name():
     from novallm_jax.errors import UnsupportedArchitectureError
 
     base = build_hf_config("phi3").to_dict()
-    for c in ({**base, "rope_parameters": {**base["rope_parameters"], "partial_rotary_factor": 0.75}},
-              {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "partial_rotary_factor": 0.75}):
+    for c in (
+        {**base, "rope_parameters": {**base["rope_parameters"], "partial_rotary_factor": 0.75}},
+        {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "partial_rotary_factor": 0.75},
+    ):
         with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
             ModelConfig.from_hf(c)
 

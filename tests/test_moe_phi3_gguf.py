@@ -59,16 +59,35 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(gguf_model):
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].numpy()
-            gen = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        assert np.abs(logits[i, :len(p)] - ref).max() <= 1e-4
-        assert ours[i] == gen[0, len(p):].tolist()
+            gen = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+            )
+        assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4
+        assert ours[i] == gen[0, len(p) :].tolist()
 
 
 def test_novallm_generate_runs_on_the_gguf(gguf_model):
     _, _, dst = gguf_model
-    proc = subprocess.run([sys.executable, "-m", "novallm_jax.generate", "--model", dst, "--prompt", "t1 t2 t3",
-                           "--max_new_tokens=6", "--nochat"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "novallm_jax.generate",
+            "--model",
+            dst,
+            "--prompt",
+            "t1 t2 t3",
+            "--max_new_tokens=6",
+            "--nochat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stderr.strip().splitlines()[-1]
     assert summary.startswith("prompt tokens: ") and "generated tokens: 6" in summary

@@ -27,7 +27,7 @@ def test_pack_round_trip(k, n):
     panels = native.pack(w)
     assert panels.shape == (-(-n // native.PANEL), k, native.PANEL)
     np.testing.assert_array_equal(native.unpack(panels, n), w)
-    assert not panels[-1, :, n % native.PANEL or native.PANEL:].any()  # padding columns are zero
+    assert not panels[-1, :, n % native.PANEL or native.PANEL :].any()  # padding columns are zero
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 22, 29, 32, 100])
@@ -54,14 +54,24 @@ def test_linear_keeps_leading_dims_and_matches_dense():
     np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ w, rtol=1e-5, atol=1e-5)
 
 
-CFG = ModelConfig(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=100, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=100,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 
 
 def _decode_logits(native_kernels: bool) -> tuple[Executor, np.ndarray]:
     params = model.init_params(CFG, jax.random.key(0))
-    ex = Executor(CFG, params, ExecutorConfig(page_size=8, num_pages=16, max_model_len=64,
-                                              native_kernels=native_kernels))
+    ex = Executor(
+        CFG, params, ExecutorConfig(page_size=8, num_pages=16, max_model_len=64, native_kernels=native_kernels)
+    )
     cache = ex.new_cache()
     logits, cache = ex.decode(cache, [5, 7, 9], [0, 0, 0], [[1], [2], [3]])
     return ex, np.asarray(logits)
@@ -74,8 +84,9 @@ def test_executor_packs_weights_and_agrees_with_xla_dots():
     assert isinstance(ex_native.params["lm_head"], native.PackedLinear)
     assert isinstance(ex_xla.params["layers"][0]["wqkv"], jax.Array)
     np.testing.assert_allclose(native_logits, xla_logits, rtol=0, atol=1e-5)
-    auto = Executor(CFG, model.init_params(CFG, jax.random.key(0)), ExecutorConfig(page_size=8, num_pages=16,
-                                                                                     max_model_len=64))
+    auto = Executor(
+        CFG, model.init_params(CFG, jax.random.key(0)), ExecutorConfig(page_size=8, num_pages=16, max_model_len=64)
+    )
     assert auto.native_kernels  # float32 on CPU: on by default
 
 
@@ -86,8 +97,9 @@ def _probe(env: dict) -> str:
         from novallm_jax.kernels import native
         print("available", native.available())
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
@@ -122,8 +134,9 @@ def test_paged_attention_over_long_contexts(t, head_dim, window):
 # The kernel takes the query heads of a kv head three (or, of four, two) at a time: every grouping and its remainders.
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (5, 1), (7, 1), (9, 3)])
 def test_paged_attention_over_every_grouping_of_query_heads(heads, kv_heads):
-    _check_paged_attention(1, None, head_dim=64, page_size=16, width=4, scale=4.0, atol=1e-5, heads=heads,
-                           kv_heads=kv_heads)
+    _check_paged_attention(
+        1, None, head_dim=64, page_size=16, width=4, scale=4.0, atol=1e-5, heads=heads, kv_heads=kv_heads
+    )
 
 
 @pytest.mark.parametrize("t", [1, 13])
@@ -132,19 +145,30 @@ def test_paged_attention_reads_bfloat16_pages(t):
     _check_paged_attention(t, None, head_dim=64, page_size=16, width=7, scale=4.0, atol=1e-5, dtype=jnp.bfloat16)
 
 
-def _check_paged_attention(t, window, head_dim, page_size, width, scale=1.0, atol=2e-6, heads=6, kv_heads=2,
-                           dtype=jnp.float32):
+def _check_paged_attention(
+    t, window, head_dim, page_size, width, scale=1.0, atol=2e-6, heads=6, kv_heads=2, dtype=jnp.float32
+):
     from novallm_jax.kv_cache import PagedKVCache
 
     hd = head_dim
-    cfg = ModelConfig(model_type="mistral" if window else "llama", vocab_size=10, hidden_size=heads * hd,
-                      intermediate_size=8, num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd,
-                      sliding_window=window)
+    cfg = ModelConfig(
+        model_type="mistral" if window else "llama",
+        vocab_size=10,
+        hidden_size=heads * hd,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hd,
+        sliding_window=window,
+    )
     rng = np.random.default_rng(t + hd)
     b, ps = 3, page_size
     cache = PagedKVCache.create(cfg, 1 + b * width, ps, dtype)
-    cache = cache.replace(k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32), dtype),),
-                          v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32), dtype),))
+    cache = cache.replace(
+        k=(jnp.asarray(rng.standard_normal(cache.k[0].shape, np.float32), dtype),),
+        v=(jnp.asarray(rng.standard_normal(cache.v[0].shape, np.float32), dtype),),
+    )
     table = jnp.asarray(1 + np.arange(b * width).reshape(b, width)[:, rng.permutation(width)], jnp.int32)
     # Row 0 decodes deep into its pages, row 1 prefills a chunk from its start, row 2 is padding but one query.
     depth = ps * width

@@ -54,8 +54,11 @@ def test_notebooks_found():
 
 
 def _cells_with_outputs(nb) -> list[int]:
-    return [i for i, cell in enumerate(nb.cells)
-            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+    return [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
@@ -66,8 +69,9 @@ def test_committed_without_outputs(path):
 
 
 def test_output_check_sees_outputs():
-    cell = nbformat.v4.new_code_cell("1 + 1", execution_count=1,
-                                     outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"})])
+    cell = nbformat.v4.new_code_cell(
+        "1 + 1", execution_count=1, outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"})]
+    )
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), cell])
     assert _cells_with_outputs(nb) == [1]
 
@@ -86,8 +90,12 @@ def test_overrides_name_parameters():
 def test_notebook_runs(path):
     nb = _with_overrides(nbformat.read(path, as_version=4), OVERRIDES.get(_name(path), {}))
     deadline = time.monotonic() + TIME_BOUND_S
-    client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}},
-                            timeout_func=lambda cell: max(1, int(deadline - time.monotonic())))
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        resources={"metadata": {"path": NOTEBOOK_DIR}},
+        timeout_func=lambda cell: max(1, int(deadline - time.monotonic())),
+    )
     client.execute()  # raises CellExecutionError on the first failing cell, TimeoutError past the bound
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and "plt.show()" in cell.source:

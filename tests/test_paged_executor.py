@@ -19,15 +19,26 @@ PROMPTS = [[(7 * i + 3) % 200 + 1 for i in range(n)] for n in (5, 37, 18, 60)]
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(model_type="llama", vocab_size=211, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+    base = dict(
+        model_type="llama",
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+    )
     return ModelConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral_window"])
 def model(request):
-    cfg = tiny_config(sliding_window=12 if request.param == "mistral_window" else None,
-                      model_type="mistral" if request.param == "mistral_window" else "llama")
+    cfg = tiny_config(
+        sliding_window=12 if request.param == "mistral_window" else None,
+        model_type="mistral" if request.param == "mistral_window" else "llama",
+    )
     return cfg, init_params(cfg, jax.random.key(0))
 
 
@@ -46,7 +57,7 @@ def test_paged_forward_equals_contiguous_for_ragged_batch(model):
     table = scattered_page_tables(PROMPTS, width, 64)
     got, _ = forward(params, tokens, positions, PagedKVCache.create(cfg, 64, PAGE), cfg, page_table=table)
     for i, p in enumerate(PROMPTS):
-        assert np.abs(np.asarray(got)[i, :len(p)] - np.asarray(ref)[i, :len(p)]).max() <= 1e-5
+        assert np.abs(np.asarray(got)[i, : len(p)] - np.asarray(ref)[i, : len(p)]).max() <= 1e-5
 
 
 def reference_decode(cfg, params, steps):
@@ -57,8 +68,7 @@ def reference_decode(cfg, params, steps):
     out, pos = [np.asarray(logits)], jnp.asarray(lengths)
     for _ in range(steps):
         nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg,
-                                    logits_index=jnp.zeros_like(pos))
+        logits, cache = forward_jit(params, nxt[:, None], pos[:, None], cache, cfg, logits_index=jnp.zeros_like(pos))
         out.append(np.asarray(logits))
         pos = pos + 1
     return out
@@ -68,8 +78,14 @@ def test_chunked_prefill_and_64_decode_steps_equal_contiguous(model):
     cfg, params = model
     steps = 64
     ref = reference_decode(cfg, params, steps)
-    ecfg = ExecutorConfig(page_size=PAGE, num_pages=96, max_model_len=128, decode_batch_buckets=(4,),
-                          prefill_batch_buckets=(1, 4), prefill_len_buckets=(16,))
+    ecfg = ExecutorConfig(
+        page_size=PAGE,
+        num_pages=96,
+        max_model_len=128,
+        decode_batch_buckets=(4,),
+        prefill_batch_buckets=(1, 4),
+        prefill_len_buckets=(16,),
+    )
     ex = Executor(cfg, params, ecfg)
     cache = ex.new_cache()
     tables = scattered_page_tables(PROMPTS, ecfg.max_pages_per_seq, ecfg.num_pages, seed=1)
@@ -78,7 +94,7 @@ def test_chunked_prefill_and_64_decode_steps_equal_contiguous(model):
     done = [0] * len(PROMPTS)
     while any(d < len(p) for d, p in zip(done, PROMPTS)):
         active = [i for i, p in enumerate(PROMPTS) if done[i] < len(p)]
-        chunks = [PrefillChunk(PROMPTS[i][done[i]:done[i] + 16], done[i], tables[i]) for i in active]
+        chunks = [PrefillChunk(PROMPTS[i][done[i] : done[i] + 16], done[i], tables[i]) for i in active]
         logits, cache = ex.prefill(cache, chunks)
         for j, i in enumerate(active):
             done[i] += len(chunks[j].tokens)
@@ -94,8 +110,13 @@ def test_chunked_prefill_and_64_decode_steps_equal_contiguous(model):
 
 def test_decode_donates_the_cache_in_place(model):
     cfg, params = model
-    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
-                                              decode_batch_buckets=(2,), prefill_len_buckets=(16,)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=PAGE, num_pages=16, max_model_len=64, decode_batch_buckets=(2,), prefill_len_buckets=(16,)
+        ),
+    )
     cache = ex.new_cache()
     _, cache = ex.decode(cache, [1, 2], [0, 0], [[1], [2]])  # compile first
     before = [a.unsafe_buffer_pointer() for a in cache.k + cache.v]
@@ -107,9 +128,18 @@ def test_decode_donates_the_cache_in_place(model):
 
 def test_padded_logits_keep_the_bucket_rows(model):
     cfg, params = model
-    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
-                                              decode_batch_buckets=(4,), prefill_batch_buckets=(2,),
-                                              prefill_len_buckets=(16,)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=PAGE,
+            num_pages=16,
+            max_model_len=64,
+            decode_batch_buckets=(4,),
+            prefill_batch_buckets=(2,),
+            prefill_len_buckets=(16,),
+        ),
+    )
     cache = ex.new_cache()
     chunk = [PrefillChunk([5, 6, 7], 0, [1])]
     exact, cache = ex.prefill(cache, chunk)
@@ -125,8 +155,13 @@ def test_padded_logits_keep_the_bucket_rows(model):
 def test_decode_rows_take_their_tokens_from_the_device(model):
     """Rows marked from_slot read last_tokens[slot] (an async engine's sampled tokens) instead of host tokens."""
     cfg, params = model
-    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=16, max_model_len=64,
-                                              decode_batch_buckets=(4,), prefill_len_buckets=(16,)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=PAGE, num_pages=16, max_model_len=64, decode_batch_buckets=(4,), prefill_len_buckets=(16,)
+        ),
+    )
     cache = ex.new_cache()
     _, cache = ex.prefill(cache, [PrefillChunk([5, 6, 7], 0, [1]), PrefillChunk([4, 3], 0, [2])])
     last = jnp.asarray([9, 0, 8, 0], jnp.int32)  # slot 2 drew 8, slot 0 drew 9
@@ -146,8 +181,13 @@ def test_decode_rows_take_their_tokens_from_the_device(model):
 def test_ragged_steps_equal_contiguous(model):
     """Prompt chunks cut anywhere and decode rows, mixed in ragged steps, against the contiguous reference."""
     cfg, params = model
-    ex = Executor(cfg, params, ExecutorConfig(page_size=PAGE, num_pages=64, max_model_len=96,
-                                              decode_batch_buckets=(1, 4), prefill_len_buckets=(16, 32)))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(
+            page_size=PAGE, num_pages=64, max_model_len=96, decode_batch_buckets=(1, 4), prefill_len_buckets=(16, 32)
+        ),
+    )
     if not ex.ragged:
         pytest.skip("ragged steps need the native paged attention")
     extra = [[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43]]  # tokens decoded after each prompt
@@ -163,7 +203,7 @@ def test_ragged_steps_equal_contiguous(model):
         batch, who = [], []
         for i, ends in enumerate(cuts):
             if step < len(ends):
-                batch.append(PrefillChunk(seqs[i][done[i]:ends[step]], done[i], tables[i]))
+                batch.append(PrefillChunk(seqs[i][done[i] : ends[step]], done[i], tables[i]))
             elif step - len(ends) < len(extra[i]):  # decode the next extra token
                 batch.append(PrefillChunk([seqs[i][done[i]]], done[i], tables[i]))
             else:
@@ -181,9 +221,15 @@ def test_ragged_steps_equal_contiguous(model):
 def test_100_requests_compile_nothing_beyond_warmup(ragged):
     cfg = tiny_config()
     params = init_params(cfg, jax.random.key(0))
-    ecfg = ExecutorConfig(page_size=PAGE, num_pages=64, max_model_len=96, decode_batch_buckets=(1, 4),
-                          prefill_batch_buckets=(1,), prefill_len_buckets=(16, 32),
-                          ragged_steps=None if ragged else False)  # None: ragged where the native kernels run
+    ecfg = ExecutorConfig(
+        page_size=PAGE,
+        num_pages=64,
+        max_model_len=96,
+        decode_batch_buckets=(1, 4),
+        prefill_batch_buckets=(1,),
+        prefill_len_buckets=(16, 32),
+        ragged_steps=None if ragged else False,
+    )  # None: ragged where the native kernels run
     ex = Executor(cfg, params, ecfg)
     if ragged and not ex.ragged:
         pytest.skip("ragged steps need the native paged attention")
@@ -203,7 +249,7 @@ def test_100_requests_compile_nothing_beyond_warmup(ragged):
                 _, cache = ex.ragged_step(cache, [PrefillChunk(prompt[a:b], a, table)] + rows)
             continue
         for start in range(0, n, ecfg.max_chunk):
-            _, cache = ex.prefill(cache, [PrefillChunk(prompt[start:start + ecfg.max_chunk], start, table)])
+            _, cache = ex.prefill(cache, [PrefillChunk(prompt[start : start + ecfg.max_chunk], start, table)])
         _, cache = ex.decode(cache, [1] * batch, [n] * batch, [table] * batch)
     assert ex.compile_count == warm
 
@@ -224,8 +270,10 @@ def test_persistent_compilation_cache_skips_compiles_on_second_start(tmp_path):
         ex.warmup(ex.new_cache())
         print("SHAPES", len(ex.step_shapes()), "HITS", len(hits))
     """)
-    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     first, second = ([int(x) for x in r.split()[1::2]] for r in (r.strip().splitlines()[-1] for r in runs))
     assert first[1] == 0
     assert second[1] >= second[0]  # every step shape came from the cache

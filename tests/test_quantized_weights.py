@@ -41,8 +41,10 @@ def _raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("type_name,bits", [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 8),
-                                            ("Q5_1", 8), ("Q5_K", 8), ("Q6_K", 6)])
+@pytest.mark.parametrize(
+    "type_name,bits",
+    [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 8), ("Q5_1", 8), ("Q5_K", 8), ("Q6_K", 6)],
+)
 def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     rows, cols = 24, 512
     raw = _raw(type_name, rows, cols)
@@ -51,8 +53,9 @@ def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     assert bq.bits == bits and bq.shape == (rows, cols) and bq.d.shape == (rows, cols // 32)
     np.testing.assert_array_equal(bq.dequantize(), ref)
     perm = np.random.default_rng(1).permutation(rows)
-    np.testing.assert_array_equal(BlockQuant.concat_rows([bq, bq.take_rows(perm)]).dequantize(),
-                                  np.concatenate([ref, ref[perm]]))
+    np.testing.assert_array_equal(
+        BlockQuant.concat_rows([bq, bq.take_rows(perm)]).dequantize(), np.concatenate([ref, ref[perm]])
+    )
 
 
 @pytest.mark.parametrize("kinds", [("Q4_K", "Q6_K"), ("Q6_K", "Q8_0")])
@@ -120,14 +123,18 @@ def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
 def test_quant_matmul_rejects_a_mismatched_inner_dimension():
     bq = decode_blocks(_raw("Q8_0", 16, 64), "Q8_0", (16, 64))
     with pytest.raises(Exception, match="quantised matmul wants"):
-        native.quant_matmul(jnp.zeros((2, 96), jnp.float32), jnp.asarray(native.pack_quant(
-            bq.codes, bq.d, bq.m, bq.bits)), 16, 8).block_until_ready()
+        native.quant_matmul(
+            jnp.zeros((2, 96), jnp.float32), jnp.asarray(native.pack_quant(bq.codes, bq.d, bq.m, bq.bits)), 16, 8
+        ).block_until_ready()
 
 
 def _logits(cfg, params, native_kernels=None, **config):
     """Prefill logits of two ragged prompts, then two decode steps' logits, through the executor."""
-    ex = Executor(cfg, params, ExecutorConfig(page_size=8, num_pages=32, max_model_len=64,
-                                              native_kernels=native_kernels, **config))
+    ex = Executor(
+        cfg,
+        params,
+        ExecutorConfig(page_size=8, num_pages=32, max_model_len=64, native_kernels=native_kernels, **config),
+    )
     cache = ex.new_cache()
     prompts = [[3, 17, 42, 9, 11, 5, 8, 13, 21, 34, 55, 2], [7, 1, 4]]
     tables = [[1, 2, 3], [4, 5, 6]]
@@ -165,8 +172,9 @@ def test_default_model_runs_on_its_block_codes(default_gguf):
     cfg, dense = load_model(default_gguf, np.float32)
     _, coded = load_model(default_gguf, np.float32, keep_quantized=True)
     layer = coded["layers"][0]
-    assert all(isinstance(layer[k], native.QuantLinear) and layer[k].bits == 4
-               for k in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert all(
+        isinstance(layer[k], native.QuantLinear) and layer[k].bits == 4 for k in ("wqkv", "wo", "w_gate_up", "w_down")
+    )
     assert coded["lm_head"].bits == 8  # the file's token_embd is Q8_0 (tied)
     matmul_bytes = lambda p: sum(x.nbytes for x in jax.tree.leaves(p)) - p["embed"].nbytes
     assert matmul_bytes(dense) > 3.8 * matmul_bytes(coded)
@@ -229,12 +237,19 @@ def test_q4_k_m_gguf_runs_on_its_codes_with_the_float_logits(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="absl")
     _, coded = load_model(path, np.float32, keep_quantized=True)
     lines = {r.getMessage() for r in caplog.records}
-    assert {"Q4_K: 48 tensors kept in codes (exact), the embedding table as float32 (its rows are gathered)",
-            "Q6_K: 9 tensors kept in codes (exact)", "F32: 17 norms"} <= lines
+    assert {
+        "Q4_K: 48 tensors kept in codes (exact), the embedding table as float32 (its rows are gathered)",
+        "Q6_K: 9 tensors kept in codes (exact)",
+        "F32: 17 norms",
+    } <= lines
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "absl"]
     layers = coded["layers"]
     assert (layers[0]["wqkv"].bits, layers[1]["wqkv"].bits, layers[0]["w_down"].bits, coded["lm_head"].bits) == (
-        6, 4, 6, 6)  # layer 0's Q4_K q/k with its Q6_K v: the two-scale form
+        6,
+        4,
+        6,
+        6,
+    )  # layer 0's Q4_K q/k with its Q6_K v: the two-scale form
     assert all(isinstance(layer[k], native.QuantLinear) for layer in layers for k in native.PACKED_WEIGHTS)
     np.testing.assert_array_equal(layers[0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
     _, want = _logits(cfg, dense)
@@ -247,9 +262,13 @@ def test_a_weight_widened_beside_codes_is_logged_as_a_warning():
     from novallm_jax.loading.gguf_file import kept_line
 
     assert kept_line("Q4_K", ["codes"] * 3 + ["dense"], "float32") == (
-        "Q4_K: 3 tensors kept in codes (exact), 1 matmul weights dequantised to float32", True)
+        "Q4_K: 3 tensors kept in codes (exact), 1 matmul weights dequantised to float32",
+        True,
+    )
     assert kept_line("F16", ["dense"] * 2 + ["vector"], "float32") == (
-        "F16: 2 matmul weights widened to float32 (exact), 1 norms as float32", False)
+        "F16: 2 matmul weights widened to float32 (exact), 1 norms as float32",
+        False,
+    )
 
 
 @pytest.mark.parametrize("quant", ["F16", "BF16"])
@@ -264,12 +283,17 @@ def test_16_bit_gguf_keeps_16_bits_and_gives_the_rounded_float_logits(tmp_path, 
     src = _kquant_llama(tmp_path, layers=2)
     _, f32 = load_model(hf_to_gguf(src, str(tmp_path / "model.gguf")), np.float32)
     caplog.set_level(logging.INFO, logger="absl")
-    cfg, half = load_model(hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant), np.float32,
-                           keep_quantized=True)
-    assert f"{quant}: 15 tensors kept in 16 bits (exact), the embedding table as float32 (its rows are gathered)" \
-        in {r.getMessage() for r in caplog.records}
-    assert all(isinstance(layer[k], native.HalfLinear) and layer[k].bf16 == (quant == "BF16")
-               for layer in half["layers"] for k in native.PACKED_WEIGHTS)
+    cfg, half = load_model(
+        hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant), np.float32, keep_quantized=True
+    )
+    assert f"{quant}: 15 tensors kept in 16 bits (exact), the embedding table as float32 (its rows are gathered)" in {
+        r.getMessage() for r in caplog.records
+    }
+    assert all(
+        isinstance(layer[k], native.HalfLinear) and layer[k].bf16 == (quant == "BF16")
+        for layer in half["layers"]
+        for k in native.PACKED_WEIGHTS
+    )
     dtype = np.float16 if quant == "F16" else ml_dtypes.bfloat16
     rounded = jax.tree.map(lambda a: a if a.ndim == 1 else np.asarray(a).astype(dtype).astype(np.float32), f32)
     widened = native.dequantize_params(half)

@@ -222,7 +222,9 @@ def test_seed_key_matches_jax_random_key():
 
 def _assert_same(a: SamplingBatch, b: SamplingBatch) -> None:
     for field in dataclasses.fields(SamplingBatch):
-        np.testing.assert_array_equal(np.asarray(getattr(a, field.name)), np.asarray(getattr(b, field.name)), field.name)
+        np.testing.assert_array_equal(
+            np.asarray(getattr(a, field.name)), np.asarray(getattr(b, field.name)), field.name
+        )
 
 
 def test_update_counts_set_row_and_clear_row():

@@ -21,8 +21,14 @@ SLOT_PARAMS = {
     0: P(temperature=0.0, seed=10),
     1: P(temperature=0.9, seed=11, logprobs=0),
     2: P(top_k=20, top_p=0.8, seed=12),
-    3: P(temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2,
-         logit_bias={5: 3.0, 9: -100.0}, seed=13),
+    3: P(
+        temperature=0.7,
+        repetition_penalty=1.3,
+        frequency_penalty=0.4,
+        presence_penalty=0.2,
+        logit_bias={5: 3.0, 9: -100.0},
+        seed=13,
+    ),
     4: P(min_tokens=3, stop_token_ids=[7], min_p=0.1, seed=14, logprobs=3),
     5: P(temperature=0.0, presence_penalty=1.5, seed=15),
     7: P(temperature=1.2, top_k=5, seed=2**40 + 3),
@@ -42,8 +48,7 @@ def _batch() -> SamplingBatch:
     params = [SLOT_PARAMS.get(i) for i in range(NUM_SLOTS)]
     prompts = [rng.integers(0, V, 12).tolist() for _ in range(NUM_SLOTS)]
     outputs = [[5, 5, 30] if i == 3 else None for i in range(NUM_SLOTS)]  # slot 3 resumes with 3 tokens
-    return SamplingBatch.from_params(params, V, prompt_token_ids=prompts, output_token_ids=outputs,
-                                     eos_token_ids=EOS)
+    return SamplingBatch.from_params(params, V, prompt_token_ids=prompts, output_token_ids=outputs, eos_token_ids=EOS)
 
 
 def _rows(batch: SamplingBatch, slots: list[int]) -> SamplingBatch:
@@ -88,8 +93,9 @@ def test_sample_slots_matches_sample_and_update_counts_step_by_step():
         placed[live] = tokens
         ref = update_counts(ref, jnp.asarray(placed))
         for name in ref.__dataclass_fields__:
-            np.testing.assert_array_equal(np.asarray(getattr(batch, name)), np.asarray(getattr(ref, name)),
-                                          err_msg=f"{name} after step {step}")
+            np.testing.assert_array_equal(
+                np.asarray(getattr(batch, name)), np.asarray(getattr(ref, name)), err_msg=f"{name} after step {step}"
+            )
     # The draws were real: penalties and bans acted (slot 3's bias of -100 bans token 9; slot 4 saw no stop token
     # before its third token).
     assert int(ref.output_counts[3, 9]) == 0 and int(ref.steps[4]) == 4
@@ -109,8 +115,19 @@ def test_padding_rows_change_nothing_and_mixes_share_one_compile():
 
 def test_flags_follow_the_parameters():
     batch = SamplingBatch.from_params(
-        [None, P(), P(logit_bias={3: 0.0}), P(logit_bias={3: -1.0}), P(repetition_penalty=1.1),
-         P(frequency_penalty=-0.5), P(presence_penalty=0.1), P(logprobs=0), P(min_tokens=4, logprobs=2)], V)
+        [
+            None,
+            P(),
+            P(logit_bias={3: 0.0}),
+            P(logit_bias={3: -1.0}),
+            P(repetition_penalty=1.1),
+            P(frequency_penalty=-0.5),
+            P(presence_penalty=0.1),
+            P(logprobs=0),
+            P(min_tokens=4, logprobs=2),
+        ],
+        V,
+    )
     np.testing.assert_array_equal(np.asarray(batch.penalized), [0, 0, 0, 1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(np.asarray(batch.wants_logprobs), [0, 0, 0, 0, 0, 0, 0, 1, 1])
     cleared = batch.set_row(4, P()).clear_row(8)

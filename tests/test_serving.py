@@ -60,6 +60,7 @@ def sdk_params(max_tokens: int, **kw) -> SamplingParams:
 
 # ---- the openai client gives the SDK's text -------------------------------------------------------------------------
 
+
 def test_completion_equals_sdk(client, llm):
     prompt = "The quick brown fox"
     resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, extra_body=EXTRA, **SAMPLING)
@@ -75,8 +76,17 @@ def test_completion_equals_sdk(client, llm):
 
 def test_streamed_completion_equals_sdk_and_reports_usage(client, llm):
     prompt = "Once upon a time"
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=14, stream=True,
-                                            stream_options={"include_usage": True}, extra_body=EXTRA, **SAMPLING))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=14,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=EXTRA,
+            **SAMPLING,
+        )
+    )
     want = llm.generate(prompt, sdk_params(14))[0]
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == want.text
@@ -89,8 +99,7 @@ def test_streamed_completion_equals_sdk_and_reports_usage(client, llm):
 
 
 def test_chat_equals_sdk(client, llm):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, extra_body=EXTRA,
-                                          **SAMPLING)
+    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, extra_body=EXTRA, **SAMPLING)
     want = llm.chat(MESSAGES, sdk_params(10))
     assert resp.choices[0].message.content == want.text
     assert resp.choices[0].message.role == "assistant"
@@ -99,8 +108,11 @@ def test_chat_equals_sdk(client, llm):
 
 
 def test_streamed_chat_equals_sdk(client, llm):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
-                                                 extra_body=EXTRA, **SAMPLING))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=10, stream=True, extra_body=EXTRA, **SAMPLING
+        )
+    )
     want = llm.chat(MESSAGES, sdk_params(10))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
@@ -133,14 +145,16 @@ def test_completion_logprobs_match_the_sdk(client, llm):
     lp = resp.choices[0].logprobs
     assert len(lp.tokens) == len(want.token_ids) == len(lp.token_logprobs) == len(lp.top_logprobs)
     assert lp.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
-    assert all(len(top) <= 3 and max(top.values()) >= chosen - 1e-5
-               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(
+        len(top) <= 3 and max(top.values()) >= chosen - 1e-5 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs)
+    )
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
 def test_chat_logprobs(client, llm):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, seed=8, logprobs=True,
-                                          top_logprobs=2)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=5, seed=8, logprobs=True, top_logprobs=2
+    )
     want = llm.chat(MESSAGES, SamplingParams(max_tokens=5, seed=8, logprobs=2)).outputs[0]
     content = resp.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
@@ -161,13 +175,17 @@ def test_models_and_health(client, http, llm):
 
 # ---- echo, suffix, tokenize and detokenize --------------------------------------------------------------------------
 
+
 def test_echo_prepends_the_prompt_and_suffix_is_refused(client, llm):
     prompt = "Echo this prompt"
     resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, seed=4, echo=True)
     want = llm.generate(prompt, SamplingParams(max_tokens=6, seed=4))[0].text
     assert resp.choices[0].text == prompt + want
-    chunks = list(client.completions.create(model=MODEL, prompt=[llm.encode(prompt)], max_tokens=6, seed=4, echo=True,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=[llm.encode(prompt)], max_tokens=6, seed=4, echo=True, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == prompt + want
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, suffix=" and the end")
@@ -182,11 +200,28 @@ def test_echo_with_logprobs_and_prompt_logprobs_give_the_prompts_logprobs(client
     sdk = llm.prompt_logprobs(ids, 2)
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, seed=4, logprobs=2)
     for stream in (False, True):
-        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, seed=4, echo=True, logprobs=2,
-                                      stream=stream, extra_body={"prompt_logprobs": 1})
+        r = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=4,
+            seed=4,
+            echo=True,
+            logprobs=2,
+            stream=stream,
+            extra_body={"prompt_logprobs": 1},
+        )
         choices = list(r) if stream else [r]
-        lp = {key: sum((getattr(c.choices[0].logprobs, key) for c in (choices if stream else [r]) if c.choices
-                        and c.choices[0].logprobs), []) for key in ("tokens", "token_logprobs", "top_logprobs")}
+        lp = {
+            key: sum(
+                (
+                    getattr(c.choices[0].logprobs, key)
+                    for c in (choices if stream else [r])
+                    if c.choices and c.choices[0].logprobs
+                ),
+                [],
+            )
+            for key in ("tokens", "token_logprobs", "top_logprobs")
+        }
         first = (choices[0] if stream else r).choices[0].model_extra["prompt_logprobs"]
         n = len(ids)
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -202,8 +237,7 @@ def test_tokenize_and_detokenize(http, llm, server):
     r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello tokens"})
     ids = llm.encode("Hello tokens")
     assert r.json() == {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
-    r = http.post("/tokenize", json={"prompt": "Hello tokens", "add_special_tokens": False,
-                                     "return_token_strs": True})
+    r = http.post("/tokenize", json={"prompt": "Hello tokens", "add_special_tokens": False, "return_token_strs": True})
     plain = llm.tokenizer.encode("Hello tokens", add_special_tokens=False)
     assert r.json()["tokens"] == plain
     assert r.json()["token_strs"] == [llm.tokenizer.id_to_token(t) for t in plain]
@@ -228,8 +262,8 @@ def test_tokenize_and_detokenize(http, llm, server):
 
 # ---- the last resort: unexpected errors -----------------------------------------------------------------------------
 
-def test_an_unexpected_error_is_an_openai_500_with_a_request_id_and_a_logged_traceback(http, llm, monkeypatch,
-                                                                                        caplog):
+
+def test_an_unexpected_error_is_an_openai_500_with_a_request_id_and_a_logged_traceback(http, llm, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise TypeError("TextInputSequence must be str")  # what a library raised on a lone surrogate
 
@@ -260,8 +294,9 @@ def test_an_error_mid_stream_ends_the_stream_with_an_error_event(http, llm, monk
         return real(out)
 
     monkeypatch.setattr(app_module, "_finish_reason", broken)
-    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": True,
-                                            "ignore_eos": True})
+    r = http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": True, "ignore_eos": True}
+    )
     events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     error = json.loads(events[-2])
@@ -273,6 +308,7 @@ def test_an_error_mid_stream_ends_the_stream_with_an_error_event(http, llm, monk
 
 # ---- concurrency, disconnects ---------------------------------------------------------------------------------------
 
+
 def test_32_concurrent_streams_each_equal_their_offline_run(server, llm, http):
     prompts = [f"Client {i} asks about item {i * 7}." for i in range(32)]
     params = [SamplingParams(max_tokens=16 + i % 5, seed=1000 + i, temperature=1.0) for i in range(32)]
@@ -280,21 +316,25 @@ def test_32_concurrent_streams_each_equal_their_offline_run(server, llm, http):
         offline = list(pool.map(lambda a: llm.generate(a[0], a[1])[0].text, zip(prompts, params)))
 
     async def one(client, prompt, p):
-        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=p.max_tokens, seed=p.seed,
-                                                 stream=True)
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=p.max_tokens, seed=p.seed, stream=True
+        )
         return "".join([c.choices[0].text async for c in stream])
 
     async def all_clients():
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT,
-                                      max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0
+        ) as client:
             return await asyncio.gather(*(one(client, pr, p) for pr, p in zip(prompts, params)))
 
     online = asyncio.run(asyncio.wait_for(all_clients(), 120))
     assert online == offline
     # The server keeps serving.
     assert http.get("/health").status_code == 200
-    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompts[0], "max_tokens": params[0].max_tokens,
-                                           "seed": params[0].seed})
+    r = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": prompts[0], "max_tokens": params[0].max_tokens, "seed": params[0].seed},
+    )
     assert r.json()["choices"][0]["text"] == offline[0]
     wait_idle(llm)
     assert llm.engine.check_leaks() == []
@@ -330,8 +370,14 @@ def test_disconnect_mid_stream_cancels_and_frees_pages(server, llm, monkeypatch)
 
     with concurrent.futures.ThreadPoolExecutor(len(others)) as pool:
         futures = [pool.submit(other, p, s) for p, s in others]
-        body = {"model": MODEL, "prompt": "A very long story", "max_tokens": 200, "ignore_eos": True, "seed": 1,
-                "stream": True}
+        body = {
+            "model": MODEL,
+            "prompt": "A very long story",
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "seed": 1,
+            "stream": True,
+        }
         with httpx.Client(timeout=TIMEOUT) as c:
             with c.stream("POST", server.url + "/v1/completions", json=body) as r:
                 seen = []
@@ -375,13 +421,16 @@ def test_over_max_concurrent_gets_429_and_full_queue_503(llm, monkeypatch):
         r = c.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
         assert r.status_code == 503 and is_openai_error(r.json()) and r.json()["error"]["code"] == "queue_full"
         monkeypatch.undo()
-        assert c.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "again",
-                                                        "max_tokens": 2}).status_code == 200
+        assert (
+            c.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 2}).status_code
+            == 200
+        )
     wait_idle(llm)
     assert llm.engine.check_leaks() == []
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
+
 
 def _post(http, path, content, status, param=None, code=None):
     r = http.post(path, content=content, headers={"content-type": "application/json"})
@@ -397,32 +446,45 @@ def _post(http, path, content, status, param=None, code=None):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_malformed_json_and_invalid_utf8(http, path):
-    for bad in (b"{", b"", b"[1, 2", b"null", b'{"model": "tiny-llama",}', b"\xff\xfe\xfd",
-                b'{"model": "tiny-llama", "prompt": "\xff\xfe", "messages": "\xc3\x28"}'):
+    for bad in (
+        b"{",
+        b"",
+        b"[1, 2",
+        b"null",
+        b'{"model": "tiny-llama",}',
+        b"\xff\xfe\xfd",
+        b'{"model": "tiny-llama", "prompt": "\xff\xfe", "messages": "\xc3\x28"}',
+    ):
         _post(http, path, bad, 400)
 
 
 def test_wrong_types_name_the_parameter(http):
-    cases = [({"model": MODEL, "prompt": "x", "max_tokens": "16"}, "max_tokens"),
-             ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
-             ({"model": MODEL, "prompt": "x", "n": 1.5}, "n"),
-             ({"model": MODEL, "prompt": "x", "stream": "yes"}, "stream"),
-             ({"model": MODEL, "prompt": {"a": 1}}, "prompt"),
-             ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
-             ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
-             ({"model": MODEL, "prompt": "x", "seed": 2 ** 70}, "seed"),
-             ({"model": MODEL, "prompt": "x", "stop": ["ok", ""]}, "stop"),
-             ({"model": MODEL, "prompt": [5, 10 ** 9]}, "prompt"),
-             ({"model": 7, "prompt": "x"}, "model")]
+    cases = [
+        ({"model": MODEL, "prompt": "x", "max_tokens": "16"}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "n": 1.5}, "n"),
+        ({"model": MODEL, "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": MODEL, "prompt": {"a": 1}}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "seed": 2**70}, "seed"),
+        ({"model": MODEL, "prompt": "x", "stop": ["ok", ""]}, "stop"),
+        ({"model": MODEL, "prompt": [5, 10**9]}, "prompt"),
+        ({"model": 7, "prompt": "x"}, "model"),
+    ]
     for body, param in cases:
         _post(http, "/v1/completions", json.dumps(body), 400, param=param)
-    _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
-          400, param="messages")
+    _post(
+        http,
+        "/v1/chat/completions",
+        json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}),
+        400,
+        param="messages",
+    )
     _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hello"}), 400, param="messages")
     # Of a union's errors (content: str | list of parts), the message shows the one that got furthest.
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
-    body = _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [image]}), 400,
-                 param="messages")
+    body = _post(http, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [image]}), 400, param="messages")
     assert "Input should be 'text' at messages.0.content.0.type" in body["error"]["message"]
 
 
@@ -431,12 +493,24 @@ def test_negative_zero_and_huge_max_tokens(http, llm):
         base = {"model": MODEL, key: "hi" if key == "prompt" else MESSAGES}
         for value in (-1, 0):
             _post(http, path, json.dumps({**base, "max_tokens": value}), 400, param="max_tokens")
-        for value in (10 ** 6, 2 ** 63, 10 ** 30):
-            _post(http, path, json.dumps({**base, "max_tokens": value}), 400, param="max_tokens",
-                  code="context_length_exceeded")
+        for value in (10**6, 2**63, 10**30):
+            _post(
+                http,
+                path,
+                json.dumps({**base, "max_tokens": value}),
+                400,
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
     long_prompt = " ".join(["word"] * (llm.engine.max_model_len + 10))
-    _post(http, "/v1/completions", json.dumps({"model": MODEL, "prompt": long_prompt}), 400, param="prompt",
-          code="context_length_exceeded")
+    _post(
+        http,
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": long_prompt}),
+        400,
+        param="prompt",
+        code="context_length_exceeded",
+    )
 
 
 def test_empty_inputs(http):
@@ -447,8 +521,14 @@ def test_empty_inputs(http):
 
 
 def test_unknown_model_route_and_method(http):
-    _post(http, "/v1/completions", json.dumps({"model": "gpt-5", "prompt": "x"}), 404, param="model",
-          code="model_not_found")
+    _post(
+        http,
+        "/v1/completions",
+        json.dumps({"model": "gpt-5", "prompt": "x"}),
+        404,
+        param="model",
+        code="model_not_found",
+    )
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and is_openai_error(r.json())
     r = http.delete("/v1/completions")
@@ -470,19 +550,26 @@ def test_ten_megabyte_body_is_refused_before_parsing(http):
 
 # ---- access ---------------------------------------------------------------------------------------------------------
 
+
 def test_api_key_is_enforced_when_set(llm):
     with BackgroundServer(llm, ServerConfig(api_key="sk-secret")) as srv, httpx.Client(timeout=TIMEOUT) as c:
         body = {"model": MODEL, "prompt": "key?", "max_tokens": 3, "seed": 1}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"},
-                        {"Authorization": "Basic sk-secret"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "sk-secret"},
+            {"Authorization": "Basic sk-secret"},
+        ):
             r = c.post(srv.url + "/v1/completions", json=body, headers=headers)
             assert r.status_code == 401 and is_openai_error(r.json()), headers
             assert r.json()["error"]["code"] == "invalid_api_key"
         assert c.get(srv.url + "/v1/models").status_code == 401
         assert c.get(srv.url + "/health").status_code == 200
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-secret", timeout=TIMEOUT, max_retries=0)
-        assert good.completions.create(**body).choices[0].text == llm.generate(
-            "key?", SamplingParams(max_tokens=3, seed=1))[0].text
+        assert (
+            good.completions.create(**body).choices[0].text
+            == llm.generate("key?", SamplingParams(max_tokens=3, seed=1))[0].text
+        )
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
 
@@ -496,6 +583,7 @@ def test_binds_to_loopback_unless_told_otherwise(server):
 
 # ---- metrics --------------------------------------------------------------------------------------------------------
 
+
 def _samples(text: str) -> dict[tuple, float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -508,8 +596,9 @@ def test_metrics_count_requests_tokens_and_latency(llm):
     with BackgroundServer(llm, ServerConfig()) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
         usages = []
         for i in range(3):
-            r = c.post("/v1/completions", json={"model": MODEL, "prompt": f"metric {i}", "max_tokens": 5 + i,
-                                                "seed": i})
+            r = c.post(
+                "/v1/completions", json={"model": MODEL, "prompt": f"metric {i}", "max_tokens": 5 + i, "seed": i}
+            )
             usages.append(r.json()["usage"])
         c.post("/v1/completions", json={"model": MODEL, "prompt": 5})  # a 400
         m = _samples(c.get("/metrics").text)

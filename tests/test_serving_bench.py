@@ -14,8 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_run_writes_consistent_json(tmp_path):
     output = tmp_path / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--model=random-tiny",
-           "--clients=2", "--requests=4", "--max_tokens=4", "--time_limit_s=60", f"--output={output}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_serving.py"),
+        "--model=random-tiny",
+        "--clients=2",
+        "--requests=4",
+        "--max_tokens=4",
+        "--time_limit_s=60",
+        f"--output={output}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(output.read_text())
@@ -30,7 +38,7 @@ def test_tiny_run_writes_consistent_json(tmp_path):
     assert "http/direct" in proc.stdout
 
 
-_FAKE_LLAMA_SERVER = r'''#!/usr/bin/env python3
+_FAKE_LLAMA_SERVER = r"""#!/usr/bin/env python3
 # Stands in for llama.cpp's llama-server: /health, and /v1/completions streaming one token per chunk as it does.
 import http.server, json, sys
 a = sys.argv[1:]
@@ -66,7 +74,7 @@ class H(http.server.BaseHTTPRequestHandler):
 
 
 http.server.ThreadingHTTPServer((arg("--host"), int(arg("--port"))), H).serve_forever()
-'''
+"""
 
 
 def test_peer_llama_server_gets_the_same_load(tmp_path):
@@ -80,9 +88,18 @@ def test_peer_llama_server_gets_the_same_load(tmp_path):
             (bin_dir / name).write_text(text)
             (bin_dir / name).chmod(0o755)
     output = tmp_path / "out.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_serving.py"), "--peer=llama-server",
-           f"--llama_cpp_bin={bin_dir}", "--clients=2", "--requests=4", "--max_tokens=4", "--repeats=1",
-           "--time_limit_s=60", f"--output={output}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_serving.py"),
+        "--peer=llama-server",
+        f"--llama_cpp_bin={bin_dir}",
+        "--clients=2",
+        "--requests=4",
+        "--max_tokens=4",
+        "--repeats=1",
+        "--time_limit_s=60",
+        f"--output={output}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(output.read_text())

@@ -15,6 +15,7 @@ import json
 import httpx
 import pytest
 import schemathesis
+
 # Imported here, once: `case.call` imports the transports lazily, and 16 sender threads importing them at the same
 # time under pytest's assertion rewriting crashed CPython 3.11's ast.parse ("AST constructor recursion depth
 # mismatch") in a CI run.
@@ -30,9 +31,14 @@ from novallm_jax.serving.runner import BackgroundServer
 from tests.test_serving_support import MODEL, is_openai_error, shared_llm, wait_idle
 
 # (positive, negative) examples per operation; Hypothesis stops early where an operation has fewer distinct inputs.
-EXAMPLES = {("POST", "/v1/completions"): (300, 230), ("POST", "/v1/chat/completions"): (300, 230),
-            ("GET", "/v1/models/{model}"): (40, 40), ("POST", "/tokenize"): (40, 40),
-            ("POST", "/detokenize"): (40, 40), ("POST", "/v1/embeddings"): (40, 40)}
+EXAMPLES = {
+    ("POST", "/v1/completions"): (300, 230),
+    ("POST", "/v1/chat/completions"): (300, 230),
+    ("GET", "/v1/models/{model}"): (40, 40),
+    ("POST", "/tokenize"): (40, 40),
+    ("POST", "/detokenize"): (40, 40),
+    ("POST", "/v1/embeddings"): (40, 40),
+}
 DEFAULT_EXAMPLES = (10, 10)
 MIN_REQUESTS = 1000
 TIMEOUT = 60.0
@@ -43,10 +49,18 @@ def generate_and_send(schema, send) -> list:
     cases = []
     for result in schema.get_all_operations():
         op = result.ok()
-        for mode, count in zip((schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE),
-                               EXAMPLES.get((op.method.upper(), op.path), DEFAULT_EXAMPLES)):
-            @settings(max_examples=count, derandomize=True, database=None, deadline=None,
-                      suppress_health_check=list(HealthCheck))
+        for mode, count in zip(
+            (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE),
+            EXAMPLES.get((op.method.upper(), op.path), DEFAULT_EXAMPLES),
+        ):
+
+            @settings(
+                max_examples=count,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(op.as_strategy(mode))
             def collect(case):
                 cases.append(send(case))
@@ -121,25 +135,62 @@ SURROGATE_CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": LONE}, "suffix"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {LONE: 1}}, "logit_bias"),
     ("/v1/chat/completions", {"model": LONE, "messages": CHAT}, "model"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONE}]},
-     "messages.0.content"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [
-        *CHAT, {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": LONE}]}]},
-     "messages.1.content.1.text"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": LONE}]},
-     "messages.0.name"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [
+                *CHAT,
+                {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": LONE}]},
+            ],
+        },
+        "messages.1.content.1.text",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi", "name": LONE}]},
+        "messages.0.name",
+    ),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": LONE, "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "stop": [LONE]}, "stop.0"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "user": LONE}, "user"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logit_bias": {LONE: 1}}, "logit_bias"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [
-        {"type": "function", "function": {"name": "f", "description": LONE}}]}, "tools.0.function.description"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {
-        "name": "f"}}], "tool_choice": {"type": "function", "function": {"name": LONE}}}, "tool_choice.function.name"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT + [{"role": "tool", "content": "x", "tool_call_id": LONE}]},
-     "messages.1.tool_call_id"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {
-        "name": "f", "arguments": LONE}}]}] + CHAT}, "messages.0.tool_calls.0.function.arguments"),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": CHAT,
+            "tools": [{"type": "function", "function": {"name": "f", "description": LONE}}],
+        },
+        "tools.0.function.description",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": CHAT,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": LONE}},
+        },
+        "tool_choice.function.name",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": CHAT + [{"role": "tool", "content": "x", "tool_call_id": LONE}]},
+        "messages.1.tool_call_id",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": LONE}}]}
+            ]
+            + CHAT,
+        },
+        "messages.0.tool_calls.0.function.arguments",
+    ),
     ("/v1/embeddings", {"model": MODEL, "input": LONE}, "input"),
     ("/v1/embeddings", {"model": MODEL, "input": ["ok", LONE]}, "input.1"),
     ("/tokenize", {"model": LONE, "prompt": "x"}, "model"),
@@ -179,38 +230,55 @@ def test_a_lone_surrogate_in_any_string_field_is_a_400_naming_it(http, path, bod
 
 def test_surrogate_pairs_are_text_not_errors(http):
     """A valid pair ("\ud83d\ude00", an emoji) decodes to one character and is served."""
-    r = http.post("/v1/completions", content='{"model": "%s", "prompt": "\\ud83d\\ude00", "max_tokens": 2}' % MODEL,
-                  headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/completions",
+        content='{"model": "%s", "prompt": "\\ud83d\\ude00", "max_tokens": 2}' % MODEL,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200, r.text
     tokens = http.post("/tokenize", json={"prompt": "\U0001f600"}).json()["tokens"]
     assert r.json()["usage"]["prompt_tokens"] == len(tokens)
 
 
 def test_odd_bodies_never_get_a_5xx(http):
-    raw = [b'{"model": "%s", "prompt": "x", "temperature": NaN}', b'{"model": "%s", "prompt": "x", "top_p": Infinity}',
-           b'{"model": "%s", "prompt": "x", "presence_penalty": -Infinity}', b'{"model": "%s", "prompt": "x", '
-           b'"logit_bias": {"5": NaN}}', b'{"model": "%s", "prompt": "x", "frequency_penalty": 1e400}',
-           b'{"model": "%s", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", b'{"model": "%s", "prompt": "x", '
-           b'"max_tokens": 1e3}', b'{"model": "%s", "prompt": [' + b"[" * 20000 + b"]" * 20000 + b"]}",
-           b"[" * 100000 + b"]" * 100000, b'{"model": "%s", "prompt": "a\\u0000b", "max_tokens": 2}',
-           b'{"model": "%s", "prompt": "x", "prompt": 5}']
+    raw = [
+        b'{"model": "%s", "prompt": "x", "temperature": NaN}',
+        b'{"model": "%s", "prompt": "x", "top_p": Infinity}',
+        b'{"model": "%s", "prompt": "x", "presence_penalty": -Infinity}',
+        b'{"model": "%s", "prompt": "x", "logit_bias": {"5": NaN}}',
+        b'{"model": "%s", "prompt": "x", "frequency_penalty": 1e400}',
+        b'{"model": "%s", "prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+        b'{"model": "%s", "prompt": "x", "max_tokens": 1e3}',
+        b'{"model": "%s", "prompt": [' + b"[" * 20000 + b"]" * 20000 + b"]}",
+        b"[" * 100000 + b"]" * 100000,
+        b'{"model": "%s", "prompt": "a\\u0000b", "max_tokens": 2}',
+        b'{"model": "%s", "prompt": "x", "prompt": 5}',
+    ]
     for body in raw:
         content = body.replace(b"%s", MODEL.encode())
         r = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
         assert r.status_code < 500 and (r.status_code == 200 or is_openai_error(r.json())), (content[:80], r.text)
-    odd_json = [{"model": MODEL, "prompt": "x", "logit_bias": {"\u00b2": 1}},  # a digit int() refuses
-                {"model": MODEL, "prompt": "x", "logit_bias": {"9" * 5000: 1}},  # past int()'s digit limit
-                {"model": MODEL, "prompt": "x", "logit_bias": {"-0": 1, " 7 ": 2}, "max_tokens": 2},
-                {"model": MODEL, "prompt": "x", "top_k": 10 ** 30, "max_tokens": 2},
-                {"model": MODEL, "prompt": "x", "min_tokens": 2 ** 63},
-                {"model": MODEL, "prompt": "x", "stop_token_ids": [2 ** 70]},
-                {"model": MODEL, "prompt": [[]]}, {"model": MODEL, "prompt": [[], [1]]},
-                {"model": MODEL, "prompt": "x", "stop": [], "stop_token_ids": [], "logit_bias": {}, "max_tokens": 2},
-                {"model": MODEL, "messages": [{"role": "user", "content": []}], "max_tokens": 1},
-                {"model": MODEL, "messages": [{"role": "user", "content": None}], "max_tokens": 1},
-                {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-                {"model": MODEL, "messages": [{"role": "tool"}], "max_tokens": 1},
-                {"model": MODEL, "messages": [{}]}, {"model": MODEL, "messages": [[]]}, [], "x", 5, None]
+    odd_json = [
+        {"model": MODEL, "prompt": "x", "logit_bias": {"\u00b2": 1}},  # a digit int() refuses
+        {"model": MODEL, "prompt": "x", "logit_bias": {"9" * 5000: 1}},  # past int()'s digit limit
+        {"model": MODEL, "prompt": "x", "logit_bias": {"-0": 1, " 7 ": 2}, "max_tokens": 2},
+        {"model": MODEL, "prompt": "x", "top_k": 10**30, "max_tokens": 2},
+        {"model": MODEL, "prompt": "x", "min_tokens": 2**63},
+        {"model": MODEL, "prompt": "x", "stop_token_ids": [2**70]},
+        {"model": MODEL, "prompt": [[]]},
+        {"model": MODEL, "prompt": [[], [1]]},
+        {"model": MODEL, "prompt": "x", "stop": [], "stop_token_ids": [], "logit_bias": {}, "max_tokens": 2},
+        {"model": MODEL, "messages": [{"role": "user", "content": []}], "max_tokens": 1},
+        {"model": MODEL, "messages": [{"role": "user", "content": None}], "max_tokens": 1},
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        {"model": MODEL, "messages": [{"role": "tool"}], "max_tokens": 1},
+        {"model": MODEL, "messages": [{}]},
+        {"model": MODEL, "messages": [[]]},
+        [],
+        "x",
+        5,
+        None,
+    ]
     for body in odd_json:
         path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
         r = http.post(path, json=body)
@@ -229,8 +297,7 @@ ANY_TEXT = st.one_of(_texts(st.characters()), _texts(st.one_of(st.characters(), 
 FIELDS = st.sampled_from(["prompt", "stop", "user", "content", "text", "name"])
 
 
-@settings(max_examples=60, derandomize=True, database=None, deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 @given(field=FIELDS, text=ANY_TEXT)
 def test_any_text_in_a_string_field_is_served_or_refused_naming_it(http, field, text):
     if field in ("prompt", "stop", "user"):

@@ -46,8 +46,9 @@ class City(BaseModel):
 
 def test_parse_with_a_pydantic_model_returns_the_parsed_object(client):
     for seed in range(3):
-        completion = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=City,
-                                                   temperature=1.0, seed=seed, max_tokens=200)
+        completion = client.chat.completions.parse(
+            model=MODEL, messages=MESSAGES, response_format=City, temperature=1.0, seed=seed, max_tokens=200
+        )
         parsed = completion.choices[0].message.parsed
         assert isinstance(parsed, City), completion.choices[0].message.content
         assert completion.choices[0].finish_reason == "stop"
@@ -59,30 +60,45 @@ def test_json_schemas_always_validate_on_both_endpoints_and_streaming(client):
         schema = _object_schema(rng)
         fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
         if i % 2:
-            r = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=200, temperature=1.0, seed=i,
-                                          extra_body={"response_format": fmt})
+            r = client.completions.create(
+                model=MODEL,
+                prompt="JSON:",
+                max_tokens=200,
+                temperature=1.0,
+                seed=i,
+                extra_body={"response_format": fmt},
+            )
             text = r.choices[0].text
         else:
-            stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=fmt,
-                                                    max_tokens=200, temperature=1.0, seed=i, stream=True)
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                response_format=fmt,
+                max_tokens=200,
+                temperature=1.0,
+                seed=i,
+                stream=True,
+            )
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         jsonschema.validate(json.loads(text), schema)
 
 
 def test_json_object_regex_choice_and_grammar_fields(client):
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"},
-                                       max_tokens=200, temperature=0.0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, max_tokens=200, temperature=0.0
+    )
     assert r.choices[0].message.content.startswith("{")  # the random model's object may run past max_tokens
     for extra, check in (
-            ({"structured_outputs": {"regex": r"[A-Z]{2}-\d{3}"}}, lambda t: re.fullmatch(r"[A-Z]{2}-\d{3}", t)),
-            ({"guided_regex": r"(yes|no)!"}, lambda t: t in ("yes!", "no!")),
-            ({"guided_choice": ["alpha", "beta gamma"]}, lambda t: t in ("alpha", "beta gamma")),
-            ({"structured_outputs": {"choice": ["x", "y"]}}, lambda t: t in ("x", "y")),
-            ({"guided_grammar": 'start: "(" NUM ")"\nNUM: /[0-9]{1,2}/'}, lambda t: re.fullmatch(r"\(\d{1,2}\)", t)),
+        ({"structured_outputs": {"regex": r"[A-Z]{2}-\d{3}"}}, lambda t: re.fullmatch(r"[A-Z]{2}-\d{3}", t)),
+        ({"guided_regex": r"(yes|no)!"}, lambda t: t in ("yes!", "no!")),
+        ({"guided_choice": ["alpha", "beta gamma"]}, lambda t: t in ("alpha", "beta gamma")),
+        ({"structured_outputs": {"choice": ["x", "y"]}}, lambda t: t in ("x", "y")),
+        ({"guided_grammar": 'start: "(" NUM ")"\nNUM: /[0-9]{1,2}/'}, lambda t: re.fullmatch(r"\(\d{1,2}\)", t)),
     ):
         for seed in range(2):
-            r = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=50, temperature=1.0, seed=seed,
-                                          extra_body=extra)
+            r = client.completions.create(
+                model=MODEL, prompt="Answer:", max_tokens=50, temperature=1.0, seed=seed, extra_body=extra
+            )
             assert check(r.choices[0].text), (extra, r.choices[0].text)
 
 
@@ -93,8 +109,7 @@ def test_bad_constraints_get_a_400_naming_the_field(server):
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"guided_grammar": "start: undefined_rule"}, "grammar"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
-         "json"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "json"),
     ]
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
         for extra, param in bad:

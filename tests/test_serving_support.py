@@ -19,8 +19,13 @@ MODEL = "tiny-llama"
 # ragged step, and are bitwise equal in another row of the same shape); at a near-tie of this random model a seeded
 # sample then differs, while these tests compare the server's text with the SDK's. Ragged steps (where they run)
 # carry 16 tokens each.
-ENGINE = dict(decode_batch_buckets=(16,), prefill_batch_buckets=(4,), prefill_len_buckets=(64,),
-              page_table_buckets=(32,), token_buckets=(16,))
+ENGINE = dict(
+    decode_batch_buckets=(16,),
+    prefill_batch_buckets=(4,),
+    prefill_len_buckets=(64,),
+    page_table_buckets=(32,),
+    token_buckets=(16,),
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,10 +52,15 @@ def is_openai_error(body) -> bool:
     if not isinstance(body, dict) or set(body) != {"error"}:
         return False
     err = body["error"]
-    return (isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
-            and isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
-            and (err["param"] is None or isinstance(err["param"], str))
-            and (err["code"] is None or isinstance(err["code"], str)))
+    return (
+        isinstance(err, dict)
+        and set(err) == {"message", "type", "param", "code"}
+        and isinstance(err["message"], str)
+        and err["message"]
+        and isinstance(err["type"], str)
+        and (err["param"] is None or isinstance(err["param"], str))
+        and (err["code"] is None or isinstance(err["code"], str))
+    )
 
 
 def wait_idle(llm: LLM, timeout: float = 20.0) -> dict:

@@ -26,15 +26,23 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def _tools(rng: random.Random, n: int) -> list[dict]:
-    return [{"type": "function", "function": {"name": f"fn_{i}", "description": f"tool {i}",
-                                              "parameters": _object_schema(rng)}} for i in range(n)]
+    return [
+        {
+            "type": "function",
+            "function": {"name": f"fn_{i}", "description": f"tool {i}", "parameters": _object_schema(rng)},
+        }
+        for i in range(n)
+    ]
 
 
 @functools.lru_cache(maxsize=None)
 def tools_llm() -> LLM:
     """The serving tests' tiny model with a 1024-token context: tools listed in the prompt take a few hundred."""
-    engine = make_engine(shared_tokenizer(), enable_prefix_caching=False,
-                         **{**ENGINE, "page_table_buckets": (128,), "max_model_len": 1024})
+    engine = make_engine(
+        shared_tokenizer(),
+        enable_prefix_caching=False,
+        **{**ENGINE, "page_table_buckets": (128,), "max_model_len": 1024},
+    )
     return LLM.from_engine(engine, MODEL)
 
 
@@ -76,8 +84,16 @@ def test_required_and_named_calls_always_validate(client):
         by_name = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
         named = i % 2 == 1
         choice = {"type": "function", "function": {"name": "fn_1"}} if named else "required"
-        kwargs = dict(model=MODEL, messages=MESSAGES, tools=tools, tool_choice=choice, temperature=1.0, seed=i,
-                      max_tokens=300, parallel_tool_calls=i % 4 < 2)
+        kwargs = dict(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=tools,
+            tool_choice=choice,
+            temperature=1.0,
+            seed=i,
+            max_tokens=300,
+            parallel_tool_calls=i % 4 < 2,
+        )
         if i < 4:
             r = client.chat.completions.create(**kwargs)
             msg, reason = r.choices[0].message, r.choices[0].finish_reason
@@ -99,24 +115,45 @@ def test_required_and_named_calls_always_validate(client):
 def test_auto_parses_calls_the_model_writes_and_none_renders_no_tools(client, server):
     """The tiny random model writes no calls on its own: force the text of one with a regex, and see it parsed
     (the hermes syntax: this tokenizer's template knows no tools, so they are rendered Qwen-2.5-style)."""
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": {"type": "object", "properties": {
-                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     regex = r'Sure\.<tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris"\}\}</tool_call>'
     for stream in (False, True):
-        kwargs = dict(model=MODEL, messages=MESSAGES, tools=tools, tool_choice="auto", max_tokens=100,
-                      extra_body={"guided_regex": regex})
+        kwargs = dict(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=tools,
+            tool_choice="auto",
+            max_tokens=100,
+            extra_body={"guided_regex": regex},
+        )
         if stream:
             content, calls, reason = _streamed(client.chat.completions.create(**kwargs, stream=True))
         else:
             r = client.chat.completions.create(**kwargs)
             content, reason = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in r.choices[0].message.tool_calls]
+            calls = [
+                {"name": c.function.name, "arguments": c.function.arguments} for c in r.choices[0].message.tool_calls
+            ]
         assert content == "Sure." and reason == "tool_calls"
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Paris"})]
     # "none": the same text comes back as content, and the prompt holds no tools.
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools, tool_choice="none",
-                                       max_tokens=100, extra_body={"guided_regex": regex})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=tools,
+        tool_choice="none",
+        max_tokens=100,
+        extra_body={"guided_regex": regex},
+    )
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
     with_tools = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()["count"]
     assert r.usage.prompt_tokens == with_tools
@@ -126,39 +163,72 @@ def test_sdk_chat_reads_the_same_calls():
     llm = tools_llm()
     rng = random.Random(3)
     tools = _tools(rng, 2)
-    result = llm.chat(MESSAGES, SamplingParams(temperature=1.0, seed=5, max_tokens=300), tools=tools,
-                      tool_choice={"type": "function", "function": {"name": "fn_0"}})
+    result = llm.chat(
+        MESSAGES,
+        SamplingParams(temperature=1.0, seed=5, max_tokens=300),
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "fn_0"}},
+    )
     (call,) = result.outputs[0].tool_calls
     assert call.name == "fn_0" and result.outputs[0].text == ""
     jsonschema.validate(json.loads(call.arguments), tools[0]["function"]["parameters"])
     # A tool round trip goes back through the template: the assistant's call and the tool's result.
-    follow = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
-                         {"role": "tool", "tool_call_id": call.id, "content": "{\"temp\": 21}"}]
+    follow = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
     ids, rendering = llm.render_chat(follow, tools=tools)
     text = llm.tokenizer.decode(ids)
-    assert f'"name": "fn_0", "arguments": {call.arguments}' in text and "<tool_response>\n{\"temp\": 21}" in text
+    assert f'"name": "fn_0", "arguments": {call.arguments}' in text and '<tool_response>\n{"temp": 21}' in text
     assert llm.chat(follow, SamplingParams(max_tokens=5, temperature=0.0), tools=tools).outputs[0].token_ids
     wait_idle(llm)
     assert llm.engine.check_leaks() == []
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}],
-      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\ud800"}}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f b"}}]}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"}, "tool_choice"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
-        "name": "f", "arguments": "{oops"}}]}, {"role": "user", "content": "hi"}]},
-     "messages[0].tool_calls[0].function.arguments"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\ud800"}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f b"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"}, "tool_choice"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    },
+                    {"role": "user", "content": "hi"},
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+    ],
+)
 def test_bad_tool_fields_are_400s_naming_the_field(server, body, param):
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT, headers={"Content-Type": "application/json"},
-                   content=json.dumps({"model": MODEL, "messages": MESSAGES, **body}))  # \ud800 as JSON's escape
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=TIMEOUT,
+        headers={"Content-Type": "application/json"},
+        content=json.dumps({"model": MODEL, "messages": MESSAGES, **body}),
+    )  # \ud800 as JSON's escape
     assert r.status_code == 400, r.text
     assert is_openai_error(r.json()) and r.json()["error"]["param"].startswith(param), r.json()
 
@@ -171,23 +241,43 @@ def test_weather_round_trip_with_the_default_model():
     with text ("auto", no further call)."""
     from novallm_jax import LLM as DefaultLLM
 
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Get the current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
-                       "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Get the current weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "description": "The city name"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
     with DefaultLLM() as llm, BackgroundServer(llm, ServerConfig()) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
-        first = client.chat.completions.create(model=llm.name, messages=messages, tools=tools, tool_choice="required",
-                                               parallel_tool_calls=False, temperature=0.0, max_tokens=60)
+        first = client.chat.completions.create(
+            model=llm.name,
+            messages=messages,
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0.0,
+            max_tokens=60,
+        )
         (call,) = first.choices[0].message.tool_calls
         assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
         assert json.loads(call.function.arguments) == {"city": "Paris"}
         result = json.dumps({"city": "Paris", "temperature_c": 21, "sky": "sunny"})
-        follow = messages + [first.choices[0].message.model_dump(exclude_none=True),
-                             {"role": "tool", "tool_call_id": call.id, "content": result}]
-        final = client.chat.completions.create(model=llm.name, messages=follow, tools=tools, tool_choice="auto",
-                                               temperature=0.0, max_tokens=60)
+        follow = messages + [
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": result},
+        ]
+        final = client.chat.completions.create(
+            model=llm.name, messages=follow, tools=tools, tool_choice="auto", temperature=0.0, max_tokens=60
+        )
         assert final.choices[0].finish_reason in ("stop", "length") and not final.choices[0].message.tool_calls
         assert final.choices[0].message.content.strip()
         assert final.usage.prompt_tokens > first.usage.prompt_tokens + len(llm.encode(result)) // 2

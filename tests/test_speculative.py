@@ -5,7 +5,6 @@ chi-square over the first two tokens of 20,000 draws against the exact sequentia
 target rarely picks); every page comes back after rejections.
 """
 
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,15 +65,17 @@ def test_drafts_are_accepted_exactly_as_sequential_sampling():
     rows = np.stack([l0, l1[draft[0]], np.zeros(v, np.float32)])  # the 3rd row's draw is never kept here
     out, batch = sample_slots(jnp.asarray(np.tile(rows, (n, 1))), slots, batch, offsets=offsets)
     draws = np.asarray(out.tokens).reshape(n, 3)
-    kept = [draws[i, :speculative.accepted(draws[i], draft) + 1] for i in range(n)]
+    kept = [draws[i, : speculative.accepted(draws[i], draft) + 1] for i in range(n)]
     assert np.mean([len(k) > 1 for k in kept]) < 0.1  # mostly rejected: the rule's correction path is exercised
     # Second tokens of the samples that stopped after one: a plain draw from p(. | x1), from the advanced state.
     short = [i for i in range(n) if len(kept[i]) == 1]
     follow, _ = sample_slots(jnp.asarray(l1[[kept[i][0] for i in short]]), np.asarray(short, np.int32), batch)
     second = dict(zip(short, np.asarray(follow.tokens).tolist()))
     pairs = np.array([(k[0], k[1] if len(k) > 1 else second[i]) for i, k in enumerate(kept)])
-    softmax = lambda x: np.exp(x / temperature - (x / temperature).max(-1, keepdims=True)) / np.exp(
-        x / temperature - (x / temperature).max(-1, keepdims=True)).sum(-1, keepdims=True)
+    softmax = lambda x: (
+        np.exp(x / temperature - (x / temperature).max(-1, keepdims=True))
+        / np.exp(x / temperature - (x / temperature).max(-1, keepdims=True)).sum(-1, keepdims=True)
+    )
     expected = (softmax(l0)[:, None] * softmax(l1)).reshape(-1) * n
     observed = np.bincount(pairs[:, 0] * v + pairs[:, 1], minlength=v * v)
     keep = expected > 5  # chi-square needs populated cells; the rest are pooled
@@ -118,9 +119,9 @@ def test_greedy_speculative_outputs_equal_plain_decoding(engines, monkeypatch):
     calls = []
 
     def oracle(tokens, k, **_):
-        i = next(i for i, p in enumerate(prompts) if tokens[:len(p)] == p)
+        i = next(i for i, p in enumerate(prompts) if tokens[: len(p)] == p)
         done = len(tokens) - len(prompts[i])
-        draft = list(want[i][done:done + k])
+        draft = list(want[i][done : done + k])
         calls.append(len(draft))
         if draft and len(calls) % 3 == 0:
             draft[-1] = (draft[-1] + 1) % TINY.vocab_size
@@ -140,8 +141,10 @@ def test_speculative_needs_an_engine_that_verifies_drafts(engines):
     assert e.value.param == "speculative"
 
 
-COPY = ("Repeat this paragraph exactly: The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and "
-        "the fox runs into the forest to find its friends.")
+COPY = (
+    "Repeat this paragraph exactly: The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, and "
+    "the fox runs into the forest to find its friends."
+)
 
 
 def test_default_model_copies_with_drafts_and_the_server_serves_them(default_gguf):
@@ -169,20 +172,35 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
         with BackgroundServer(llm, ServerConfig(model_name="m")) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=120, max_retries=0)
             messages = [{"role": "user", "content": COPY}]
-            default = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=64,
-                                                     extra_body={"ignore_eos": True})
+            default = client.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=64, extra_body={"ignore_eos": True}
+            )
             assert default.choices[0].message.content == want.text
-            off = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=8,
-                                                 extra_body={"speculative": 0, "repetition_penalty": 1.1})
+            off = client.chat.completions.create(
+                model="m",
+                messages=messages,
+                temperature=0,
+                max_tokens=8,
+                extra_body={"speculative": 0, "repetition_penalty": 1.1},
+            )
             assert off.choices[0].finish_reason == "length"
-            tools = [{"type": "function", "function": {"name": "echo", "parameters": {
-                "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}]
-            called = client.chat.completions.create(model="m", messages=messages, tools=tools, max_tokens=40,
-                                                    tool_choice="required")  # constrained: drafts off by default
+            tools = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "echo",
+                        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]},
+                    },
+                }
+            ]
+            called = client.chat.completions.create(
+                model="m", messages=messages, tools=tools, max_tokens=40, tool_choice="required"
+            )  # constrained: drafts off by default
             assert called.choices[0].message.tool_calls
             with pytest.raises(openai.BadRequestError, match="speculative"):
-                client.chat.completions.create(model="m", messages=messages, max_tokens=8,
-                                               extra_body={"speculative": 9})
+                client.chat.completions.create(
+                    model="m", messages=messages, max_tokens=8, extra_body={"speculative": 9}
+                )
             metrics = httpx.get(srv.url + "/metrics", timeout=30).text
             values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
             assert values["novallm_spec_decode_accepted_tokens_total"] > 0

@@ -32,15 +32,23 @@ def _start(cache_home: str) -> tuple[dict, str]:
 def test_second_start_compiles_nothing_and_a_corrupt_cache_is_rebuilt(tmp_path):
     cold, _ = _start(str(tmp_path))
     assert cold["xla"]["cache_misses"] > 0 and cold["xla"]["cache_hits"] == 0
-    assert {"weights: read and pack", "tokenizer", "engine: executor and KV pool",
-            "native kernels: build or load"} <= set(cold["phases"])
+    assert {
+        "weights: read and pack",
+        "tokenizer",
+        "engine: executor and KV pool",
+        "native kernels: build or load",
+    } <= set(cold["phases"])
 
     warm, _ = _start(str(tmp_path))  # weights now come from the packed cache: fewer programs, none compiled
     assert warm["xla"]["cache_misses"] == 0 and 0 < warm["xla"]["cache_hits"] <= cold["xla"]["cache_misses"]
     assert warm["text"] == cold["text"]
 
-    entries = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "novallm-jax" / "xla") for f in files
-               if f.endswith("-cache")]
+    entries = [
+        os.path.join(root, f)
+        for root, _, files in os.walk(tmp_path / "novallm-jax" / "xla")
+        for f in files
+        if f.endswith("-cache")
+    ]
     assert entries
     for path in entries:  # every entry truncated: each must be recompiled, not loaded, and the answer unchanged
         with open(path, "r+b") as f:

@@ -53,15 +53,18 @@ def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged
     engine = make_engine(tokenizer, num_pages=24, preemption_mode="recompute", ragged_steps=ragged)
     plans, drawn = _recording(engine)
     common = list(range(100, 116))
-    reqs = [engine.add_request(common + [200 + i] * (3 + i), SamplingParams(temperature=0.9, seed=i, max_tokens=18,
-                                                                           ignore_eos=True)) for i in range(6)]
+    reqs = [
+        engine.add_request(
+            common + [200 + i] * (3 + i), SamplingParams(temperature=0.9, seed=i, max_tokens=18, ignore_eos=True)
+        )
+        for i in range(6)
+    ]
     engine.run_until_idle()
     assert engine.counters["preemptions"] > 0 and engine.stats()["prefix_cache_hit_rate"] > 0
     assert all(len(r.output_ids) == 18 for r in reqs) and engine.check_leaks() == []
 
     exec_cfg = engine.executor.exec_cfg
-    core = EngineCore(Executor(TINY, tiny_params(), exec_cfg), engine.num_slots, TINY.vocab_size,
-                      engine.eos_token_ids)
+    core = EngineCore(Executor(TINY, tiny_params(), exec_cfg), engine.num_slots, TINY.vocab_size, engine.eos_token_ids)
     storage = core.executor.new_cache()
     kinds = set()
     for text, expected in zip(plans, drawn):
@@ -79,8 +82,10 @@ def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged
 def test_plans_round_trip_through_json(tokenizer):
     engine = make_engine(tokenizer)
     plans, _ = _recording(engine)
-    engine.add_request([5, 6, 7, 8] * 5, SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: -2.0}, seed=1,
-                                                        stop=("x",), max_tokens=4, logprobs=2))
+    engine.add_request(
+        [5, 6, 7, 8] * 5,
+        SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: -2.0}, seed=1, stop=("x",), max_tokens=4, logprobs=2),
+    )
     engine.run_until_idle()
     for text in plans:
         plan = StepPlan.from_dict(json.loads(text))
@@ -91,18 +96,33 @@ def test_plans_round_trip_through_json(tokenizer):
 
 
 def _request(rid: str, prompt_len: int, arrival: float) -> Request:
-    req = Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=8, seed=0), detokenizer=None,
-                  eos_token_ids=())
+    req = Request(
+        rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=8, seed=0), detokenizer=None, eos_token_ids=()
+    )
     req.metrics.arrival = arrival
     return req
 
 
 def test_the_scheduler_plans_without_a_model():
     """Admission, chunking, decode rows fed from the device, and preemption, on a pool with no KV storage at all."""
-    exec_cfg = ExecutorConfig(page_size=4, num_pages=7, max_model_len=32, decode_batch_buckets=(1, 2, 4),
-                              prefill_batch_buckets=(1,), prefill_len_buckets=(8,), token_buckets=(4, 8))
-    sched = Scheduler(MemoryPool(num_pages=7), exec_cfg, ragged=True, max_model_len=32, max_prefill_rows=1,
-                      enable_prefix_caching=False, preemption_mode="recompute")
+    exec_cfg = ExecutorConfig(
+        page_size=4,
+        num_pages=7,
+        max_model_len=32,
+        decode_batch_buckets=(1, 2, 4),
+        prefill_batch_buckets=(1,),
+        prefill_len_buckets=(8,),
+        token_buckets=(4, 8),
+    )
+    sched = Scheduler(
+        MemoryPool(num_pages=7),
+        exec_cfg,
+        ragged=True,
+        max_model_len=32,
+        max_prefill_rows=1,
+        enable_prefix_caching=False,
+        preemption_mode="recompute",
+    )
     a, b = _request("a", 6, 0.0), _request("b", 5, 1.0)
     sched.add(a), sched.add(b)
 
@@ -110,8 +130,10 @@ def test_the_scheduler_plans_without_a_model():
     assert [(u.slot, u.params is not None) for u in plan.slot_updates] == [(0, True), (1, True)]
     (call,) = plan.calls
     # 8 tokens: a's whole prompt (6) then the first 2 of b's; only a's last token is sampled.
-    assert [(r.request_id, r.start, len(r.tokens), r.sample) for r in call.rows] == [("a", 0, 6, True),
-                                                                                   ("b", 0, 2, False)]
+    assert [(r.request_id, r.start, len(r.tokens), r.sample) for r in call.rows] == [
+        ("a", 0, 6, True),
+        ("b", 0, 2, False),
+    ]
     assert call.rows[0].tokens == tuple(a.prompt) and len(call.rows[0].pages) == 2
 
     a.pending = 1  # the engine dispatched a's sampling: its next token is on the device

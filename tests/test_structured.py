@@ -18,8 +18,14 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kv_cache import ContiguousKVCache
 from novallm_jax.model import forward, init_params
 from novallm_jax.sampling import apply_token_bitmask
-from novallm_jax.structured import (Matcher, StructuredOutput, bitmask_words, compile_grammar, fill_bitmasks,
-                                    ll_tokenizer)
+from novallm_jax.structured import (
+    Matcher,
+    StructuredOutput,
+    bitmask_words,
+    compile_grammar,
+    fill_bitmasks,
+    ll_tokenizer,
+)
 
 MAX_STEPS = 320
 
@@ -33,8 +39,17 @@ def tok(default_gguf):
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+    )
     return cfg, init_params(cfg, jax.random.key(3))
 
 
@@ -62,8 +77,9 @@ def sample_constrained(tiny, tok, specs, seed=0) -> list[str]:
         bitmask[:] = -1
         fill_bitmasks([(matchers[i], i) for i in live], bitmask)
         key, sub = jax.random.split(key)
-        tokens, cache = _step(params, tokens, jnp.full((n,), step, jnp.int32), cache, jnp.asarray(bitmask), sub,
-                              cfg=cfg)
+        tokens, cache = _step(
+            params, tokens, jnp.full((n,), step, jnp.int32), cache, jnp.asarray(bitmask), sub, cfg=cfg
+        )
         drawn = np.asarray(tokens)
         for i in live:
             matchers[i].advance(int(drawn[i]))
@@ -113,16 +129,22 @@ def test_fifty_random_json_schemas_always_validate(tiny, tok):
 
 def _object_schema(rng: random.Random) -> dict:
     s = random_schema(rng, 1)
-    return s if s.get("type") == "object" else {"type": "object", "properties": {"value": s}, "required": ["value"],
-                                                 "additionalProperties": False}
+    return (
+        s
+        if s.get("type") == "object"
+        else {"type": "object", "properties": {"value": s}, "required": ["value"], "additionalProperties": False}
+    )
 
 
 def test_regex_grammar_and_choice(tiny, tok):
     regex = r"[A-Z][a-z]{1,6}-\d{2,4}"
     lark = 'start: expr\nexpr: NUM (OP NUM){0,4}\nNUM: /[0-9]{1,3}/\nOP: "+" | "-" | "*"'
     choices = ("yes", "no", "maybe not")
-    specs = [StructuredOutput(regex=regex)] * 4 + [StructuredOutput(grammar=lark)] * 4 + \
-        [StructuredOutput(choice=choices)] * 4
+    specs = (
+        [StructuredOutput(regex=regex)] * 4
+        + [StructuredOutput(grammar=lark)] * 4
+        + [StructuredOutput(choice=choices)] * 4
+    )
     texts = sample_constrained(tiny, tok, specs, seed=1)
     for text in texts[:4]:
         assert re.fullmatch(regex, text), text
@@ -138,7 +160,7 @@ def test_json_object_starts_an_object_and_ends_after_it(tok):
     m = Matcher(StructuredOutput(json_object=True), tok, tok.vocab_size)
     bitmask = np.zeros((1, bitmask_words(tok.vocab_size)), np.int32)
     m.fill(bitmask, 0)
-    allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:tok.vocab_size].nonzero()[0]
+    allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[: tok.vocab_size].nonzero()[0]
     assert len(allowed) and all(tok.decode([int(t)]).startswith("{") for t in allowed)
     for t in tok.encode('{"a": [1, 2]}', add_special_tokens=False):
         m.advance(t)
@@ -148,7 +170,7 @@ def test_json_object_starts_an_object_and_ends_after_it(tok):
 def test_device_mask_equals_the_host_bits():
     rng = np.random.default_rng(0)
     v = 1000  # not a multiple of 32: the last word's high bits are past the vocabulary
-    bitmask = rng.integers(-2**31, 2**31, (3, bitmask_words(v)), dtype=np.int64).astype(np.int32)
+    bitmask = rng.integers(-(2**31), 2**31, (3, bitmask_words(v)), dtype=np.int64).astype(np.int32)
     bitmask[2] = -1  # an unconstrained row
     logits = rng.standard_normal((3, v)).astype(np.float32)
     got = np.asarray(apply_token_bitmask(jnp.asarray(logits), jnp.asarray(bitmask)))
@@ -185,6 +207,7 @@ def test_grammars_and_tokenizer_views_are_built_once(tok):
 
 # --- through the engine --------------------------------------------------------------------------------------------
 
+
 def test_engine_constrained_rows_validate_and_free_rows_are_untouched(tokenizer_engine):
     """A batch mixing constrained and free rows: every constrained output validates; every free row's tokens are
     exactly those of the same request run with no constrained neighbour; nothing leaks."""
@@ -204,8 +227,10 @@ def test_engine_constrained_rows_validate_and_free_rows_are_untouched(tokenizer_
         assert engine.check_leaks() == []
         return reqs
 
-    constrained = [SamplingParams(temperature=1.0, seed=10 + i, max_tokens=300, structured={"json": s})
-                   for i, s in enumerate(schemas)]
+    constrained = [
+        SamplingParams(temperature=1.0, seed=10 + i, max_tokens=300, structured={"json": s})
+        for i, s in enumerate(schemas)
+    ]
     mixed = run(prompts, constrained + free)
     alone = run(prompts[6:], free)  # the free rows with no constrained neighbour
     for schema, req in zip(schemas, mixed[:6]):
@@ -235,8 +260,10 @@ def test_the_default_model_answers_in_json_mode_with_valid_json():
     from novallm_jax.sampling_params import SamplingParams
 
     with LLM() as llm:
-        r = llm.chat([{"role": "user", "content": "Give me a JSON object describing Paris with keys city and country."}],
-                     SamplingParams(temperature=0.0, max_tokens=120, structured={"json_object": True}))
+        r = llm.chat(
+            [{"role": "user", "content": "Give me a JSON object describing Paris with keys city and country."}],
+            SamplingParams(temperature=0.0, max_tokens=120, structured={"json_object": True}),
+        )
     assert r.outputs[0].finish_reason.value == "stop"
     answer = json.loads(r.text)
     assert isinstance(answer, dict) and answer.get("city") == "Paris", r.text

@@ -36,26 +36,90 @@ def mistral_spm_path(name: str = "tokenizer.model.v1") -> str:
     return path
 
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while streaming tokens from JAX models is fun and "
-          "inference caches pages of keys values attention softmax don't can't I'm they're we've it's").split()
-_CODE = ["def f(x):\n    return x * 2\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
-         "import numpy as np\nprint(np.arange(10)[::-1])", "if x != None and y >= 3: pass",
-         "SELECT id, name FROM users WHERE age > 30;", "const f = (a, b) => a ?? b;", "<div class=\"x\">&amp;</div>",
-         "fn main() { println!(\"{:?}\", vec![1, 2]); }", "#include <stdio.h>", "x = {'a': [1, 2.5e-3, None]}"]
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while streaming tokens from JAX models is fun and "
+    "inference caches pages of keys values attention softmax don't can't I'm they're we've it's"
+).split()
+_CODE = [
+    "def f(x):\n    return x * 2\n",
+    "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
+    "import numpy as np\nprint(np.arange(10)[::-1])",
+    "if x != None and y >= 3: pass",
+    "SELECT id, name FROM users WHERE age > 30;",
+    "const f = (a, b) => a ?? b;",
+    '<div class="x">&amp;</div>',
+    'fn main() { println!("{:?}", vec![1, 2]); }',
+    "#include <stdio.h>",
+    "x = {'a': [1, 2.5e-3, None]}",
+]
 _SPACES = [" ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \t \n", "    ", "\u00a0", "\u3000"]
-_CJK = ["日本語", "中文字符", "漢字", "ひらがな", "カタカナ", "한국어", "안녕하세요", "你好，世界！", "東京タワー", "龍"]
+_CJK = [
+    "日本語",
+    "中文字符",
+    "漢字",
+    "ひらがな",
+    "カタカナ",
+    "한국어",
+    "안녕하세요",
+    "你好，世界！",
+    "東京タワー",
+    "龍",
+]
 _EMOJI = ["😀", "🚀", "👍🏽", "👩‍👩‍👧‍👦", "👨🏽‍💻", "🏳️‍🌈", "🇯🇵", "❤️", "🧑‍🤝‍🧑", "🤖", "✨🔥"]
 _ACCENTED = ["café", "naïve", "Ångström", "São Paulo", "Zürich", "façade", "ñandú", "Øresund", "Łódź", "crème brûlée"]
-_COMBINING = ["e\u0301", "a\u0308\u0304", "n\u0303o", "Z\u0335\u0321a\u0336l\u0334g\u0337o", "\u0915\u094d\u0937",
-              "o\u0302\u0323"]
+_COMBINING = [
+    "e\u0301",
+    "a\u0308\u0304",
+    "n\u0303o",
+    "Z\u0335\u0321a\u0336l\u0334g\u0337o",
+    "\u0915\u094d\u0937",
+    "o\u0302\u0323",
+]
 _DIGITS = ["0", "7", "42", "12345", "3.14159", "1,000,000", "2024-06-01", "0xDEADBEEF", "1e-9", "٣٤٥", "１２３"]
-_SCRIPTS = ["Привет мир", "Γειά σου", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีครับ", "Xin chào",
-            "Merhaba dünya", "ქართული", "Հայերեն"]
-_FIXED = ["", " ", "  ", "\n", "\t", "a", " a", "a ", "Hello world", " Hello world", "Hello  world", "hello\tworld",
-          "line1\nline2\n\nline4", "trailing spaces   ", "   leading spaces", "\n\nleading newlines",
-          "mixed \t\n whitespace \r\n end", "I'm sure they'll say it's fine.", "ALL CAPS SHOUTING!!!", "?!...,;:",
-          "emoji ZWJ 👩‍👩‍👧 family", "a😀b", "😀😀😀", "数字123和English混合", "ﬁ ligature and ℌ and ①",
-          "\u200b zero width \u200d joiner", "tab\tseparated\tvalues\t1\t2", "x" * 200, " " * 50, "\n" * 10]
+_SCRIPTS = [
+    "Привет мир",
+    "Γειά σου",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "สวัสดีครับ",
+    "Xin chào",
+    "Merhaba dünya",
+    "ქართული",
+    "Հայերեն",
+]
+_FIXED = [
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    "a",
+    " a",
+    "a ",
+    "Hello world",
+    " Hello world",
+    "Hello  world",
+    "hello\tworld",
+    "line1\nline2\n\nline4",
+    "trailing spaces   ",
+    "   leading spaces",
+    "\n\nleading newlines",
+    "mixed \t\n whitespace \r\n end",
+    "I'm sure they'll say it's fine.",
+    "ALL CAPS SHOUTING!!!",
+    "?!...,;:",
+    "emoji ZWJ 👩‍👩‍👧 family",
+    "a😀b",
+    "😀😀😀",
+    "数字123和English混合",
+    "ﬁ ligature and ℌ and ①",
+    "\u200b zero width \u200d joiner",
+    "tab\tseparated\tvalues\t1\t2",
+    "x" * 200,
+    " " * 50,
+    "\n" * 10,
+]
 
 
 def build_corpus(n_random: int = 520, seed: int = 20240601) -> list[str]:
@@ -109,6 +173,7 @@ def test_corpus_is_large_and_diverse():
 
 # ---- (a) SmolLM2 GGUF against transformers loading the same file ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm_gguf() -> str:
     return smollm2_gguf_path()
@@ -127,9 +192,12 @@ def smollm_ref(smollm_gguf):
     ref = AutoTokenizer.from_pretrained(os.path.dirname(smollm_gguf), gguf_file=os.path.basename(smollm_gguf))
     # transformers' GGUF conversion drops the digit split that tokenizer.ggml.pre "smollm" means to llama.cpp and
     # that SmolLM2's own tokenizer.json has; put it back so the reference is SmolLM2's tokenizer.
-    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     return ref
 
 
@@ -143,14 +211,15 @@ def test_gguf_metadata_matches_transformers(smollm, smollm_ref):
     assert smollm.chat_template == smollm_ref.chat_template
     assert smollm.decode_mode is DecodeMode.BYTES
     for i in range(smollm.vocab_size):
-        assert smollm.is_special(i) == (i in smollm_ref.all_special_ids
-                                        or smollm_ref.convert_ids_to_tokens(i) in smollm_ref.added_tokens_encoder
-                                        and smollm_ref.added_tokens_decoder[i].special), i
+        assert smollm.is_special(i) == (
+            i in smollm_ref.all_special_ids
+            or smollm_ref.convert_ids_to_tokens(i) in smollm_ref.added_tokens_encoder
+            and smollm_ref.added_tokens_decoder[i].special
+        ), i
 
 
 def test_gguf_parity_with_transformers(smollm, smollm_ref):
-    _check_parity(smollm, smollm_ref, CORPUS + ["<|im_start|>user\nhi<|im_end|>", "a<|endoftext|>b"],
-                  with_bos=True)
+    _check_parity(smollm, smollm_ref, CORPUS + ["<|im_start|>user\nhi<|im_end|>", "a<|endoftext|>b"], with_bos=True)
 
 
 def test_hf_directory_parity(smollm_ref, tmp_path_factory):
@@ -166,6 +235,7 @@ def test_hf_directory_parity(smollm_ref, tmp_path_factory):
 
 
 # ---- (b) a real sentencepiece model against transformers' fast conversion of it -----------------------------------
+
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory) -> str:
@@ -211,7 +281,8 @@ def test_sentencepiece_directory_uses_tokenizer_config(spm_dir, tmp_path):
     directory = tmp_path / "with_config"
     shutil.copytree(spm_dir, directory)
     (directory / "tokenizer_config.json").write_text(
-        '{"add_bos_token": false, "add_eos_token": true, "chat_template": "{{ bos_token }}{{ messages[0].content }}"}')
+        '{"add_bos_token": false, "add_eos_token": true, "chat_template": "{{ bos_token }}{{ messages[0].content }}"}'
+    )
     tok = load_tokenizer(str(directory))
     assert isinstance(tok, SentencePieceTokenizer)
     assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False) + [tok.eos_token_id]
@@ -219,6 +290,7 @@ def test_sentencepiece_directory_uses_tokenizer_config(spm_dir, tmp_path):
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
+
 
 def test_missing_path_raises_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
@@ -277,6 +349,7 @@ def test_out_of_vocab_id(smollm, spm):
 
 # ---- (c) a sentencepiece ("llama") vocabulary inside a GGUF, against transformers on the same file ----------------
 
+
 def test_gguf_sentencepiece_vocabulary_parity(spm, tmp_path):
     import numpy as np
     from gguf import GGUFWriter, TokenType
@@ -284,8 +357,16 @@ def test_gguf_sentencepiece_vocabulary_parity(spm, tmp_path):
 
     sp = spm.processor
     n = sp.get_piece_size()
-    types = [TokenType.CONTROL if sp.is_control(i) else TokenType.UNKNOWN if sp.is_unknown(i)
-             else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL for i in range(n)]
+    types = [
+        TokenType.CONTROL
+        if sp.is_control(i)
+        else TokenType.UNKNOWN
+        if sp.is_unknown(i)
+        else TokenType.BYTE
+        if sp.is_byte(i)
+        else TokenType.NORMAL
+        for i in range(n)
+    ]
     path = str(tmp_path / "spm_vocab.gguf")
     writer = GGUFWriter(path, "llama")
     writer.add_context_length(64)

@@ -62,8 +62,10 @@ def metrics_list() -> str:
 def model_types() -> str:
     from novallm_jax.config import SUPPORTED_GGUF_ARCHS, SUPPORTED_MODEL_TYPES
 
-    return (f"- HF `config.json` `model_type`: {', '.join(f'`{t}`' for t in SUPPORTED_MODEL_TYPES)}\n"
-            f"- GGUF `general.architecture`: {', '.join(f'`{a}`' for a in SUPPORTED_GGUF_ARCHS)}")
+    return (
+        f"- HF `config.json` `model_type`: {', '.join(f'`{t}`' for t in SUPPORTED_MODEL_TYPES)}\n"
+        f"- GGUF `general.architecture`: {', '.join(f'`{a}`' for a in SUPPORTED_GGUF_ARCHS)}"
+    )
 
 
 def _code_list(values) -> str:

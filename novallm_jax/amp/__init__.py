@@ -15,7 +15,20 @@ from novallm_jax.amp.stats import ArenaStats, PoolStats
 from novallm_jax.amp.thread_cache import ThreadCache
 
 __all__ = [
-    "NULL_PAGE", "Arena", "ArenaRouter", "ArenaStats", "BufferLease", "BufferLeaseError", "BufferManager",
-    "CentralCache", "HostArena", "MemoryPool", "PageHeap", "PoolStats", "SizeClassFreeLists", "SwapHandle",
-    "ThreadCache", "local_devices",
+    "NULL_PAGE",
+    "Arena",
+    "ArenaRouter",
+    "ArenaStats",
+    "BufferLease",
+    "BufferLeaseError",
+    "BufferManager",
+    "CentralCache",
+    "HostArena",
+    "MemoryPool",
+    "PageHeap",
+    "PoolStats",
+    "SizeClassFreeLists",
+    "SwapHandle",
+    "ThreadCache",
+    "local_devices",
 ]

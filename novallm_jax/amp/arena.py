@@ -33,8 +33,15 @@ def local_devices() -> list[jax.Device]:
 class Arena:
     """The pages of one device: heap, central cache and per-thread caches, behind an owner-level API."""
 
-    def __init__(self, device: jax.Device | None = None, num_pages: int | None = None, storage: Any = None, *,
-                 page_batch: int = 16, thread_cache_pages: int = 64):
+    def __init__(
+        self,
+        device: jax.Device | None = None,
+        num_pages: int | None = None,
+        storage: Any = None,
+        *,
+        page_batch: int = 16,
+        thread_cache_pages: int = 64,
+    ):
         self.heap = PageHeap(num_pages, storage)
         if device is None:
             leaves = jax.tree.leaves(storage)
@@ -57,8 +64,7 @@ class Arena:
         """The calling thread's cache (created on first use)."""
         cache = getattr(self._local, "cache", None)
         if cache is None:
-            cache = ThreadCache(self.central, batch_size=self.central.batch_size,
-                                max_size=self._thread_cache_pages)
+            cache = ThreadCache(self.central, batch_size=self.central.batch_size, max_size=self._thread_cache_pages)
             self._local.cache = cache
             with self._caches_lock:
                 self._caches.append(cache)
@@ -89,7 +95,8 @@ class Arena:
     def _out_of_pages(self, n: int, what: str = "") -> OutOfPagesError:
         return OutOfPagesError(
             f"out of KV pages on {self.name}: asked for {n}{what}, {self.num_free} free "
-            f"(of {self.heap.num_pages - 1} usable); free or preempt sequences, or make the pool larger")
+            f"(of {self.heap.num_pages - 1} usable); free or preempt sequences, or make the pool larger"
+        )
 
     def allocate(self, owner: Owner, n: int, *, contiguous: bool = False) -> list[int]:
         """`n` new pages for `owner` (refcount 1), one contiguous run if asked."""
@@ -104,7 +111,8 @@ class Arena:
                     return self.heap.allocate(owner, n, contiguous=True)
                 except OutOfPagesError:
                     raise self._out_of_pages(
-                        n, f" contiguous (largest free run {self.heap.largest_free_run()})") from None
+                        n, f" contiguous (largest free run {self.heap.largest_free_run()})"
+                    ) from None
         pages = self.allocate_unowned(n)
         self.heap.assign(owner, pages)
         return pages
@@ -155,10 +163,17 @@ class Arena:
         owned = self.heap.owned_pages()
         free = self.num_free
         return ArenaStats(
-            device=self.name, num_pages=self.heap.num_pages, free=free, cached=free - self.heap.num_free,
-            owned=len(owned), shared=sum(1 for o in owned.values() if len(o) > 1),
-            peak_owned=self.heap.peak_owned, largest_free_run=self.heap.largest_free_run(),
-            pages_per_owner=self.heap.pages_per_owner(), bytes_per_device=bytes_per_device(self.heap.storage))
+            device=self.name,
+            num_pages=self.heap.num_pages,
+            free=free,
+            cached=free - self.heap.num_free,
+            owned=len(owned),
+            shared=sum(1 for o in owned.values() if len(o) > 1),
+            peak_owned=self.heap.peak_owned,
+            largest_free_run=self.heap.largest_free_run(),
+            pages_per_owner=self.heap.pages_per_owner(),
+            bytes_per_device=bytes_per_device(self.heap.storage),
+        )
 
     def free_page_ids(self) -> list[int]:
         """Every unowned page (heap runs, central and thread caches), duplicates kept; exact when quiescent."""
@@ -289,5 +304,7 @@ class HostArena:
             return [h for h, _ in self._held.values()]
 
     def check_leaks(self) -> list[str]:
-        return [f"swap handle {h.id} of owner {h.owner!r} holds {h.num_pages} page(s) ({h.nbytes} bytes) on host"
-                for h in self.handles()]
+        return [
+            f"swap handle {h.id} of owner {h.owner!r} holds {h.num_pages} page(s) ({h.nbytes} bytes) on host"
+            for h in self.handles()
+        ]

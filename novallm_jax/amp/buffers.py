@@ -86,7 +86,8 @@ class BufferManager:
                 total, leased = self._total.get(key, 0), self._leased_locked(key)
             raise BufferLeaseError(
                 f"no free buffer of shape {key[0]} {key[1]}: {total} reserved, {leased} leased; "
-                f"return leases or reserve more")
+                f"return leases or reserve more"
+            )
         if fill is not None:
             array.fill(fill)
         lease = BufferLease(self, next(self._ids), key, array, owner)
@@ -100,7 +101,8 @@ class BufferManager:
             if self._leases.pop(lease.id, None) is None:
                 raise BufferLeaseError(
                     f"buffer lease {lease.id} ({lease.size_class[0]} {lease.size_class[1]}, owner {lease.owner!r}) "
-                    f"was already returned")
+                    f"was already returned"
+                )
             lease.released = True
         self._free.put(lease.size_class, lease.array)
 
@@ -114,11 +116,16 @@ class BufferManager:
 
     def stats(self) -> dict[SizeClass, SizeClassStats]:
         with self._lock:
-            return {key: SizeClassStats(total, self._leased_locked(key), self._peak.get(key, 0))
-                    for key, total in self._total.items()}
+            return {
+                key: SizeClassStats(total, self._leased_locked(key), self._peak.get(key, 0))
+                for key, total in self._total.items()
+            }
 
     def check_leaks(self) -> list[str]:
         """One line per outstanding lease; empty when every buffer is back."""
         with self._lock:
-            return [f"buffer lease {lease.id} ({lease.size_class[0]} {lease.size_class[1]}) of owner "
-                    f"{lease.owner!r} is outstanding" for lease in self._leases.values()]
+            return [
+                f"buffer lease {lease.id} ({lease.size_class[0]} {lease.size_class[1]}) of owner "
+                f"{lease.owner!r} is outstanding"
+                for lease in self._leases.values()
+            ]

@@ -37,8 +37,8 @@ class CentralCache:
             if short > 0:
                 self._free.extend(self.heap.take(short + self.batch_size, at_most=True))
             k = min(n, len(self._free))
-            out = self._free[len(self._free) - k:]
-            del self._free[len(self._free) - k:]
+            out = self._free[len(self._free) - k :]
+            del self._free[len(self._free) - k :]
             return out
 
     def put(self, pages: Iterable[int]) -> None:

@@ -159,13 +159,15 @@ class PageHeap:
                 largest = max(self._runs.values(), default=0)
                 raise OutOfPagesError(
                     f"page heap: asked for a run of {n} contiguous pages, {self._num_free} free "
-                    f"(largest free run {largest}); free or preempt sequences first")
+                    f"(largest free run {largest}); free or preempt sequences first"
+                )
             length, start = min(fits)
             spans = [(start, length)]
         else:
             if n > self._num_free and not at_most:
                 raise OutOfPagesError(
-                    f"page heap: asked for {n} pages, {self._num_free} free; free or preempt sequences first")
+                    f"page heap: asked for {n} pages, {self._num_free} free; free or preempt sequences first"
+                )
             # Smallest runs first, so that long runs stay whole for contiguous requests.
             spans = sorted(self._runs.items(), key=lambda run: (run[1], run[0]))
         out: list[int] = []
@@ -228,7 +230,9 @@ class PageHeap:
         if owners is None:
             raise PoolError(f"{what}: page {p} is not allocated (owner {owner!r}); double free?")
         if owner not in owners:
-            raise PoolError(f"{what}: page {p} is not held by owner {owner!r}; its owners are {sorted(map(repr, owners))}")
+            raise PoolError(
+                f"{what}: page {p} is not held by owner {owner!r}; its owners are {sorted(map(repr, owners))}"
+            )
 
     def _own(self, owner: Owner, p: int) -> None:
         owners = self._owners.get(p)
@@ -395,5 +399,7 @@ class PageHeap:
     def check_leaks(self, where: str = "heap") -> list[str]:
         """One line per owner that still holds pages; empty when every page is free or cached."""
         with self._lock:
-            return [f"owner {owner!r} holds {len(pages)} page(s) on {where}: {sorted(pages)}"
-                    for owner, pages in self._held.items()]
+            return [
+                f"owner {owner!r} holds {len(pages)} page(s) on {where}: {sorted(pages)}"
+                for owner, pages in self._held.items()
+            ]

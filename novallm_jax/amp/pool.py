@@ -22,9 +22,16 @@ class MemoryPool:
     Operations on different owners may run on any threads; one owner's operations must not race each other.
     """
 
-    def __init__(self, num_pages: int | None = None, storage: Any = None, *,
-                 devices: Sequence[jax.Device] | None = None, page_batch: int = 16, thread_cache_pages: int = 64,
-                 buffers: Sequence[tuple[Sequence[int], Any, int]] = ()):
+    def __init__(
+        self,
+        num_pages: int | None = None,
+        storage: Any = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        page_batch: int = 16,
+        thread_cache_pages: int = 64,
+        buffers: Sequence[tuple[Sequence[int], Any, int]] = (),
+    ):
         kw = dict(page_batch=page_batch, thread_cache_pages=thread_cache_pages)
         if devices is None:
             arenas = [Arena(None, num_pages, storage, **kw)]
@@ -36,8 +43,9 @@ class MemoryPool:
 
     # ---- pages --------------------------------------------------------------------------------------------------
 
-    def allocate(self, owner: Owner, n: int, *, contiguous: bool = False,
-                 device: jax.Device | None = None) -> list[int]:
+    def allocate(
+        self, owner: Owner, n: int, *, contiguous: bool = False, device: jax.Device | None = None
+    ) -> list[int]:
         """`n` new pages for `owner` on its device (or `device`, or the default one)."""
         return self.router.route(owner, device).allocate(owner, n, contiguous=contiguous)
 
@@ -109,9 +117,13 @@ class MemoryPool:
     def stats(self) -> PoolStats:
         handles = self.host.handles()
         return PoolStats(
-            arenas=[a.stats() for a in self.router.arenas], swapped_handles=len(handles),
-            swapped_pages=sum(h.num_pages for h in handles), swapped_bytes=sum(h.nbytes for h in handles),
-            buffers=self.buffers.stats(), leases_outstanding=self.buffers.leases_outstanding)
+            arenas=[a.stats() for a in self.router.arenas],
+            swapped_handles=len(handles),
+            swapped_pages=sum(h.num_pages for h in handles),
+            swapped_bytes=sum(h.nbytes for h in handles),
+            buffers=self.buffers.stats(),
+            leases_outstanding=self.buffers.leases_outstanding,
+        )
 
     def check_leaks(self) -> list[str]:
         """One line per page, host copy or buffer still held; empty when the pool is idle and clean."""

@@ -48,9 +48,13 @@ class EngineCore:
             if u.params is None:
                 self.sampling = self.sampling.clear_row(u.slot)
             else:
-                self.sampling = self.sampling.set_row(u.slot, u.params, prompt_token_ids=list(u.prompt_token_ids),
-                                                      output_token_ids=list(u.output_token_ids),
-                                                      eos_token_ids=self.eos_token_ids)
+                self.sampling = self.sampling.set_row(
+                    u.slot,
+                    u.params,
+                    prompt_token_ids=list(u.prompt_token_ids),
+                    output_token_ids=list(u.output_token_ids),
+                    eos_token_ids=self.eos_token_ids,
+                )
             self.slot_params[u.slot] = u.params
         out = []
         for call in plan.calls:
@@ -58,26 +62,46 @@ class EngineCore:
             out.append(logits)
         return out, storage
 
-    def sample(self, plan: StepPlan, logits: list[jax.Array], bitmasks: list[np.ndarray | None] | None = None
-               ) -> list[Sampled]:
+    def sample(
+        self, plan: StepPlan, logits: list[jax.Array], bitmasks: list[np.ndarray | None] | None = None
+    ) -> list[Sampled]:
         """Dispatches the sampler for each call with rows to sample; `bitmasks[i]` (int32 [rows, ceil(V / 32)], or
         None) restricts call i's rows to the tokens whose bits are set (structured outputs)."""
-        return [self._sample(call, out, None if bitmasks is None else bitmasks[i])
-                for i, (call, out) in enumerate(zip(plan.calls, logits)) if any(r.sample for r in call.rows)]
+        return [
+            self._sample(call, out, None if bitmasks is None else bitmasks[i])
+            for i, (call, out) in enumerate(zip(plan.calls, logits))
+            if any(r.sample for r in call.rows)
+        ]
 
     def _run(self, call: ModelCall, storage):
-        chunks = [PrefillChunk(list(r.tokens), r.start, list(r.pages), from_slot=r.from_slot, prompt_len=r.prompt_len,
-                               logits=1 + r.draft, window_pages=list(r.window_pages), window_first=r.window_first)
-                  for r in call.rows]
+        chunks = [
+            PrefillChunk(
+                list(r.tokens),
+                r.start,
+                list(r.pages),
+                from_slot=r.from_slot,
+                prompt_len=r.prompt_len,
+                logits=1 + r.draft,
+                window_pages=list(r.window_pages),
+                window_first=r.window_first,
+            )
+            for r in call.rows
+        ]
         if call.kind == RAGGED:
             return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
         if call.kind == PREFILL:
             return self.executor.prefill(storage, chunks, padded=True)
         if call.kind == DECODE:
-            return self.executor.decode(storage, [c.tokens[0] for c in chunks], [c.start for c in chunks],
-                                        [c.pages for c in chunks], padded=True, from_slots=[c.from_slot for c in chunks],
-                                        last_tokens=self.sampling.last_token,
-                                        window_tables=[(c.window_first, c.window_pages) for c in chunks])
+            return self.executor.decode(
+                storage,
+                [c.tokens[0] for c in chunks],
+                [c.start for c in chunks],
+                [c.pages for c in chunks],
+                padded=True,
+                from_slots=[c.from_slot for c in chunks],
+                last_tokens=self.sampling.last_token,
+                window_tables=[(c.window_first, c.window_pages) for c in chunks],
+            )
         raise ValueError(f"unknown model call kind {call.kind!r}")
 
     def _sample(self, call: ModelCall, logits: jax.Array, bitmask: np.ndarray | None) -> Sampled:
@@ -92,9 +116,9 @@ class EngineCore:
         at = 0
         for r in call.rows:
             if r.sample:
-                slots[at:at + 1 + r.draft] = r.slot
-                offsets[at:at + 1 + r.draft] = np.arange(1 + r.draft)
-                ids[at:at + 1 + r.draft] = [r.request_id] * (1 + r.draft)
+                slots[at : at + 1 + r.draft] = r.slot
+                offsets[at : at + 1 + r.draft] = np.arange(1 + r.draft)
+                ids[at : at + 1 + r.draft] = [r.request_id] * (1 + r.draft)
             at += 1 + r.draft
         n_top = MAX_LOGPROBS if any((self.slot_params[s].logprobs or 0) > 0 for s in slots if s >= 0) else 0
         # No keyword at all when unused: the warmed-up program.

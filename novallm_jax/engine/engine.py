@@ -144,15 +144,23 @@ class LLMEngine:
         # The KV pages: one pool, or with a window group (sliding layers' pages, `kv_cache.window_groups`) a second.
         storages = self.executor.split_cache(self.executor.new_cache())
         self.pool = MemoryPool(num_pages=ecfg.num_pages, storage=storages[0])
-        self.window_pool = None if len(storages) == 1 else MemoryPool(
-            num_pages=self.executor.window_num_pages, storage=storages[1])
+        self.window_pool = (
+            None if len(storages) == 1 else MemoryPool(num_pages=self.executor.window_num_pages, storage=storages[1])
+        )
         self.pools = (self.pool,) if self.window_pool is None else (self.pool, self.window_pool)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or cfg.eos_token_ids
-        self.scheduler = Scheduler(self.pool, ecfg, ragged=self.executor.ragged, max_model_len=self.max_model_len,
-                                   max_prefill_rows=self.max_prefill_rows,
-                                   enable_prefix_caching=self.config.enable_prefix_caching,
-                                   preemption_mode=self.config.preemption_mode, long_context=_long_context(cfg),
-                                   window_pool=self.window_pool, window=self.executor.window)
+        self.scheduler = Scheduler(
+            self.pool,
+            ecfg,
+            ragged=self.executor.ragged,
+            max_model_len=self.max_model_len,
+            max_prefill_rows=self.max_prefill_rows,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+            preemption_mode=self.config.preemption_mode,
+            long_context=_long_context(cfg),
+            window_pool=self.window_pool,
+            window=self.executor.window,
+        )
         self.core = EngineCore(self.executor, self.num_slots, cfg.vocab_size, self.eos_token_ids)
         # The scheduler's state, under the names callers know.
         self.prefix_cache = self.scheduler.prefix_cache
@@ -169,9 +177,13 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None,
-                    on_output: Callable[[RequestOutput], None] | None = None) -> Request:
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> Request:
         """Queues one sequence (n must be 1: callers fan out n > 1); raises InvalidRequestError on bad input."""
         params = (params or SamplingParams()).validate(self.cfg.vocab_size)
         if params.n != 1:
@@ -181,25 +193,31 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})",
-                                      param="prompt")
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", param="prompt"
+            )
         if len(prompt) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens, but the model's context is {self.max_model_len} tokens "
-                f"(max_model_len), leaving no room to generate", param="prompt")
+                f"(max_model_len), leaving no room to generate",
+                param="prompt",
+            )
         if params.speculative and not (self.executor.ragged and self.executor.exec_cfg.max_draft_tokens):
             raise InvalidRequestError(
                 "speculative decoding needs an engine that verifies drafted tokens: ragged steps (CPU) and "
-                "ExecutorConfig.max_draft_tokens > 0 (LLM(speculative=...), --speculative)", param="speculative")
+                "ExecutorConfig.max_draft_tokens > 0 (LLM(speculative=...), --speculative)",
+                param="speculative",
+            )
         longest = min(len(prompt) + (params.max_tokens or self.max_model_len), self.max_model_len)
         if math.ceil(longest / self.page_size) > self.pool.num_pages - 1:
             raise InvalidRequestError(
                 f"the request may need {longest} tokens of KV cache, more than the whole pool holds "
-                f"({(self.pool.num_pages - 1) * self.page_size}); lower max_tokens", param="max_tokens")
+                f"({(self.pool.num_pages - 1) * self.page_size}); lower max_tokens",
+                param="max_tokens",
+            )
         params = params.with_resolved_seed()
         # Compiled here (cached per constraint), so a bad grammar is refused before the request is queued.
-        matcher = None if params.structured is None else Matcher(params.structured, self.tokenizer,
-                                                                 self.cfg.vocab_size)
+        matcher = None if params.structured is None else Matcher(params.structured, self.tokenizer, self.cfg.vocab_size)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -209,8 +227,7 @@ class LLMEngine:
             if rid in self.requests:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-            req = Request(rid, prompt, params, detokenizer,
-                          self.eos_token_ids, on_output)
+            req = Request(rid, prompt, params, detokenizer, self.eos_token_ids, on_output)
             req.matcher = matcher
             self.scheduler.add(req)
             self._work.notify_all()
@@ -245,9 +262,12 @@ class LLMEngine:
             for size in self.sampler_buckets:
                 for n_top in (0, MAX_LOGPROBS):
                     # Arguments of the kinds a step passes (a device array; a numpy array): one cache entry.
-                    _, core.sampling = sample_slots(jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
-                                                    np.full(size, -1, np.int32), core.sampling,
-                                                    num_top_logprobs=n_top)
+                    _, core.sampling = sample_slots(
+                        jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
+                        np.full(size, -1, np.int32),
+                        core.sampling,
+                        num_top_logprobs=n_top,
+                    )
             free = next((i for i, req in enumerate(self.slots) if req is None), None)
             if free is not None:
                 core.sampling = core.sampling.set_row(free, SamplingParams()).clear_row(free)
@@ -371,15 +391,21 @@ class LLMEngine:
             results.append(_Sampled([(requests[rid], idx) for rid, idx in rows.items()], s.arrays))
         return results
 
-    def _bitmasks(self, plan: StepPlan, logits: list[jax.Array], requests: dict[str, Request]
-                  ) -> list[np.ndarray | None]:
+    def _bitmasks(
+        self, plan: StepPlan, logits: list[jax.Array], requests: dict[str, Request]
+    ) -> list[np.ndarray | None]:
         """Per model call, the token bitmask of its rows (all bits set for unconstrained and padding rows), or None
         for a call without a constrained row: such calls sample exactly as without structured outputs."""
         masks: list[np.ndarray | None] = []
         for call, out in zip(plan.calls, logits):
-            rows = [(requests[r.request_id].matcher, i) for i, r in enumerate(call.rows)
-                    if r.sample and requests[r.request_id].matcher is not None
-                    and requests[r.request_id].status is Status.RUNNING and not requests[r.request_id].matcher.done]
+            rows = [
+                (requests[r.request_id].matcher, i)
+                for i, r in enumerate(call.rows)
+                if r.sample
+                and requests[r.request_id].matcher is not None
+                and requests[r.request_id].status is Status.RUNNING
+                and not requests[r.request_id].matcher.done
+            ]
             if not rows:
                 masks.append(None)
                 continue
@@ -405,11 +431,12 @@ class LLMEngine:
                         req.metrics.accepted_tokens += n
                         self.counters["draft_tokens"] += len(draft)
                         self.counters["accepted_tokens"] += n
-                    for i in idx[:n + 1]:  # the accepted drafts and the draw after them
+                    for i in idx[: n + 1]:  # the accepted drafts and the draw after them
                         if req.status is not Status.RUNNING:
                             break
-                        emitted.append(self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i],
-                                                          top_lps[i]))
+                        emitted.append(
+                            self._append_token(req, int(tokens[i]), float(logprobs[i]), top_ids[i], top_lps[i])
+                        )
                     if draft:
                         self.scheduler.settle(req, n)
                 except Exception as e:  # a bad request must not take the others down
@@ -426,8 +453,9 @@ class LLMEngine:
         self.counters["generated_tokens"] += 1
         if req.logprobs is not None:
             n = req.params.logprobs or 0
-            req.logprobs.append(TokenLogprob(token, logprob, {int(i): float(v) for i, v in zip(top_ids[:n],
-                                                                                                top_lps[:n])}))
+            req.logprobs.append(
+                TokenLogprob(token, logprob, {int(i): float(v) for i, v in zip(top_ids[:n], top_lps[:n])})
+            )
         reason = None
         if req.matcher is not None:
             req.matcher.advance(token)  # a token its mask allowed; a refusal fails this request only (see _emit)
@@ -487,8 +515,10 @@ class LLMEngine:
                 leaks += [line for line in pool.check_leaks() if repr(pc.OWNER) not in line]
                 held = set(pool.pages_of(pc.OWNER))
                 if held != cached:
-                    leaks.append(f"prefix cache index ({len(cached)} pages) disagrees with the pool "
-                                 f"({len(held)} pages held by {pc.OWNER!r})")
+                    leaks.append(
+                        f"prefix cache index ({len(cached)} pages) disagrees with the pool "
+                        f"({len(held)} pages held by {pc.OWNER!r})"
+                    )
             return leaks
 
     def stats(self) -> dict:
@@ -501,9 +531,14 @@ class LLMEngine:
                 "kv_pages_used": used,
                 "kv_pages_free": self.pool.num_free,
                 "kv_bytes_per_device": bytes_per_device(self.kv_cache),
-                **({} if self.window_pool is None else {
-                    "kv_window_pages_used": self.window_pool.num_pages - 1 - self.window_pool.num_free,
-                    "kv_window_pages_free": self.window_pool.num_free}),
+                **(
+                    {}
+                    if self.window_pool is None
+                    else {
+                        "kv_window_pages_used": self.window_pool.num_pages - 1 - self.window_pool.num_free,
+                        "kv_window_pages_free": self.window_pool.num_free,
+                    }
+                ),
                 "prefix_cache_pages": len(self.prefix_cache),
                 "prefix_cache_hit_rate": self.prefix_cache.hit_rate,
                 **self.counters,

@@ -159,8 +159,9 @@ class Executor:
     devices (XLA cannot partition a foreign call); quantized weights are dequantised.
     """
 
-    def __init__(self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None,
-                 mesh: str | Mesh | None = None):
+    def __init__(
+        self, cfg: ModelConfig, params: Params, exec_cfg: ExecutorConfig | None = None, mesh: str | Mesh | None = None
+    ):
         self.cfg = cfg
         mesh = sharding.parse_mesh(mesh)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
@@ -204,8 +205,10 @@ class Executor:
         wanted = self.exec_cfg.native_kernels
         possible = jax.default_backend() == "cpu" and self.dtype == jnp.float32 and self.mesh is None
         if wanted and not (possible and native.available()):
-            raise ValueError("native_kernels=True needs float32 weights on CPU, a C++ compiler (see the log) and no "
-                             "mesh of several devices")
+            raise ValueError(
+                "native_kernels=True needs float32 weights on CPU, a C++ compiler (see the log) and no "
+                "mesh of several devices"
+            )
         return (possible and native.available()) if wanted is None else wanted
 
     def _sharded_step(self):
@@ -220,8 +223,9 @@ class Executor:
         self._replicated = rep
         # params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
         ins = (self.param_shardings, rows, rows, self.cache_shardings, rows, rows, rows, rows, rep)
-        return jax.jit(self._traced_step, donate_argnames=("cache",), in_shardings=ins,
-                       out_shardings=(rep, self.cache_shardings))
+        return jax.jit(
+            self._traced_step, donate_argnames=("cache",), in_shardings=ins, out_shardings=(rep, self.cache_shardings)
+        )
 
     def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
@@ -231,18 +235,24 @@ class Executor:
 
     def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens):
         self.compile_count += 1
-        logging.info("compiling ragged step for %d tokens, page table %s", tokens.shape[0],
-                     jax.tree.leaves(page_table)[0].shape)
+        logging.info(
+            "compiling ragged step for %d tokens, page table %s", tokens.shape[0], jax.tree.leaves(page_table)[0].shape
+        )
         tokens = _fed_back(tokens, src, last_tokens)
-        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows,
-                       rope_cs=rope_cs)
+        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows, rope_cs=rope_cs)
 
     @property
     def native_attention(self) -> bool:
         c = self.cfg
         # The native kernel has no soft-capping of the scores (Gemma 2).
-        return self.native_kernels and c.attn_softcap is None and all(
-            native.supports_attention(c.layer_head_dim(i), c.num_heads, c.layer_kv_heads(i)) for i in range(c.num_layers))
+        return (
+            self.native_kernels
+            and c.attn_softcap is None
+            and all(
+                native.supports_attention(c.layer_head_dim(i), c.num_heads, c.layer_kv_heads(i))
+                for i in range(c.num_layers)
+            )
+        )
 
     @property
     def window_num_pages(self) -> int | None:
@@ -260,8 +270,10 @@ class Executor:
         least = per_slot + math.ceil(step / ps) + 1
         if e.window_num_pages is not None:
             if e.window_num_pages < least:
-                raise ValueError(f"window_num_pages={e.window_num_pages} is below the {least} pages one sequence's "
-                                 f"largest step may need; raise it")
+                raise ValueError(
+                    f"window_num_pages={e.window_num_pages} is below the {least} pages one sequence's "
+                    f"largest step may need; raise it"
+                )
             return e.window_num_pages
         return min(e.num_pages, e.max_decode_batch * per_slot + least)
 
@@ -273,9 +285,15 @@ class Executor:
 
     def _new_cache(self) -> PagedKVCache:
         e = self.exec_cfg
-        return PagedKVCache.create(self.step_cfg, e.num_pages, e.page_size, self.kv_dtype,
-                                   native_attention=self.native_attention, fused_layers=self.fused_layers,
-                                   window_pages=self.window_num_pages)
+        return PagedKVCache.create(
+            self.step_cfg,
+            e.num_pages,
+            e.page_size,
+            self.kv_dtype,
+            native_attention=self.native_attention,
+            fused_layers=self.fused_layers,
+            window_pages=self.window_num_pages,
+        )
 
     def split_cache(self, cache: PagedKVCache) -> tuple:
         """The storage of each KV cache group's memory pool: the cache itself when there is one group."""
@@ -293,9 +311,17 @@ class Executor:
     def _shell(self) -> PagedKVCache:
         """A cache of this executor's layout without memory (its arrays are replaced by `join_cache`)."""
         e = self.exec_cfg
-        return jax.eval_shape(lambda: PagedKVCache.create(
-            self.step_cfg, 1, e.page_size, self.kv_dtype, native_attention=self.native_attention,
-            fused_layers=self.fused_layers, window_pages=1))
+        return jax.eval_shape(
+            lambda: PagedKVCache.create(
+                self.step_cfg,
+                1,
+                e.page_size,
+                self.kv_dtype,
+                native_attention=self.native_attention,
+                fused_layers=self.fused_layers,
+                window_pages=1,
+            )
+        )
 
     @property
     def window_table_width(self) -> int | None:
@@ -326,12 +352,16 @@ class Executor:
         lo = max(0, chunk.start - self.window + 1) // ps
         first, live = chunk.window_first, chunk.window_pages
         if first > lo or len(live) < needed - first:
-            raise ValueError(f"sequence at {chunk.start}+{len(chunk.tokens)} needs its window pages from index {lo} "
-                             f"to {needed}; has {len(live)} from index {first}")
+            raise ValueError(
+                f"sequence at {chunk.start}+{len(chunk.tokens)} needs its window pages from index {lo} "
+                f"to {needed}; has {len(live)} from index {first}"
+            )
         if needed - lo > tables[1].shape[1]:
-            raise ValueError(f"a row of {len(chunk.tokens)} tokens reaches {needed - lo} window pages; the window "
-                             f"table has {tables[1].shape[1]}")
-        tables[1][rows, :needed - lo] = live[lo - first:needed - first]
+            raise ValueError(
+                f"a row of {len(chunk.tokens)} tokens reaches {needed - lo} window pages; the window "
+                f"table has {tables[1].shape[1]}"
+            )
+        tables[1][rows, : needed - lo] = live[lo - first : needed - first]
         tables[2][rows] = lo * ps
 
     @staticmethod
@@ -347,8 +377,21 @@ class Executor:
         src, last = self._feedback(tokens, None, None)
         cache = jax.eval_shape(self._new_cache)
         count = self.compile_count
-        text = self._step.lower(self.params, tokens, positions, cache, self._table_arg(self._tables(rows, width)),
-                                np.zeros(rows, np.int32), rope_cs, src, last).compile().as_text()
+        text = (
+            self._step.lower(
+                self.params,
+                tokens,
+                positions,
+                cache,
+                self._table_arg(self._tables(rows, width)),
+                np.zeros(rows, np.int32),
+                rope_cs,
+                src,
+                last,
+            )
+            .compile()
+            .as_text()
+        )
         self.compile_count = count
         return text
 
@@ -357,23 +400,25 @@ class Executor:
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             if self.mesh is None:
-                return self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src,
-                                  last_tokens)
+                return self._step(
+                    self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
+                )
             # The sampler's state lives on one device: the fed-back tokens are broadcast to the mesh (device to
             # device), and the gathered logits are handed over as the first device's copy (no transfer). Sampling
             # on all devices at once crashes XLA:CPU's TopkDecomposer (jax 0.10.2).
             last_tokens = jax.device_put(last_tokens, self._replicated)
-            logits, cache = self._step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs,
-                                       src, last_tokens)
+            logits, cache = self._step(
+                self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
+            )
             return logits.addressable_shards[0].data, cache
 
-    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None,
-                    extents=None):
+    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None, extents=None):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
-            return self._ragged(self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src,
-                                last_tokens)
+            return self._ragged(
+                self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens
+            )
 
     def _feedback(self, tokens, src, last_tokens):
         """The `src` and `last_tokens` step arguments: where each token comes from (see PrefillChunk.from_slot)."""
@@ -385,8 +430,9 @@ class Executor:
             raise ValueError(f"last_tokens has shape {last_tokens.shape}; steps take {self.no_tokens.shape}")
         return src, last_tokens
 
-    def prefill(self, cache: PagedKVCache, chunks: Sequence[PrefillChunk],
-                padded: bool = False) -> tuple[jax.Array, PagedKVCache]:
+    def prefill(
+        self, cache: PagedKVCache, chunks: Sequence[PrefillChunk], padded: bool = False
+    ) -> tuple[jax.Array, PagedKVCache]:
         """Writes each chunk's K/V and returns the logits at each chunk's last token ([len(chunks), V]).
 
         `padded=True` returns every row of the bucket (those past len(chunks) are padding): no slice to dispatch, and
@@ -419,10 +465,17 @@ class Executor:
         logits, cache = self._run(cache, tokens, positions, self._table_arg(tables), last, extents=extents)
         return (logits if padded else _rows(logits, len(chunks))), cache
 
-    def decode(self, cache: PagedKVCache, tokens: Sequence[int], positions: Sequence[int],
-               page_tables: Sequence[Sequence[int]], padded: bool = False, from_slots: Sequence[int] | None = None,
-               last_tokens: jax.Array | None = None,
-               window_tables: Sequence[tuple[int, Sequence[int]]] | None = None) -> tuple[jax.Array, PagedKVCache]:
+    def decode(
+        self,
+        cache: PagedKVCache,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        page_tables: Sequence[Sequence[int]],
+        padded: bool = False,
+        from_slots: Sequence[int] | None = None,
+        last_tokens: jax.Array | None = None,
+        window_tables: Sequence[tuple[int, Sequence[int]]] | None = None,
+    ) -> tuple[jax.Array, PagedKVCache]:
         """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V] (every row
         of the bucket with `padded=True`, as in `prefill`). Where from_slots[i] >= 0, token i is
         last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g. `SamplingBatch.last_token`).
@@ -443,12 +496,12 @@ class Executor:
             first, live = window_tables[i] if window_tables is not None else (0, ())
             chunk = PrefillChunk((0,), positions[i], pages, window_pages=live, window_first=first)
             self._fill_tables(tables, i, chunk, self._pages_needed(chunk))
-        logits, cache = self._run(cache, tok, pos, self._table_arg(tables), np.zeros(rows, np.int32), src,
-                                  last_tokens)
+        logits, cache = self._run(cache, tok, pos, self._table_arg(tables), np.zeros(rows, np.int32), src, last_tokens)
         return (logits if padded else _rows(logits, n)), cache
 
-    def ragged_step(self, cache: PagedKVCache, seqs: Sequence[PrefillChunk],
-                    last_tokens: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
+    def ragged_step(
+        self, cache: PagedKVCache, seqs: Sequence[PrefillChunk], last_tokens: jax.Array | None = None
+    ) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
         of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad), or
         with `PrefillChunk.logits` > 1 the logits of each sequence's last `logits` tokens, in order.
@@ -469,21 +522,23 @@ class Executor:
         src = np.full((rows, 1), -1, np.int32)
         last = np.zeros(self._logits_rows(rows), np.int32)
         if sum(s.logits for s in seqs) > len(last):
-            raise ValueError(f"{sum(s.logits for s in seqs)} logits rows in a step of {rows} tokens; at most "
-                             f"{len(last)} (ExecutorConfig.max_draft_tokens)")
+            raise ValueError(
+                f"{sum(s.logits for s in seqs)} logits rows in a step of {rows} tokens; at most "
+                f"{len(last)} (ExecutorConfig.max_draft_tokens)"
+            )
         extents = np.zeros(rows, np.int32)  # each token's sequence's end in this step (longrope's choice)
         at = out = 0
         for s in seqs:
             k = len(s.tokens)
             needed = self._pages_needed(s)
-            extents[at:at + k] = s.rope_extent
-            tokens[at:at + k, 0] = s.tokens
+            extents[at : at + k] = s.rope_extent
+            tokens[at : at + k, 0] = s.tokens
             if s.from_slot >= 0:
                 src[at, 0] = s.from_slot
-            positions[at:at + k, 0] = np.arange(s.start, s.start + k)
+            positions[at : at + k, 0] = np.arange(s.start, s.start + k)
             self._fill_tables(tables, slice(at, at + k), s, needed)
             at += k
-            last[out:out + s.logits] = np.arange(at - s.logits, at)
+            last[out : out + s.logits] = np.arange(at - s.logits, at)
             out += s.logits
         return self._run_ragged(cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents)
 
@@ -497,8 +552,9 @@ class Executor:
         end = chunk.start + len(chunk.tokens)
         needed = math.ceil(end / self.exec_cfg.page_size)
         if len(chunk.pages) < needed:
-            raise ValueError(f"sequence at {chunk.start}+{len(chunk.tokens)} needs {needed} pages, "
-                             f"has {len(chunk.pages)}")
+            raise ValueError(
+                f"sequence at {chunk.start}+{len(chunk.tokens)} needs {needed} pages, has {len(chunk.pages)}"
+            )
         return needed
 
     def _logits_rows(self, tokens: int) -> int:
@@ -545,8 +601,12 @@ def _rows_per_replica(e: ExecutorConfig, replicas: int) -> ExecutorConfig:
     if replicas == 1:
         return e
     up = lambda buckets: tuple(sorted({-(-b // replicas) * replicas for b in buckets}))
-    return dataclasses.replace(e, decode_batch_buckets=up(e.decode_batch_buckets),
-                               prefill_batch_buckets=up(e.prefill_batch_buckets), token_buckets=up(e.token_buckets))
+    return dataclasses.replace(
+        e,
+        decode_batch_buckets=up(e.decode_batch_buckets),
+        prefill_batch_buckets=up(e.prefill_batch_buckets),
+        token_buckets=up(e.token_buckets),
+    )
 
 
 def _fed_back(tokens: jax.Array, src: jax.Array, last_tokens: jax.Array) -> jax.Array:
@@ -597,7 +657,11 @@ def _drop_unreadable_entries(directory: str) -> None:
             with open(path, "rb") as f:
                 decompress_executable(f.read())
         except Exception as e:  # zstd and zlib raise their own error types
-            logging.warning("compilation cache entry %s is unreadable (%s: %s): removed, to be compiled again",
-                            path, type(e).__name__, e)
+            logging.warning(
+                "compilation cache entry %s is unreadable (%s: %s): removed, to be compiled again",
+                path,
+                type(e).__name__,
+                e,
+            )
             with contextlib.suppress(OSError):
                 os.remove(path)

@@ -74,18 +74,37 @@ class StepPlan:
         """JSON-safe data (lists, ints, strings, and sampling parameters as dicts)."""
         return {
             "step": self.step,
-            "slot_updates": [{"slot": u.slot, "params": None if u.params is None else u.params.to_dict(),
-                              "prompt_token_ids": list(u.prompt_token_ids),
-                              "output_token_ids": list(u.output_token_ids)} for u in self.slot_updates],
-            "calls": [{"kind": c.kind, "rows": [{**dataclasses.asdict(r), **{k: list(getattr(r, k)) for k in _LISTS}}
-                                                 for r in c.rows]} for c in self.calls],
+            "slot_updates": [
+                {
+                    "slot": u.slot,
+                    "params": None if u.params is None else u.params.to_dict(),
+                    "prompt_token_ids": list(u.prompt_token_ids),
+                    "output_token_ids": list(u.output_token_ids),
+                }
+                for u in self.slot_updates
+            ],
+            "calls": [
+                {
+                    "kind": c.kind,
+                    "rows": [{**dataclasses.asdict(r), **{k: list(getattr(r, k)) for k in _LISTS}} for r in c.rows],
+                }
+                for c in self.calls
+            ],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StepPlan":
-        updates = tuple(SlotUpdate(u["slot"], None if u["params"] is None else SamplingParams.from_dict(u["params"]),
-                                   tuple(u["prompt_token_ids"]), tuple(u["output_token_ids"]))
-                        for u in d["slot_updates"])
-        calls = tuple(ModelCall(c["kind"], tuple(Row(**{**r, **{k: tuple(r[k]) for k in _LISTS if k in r}})
-                                                 for r in c["rows"])) for c in d["calls"])
+        updates = tuple(
+            SlotUpdate(
+                u["slot"],
+                None if u["params"] is None else SamplingParams.from_dict(u["params"]),
+                tuple(u["prompt_token_ids"]),
+                tuple(u["output_token_ids"]),
+            )
+            for u in d["slot_updates"]
+        )
+        calls = tuple(
+            ModelCall(c["kind"], tuple(Row(**{**r, **{k: tuple(r[k]) for k in _LISTS if k in r}}) for r in c["rows"]))
+            for c in d["calls"]
+        )
         return cls(d["step"], updates, calls)

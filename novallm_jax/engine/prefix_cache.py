@@ -28,7 +28,7 @@ def page_hashes(tokens: Sequence[int], page_size: int, max_pages: int, salt: byt
     `salt` (what else the pages' contents depend on)."""
     out, h = [], salt
     for i in range(min(max_pages, len(tokens) // page_size)):
-        chunk = np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes()
+        chunk = np.asarray(tokens[i * page_size : (i + 1) * page_size], np.int64).tobytes()
         h = hashlib.blake2b(h + chunk, digest_size=16).digest()
         out.append(h)
     return out
@@ -37,8 +37,9 @@ def page_hashes(tokens: Sequence[int], page_size: int, max_pages: int, salt: byt
 class PrefixCache:
     """Maps page hashes to cached pages; LRU eviction of pages no request is using."""
 
-    def __init__(self, pool: MemoryPool, page_size: int, window_pool: MemoryPool | None = None,
-                 window: int | None = None):
+    def __init__(
+        self, pool: MemoryPool, page_size: int, window_pool: MemoryPool | None = None, window: int | None = None
+    ):
         self.pool = pool
         self.page_size = page_size
         self.window_pool, self.window = window_pool, window
@@ -62,13 +63,13 @@ class PrefixCache:
             pages.append(page)
         window_pages = []
         if self.window_pool is not None:
-            while pages and not all(h in self._window for h in hashes[self.window_first(len(pages)):len(pages)]):
+            while pages and not all(h in self._window for h in hashes[self.window_first(len(pages)) : len(pages)]):
                 pages.pop()
             first = self.window_first(len(pages))
-            window_pages = [NULL_PAGE] * first + [self._window[h] for h in hashes[first:len(pages)]]
+            window_pages = [NULL_PAGE] * first + [self._window[h] for h in hashes[first : len(pages)]]
             if len(pages) > first:
                 self.window_pool.share(OWNER, owner, window_pages[first:])
-        for h in hashes[:len(pages)]:
+        for h in hashes[: len(pages)]:
             self._pages.move_to_end(h)
         self.queries += len(hashes)
         self.hits += len(pages)

@@ -83,9 +83,15 @@ class RequestOutput:
 class Request:
     """Engine-side state of one sequence. Only the engine thread mutates it."""
 
-    def __init__(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, eos_token_ids: Sequence[int],
-                 on_output: Callable[[RequestOutput], None] | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        eos_token_ids: Sequence[int],
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ):
         self.id = request_id
         self.prompt = list(prompt_token_ids)
         self.params = params
@@ -127,7 +133,7 @@ class Request:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt):]
+        return self.tokens[len(self.prompt) :]
 
     @property
     def finished(self) -> bool:
@@ -135,9 +141,18 @@ class Request:
 
     def emit(self, delta_text: str, delta_ids: list[int]) -> RequestOutput:
         out = RequestOutput(
-            request_id=self.id, delta_text=delta_text, delta_token_ids=delta_ids, text=self.text,
-            token_ids=list(self.output_ids), prompt_token_ids=self.prompt, finished=self.finished,
-            finish_reason=self.finish_reason, logprobs=self.logprobs, metrics=self.metrics, error=self.error)
+            request_id=self.id,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            prompt_token_ids=self.prompt,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            logprobs=self.logprobs,
+            metrics=self.metrics,
+            error=self.error,
+        )
         self.outputs.put(out)
         if self.on_output is not None:
             self.on_output(out)

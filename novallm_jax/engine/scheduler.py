@@ -36,9 +36,20 @@ from novallm_jax.kv_cache import NULL_PAGE
 class Scheduler:
     """Queues, slots and pages of the engine's requests. Not thread-safe: the engine calls it under its lock."""
 
-    def __init__(self, pool: MemoryPool, exec_cfg: ExecutorConfig, *, ragged: bool, max_model_len: int,
-                 max_prefill_rows: int, enable_prefix_caching: bool, preemption_mode: str,
-                 long_context: int | None = None, window_pool: MemoryPool | None = None, window: int | None = None):
+    def __init__(
+        self,
+        pool: MemoryPool,
+        exec_cfg: ExecutorConfig,
+        *,
+        ragged: bool,
+        max_model_len: int,
+        max_prefill_rows: int,
+        enable_prefix_caching: bool,
+        preemption_mode: str,
+        long_context: int | None = None,
+        window_pool: MemoryPool | None = None,
+        window: int | None = None,
+    ):
         self.pool = pool
         # The window group's pool and window (sliding layers' pages, see the module docstring); None: one group.
         self.window_pool, self.window = window_pool, window
@@ -112,8 +123,12 @@ class Scheduler:
                 req.metrics.first_scheduled = time.monotonic()
             if self.enable_prefix_caching and not req.page_hashes:
                 long = self.long_context is not None and len(req.prompt) > self.long_context
-                req.page_hashes = pc.page_hashes(req.prompt, self.page_size, (len(req.prompt) - 1) // self.page_size,
-                                                 salt=b"longrope" if long else b"")
+                req.page_hashes = pc.page_hashes(
+                    req.prompt,
+                    self.page_size,
+                    (len(req.prompt) - 1) // self.page_size,
+                    salt=b"longrope" if long else b"",
+                )
             need = math.ceil(len(req.tokens) / self.page_size)
             if self.enable_prefix_caching:
                 req.pages, req.window_pages = self.prefix_cache.match(req.id, req.page_hashes)
@@ -263,7 +278,7 @@ class Scheduler:
                 if self._done_when_read(req):
                     continue
                 n = min(remaining, budget)
-                draft = drafts.get(req.id, ())[:budget - 1] if decoding else ()
+                draft = drafts.get(req.id, ())[: budget - 1] if decoding else ()
                 if self._ensure_pages(req, req.num_computed + n + len(draft)):
                     picked.append((req, n, draft))
                     budget -= n + len(draft)
@@ -279,10 +294,19 @@ class Scheduler:
             # A request picked above may have been preempted to make room for an older one.
             if req.status is Status.RUNNING and self._ensure_pages(req, req.num_computed + n):
                 prefill.append((req, n, ()))
-        decode = [(r, 1, ()) for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1
-                  and not self._done_when_read(r) and self._ensure_pages(r, r.num_tokens)]
-        calls = [ModelCall(kind, rows) for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(decode)))
-                 if rows]
+        decode = [
+            (r, 1, ())
+            for r in self.slots
+            if r is not None
+            and r.num_tokens - r.num_computed == 1
+            and not self._done_when_read(r)
+            and self._ensure_pages(r, r.num_tokens)
+        ]
+        calls = [
+            ModelCall(kind, rows)
+            for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(decode)))
+            if rows
+        ]
         return calls
 
     def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
@@ -295,15 +319,27 @@ class Scheduler:
             if req.pending:  # then n == 1: a decode row fed by the sampler's last token for the slot
                 tokens, from_slot = (0,), req.slot
             else:
-                tokens, from_slot = tuple(req.tokens[req.num_computed:req.num_computed + n]), -1
+                tokens, from_slot = tuple(req.tokens[req.num_computed : req.num_computed + n]), -1
             start, first = req.num_computed, 0
             if self.window_pool is not None:
                 first = next((i for i, p in enumerate(req.window_pages) if p != NULL_PAGE), len(req.window_pages))
             sample = self._advance(req, n)
             req.draft = draft
-            rows.append(Row(req.id, req.slot, tokens + draft, start, tuple(req.pages), sample, from_slot,
-                            len(req.prompt), len(draft),
-                            tuple(req.window_pages[first:]), first))
+            rows.append(
+                Row(
+                    req.id,
+                    req.slot,
+                    tokens + draft,
+                    start,
+                    tuple(req.pages),
+                    sample,
+                    from_slot,
+                    len(req.prompt),
+                    len(draft),
+                    tuple(req.window_pages[first:]),
+                    first,
+                )
+            )
         return tuple(rows)
 
     def _draft(self, req: Request) -> tuple[int, ...]:

@@ -20,8 +20,7 @@ import numpy as np
 MAX_NGRAM, MIN_NGRAM = 4, 2  # a single repeated token predicts little: its drafts mostly cost a wider step
 
 
-def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None
-            ) -> tuple[int, ...]:
+def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None) -> tuple[int, ...]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of `tokens`
     (n from max_ngram down to min_ngram, default `MIN_NGRAM`)."""
     if k <= 0 or len(tokens) < 2:
@@ -33,7 +32,7 @@ def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram
         hits = np.flatnonzero((windows == a[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return tuple(int(t) for t in a[start:start + k])
+            return tuple(int(t) for t in a[start : start + k])
     return ()
 
 

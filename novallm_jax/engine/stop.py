@@ -24,8 +24,8 @@ class StopStringMatcher:
             self._held = ""
             return text[:cut], True
         keep = self._partial_suffix(text)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
 
     def flush(self) -> str:
         """The held-back text, once generation ended without a stop string."""

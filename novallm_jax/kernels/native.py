@@ -36,8 +36,9 @@ _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
 _QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 6: "novallm_q6_matmul_f32", 8: "novallm_q8_matmul_f32"}
 _DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 6: "novallm_q6_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
-_EXPERT_MATMUL = {(bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32" for bits in (4, 6, 8)
-                  for dot in (False, True)}
+_EXPERT_MATMUL = {
+    (bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32" for bits in (4, 6, 8) for dot in (False, True)
+}
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 _ENV = "NOVALLM_NATIVE_KERNELS"
@@ -60,8 +61,9 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     flags = shlex.split(os.environ.get("NOVALLM_KERNEL_FLAGS", ""))
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature(), *flags])
-                         .encode())
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature(), *flags]).encode()
+    )
     key = key.hexdigest()[:16]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
@@ -70,8 +72,20 @@ def _build(compiler: str) -> Path:
     # Build beside the target and rename: concurrent processes never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [
+        compiler,
+        "-O3",
+        "-march=native",
+        *flags,
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-I{jax.ffi.include_dir()}",
+        str(_SOURCE),
+        "-o",
+        tmp,
+    ]
     logging.info("compiling native CPU kernels: %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -128,8 +142,11 @@ def _load() -> ctypes.CDLL | None:
             jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
         for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (6, lib.NovallmQ6MatmulF32), (8, lib.NovallmQ8MatmulF32)):
             jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
-        for bits, symbol in ((4, lib.NovallmQ4DotMatmulF32), (6, lib.NovallmQ6DotMatmulF32),
-                             (8, lib.NovallmQ8DotMatmulF32)):
+        for bits, symbol in (
+            (4, lib.NovallmQ4DotMatmulF32),
+            (6, lib.NovallmQ6DotMatmulF32),
+            (8, lib.NovallmQ8DotMatmulF32),
+        ):
             jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
         for (bits, dot), target in _EXPERT_MATMUL.items():
             symbol = getattr(lib, f"NovallmQ{bits}{'Dot' * dot}ExpertMatmulF32")
@@ -188,8 +205,7 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [..., K] float32 @ the packed weight of `n` output columns -> [..., n]. Needs `available()`."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = _ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
-        x.reshape(m, k), panels)
+    y = _ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(x.reshape(m, k), panels)
     return y[:, :n].reshape(*lead, n)
 
 
@@ -210,7 +226,8 @@ def half_matmul(x: jax.Array, panels: jax.Array, n: int, bf16: bool) -> jax.Arra
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
     y = _ffi_call(_HALF_MATMUL[bf16], jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
-        x.reshape(m, k).astype(jnp.float32), panels)
+        x.reshape(m, k).astype(jnp.float32), panels
+    )
     return y[:, :n].reshape(*lead, n)
 
 
@@ -228,16 +245,16 @@ def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     if int8:
         c = c.reshape(p, kb, QUANT_BLOCK // 4, 4, PANEL).swapaxes(-1, -2)  # [P, KB, 8, 16, 4]
         if bits == 4:
-            c = c[..., :PANEL // 2, :] | (c[..., PANEL // 2:, :] << np.uint8(4))
+            c = c[..., : PANEL // 2, :] | (c[..., PANEL // 2 :, :] << np.uint8(4))
     elif bits == 4:
-        c = c[..., :PANEL // 2] | (c[..., PANEL // 2:] << np.uint8(4))
+        c = c[..., : PANEL // 2] | (c[..., PANEL // 2 :] << np.uint8(4))
     return np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)
 
 
 def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4-bit) or int8."""
     p, kb, _ = panels.shape
-    c = np.ascontiguousarray(panels[..., _header_bytes(bits):])
+    c = np.ascontiguousarray(panels[..., _header_bytes(bits) :])
     if bits == 4:
         c = c.reshape(p, kb, QUANT_BLOCK // 4, PANEL // 2, 4) if int8 else c.reshape(p, kb, QUANT_BLOCK, PANEL // 2)
         c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=3 if int8 else -1)
@@ -248,8 +265,9 @@ def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     return c.reshape(p, kb, QUANT_BLOCK, PANEL)
 
 
-def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False,
-               d2: np.ndarray | None = None) -> np.ndarray:
+def pack_quant(
+    codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False, d2: np.ndarray | None = None
+) -> np.ndarray:
     """Block codes of w^T (`codes` [N, K], `d`, `m` (and with bits=6 `d2`) [N, K / 32], as in
     `loading.gguf_quant.BlockQuant`) -> panels [ceil(N / 16), K / 32, `block_bytes`] of {float d[16], float m[16],
     (float d2[16],) codes}, the layout `quant_matmul` reads (codes [32][16]; 4-bit codes hold column j in the low
@@ -264,8 +282,10 @@ def pack_quant(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8:
         codes, *scales = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, *scales))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
-    scales = [np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
-              for a in scales]
+    scales = [
+        np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
+        for a in scales
+    ]
     return np.concatenate(scales + [_layout_codes(c, bits, int8)], axis=-1)
 
 
@@ -273,11 +293,13 @@ def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False) -> n
     """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
-    d, m, d2 = (np.ascontiguousarray(panels[..., i * 4 * PANEL:(i + 1) * 4 * PANEL]).view(np.float32)
-                for i in (0, 1, 2 if bits == 6 else 0))
+    d, m, d2 = (
+        np.ascontiguousarray(panels[..., i * 4 * PANEL : (i + 1) * 4 * PANEL]).view(np.float32)
+        for i in (0, 1, 2 if bits == 6 else 0)
+    )
     c = _panel_codes(panels, bits, int8)
     d = np.repeat(d[:, :, None, :], QUANT_BLOCK, 2)
-    d[:, :, QUANT_BLOCK // 2:] = d2[:, :, None, :]
+    d[:, :, QUANT_BLOCK // 2 :] = d2[:, :, None, :]
     w = (d * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
     return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
 
@@ -289,23 +311,33 @@ def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool 
     m = int(np.prod(lead, dtype=np.int64))
     target = (_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits]
     y = _ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
-        x.reshape(m, k).astype(jnp.float32), panels)
+        x.reshape(m, k).astype(jnp.float32), panels
+    )
     return y[:, :n].reshape(*lead, n)
 
 
-def expert_quant_matmul(x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int,
-                        int8: bool = False) -> jax.Array:
+def expert_quant_matmul(
+    x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False
+) -> jax.Array:
     """Row a of x [A, K] float32 @ expert experts[a]'s weight, `pack_quant` panels stacked [E, ...] -> [A, n]. Reads
     each expert with rows once and the others not at all; each row's result equals `quant_matmul` with its expert's
     panels."""
     a = x.shape[0]
     y = _ffi_call(_EXPERT_MATMUL[bits, int8], jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32))(
-        x.astype(jnp.float32), experts.astype(jnp.int32), panels)
+        x.astype(jnp.float32), experts.astype(jnp.int32), panels
+    )
     return y[:, :n]
 
 
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                    positions: jax.Array, sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> jax.Array:
     """Causal GQA attention of q [B, T, H, hd] over one layer's pages [P, ps, KV, hd] -> [B, T, H * hd].
 
     Query (b, t) sees the keys at positions <= positions[b, t] (and > it minus the window) through page_table [B, W];
@@ -315,9 +347,14 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_t
     b, t, h, hd = q.shape
     kv = k_pages.shape[2]
     out = _ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, t, kv, h // kv, hd), jnp.float32))(
-        q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
-        positions.astype(jnp.int32), window=np.int64(sliding_window or 0),
-        scale=np.float32(hd ** -0.5 if scale is None else scale))
+        q.reshape(b, t, kv, h // kv, hd).astype(jnp.float32),
+        k_pages,
+        v_pages,
+        page_table.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        window=np.int64(sliding_window or 0),
+        scale=np.float32(hd**-0.5 if scale is None else scale),
+    )
     return out.reshape(b, t, h * hd)
 
 
@@ -325,8 +362,16 @@ def supports_attention(head_dim: int, num_heads: int, num_kv_heads: int) -> bool
     return head_dim % 8 == 0 and num_heads <= 256
 
 
-def decoder_layer(p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                  positions: jax.Array, rope_cs: tuple[jax.Array, jax.Array], cfg) -> tuple[jax.Array, ...]:
+def decoder_layer(
+    p: dict,
+    x: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    rope_cs: tuple[jax.Array, jax.Array],
+    cfg,
+) -> tuple[jax.Array, ...]:
     """`model.decoder_layer` over x [B, T, D] with paged K/V in one native call (weights `fusable`): returns
     (x, k_pages, v_pages), the pages updated in place (aliased; donate the cache).
 
@@ -336,16 +381,36 @@ def decoder_layer(p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     none = jnp.zeros((0,), jnp.float32)
     cos, sin = (a.reshape(b * t, cfg.head_dim).astype(jnp.float32) for a in rope_cs)
     pages = jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)
-    call = _ffi_call(_LAYER, (jax.ShapeDtypeStruct((b * t, d), jnp.float32), pages, pages),
-                     input_output_aliases={10: 1, 11: 2})
+    call = _ffi_call(
+        _LAYER, (jax.ShapeDtypeStruct((b * t, d), jnp.float32), pages, pages), input_output_aliases={10: 1, 11: 2}
+    )
     out, k_pages, v_pages = call(
-        x.reshape(b * t, d).astype(jnp.float32), p["attn_norm"], p["wqkv"].panels, p.get("bqkv", none),
-        p.get("q_norm", none), p.get("k_norm", none), p["wo"].panels, p["mlp_norm"], p["w_gate_up"].panels,
-        p["w_down"].panels, k_pages, v_pages, page_table.astype(jnp.int32), positions.astype(jnp.int32), cos, sin,
-        qkv_kind=_kind(p["wqkv"]), o_kind=_kind(p["wo"]), gate_up_kind=_kind(p["w_gate_up"]),
-        down_kind=_kind(p["w_down"]), num_heads=np.int64(cfg.num_heads), num_kv_heads=np.int64(cfg.num_kv_heads),
-        window=np.int64(cfg.sliding_window or 0), eps=np.float32(cfg.rms_norm_eps),
-        scale=np.float32(cfg.head_dim ** -0.5))
+        x.reshape(b * t, d).astype(jnp.float32),
+        p["attn_norm"],
+        p["wqkv"].panels,
+        p.get("bqkv", none),
+        p.get("q_norm", none),
+        p.get("k_norm", none),
+        p["wo"].panels,
+        p["mlp_norm"],
+        p["w_gate_up"].panels,
+        p["w_down"].panels,
+        k_pages,
+        v_pages,
+        page_table.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        cos,
+        sin,
+        qkv_kind=_kind(p["wqkv"]),
+        o_kind=_kind(p["wo"]),
+        gate_up_kind=_kind(p["w_gate_up"]),
+        down_kind=_kind(p["w_down"]),
+        num_heads=np.int64(cfg.num_heads),
+        num_kv_heads=np.int64(cfg.num_kv_heads),
+        window=np.int64(cfg.sliding_window or 0),
+        eps=np.float32(cfg.rms_norm_eps),
+        scale=np.float32(cfg.head_dim**-0.5),
+    )
     return out.reshape(b, t, d).astype(x.dtype), k_pages, v_pages
 
 
@@ -394,8 +459,9 @@ class QuantLinear:
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
         """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout)."""
-        return cls(panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)), n=int(bq.shape[0]),
-                   bits=bq.bits)
+        return cls(
+            panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)), n=int(bq.shape[0]), bits=bq.bits
+        )
 
     def to_dense(self) -> np.ndarray:
         return unpack_quant(self.panels, self.n, self.bits, self.int8)
@@ -406,7 +472,7 @@ class QuantLinear:
             return self
         panels = np.asarray(self.panels)
         codes = _layout_codes(_panel_codes(panels, self.bits, False), self.bits, True)
-        header = panels[..., :_header_bytes(self.bits)]
+        header = panels[..., : _header_bytes(self.bits)]
         return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, self.bits, True)
 
     def apply(self, x: jax.Array) -> jax.Array:
@@ -458,8 +524,9 @@ class ExpertQuantLinear:
     def with_int8_activations(self) -> "ExpertQuantLinear":
         if self.int8:
             return self
-        return ExpertQuantLinear.from_experts([self.expert(e).with_int8_activations()
-                                               for e in range(self.panels.shape[0])])
+        return ExpertQuantLinear.from_experts(
+            [self.expert(e).with_int8_activations() for e in range(self.panels.shape[0])]
+        )
 
     def apply(self, x: jax.Array, experts: jax.Array) -> jax.Array:
         return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8)
@@ -471,6 +538,7 @@ PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 def pack_params(params: dict) -> dict:
     """The params pytree with every float32 matmul weight (and `lm_head`) packed for the native kernel."""
+
     def maybe_pack(w):
         return PackedLinear.from_dense(w) if not isinstance(w, NATIVE_LINEAR) and w.dtype == np.float32 else w
 

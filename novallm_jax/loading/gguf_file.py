@@ -21,10 +21,20 @@ from novallm_jax.loading.moe import GGUF_LAYER as MOE_GGUF_LAYER
 GGUF_MAGIC = b"GGUF"
 
 _LAYER_NAMES = {
-    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight",
-    "v": "attn_v.weight", "o": "attn_output.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias",
-    "v_bias": "attn_v.bias", "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
-    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+    "attn_norm": "attn_norm.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "q": "attn_q.weight",
+    "k": "attn_k.weight",
+    "v": "attn_v.weight",
+    "o": "attn_output.weight",
+    "q_bias": "attn_q.bias",
+    "k_bias": "attn_k.bias",
+    "v_bias": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
+    "gate": "ffn_gate.weight",
+    "up": "ffn_up.weight",
+    "down": "ffn_down.weight",
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 
@@ -79,18 +89,22 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     names = gguf_names
     if cfg.moe is not None:
         from novallm_jax.loading.moe import is_moe_part, moe_gguf_name
+
         names = lambda i, part: moe_gguf_name(i, part) if is_moe_part(part) else gguf_names(i, part)
     if cfg.gemma is not None:
         cfg = gemma_gguf_config(cfg, tensors)
         names = gemma_gguf_names
     if cfg.model_type == "phi3":
         from novallm_jax.loading.phi3 import phi3_gguf_config
+
         cfg = phi3_gguf_config(cfg, gguf_metadata(reader), tensors)
     expected = _expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise TensorError(f"GGUF {path} is missing tensor {missing[0]!r} (expected shape {expected[missing[0]]}; "
-                          f"{len(missing)} missing in all)")
+        raise TensorError(
+            f"GGUF {path} is missing tensor {missing[0]!r} (expected shape {expected[missing[0]]}; "
+            f"{len(missing)} missing in all)"
+        )
     unexpected = sorted(n for n in set(tensors) - set(expected) if n != "rope_freqs.weight")
     if unexpected:
         raise TensorError(f"GGUF {path} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
@@ -137,8 +151,10 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         try:
             a = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ModelLoadError(f"tensor {name!r} in {path} uses {t.tensor_type.name}, which the installed gguf "
-                                 f"package cannot dequantise") from None
+            raise ModelLoadError(
+                f"tensor {name!r} in {path} uses {t.tensor_type.name}, which the installed gguf "
+                f"package cannot dequantise"
+            ) from None
         a = np.asarray(a, np.float32)
         if a.shape != expected[name]:
             raise TensorError(f"tensor {name!r} in {path} has shape {a.shape}, expected {expected[name]}")
@@ -150,6 +166,7 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
     logging.info("loading %s (%s, %d layers)", path, arch, cfg.num_layers)
     if cfg.model_type == "phi3":
         from novallm_jax.loading.phi3 import GGUF_FUSED, unfused_getter
+
         get = unfused_getter(cfg, get, names, lambda i, part: f"blk.{i}.{GGUF_FUSED[part]}")
     params = assemble_params(cfg, get, names, dtype, desc=os.path.basename(path))
     for type_name, how in sorted(roles.items()):
@@ -169,8 +186,10 @@ def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
     if count["codes"]:
         phrases.append(f"{count['codes']} tensors kept in " + ("16 bits" if exact else "codes") + " (exact)")
     if count["dense"]:
-        phrases.append(f"{count['dense']} matmul weights " + (
-            f"in {dtype}" if same else f"widened to {dtype} (exact)" if exact else f"dequantised to {dtype}"))
+        phrases.append(
+            f"{count['dense']} matmul weights "
+            + (f"in {dtype}" if same else f"widened to {dtype} (exact)" if exact else f"dequantised to {dtype}")
+        )
     if count["table"]:
         phrases.append("the embedding table" + ("" if same else f" as {dtype} (its rows are gathered)"))
     if count["vector"]:
@@ -179,8 +198,13 @@ def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:
 
 
 _MATMUL_TENSORS = tuple(_LAYER_NAMES[p] for p in ("q", "k", "v", "o", "gate", "up", "down")) + (
-    _GLOBAL_NAMES["embed"], _GLOBAL_NAMES["lm_head"], GGUF_LAYER["ple_gate"], GGUF_LAYER["ple_proj"], "attn_qkv.weight",
-    GGUF_GLOBAL["ple_model_proj"])
+    _GLOBAL_NAMES["embed"],
+    _GLOBAL_NAMES["lm_head"],
+    GGUF_LAYER["ple_gate"],
+    GGUF_LAYER["ple_proj"],
+    "attn_qkv.weight",
+    GGUF_GLOBAL["ple_model_proj"],
+)
 
 _EXPERT_TENSORS = tuple(MOE_GGUF_LAYER[k] for k in ("gate", "up", "down")) + (GGUF_LAYER["experts_gate_up"],)
 
@@ -218,8 +242,10 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 out[gguf_names(i, part)] = hf[hf_names(i, part)]
         if cfg.moe is not None and cfg.moe.sparse_layers[i]:
             from novallm_jax.loading.moe import moe_gguf_shapes
+
             out.update(moe_gguf_shapes(cfg, i))
     if cfg.model_type == "phi3":
         from novallm_jax.loading.phi3 import gguf_shapes
+
         out.update(gguf_shapes(cfg))
     return out

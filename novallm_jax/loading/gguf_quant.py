@@ -39,12 +39,13 @@ class BlockQuant:
         codes = self.codes.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
         d = np.repeat(self.d[..., None], BLOCK, -1)
         if self.d2 is not None:
-            d[..., BLOCK // 2:] = self.d2[..., None]
+            d[..., BLOCK // 2 :] = self.d2[..., None]
         return ((d * codes) + self.m[..., None]).reshape(rows, cols)
 
     def take_rows(self, index: np.ndarray) -> "BlockQuant":
-        return BlockQuant(self.codes[index], self.d[index], self.m[index], self.bits,
-                          None if self.d2 is None else self.d2[index])
+        return BlockQuant(
+            self.codes[index], self.d[index], self.m[index], self.bits, None if self.d2 is None else self.d2[index]
+        )
 
     def to_8bit(self) -> "BlockQuant":
         """The same weights with their codes held in 8 bits (4-bit codes are 0..15)."""
@@ -132,7 +133,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
         d, codes, m, bits = _f16(blocks[:, :2]), blocks[:, 2:].view(np.int8), None, 8
     elif type_name == "Q4_0":
         d, m, bits = _f16(blocks[:, :2]), None, 8
-        codes = (_nibbles(blocks[:, 2:], 16).astype(np.int8) - np.int8(8))
+        codes = _nibbles(blocks[:, 2:], 16).astype(np.int8) - np.int8(8)
     elif type_name == "Q4_1":
         d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 4
         codes = _nibbles(blocks[:, 4:], 16)
@@ -153,7 +154,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
         m = None
     else:  # Q4_K, Q5_K: super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins
         sc, mn = _q4_k_scales(blocks[:, 4:16])
-        d = (_f16(blocks[:, :2])[:, None] * sc.astype(np.float32))
+        d = _f16(blocks[:, :2])[:, None] * sc.astype(np.float32)
         m = -(_f16(blocks[:, 2:4])[:, None] * mn.astype(np.float32))  # d * q + (-dm) == d * q - dm exactly
         if type_name == "Q4_K":
             codes, bits = _nibbles(blocks[:, 16:], 32), 4
@@ -164,4 +165,3 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     d = np.asarray(d, np.float32).reshape(rows, cols // BLOCK)
     m = np.zeros_like(d) if m is None else np.asarray(m, np.float32).reshape(rows, cols // BLOCK)
     return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits, d2 if bits == 6 else None)
-

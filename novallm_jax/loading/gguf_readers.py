@@ -50,10 +50,19 @@ def reader_for(path: str, open_reader: Callable[[str], Any]) -> Any:
     return reader
 
 
-_SCALARS = {gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-            gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-            gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-            gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d"}
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B",
+    gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I",
+    gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f",
+    gguf.GGUFValueType.BOOL: "<?",
+    gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT64: "<d",
+}
 
 
 _U64 = struct.Struct("<Q")
@@ -96,7 +105,7 @@ class FastReader(gguf.GGUFReader):
 
 def _string(buf: memoryview, offs: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, offs)
-    return str(buf[offs + 8:offs + 8 + n], "utf-8"), offs + 8 + n
+    return str(buf[offs + 8 : offs + 8 + n], "utf-8"), offs + 8 + n
 
 
 def _value(buf: memoryview, offs: int, kind) -> tuple[Any, list, int]:
@@ -119,7 +128,7 @@ def _value(buf: memoryview, offs: int, kind) -> tuple[Any, list, int]:
         items, length = [], _U64.unpack_from
         for _ in range(n):
             (k,) = length(buf, offs)
-            items.append(str(buf[offs + 8:offs + 8 + k], "utf-8"))
+            items.append(str(buf[offs + 8 : offs + 8 + k], "utf-8"))
             offs += 8 + k
         return items, [sub], offs
     items, types = [], [sub]

@@ -12,8 +12,7 @@ from safetensors import safe_open
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
 from novallm_jax.loading.assemble import assemble_params
-from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIXES, gemma_hf_names, \
-    gemma_tensor_shapes
+from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIXES, gemma_hf_names, gemma_tensor_shapes
 
 # Buffers some checkpoints carry that hold no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -29,26 +28,35 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (cfg.q_size, d),
-            p + "self_attn.k_proj.weight": (cfg.kv_size, d),
-            p + "self_attn.v_proj.weight": (cfg.kv_size, d),
-            p + "self_attn.o_proj.weight": (d, cfg.q_size),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (cfg.q_size, d),
+                p + "self_attn.k_proj.weight": (cfg.kv_size, d),
+                p + "self_attn.v_proj.weight": (cfg.kv_size, d),
+                p + "self_attn.o_proj.weight": (d, cfg.q_size),
+            }
+        )
         if cfg.model_type == "phi3":  # q/k/v and gate/up fused in the checkpoint
             from novallm_jax.loading.phi3 import HF_FUSED, fused_shapes
+
             for n in ("q", "k", "v"):
                 del shapes[p + f"self_attn.{n}_proj.weight"]
             shapes.update({p + HF_FUSED[part]: shape for part, shape in fused_shapes(cfg).items()})
             shapes[p + "mlp.down_proj.weight"] = (d, f)
         elif cfg.moe is not None and cfg.moe.sparse_layers[i]:
             from novallm_jax.loading.moe import moe_hf_shapes
+
             shapes.update(moe_hf_shapes(cfg, i))
         else:
-            shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                           p + "mlp.down_proj.weight": (d, f)})
+            shapes.update(
+                {
+                    p + "mlp.gate_proj.weight": (f, d),
+                    p + "mlp.up_proj.weight": (f, d),
+                    p + "mlp.down_proj.weight": (d, f),
+                }
+            )
         if cfg.attention_bias:
             for n, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
                 shapes[p + f"self_attn.{n}_proj.bias"] = (size,)
@@ -88,13 +96,17 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
         names.discard("lm_head.weight")  # some tied checkpoints store the copy too
     missing = sorted(set(expected) - names)
     if missing:
-        raise TensorError(f"checkpoint in {model_dir} is missing tensor {missing[0]!r} "
-                          f"(expected shape {expected[missing[0]]}; {len(missing)} missing in all)")
+        raise TensorError(
+            f"checkpoint in {model_dir} is missing tensor {missing[0]!r} "
+            f"(expected shape {expected[missing[0]]}; {len(missing)} missing in all)"
+        )
     unexpected = sorted(names - set(expected))
     if unexpected:
-        raise TensorError(f"checkpoint in {model_dir} has unexpected tensor {unexpected[0]!r} "
-                          f"in {os.path.basename(files[unexpected[0]])} ({len(unexpected)} unexpected in all); "
-                          f"is config.json ({cfg.model_type}) the right one for these weights?")
+        raise TensorError(
+            f"checkpoint in {model_dir} has unexpected tensor {unexpected[0]!r} "
+            f"in {os.path.basename(files[unexpected[0]])} ({len(unexpected)} unexpected in all); "
+            f"is config.json ({cfg.model_type}) the right one for these weights?"
+        )
 
     handles = {}
 
@@ -109,8 +121,9 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
                 raise ModelLoadError(f"{fn} is not a valid safetensors file: {e}") from None
         a = handles[fn].get_tensor(stored.get(name, name))
         if tuple(a.shape) != expected[name]:
-            raise TensorError(f"tensor {name!r} in {os.path.basename(fn)} has shape {tuple(a.shape)}, "
-                              f"expected {expected[name]}")
+            raise TensorError(
+                f"tensor {name!r} in {os.path.basename(fn)} has shape {tuple(a.shape)}, expected {expected[name]}"
+            )
         return np.asarray(a.astype(np.float32))
 
     logging.info("loading %s (%s, %d layers)", model_dir, cfg.model_type, cfg.num_layers)
@@ -119,6 +132,7 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
         names_of = _moe_names(cfg)
     if cfg.model_type == "phi3":
         from novallm_jax.loading.phi3 import HF_FUSED, unfused_getter
+
         get = unfused_getter(cfg, get, hf_names, lambda i, part: f"model.layers.{i}.{HF_FUSED[part]}")
     return cfg, assemble_params(cfg, get, names_of, dtype, desc=os.path.basename(model_dir.rstrip("/")))
 
@@ -126,8 +140,9 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
 def _text_model_files(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """A multimodal checkpoint's text model under the text-only names, its vision tensors left out: (name -> file,
     name -> the name stored in the file where they differ)."""
-    stored = {new + n[len(old):]: n for n in files for old, new in MULTIMODAL_TEXT_PREFIXES.items()
-              if n.startswith(old)}
+    stored = {
+        new + n[len(old) :]: n for n in files for old, new in MULTIMODAL_TEXT_PREFIXES.items() if n.startswith(old)
+    }
     if not stored:
         return files, {}
     kept = {n: fn for n, fn in files.items() if not n.startswith(MULTIMODAL_IGNORED + tuple(MULTIMODAL_TEXT_PREFIXES))}
@@ -137,17 +152,31 @@ def _text_model_files(files: dict[str, str]) -> tuple[dict[str, str], dict[str, 
 def hf_names(i: int | None, part: str) -> str:
     """HF tensor name of a logical weight (`i` is the layer, None for globals)."""
     if i is None:
-        return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-                "lm_head": "lm_head.weight"}[part]
-    return f"model.layers.{i}." + {
-        "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-        "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
-        "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
-        "v_bias": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-        "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
-    }[part]
+        return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}[
+            part
+        ]
+    return (
+        f"model.layers.{i}."
+        + {
+            "attn_norm": "input_layernorm.weight",
+            "mlp_norm": "post_attention_layernorm.weight",
+            "q": "self_attn.q_proj.weight",
+            "k": "self_attn.k_proj.weight",
+            "v": "self_attn.v_proj.weight",
+            "o": "self_attn.o_proj.weight",
+            "q_bias": "self_attn.q_proj.bias",
+            "k_bias": "self_attn.k_proj.bias",
+            "v_bias": "self_attn.v_proj.bias",
+            "q_norm": "self_attn.q_norm.weight",
+            "k_norm": "self_attn.k_norm.weight",
+            "gate": "mlp.gate_proj.weight",
+            "up": "mlp.up_proj.weight",
+            "down": "mlp.down_proj.weight",
+        }[part]
+    )
 
 
 def _moe_names(cfg: ModelConfig):
     from novallm_jax.loading.moe import is_moe_part, moe_hf_name
+
     return lambda i, part: moe_hf_name(cfg, i, part) if is_moe_part(part) else hf_names(i, part)

@@ -13,13 +13,25 @@ from novallm_jax.config import ModelConfig
 from novallm_jax.loading.gguf_quant import BlockQuant
 
 _HF = {
-    "mixtral": {"router": "block_sparse_moe.gate.weight", "gate": "block_sparse_moe.experts.{j}.w1.weight",
-                "up": "block_sparse_moe.experts.{j}.w3.weight", "down": "block_sparse_moe.experts.{j}.w2.weight"},
-    "qwen3_moe": {"router": "mlp.gate.weight", "gate": "mlp.experts.{j}.gate_proj.weight",
-                  "up": "mlp.experts.{j}.up_proj.weight", "down": "mlp.experts.{j}.down_proj.weight"},
+    "mixtral": {
+        "router": "block_sparse_moe.gate.weight",
+        "gate": "block_sparse_moe.experts.{j}.w1.weight",
+        "up": "block_sparse_moe.experts.{j}.w3.weight",
+        "down": "block_sparse_moe.experts.{j}.w2.weight",
+    },
+    "qwen3_moe": {
+        "router": "mlp.gate.weight",
+        "gate": "mlp.experts.{j}.gate_proj.weight",
+        "up": "mlp.experts.{j}.up_proj.weight",
+        "down": "mlp.experts.{j}.down_proj.weight",
+    },
 }
-GGUF_LAYER = {"router": "ffn_gate_inp.weight", "gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight",
-              "down": "ffn_down_exps.weight"}
+GGUF_LAYER = {
+    "router": "ffn_gate_inp.weight",
+    "gate": "ffn_gate_exps.weight",
+    "up": "ffn_up_exps.weight",
+    "down": "ffn_down_exps.weight",
+}
 
 
 def is_moe_part(part: str) -> bool:
@@ -27,7 +39,7 @@ def is_moe_part(part: str) -> bool:
 
 
 def _split(part: str) -> tuple[str, str]:
-    kind, _, j = part[len("moe_"):].partition(".")
+    kind, _, j = part[len("moe_") :].partition(".")
     return kind, j
 
 
@@ -52,8 +64,12 @@ def moe_hf_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
 
 def moe_gguf_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
     m, d, f = cfg.moe, cfg.hidden_size, cfg.moe.expert_size
-    return {moe_gguf_name(i, "moe_router"): (m.num_experts, d), moe_gguf_name(i, "moe_gate"): (m.num_experts, f, d),
-            moe_gguf_name(i, "moe_up"): (m.num_experts, f, d), moe_gguf_name(i, "moe_down"): (m.num_experts, d, f)}
+    return {
+        moe_gguf_name(i, "moe_router"): (m.num_experts, d),
+        moe_gguf_name(i, "moe_gate"): (m.num_experts, f, d),
+        moe_gguf_name(i, "moe_up"): (m.num_experts, f, d),
+        moe_gguf_name(i, "moe_down"): (m.num_experts, d, f),
+    }
 
 
 def stacked_experts(get, name, i: int, kind: str, num_experts: int, first=None) -> np.ndarray:
@@ -85,8 +101,9 @@ def assemble_experts(gate_up: list, down, num_experts: int, put) -> dict:
         return _coded_experts(gate_up, down, num_experts)
     if any(coded):
         logging.warning("expert weights in block codes beside ones that are not are widened to float32")
-    stack = lambda a: (a.dequantize().reshape(num_experts, -1, a.shape[1]) if isinstance(a, BlockQuant)
-                       else np.asarray(a, np.float32))
+    stack = lambda a: (
+        a.dequantize().reshape(num_experts, -1, a.shape[1]) if isinstance(a, BlockQuant) else np.asarray(a, np.float32)
+    )
     gu = np.concatenate([stack(a) for a in gate_up], axis=1)  # [E, 2F, D]
     return {"experts_gate_up": put(gu.transpose(0, 2, 1)), "experts_down": put(stack(down).transpose(0, 2, 1))}
 
@@ -99,11 +116,15 @@ def _coded_experts(gate_up: list, down, num_experts: int) -> dict:
         r = bq.shape[0] // num_experts
         return bq.take_rows(slice(j * r, (j + 1) * r))
 
-    fused = [native.QuantLinear.from_blocks(BlockQuant.concat_rows([rows(a, j) for a in gate_up]))
-             for j in range(num_experts)]
+    fused = [
+        native.QuantLinear.from_blocks(BlockQuant.concat_rows([rows(a, j) for a in gate_up]))
+        for j in range(num_experts)
+    ]
     down_ = [native.QuantLinear.from_blocks(rows(down, j)) for j in range(num_experts)]
-    return {"experts_gate_up": native.ExpertQuantLinear.from_experts(fused),
-            "experts_down": native.ExpertQuantLinear.from_experts(down_)}
+    return {
+        "experts_gate_up": native.ExpertQuantLinear.from_experts(fused),
+        "experts_down": native.ExpertQuantLinear.from_experts(down_),
+    }
 
 
 def write_moe(w, cfg: ModelConfig, get, add, permute) -> None:

@@ -54,8 +54,19 @@ def entry_key(path: str, options: tuple) -> str:
 
     st = os.stat(path)
     h = hashlib.sha256()
-    h.update(repr((os.path.realpath(path), st.st_size, st.st_mtime_ns, options, jax.__version__, np.__version__,
-                   native.int8_dot_isa())).encode())
+    h.update(
+        repr(
+            (
+                os.path.realpath(path),
+                st.st_size,
+                st.st_mtime_ns,
+                options,
+                jax.__version__,
+                np.__version__,
+                native.int8_dot_isa(),
+            )
+        ).encode()
+    )
     with open(path, "rb") as f:
         h.update(f.read(_EDGE))
         f.seek(max(0, st.st_size - _EDGE))
@@ -78,8 +89,12 @@ def cached(path: str, options: tuple, load: Callable[[], tuple[ModelConfig, Any]
             logging.info("weights of %s read from the packed-weights cache %s", path, entry)
             return result
         except Exception as e:  # any failure to read back: a broken entry, never a reason to fail the load
-            logging.warning("packed-weights cache entry %s is unreadable (%s: %s): removed, to be written again",
-                            entry, type(e).__name__, e)
+            logging.warning(
+                "packed-weights cache entry %s is unreadable (%s: %s): removed, to be written again",
+                entry,
+                type(e).__name__,
+                e,
+            )
             shutil.rmtree(entry, ignore_errors=True)
     cfg, params = load()
     try:
@@ -120,7 +135,7 @@ def _read(entry: Path) -> tuple[ModelConfig, Any]:
     leaves, offset = [], 0
     for dt, (_, shape), n in zip(dtypes, index["leaves"], sizes):
         # A copy (the file may change), made without compiling: jnp.asarray would build a program per shape and dtype.
-        leaves.append(jax.device_put(raw[offset:offset + n].view(dt).reshape(shape), may_alias=False))
+        leaves.append(jax.device_put(raw[offset : offset + n].view(dt).reshape(shape), may_alias=False))
         offset += n
     return index["config"], jax.tree.unflatten(index["treedef"], leaves)
 
@@ -128,8 +143,11 @@ def _read(entry: Path) -> tuple[ModelConfig, Any]:
 def _evict(keep: Path) -> None:
     """Removes all but the MAX_ENTRIES most recently used entries (and stale temporary directories)."""
     root = keep.parent
-    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in entries[MAX_ENTRIES:]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)

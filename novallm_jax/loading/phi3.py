@@ -32,7 +32,9 @@ def fused_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def unfused_getter(cfg: ModelConfig, get, name, fused_name):
     """A getter over `get` (tensor name -> array or BlockQuant) that also answers the names `name(i, part)` of q/k/v
     and gate/up with rows of layer i's fused weight, named `fused_name(i, "qkv" | "gate_up")`."""
-    wanted = {name(i, part): (i, fused, share) for i in range(cfg.num_layers) for part, (fused, share) in _FUSED.items()}
+    wanted = {
+        name(i, part): (i, fused, share) for i in range(cfg.num_layers) for part, (fused, share) in _FUSED.items()
+    }
 
     def unfused(n: str):
         if n not in wanted:
@@ -79,16 +81,22 @@ def phi3_gguf_config(cfg: ModelConfig, meta, tensors: dict) -> ModelConfig:
         factors = [tuple(float(f) for f in np.asarray(tensors[n].data, np.float32)) for n in GGUF_ROPE]
         orig = int(meta["phi3.rope.scaling.original_context_length"])
         attn = float(meta.get("phi3.rope.scaling.attn_factor", 1.0))
-        scaling = RopeScaling("longrope", factor=cfg.max_position_embeddings / orig,
-                              original_max_position_embeddings=orig, long_factor=factors[0], short_factor=factors[1],
-                              attention_factor=attn)
+        scaling = RopeScaling(
+            "longrope",
+            factor=cfg.max_position_embeddings / orig,
+            original_max_position_embeddings=orig,
+            long_factor=factors[0],
+            short_factor=factors[1],
+            attention_factor=attn,
+        )
     return dataclasses.replace(cfg, sliding_window=int(window) if window else None, rope_scaling=scaling)
 
 
 def gguf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The fused weights and longrope factors of a phi3 GGUF file (numpy order)."""
-    out = {f"blk.{i}.{GGUF_FUSED[part]}": shape for i in range(cfg.num_layers)
-           for part, shape in fused_shapes(cfg).items()}
+    out = {
+        f"blk.{i}.{GGUF_FUSED[part]}": shape for i in range(cfg.num_layers) for part, shape in fused_shapes(cfg).items()
+    }
     if cfg.rope_scaling is not None:
         out.update({n: (cfg.head_dim // 2,) for n in GGUF_ROPE})
     return out

@@ -29,8 +29,15 @@ from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.serving import protocol as P
 from novallm_jax.structured import StructuredOutput
 from novallm_jax.tool_calls import ChatRendering, ToolStream
-from novallm_jax.serving.errors import (APIError, APIKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware,
-                                        install_handlers, internal_error, request_id)
+from novallm_jax.serving.errors import (
+    APIError,
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    install_handlers,
+    internal_error,
+    request_id,
+)
 from novallm_jax.serving.metrics import ServerMetrics
 from novallm_jax.serving.streams import Fanout
 
@@ -57,8 +64,13 @@ class Admission:
 
     def acquire(self) -> None:
         if self.active >= self.limit:
-            raise APIError(429, f"too many requests in flight (limit {self.limit}); retry later",
-                           "rate_limit_exceeded", None, "rate_limit_exceeded")
+            raise APIError(
+                429,
+                f"too many requests in flight (limit {self.limit}); retry later",
+                "rate_limit_exceeded",
+                None,
+                "rate_limit_exceeded",
+            )
         self.active += 1
 
     def release(self) -> None:
@@ -82,17 +94,27 @@ class Server:
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
         """OpenAI's rule: prompt plus max_tokens must fit the context. Returns max_tokens (None: what fits)."""
         n, limit = len(ids), self.max_model_len
         if n >= limit or (max_tokens is not None and n + max_tokens > limit):
             asked = f" and {max_tokens} for the completion" if max_tokens is not None else ""
-            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request has {n} "
-                                f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
-                           "invalid_request_error", param if n >= limit else "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens; the request has {n} "
+                f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
+                "invalid_request_error",
+                param if n >= limit else "max_tokens",
+                "context_length_exceeded",
+            )
         return limit - n if max_tokens is None else max_tokens
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
@@ -102,27 +124,43 @@ class Server:
         if bad is not None:
             raise APIError(400, f"token id {bad} in {param} is outside the vocabulary [0, {vocab})", param=param)
 
-    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                 add_special_tokens: bool = False) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, add_special_tokens: bool = False
+    ) -> list[int]:
         """The token ids of a conversation (roles already checked), rendered with the model's chat template."""
-        return self.render_chat(messages, add_generation_prompt=add_generation_prompt,
-                                add_special_tokens=add_special_tokens)[0]
+        return self.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, add_special_tokens=add_special_tokens
+        )[0]
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, tool_choice=None,
-                    parallel_tool_calls: bool | None = None, add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> tuple[list[int], ChatRendering]:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        tool_choice=None,
+        parallel_tool_calls: bool | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+    ) -> tuple[list[int], ChatRendering]:
         """`LLM.render_chat` with "developer" read as "system" and a template's own failures as a plain 400."""
         rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
         try:
-            return self.llm.render_chat(rendered, tools, tool_choice, parallel_tool_calls,
-                                        add_generation_prompt=add_generation_prompt,
-                                        add_special_tokens=add_special_tokens)
+            return self.llm.render_chat(
+                rendered,
+                tools,
+                tool_choice,
+                parallel_tool_calls,
+                add_generation_prompt=add_generation_prompt,
+                add_special_tokens=add_special_tokens,
+            )
         except InvalidRequestError:
             raise
         except Exception as e:  # a template that cannot render this conversation: its text is not for clients
             logging.warning("the chat template failed on a request: %r", e)
-            raise APIError(400, "the model's chat template could not render these messages (check their roles, "
-                                "order and contents)", param="messages") from e
+            raise APIError(
+                400,
+                "the model's chat template could not render these messages (check their roles, order and contents)",
+                param="messages",
+            ) from e
 
     def token_text(self, token_id: int) -> str:
         try:
@@ -144,39 +182,61 @@ def structured_output(req: P._Sampling) -> StructuredOutput | None:
         given.append(("response_format", {"json_object": True}))
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None:
-            raise APIError(400, "response_format of type json_schema needs a json_schema object",
-                           param="response_format.json_schema")
+            raise APIError(
+                400,
+                "response_format of type json_schema needs a json_schema object",
+                param="response_format.json_schema",
+            )
         given.append(("response_format", {"json": fmt.json_schema.schema_}))
     if req.structured_outputs is not None:
         so = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         given.append(("structured_outputs", {k: v for k, v in so.items() if v is not False}))
-    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                      ("guided_grammar", "grammar")):
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
         if getattr(req, name) is not None:
             given.append((name, {key: getattr(req, name)}))
     if not given:
         return None
     if len(given) > 1:
-        raise APIError(400, f"give one structured-output constraint, not {given[0][0]} and {given[1][0]}",
-                       param=given[1][0])
+        raise APIError(
+            400, f"give one structured-output constraint, not {given[0][0]} and {given[1][0]}", param=given[1][0]
+        )
     name, fields = given[0]
     try:
         return StructuredOutput.from_dict(fields)
     except InvalidRequestError as e:
-        raise APIError(400, str(e), param=name if e.param == "structured_outputs" else
-                       e.param.replace("structured_outputs", name)) from None
+        raise APIError(
+            400, str(e), param=name if e.param == "structured_outputs" else e.param.replace("structured_outputs", name)
+        ) from None
 
 
 def sampling_params(req: P._Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """The SDK's settings of one request body (each child of n > 1 gets `for_child(i)` later)."""
     opt = lambda v, default: default if v is None else v
-    return SamplingParams(speculative=opt(req.speculative, 0),
-        temperature=opt(req.temperature, 1.0), top_p=opt(req.top_p, 1.0), top_k=opt(req.top_k, 0),
-        min_p=opt(req.min_p, 0.0), repetition_penalty=opt(req.repetition_penalty, 1.0),
-        presence_penalty=opt(req.presence_penalty, 0.0), frequency_penalty=opt(req.frequency_penalty, 0.0),
-        logit_bias=req.logit_bias, seed=req.seed, max_tokens=max_tokens, min_tokens=opt(req.min_tokens, 0),
-        stop=opt(req.stop, ()), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, n=req.n, structured=structured_output(req))
+    return SamplingParams(
+        speculative=opt(req.speculative, 0),
+        temperature=opt(req.temperature, 1.0),
+        top_p=opt(req.top_p, 1.0),
+        top_k=opt(req.top_k, 0),
+        min_p=opt(req.min_p, 0.0),
+        repetition_penalty=opt(req.repetition_penalty, 1.0),
+        presence_penalty=opt(req.presence_penalty, 0.0),
+        frequency_penalty=opt(req.frequency_penalty, 0.0),
+        logit_bias=req.logit_bias,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=opt(req.min_tokens, 0),
+        stop=opt(req.stop, ()),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        n=req.n,
+        structured=structured_output(req),
+    )
 
 
 def _finish_reason(out: RequestOutput, tool_calls: bool = False) -> str | None:
@@ -191,8 +251,9 @@ def _check_failed(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         raise APIError(500, f"generation failed: {out.error or 'internal error'}", "server_error")
     if out.finish_reason is FinishReason.CANCELLED:
-        raise APIError(503, "the request was cancelled: the server is shutting down", "server_overloaded", None,
-                       "cancelled")
+        raise APIError(
+            503, "the request was cancelled: the server is shutting down", "server_overloaded", None, "cancelled"
+        )
 
 
 def _usage(prompts: list[list[int]], outs: list[RequestOutput]) -> dict[str, int]:
@@ -209,7 +270,7 @@ def _delta_logprobs(out: RequestOutput) -> list[TokenLogprob]:
     if out.logprobs is None or not out.delta_token_ids:
         return []
     end = len(out.token_ids)
-    return out.logprobs[end - len(out.delta_token_ids):end]
+    return out.logprobs[end - len(out.delta_token_ids) : end]
 
 
 class _Handlers:
@@ -220,9 +281,14 @@ class _Handlers:
 
     # ---- shared ----------------------------------------------------------------------------------------------
 
-    async def _run(self, request: Request, jobs: list[tuple[list[int], SamplingParams]], stream: bool,
-                   make_stream: Callable[[Fanout], AsyncIterator[str]],
-                   make_body: Callable[[list[RequestOutput]], dict]) -> Response:
+    async def _run(
+        self,
+        request: Request,
+        jobs: list[tuple[list[int], SamplingParams]],
+        stream: bool,
+        make_stream: Callable[[Fanout], AsyncIterator[str]],
+        make_body: Callable[[list[RequestOutput]], dict],
+    ) -> Response:
         """Admits, submits (errors become 4xx/5xx before any byte is sent), then streams or collects."""
         self.s.admission.acquire()
         fan = Fanout(self.s.llm, jobs)
@@ -247,8 +313,9 @@ class _Handlers:
                     self.s.observe(fan.final)
                     self.s.admission.release()
 
-            return StreamingResponse(body(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         try:
             outs = await self._collect(request, fan)
         finally:
@@ -297,9 +364,12 @@ class _Handlers:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self.s.token_text(k): v for k, v in e.top.items()} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.s.token_text(k): v for k, v in e.top.items()} for e in entries],
+            "text_offset": offsets,
+        }
 
     async def _prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[TokenLogprob | None]]:
         return [await asyncio.to_thread(self.s.llm.prompt_logprobs, ids, k) for ids in prompts]
@@ -319,8 +389,12 @@ class _Handlers:
     async def completions(self, body: P.CompletionRequest, request: Request) -> Response:
         self._check_common(body)
         if body.suffix:
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server; put the text to "
-                                "continue in prompt and leave suffix out", param="suffix")
+            raise APIError(
+                400,
+                "suffix (fill-in-the-middle) is not supported by this server; put the text to "
+                "continue in prompt and leave suffix out",
+                param="suffix",
+            )
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (or be left out)", param="best_of")
         prompts = self._prompts(body.prompt)
@@ -347,8 +421,13 @@ class _Handlers:
             if not (body.echo and body.logprobs is not None):
                 return None
             first = TokenLogprob(prompts[prompt_of(index)][0], None, {})
-            lp = self._completion_logprobs([first] + [TokenLogprob(e.token_id, e.logprob, dict(
-                list(e.top.items())[:body.logprobs])) for e in entries[1:]], 0)
+            lp = self._completion_logprobs(
+                [first]
+                + [
+                    TokenLogprob(e.token_id, e.logprob, dict(list(e.top.items())[: body.logprobs])) for e in entries[1:]
+                ],
+                0,
+            )
             lp["top_logprobs"][0] = None
             return lp
 
@@ -356,14 +435,21 @@ class _Handlers:
             if head is None:
                 return tail
             end = head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0
-            return {"tokens": head["tokens"] + tail["tokens"],
-                    "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
-                    "top_logprobs": head["top_logprobs"] + tail["top_logprobs"],
-                    "text_offset": head["text_offset"] + [o + end for o in tail["text_offset"]]}
+            return {
+                "tokens": head["tokens"] + tail["tokens"],
+                "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+                "top_logprobs": head["top_logprobs"] + tail["top_logprobs"],
+                "text_offset": head["text_offset"] + [o + end for o in tail["text_offset"]],
+            }
 
         def chunk(choices, usage=None):
-            data = {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
-                    "choices": choices}
+            data = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.s.model_name,
+                "choices": choices,
+            }
             if body.stream_options is not None and body.stream_options.include_usage:
                 data["usage"] = usage
             return _sse(data)
@@ -390,11 +476,15 @@ class _Handlers:
                     offsets[i] += sum(len(t) for t in lp["tokens"])
                     if head is not None:
                         lp = {key: head[key] + lp[key] for key in lp}
-                extra = {"prompt_logprobs": self._vllm_prompt_logprobs(prompt_lps[prompt_of(i)])} if (
-                    first and body.prompt_logprobs is not None) else {}
+                extra = (
+                    {"prompt_logprobs": self._vllm_prompt_logprobs(prompt_lps[prompt_of(i)])}
+                    if (first and body.prompt_logprobs is not None)
+                    else {}
+                )
                 if text or out.finished or lp:
-                    yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(out),
-                                  **extra}])
+                    yield chunk(
+                        [{"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(out), **extra}]
+                    )
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield chunk([], _usage(prompts, list(fan.final)))
@@ -406,13 +496,23 @@ class _Handlers:
                 lp = None
                 if body.logprobs is not None:
                     lp = joined(echoed_logprobs(i), self._completion_logprobs(out.logprobs or [], 0))
-                choice = {"index": i, "text": echo[prompt_of(i)] + out.text, "logprobs": lp,
-                          "finish_reason": _finish_reason(out)}
+                choice = {
+                    "index": i,
+                    "text": echo[prompt_of(i)] + out.text,
+                    "logprobs": lp,
+                    "finish_reason": _finish_reason(out),
+                }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = self._vllm_prompt_logprobs(prompt_lps[prompt_of(i)])
                 choices.append(choice)
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.s.model_name,
-                    "choices": choices, "usage": _usage(prompts, outs)}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.s.model_name,
+                "choices": choices,
+                "usage": _usage(prompts, outs),
+            }
 
         return await self._run(request, jobs, body.stream, stream, full)
 
@@ -430,23 +530,44 @@ class _Handlers:
             raise APIError(400, "input must not be empty", param="input")
         prompts = self.s.llm._inputs(inputs)
         if body.dimensions is not None and body.dimensions != self.s.llm.cfg.hidden_size:
-            raise APIError(400, f"dimensions must be {self.s.llm.cfg.hidden_size} (this model's hidden size) or left "
-                                "out", param="dimensions")
+            raise APIError(
+                400,
+                f"dimensions must be {self.s.llm.cfg.hidden_size} (this model's hidden size) or left out",
+                param="dimensions",
+            )
         for ids in prompts:
             if len(ids) > self.s.max_model_len:
-                raise APIError(400, f"an input has {len(ids)} tokens, more than this model's maximum context length "
-                                    f"({self.s.max_model_len})", param="input", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"an input has {len(ids)} tokens, more than this model's maximum context length "
+                    f"({self.s.max_model_len})",
+                    param="input",
+                    code="context_length_exceeded",
+                )
         self.s.admission.acquire()
         try:
             vectors = await asyncio.to_thread(self.s.llm.embed, prompts, body.pooling, body.normalize)
         finally:
             self.s.admission.release()
-        data = [{"object": "embedding", "index": i,
-                 "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
-                               else v.tolist())} for i, v in enumerate(vectors)]
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": (
+                    base64.b64encode(v.astype("<f4").tobytes()).decode()
+                    if body.encoding_format == "base64"
+                    else v.tolist()
+                ),
+            }
+            for i, v in enumerate(vectors)
+        ]
         n = sum(len(p) for p in prompts)
-        return {"object": "list", "data": data, "model": self.s.model_name,
-                "usage": {"prompt_tokens": n, "total_tokens": n}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.s.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
 
     # ---- tokenize --------------------------------------------------------------------------------------------
 
@@ -459,8 +580,9 @@ class _Handlers:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = self.s.llm.tokenizer.encode(body.prompt, add_special_tokens=add_special)
         else:
-            ids = self.s.chat_ids(P.message_dicts(body.messages), body.add_generation_prompt,
-                                  bool(body.add_special_tokens))
+            ids = self.s.chat_ids(
+                P.message_dicts(body.messages), body.add_generation_prompt, bool(body.add_special_tokens)
+            )
         strs = [self.s.llm.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids, "token_strs": strs}
 
@@ -471,15 +593,19 @@ class _Handlers:
             text = self.s.token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**item(e.token_id, e.logprob),
-                             "top_logprobs": [item(k, v) for k, v in e.top.items()]} for e in entries]}
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(k, v) for k, v in e.top.items()]} for e in entries
+            ]
+        }
 
     async def chat(self, body: P.ChatCompletionRequest, request: Request) -> Response:
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids, rendering = self.s.render_chat(P.message_dicts(body.messages), **body.tool_fields(),
-                                            add_generation_prompt=body.add_generation_prompt)
+        ids, rendering = self.s.render_chat(
+            P.message_dicts(body.messages), **body.tool_fields(), add_generation_prompt=body.add_generation_prompt
+        )
         tools = rendering.tools
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -495,8 +621,13 @@ class _Handlers:
         extra = {} if prompt_lps is None else {"prompt_logprobs": prompt_lps}
 
         def chunk(choices, usage=None):
-            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.s.model_name,
-                    "choices": choices}
+            data = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.s.model_name,
+                "choices": choices,
+            }
             if body.stream_options is not None and body.stream_options.include_usage:
                 data["usage"] = usage
             return _sse(data)
@@ -504,8 +635,17 @@ class _Handlers:
         async def stream(fan: Fanout) -> AsyncIterator[str]:
             splitters = [ToolStream(tools, rendering.parser) if tools is not None else None for _ in jobs]
             for i in range(len(jobs)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None, **extra}])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                            **extra,
+                        }
+                    ]
+                )
             async for i, out in fan:
                 if out.finish_reason is FinishReason.ERROR:
                     yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
@@ -520,15 +660,39 @@ class _Handlers:
                 if text or (lp and lp["content"]):
                     yield chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
                 for k, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
-                    yield chunk([{"index": i, "delta": {"tool_calls": [{
-                        "index": k, "id": call.id, "type": "function",
-                        "function": {"name": call.name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None}])
-                    yield chunk([{"index": i, "delta": {"tool_calls": [{
-                        "index": k, "function": {"arguments": call.arguments}}]}, "logprobs": None,
-                        "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {
+                                    "tool_calls": [
+                                        {
+                                            "index": k,
+                                            "id": call.id,
+                                            "type": "function",
+                                            "function": {"name": call.name, "arguments": ""},
+                                        }
+                                    ]
+                                },
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 if out.finished:
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                                  "finish_reason": _finish_reason(out, bool(calls))}])
+                    yield chunk(
+                        [{"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(out, bool(calls))}]
+                    )
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield chunk([], _usage([ids], list(fan.final)))
@@ -547,11 +711,23 @@ class _Handlers:
             choices = []
             for i, out in enumerate(outs):
                 msg, called = message(out)
-                choices.append({"index": i, "message": msg,
-                                "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
-                                "finish_reason": _finish_reason(out, called), **extra})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": self.s.model_name,
-                    "choices": choices, "usage": _usage([ids], outs)}
+                choices.append(
+                    {
+                        "index": i,
+                        "message": msg,
+                        "logprobs": self._chat_logprobs(out.logprobs or []) if body.logprobs else None,
+                        "finish_reason": _finish_reason(out, called),
+                        **extra,
+                    }
+                )
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.s.model_name,
+                "choices": choices,
+                "usage": _usage([ids], outs),
+            }
 
         return await self._run(request, jobs, body.stream, stream, full)
 
@@ -576,18 +752,28 @@ class _MetricsMiddleware:
 
 
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-_ERRORS = {code: {"description": desc, "content": _ERROR_CONTENT}
-           for code, desc in ((400, "Invalid request"), (401, "Missing or wrong API key"),
-                              (404, "Unknown model"), (413, "Body too large"), (429, "Too many requests in flight"),
-                              (503, "Queue full"))}
+_ERRORS = {
+    code: {"description": desc, "content": _ERROR_CONTENT}
+    for code, desc in (
+        (400, "Invalid request"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Body too large"),
+        (429, "Too many requests in flight"),
+        (503, "Queue full"),
+    )
+}
 
 
 def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | None = None) -> FastAPI:
     """The FastAPI app serving `llm` (pass `server` to share limits and metrics with a gRPC front)."""
     server = server or Server(llm, config)
     config = server.config
-    app = FastAPI(title="NovaLLM-JAX", version="0.1.0",
-                  description="OpenAI-compatible completions and chat completions; vLLM's tokenize and detokenize.")
+    app = FastAPI(
+        title="NovaLLM-JAX",
+        version="0.1.0",
+        description="OpenAI-compatible completions and chat completions; vLLM's tokenize and detokenize.",
+    )
     app.state.server = server
     install_handlers(app, P.field_names())
     h = _Handlers(server)
@@ -603,8 +789,13 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
-        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "novallm",
-                "max_model_len": server.max_model_len}
+        return {
+            "id": server.model_name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "novallm",
+            "max_model_len": server.max_model_len,
+        }
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> dict:
@@ -656,11 +847,21 @@ def _complete_schema(app: FastAPI, model_name: str) -> None:
             return app.openapi_schema
         schema = original()
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
-            "type": "object", "required": ["error"],
-            "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
-                                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                                                    "param": {"type": ["string", "null"]},
-                                                    "code": {"type": ["string", "null"]}}}}}
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        }
         for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
             props = schema["components"]["schemas"].get(name, {}).get("properties", {})
             if "model" in props:

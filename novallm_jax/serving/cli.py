@@ -23,18 +23,33 @@ flags.DEFINE_string("served_model_name", None, "The model id clients send (defau
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.")
 flags.DEFINE_integer("port", 8000, "REST port (0: any free port).")
 flags.DEFINE_integer("grpc_port", None, "gRPC port; unset: no gRPC server.")
-flags.DEFINE_string("api_key", None, "Required bearer key on /v1/*, /tokenize and /detokenize "
-                    "(default: $NOVALLM_API_KEY; unset: no key).")
+flags.DEFINE_string(
+    "api_key",
+    None,
+    "Required bearer key on /v1/*, /tokenize and /detokenize (default: $NOVALLM_API_KEY; unset: no key).",
+)
 flags.DEFINE_integer("max_concurrent", 256, "Generation requests in flight before new ones get 429.", lower_bound=1)
 flags.DEFINE_integer("max_queue", 1024, "Requests waiting in the engine before new ones get 503.", lower_bound=1)
 flags.DEFINE_integer("max_model_len", None, "Context length (default: the engine's).")
-flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine step before reading the previous step's tokens "
-                  "back, so that streaming and stop checks overlap the model; false: every step waits for its tokens.")
+flags.DEFINE_bool(
+    "async_scheduling",
+    True,
+    "Dispatch each engine step before reading the previous step's tokens "
+    "back, so that streaming and stop checks overlap the model; false: every step waits for its tokens.",
+)
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 beyond).", lower_bound=1)
-flags.DEFINE_bool("warmup", False, "Compile every shape bucket before serving (minutes on CPU; pair it with "
-                                   "--compile_cache_dir so that later starts load them). Off: first requests compile.")
-flags.DEFINE_enum("tool_call_parser", None, ["hermes", "llama3_json", "mistral", "gemma4", "pythonic"],
-                  "How tool calls are read from answers (default: chosen from the chat template's call syntax).")
+flags.DEFINE_bool(
+    "warmup",
+    False,
+    "Compile every shape bucket before serving (minutes on CPU; pair it with "
+    "--compile_cache_dir so that later starts load them). Off: first requests compile.",
+)
+flags.DEFINE_enum(
+    "tool_call_parser",
+    None,
+    ["hermes", "llama3_json", "mistral", "gemma4", "pythonic"],
+    "How tool calls are read from answers (default: chosen from the chat template's call syntax).",
+)
 
 API_KEY_ENV = "NOVALLM_API_KEY"
 
@@ -49,15 +64,29 @@ def main(argv) -> None:
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
-    engine_config = dataclasses.replace(EngineConfig(), max_queue=FLAGS.max_queue,
-                                        async_scheduling=FLAGS.async_scheduling)
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, weights=FLAGS.weights, activations=FLAGS.activations,
-              kv_cache_dtype=FLAGS.kv_cache_dtype, engine_config=engine_config, max_model_len=FLAGS.max_model_len,
-              compile_cache_dir=FLAGS.compile_cache_dir or None, warmup=FLAGS.warmup, mesh=FLAGS.mesh,
-              speculative=FLAGS.speculative)
+    engine_config = dataclasses.replace(
+        EngineConfig(), max_queue=FLAGS.max_queue, async_scheduling=FLAGS.async_scheduling
+    )
+    llm = LLM(
+        FLAGS.model,
+        dtype=FLAGS.dtype,
+        weights=FLAGS.weights,
+        activations=FLAGS.activations,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
+        engine_config=engine_config,
+        max_model_len=FLAGS.max_model_len,
+        compile_cache_dir=FLAGS.compile_cache_dir or None,
+        warmup=FLAGS.warmup,
+        mesh=FLAGS.mesh,
+        speculative=FLAGS.speculative,
+    )
     llm.tool_call_parser = FLAGS.tool_call_parser
-    config = ServerConfig(model_name=FLAGS.served_model_name, api_key=api_key,
-                          max_concurrent=FLAGS.max_concurrent, max_body_bytes=FLAGS.max_body_bytes)
+    config = ServerConfig(
+        model_name=FLAGS.served_model_name,
+        api_key=api_key,
+        max_concurrent=FLAGS.max_concurrent,
+        max_body_bytes=FLAGS.max_body_bytes,
+    )
     try:
         asyncio.run(serve(Server(llm, config), FLAGS.host, FLAGS.port, FLAGS.grpc_port))
     finally:

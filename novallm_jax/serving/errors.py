@@ -27,8 +27,14 @@ from novallm_jax.errors import InvalidRequestError, NovaLLMError
 class APIError(NovaLLMError):
     """An HTTP error to send as is: status, message, OpenAI `type`, and the offending `param` and `code`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -65,11 +71,15 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_STATUS_TYPES = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
-                 404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
-                 413: ("invalid_request_error", "request_too_large"),
-                 429: ("rate_limit_exceeded", "rate_limit_exceeded"),
-                 503: ("server_overloaded", "overloaded")}
+_STATUS_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    503: ("server_overloaded", "overloaded"),
+}
 
 
 def _field_path(loc: tuple, field_names: frozenset[str]) -> list[str]:
@@ -85,8 +95,10 @@ def _validation_message(exc: RequestValidationError, field_names: frozenset[str]
     # A union (prompt: str | list[str] | ...) reports one error per member: a bad text is the one that matters,
     # else the member that got furthest into the value ("content.0.type" over "content" for an image part).
     paths = [_field_path(tuple(e.get("loc", ())), field_names) for e in errors]
-    index = next((i for i, e in enumerate(errors) if e.get("type") == "invalid_text"),
-                 max(range(len(errors)), key=lambda i: (len(paths[i]), -i)))
+    index = next(
+        (i for i, e in enumerate(errors) if e.get("type") == "invalid_text"),
+        max(range(len(errors)), key=lambda i: (len(paths[i]), -i)),
+    )
     first, loc = errors[index], paths[index]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
@@ -121,22 +133,32 @@ def install_handlers(app: FastAPI, field_names: frozenset[str] = frozenset()) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        type_, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500
-                                                           else "server_error", None))
+        type_, code = _STATUS_TYPES.get(
+            exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "server_error", None)
+        )
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 400 and "parsing the body" in message:
             message = "the body could not be parsed as JSON in UTF-8"
-        return ErrorResponse(error_body(message, type_, None, code), status_code=exc.status_code,
-                             headers=getattr(exc, "headers", None))
+        return ErrorResponse(
+            error_body(message, type_, None, code), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
 
 async def _send_json(send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body, ensure_ascii=True).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -149,8 +171,7 @@ def request_id(scope) -> str:
 
 
 def internal_error(rid: str) -> APIError:
-    return APIError(500, f"internal server error (request id {rid}); the server logged the details",
-                    "server_error")
+    return APIError(500, f"internal server error (request id {rid}); the server logged the details", "server_error")
 
 
 class RequestIdMiddleware:
@@ -200,8 +221,9 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = APIError(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
-                             code="request_too_large")
+        too_large = APIError(
+            413, f"the request body is larger than the limit of {self.max_bytes} bytes", code="request_too_large"
+        )
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_json(send, 413, too_large.body(), [(b"connection", b"close")])
@@ -246,7 +268,10 @@ class APIKeyMiddleware:
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 message = "missing API key" if not auth else "incorrect API key"
-                return await _send_json(send, 401, error_body(message, "invalid_request_error", None,
-                                                              "invalid_api_key"),
-                                        [(b"www-authenticate", b"Bearer")])
+                return await _send_json(
+                    send,
+                    401,
+                    error_body(message, "invalid_request_error", None, "invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")],
+                )
         await self.app(scope, receive, send)

@@ -31,20 +31,36 @@ from novallm_jax.serving.errors import APIError
 from novallm_jax.serving.streams import Fanout
 from novallm_jax.tool_calls import ChatRendering, ToolStream
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          503: grpc.StatusCode.RESOURCE_EXHAUSTED}
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     """The SDK's settings of a proto message; unset fields take the REST API's defaults."""
     get = lambda name, default: getattr(s, name) if s.HasField(name) else default
-    return SamplingParams(speculative=get("speculative", 0),
-        temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0), min_p=get("min_p", 0.0),
-        repetition_penalty=get("repetition_penalty", 1.0), presence_penalty=get("presence_penalty", 0.0),
-        frequency_penalty=get("frequency_penalty", 0.0), logit_bias=dict(s.logit_bias) or None,
-        seed=get("seed", None), max_tokens=get("max_tokens", 16), min_tokens=s.min_tokens, stop=tuple(s.stop),
-        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=get("logprobs", None))
+    return SamplingParams(
+        speculative=get("speculative", 0),
+        temperature=get("temperature", 1.0),
+        top_p=get("top_p", 1.0),
+        top_k=get("top_k", 0),
+        min_p=get("min_p", 0.0),
+        repetition_penalty=get("repetition_penalty", 1.0),
+        presence_penalty=get("presence_penalty", 0.0),
+        frequency_penalty=get("frequency_penalty", 0.0),
+        logit_bias=dict(s.logit_bias) or None,
+        seed=get("seed", None),
+        max_tokens=get("max_tokens", 16),
+        min_tokens=s.min_tokens,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        logprobs=get("logprobs", None),
+    )
 
 
 class Undecodable:
@@ -98,8 +114,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         messages = []
         for i, m in enumerate(chat.messages):
             if m.role not in P.ROLES:
-                raise InvalidRequestError(f"chat.messages[{i}].role must be one of {', '.join(P.ROLES)}, got "
-                                          f"{m.role!r}", param="chat")
+                raise InvalidRequestError(
+                    f"chat.messages[{i}].role must be one of {', '.join(P.ROLES)}, got {m.role!r}", param="chat"
+                )
             message = {"role": m.role, "content": m.content}
             if m.tool_calls_json:
                 message["tool_calls"] = _json(m.tool_calls_json, f"chat.messages[{i}].tool_calls_json")
@@ -128,8 +145,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidRequestError("set one of text, token_ids or chat", param="prompt")
         return ids, None
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._check_key(context)
             if isinstance(request, Undecodable):
@@ -144,8 +162,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                 params = params.with_default_drafts(self.s.llm.speculative)
             tools = None if rendering is None else rendering.tools
             splitter = None if tools is None else ToolStream(tools, rendering.parser)
-            params = dataclasses.replace(params, max_tokens=self.s.check_length(ids, params.max_tokens,
-                                                                                request.WhichOneof("prompt")))
+            params = dataclasses.replace(
+                params, max_tokens=self.s.check_length(ids, params.max_tokens, request.WhichOneof("prompt"))
+            )
             self.s.admission.acquire()
         except Exception as e:
             await self._abort(context, e)
@@ -173,13 +192,17 @@ class GenerationService(pb_grpc.GenerationServicer):
                     resp.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
                 if out.logprobs is not None and out.delta_token_ids:
                     end = len(out.token_ids)
-                    for e in out.logprobs[end - len(out.delta_token_ids):end]:
+                    for e in out.logprobs[end - len(out.delta_token_ids) : end]:
                         resp.logprobs.add(token_id=e.token_id, logprob=e.logprob, top=e.top)
                 if out.finished:
                     resp.finish_reason = _finish_reason(out, bool(calls))
-                    resp.usage.CopyFrom(pb.Usage(prompt_tokens=len(out.prompt_token_ids),
-                                                 completion_tokens=len(out.token_ids),
-                                                 cached_prompt_tokens=out.metrics.cached_prompt_tokens))
+                    resp.usage.CopyFrom(
+                        pb.Usage(
+                            prompt_tokens=len(out.prompt_token_ids),
+                            completion_tokens=len(out.token_ids),
+                            cached_prompt_tokens=out.metrics.cached_prompt_tokens,
+                        )
+                    )
                 yield resp
         except grpc.aio.AbortError:
             raise
@@ -195,8 +218,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         stats = self.s.llm.engine.stats()
         status = pb.HealthResponse.NOT_SERVING if self.s.llm.closed else pb.HealthResponse.SERVING
-        return pb.HealthResponse(status=status, model=self.s.model_name, running=stats["running"],
-                                 waiting=stats["waiting"], kv_pages_free=stats["kv_pages_free"])
+        return pb.HealthResponse(
+            status=status,
+            model=self.s.model_name,
+            running=stats["running"],
+            waiting=stats["waiting"],
+            kv_pages_free=stats["kv_pages_free"],
+        )
 
 
 def build_grpc_server(server: Server, address: str) -> tuple[grpc.aio.Server, int]:
@@ -206,11 +234,16 @@ def build_grpc_server(server: Server, address: str) -> tuple[grpc.aio.Server, in
     # As pb_grpc.add_GenerationServicer_to_server, with deserializers that hand a bad message to the handler.
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=_tolerant(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString),
+            service.Generate,
+            request_deserializer=_tolerant(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
         "Health": grpc.unary_unary_rpc_method_handler(
-            service.Health, request_deserializer=_tolerant(pb.HealthRequest),
-            response_serializer=pb.HealthResponse.SerializeToString)}
+            service.Health,
+            request_deserializer=_tolerant(pb.HealthRequest),
+            response_serializer=pb.HealthResponse.SerializeToString,
+        ),
+    }
     grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("novallm.v1.Generation", handlers),))
     port = grpc_server.add_insecure_port(address)
     if port == 0:

@@ -21,14 +21,19 @@ class _EngineCollector:
 
     def collect(self):
         s = self.engine.stats()
-        for name, key, doc in (("novallm_requests_running", "running", "Requests holding a decode slot."),
-                               ("novallm_requests_waiting", "waiting", "Requests queued for admission."),
-                               ("novallm_requests_swapped", "swapped", "Preempted requests swapped to the host."),
-                               ("novallm_kv_pages_used", "kv_pages_used", "KV-cache pages in use."),
-                               ("novallm_kv_pages_free", "kv_pages_free", "KV-cache pages free."),
-                               ("novallm_prefix_cache_pages", "prefix_cache_pages", "Pages held by the prefix cache."),
-                               ("novallm_prefix_cache_hit_rate", "prefix_cache_hit_rate",
-                                "Fraction of looked-up prompt pages found in the prefix cache.")):
+        for name, key, doc in (
+            ("novallm_requests_running", "running", "Requests holding a decode slot."),
+            ("novallm_requests_waiting", "waiting", "Requests queued for admission."),
+            ("novallm_requests_swapped", "swapped", "Preempted requests swapped to the host."),
+            ("novallm_kv_pages_used", "kv_pages_used", "KV-cache pages in use."),
+            ("novallm_kv_pages_free", "kv_pages_free", "KV-cache pages free."),
+            ("novallm_prefix_cache_pages", "prefix_cache_pages", "Pages held by the prefix cache."),
+            (
+                "novallm_prefix_cache_hit_rate",
+                "prefix_cache_hit_rate",
+                "Fraction of looked-up prompt pages found in the prefix cache.",
+            ),
+        ):
             yield GaugeMetricFamily(name, doc, value=float(s.get(key, 0) or 0))
 
 
@@ -37,23 +42,39 @@ class ServerMetrics:
 
     def __init__(self, engine):
         self.registry = CollectorRegistry()
-        self.requests = Counter("novallm_requests", "Finished API requests by endpoint and HTTP status.",
-                                ["endpoint", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("novallm_prompt_tokens", "Prompt tokens of admitted requests.",
-                                     registry=self.registry)
+        self.requests = Counter(
+            "novallm_requests",
+            "Finished API requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "novallm_prompt_tokens", "Prompt tokens of admitted requests.", registry=self.registry
+        )
         self.generated_tokens = Counter("novallm_generation_tokens", "Tokens generated.", registry=self.registry)
-        self.finished = Counter("novallm_sequences_finished", "Finished sequences by finish reason.", ["reason"],
-                                registry=self.registry)
-        self.ttft = Histogram("novallm_time_to_first_token_seconds", "Time from arrival to the first token.",
-                              buckets=_TTFT_BUCKETS, registry=self.registry)
-        self.draft_tokens = Counter("novallm_spec_decode_draft_tokens", "Tokens drafted by speculative decoding.",
-                                    registry=self.registry)
-        self.accepted_tokens = Counter("novallm_spec_decode_accepted_tokens",
-                                       "Drafted tokens the model accepted (their ratio to drafted: acceptance rate).",
-                                       registry=self.registry)
-        self.tpot = Histogram("novallm_time_per_output_token_seconds",
-                              "Mean time per generated token after the first, per sequence.",
-                              buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.finished = Counter(
+            "novallm_sequences_finished", "Finished sequences by finish reason.", ["reason"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "novallm_time_to_first_token_seconds",
+            "Time from arrival to the first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.draft_tokens = Counter(
+            "novallm_spec_decode_draft_tokens", "Tokens drafted by speculative decoding.", registry=self.registry
+        )
+        self.accepted_tokens = Counter(
+            "novallm_spec_decode_accepted_tokens",
+            "Drafted tokens the model accepted (their ratio to drafted: acceptance rate).",
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "novallm_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per sequence.",
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
 
     def observe_request(self, endpoint: str, status: int) -> None:

@@ -14,8 +14,10 @@ import tempfile
 
 PROTO = "novallm_jax/serving/novallm.proto"
 OUTPUTS = ("novallm_jax/serving/novallm_pb2.py", "novallm_jax/serving/novallm_pb2_grpc.py")
-HEADER = ("# Generated from novallm.proto by `python -m novallm_jax.serving.proto_gen` (grpc_tools.protoc),\n"
-          "# committed so that installs need no grpc_tools. DO NOT EDIT: edit the .proto and regenerate.\n")
+HEADER = (
+    "# Generated from novallm.proto by `python -m novallm_jax.serving.proto_gen` (grpc_tools.protoc),\n"
+    "# committed so that installs need no grpc_tools. DO NOT EDIT: edit the .proto and regenerate.\n"
+)
 
 
 def generate(root: str, out_dir: str) -> dict[str, str]:
@@ -26,8 +28,15 @@ def generate(root: str, out_dir: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as scratch:
         os.makedirs(os.path.join(scratch, os.path.dirname(PROTO)))
         shutil.copy(os.path.join(root, PROTO), os.path.join(scratch, PROTO))
-        rc = protoc.main(["grpc_tools.protoc", f"-I{scratch}", f"--python_out={scratch}",
-                          f"--grpc_python_out={scratch}", os.path.join(scratch, PROTO)])
+        rc = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{scratch}",
+                f"--python_out={scratch}",
+                f"--grpc_python_out={scratch}",
+                os.path.join(scratch, PROTO),
+            ]
+        )
         if rc != 0:
             raise RuntimeError(f"protoc failed with status {rc}")
         texts = {}

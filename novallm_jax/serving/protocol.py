@@ -21,7 +21,6 @@ from novallm_jax.text_checks import lone_surrogate_problem
 MAX_CHOICES = 64
 
 
-
 def _valid_text(text: str) -> str:
     problem = lone_surrogate_problem(text)
     if problem is not None:
@@ -81,8 +80,9 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)]
+    prompt: (
+        Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
@@ -200,16 +200,23 @@ class ChatCompletionRequest(_Sampling):
     def tool_fields(self) -> dict[str, Any]:
         """tools, tool_choice and parallel_tool_calls as `LLM.render_chat` takes them."""
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
-        return {"tools": None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools],
-                "tool_choice": choice, "parallel_tool_calls": self.parallel_tool_calls}
+        return {
+            "tools": None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools],
+            "tool_choice": choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
 
 
 class EmbeddingRequest(_Body):
     """POST /v1/embeddings (OpenAI's): a text, texts, token ids, or lists of token ids."""
 
     model: Text
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    input: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: Text | None = None

@@ -19,15 +19,22 @@ from novallm_jax.serving.app import Server, ServerConfig, build_app
 DEFAULT_HOST = "127.0.0.1"
 
 
-async def serve(server: Server, host: str = DEFAULT_HOST, port: int = 8000, grpc_port: int | None = None,
-                on_ready=None, uvicorn_server_out: list | None = None) -> None:
+async def serve(
+    server: Server,
+    host: str = DEFAULT_HOST,
+    port: int = 8000,
+    grpc_port: int | None = None,
+    on_ready=None,
+    uvicorn_server_out: list | None = None,
+) -> None:
     """Serves REST on host:port and, if `grpc_port` is not None, gRPC on host:grpc_port, until uvicorn exits.
 
     `on_ready((rest_host, rest_port), grpc_port)` is called once both listen (ports resolved when 0 was asked for).
     """
     app = build_app(server.llm, server=server)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5
+    )
     rest = uvicorn.Server(config)
     if uvicorn_server_out is not None:
         uvicorn_server_out.append(rest)
@@ -45,8 +52,12 @@ async def serve(server: Server, host: str = DEFAULT_HOST, port: int = 8000, grpc
                 raise OSError(f"the REST server on {host}:{port} stopped before it started")
             await asyncio.sleep(0.01)
         bound_rest = rest.servers[0].sockets[0].getsockname()[:2]
-        logging.info("serving %s: REST on http://%s:%d%s", server.model_name, *bound_rest,
-                     f", gRPC on {host}:{bound_grpc}" if grpc_server else "")
+        logging.info(
+            "serving %s: REST on http://%s:%d%s",
+            server.model_name,
+            *bound_rest,
+            f", gRPC on {host}:{bound_grpc}" if grpc_server else "",
+        )
         if on_ready is not None:
             on_ready(bound_rest, bound_grpc)
         await task
@@ -61,8 +72,15 @@ async def serve(server: Server, host: str = DEFAULT_HOST, port: int = 8000, grpc
 class BackgroundServer:
     """Both fronts on a daemon thread's event loop; `start()` returns once they listen."""
 
-    def __init__(self, llm: LLM, config: ServerConfig | None = None, host: str = DEFAULT_HOST, port: int = 0,
-                 grpc: bool = False, grpc_port: int = 0):
+    def __init__(
+        self,
+        llm: LLM,
+        config: ServerConfig | None = None,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        grpc: bool = False,
+        grpc_port: int = 0,
+    ):
         self.server = Server(llm, config)
         self.host, self.port, self.grpc_port = host, port, (grpc_port if grpc else None)
         self._ready = threading.Event()

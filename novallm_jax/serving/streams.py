@@ -46,8 +46,9 @@ class Fanout:
         """Submits every sequence; raises the first submission error (after cancelling the others)."""
         loop = asyncio.get_running_loop()
         started = [loop.create_future() for _ in self.jobs]
-        self._tasks = [asyncio.create_task(self._pump(i, ids, p, f))
-                       for i, ((ids, p), f) in enumerate(zip(self.jobs, started))]
+        self._tasks = [
+            asyncio.create_task(self._pump(i, ids, p, f)) for i, ((ids, p), f) in enumerate(zip(self.jobs, started))
+        ]
         try:
             results = await asyncio.gather(*started, return_exceptions=True)
         except BaseException:  # cancelled while waiting (client gone)

@@ -44,8 +44,17 @@ class Tokenizer(abc.ABC):
     #: Whether `decode` drops one leading space of the decoded text (sentencepiece's dummy prefix).
     strips_leading_space: bool = False
 
-    def __init__(self, *, bos_token_id: int | None, eos_token_ids: Sequence[int], pad_token_id: int | None,
-                 add_bos: bool, add_eos: bool, chat_template: str | None, name: str) -> None:
+    def __init__(
+        self,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int | None,
+        add_bos: bool,
+        add_eos: bool,
+        chat_template: str | None,
+        name: str,
+    ) -> None:
         self._bos_token_id = bos_token_id
         self._eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self._pad_token_id = pad_token_id
@@ -109,8 +118,11 @@ class Tokenizer(abc.ABC):
     @property
     def special_tokens_map(self) -> dict[str, str | None]:
         """bos/eos/pad tokens as text, for chat templates."""
-        return {"bos_token": self._token_text(self.bos_token_id), "eos_token": self._token_text(self.eos_token_id),
-                "pad_token": self._token_text(self.pad_token_id)}
+        return {
+            "bos_token": self._token_text(self.bos_token_id),
+            "eos_token": self._token_text(self.eos_token_id),
+            "pad_token": self._token_text(self.pad_token_id),
+        }
 
     # ---- text <-> ids -----------------------------------------------------------------------------------------
 
@@ -167,15 +179,26 @@ class Tokenizer(abc.ABC):
 
     # ---- chat -------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
         """Renders `messages` with the model's chat template (as transformers does); ids if `tokenize`.
 
         Raises `ChatTemplateError` when the model has no template.
         """
         template = kwargs.pop("chat_template", None) or self.chat_template
-        text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=self.special_tokens_map, model_name=self.name, **kwargs)
+        text = render_chat_template(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens_map,
+            model_name=self.name,
+            **kwargs,
+        )
         # The template writes bos itself where the model wants it, so encode adds none.
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

@@ -23,8 +23,13 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -91,7 +96,8 @@ class _GenerationTag(jinja2.ext.Extension):
 def compile_chat_template(template: str) -> jinja2.Template:
     """Compiles `template` in a sandboxed environment configured like transformers'."""
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -114,22 +120,30 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     return checked
 
 
-def render_chat_template(template: str | None, messages: Sequence[Mapping[str, Any]], *,
-                         add_generation_prompt: bool = False, special_tokens: Mapping[str, str | None] | None = None,
-                         model_name: str = "this model", **kwargs: Any) -> str:
+def render_chat_template(
+    template: str | None,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    special_tokens: Mapping[str, str | None] | None = None,
+    model_name: str = "this model",
+    **kwargs: Any,
+) -> str:
     """Renders `messages` with `template`; extra `kwargs` (tools, documents, ...) become template variables."""
     if not template:
         raise ChatTemplateError(
             f"{model_name} has no chat template: its tokenizer files define none. Pass a prompt string instead, "
-            "or give a template (tokenizer_config.json `chat_template` / GGUF `tokenizer.chat_template`).")
+            "or give a template (tokenizer_config.json `chat_template` / GGUF `tokenizer.chat_template`)."
+        )
     compiled = compile_chat_template(template)
     variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     variables.update(kwargs)
     variables.setdefault("tools", None)
     variables.setdefault("documents", None)
     try:
-        return compiled.render(messages=_check_messages(messages), add_generation_prompt=add_generation_prompt,
-                               **variables)
+        return compiled.render(
+            messages=_check_messages(messages), add_generation_prompt=add_generation_prompt, **variables
+        )
     except jinja2.exceptions.TemplateError as e:
         # raise_exception() in a template reports a bad conversation, not a broken tokenizer.
         raise InvalidRequestError(f"chat template rejected the messages: {e}", "messages") from e

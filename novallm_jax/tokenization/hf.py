@@ -42,13 +42,21 @@ def _decode_mode(decoder: Mapping[str, Any] | None) -> tuple[DecodeMode, bool]:
     if decoder.get("type") == "Sequence":
         steps = decoder.get("decoders", [])
         kinds = [d.get("type") for d in steps]
-        if kinds[:3] == ["Replace", "ByteFallback", "Fuse"] and steps[0].get("pattern") == {"String": "▁"} \
-                and steps[0].get("content") == " ":
+        if (
+            kinds[:3] == ["Replace", "ByteFallback", "Fuse"]
+            and steps[0].get("pattern") == {"String": "▁"}
+            and steps[0].get("content") == " "
+        ):
             rest = steps[3:]
             if not rest:
                 return DecodeMode.BYTE_FALLBACK, False
-            if len(rest) == 1 and rest[0].get("type") == "Strip" and rest[0].get("content") == " " \
-                    and rest[0].get("start") == 1 and rest[0].get("stop") == 0:
+            if (
+                len(rest) == 1
+                and rest[0].get("type") == "Strip"
+                and rest[0].get("content") == " "
+                and rest[0].get("start") == 1
+                and rest[0].get("stop") == 0
+            ):
                 return DecodeMode.BYTE_FALLBACK, True
     return DecodeMode.GENERIC, False
 
@@ -56,11 +64,29 @@ def _decode_mode(decoder: Mapping[str, Any] | None) -> tuple[DecodeMode, bool]:
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus the special-token settings that transformers keeps beside it."""
 
-    def __init__(self, tok: tokenizers.Tokenizer, *, bos_token_id: int | None, eos_token_ids: Sequence[int],
-                 pad_token_id: int | None, unk_token_id: int | None = None, add_bos: bool, add_eos: bool,
-                 chat_template: str | None, name: str, clean_up_tokenization_spaces: bool = False) -> None:
-        super().__init__(bos_token_id=bos_token_id, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                         add_bos=add_bos, add_eos=add_eos, chat_template=chat_template, name=name)
+    def __init__(
+        self,
+        tok: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int | None,
+        unk_token_id: int | None = None,
+        add_bos: bool,
+        add_eos: bool,
+        chat_template: str | None,
+        name: str,
+        clean_up_tokenization_spaces: bool = False,
+    ) -> None:
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+            add_bos=add_bos,
+            add_eos=add_eos,
+            chat_template=chat_template,
+            name=name,
+        )
         self._tok = tok
         self._unk_token_id = unk_token_id
         self._vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -82,10 +108,16 @@ class HFTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, "tokenizer.json"))
         text = lambda i: None if i is None else self.id_to_token(i)
-        config = {"bos_token": text(self.bos_token_id), "eos_token": text(self.eos_token_id),
-                  "pad_token": text(self.pad_token_id), "unk_token": text(self._unk_token_id),
-                  "add_bos_token": self.add_bos, "add_eos_token": self.add_eos,
-                  "clean_up_tokenization_spaces": self._clean_up, "chat_template": self.chat_template}
+        config = {
+            "bos_token": text(self.bos_token_id),
+            "eos_token": text(self.eos_token_id),
+            "pad_token": text(self.pad_token_id),
+            "unk_token": text(self._unk_token_id),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
+            "clean_up_tokenization_spaces": self._clean_up,
+            "chat_template": self.chat_template,
+        }
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
         if len(self.eos_token_ids) > 1:
@@ -99,7 +131,9 @@ class HFTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         token = self._tok.id_to_token(int(token_id))
         if token is None:
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary [0, {self._vocab_size}) of {self.name}")
+            raise TokenizerError(
+                f"token id {token_id} is outside the vocabulary [0, {self._vocab_size}) of {self.name}"
+            )
         return token
 
     def token_to_id(self, token: str) -> int | None:
@@ -146,8 +180,18 @@ class HFTokenizer(Tokenizer):
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization`: drops spaces before punctuation and in English contractions."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for a, b in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(a, b)
     return text
 
@@ -217,7 +261,15 @@ def load_hf_tokenizer_json(path: str, config: Mapping[str, Any]) -> HFTokenizer:
         if add_bos:
             logging.info("%s: post-processor adds bos %d", path, bos)
     eos_ids = ([eos] if eos is not None else []) + list(config.get("_generation_eos_ids", []))
-    return HFTokenizer(tok, bos_token_id=bos, eos_token_ids=eos_ids, pad_token_id=pad, unk_token_id=unk,
-                       add_bos=bool(add_bos), add_eos=bool(config.get("add_eos_token", False)),
-                       chat_template=config.get("chat_template"), name=os.path.dirname(os.path.abspath(path)),
-                       clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+    return HFTokenizer(
+        tok,
+        bos_token_id=bos,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad,
+        unk_token_id=unk,
+        add_bos=bool(add_bos),
+        add_eos=bool(config.get("add_eos_token", False)),
+        chat_template=config.get("chat_template"),
+        name=os.path.dirname(os.path.abspath(path)),
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+    )

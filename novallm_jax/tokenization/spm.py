@@ -34,17 +34,29 @@ class SentencePieceTokenizer(Tokenizer):
         pieces = [sp.id_to_piece(i) for i in range(n)]
         self._special = frozenset(i for i in range(n) if sp.is_control(i) or sp.is_unknown(i))
         self._byte = frozenset(i for i in range(n) if sp.is_byte(i))
-        self._bytes = [bytes([int(p[3:5], 16)]) if i in self._byte
-                       else p.encode("utf-8") if i in self._special
-                       else p.replace("▁", " ").encode("utf-8") for i, p in enumerate(pieces)]
+        self._bytes = [
+            bytes([int(p[3:5], 16)])
+            if i in self._byte
+            else p.encode("utf-8")
+            if i in self._special
+            else p.replace("▁", " ").encode("utf-8")
+            for i, p in enumerate(pieces)
+        ]
         self._piece_to_id = {p: i for i, p in enumerate(pieces)}
-        ids = {name: (i if i >= 0 else None) for name, i in
-               (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))}
+        ids = {
+            name: (i if i >= 0 else None)
+            for name, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))
+        }
         self._unk_token_id = ids["unk"]
-        super().__init__(bos_token_id=ids["bos"], eos_token_ids=[ids["eos"]] if ids["eos"] is not None else [],
-                         pad_token_id=ids["pad"], add_bos=bool(config.get("add_bos_token", True)),
-                         add_eos=bool(config.get("add_eos_token", False)),
-                         chat_template=config.get("chat_template"), name=os.path.basename(path))
+        super().__init__(
+            bos_token_id=ids["bos"],
+            eos_token_ids=[ids["eos"]] if ids["eos"] is not None else [],
+            pad_token_id=ids["pad"],
+            add_bos=bool(config.get("add_bos_token", True)),
+            add_eos=bool(config.get("add_eos_token", False)),
+            chat_template=config.get("chat_template"),
+            name=os.path.basename(path),
+        )
 
     @property
     def processor(self) -> sentencepiece.SentencePieceProcessor:
