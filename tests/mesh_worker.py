@@ -63,6 +63,9 @@ EXEC = ExecutorConfig(
     prefill_batch_buckets=(4,),
     prefill_len_buckets=(16,),
     native_kernels=False,
+    # The executor is driven directly here, with one page table per sequence: sliding layers keep their pages in that
+    # table, as before the engine's window group (which tests/test_gemma_engine.py covers).
+    window_kv_group=False,
 )
 PROMPTS = ([5, 17, 3, 99, 250, 7, 1, 42, 300], [8, 9], [400, 401, 402, 11, 12])  # a ragged batch
 NEW_TOKENS = 32

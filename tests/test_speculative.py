@@ -189,7 +189,11 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
                     "type": "function",
                     "function": {
                         "name": "echo",
-                        "parameters": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]},
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"x": {"enum": ["yes", "no"]}},
+                            "required": ["x"],
+                        },
                     },
                 }
             ]
