@@ -76,3 +76,23 @@ def test_multimodal_gemma3_checkpoint_runs_its_text_tower(tmp_path):
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([p])).logits[0].numpy()
         assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4
+
+
+def assert_logits_and_greedy_match(hf, cfg, params) -> None:
+    """Our logits of a ragged batch of PROMPTS within 1e-4 of transformers', and NEW_TOKENS greedy tokens identical."""
+    tokens, positions, _ = ragged_batch(PROMPTS)
+    cache = ContiguousKVCache.create(cfg, len(PROMPTS), tokens.shape[1])
+    logits = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)[0])
+    ours = greedy_generate(params, cfg, PROMPTS, NEW_TOKENS)
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].numpy()
+            gen = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+            )
+        assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4
+        assert ours[i] == gen[0, len(p) :].tolist()

@@ -10,17 +10,13 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
-import torch
 
-from novallm_jax.kv_cache import ContiguousKVCache
 from novallm_jax.loading import load_model
 from novallm_jax.loading.gguf_export import hf_to_gguf
 from novallm_jax.loading.gguf_file import gguf_metadata, open_gguf
-from novallm_jax.model import forward, greedy_generate, ragged_batch
 from tests.hf_models import build_hf_model, save_hf_model
-from tests.test_model_parity import NEW_TOKENS, PROMPTS
+from tests.test_model_parity import assert_logits_and_greedy_match
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "phi3"])
@@ -52,22 +48,7 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(gguf_model):
     _, hf, dst = gguf_model
     cfg, params = load_model(dst, dtype=jnp.float32)
     assert cfg.moe is not None or cfg.rope_scaling.rope_type == "longrope"
-    tokens, positions, _ = ragged_batch(PROMPTS)
-    cache = ContiguousKVCache.create(cfg, len(PROMPTS), tokens.shape[1])
-    logits = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg)[0])
-    ours = greedy_generate(params, cfg, PROMPTS, NEW_TOKENS)
-    for i, p in enumerate(PROMPTS):
-        with torch.no_grad():
-            ref = hf(torch.tensor([p])).logits[0].numpy()
-            gen = hf.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-            )
-        assert np.abs(logits[i, : len(p)] - ref).max() <= 1e-4
-        assert ours[i] == gen[0, len(p) :].tolist()
+    assert_logits_and_greedy_match(hf, cfg, params)
 
 
 def test_novallm_generate_runs_on_the_gguf(gguf_model):
