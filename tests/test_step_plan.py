@@ -5,8 +5,11 @@ deserialised plans of a workload with preemption and prefix caching, draws exact
 the scheduler plans without a model.
 """
 
+import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +17,7 @@ from novallm_jax.amp import MemoryPool
 from novallm_jax.engine.core import EngineCore
 from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, StepPlan
-from novallm_jax.engine.request import Request, Status
+from novallm_jax.engine.request import FinishReason, Request, Status
 from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.sampling_params import SamplingParams
 from tests.engine_fixtures import TINY, make_engine, tiny_params
@@ -95,6 +98,30 @@ def test_plans_round_trip_through_json(tokenizer):
     assert first.slot_updates[0].params.logit_bias == {3: -2.0} and first.slot_updates[0].params.stop == ("x",)
 
 
+def test_a_plans_page_copies_run_before_its_calls(tokenizer):
+    """Copy-on-write as plan data: the core copies each (group, src, dst) page before the step's calls, so a process
+    that holds another shard of the cache makes the same copy."""
+    engine = make_engine(tokenizer)
+    plans, _ = _recording(engine)
+    engine.add_request(list(range(100, 116)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.run_until_idle()
+    first = StepPlan.from_dict(json.loads(plans[0]))
+    src = first.calls[0].rows[0].pages[1]
+    core = EngineCore(
+        Executor(TINY, tiny_params(), engine.executor.exec_cfg), engine.num_slots, TINY.vocab_size, engine.eos_token_ids
+    )
+    _, storage = core.execute(first, core.executor.new_cache())
+    dst = engine.executor.exec_cfg.num_pages - 1
+    copy = StepPlan.from_dict(json.loads(json.dumps(StepPlan(2, copies=((0, src, dst),)).to_dict())))
+    assert copy.copies == ((0, src, dst),)
+    _, storage = core.execute(copy, storage)
+    for leaf in jax.tree.leaves(storage):
+        page_axis = [i for i, n in enumerate(leaf.shape) if n == engine.executor.exec_cfg.num_pages][0]
+        got, want = (np.asarray(jnp.take(leaf, p, axis=page_axis)) for p in (dst, src))
+        assert np.abs(want).sum() > 0
+        np.testing.assert_array_equal(got, want)
+
+
 def _request(rid: str, prompt_len: int, arrival: float) -> Request:
     req = Request(
         rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=8, seed=0), detokenizer=None, eos_token_ids=()
@@ -128,6 +155,7 @@ def test_the_scheduler_plans_without_a_model():
 
     plan = sched.schedule()
     assert [(u.slot, u.params is not None) for u in plan.slot_updates] == [(0, True), (1, True)]
+    assert plan.copies == ()
     (call,) = plan.calls
     # 8 tokens: a's whole prompt (6) then the first 2 of b's; only a's last token is sampled.
     assert [(r.request_id, r.start, len(r.tokens), r.sample) for r in call.rows] == [
@@ -156,3 +184,35 @@ def test_the_scheduler_plans_without_a_model():
     assert [r.request_id for r in plan.calls[0].rows] == ["a"]
     assert b.status is Status.WAITING and b.num_computed == 0 and sched.counters["preemptions"] == 1
     assert [(u.slot, u.params) for u in plan.slot_updates] == [(1, None)]
+
+
+def test_the_scheduler_plans_copy_on_write_into_a_page_it_shares():
+    """Writing into a page another owner also holds: the scheduler takes a private page at once and the plan carries
+    the copy (the pool copies nothing itself), once."""
+    exec_cfg = ExecutorConfig(
+        page_size=4, num_pages=8, max_model_len=32, decode_batch_buckets=(1,), prefill_batch_buckets=(1,)
+    )
+    exec_cfg = dataclasses.replace(exec_cfg, prefill_len_buckets=(8,), token_buckets=(8,))
+    sched = Scheduler(
+        MemoryPool(num_pages=8),
+        exec_cfg,
+        ragged=True,
+        max_model_len=32,
+        max_prefill_rows=1,
+        enable_prefix_caching=False,
+        preemption_mode="recompute",
+    )
+    a = _request("a", 6, 0.0)
+    sched.add(a)
+    assert sched.schedule().copies == ()
+    shared = a.pages[1]  # positions 4..7, of which 4 and 5 are written
+    sched.pool.share("a", "other", [shared])
+    a.tokens.append(1)
+    plan = sched.schedule()
+    assert a.pages[1] != shared and plan.copies == ((0, shared, a.pages[1]),)
+    assert plan.calls[0].rows[0].pages == tuple(a.pages)
+    a.tokens.append(2)
+    assert sched.schedule().copies == ()  # the page is a's alone now
+    sched.pool.free_all("other")
+    sched.finish(a, FinishReason.LENGTH)
+    assert sched.pool.check_leaks() == []

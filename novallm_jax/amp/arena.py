@@ -135,12 +135,12 @@ class Arena:
         self.heap.share(pages, new_owner, from_owner=from_owner)
         return pages
 
-    def make_writable(self, owner: Owner, page: int) -> int:
+    def make_writable(self, owner: Owner, page: int, *, copy: bool = True) -> int:
         """Copy-on-write through the caches: see `PageHeap.make_writable`."""
         if self.heap.is_exclusive(owner, page):
             return page
         fresh = self.allocate_unowned(1)[0]
-        new = self.heap.make_writable(owner, page, fresh=fresh)
+        new = self.heap.make_writable(owner, page, fresh=fresh, copy=copy)
         if new != fresh:  # the other owners let go meanwhile
             self.thread_cache().put([fresh])
         return new

@@ -42,6 +42,14 @@ def _scatter_pages(storage: Any, idx: jax.Array, values: Any) -> Any:
     return jax.tree.map(lambda x, v: x.at[idx].set(v.astype(x.dtype)), storage, values)
 
 
+def copy_pages(storage: Any, pairs: Sequence[tuple[int, int]]) -> Any:
+    """`storage` (donated) with each (src, dst) page's contents copied from src to dst; padded to a bucket of pairs
+    (null page to null page) so that compiles stay bounded."""
+    idx = np.full((2, _bucket(len(pairs))), NULL_PAGE, np.int32)
+    idx[:, : len(pairs)] = np.asarray(pairs, np.int32).reshape(-1, 2).T
+    return _copy_pages(storage, jnp.asarray(idx[0]), jnp.asarray(idx[1]))
+
+
 def _bucket(n: int) -> int:
     """Next power of two: swap transfers pad to it so that compiles stay bounded."""
     return 1 << max(0, n - 1).bit_length()
@@ -313,12 +321,13 @@ class PageHeap:
         """`release` and give the pages nobody holds back to the heap (no caches)."""
         self.give_back(self.release(owner, pages))
 
-    def make_writable(self, owner: Owner, page: int, fresh: int | None = None) -> int:
+    def make_writable(self, owner: Owner, page: int, fresh: int | None = None, *, copy: bool = True) -> int:
         """Copy-on-write: `page` itself if `owner` holds it alone, else a private copy of it.
 
         The copy is `fresh` (an unowned, taken page) or a page taken from the heap; its device contents are copied
-        from `page`, `owner`'s reference moves from `page` to it (same place in the owner's page order), and its id
-        is returned. A caller that passed `fresh` and got another id back still holds `fresh`.
+        from `page` (unless `copy` is False: then the caller copies, e.g. as part of a step plan that every process
+        of a cluster executes), `owner`'s reference moves from `page` to it (same place in the owner's page order),
+        and its id is returned. A caller that passed `fresh` and got another id back still holds `fresh`.
         """
         with self._lock:
             self._check_holds(owner, page, "make_writable")
@@ -329,9 +338,8 @@ class PageHeap:
                 fresh = self._take_locked(1, contiguous=False, at_most=False)[0]
             else:
                 self._check_state(fresh, _CACHED, "copy into")
-            if self._storage is not None:
-                src, dst = jnp.asarray([page], jnp.int32), jnp.asarray([fresh], jnp.int32)
-                self._storage = _copy_pages(self._storage, src, dst)
+            if copy and self._storage is not None:
+                self._storage = copy_pages(self._storage, [(page, fresh)])
             owners.discard(owner)
             self._owners[fresh] = {owner}
             self._state[fresh] = _OWNED

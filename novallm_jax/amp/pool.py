@@ -9,7 +9,7 @@ import jax
 
 from novallm_jax.amp.arena import Arena, ArenaRouter, HostArena, SwapHandle
 from novallm_jax.amp.buffers import BufferLease, BufferManager
-from novallm_jax.amp.page_heap import Owner
+from novallm_jax.amp.page_heap import Owner, copy_pages
 from novallm_jax.amp.stats import PoolStats
 
 
@@ -66,9 +66,15 @@ class MemoryPool:
         self.router.route(new_owner, arena.device)  # both must live on one device
         return arena.share(from_owner, new_owner, pages)
 
-    def make_writable(self, owner: Owner, page: int) -> int:
-        """Copy-on-write: `page` if `owner` holds it alone, else the id of its new private copy."""
-        return self.router.arena_of(owner).make_writable(owner, page)
+    def make_writable(self, owner: Owner, page: int, *, copy: bool = True) -> int:
+        """Copy-on-write: `page` if `owner` holds it alone, else the id of its new private copy (its contents
+        copied unless `copy` is False; see `PageHeap.make_writable`)."""
+        return self.router.arena_of(owner).make_writable(owner, page, copy=copy)
+
+    def copy_pages(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copies each (src, dst) page's device contents, in place (the copies `make_writable(copy=False)` left)."""
+        if pairs:
+            self.storage = copy_pages(self.storage, pairs)
 
     def pages_of(self, owner: Owner) -> list[int]:
         arena = self.router.find(owner)

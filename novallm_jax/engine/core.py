@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from novallm_jax.amp.page_heap import copy_pages
+
 from novallm_jax.engine.executor import Executor, PrefillChunk
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
 from novallm_jax.sampling import SamplingBatch, sample_slots
@@ -34,6 +36,9 @@ class EngineCore:
         self.num_slots = num_slots
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        # Called as mirror("run", plan) and mirror("sample", plan, bitmasks) before this core does either, so that
+        # the processes holding the other shards run the same (see `novallm_jax.distributed`); None: one process.
+        self.mirror = None
         self.reset_sampling()
 
     def execute(self, plan: StepPlan, storage) -> tuple[list[Sampled], object]:
@@ -43,7 +48,11 @@ class EngineCore:
         return self.sample(plan, logits), storage
 
     def run(self, plan: StepPlan, storage) -> tuple[list[jax.Array], object]:
-        """The slot updates and the model calls of `plan`: each call's logits (on the device) and the storage."""
+        """The page copies, slot updates and model calls of `plan`: each call's logits (on the device) and the
+        storage."""
+        if self.mirror is not None:
+            self.mirror("run", plan)
+        storage = self._copy_pages(plan, storage)
         for u in plan.slot_updates:
             if u.params is None:
                 self.sampling = self.sampling.clear_row(u.slot)
@@ -67,11 +76,23 @@ class EngineCore:
     ) -> list[Sampled]:
         """Dispatches the sampler for each call with rows to sample; `bitmasks[i]` (int32 [rows, ceil(V / 32)], or
         None) restricts call i's rows to the tokens whose bits are set (structured outputs)."""
+        if self.mirror is not None:
+            self.mirror("sample", plan, bitmasks)
         return [
             self._sample(call, out, None if bitmasks is None else bitmasks[i])
             for i, (call, out) in enumerate(zip(plan.calls, logits))
             if any(r.sample for r in call.rows)
         ]
+
+    def _copy_pages(self, plan: StepPlan, storage):
+        if not plan.copies:
+            return storage
+        groups = list(self.executor.split_cache(storage))
+        for g in range(len(groups)):
+            pairs = [(src, dst) for group, src, dst in plan.copies if group == g]
+            if pairs:
+                groups[g] = copy_pages(groups[g], pairs)
+        return self.executor.join_cache(groups)
 
     def _run(self, call: ModelCall, storage):
         chunks = [

@@ -59,12 +59,13 @@ class SlotUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """One step: the slot updates to apply first, then the model calls, in order; sampling follows every call that
-    has rows to sample."""
+    """One step: the page copies (copy-on-write: (KV cache group, src page, dst page)) and the slot updates to apply
+    first, then the model calls, in order; sampling follows every call that has rows to sample."""
 
     step: int
     slot_updates: tuple[SlotUpdate, ...] = ()
     calls: tuple[ModelCall, ...] = ()
+    copies: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +91,7 @@ class StepPlan:
                 }
                 for c in self.calls
             ],
+            "copies": [list(c) for c in self.copies],
         }
 
     @classmethod
@@ -107,4 +109,4 @@ class StepPlan:
             ModelCall(c["kind"], tuple(Row(**{**r, **{k: tuple(r[k]) for k in _LISTS if k in r}}) for r in c["rows"]))
             for c in d["calls"]
         )
-        return cls(d["step"], updates, calls)
+        return cls(d["step"], updates, calls, tuple(tuple(c) for c in d.get("copies", ())))

@@ -12,8 +12,10 @@ wholly behind the window of its next query (the page's last position <= that pos
 pool and their entries become the null page; so the group holds about window / page_size + 1 pages per sequence
 however long it grows, while the full group's pages grow with its length.
 
-Not yet in the plan: the pool operations that copy KV contents (swap out and in, copy-on-write) run at once on the
-local cache when the scheduler decides them. A process holding other shards would need them as plan operations too.
+Copy-on-write is a plan operation: the pool takes the private page at once, and the plan's `copies` tell the core to
+copy the contents before the step's calls, so every process holding a shard of the cache makes the same copy. Swap
+(out and in) copies between the device and the host at once, on the local cache: a cluster of processes preempts by
+recompute instead.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.counters = collections.Counter()
         self._slot_updates: list[SlotUpdate] = []  # for the next plan
+        self._copies: list[
+            tuple[Request, int, int, int]
+        ] = []  # copy-on-write for the next plan: (req, group, src, dst)
         self._steps = 0
 
     # ---- requests -------------------------------------------------------------------------------------------------
@@ -208,10 +213,27 @@ class Scheduler:
         # Copy-on-write before writing into a page someone else also holds.
         idx = req.num_computed // self.page_size
         if req.num_computed % self.page_size and idx < len(req.pages):
-            req.pages[idx] = self.pool.make_writable(req.id, req.pages[idx])
+            req.pages[idx] = self._writable(req, 0, req.pages[idx])
             if self.window_pool is not None and req.window_pages[idx] != NULL_PAGE:
-                req.window_pages[idx] = self.window_pool.make_writable(req.id, req.window_pages[idx])
+                req.window_pages[idx] = self._writable(req, 1, req.window_pages[idx])
         return True
+
+    def _writable(self, req: Request, group: int, page: int) -> int:
+        new = self.pools[group].make_writable(req.id, page, copy=False)
+        if new != page:
+            self._copies.append((req, group, page, new))
+        return new
+
+    @property
+    def pools(self) -> tuple[MemoryPool, ...]:
+        return (self.pool,) if self.window_pool is None else (self.pool, self.window_pool)
+
+    def _take_copies(self, req: Request | None = None) -> list[tuple[int, int, int]]:
+        """The pending copies (of `req`, or all) as (group, src, dst), forgotten here; those into a page the
+        request no longer holds (it was preempted since) are dropped."""
+        taken = [c for c in self._copies if req is None or c[0] is req]
+        self._copies = [c for c in self._copies if req is not None and c[0] is not req]
+        return [(g, src, dst) for r, g, src, dst in taken if dst in (r.pages, r.window_pages)[g]]
 
     def _preempt(self, req: Request) -> None:
         if req.pending:  # `can_plan_ahead` makes the engine read the step in flight back before anything may preempt
@@ -221,6 +243,8 @@ class Scheduler:
         self.counters["preemptions"] += 1
         self._release_slot(req)
         if self.preemption_mode == "swap" and req.num_computed > 0:
+            for g, src, dst in self._take_copies(req):  # its host copy must hold them
+                self.pools[g].copy_pages([(src, dst)])
             req.swap_handle = self.pool.swap_out(req.id, req.pages)
             if self.window_pool is not None:  # its pages still held, a tail of its window table
                 live = [p for p in req.window_pages if p != NULL_PAGE]
@@ -259,7 +283,7 @@ class Scheduler:
         calls = self._plan_ragged() if self.ragged else self._plan_padded()
         updates, self._slot_updates = tuple(self._slot_updates), []
         self._steps += 1
-        return StepPlan(self._steps, updates, tuple(calls))
+        return StepPlan(self._steps, updates, tuple(calls), tuple(self._take_copies()))
 
     def _plan_ragged(self) -> list[ModelCall]:
         """One ragged call: every decode row, then prompt chunks, oldest first, up to the step's token budget.
