@@ -42,3 +42,11 @@ class PoolError(NovaLLMError):
 
 class EngineClosedError(NovaLLMError):
     """The engine was closed while the request was pending."""
+
+
+class EngineUnavailableError(NovaLLMError):
+    """The engine cannot serve any more: a process of its cluster is gone (see `novallm_jax.distributed`).
+
+    The requests it was running fail with an error that starts with `PREFIX`."""
+
+    PREFIX = "the engine is unavailable"

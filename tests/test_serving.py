@@ -610,5 +610,6 @@ def test_metrics_count_requests_tokens_and_latency(llm):
     assert m[("novallm_time_to_first_token_seconds_count", ())] == 3
     assert m[("novallm_time_per_output_token_seconds_count", ())] == 3
     assert m[("novallm_kv_pages_used", ())] + m[("novallm_kv_pages_free", ())] == llm.engine.pool.num_pages - 1
+    assert m[("novallm_preemptions_total", ())] == llm.engine.counters["preemptions"]
     for name in ("novallm_requests_running", "novallm_requests_waiting", "novallm_prefix_cache_hit_rate"):
         assert (name, ()) in m

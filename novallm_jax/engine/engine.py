@@ -40,7 +40,7 @@ from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.engine.plan import StepPlan
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
 from novallm_jax.engine.scheduler import Scheduler
-from novallm_jax.errors import EngineClosedError, InvalidRequestError
+from novallm_jax.errors import EngineClosedError, EngineUnavailableError, InvalidRequestError
 from novallm_jax.model import Params
 from novallm_jax.sharding import bytes_per_device
 from novallm_jax.sampling import sample_slots
@@ -171,6 +171,8 @@ class LLMEngine:
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
+        # Why the engine can serve no more (see `mark_unavailable`); None while it can.
+        self.unavailable: str | None = None
         # Finish reasons, prefilled/generated tokens, preemptions, steps, steps planned ahead (async scheduling).
         self.counters = self.scheduler.counters
         self._inflight: list[_Sampled] | None = None  # the dispatched step whose tokens are not read back yet
@@ -185,6 +187,8 @@ class LLMEngine:
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> Request:
         """Queues one sequence (n must be 1: callers fan out n > 1); raises InvalidRequestError on bad input."""
+        if self.unavailable:
+            raise EngineUnavailableError(self.unavailable)
         params = (params or SamplingParams()).validate(self.cfg.vocab_size)
         if params.n != 1:
             raise InvalidRequestError("the engine takes one sequence per request; use LLM.generate for n > 1", "n")
@@ -345,14 +349,45 @@ class LLMEngine:
                     return
                 try:
                     self.step()
-                except Exception:  # the engine must keep serving: fail what was running, keep the loop alive
+                except EngineUnavailableError as e:  # its requests were failed by `mark_unavailable`
+                    logging.error("engine step stopped: %s", e)
+                except Exception as e:  # the engine must keep serving: fail what was running, keep the loop alive
                     logging.exception("engine step failed; failing the running requests")
-                    self._fail_running("internal error during a model step")
+                    if self.core.mirror is not None:  # the other processes' state may differ from here on
+                        self.mark_unavailable(f"a step failed ({type(e).__name__}: {e})")
+                    else:
+                        self._fail_running("internal error during a model step")
             # The lock is not fair: re-taken at once, it kept add_request/abort/stats callers waiting for up to ~30
             # steps (measured). Step aside until the threads already waiting have had it (10 ms at most).
             deadline = time.monotonic() + 0.01
             while self._lock.waiting and time.monotonic() < deadline:
                 time.sleep(0.0001)
+
+    def mark_unavailable(self, reason: str, timeout: float = 1.0) -> None:
+        """Refuses new requests and fails every pending one with `EngineUnavailableError`'s message: the engine can
+        serve no more (a process of its cluster is gone). It does not wait for a step that may never end (one blocked
+        in a collective with a lost process): without the lock within `timeout` seconds, requests are failed as they
+        stand, their pages left to the process's exit."""
+        if self.unavailable:
+            return
+        message = self.unavailable = f"{EngineUnavailableError.PREFIX}: {reason}"
+        locked = self._lock.acquire(timeout=timeout)
+        try:
+            self._inflight = None
+            for req in list(self.requests.values()):
+                if req.finished:
+                    continue
+                req.error = message
+                if locked:
+                    self._finish(req, FinishReason.ERROR)
+                else:
+                    req.status, req.finish_reason = Status.FINISHED, FinishReason.ERROR
+                req.emit("", [])
+            if locked:
+                self._work.notify_all()
+        finally:
+            if locked:
+                self._lock.release()
 
     def close(self) -> None:
         """Stops the loop thread and cancels everything pending; safe to call twice."""

@@ -249,7 +249,7 @@ def _finish_reason(out: RequestOutput, tool_calls: bool = False) -> str | None:
 
 def _check_failed(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
-        raise APIError(500, f"generation failed: {out.error or 'internal error'}", "server_error")
+        raise APIError.of_failed(out.error)
     if out.finish_reason is FinishReason.CANCELLED:
         raise APIError(
             503, "the request was cancelled: the server is shutting down", "server_overloaded", None, "cancelled"
@@ -459,7 +459,7 @@ class _Handlers:
             offsets = [0] * len(jobs)
             async for i, out in fan:
                 if out.finish_reason is FinishReason.ERROR:
-                    yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+                    yield _sse(APIError.of_failed(out.error).body())
                     break
                 text, head = out.delta_text, None
                 first = i not in sent_echo
@@ -648,7 +648,7 @@ class _Handlers:
                 )
             async for i, out in fan:
                 if out.finish_reason is FinishReason.ERROR:
-                    yield _sse(APIError(500, f"generation failed: {out.error}", "server_error").body())
+                    yield _sse(APIError.of_failed(out.error).body())
                     break
                 lp = self._chat_logprobs(_delta_logprobs(out)) if body.logprobs else None
                 text, calls = out.delta_text, []
@@ -782,6 +782,8 @@ def build_app(llm: LLM, config: ServerConfig | None = None, server: Server | Non
     async def health() -> Response:
         if llm.closed:
             return JSONResponse({"status": "closed"}, status_code=503)
+        if llm.engine.unavailable:
+            return JSONResponse({"status": "unavailable", "reason": llm.engine.unavailable}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

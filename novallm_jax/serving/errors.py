@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from novallm_jax.engine.engine import QueueFullError
-from novallm_jax.errors import InvalidRequestError, NovaLLMError
+from novallm_jax.errors import EngineUnavailableError, InvalidRequestError, NovaLLMError
 
 
 class APIError(NovaLLMError):
@@ -45,12 +45,22 @@ class APIError(NovaLLMError):
             return e
         if isinstance(e, QueueFullError):
             return cls(503, str(e), "server_overloaded", None, "queue_full")
+        if isinstance(e, EngineUnavailableError):
+            return cls(503, str(e), "service_unavailable", None, "engine_unavailable")
         if isinstance(e, InvalidRequestError):
             code = "context_length_exceeded" if "context" in str(e) else None
             return cls(400, str(e), "invalid_request_error", e.param, code)
         if isinstance(e, NovaLLMError):
             return cls(500, str(e), "server_error")
         return cls(500, "internal server error", "server_error")
+
+    @classmethod
+    def of_failed(cls, error: str | None) -> "APIError":
+        """The HTTP error of a request the engine failed (`RequestOutput.error`): 503 when the engine became
+        unavailable (a process of its cluster is gone), else 500."""
+        if error and error.startswith(EngineUnavailableError.PREFIX):
+            return cls.from_exception(EngineUnavailableError(error))
+        return cls(500, f"generation failed: {error or 'internal error'}", "server_error")
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -119,7 +129,10 @@ def install_handlers(app: FastAPI, field_names: frozenset[str] = frozenset()) ->
         err = APIError.from_exception(exc)
         if err.status >= 500:  # ours, but a server fault: logged, and the message carries the request id
             rid = request_id(request.scope)
-            logging.error("request %s to %s failed: %s", rid, request.url.path, exc, exc_info=exc)
+            # A traceback only where it helps: not for an overloaded or unavailable engine.
+            logging.error(
+                "request %s to %s failed: %s", rid, request.url.path, exc, exc_info=exc if err.status == 500 else None
+            )
             err = APIError(err.status, f"{err.message} (request id {rid})", err.type, err.param, err.code)
         return err.response()
 

@@ -40,6 +40,12 @@ _CODES = {
 }
 
 
+def _code(err: APIError) -> grpc.StatusCode:
+    if err.code == "engine_unavailable":
+        return grpc.StatusCode.UNAVAILABLE
+    return _CODES.get(err.status, grpc.StatusCode.INTERNAL)
+
+
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     """The SDK's settings of a proto message; unset fields take the REST API's defaults."""
     get = lambda name, default: getattr(s, name) if s.HasField(name) else default
@@ -99,7 +105,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             rid = f"grpc-{uuid.uuid4().hex}"
             logging.error("gRPC request %s failed: %s", rid, e, exc_info=e)
             message = f"{message} (request id {rid})"
-        await context.abort(_CODES.get(err.status, grpc.StatusCode.INTERNAL), message)
+        await context.abort(_code(err), message)
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> None:
         key = self.s.config.api_key
@@ -179,7 +185,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             async for _, out in fan:
                 if out.finish_reason is FinishReason.ERROR:
-                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                    err = APIError.of_failed(out.error)
+                    await context.abort(_code(err), err.message)
                     return
                 text, calls = out.delta_text, []
                 if splitter is not None:

@@ -7,7 +7,7 @@ read from `LLMEngine.stats()` at scrape time, so they are never stale.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from novallm_jax.engine.request import RequestOutput
 
@@ -35,6 +35,11 @@ class _EngineCollector:
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=float(s.get(key, 0) or 0))
+        yield CounterMetricFamily(
+            "novallm_preemptions",
+            "Requests preempted for KV pages (swapped or recomputed).",
+            value=s.get("preemptions", 0),
+        )
 
 
 class ServerMetrics:
