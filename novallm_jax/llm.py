@@ -395,6 +395,12 @@ class LLM:
     # ---- hidden states ------------------------------------------------------------------------------------------
 
     def _inputs(self, inputs, param: str = "input") -> list[list[int]]:
+        if self.engine.core.mirror is not None:  # these run outside the step plans the other processes follow
+            raise InvalidRequestError(
+                "embeddings, hidden states and prompt logprobs are not served by an engine split over several "
+                "processes yet",
+                param=param,
+            )
         single = isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int))
         items = [inputs] if single else list(inputs)
         if not items:

@@ -220,7 +220,7 @@ class Executor:
         self.params = jax.device_put(params, self.param_shardings)
         self.cache_shardings = sharding.cache_shardings(jax.eval_shape(self._new_cache), mesh)
         rows, rep = sharding.rows_sharding(mesh), sharding.replicated(mesh)
-        self._replicated = rep
+        self._replicated, self._row_sharding = rep, rows
         # params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
         ins = (self.param_shardings, rows, rows, self.cache_shardings, rows, rows, rows, rows, rep)
         return jax.jit(
@@ -406,11 +406,28 @@ class Executor:
             # The sampler's state lives on one device: the fed-back tokens are broadcast to the mesh (device to
             # device), and the gathered logits are handed over as the first device's copy (no transfer). Sampling
             # on all devices at once crashes XLA:CPU's TopkDecomposer (jax 0.10.2).
-            last_tokens = jax.device_put(last_tokens, self._replicated)
-            logits, cache = self._step(
-                self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
-            )
+            last_tokens = self._to_mesh(last_tokens)
+            rows = self._global_rows((tokens, positions, page_table, logits_index, rope_cs, src))
+            logits, cache = self._step(self.params, *rows[:2], cache, *rows[2:], last_tokens)
             return logits.addressable_shards[0].data, cache
+
+    def _to_mesh(self, x: jax.Array) -> jax.Array:
+        """`x`, on one device of this process, replicated over the mesh. With several processes (`jax.distributed`)
+        each one gives its own copy (every process samples the same tokens), as the shards of one global array."""
+        if self._replicated.is_fully_addressable:
+            return jax.device_put(x, self._replicated)
+        local = sorted(self._replicated.addressable_devices, key=lambda d: d.id)
+        return jax.make_array_from_single_device_arrays(
+            x.shape, self._replicated, [jax.device_put(x, d) for d in local]
+        )
+
+    def _global_rows(self, args):
+        """A step's host inputs as global arrays split over `data`, when the mesh spans several processes (each
+        holds the whole of every input, from the same plan); as they are otherwise."""
+        if self._row_sharding.is_fully_addressable:
+            return args
+        sharding = self._row_sharding
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]), args)
 
     def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None, extents=None):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)

@@ -3,6 +3,7 @@
     novallm-serve                                   # SmolLM2-135M-Instruct on http://127.0.0.1:8000
     novallm-serve --model=/path/to/model --port=8080 --grpc_port=50051 --max_concurrent=64
     NOVALLM_API_KEY=sk-local novallm-serve          # then send "Authorization: Bearer sk-local"
+    novallm-serve --mesh=model=4 --coordinator_address=HOST0:9876 --num_processes=2 --process_id=I  # on 2 hosts
 
 It binds to 127.0.0.1 unless --host says otherwise: exposing a model server to a network is a choice to make on
 purpose (and then with --api_key).
@@ -51,21 +52,42 @@ flags.DEFINE_enum(
     "How tool calls are read from answers (default: chosen from the chat template's call syntax).",
 )
 
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Several processes (hosts) serving one model: process 0's host:port for "
+    "jax.distributed (default: $NOVALLM_COORDINATOR_ADDRESS); the plans go over port + 1. Process 0 serves the API.",
+)
+flags.DEFINE_integer("num_processes", None, "Processes in the cluster (default: $NOVALLM_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index in the cluster (default: $NOVALLM_PROCESS_ID).")
+
 API_KEY_ENV = "NOVALLM_API_KEY"
 
 
 def main(argv) -> None:
     del argv
+    from novallm_jax import distributed
     from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.errors import InvalidRequestError
     from novallm_jax.llm import LLM
     from novallm_jax.serving.app import Server, ServerConfig
-    from novallm_jax.serving.runner import serve
+    from novallm_jax.serving.runner import serve, serve_in_cluster
+
+    try:
+        cluster = distributed.cluster_from(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except InvalidRequestError as e:
+        raise app.UsageError(str(e)) from None
+    if cluster is not None:
+        distributed.initialize(cluster)  # before anything asks JAX for its devices
 
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it", FLAGS.host)
     engine_config = dataclasses.replace(
-        EngineConfig(), max_queue=FLAGS.max_queue, async_scheduling=FLAGS.async_scheduling
+        EngineConfig(),
+        max_queue=FLAGS.max_queue,
+        async_scheduling=FLAGS.async_scheduling,
+        preemption_mode="recompute" if cluster else "swap",
     )
     llm = LLM(
         FLAGS.model,
@@ -87,6 +109,18 @@ def main(argv) -> None:
         max_concurrent=FLAGS.max_concurrent,
         max_body_bytes=FLAGS.max_body_bytes,
     )
+    if cluster is not None:
+        code = 1
+        try:
+            distributed.check_engine(llm.engine)
+            code = serve_in_cluster(llm, config, cluster, FLAGS.host, FLAGS.port, FLAGS.grpc_port)
+        except InvalidRequestError as e:
+            logging.error("%s", e)
+            code = 2
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            distributed.exit_now(code)  # no llm.close(): a step may be blocked in a collective with a lost process
     try:
         asyncio.run(serve(Server(llm, config), FLAGS.host, FLAGS.port, FLAGS.grpc_port))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import uvicorn
 from absl import logging
@@ -17,6 +18,7 @@ from novallm_jax.llm import LLM
 from novallm_jax.serving.app import Server, ServerConfig, build_app
 
 DEFAULT_HOST = "127.0.0.1"
+LOST_GRACE_S = 2.0  # after a cluster process is lost, how long the front answers 503 before it stops
 
 
 async def serve(
@@ -128,3 +130,44 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_in_cluster(
+    llm: LLM,
+    config: ServerConfig | None,
+    cluster,
+    host: str = DEFAULT_HOST,
+    port: int = 8000,
+    grpc_port: int | None = None,
+    on_ready=None,
+) -> int:
+    """Serves as one process of a `novallm_jax.distributed.Cluster`; returns the exit code.
+
+    Process 0 serves both fronts (as `serve`) and mirrors each step to the others; when one is lost, the front
+    answers 503 for `LOST_GRACE_S` seconds, then stops (returns 1). The other processes run the plans they are sent
+    until process 0 stops them (0) or is gone (1).
+    """
+    from novallm_jax.distributed import Leader, serve_worker
+
+    if not cluster.is_leader:
+        try:
+            return serve_worker(llm.engine, cluster)
+        except Exception:
+            logging.exception("process %d stopped", cluster.process_id)
+            return 1
+    fronts: list = []
+
+    def stop_later(reason: str) -> None:
+        def stop() -> None:
+            time.sleep(LOST_GRACE_S)
+            if fronts:
+                fronts[0].should_exit = True
+
+        threading.Thread(target=stop, name="novallm-stop", daemon=True).start()
+
+    leader = Leader(llm.engine, cluster, on_lost=stop_later)
+    try:
+        asyncio.run(serve(Server(llm, config), host, port, grpc_port, on_ready, fronts))
+    finally:
+        leader.close()
+    return 1 if leader.lost else 0
