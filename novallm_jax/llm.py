@@ -7,6 +7,7 @@ with LLM() as llm:                       # SmolLM2-135M-Instruct from the `llm-s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -134,6 +135,7 @@ class LLM:
             load_model,
             with_activations,
         )
+        from novallm_jax.loading.assemble import on_host
         from novallm_jax.loading.gguf_readers import shared_readers
         from novallm_jax.sharding import parse_mesh
         from novallm_jax.tokenizer import load_tokenizer
@@ -175,7 +177,8 @@ class LLM:
             enable_compilation_cache(
                 default_compilation_cache_dir() if compile_cache_dir == "auto" else compile_cache_dir
             )
-        with shared_readers():  # a GGUF file is parsed once for its weights and its tokenizer
+        # On a mesh, the weights stay in host memory until each device takes its shard (no device holds them all).
+        with shared_readers(), on_host() if sharded else contextlib.nullcontext():
             with phase("weights: read and pack"):
                 self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
                 params = with_activations(params, activations)

@@ -151,12 +151,13 @@ def shard_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
     copies = max(1, m // cfg.num_kv_heads)
 
     def qkv(w):  # [..., q + 2 kv] -> per shard [its q heads, its k heads, its v heads]
-        q, k, v = jnp.split(w, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-        heads = lambda a: jnp.repeat(a.reshape(*a.shape[:-1], -1, cfg.head_dim), copies, axis=-2)
+        xp = _xp(w)
+        q, k, v = xp.split(w, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        heads = lambda a: xp.repeat(a.reshape(*a.shape[:-1], -1, cfg.head_dim), copies, axis=-2)
         return _interleave([q, heads(k), heads(v)], m)
 
     def gate_up(w):
-        return _interleave(jnp.split(w, 2, axis=-1), m)
+        return _interleave(_xp(w).split(w, 2, axis=-1), m)
 
     layers = []
     for p in params["layers"]:
@@ -175,7 +176,26 @@ def _interleave(parts: list[jax.Array], m: int) -> jax.Array:
     """Concatenates parts [..., n_i] (each split into m contiguous groups) as group 0 of each, group 1 of each, ..."""
     lead = parts[0].shape[:-1]
     grouped = [a.reshape(*lead, m, -1) for a in parts]
-    return jnp.concatenate(grouped, axis=-1).reshape(*lead, -1)
+    return _xp(parts[0]).concatenate(grouped, axis=-1).reshape(*lead, -1)
+
+
+def _xp(a):
+    """numpy for host arrays (loaded with `loading.assemble.on_host`), so that no device holds a whole weight."""
+    return np if isinstance(a, np.ndarray) else jnp
+
+
+def place(params: dict, shardings: dict) -> dict:
+    """Each leaf of `params` on its sharding. A host (numpy) leaf gives each of this process's devices only its own
+    slice; with several processes (`jax.distributed`), each places only its devices' shards."""
+
+    def put(x, s):
+        if isinstance(x, np.ndarray):
+            # A copy of each slice: a device on the host may alias the memory it is given, and a view would keep
+            # the whole weight alive.
+            return jax.make_array_from_callback(x.shape, s, lambda index: np.array(x[index]))
+        return jax.device_put(x, s)
+
+    return jax.tree.map(put, params, shardings)
 
 
 def param_specs(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:

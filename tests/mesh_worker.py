@@ -4,7 +4,8 @@
 
 Writes, per model config and mesh shape, the figures test_mesh.py asserts on: logits against the unsharded executor
 (same XLA arithmetic, float32), greedy tokens, each device's shard shapes, the engine's outputs under preemption and
-prefix caching, its leaks and the pool's per-device bytes, and the collectives in the compiled decode step's HLO.
+prefix caching, its leaks and the pool's per-device bytes, and the collectives in the compiled decode step's HLO; and
+for checkpoints loaded from disk onto a mesh, the greedy tokens and whether any device received a whole weight.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -219,11 +221,57 @@ def engine_checks(out):
         out[f"engine {mode} {spec}"] = engine_run(tokenizer, params, spec, mode)
 
 
+def _full_weight_shapes(cfg) -> set[tuple[int, ...]]:
+    """The unsplit shapes of the weights a mesh splits (as a checkpoint holds them)."""
+    from novallm_jax.model import param_shapes
+
+    shapes = param_shapes(cfg, np.float32)
+    split = [shapes["embed"], shapes.get("lm_head")] + [
+        layer[k] for layer in shapes["layers"] for k in ("wqkv", "wo", "w_gate_up", "w_down") if k in layer
+    ]
+    return {tuple(s.shape) for s in split if s is not None}
+
+
+def load_run(path, tokenizer, mesh):
+    """LLM(path, mesh=...) from a checkpoint on disk: greedy tokens, and the device arrays that loading left whole
+    on one device with the shape of a weight the mesh splits (none: each device takes only its shard)."""
+    before = {id(a) for a in jax.live_arrays()}
+    llm = LLM(path, tokenizer=tokenizer, mesh=mesh, compile_cache_dir=None, engine_config=EngineConfig(executor=EXEC))
+    full = _full_weight_shapes(llm.cfg)
+    whole = [
+        list(a.shape)
+        for a in jax.live_arrays()
+        if id(a) not in before and len(a.sharding.device_set) == 1 and tuple(a.shape) in full
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[t % llm.cfg.vocab_size for t in p] for p in PROMPTS]
+    tokens = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    llm.close()
+    return {"tokens": tokens, "whole_on_one_device": whole}
+
+
+def load_checks(out, tmp):
+    """A safetensors (HF) Qwen3 directory and an orbax checkpoint, loaded for model=4 and for one device."""
+    from novallm_jax.loading import default_model_path
+    from novallm_jax.loading.checkpoint import save_checkpoint
+    from novallm_jax.tokenizer import load_tokenizer
+    from tests.hf_models import build_hf_model, save_hf_model
+
+    tokenizer = load_tokenizer(default_model_path())
+    paths = {"hf": save_hf_model(build_hf_model("qwen3"), f"{tmp}/hf"), "orbax": f"{tmp}/orbax"}
+    save_checkpoint(paths["orbax"], ENGINE_CFG, params_of(ENGINE_CFG))
+    for kind, path in paths.items():
+        for spec in ("model=4", None):
+            out[f"load {kind} {spec}"] = load_run(path, tokenizer, spec)
+
+
 def main(path):
     assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     out = {}
     executor_checks(out)
     engine_checks(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        load_checks(out, tmp)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 

@@ -217,7 +217,7 @@ class Executor:
         mesh = self.mesh
         params = sharding.shard_layout(self.cfg, self.params, mesh)
         self.param_shardings = sharding.param_specs(self.step_cfg, params, mesh)
-        self.params = jax.device_put(params, self.param_shardings)
+        self.params = sharding.place(params, self.param_shardings)
         self.cache_shardings = sharding.cache_shardings(jax.eval_shape(self._new_cache), mesh)
         rows, rep = sharding.rows_sharding(mesh), sharding.replicated(mesh)
         self._replicated, self._row_sharding = rep, rows

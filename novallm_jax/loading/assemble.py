@@ -5,7 +5,9 @@ a `native.QuantLinear`, and everything else (the embedding table, norms) is dequ
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,37 @@ TensorGetter = Callable[[str], "np.ndarray | BlockQuant"]
 NameFn = Callable[[int | None, str], str]
 
 
+_ON_HOST = contextvars.ContextVar("novallm_load_on_host", default=False)
+
+
+@contextlib.contextmanager
+def on_host() -> Iterator[None]:
+    """Within it, loaders leave the params in host memory (numpy) instead of on the default device: for a mesh,
+    where each device then receives only its shard of each weight (`sharding.place`), so no device ever holds the
+    whole model."""
+    token = _ON_HOST.set(True)
+    try:
+        yield
+    finally:
+        _ON_HOST.reset(token)
+
+
+def loading_on_host() -> bool:
+    return _ON_HOST.get()
+
+
+def to_device(a, dtype):
+    """`a` cast to `dtype`, on the default device, or in host memory inside `on_host()`."""
+    if _ON_HOST.get():
+        return np.asarray(a, dtype)
+    return jax.device_put(jnp.asarray(a, dtype))
+
+
 def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, desc: str = "weights") -> dict:
     """Builds params layer by layer, so at most one layer's float32 tensors sit in host memory at a time."""
 
     def put(a):
-        return jax.device_put(jnp.asarray(a.dequantize() if isinstance(a, (BlockQuant, HalfWeight)) else a, dtype))
+        return to_device(a.dequantize() if isinstance(a, (BlockQuant, HalfWeight)) else a, dtype)
 
     def matmul_weight(parts: list) -> jax.Array | native.QuantLinear:
         """[out, in] tensors -> one [in, sum(out)] weight, kept in block codes when every part has them (codes of

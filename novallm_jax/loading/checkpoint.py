@@ -6,10 +6,12 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError
+from novallm_jax.loading.assemble import loading_on_host
 from novallm_jax.model import param_shapes
 
 CONFIG_FILE = "novallm_config.json"
@@ -46,9 +48,13 @@ def load_checkpoint(directory: str, dtype=None) -> tuple[ModelConfig, dict]:
         raise ModelLoadError(f"{directory} holds no valid {CONFIG_FILE}: {e}") from None
     dtype = dtype or meta.get("dtype", "float32")
     abstract = param_shapes(cfg, dtype)
+    on_host = loading_on_host()
+    if on_host:  # restored to the host's memory, then to numpy (see `assemble.on_host`)
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
     except Exception as e:  # orbax raises several types for missing or mismatched arrays
         raise ModelLoadError(f"could not restore params from {directory}: {e}") from None
-    return cfg, params
+    return cfg, (jax.tree.map(np.array, params) if on_host else params)  # copies: the restored arrays are freed
