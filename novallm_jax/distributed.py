@@ -113,17 +113,24 @@ def initialize(cluster: Cluster) -> None:
     jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)
 
 
-def check_engine(engine) -> None:
-    """Refuses an engine that cannot run as one of a cluster's processes, naming the setting."""
+def check_mesh(mesh) -> None:
+    """Refuses a mesh (a `--mesh` string or Mesh) that does not span every process's devices, naming the flag."""
     import jax
 
-    mesh = engine.executor.mesh
+    from novallm_jax.sharding import parse_mesh
+
+    mesh = parse_mesh(mesh)
     if mesh is None or set(mesh.devices.flat) != set(jax.devices()):
         raise InvalidRequestError(
             f"a cluster of {jax.process_count()} processes serves one model over the devices of all of them: give "
             f"--mesh with {jax.device_count()} devices in all (e.g. model={jax.device_count()})",
             param="mesh",
         )
+
+
+def check_engine(engine) -> None:
+    """Refuses an engine that cannot run as one of a cluster's processes, naming the setting."""
+    check_mesh(engine.executor.mesh)
     if engine.scheduler.preemption_mode != "recompute":
         raise InvalidRequestError(
             "a cluster preempts by recompute: swap copies pages to one process's host", param="preemption_mode"

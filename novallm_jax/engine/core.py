@@ -12,7 +12,6 @@ import jax
 import numpy as np
 
 from novallm_jax.amp.page_heap import copy_pages
-
 from novallm_jax.engine.executor import Executor, PrefillChunk
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
 from novallm_jax.sampling import SamplingBatch, sample_slots

@@ -79,6 +79,11 @@ def main(argv) -> None:
         raise app.UsageError(str(e)) from None
     if cluster is not None:
         distributed.initialize(cluster)  # before anything asks JAX for its devices
+        try:
+            distributed.check_mesh(FLAGS.mesh)
+        except InvalidRequestError as e:
+            logging.error("%s", e)
+            distributed.exit_now(2)
 
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
     if FLAGS.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
