@@ -37,6 +37,7 @@ def test_llm_style_loading_parses_the_default_gguf_once(default_gguf, monkeypatc
     from novallm_jax.loading import gguf_readers
     from novallm_jax.tokenizer import load_tokenizer
 
+    monkeypatch.setenv("NOVALLM_WEIGHTS_CACHE", "0")  # else the tokenizer comes from its cache entry, parsing nothing
     calls = []
     real_init = gguf_readers.FastReader.__init__
 

@@ -97,3 +97,51 @@ def test_the_cache_can_be_turned_off(tiny_gguf, counted, tmp_path, monkeypatch):
     load_model(tiny_gguf, jnp.float32)
     load_model(tiny_gguf, jnp.float32)
     assert len(counted) == 2 and _entries(tmp_path) == []
+
+
+def test_a_gguf_tokenizer_is_kept_and_reads_back_the_same(default_gguf, tmp_path, monkeypatch):
+    """The tokenizer built from a GGUF vocabulary (49k tokens, merges, special tokens) is kept beside the packed
+    weights: a second load reads it, encodes and decodes as the built one, and a broken entry is rebuilt."""
+    from novallm_jax.tokenization import gguf_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("NOVALLM_WEIGHTS_CACHE", raising=False)
+    built = []
+    real = gguf_tokenizer._from_gguf
+    monkeypatch.setattr(gguf_tokenizer, "_from_gguf", lambda s: built.append(s) or real(s))
+    first = gguf_tokenizer.tokenizer_from_gguf(default_gguf)
+    kept = gguf_tokenizer.tokenizer_from_gguf(default_gguf)
+    assert len(built) == 1
+    texts = [
+        "Hello world",
+        "  spaces\tand\nnewlines ",
+        "<|im_start|>user\nHi<|im_end|>",
+        "émoji 🤖 日本語",
+        "x=y+z 1234",
+    ]
+    for text in texts:
+        assert kept.encode(text) == first.encode(text) and kept.encode(text, False) == first.encode(text, False)
+        ids = first.encode(text)
+        assert kept.decode(ids) == first.decode(ids) and kept.decode(ids, True) == first.decode(ids, True)
+    settings = lambda t: (
+        t.bos_token_id,
+        t.eos_token_ids,
+        t.pad_token_id,
+        t.add_bos,
+        t.add_eos,
+        t.chat_template,
+        t.name,
+        t.vocab_size,
+        t.decode_mode,
+    )
+    assert settings(kept) == settings(first)
+
+    (entry,) = (tmp_path / "novallm-jax" / "packed").glob("tokenizer-*.json")
+    entry.write_text('{"tokenizer": "not a tokenizer"')
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    rebuilt = gguf_tokenizer.tokenizer_from_gguf(default_gguf)
+    assert len(built) == 2 and any("is unreadable" in w for w in warnings)
+    assert rebuilt.encode(texts[2]) == first.encode(texts[2])
+    gguf_tokenizer.tokenizer_from_gguf(default_gguf)
+    assert len(built) == 2  # written again, read back

@@ -7,7 +7,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError
@@ -31,6 +30,8 @@ def save_checkpoint(directory: str, cfg: ModelConfig, params: dict) -> None:
     params = native.dequantize_params(params)
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    import orbax.checkpoint as ocp  # here, not at import: telling a checkpoint directory apart must stay cheap
+
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, PARAMS_DIR), params)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -52,6 +53,8 @@ def load_checkpoint(directory: str, dtype=None) -> tuple[ModelConfig, dict]:
     if on_host:  # restored to the host's memory, then to numpy (see `assemble.on_host`)
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
+    import orbax.checkpoint as ocp
+
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)

@@ -4,13 +4,16 @@ An entry holds the params pytree's leaves in one file and its structure beside t
 depends on: the model file (path, size, mtime, its first and last MiB), the package's code (every `.py` and `.cc` of
 it: a change of layout must never meet old panels), jax, the load options and the CPU's kernel variant. A changed
 file or version simply misses; an entry that does not read back is removed with a warning and written again. The
-newest `MAX_ENTRIES` are kept. `NOVALLM_WEIGHTS_CACHE=0` turns it off.
+newest `MAX_ENTRIES` are kept. `NOVALLM_WEIGHTS_CACHE=0` turns it off. A GGUF file's tokenizer is kept the same
+way, as a `tokenizer-KEY.json` file beside the entries (`cached_json`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -41,6 +44,7 @@ def cache_dir() -> Path:
     return Path(base) / "novallm-jax" / "packed"
 
 
+@functools.cache
 def _code_digest() -> bytes:
     h = hashlib.sha256()
     for path in sorted(_PACKAGE.rglob("*")):
@@ -140,6 +144,35 @@ def _read(entry: Path) -> tuple[ModelConfig, Any]:
         leaves.append(np.array(leaf) if on_host else jax.device_put(leaf, may_alias=False))
         offset += n
     return index["config"], jax.tree.unflatten(index["treedef"], leaves)
+
+
+def cached_json(path: str, options: tuple, build: Callable[[], Any], decode: Callable[[Any], Any], what: str) -> Any:
+    """`decode` of `build()`'s JSON-able value for the file at `path` (e.g. a tokenizer built from a GGUF file's
+    vocabulary), from a `what-KEY.json` file beside the packed entries when one matches (the same key), else built and
+    stored. An entry that does not decode is removed with a warning and written again."""
+    if not enabled():
+        return decode(build())
+    root = cache_dir()
+    entry = root / f"{what}-{entry_key(path, options)}.json"
+    try:
+        result = decode(json.loads(entry.read_text()))
+        os.utime(entry)
+        return result
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a broken entry is never a reason to fail the load
+        logging.warning("%s cache entry %s is unreadable (%s: %s): written again", what, entry, type(e).__name__, e)
+    value = build()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=root, prefix=".tmp-", suffix=".json", delete=False) as f:
+            json.dump(value, f)
+        os.replace(f.name, entry)  # atomic: a reader sees no entry or a whole one
+        for old in sorted(root.glob(f"{what}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[MAX_ENTRIES:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        logging.warning("could not write the %s cache entry %s: %s", what, entry, e)
+    return decode(value)
 
 
 def _evict(keep: Path) -> None:

@@ -375,7 +375,37 @@ def _rstrip_rule(model_name: str) -> Any:
 
 
 def tokenizer_from_gguf(source: str | Any) -> HFTokenizer:
-    """The tokenizer embedded in a GGUF file (a path or an open `gguf.GGUFReader`)."""
+    """The tokenizer embedded in a GGUF file (a path or an open `gguf.GGUFReader`).
+
+    Built from the file's vocabulary once (~0.3 s for 49k tokens) and kept in the packed-weights cache as a
+    tokenizer.json with its settings (`packed_cache.cached_json`: the same key rules); later starts read it back."""
+    if not isinstance(source, str):
+        return _from_gguf(source)
+    from novallm_jax.loading import packed_cache
+
+    def decode(d: dict) -> HFTokenizer:
+        return HFTokenizer(tokenizers.Tokenizer.from_str(d["tokenizer"]), **d["settings"])
+
+    return packed_cache.cached_json(source, ("tokenizer",), lambda: _settings(_from_gguf(source)), decode, "tokenizer")
+
+
+def _settings(tok: HFTokenizer) -> dict:
+    return {
+        "tokenizer": tok.backend.to_str(),
+        "settings": {
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": list(tok.eos_token_ids),
+            "pad_token_id": tok.pad_token_id,
+            "unk_token_id": tok._unk_token_id,
+            "add_bos": tok.add_bos,
+            "add_eos": tok.add_eos,
+            "chat_template": tok.chat_template,
+            "name": tok.name,
+        },
+    }
+
+
+def _from_gguf(source: str | Any) -> HFTokenizer:
     from novallm_jax.loading.gguf_readers import FastReader, reader_for
 
     if isinstance(source, str):

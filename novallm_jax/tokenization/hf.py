@@ -92,7 +92,7 @@ class HFTokenizer(Tokenizer):
         self._vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self._clean_up = clean_up_tokenization_spaces
-        decoder = json.loads(tok.to_str()).get("decoder")
+        decoder = None if tok.decoder is None else json.loads(tok.decoder.__getstate__())  # not the whole JSON
         self.decode_mode, self.strips_leading_space = _decode_mode(decoder)
         if self._clean_up:
             self.decode_mode = DecodeMode.GENERIC
