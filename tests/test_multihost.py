@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from tests.engine_fixtures import EXEC, TINY, tiny_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [f"Question {i}: what comes after {i * 7}? Answer:" for i in range(6)]
 MAX_TOKENS = 24
+REGEX = "[a-z]{3}-[0-9]{4}"  # a structured-output row: its token bitmasks go to the worker with the plan
+SEEDED = SamplingParams(temperature=0.9, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)
 START_TIMEOUT_S = 600
 
 
@@ -98,7 +101,12 @@ def reference(default_gguf):
     config = EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24), preemption_mode="recompute")
     with LLM.from_engine(LLMEngine(TINY, tiny_params(), load_tokenizer(default_gguf), config)) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        return [r.text for r in llm.generate(PROMPTS, params)]
+        greedy = [r.text for r in llm.generate(PROMPTS, params)]
+        seeded = llm.generate(PROMPTS[0], SEEDED)[0].text
+        constrained = llm.generate(
+            PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, structured={"regex": REGEX})
+        )[0].text
+        return greedy, seeded, constrained
 
 
 def _client(port: int) -> openai.OpenAI:
@@ -119,10 +127,22 @@ def _stream(client: openai.OpenAI, prompt: str) -> str:
 
 def test_process_0_streams_the_one_process_text_and_a_lost_worker_gives_503(cluster, reference):
     procs, logs, port = cluster
+    reference, seeded, constrained = reference
     client = _client(port)
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched steps, preemption
         streamed = list(pool.map(lambda p: _stream(client, p), PROMPTS))
     assert streamed == reference, _tail(logs)
+    # Sampled: every process draws the same token from its copy of the logits, so the seeded text is the one-process
+    # text; constrained: the masks process 0 computes reach the worker's sampler.
+    extra = {"ignore_eos": True, "seed": SEEDED.seed}
+    got = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=SEEDED.temperature, extra_body=extra
+    )
+    assert got.choices[0].text == seeded
+    got = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.0, extra_body={"guided_regex": REGEX}
+    )
+    assert got.choices[0].text == constrained and re.fullmatch(REGEX, constrained)
     batch = client.completions.create(
         model="tiny", prompt=PROMPTS[:3], max_tokens=MAX_TOKENS, temperature=0.0, extra_body={"ignore_eos": True}
     )
