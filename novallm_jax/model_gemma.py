@@ -161,7 +161,7 @@ def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     weights, experts = jax.lax.top_k(probs, g.top_k_experts)
     weights = weights / weights.sum(axis=-1, keepdims=True) * p["expert_scale"].astype(jnp.float32)[experts]
     h = gemma_norm(xf, p["pre_moe_norm"], eps, g.norm_offset)
-    return mix_experts(p, h, weights.astype(x.dtype), experts, g.num_experts, _gelu).reshape(x.shape)
+    return mix_experts(p, h, weights.astype(x.dtype), experts, g.num_experts, _gelu, cfg.model_shards).reshape(x.shape)
 
 
 def gemma_forward(

@@ -110,23 +110,19 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     m = axis_size(mesh, "model")
     if m == 1:
         return
-    if cfg.gemma is not None and cfg.gemma.version >= 4:
-        raise _mesh_error(
-            f"tensor parallelism (model={m}) is not implemented for Gemma 4 yet; "
-            f"use data parallelism (mesh 'data={m}') or model=1"
-        )
-    if cfg.moe is not None and cfg.moe.expert_size % m:
-        raise _mesh_error(
-            f"the experts' FFN size ({cfg.moe.expert_size}) is not divisible by the mesh's model axis ({m})"
-        )
+    expert_size = cfg.moe.expert_size if cfg.moe is not None else (cfg.gemma.moe_size if cfg.gemma else 0)
+    if expert_size % m:
+        raise _mesh_error(f"the experts' FFN size ({expert_size}) is not divisible by the mesh's model axis ({m})")
     if cfg.num_heads % m:
         raise _mesh_error(f"num_heads ({cfg.num_heads}) is not divisible by the mesh's model axis ({m})")
-    kv = cfg.num_kv_heads
-    if kv % m and m % kv:
-        raise _mesh_error(
-            f"num_kv_heads ({kv}) and the mesh's model axis ({m}) must divide one another, so that "
-            f"each shard holds whole KV heads or one copy of a KV head"
-        )
+    # Gemma's full-attention layers may have K/V heads of their own count.
+    full_kv = cfg.gemma.full_kv_heads if cfg.gemma is not None else None
+    for name, kv in (("num_kv_heads", cfg.num_kv_heads), ("the full layers' KV heads", full_kv)):
+        if kv and kv % m and m % kv:
+            raise _mesh_error(
+                f"{name} ({kv}) and the mesh's model axis ({m}) must divide one another, so that "
+                f"each shard holds whole KV heads or one copy of a KV head"
+            )
     if cfg.intermediate_size % m:
         raise _mesh_error(
             f"intermediate_size ({cfg.intermediate_size}) is not divisible by the mesh's model axis ({m})"
@@ -139,7 +135,10 @@ def sharded_config(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
     m = axis_size(mesh, "model")
     if m == 1:
         return cfg
-    return dataclasses.replace(cfg, num_kv_heads=max(cfg.num_kv_heads, m), model_shards=m)
+    g = cfg.gemma
+    if g is not None and g.full_kv_heads:
+        g = dataclasses.replace(g, full_kv_heads=max(g.full_kv_heads, m))
+    return dataclasses.replace(cfg, num_kv_heads=max(cfg.num_kv_heads, m), model_shards=m, gemma=g)
 
 
 def shard_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
@@ -148,23 +147,28 @@ def shard_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
     m = axis_size(mesh, "model")
     if m == 1:
         return params
-    copies = max(1, m // cfg.num_kv_heads)
 
-    def qkv(w):  # [..., q + 2 kv] -> per shard [its q heads, its k heads, its v heads]
+    def qkv(w, i):  # [..., q + k + v] -> per shard [its q heads, its k heads, its v heads]
+        from novallm_jax.model_gemma import layer_widths
+
         xp = _xp(w)
-        q, k, v = xp.split(w, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-        heads = lambda a: xp.repeat(a.reshape(*a.shape[:-1], -1, cfg.head_dim), copies, axis=-2)
-        return _interleave([q, heads(k), heads(v)], m)
+        # Gemma's layers differ: head size and K/V heads by kind, no K/V where a layer reads another's, no V where
+        # the keys are the values.
+        q_w, k_w, _, _ = layer_widths(cfg, i) if cfg.gemma is not None else (cfg.q_size, cfg.kv_size, 0, 0)
+        hd, copies = cfg.layer_head_dim(i), max(1, m // cfg.layer_kv_heads(i))
+        q, k, v = xp.split(w, [q_w, q_w + k_w], axis=-1)
+        heads = lambda a: xp.repeat(a.reshape(*a.shape[:-1], -1, hd), copies, axis=-2).reshape(*a.shape[:-1], -1)
+        return _interleave([a for a in (q, heads(k), heads(v)) if a.shape[-1]], m)
 
     def gate_up(w):
         return _interleave(_xp(w).split(w, 2, axis=-1), m)
 
     layers = []
-    for p in params["layers"]:
+    for i, p in enumerate(params["layers"]):
         p = dict(p)
-        p["wqkv"] = qkv(p["wqkv"])
+        p["wqkv"] = qkv(p["wqkv"], i)
         if "bqkv" in p:
-            p["bqkv"] = qkv(p["bqkv"])
+            p["bqkv"] = qkv(p["bqkv"], i)
         for name in ("w_gate_up", "experts_gate_up"):  # a sparse layer has experts instead of the dense MLP
             if name in p:
                 p[name] = gate_up(p[name])

@@ -56,6 +56,11 @@ CONFIGS = {
     "gemma3": ModelConfig.from_hf({**build_hf_config("gemma3_text").to_dict(), "num_attention_heads": 8}),
     # test_model_parity's tiny Qwen3-MoE (8 experts of 32, top 2; a sparse and a dense layer), with 8 heads.
     "qwen3_moe": ModelConfig.from_hf({**build_hf_config("qwen3_moe").to_dict(), "num_attention_heads": 8}),
+    # test_model_parity's tiny Gemma 4 (full layers with their own head size and one KV head whose keys are the
+    # values, two layers reading earlier layers' K/V, per-layer inputs, the double-wide MLP), with 8 heads.
+    "gemma4": ModelConfig.from_hf({**build_hf_config("gemma4_text").to_dict(), "num_attention_heads": 8}),
+    # Gemma 4 with 4 experts (top 2) beside every layer's MLP.
+    "gemma4_moe": ModelConfig.from_hf({**build_hf_config("gemma4_moe").to_dict(), "num_attention_heads": 8}),
 }
 EXEC = ExecutorConfig(
     page_size=8,
@@ -133,6 +138,7 @@ def executor_checks(out):
         for spec in MESHES:
             ex, cache, steps, tokens, logits_spec, donated = run_executor(cfg, params, spec)
             layer = ex.params["layers"][0]
+            gemma_experts = cfg.gemma is not None and cfg.gemma.num_experts
             out[f"{name} {spec}"] = {
                 "max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(steps, ref_steps)),
                 "tokens_equal": tokens == ref_tokens,
@@ -148,7 +154,10 @@ def executor_checks(out):
                 "donated_in_place": donated,
                 "decode_collectives": collectives(ex.step_hlo(4, 1, EXEC.page_table_buckets[0])),
                 "num_layers": cfg.num_layers,
-                "sparse_layers": sum(cfg.moe.sparse_layers) if cfg.moe else 0,
+                "kv_layers": sum(cfg.layer_kv_source(i) == i for i in range(cfg.num_layers)),
+                "sparse_layers": sum(cfg.moe.sparse_layers) if cfg.moe else (cfg.num_layers * bool(gemma_experts)),
+                # Gemma 4's experts sit beside each layer's MLP instead of replacing it.
+                "experts_beside_mlp": cfg.num_layers * bool(gemma_experts),
             }
 
 
@@ -219,6 +228,36 @@ def engine_checks(out):
     out["engine none"] = engine_run(tokenizer, params, None, "swap")
     for mode, spec in ENGINE_RUNS:
         out[f"engine {mode} {spec}"] = engine_run(tokenizer, params, spec, mode)
+    for mesh, mode in GEMMA4_ENGINE_RUNS:
+        out[f"engine gemma4 {mesh}"] = gemma4_engine_run(tokenizer, mesh, mode)
+
+
+# Gemma 4 through the engine: its sliding layers' KV group (pages recycled behind the window) and the layers that
+# keep no K/V of their own, under swap and recompute preemption.
+GEMMA4_ENGINE_RUNS = ((None, "swap"), ("model=4", "recompute"), ("model=2,data=2", "swap"))
+
+
+def gemma4_engine_run(tokenizer, mesh, mode):
+    cfg = CONFIGS["gemma4"]
+    exec_cfg = ExecutorConfig(
+        page_size=4,
+        num_pages=40,
+        max_model_len=128,
+        decode_batch_buckets=(4, 8),
+        prefill_batch_buckets=(4,),
+        prefill_len_buckets=(16, 64),
+    )
+    engine = LLMEngine(cfg, params_of(cfg), tokenizer, EngineConfig(executor=exec_cfg, preemption_mode=mode, mesh=mesh))
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    reqs = [engine.add_request(rng.integers(3, cfg.vocab_size, 10 + 7 * i).tolist(), greedy) for i in range(5)]
+    engine.run_until_idle()
+    return {
+        "outputs": [list(r.output_ids) for r in reqs],
+        "preemptions": engine.counters["preemptions"],
+        "window_pages_recycled": engine.counters["window_pages_recycled"],
+        "leaks": engine.check_leaks(),
+    }
 
 
 def _full_weight_shapes(cfg) -> set[tuple[int, ...]]:

@@ -50,7 +50,10 @@ CASES = [(name, spec) for name in w.CONFIGS for spec in w.MESHES]
 @pytest.mark.parametrize("name,spec", CASES)
 def test_logits_and_greedy_tokens_match_the_unsharded_run(figures, name, spec):
     f = figures[f"{name} {spec}"]
-    assert f["max_logit_diff"] <= 1e-5  # float32, every step of a ragged batch: prefill and 32 decode steps
+    # float32, every step of a ragged batch: prefill and 32 decode steps. Gemma 4's deeper chain (a norm of V, per-layer
+    # inputs, experts beside the MLP) amplifies float32 sums taken in another order: up to 3.4e-5 measured, under
+    # data=4 too, where no weight is split and only XLA's CPU dots at another row count differ.
+    assert f["max_logit_diff"] <= (5e-5 if name.startswith("gemma4") else 1e-5)
     assert f["tokens_equal"]  # 32 greedy tokens per row
     assert f["logits_spec"] == "None"  # handed to the sampler as one device's array
     assert f["donated_in_place"]  # every device's shard of the pages updated in place
@@ -85,12 +88,13 @@ def test_decode_step_has_exactly_the_expected_collectives(figures, name, spec):
     K and V and their (page, slot) indices over the replicas (every replica keeps every page), plus the logits."""
     f = figures[f"{name} {spec}"]
     data, model = sizes(spec)
-    layers, sparse = f["num_layers"], f["sparse_layers"]
+    layers, sparse, kv_layers = f["num_layers"], f["sparse_layers"], f["kv_layers"]
     # A sparse layer's routing of rows split over data adds two all-gathers (the routed tokens) and two all-reduces
-    # (their expert outputs summed back), measured.
+    # (their expert outputs summed back), measured. Experts beside a layer's MLP (Gemma 4) add the all-reduce of
+    # their down-projection; a layer that reads an earlier layer's K/V (Gemma 4) writes none, so gathers none.
     expected = {
-        "all-reduce": (2 * layers + 1) * (model > 1) + 2 * sparse * (data > 1),
-        "all-gather": (model > 1) + (data > 1) * (4 * layers + 1 + 2 * sparse),
+        "all-reduce": (2 * layers + 1 + f["experts_beside_mlp"]) * (model > 1) + 2 * sparse * (data > 1),
+        "all-gather": (model > 1) + (data > 1) * (4 * kv_layers + 1 + 2 * sparse),
         "reduce-scatter": 0,
         "all-to-all": 0,
         "collective-permute": 0,
@@ -115,6 +119,16 @@ def test_engine_with_preemption_and_prefix_caching_matches_the_unsharded_engine(
     assert f["bytes_per_device"] == alone["bytes_per_device"] * (max(kv, m) // m) // kv
 
 
+@pytest.mark.parametrize("mesh,mode", w.GEMMA4_ENGINE_RUNS[1:])
+def test_gemma4_through_the_engine_matches_the_unsharded_engine(figures, mesh, mode):
+    """Gemma 4 split over `model` (and `data`): its window KV group recycles pages, its K/V-sharing layers keep no
+    pages (their empty arrays keep their sharding through swaps), and the outputs equal one device's."""
+    alone, f = figures["engine gemma4 None"], figures[f"engine gemma4 {mesh}"]
+    assert f["outputs"] == alone["outputs"]
+    assert f["preemptions"] > 0 and f["window_pages_recycled"] > 0
+    assert f["leaks"] == [] and alone["leaks"] == []
+
+
 def test_a_bad_mesh_is_refused_naming_the_field():
     from novallm_jax.errors import InvalidRequestError
     from novallm_jax.sharding import parse_mesh
@@ -137,22 +151,29 @@ def test_a_model_that_does_not_split_is_refused_naming_the_field():
 
     import jax
 
-    from novallm_jax.config import ModelConfig
     from novallm_jax.errors import InvalidRequestError
     from novallm_jax.sharding import check_model
-    from tests.hf_models import build_hf_config
 
     mesh = lambda m: jax.sharding.AbstractMesh((1, m), ("data", "model"))
     cfg = w.CONFIGS["llama"]  # 8 heads, 2 KV heads, FFN 128
     check_model(cfg, mesh(8))
     moe = w.CONFIGS["qwen3_moe"]
     check_model(moe, mesh(8))
+    g4, g4moe = w.CONFIGS["gemma4"], w.CONFIGS["gemma4_moe"]
+    check_model(g4, mesh(8))
+    check_model(g4moe, mesh(8))
+    # Gemma 4 with 6 KV heads on its sliding layers and `full` on its full layers, 12 heads, FFN 96.
+    gemma4_full_kv = lambda full: dataclasses.replace(
+        g4, num_heads=12, num_kv_heads=6, intermediate_size=96, gemma=dataclasses.replace(g4.gemma, full_kv_heads=full)
+    )
+    check_model(gemma4_full_kv(6), mesh(6))
     for bad_cfg, m, words in [
         (cfg, 3, "num_heads"),
         (dataclasses.replace(cfg, num_kv_heads=4, num_heads=12), 6, "num_kv_heads"),
         (dataclasses.replace(cfg, intermediate_size=100), 8, "intermediate_size"),
         (dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, expert_size=30)), 4, "experts' FFN size"),
-        (ModelConfig.from_hf(build_hf_config("gemma4_text").to_dict()), 2, "Gemma 4"),
+        (gemma4_full_kv(4), 6, "the full layers' KV heads"),
+        (dataclasses.replace(g4moe, gemma=dataclasses.replace(g4moe.gemma, moe_size=30)), 4, "experts' FFN size"),
     ]:
         with pytest.raises(InvalidRequestError, match=words) as e:
             check_model(bad_cfg, mesh(m))

@@ -28,8 +28,8 @@ _STATE_NAMES = {_FREE: "free", _CACHED: "cached", _OWNED: "owned", _NULL: "the n
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _copy_pages(storage: Any, src: jax.Array, dst: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), storage)
+def _copy_leaves(leaves: list, src: jax.Array, dst: jax.Array) -> list:
+    return [x.at[dst].set(x[src]) for x in leaves]
 
 
 @jax.jit
@@ -38,8 +38,19 @@ def _gather_pages(storage: Any, idx: jax.Array) -> Any:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter_pages(storage: Any, idx: jax.Array, values: Any) -> Any:
-    return jax.tree.map(lambda x, v: x.at[idx].set(v.astype(x.dtype)), storage, values)
+def _scatter_leaves(leaves: list, idx: jax.Array, values: list) -> list:
+    return [x.at[idx].set(v.astype(x.dtype)) for x, v in zip(leaves, values)]
+
+
+def _on_nonempty(op, storage: Any, *args, values: Any = None) -> Any:
+    """`op` (donating) over the storage's non-empty leaves. Empty ones (a layer that keeps no K/V of its own) pass
+    through untouched: out of a program, an empty array would lose its sharding on a mesh."""
+    leaves, treedef = jax.tree.flatten(storage)
+    keep = [i for i, x in enumerate(leaves) if x.size]
+    extra = () if values is None else ([jax.tree.leaves(values)[i] for i in keep],)
+    for i, x in zip(keep, op([leaves[i] for i in keep], *args, *extra)):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def copy_pages(storage: Any, pairs: Sequence[tuple[int, int]]) -> Any:
@@ -47,7 +58,7 @@ def copy_pages(storage: Any, pairs: Sequence[tuple[int, int]]) -> Any:
     (null page to null page) so that compiles stay bounded."""
     idx = np.full((2, _bucket(len(pairs))), NULL_PAGE, np.int32)
     idx[:, : len(pairs)] = np.asarray(pairs, np.int32).reshape(-1, 2).T
-    return _copy_pages(storage, jnp.asarray(idx[0]), jnp.asarray(idx[1]))
+    return _on_nonempty(_copy_leaves, storage, jnp.asarray(idx[0]), jnp.asarray(idx[1]))
 
 
 def _bucket(n: int) -> int:
@@ -132,7 +143,7 @@ class PageHeap:
         values = jax.tree.map(pad, contents)
         with self._lock:
             self._require_storage("write pages")
-            self._storage = _scatter_pages(self._storage, jnp.asarray(idx), values)
+            self._storage = _on_nonempty(_scatter_leaves, self._storage, jnp.asarray(idx), values=values)
 
     def _require_storage(self, what: str) -> None:
         if self._storage is None:
