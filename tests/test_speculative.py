@@ -197,9 +197,17 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
                     },
                 }
             ]
+            # Constrained (drafts off by default); one call, so that 40 tokens always finish it (with parallel calls
+            # allowed, a sampled answer may keep writing calls past them).
             called = client.chat.completions.create(
-                model="m", messages=messages, tools=tools, max_tokens=40, tool_choice="required"
-            )  # constrained: drafts off by default
+                model="m",
+                messages=messages,
+                tools=tools,
+                max_tokens=40,
+                tool_choice="required",
+                parallel_tool_calls=False,
+                temperature=0,
+            )
             assert called.choices[0].message.tool_calls
             with pytest.raises(openai.BadRequestError, match="speculative"):
                 client.chat.completions.create(
