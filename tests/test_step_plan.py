@@ -130,6 +130,19 @@ def _request(rid: str, prompt_len: int, arrival: float) -> Request:
     return req
 
 
+def _scheduler(exec_cfg: ExecutorConfig) -> Scheduler:
+    """A ragged scheduler over a pool without KV storage, one prompt chunk per step, recompute preemption."""
+    return Scheduler(
+        MemoryPool(num_pages=exec_cfg.num_pages),
+        exec_cfg,
+        ragged=True,
+        max_model_len=exec_cfg.max_model_len,
+        max_prefill_rows=1,
+        enable_prefix_caching=False,
+        preemption_mode="recompute",
+    )
+
+
 def test_the_scheduler_plans_without_a_model():
     """Admission, chunking, decode rows fed from the device, and preemption, on a pool with no KV storage at all."""
     exec_cfg = ExecutorConfig(
@@ -141,15 +154,7 @@ def test_the_scheduler_plans_without_a_model():
         prefill_len_buckets=(8,),
         token_buckets=(4, 8),
     )
-    sched = Scheduler(
-        MemoryPool(num_pages=7),
-        exec_cfg,
-        ragged=True,
-        max_model_len=32,
-        max_prefill_rows=1,
-        enable_prefix_caching=False,
-        preemption_mode="recompute",
-    )
+    sched = _scheduler(exec_cfg)
     a, b = _request("a", 6, 0.0), _request("b", 5, 1.0)
     sched.add(a), sched.add(b)
 
@@ -193,15 +198,7 @@ def test_the_scheduler_plans_copy_on_write_into_a_page_it_shares():
         page_size=4, num_pages=8, max_model_len=32, decode_batch_buckets=(1,), prefill_batch_buckets=(1,)
     )
     exec_cfg = dataclasses.replace(exec_cfg, prefill_len_buckets=(8,), token_buckets=(8,))
-    sched = Scheduler(
-        MemoryPool(num_pages=8),
-        exec_cfg,
-        ragged=True,
-        max_model_len=32,
-        max_prefill_rows=1,
-        enable_prefix_caching=False,
-        preemption_mode="recompute",
-    )
+    sched = _scheduler(exec_cfg)
     a = _request("a", 6, 0.0)
     sched.add(a)
     assert sched.schedule().copies == ()
