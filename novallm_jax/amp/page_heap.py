@@ -47,8 +47,10 @@ def _on_nonempty(op, storage: Any, *args, values: Any = None) -> Any:
     through untouched: out of a program, an empty array would lose its sharding on a mesh."""
     leaves, treedef = jax.tree.flatten(storage)
     keep = [i for i, x in enumerate(leaves) if x.size]
-    extra = () if values is None else ([jax.tree.leaves(values)[i] for i in keep],)
-    for i, x in zip(keep, op([leaves[i] for i in keep], *args, *extra)):
+    if values is not None:
+        value_leaves = jax.tree.leaves(values)
+        args = (*args, [value_leaves[i] for i in keep])
+    for i, x in zip(keep, op([leaves[i] for i in keep], *args)):
         leaves[i] = x
     return jax.tree.unflatten(treedef, leaves)
 

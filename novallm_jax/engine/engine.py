@@ -147,7 +147,6 @@ class LLMEngine:
         self.window_pool = (
             None if len(storages) == 1 else MemoryPool(num_pages=self.executor.window_num_pages, storage=storages[1])
         )
-        self.pools = (self.pool,) if self.window_pool is None else (self.pool, self.window_pool)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or cfg.eos_token_ids
         self.scheduler = Scheduler(
             self.pool,
@@ -161,6 +160,7 @@ class LLMEngine:
             window_pool=self.window_pool,
             window=self.executor.window,
         )
+        self.pools = self.scheduler.pools  # one per KV cache group
         self.core = EngineCore(self.executor, self.num_slots, cfg.vocab_size, self.eos_token_ids)
         # The scheduler's state, under the names callers know.
         self.prefix_cache = self.scheduler.prefix_cache

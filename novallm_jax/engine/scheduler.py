@@ -72,9 +72,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.counters = collections.Counter()
         self._slot_updates: list[SlotUpdate] = []  # for the next plan
-        self._copies: list[
-            tuple[Request, int, int, int]
-        ] = []  # copy-on-write for the next plan: (req, group, src, dst)
+        # Copy-on-write for the next plan: (request, KV cache group, src page, dst page).
+        self._copies: list[tuple[Request, int, int, int]] = []
         self._steps = 0
 
     # ---- requests -------------------------------------------------------------------------------------------------
