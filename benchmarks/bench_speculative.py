@@ -1,4 +1,6 @@
-"""Prompt-lookup speculative decoding at batch 1: tokens/s with drafts against plain decoding, same model, same run.
+"""Speculative decoding at batch 1: tokens/s with drafts against plain decoding, same model, same run.
+
+Drafts come from prompt lookup, or with `--draft_model` from that model.
 
 Two tasks on the default model (greedy, so both runs produce the same tokens): `copy`, where the answer repeats
 its input (a paragraph to return with one word changed), so drafts are mostly accepted; and `free`, a question
@@ -33,6 +35,11 @@ flags.DEFINE_enum(
     "or int8 dot products (whose cost grows far less with the rows a step verifies).",
 )
 flags.DEFINE_integer("draft", 8, "Tokens drafted per step (SamplingParams.speculative).")
+flags.DEFINE_string(
+    "draft_model",
+    None,
+    "A draft model with the target's tokenizer (LLM(draft_model=...)): its drafts instead of prompt lookup's.",
+)
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")
 flags.DEFINE_integer("rounds", 6, "Alternating rounds of plain and speculative runs per task.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 24 tokens.")
@@ -66,7 +73,7 @@ def main(argv) -> None:
     rounds, max_tokens = (2, 24) if FLAGS.quick else (FLAGS.rounds, FLAGS.max_tokens)
     load_before, t0 = common.loadavg(), time.perf_counter()
     results = {}
-    with LLM(FLAGS.model, speculative=FLAGS.draft, activations=FLAGS.activations) as llm:
+    with LLM(FLAGS.model, speculative=FLAGS.draft, activations=FLAGS.activations, draft_model=FLAGS.draft_model) as llm:
         modes = {
             "plain": SamplingParams(temperature=0.0, max_tokens=max_tokens),
             "speculative": SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=FLAGS.draft),
@@ -103,8 +110,8 @@ def main(argv) -> None:
     print(common.format_table(rows, ["task", "plain tok/s", "speculative tok/s", "ratio", "acceptance", "tokens"]))
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
     print(
-        f"k = {FLAGS.draft}, activations {FLAGS.activations}, {rounds} rounds, load {load_before} -> {machine['loadavg_after']}, "
-        f"{time.perf_counter() - t0:.0f} s"
+        f"k = {FLAGS.draft}, drafts by {FLAGS.draft_model or 'prompt lookup'}, activations {FLAGS.activations}, "
+        f"{rounds} rounds, load {load_before} -> {machine['loadavg_after']}, {time.perf_counter() - t0:.0f} s"
     )
     common.write_json(
         FLAGS.output,
@@ -112,6 +119,7 @@ def main(argv) -> None:
             "machine": machine,
             "settings": {
                 "draft": FLAGS.draft,
+                "draft_model": FLAGS.draft_model,
                 "rounds": rounds,
                 "activations": FLAGS.activations,
                 "max_tokens": max_tokens,

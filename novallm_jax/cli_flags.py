@@ -49,6 +49,12 @@ SPECULATIVE = flags.DEFINE_integer(
     lower_bound=0,
     upper_bound=8,
 )
+DRAFT_MODEL = flags.DEFINE_string(
+    "draft_model",
+    None,
+    "Speculative decoding with a draft model: a smaller model with the same tokenizer (a path, as --model) whose "
+    "greedy choices are the drafts instead of prompt lookup's; --speculative defaults to 4 with it.",
+)
 MESH = flags.DEFINE_string(
     "mesh",
     None,

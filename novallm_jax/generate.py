@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from novallm_jax.cli_flags import (
     ACTIVATIONS,
     COMPILE_CACHE_DIR,
+    DRAFT_MODEL,
     DTYPE,
     KV_CACHE_DTYPE,
     MESH,
@@ -91,7 +92,9 @@ def generate_main() -> None:
         compile_cache_dir=COMPILE_CACHE_DIR.value or None,
         mesh=MESH.value,
         speculative=SPECULATIVE.value,
+        draft_model=DRAFT_MODEL.value,
     ) as llm:
+        params = params.with_default_drafts(llm.speculative)  # a draft model's default
         chat = _CHAT.value if _CHAT.value is not None else bool(llm.tokenizer.chat_template)
         system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
         encoded = [

@@ -104,9 +104,12 @@ class LLM:
       replica its own rows; see sharding.py) or a `jax.sharding.Mesh` with those axis names. Default: one device.
       On a mesh of several devices steps run on XLA's float path (GGUF block codes are dequantised). Overrides
       `engine_config`'s.
-    speculative: the most tokens a request may draft per step by prompt lookup (`SamplingParams.speculative`,
-      which requests set; 0, the default, compiles no step for verifying drafts). The server and the CLI also make
-      it their requests' default.
+    speculative: the most tokens a request may draft per step (`SamplingParams.speculative`, which requests set;
+      0, the default, compiles no step for verifying drafts), by prompt lookup or with `draft_model`. The server and
+      the CLI also make it their requests' default.
+    draft_model: a smaller model with the same tokenizer (a path, as `model`) whose greedy choices are the drafts
+      instead of prompt lookup's (`engine.draft`); loaded with the same dtype, weights and activations. `speculative`
+      defaults to 4 with it.
     compile_cache_dir: JAX's persistent compilation cache, so a second start loads the compiled steps instead of
       compiling them: "auto" (default) is a per-user directory per jax/jaxlib version
       (`executor.default_compilation_cache_dir()`); None turns it off.
@@ -127,6 +130,7 @@ class LLM:
         warmup: bool = False,
         mesh=None,
         speculative: int = 0,
+        draft_model: str | None = None,
     ):
         from novallm_jax.loading import (
             check_activations,
@@ -160,6 +164,10 @@ class LLM:
                 config, executor=dataclasses.replace(config.executor, kv_cache_dtype=kv_cache_dtype)
             )
         SamplingParams(speculative=speculative)  # the same check as a request's
+        if draft_model is not None:
+            if not os.path.exists(draft_model):
+                raise InvalidRequestError(f"draft_model {draft_model!r} does not exist", param="draft_model")
+            speculative = speculative or 4
         self.speculative = speculative
         if speculative:
             config = dataclasses.replace(
@@ -186,12 +194,18 @@ class LLM:
                 self.tokenizer = (
                     tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer or self.model_path)
                 )
+        draft = None
+        if draft_model is not None:
+            with shared_readers(), phase("draft model: read and pack"):
+                draft_keep = keep_quantized_for(weights, dtype)
+                draft_cfg, draft_params = load_model(draft_model, dtype, keep_quantized=draft_keep)
+                draft = (draft_cfg, with_activations(draft_params, activations))
         if max_model_len is not None:
             config = dataclasses.replace(
                 config, executor=dataclasses.replace(config.executor, max_model_len=max_model_len)
             )
         with phase("engine: executor and KV pool"):
-            self.engine = LLMEngine(self.cfg, params, self.tokenizer, config)
+            self.engine = LLMEngine(self.cfg, params, self.tokenizer, config, draft=draft)
         if warmup:
             with phase("warm-up"):
                 self.engine.warmup()

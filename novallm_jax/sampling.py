@@ -122,6 +122,25 @@ class SamplingBatch:
         """This batch with row `slot` emptied (greedy, no penalties). Donates `self` like `set_row`."""
         return _clear_row(self, jnp.int32(slot))
 
+    def update_rows(
+        self,
+        rows: Sequence[tuple[int, SamplingParams | None, Sequence[int], Sequence[int]]],
+        eos_token_ids: Sequence[int] = (),
+        pad_to: int | None = None,
+    ) -> SamplingBatch:
+        """This batch with rows (slot, params, prompt_token_ids, output_token_ids) set as `set_row` sets them (params
+        None: cleared), in one call padded to a power of two of rows (or `pad_to`); where a slot comes twice, the
+        later row wins. Donates `self` like `set_row`."""
+        last = {slot: rest for slot, *rest in rows}
+        n = pad_to or 1 << max(0, len(last) - 1).bit_length()
+        if not n:
+            return self
+        host = [_host_row(p, self.vocab_size, pr, out, eos_token_ids) for p, pr, out in last.values()]
+        host += [_host_row(None, self.vocab_size, None, None, ())] * (n - len(host))
+        slots = np.full(n, self.batch_size, np.int32)  # padding rows land out of bounds, and are dropped
+        slots[: len(last)] = list(last)
+        return _write_rows(self, slots, {name: np.stack([r[name] for r in host]) for name in host[0]})
+
 
 @flax.struct.dataclass
 class SamplerOutput:
@@ -194,6 +213,13 @@ def _host_row(
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_row(batch: SamplingBatch, slot: jax.Array, row: dict[str, jax.Array]) -> SamplingBatch:
     return batch.replace(**{name: getattr(batch, name).at[slot].set(value) for name, value in row.items()})
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(batch: SamplingBatch, slots: jax.Array, rows: dict[str, jax.Array]) -> SamplingBatch:
+    return batch.replace(
+        **{name: getattr(batch, name).at[slots].set(value, mode="drop") for name, value in rows.items()}
+    )
 
 
 @functools.partial(jax.jit, donate_argnums=0)

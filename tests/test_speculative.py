@@ -149,7 +149,8 @@ COPY = (
 
 def test_default_model_copies_with_drafts_and_the_server_serves_them(default_gguf):
     """The real default model on an input-copying prompt: greedy speculative output equals plain output over 64
-    tokens, drafts accepted on the way; the server drafts by default (`--speculative`) and reports acceptance."""
+    tokens, with the model as its own draft model and by prompt lookup, drafts accepted on the way; the server drafts
+    by default (`--speculative`) and reports acceptance."""
     import httpx
     import openai
     from prometheus_client.parser import text_string_to_metric_families
@@ -165,6 +166,16 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
     with LLM(default_gguf, engine_config=config) as plain:
         ids = plain.chat_prompt([{"role": "user", "content": COPY}])
         want = plain.generate([ids], SamplingParams(**greedy))[0].outputs[0]
+    # The model as its own draft (the plumbing's test: every draft accepted), with the draft model's default k.
+    with LLM(default_gguf, engine_config=config, draft_model=default_gguf) as llm:
+        assert llm.speculative == 4
+        out = llm.generate([ids], SamplingParams(**greedy, speculative=4))[0].outputs[0]
+        assert out.token_ids == want.token_ids
+        assert out.metrics.accepted_tokens == out.metrics.draft_tokens > 0
+        assert llm.engine.check_leaks() == []
+    with pytest.raises(InvalidRequestError, match="does not exist") as e:
+        LLM(default_gguf, draft_model="/nonexistent/draft.gguf")
+    assert e.value.param == "draft_model"
     with LLM(default_gguf, engine_config=config, speculative=8) as llm:
         out = llm.generate([ids], SamplingParams(**greedy, speculative=8))[0].outputs[0]
         assert out.token_ids == want.token_ids

@@ -52,17 +52,10 @@ class EngineCore:
         if self.mirror is not None:
             self.mirror("run", plan)
         storage = self._copy_pages(plan, storage)
+        if plan.slot_updates:  # one call for them all: a wave of short requests sets and clears many rows per step
+            rows = [(u.slot, u.params, u.prompt_token_ids, u.output_token_ids) for u in plan.slot_updates]
+            self.sampling = self.sampling.update_rows(rows, self.eos_token_ids)
         for u in plan.slot_updates:
-            if u.params is None:
-                self.sampling = self.sampling.clear_row(u.slot)
-            else:
-                self.sampling = self.sampling.set_row(
-                    u.slot,
-                    u.params,
-                    prompt_token_ids=list(u.prompt_token_ids),
-                    output_token_ids=list(u.output_token_ids),
-                    eos_token_ids=self.eos_token_ids,
-                )
             self.slot_params[u.slot] = u.params
         out = []
         for call in plan.calls:

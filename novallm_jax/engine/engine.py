@@ -36,6 +36,7 @@ from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine import prefix_cache as pc
 from novallm_jax.engine import speculative
 from novallm_jax.engine.core import EngineCore, Sampled
+from novallm_jax.engine.draft import DraftModel
 from novallm_jax.engine.executor import Executor, ExecutorConfig
 from novallm_jax.engine.plan import StepPlan
 from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
@@ -131,7 +132,16 @@ class _CountingRLock:
 class LLMEngine:
     """Continuous batching over one model. Thread-safe: `add_request`/`abort` from any thread; `step` or `start`."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        draft: tuple[ModelConfig, Params] | None = None,
+    ):
+        """`draft`: a draft model's config and params (same vocabulary) that drafts for speculative requests instead
+        of prompt lookup (see `draft.DraftModel`)."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
@@ -148,6 +158,7 @@ class LLMEngine:
             None if len(storages) == 1 else MemoryPool(num_pages=self.executor.window_num_pages, storage=storages[1])
         )
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or cfg.eos_token_ids
+        self.drafter = None if draft is None else DraftModel(*draft, ecfg, cfg.vocab_size)
         self.scheduler = Scheduler(
             self.pool,
             ecfg,
@@ -159,6 +170,7 @@ class LLMEngine:
             long_context=_long_context(cfg),
             window_pool=self.window_pool,
             window=self.executor.window,
+            drafter=self.drafter,
         )
         self.pools = self.scheduler.pools  # one per KV cache group
         self.core = EngineCore(self.executor, self.num_slots, cfg.vocab_size, self.eos_token_ids)
@@ -252,29 +264,35 @@ class LLMEngine:
         tokenizer's per-token byte table, which its first detokenized token would otherwise build (~0.2-0.4 s)."""
         with self._lock:
             self.kv_cache = self.executor.warmup(self.kv_cache)
+            if self.drafter is not None:
+                self.drafter.warmup()
             self.warmup_sampler()
             self.tokenizer.token_bytes(0)
 
     def warmup_sampler(self) -> None:
-        """Compiles the sampler for each row bucket, with and without top logprobs (2 shapes per bucket), and the
-        updates of a slot's sampling state.
+        """Compiles the sampler for each row bucket, with and without top logprobs (and drafted rows' offsets where
+        the engine verifies drafts), and the updates of the slots' sampling state for each row count they pad to.
 
-        The calls sample padding rows only, and set and clear a free slot's row: they change no state.
+        The calls sample and write padding rows only: they change no state.
         """
         core = self.core
         with self._lock:
-            for size in self.sampler_buckets:
-                for n_top in (0, MAX_LOGPROBS):
-                    # Arguments of the kinds a step passes (a device array; a numpy array): one cache entry.
-                    _, core.sampling = sample_slots(
-                        jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
-                        np.full(size, -1, np.int32),
-                        core.sampling,
-                        num_top_logprobs=n_top,
-                    )
-            free = next((i for i, req in enumerate(self.slots) if req is None), None)
-            if free is not None:
-                core.sampling = core.sampling.set_row(free, SamplingParams()).clear_row(free)
+            drafts = ({}, {"offsets": None}) if self.executor.exec_cfg.max_draft_tokens else ({},)
+            for size, n_top, extra in itertools.product(self.sampler_buckets, (0, MAX_LOGPROBS), drafts):
+                # Arguments of the kinds a step passes (a device array; a numpy array): one cache entry.
+                _, core.sampling = sample_slots(
+                    jnp.zeros((size, self.cfg.vocab_size), jnp.float32),
+                    np.full(size, -1, np.int32),
+                    core.sampling,
+                    num_top_logprobs=n_top,
+                    **{k: np.zeros(size, np.int32) for k in extra},
+                )
+            n = 1
+            while True:  # every row count slot updates pad to, writing padding rows only
+                core.sampling = core.sampling.update_rows([], pad_to=n)
+                if n >= self.num_slots:
+                    break
+                n *= 2
             jax.block_until_ready(core.sampling)
             logging.info("warm-up compiled the sampler for row buckets %s", self.sampler_buckets)
 
@@ -529,6 +547,8 @@ class LLMEngine:
             self.kv_cache = self.executor.new_cache()  # a failed donated step consumed the cache
         if any(a.is_deleted() for a in jax.tree.leaves(self.core.sampling)):  # likewise a failed sample_slots
             self.core.reset_sampling()
+        if self.drafter is not None:
+            self.drafter.reset()
 
     @property
     def kv_cache(self):
@@ -554,6 +574,9 @@ class LLMEngine:
                         f"prefix cache index ({len(cached)} pages) disagrees with the pool "
                         f"({len(held)} pages held by {pc.OWNER!r})"
                     )
+            if self.drafter is not None:
+                stale = self.drafter.requests() - {r.id for r in self.slots if r is not None}
+                leaks += [f"the draft model still tracks {rid}, which is not running" for rid in sorted(stale)]
             return leaks
 
     def stats(self) -> dict:
@@ -566,6 +589,7 @@ class LLMEngine:
                 "kv_pages_used": used,
                 "kv_pages_free": self.pool.num_free,
                 "kv_bytes_per_device": bytes_per_device(self.kv_cache),
+                **({} if self.drafter is None else {"draft_kv_bytes": bytes_per_device(self.drafter.cache)}),
                 **(
                     {}
                     if self.window_pool is None

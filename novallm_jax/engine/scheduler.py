@@ -29,6 +29,7 @@ from absl import logging
 from novallm_jax.amp import MemoryPool
 from novallm_jax.engine import prefix_cache as pc
 from novallm_jax.engine import speculative
+from novallm_jax.engine.draft import DraftModel
 from novallm_jax.engine.executor import ExecutorConfig, bucket
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, Row, SlotUpdate, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
@@ -51,8 +52,11 @@ class Scheduler:
         long_context: int | None = None,
         window_pool: MemoryPool | None = None,
         window: int | None = None,
+        drafter: DraftModel | None = None,
     ):
         self.pool = pool
+        # Speculative decoding's drafts: a draft model's (`draft.DraftModel`), or by prompt lookup when None.
+        self.drafter = drafter
         # The window group's pool and window (sliding layers' pages, see the module docstring); None: one group.
         self.window_pool, self.window = window_pool, window
         self.exec_cfg = exec_cfg
@@ -96,6 +100,8 @@ class Scheduler:
                 req.swap_handle = None
         self._release_slot(req)
         self._free_all(req)
+        if self.drafter is not None:
+            self.drafter.forget(req.id)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.metrics.finished = time.monotonic()
@@ -241,6 +247,8 @@ class Scheduler:
         req.metrics.preemptions += 1
         self.counters["preemptions"] += 1
         self._release_slot(req)
+        if self.drafter is not None:  # its pages are freed or move, and others may write into them
+            self.drafter.forget(req.id)
         if self.preemption_mode == "swap" and req.num_computed > 0:
             for g, src, dst in self._take_copies(req):  # its host copy must hold them
                 self.pools[g].copy_pages([(src, dst)])
@@ -290,8 +298,13 @@ class Scheduler:
         Only the call's total is padded (to a token bucket), so prompts are cut wherever the budget ends.
         """
         running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
-        drafts = {r.id: self._draft(r) for r in running if r.params.speculative}
-        budget = self._ragged_budget(running, sum(len(d) for d in drafts.values()))
+        # Drafts by prompt lookup are known now; a draft model's, only once their pages are there (it writes K/V).
+        lengths = {r.id: self._draft_length(r) for r in running if r.params.speculative}
+        drafts = {}
+        if self.drafter is None:
+            drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
+            lengths = {rid: len(d) for rid, d in drafts.items()}
+        budget = self._ragged_budget(running, sum(lengths.values()))
         picked: list[tuple[Request, int, tuple[int, ...]]] = []
         for decoding in (True, False):
             for req in running:
@@ -301,10 +314,12 @@ class Scheduler:
                 if self._done_when_read(req):
                     continue
                 n = min(remaining, budget)
-                draft = drafts.get(req.id, ())[: budget - 1] if decoding else ()
-                if self._ensure_pages(req, req.num_computed + n + len(draft)):
-                    picked.append((req, n, draft))
-                    budget -= n + len(draft)
+                k = min(lengths.get(req.id, 0), budget - 1) if decoding else 0
+                if self._ensure_pages(req, req.num_computed + n + k):
+                    picked.append((req, n, k if self.drafter else drafts.get(req.id, ())[:k]))
+                    budget -= n + k
+        if self.drafter is not None:
+            picked = self._model_drafts(picked)
         rows = self._rows(picked)
         return [ModelCall(RAGGED, rows)] if rows else []
 
@@ -365,17 +380,24 @@ class Scheduler:
             )
         return tuple(rows)
 
-    def _draft(self, req: Request) -> tuple[int, ...]:
-        """Prompt-lookup drafts for a decode row whose last token is on the host, as many as its length allows (the
-        step may add them all and one more)."""
+    def _draft_length(self, req: Request) -> int:
+        """Tokens to draft for a decode row whose last token is on the host, as many as its length allows (the step
+        may add them all and one more)."""
         if req.pending or req.num_tokens - req.num_computed != 1:
-            return ()
+            return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
         k = min(req.params.speculative, self.exec_cfg.max_draft_tokens)
         k = int(min(speculative.draft_length(k, *req.last_draft), left - 1))
-        # A row alone in its step pads to a token bucket: draft what fills it (3 rather than 4 or 5 into 8 rows).
-        k = max((b - 1 for b in self.exec_cfg.token_buckets if b - 1 <= k), default=k)
-        return speculative.propose(req.tokens, k)
+        # A row alone in its step pads to a token bucket: draft what fills it (3 rather than 4 or 5 into 8 rows), but
+        # never none, which would leave its draft length where it is for good.
+        return max(0, max((b - 1 for b in self.exec_cfg.token_buckets if 1 <= b - 1 <= k), default=k))
+
+    def _model_drafts(self, picked: list[tuple[Request, int, int]]) -> list[tuple[Request, int, tuple[int, ...]]]:
+        """The picked (request, tokens, drafts wanted) with the draft model's drafts, for those still running (a
+        later pick may have preempted an earlier one)."""
+        live = [(req, k) for req, _, k in picked if k and req.status is Status.RUNNING]
+        drafts = self.drafter.propose([(req.id, req.tokens, req.pages, k) for req, k in live])
+        return [(req, n, drafts.get(req.id, ())) for req, n, _ in picked]
 
     def settle(self, req: Request, accepted: int) -> None:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);

@@ -106,6 +106,7 @@ def main(argv) -> None:
         warmup=FLAGS.warmup,
         mesh=FLAGS.mesh,
         speculative=FLAGS.speculative,
+        draft_model=FLAGS.draft_model,
     )
     llm.tool_call_parser = FLAGS.tool_call_parser
     config = ServerConfig(
