@@ -132,9 +132,9 @@ class SamplingBatch:
         None: cleared), in one call padded to a power of two of rows (or `pad_to`); where a slot comes twice, the
         later row wins. Donates `self` like `set_row`."""
         last = {slot: rest for slot, *rest in rows}
-        n = pad_to or 1 << max(0, len(last) - 1).bit_length()
-        if not n:
+        if not last and pad_to is None:
             return self
+        n = pad_to or 1 << (len(last) - 1).bit_length()
         host = [_host_row(p, self.vocab_size, pr, out, eos_token_ids) for p, pr, out in last.values()]
         host += [_host_row(None, self.vocab_size, None, None, ())] * (n - len(host))
         slots = np.full(n, self.batch_size, np.int32)  # padding rows land out of bounds, and are dropped

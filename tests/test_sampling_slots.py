@@ -135,6 +135,21 @@ def test_flags_follow_the_parameters():
     np.testing.assert_array_equal(np.asarray(cleared.wants_logprobs), [0, 0, 0, 0, 0, 0, 0, 1, 0])
 
 
+def test_update_rows_sets_and_clears_as_set_row_and_clear_row_do():
+    """One call for a step's slot updates: rows set and cleared in order, a later row for a slot winning."""
+    params = [P(temperature=0.7, seed=1), P(repetition_penalty=1.2, logprobs=1, seed=2), None, P(min_tokens=2, seed=3)]
+    fresh = lambda: SamplingBatch.from_params([P(top_k=5, seed=9)] * 6, V)
+    want = fresh().set_row(1, params[0], prompt_token_ids=[3, 4], output_token_ids=[7], eos_token_ids=[2])
+    want = want.set_row(3, params[3], prompt_token_ids=[5], eos_token_ids=[2]).clear_row(4)
+    rows = [(3, params[1], [1], []), (1, params[0], [3, 4], [7]), (4, params[2], [], []), (3, params[3], [5], [])]
+    got = fresh().update_rows(rows, eos_token_ids=[2])
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    same = fresh()
+    for a, b in zip(jax.tree.leaves(fresh()), jax.tree.leaves(same.update_rows([], pad_to=4))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # padding rows only: nothing changes
+
+
 def test_rejects_bad_num_top_logprobs():
     with pytest.raises(ValueError, match="num_top_logprobs"):
         sample_slots(jnp.zeros((1, V)), jnp.zeros(1, jnp.int32), _batch(), num_top_logprobs=21)

@@ -305,7 +305,7 @@ class Scheduler:
             drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
             lengths = {rid: len(d) for rid, d in drafts.items()}
         budget = self._ragged_budget(running, sum(lengths.values()))
-        picked: list[tuple[Request, int, tuple[int, ...]]] = []
+        picked: list[tuple[Request, int, tuple[int, ...] | int]] = []  # drafts, or with a draft model their number
         for decoding in (True, False):
             for req in running:
                 remaining = req.num_tokens - req.num_computed
