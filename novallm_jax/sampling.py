@@ -134,12 +134,16 @@ class SamplingBatch:
         last = {slot: rest for slot, *rest in rows}
         if not last and pad_to is None:
             return self
-        n = pad_to or 1 << (len(last) - 1).bit_length()
+        n = pad_to or _update_rows_padded(len(last))
         host = [_host_row(p, self.vocab_size, pr, out, eos_token_ids) for p, pr, out in last.values()]
         host += [_host_row(None, self.vocab_size, None, None, ())] * (n - len(host))
         slots = np.full(n, self.batch_size, np.int32)  # padding rows land out of bounds, and are dropped
         slots[: len(last)] = list(last)
         return _write_rows(self, slots, {name: np.stack([r[name] for r in host]) for name in host[0]})
+
+    def update_row_counts(self) -> tuple[int, ...]:
+        """Every row count `update_rows` pads to (a step updates each slot at most once): what warm-up compiles."""
+        return tuple(sorted({_update_rows_padded(n) for n in range(1, self.batch_size + 1)}))
 
 
 @flax.struct.dataclass
@@ -213,6 +217,11 @@ def _host_row(
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_row(batch: SamplingBatch, slot: jax.Array, row: dict[str, jax.Array]) -> SamplingBatch:
     return batch.replace(**{name: getattr(batch, name).at[slot].set(value) for name, value in row.items()})
+
+
+def _update_rows_padded(n: int) -> int:
+    """The power of two >= n: `update_rows` compiles one program per such row count."""
+    return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -60,7 +60,6 @@ class DraftModel:
             window_kv_group=False,  # its sliding layers read the request's one page table
         )
         self.executor = Executor(cfg, params, exec_cfg)
-        self.cfg = cfg
         self.page_size = exec_cfg.page_size
         self.cache = self.executor.new_cache()
         self._written: dict[str, _Written] = {}

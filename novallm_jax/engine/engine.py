@@ -287,12 +287,8 @@ class LLMEngine:
                     num_top_logprobs=n_top,
                     **{k: np.zeros(size, np.int32) for k in extra},
                 )
-            n = 1
-            while True:  # every row count slot updates pad to, writing padding rows only
+            for n in core.sampling.update_row_counts():  # padding rows only
                 core.sampling = core.sampling.update_rows([], pad_to=n)
-                if n >= self.num_slots:
-                    break
-                n *= 2
             jax.block_until_ready(core.sampling)
             logging.info("warm-up compiled the sampler for row buckets %s", self.sampler_buckets)
 

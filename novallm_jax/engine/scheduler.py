@@ -305,7 +305,7 @@ class Scheduler:
             drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
             lengths = {rid: len(d) for rid, d in drafts.items()}
         budget = self._ragged_budget(running, sum(lengths.values()))
-        picked: list[tuple[Request, int, tuple[int, ...] | int]] = []  # drafts, or with a draft model their number
+        picked: list[tuple[Request, int, int]] = []  # (request, tokens, drafts)
         for decoding in (True, False):
             for req in running:
                 remaining = req.num_tokens - req.num_computed
@@ -316,11 +316,9 @@ class Scheduler:
                 n = min(remaining, budget)
                 k = min(lengths.get(req.id, 0), budget - 1) if decoding else 0
                 if self._ensure_pages(req, req.num_computed + n + k):
-                    picked.append((req, n, k if self.drafter else drafts.get(req.id, ())[:k]))
+                    picked.append((req, n, k))
                     budget -= n + k
-        if self.drafter is not None:
-            picked = self._model_drafts(picked)
-        rows = self._rows(picked)
+        rows = self._rows(self._with_drafts(picked, drafts))
         return [ModelCall(RAGGED, rows)] if rows else []
 
     def _plan_padded(self) -> list[ModelCall]:
@@ -392,9 +390,13 @@ class Scheduler:
         # never none, which would leave its draft length where it is for good.
         return max(0, max((b - 1 for b in self.exec_cfg.token_buckets if 1 <= b - 1 <= k), default=k))
 
-    def _model_drafts(self, picked: list[tuple[Request, int, int]]) -> list[tuple[Request, int, tuple[int, ...]]]:
-        """The picked (request, tokens, drafts wanted) with the draft model's drafts, for those still running (a
-        later pick may have preempted an earlier one)."""
+    def _with_drafts(
+        self, picked: list[tuple[Request, int, int]], lookup: dict[str, tuple[int, ...]]
+    ) -> list[tuple[Request, int, tuple[int, ...]]]:
+        """The picked (request, tokens, drafts wanted) with their drafts: the first of those prompt lookup found, or
+        the draft model's for the requests still running (a later pick may have preempted an earlier one)."""
+        if self.drafter is None:
+            return [(req, n, lookup.get(req.id, ())[:k]) for req, n, k in picked]
         live = [(req, k) for req, _, k in picked if k and req.status is Status.RUNNING]
         drafts = self.drafter.propose([(req.id, req.tokens, req.pages, k) for req, k in live])
         return [(req, n, drafts.get(req.id, ())) for req, n, _ in picked]
