@@ -1,10 +1,9 @@
-"""Hidden states of prompts, for embeddings and research, and the logprobs of prompt tokens: a prefill-only forward
-over the engine's weights.
+"""Hidden states of prompts and the logprobs of prompt tokens, for research: a prefill-only forward over the engine's
+weights, outside its steps (embeddings are requests of the engine: `LLMEngine.add_request(pooling=...)`).
 
 The prompts of one call run as one padded batch (lengths rounded up to 16, batch to a power of two, so compiles stay
 few) with a contiguous K/V scratch cache made for the call and dropped after it: nothing is taken from the KV page
-pool, so an embedding call holds no decode slot and leaves no page behind. Returns the final hidden states after the
-final norm (what the LM head reads), or every layer's output.
+pool. Returns the final hidden states after the final norm (what the LM head reads), or every layer's output.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kv_cache import ContiguousKVCache
 from novallm_jax.model import decoder_layer, forward, rms_norm, rope_inv_freqs, rope_tables_per_kind
 from novallm_jax.sampling_params import MAX_LOGPROBS
-
-POOLINGS = ("last", "mean")
 
 
 def _forward(params, tokens, positions, cfg: ModelConfig, all_layers: bool):
@@ -123,13 +120,3 @@ def prompt_logprobs(
     for t in range(len(prompt) - 1):
         out.append((prompt[t + 1], float(chosen[t]), {int(i): float(v) for i, v in zip(top_ids[t, :k], top[t, :k])}))
     return out
-
-
-def pool(states: list[np.ndarray], pooling: str = "last", normalize: bool = True) -> np.ndarray:
-    """[N, D] embeddings: each prompt's last token's state or the mean over its tokens, L2-normalised if asked."""
-    if pooling not in POOLINGS:
-        raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
-    vectors = np.stack([s[-1] if pooling == "last" else s.mean(axis=0) for s in states]).astype(np.float32)
-    if normalize:
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-    return vectors

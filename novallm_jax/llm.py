@@ -13,12 +13,13 @@ import functools
 import os
 from typing import AsyncIterator, Iterator, Mapping, Sequence
 
+import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.engine.executor import default_compilation_cache_dir, enable_compilation_cache
-from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
+from novallm_jax.engine.request import POOLINGS, FinishReason, Metrics, Request, RequestOutput, TokenLogprob
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.startup import phase
@@ -411,11 +412,13 @@ class LLM:
 
     # ---- hidden states ------------------------------------------------------------------------------------------
 
-    def _inputs(self, inputs, param: str = "input") -> list[list[int]]:
-        if self.engine.core.mirror is not None:  # these run outside the step plans the other processes follow
+    def _inputs(self, inputs, param: str = "input", cluster: bool = False) -> list[list[int]]:
+        """Token ids of each input, checked; `cluster`: the caller runs them through step plans, as a cluster can."""
+        if (
+            self.engine.core.mirror is not None and not cluster
+        ):  # these run outside the plans the other processes follow
             raise InvalidRequestError(
-                "embeddings, hidden states and prompt logprobs are not served by an engine split over several "
-                "processes yet",
+                "hidden states and prompt logprobs are not served by an engine split over several processes yet",
                 param=param,
             )
         single = isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int))
@@ -434,14 +437,35 @@ class LLM:
 
     def embed(self, texts: Prompt | Sequence[Prompt], pooling: str = "last", normalize: bool = True):
         """Embeddings [N, D] (numpy float32) of texts or token-id lists: the final hidden states (after the final
-        norm) pooled at the last token or averaged over the tokens, L2-normalised unless `normalize` is False. One
-        prefill-only batch; no KV pages or decode slots are taken (`novallm_jax.embeddings`)."""
-        from novallm_jax.embeddings import hidden_states, pool
+        norm) pooled at the last token or averaged over the tokens, L2-normalised unless `normalize` is False.
 
+        Each text is an embedding request of the engine: its prompt runs in the engine's steps, batched with
+        whatever else is running, in KV pages of the pool that are freed when it is done (full pages stay in the
+        prefix cache); it samples nothing. On a cluster the steps' plans carry it to every process.
+        """
         self._check_open()
-        prompts = self._inputs(texts)
-        ex = self.engine.executor  # its weights, with the config they are laid out for (a mesh regroups columns)
-        return pool(hidden_states(ex.params, ex.step_cfg, prompts), pooling, normalize)
+        prompts = self._inputs(texts, cluster=True)
+        if pooling not in POOLINGS:
+            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
+        outs = []
+        wave = max(1, self.engine.config.max_queue // 2)  # many inputs go in waves, leaving the queue room for others
+        for at in range(0, len(prompts), wave):
+            reqs = []
+            try:
+                for ids in prompts[at : at + wave]:
+                    reqs.append(self.engine.add_request(ids, pooling=pooling))
+            except Exception:
+                for r in reqs:
+                    self.engine.abort(r.id)
+                raise
+            outs += [self._wait(r) for r in reqs]
+        failed = next((o for o in outs if o.embedding is None), None)
+        if failed is not None:
+            raise NovaLLMError(f"embedding request {failed.request_id} failed: {failed.error or failed.finish_reason}")
+        vectors = np.stack([o.embedding for o in outs])
+        if normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        return vectors
 
     def prompt_logprobs(self, prompt: Prompt, k: int = 0) -> list[TokenLogprob | None]:
         """The logprob of each prompt token given the ones before it, with the top k (None for the first token):

@@ -238,6 +238,7 @@ def forward(
     logits_index: jax.Array | None = None,
     logits_rows: jax.Array | None = None,
     rope_cs: tuple[jax.Array, jax.Array] | None = None,
+    hidden: bool = False,
 ):
     """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
 
@@ -245,19 +246,37 @@ def forward(
     row, say), which skips the vocabulary projection of every other position; or [R, V] for rows `logits_rows` [R] of
     a batch of one token per row (T = 1), as in a ragged step whose rows are the tokens of several sequences.
     `rope_cs`: `rope_tables_per_kind(positions, rope_inv_freqs(cfg))` when computed elsewhere (the executor computes
-    them on the host).
+    them on the host). `hidden`: returns (logits, cache, states) with the final hidden states [B, T, D] of every
+    position after the final norm (what the LM head reads; embeddings pool them).
     """
     if rope_cs is None:
         rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
     if cfg.gemma is not None:
         from novallm_jax.model_gemma import gemma_forward  # model_gemma builds on this module's functions
 
-        return gemma_forward(params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs)
+        return gemma_forward(
+            params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs, hidden
+        )
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
         x, cache = decoder_layer(p, x, positions, cache, i, cfg, rope_cs, page_table)
-    x = rms_norm(select_rows(x, logits_index, logits_rows), params["final_norm"], cfg.rms_norm_eps)
-    return lm_head(x, params["lm_head"]), cache
+    norm = lambda h: rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden)
+
+
+def final_outputs(x, norm, head, cache, logits_index, logits_rows, hidden: bool, softcap=None):
+    """`forward`'s results from the last layer's output x: the logits of the selected rows, the cache, and with
+    `hidden` every position's normed state (the norm is per position, so the selected rows' come from it)."""
+    states = norm(x) if hidden else None
+    h = (
+        norm(select_rows(x, logits_index, logits_rows))
+        if states is None
+        else select_rows(states, logits_index, logits_rows)
+    )
+    logits = lm_head(h, head)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return (logits, cache, states) if hidden else (logits, cache)
 
 
 def select_rows(x, logits_index, logits_rows):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from novallm_jax.config import ModelConfig
-from novallm_jax.model import Params, attend, linear, lm_head, rope, select_rows, split_columns
+from novallm_jax.model import Params, attend, final_outputs, linear, rope, split_columns
 from novallm_jax.moe import mix_experts
 
 
@@ -165,7 +165,7 @@ def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def gemma_forward(
-    params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows, rope_cs
+    params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows, rope_cs, hidden
 ):
     """`model.forward` for Gemma (same arguments and results)."""
     g = cfg.gemma
@@ -175,8 +175,5 @@ def gemma_forward(
         x, cache = gemma_layer(
             p, x, positions, cache, i, cfg, rope_cs, page_table, None if pli is None else pli[:, :, i]
         )
-    x = gemma_norm(select_rows(x, logits_index, logits_rows), params["final_norm"], cfg.rms_norm_eps, g.norm_offset)
-    logits = lm_head(x, params["lm_head"])
-    if g.final_softcap:
-        logits = jnp.tanh(logits / g.final_softcap) * g.final_softcap
-    return logits, cache
+    norm = lambda h: gemma_norm(h, params["final_norm"], cfg.rms_norm_eps, g.norm_offset)
+    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden, g.final_softcap)

@@ -208,9 +208,9 @@ def engine_run(tokenizer, params, mesh, mode):
     for tail in (7, 9):
         reqs.append(engine.add_request(prefix + rng.integers(3, 49152, tail).tolist(), greedy(12)))
         engine.run_until_idle()
-    storage = engine.pool.storage
     llm = LLM.from_engine(engine)
-    embeddings = llm.embed([[5, 6, 7, 8], [9, 10]], pooling="mean")
+    embeddings = llm.embed([[5, 6, 7, 8], [9, 10]], pooling="mean")  # embedding requests: steps of the engine
+    storage = engine.pool.storage  # after those steps, which donated the one before
     llm.close()
     return {
         "embeddings": embeddings.tolist(),

@@ -57,6 +57,7 @@ def _reference(model, ids: list[int]) -> tuple[np.ndarray, ...]:
 def test_embed_and_hidden_states_equal_transformers(hf_and_llm):
     model, llm = hf_and_llm
     refs = [_reference(model, ids) for ids in PROMPTS]
+    before = llm.engine.counters["prefill_tokens"]
     for pooling in ("last", "mean"):
         for normalize in (True, False):
             got = llm.embed(PROMPTS, pooling=pooling, normalize=normalize)
@@ -65,6 +66,9 @@ def test_embed_and_hidden_states_equal_transformers(hf_and_llm):
                 want = want / np.linalg.norm(want, axis=-1, keepdims=True)
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # Embedding requests of the engine: their prompts ran in its steps (the prefix cache spares some pages of the
+    # prompts of "last" pooling after the first call).
+    assert llm.engine.counters["prefill_tokens"] - before >= 3 * sum(map(len, PROMPTS))
     states = llm.hidden_states(PROMPTS[1])
     ref = refs[1]
     assert states.shape == (len(ref), len(PROMPTS[1]), ref[0].shape[-1])
@@ -136,11 +140,13 @@ def test_large_batches_run_in_groups_with_the_same_results(hf_and_llm, monkeypat
     from novallm_jax import embeddings
 
     _, llm = hf_and_llm
-    whole = llm.embed(PROMPTS * 3, pooling="mean")
+    ex = llm.engine.executor
+    whole = embeddings.hidden_states(ex.params, ex.step_cfg, PROMPTS * 3)
     monkeypatch.setattr(embeddings, "MAX_BATCH_TOKENS", 32)  # one or two prompts a batch
     groups = embeddings._groups(PROMPTS * 3)  # lengths 5, 20, 2, ...: [5], [20], [2, 5], [20], [2, 5], [20], [2]
     assert [len(g) for g in groups] == [1, 1, 2, 1, 2, 1, 1] and sum(groups, []) == PROMPTS * 3
-    np.testing.assert_allclose(llm.embed(PROMPTS * 3, pooling="mean"), whole, atol=1e-5)
+    for got, want in zip(embeddings.hidden_states(ex.params, ex.step_cfg, PROMPTS * 3), whole):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen3_moe"])

@@ -38,6 +38,9 @@ class EngineCore:
         # Called as mirror("run", plan) and mirror("sample", plan, bitmasks) before this core does either, so that
         # the processes holding the other shards run the same (see `novallm_jax.distributed`); None: one process.
         self.mirror = None
+        # The final hidden states of the last `run`'s calls that have `Row.hidden` rows (embedding requests), with
+        # their call, still on the device: [tokens, 1, D] for a ragged call, [rows, chunk, D] for a prefill call.
+        self.hidden: list[tuple[ModelCall, jax.Array]] = []
         self.reset_sampling()
 
     def execute(self, plan: StepPlan, storage) -> tuple[list[Sampled], object]:
@@ -57,10 +60,12 @@ class EngineCore:
             self.sampling = self.sampling.update_rows(rows, self.eos_token_ids)
         for u in plan.slot_updates:
             self.slot_params[u.slot] = u.params
-        out = []
+        out, self.hidden = [], []
         for call in plan.calls:
-            logits, storage = self._run(call, storage)
+            logits, storage, *states = self._run(call, storage)
             out.append(logits)
+            if states:
+                self.hidden.append((call, states[0]))
         return out, storage
 
     def sample(
@@ -100,10 +105,11 @@ class EngineCore:
             )
             for r in call.rows
         ]
+        hidden = any(r.hidden for r in call.rows)
         if call.kind == RAGGED:
-            return self.executor.ragged_step(storage, chunks, self.sampling.last_token)
+            return self.executor.ragged_step(storage, chunks, self.sampling.last_token, hidden=hidden)
         if call.kind == PREFILL:
-            return self.executor.prefill(storage, chunks, padded=True)
+            return self.executor.prefill(storage, chunks, padded=True, hidden=hidden)
         if call.kind == DECODE:
             return self.executor.decode(
                 storage,

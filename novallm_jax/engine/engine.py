@@ -38,8 +38,8 @@ from novallm_jax.engine import speculative
 from novallm_jax.engine.core import EngineCore, Sampled
 from novallm_jax.engine.draft import DraftModel
 from novallm_jax.engine.executor import Executor, ExecutorConfig
-from novallm_jax.engine.plan import StepPlan
-from novallm_jax.engine.request import FinishReason, Request, RequestOutput, Status, TokenLogprob
+from novallm_jax.engine.plan import RAGGED, ModelCall, StepPlan
+from novallm_jax.engine.request import POOLINGS, FinishReason, Request, RequestOutput, Status, TokenLogprob
 from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.errors import EngineClosedError, EngineUnavailableError, InvalidRequestError
 from novallm_jax.model import Params
@@ -197,10 +197,22 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        pooling: str | None = None,
     ) -> Request:
-        """Queues one sequence (n must be 1: callers fan out n > 1); raises InvalidRequestError on bad input."""
+        """Queues one sequence (n must be 1: callers fan out n > 1); raises InvalidRequestError on bad input.
+
+        `pooling` ("last" or "mean") makes it an embedding request: its prompt is computed in the steps like any
+        other (chunked, batched, prefix-cached for "last"), nothing is sampled, and its one output carries
+        `embedding`, the final hidden states (after the final norm) pooled so, not normalised. `params` is ignored.
+        """
         if self.unavailable:
             raise EngineUnavailableError(self.unavailable)
+        if pooling is not None:
+            if pooling not in POOLINGS:
+                raise InvalidRequestError(
+                    f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling"
+                )
+            params = SamplingParams(max_tokens=1)
         params = (params or SamplingParams()).validate(self.cfg.vocab_size)
         if params.n != 1:
             raise InvalidRequestError("the engine takes one sequence per request; use LLM.generate for n > 1", "n")
@@ -212,7 +224,7 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", param="prompt"
             )
-        if len(prompt) >= self.max_model_len:
+        if len(prompt) > self.max_model_len - (pooling is None):
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens, but the model's context is {self.max_model_len} tokens "
                 f"(max_model_len), leaving no room to generate",
@@ -224,7 +236,7 @@ class LLMEngine:
                 "ExecutorConfig.max_draft_tokens > 0 (LLM(speculative=...), --speculative)",
                 param="speculative",
             )
-        longest = min(len(prompt) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        longest = min(len(prompt) + (0 if pooling else params.max_tokens or self.max_model_len), self.max_model_len)
         if math.ceil(longest / self.page_size) > self.pool.num_pages - 1:
             raise InvalidRequestError(
                 f"the request may need {longest} tokens of KV cache, more than the whole pool holds "
@@ -243,7 +255,7 @@ class LLMEngine:
             if rid in self.requests:
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
             detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-            req = Request(rid, prompt, params, detokenizer, self.eos_token_ids, on_output)
+            req = Request(rid, prompt, params, detokenizer, self.eos_token_ids, on_output, pooling)
             req.matcher = matcher
             self.scheduler.add(req)
             self._work.notify_all()
@@ -328,6 +340,8 @@ class LLMEngine:
                     emitted += self._emit(self._take_inflight())
                 masks = self._bitmasks(plan, logits, sampled_rows)
                 sampled = self._track(self.core.sample(plan, logits, masks), sampled_rows) or None
+            if self.core.hidden:
+                emitted += self._emit_embeddings(self.core.hidden)
             if sampled is not None:
                 if self.config.async_scheduling:
                     self._inflight = sampled
@@ -493,6 +507,31 @@ class LLMEngine:
                     req.error = f"{type(e).__name__}: {e}"
                     self._finish(req, FinishReason.ERROR)
                     req.emit("", [])
+        return emitted
+
+    def _emit_embeddings(self, hidden: list[tuple[ModelCall, jax.Array]]) -> list[RequestOutput]:
+        """Pools the hidden states a step returned into their embedding requests; finishes those whose prompt's last
+        token was in it."""
+        emitted = []
+        for call, states in hidden:
+            states = np.asarray(states)
+            at = 0
+            for i, r in enumerate(call.rows):
+                n = len(r.tokens)
+                own = states[at : at + n, 0] if call.kind == RAGGED else states[i, :n]
+                at += n
+                req = self.requests.get(r.request_id)
+                if not r.hidden or req is None or req.status is not Status.RUNNING:
+                    continue
+                if req.pooling == "last":
+                    req.pooled = own[-1]
+                else:
+                    req.pooled = own.sum(axis=0, dtype=np.float64) + (0 if req.pooled is None else req.pooled)
+                if r.start + n == len(req.prompt):
+                    scale = 1 if req.pooling == "last" else len(req.prompt)
+                    req.embedding = (req.pooled / scale).astype(np.float32)
+                    self._finish(req, FinishReason.STOP)
+                    emitted.append(req.emit("", []))
         return emitted
 
     def _append_token(self, req: Request, token: int, logprob: float, top_ids, top_lps) -> RequestOutput:

@@ -182,7 +182,7 @@ class Executor:
         self.compile_count = 0
         self._inv_freqs = rope_inv_freqs(cfg)
         self.no_tokens = jnp.zeros(self.exec_cfg.max_decode_batch, jnp.int32)  # `last_tokens` when none is fed back
-        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",))
+        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",), static_argnames=("hidden",))
         wanted = self.exec_cfg.ragged_steps
         if wanted and not self.native_attention:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
@@ -197,10 +197,10 @@ class Executor:
         self.window = group_window(cfg) if self.exec_cfg.window_kv_group in (None, True) else None
         if self.exec_cfg.window_kv_group and self.window is None:
             raise ValueError("window_kv_group=True needs a model with both sliding-window and global layers")
-        if self.mesh is None:
-            self._step = jax.jit(self._traced_step, donate_argnames=("cache",))
-        else:
-            self._step = self._sharded_step()
+        # The step, and the step that also returns the final hidden states (`hidden`), jitted on first use.
+        self._steps: dict[bool, object] = {}
+        if self.mesh is not None:
+            self._place_on_mesh()
 
     def _use_native_kernels(self) -> bool:
         wanted = self.exec_cfg.native_kernels
@@ -212,35 +212,63 @@ class Executor:
             )
         return (possible and native.available()) if wanted is None else wanted
 
-    def _sharded_step(self):
-        """The step jitted with the mesh's layout: params and pages as sharding.py splits them, a step's rows over
-        `data`, the fed-back tokens replicated; the logits come back gathered (replicated)."""
+    def _step_fn(self, hidden: bool = False):
+        """The padded step (with `hidden`, the one that also returns every position's final hidden state)."""
+        if hidden not in self._steps:
+            fn = functools.partial(self._traced_step, hidden=hidden)
+            if self.mesh is None:
+                self._steps[hidden] = jax.jit(fn, donate_argnames=("cache",))
+            else:
+                self._steps[hidden] = self._sharded_step(fn, hidden)
+        return self._steps[hidden]
+
+    def _place_on_mesh(self) -> None:
+        """Lays the params out over the mesh (once) and records the shardings the steps take and return."""
         mesh = self.mesh
         params = sharding.shard_layout(self.cfg, self.params, mesh)
         self.param_shardings = sharding.param_specs(self.step_cfg, params, mesh)
         self.params = sharding.place(params, self.param_shardings)
         self.cache_shardings = sharding.cache_shardings(jax.eval_shape(self._new_cache), mesh)
-        rows, rep = sharding.rows_sharding(mesh), sharding.replicated(mesh)
-        self._replicated, self._row_sharding = rep, rows
+        self._replicated, self._row_sharding = sharding.replicated(mesh), sharding.rows_sharding(mesh)
+
+    def _sharded_step(self, fn, hidden: bool):
+        """`fn` jitted with the mesh's layout: params and pages as sharding.py splits them, a step's rows over `data`,
+        the fed-back tokens replicated; the logits (and hidden states) come back gathered (replicated)."""
+        rows, rep = self._row_sharding, self._replicated
         # params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
         ins = (self.param_shardings, rows, rows, self.cache_shardings, rows, rows, rows, rows, rep)
-        return jax.jit(
-            self._traced_step, donate_argnames=("cache",), in_shardings=ins, out_shardings=(rep, self.cache_shardings)
-        )
+        outs = (rep, self.cache_shardings) + ((rep,) if hidden else ())
+        return jax.jit(fn, donate_argnames=("cache",), in_shardings=ins, out_shardings=outs)
 
-    def _traced_step(self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens):
+    def _traced_step(
+        self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens, hidden=False
+    ):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, jax.tree.leaves(page_table)[0].shape)
         tokens = _fed_back(tokens, src, last_tokens)
-        return forward(params, tokens, positions, cache, self.step_cfg, page_table, logits_index, rope_cs=rope_cs)
+        return forward(
+            params, tokens, positions, cache, self.step_cfg, page_table, logits_index, rope_cs=rope_cs, hidden=hidden
+        )
 
-    def _traced_ragged(self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens):
+    def _traced_ragged(
+        self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens, hidden=False
+    ):
         self.compile_count += 1
         logging.info(
             "compiling ragged step for %d tokens, page table %s", tokens.shape[0], jax.tree.leaves(page_table)[0].shape
         )
         tokens = _fed_back(tokens, src, last_tokens)
-        return forward(params, tokens, positions, cache, self.cfg, page_table, logits_rows=logits_rows, rope_cs=rope_cs)
+        return forward(
+            params,
+            tokens,
+            positions,
+            cache,
+            self.cfg,
+            page_table,
+            logits_rows=logits_rows,
+            rope_cs=rope_cs,
+            hidden=hidden,
+        )
 
     @property
     def native_attention(self) -> bool:
@@ -380,7 +408,8 @@ class Executor:
         cache = jax.eval_shape(self._new_cache)
         count = self.compile_count
         text = (
-            self._step.lower(
+            self._step_fn()
+            .lower(
                 self.params,
                 tokens,
                 positions,
@@ -397,21 +426,32 @@ class Executor:
         self.compile_count = count
         return text
 
-    def _run(self, cache, tokens, positions, page_table, logits_index, src=None, last_tokens=None, extents=None):
+    def _run(
+        self,
+        cache,
+        tokens,
+        positions,
+        page_table,
+        logits_index,
+        src=None,
+        last_tokens=None,
+        extents=None,
+        hidden=False,
+    ):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
+        step = self._step_fn(hidden)
         with self._lock:
             if self.mesh is None:
-                return self._step(
-                    self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens
-                )
+                return step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens)
             # The sampler's state lives on one device: the fed-back tokens are broadcast to the mesh (device to
             # device), and the gathered logits are handed over as the first device's copy (no transfer). Sampling
             # on all devices at once crashes XLA:CPU's TopkDecomposer (jax 0.10.2).
             last_tokens = self._to_mesh(last_tokens)
             rows = self._global_rows((tokens, positions, page_table, logits_index, rope_cs, src))
-            logits, cache = self._step(self.params, *rows[:2], cache, *rows[2:], last_tokens)
-            return logits.addressable_shards[0].data, cache
+            out = step(self.params, *rows[:2], cache, *rows[2:], last_tokens)
+            local = lambda a: a.addressable_shards[0].data
+            return (local(out[0]), out[1]) + ((local(out[2]),) if hidden else ())
 
     def _to_mesh(self, x: jax.Array) -> jax.Array:
         """`x`, on one device of this process, replicated over the mesh. With several processes (`jax.distributed`)
@@ -431,12 +471,23 @@ class Executor:
         sharding = self._row_sharding
         return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]), args)
 
-    def _run_ragged(self, cache, tokens, positions, page_table, logits_rows, src=None, last_tokens=None, extents=None):
+    def _run_ragged(
+        self,
+        cache,
+        tokens,
+        positions,
+        page_table,
+        logits_rows,
+        src=None,
+        last_tokens=None,
+        extents=None,
+        hidden=False,
+    ):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
         with self._lock:
             return self._ragged(
-                self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens
+                self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens, hidden=hidden
             )
 
     def _feedback(self, tokens, src, last_tokens):
@@ -450,12 +501,13 @@ class Executor:
         return src, last_tokens
 
     def prefill(
-        self, cache: PagedKVCache, chunks: Sequence[PrefillChunk], padded: bool = False
+        self, cache: PagedKVCache, chunks: Sequence[PrefillChunk], padded: bool = False, hidden: bool = False
     ) -> tuple[jax.Array, PagedKVCache]:
         """Writes each chunk's K/V and returns the logits at each chunk's last token ([len(chunks), V]).
 
         `padded=True` returns every row of the bucket (those past len(chunks) are padding): no slice to dispatch, and
-        a shape that depends only on the bucket.
+        a shape that depends only on the bucket. `hidden=True` also returns the final hidden states after the final
+        norm, [rows, chunk bucket, D] (row i's tokens first), as a third result.
         """
         e = self.exec_cfg
         if not chunks:
@@ -481,8 +533,10 @@ class Executor:
             positions[i, :n] = np.arange(c.start, c.start + n)
             self._fill_tables(tables, i, c, needed)
             last[i] = n - 1
-        logits, cache = self._run(cache, tokens, positions, self._table_arg(tables), last, extents=extents)
-        return (logits if padded else _rows(logits, len(chunks))), cache
+        logits, cache, *states = self._run(
+            cache, tokens, positions, self._table_arg(tables), last, extents=extents, hidden=hidden
+        )
+        return ((logits if padded else _rows(logits, len(chunks))), cache, *states)
 
     def decode(
         self,
@@ -519,12 +573,18 @@ class Executor:
         return (logits if padded else _rows(logits, n)), cache
 
     def ragged_step(
-        self, cache: PagedKVCache, seqs: Sequence[PrefillChunk], last_tokens: jax.Array | None = None
+        self,
+        cache: PagedKVCache,
+        seqs: Sequence[PrefillChunk],
+        last_tokens: jax.Array | None = None,
+        hidden: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
         of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad), or
         with `PrefillChunk.logits` > 1 the logits of each sequence's last `logits` tokens, in order.
-        `last_tokens` feeds the rows marked `from_slot` (see PrefillChunk)."""
+        `last_tokens` feeds the rows marked `from_slot` (see PrefillChunk). `hidden=True` also returns the final
+        hidden states after the final norm, [tokens bucket, 1, D] (the sequences' tokens in order), as a third
+        result."""
         e = self.exec_cfg
         if not self.ragged:
             raise ValueError("this executor runs prefill and decode steps (see ExecutorConfig.ragged_steps)")
@@ -559,7 +619,9 @@ class Executor:
             at += k
             last[out : out + s.logits] = np.arange(at - s.logits, at)
             out += s.logits
-        return self._run_ragged(cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents)
+        return self._run_ragged(
+            cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents, hidden
+        )
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""

@@ -26,7 +26,8 @@ class Row:
     sequence's prompt length (longrope picks its factors by it, see `executor.PrefillChunk`). `draft` > 0: the last
     `draft` tokens are drafted (speculative decoding), and each of the row's last draft + 1 positions is sampled.
     `window_pages`: its pages of the window group (a model's sliding layers, see `kv_cache.window_groups`) from page
-    index `window_first` on; the earlier ones went back to the pool once behind the window."""
+    index `window_first` on; the earlier ones went back to the pool once behind the window. `hidden`: the call
+    returns the final hidden states of the row's tokens (an embedding request's, see `Request.pooling`)."""
 
     request_id: str
     slot: int
@@ -39,6 +40,7 @@ class Row:
     draft: int = 0
     window_pages: tuple[int, ...] = ()
     window_first: int = 0
+    hidden: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

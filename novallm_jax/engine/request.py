@@ -8,9 +8,15 @@ import queue
 import time
 from typing import Callable, Sequence
 
+import numpy as np
+
 from novallm_jax.detokenizer import IncrementalDetokenizer
 from novallm_jax.engine.stop import StopStringMatcher
 from novallm_jax.sampling_params import SamplingParams
+
+
+# How an embedding request pools its prompt's final hidden states: the last token's, or their mean.
+POOLINGS = ("last", "mean")
 
 
 class Status(enum.Enum):
@@ -71,6 +77,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None
     metrics: Metrics
     error: str | None = None
+    # An embedding request's pooled final hidden state [D] (float32, not normalised), once finished.
+    embedding: np.ndarray | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -91,6 +99,7 @@ class Request:
         detokenizer: IncrementalDetokenizer,
         eos_token_ids: Sequence[int],
         on_output: Callable[[RequestOutput], None] | None = None,
+        pooling: str | None = None,
     ):
         self.id = request_id
         self.prompt = list(prompt_token_ids)
@@ -125,6 +134,11 @@ class Request:
         self.matcher = None  # structured.Matcher of a constrained request (set by the engine)
         self.draft: tuple[int, ...] = ()  # tokens drafted after tokens[-1] in the step in flight (speculative)
         self.last_draft = (0, 0)  # (drafted, accepted) of its latest verified draft
+        # An embedding request ("last" or "mean"; None: generation): its prompt runs and nothing is sampled; `pooled`
+        # gathers its final hidden states as the steps compute them (the last one's, or their float64 sum).
+        self.pooling = pooling
+        self.pooled: np.ndarray | None = None
+        self.embedding: np.ndarray | None = None  # the pooled state [D], once the prompt's last token's is in
 
     @property
     def num_tokens(self) -> int:
@@ -152,6 +166,7 @@ class Request:
             logprobs=self.logprobs,
             metrics=self.metrics,
             error=self.error,
+            embedding=self.embedding,
         )
         self.outputs.put(out)
         if self.on_output is not None:

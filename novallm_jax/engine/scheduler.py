@@ -140,7 +140,7 @@ class Scheduler:
                     salt=b"longrope" if long else b"",
                 )
             need = math.ceil(len(req.tokens) / self.page_size)
-            if self.enable_prefix_caching:
+            if self.enable_prefix_caching and req.pooling != "mean":  # mean pooling needs every token's state
                 req.pages, req.window_pages = self.prefix_cache.match(req.id, req.page_hashes)
                 req.num_cached_pages = len(req.pages)
                 req.num_computed = len(req.pages) * self.page_size
@@ -157,12 +157,14 @@ class Scheduler:
     def _place(self, req: Request, slot: int) -> None:
         req.slot, req.status = slot, Status.RUNNING
         self.slots[slot] = req
-        self._slot_updates.append(SlotUpdate(slot, req.params, tuple(req.prompt), tuple(req.output_ids)))
+        if req.pooling is None:  # an embedding request samples nothing: its row needs no sampling state
+            self._slot_updates.append(SlotUpdate(slot, req.params, tuple(req.prompt), tuple(req.output_ids)))
 
     def _release_slot(self, req: Request) -> None:
         if req.slot is not None:
             self.slots[req.slot] = None
-            self._slot_updates.append(SlotUpdate(req.slot))
+            if req.pooling is None:
+                self._slot_updates.append(SlotUpdate(req.slot))
             req.slot = None
 
     def _reserve(self, n: int, n_window: int = 0) -> bool:
@@ -262,6 +264,7 @@ class Scheduler:
         else:
             self._free_all(req)
             req.num_computed, req.num_cached_pages = 0, 0
+            req.pooled = None  # its states are computed again
             req.status = Status.WAITING
             self.waiting.appendleft(req)
         req.pages = []
@@ -324,8 +327,10 @@ class Scheduler:
     def _plan_padded(self) -> list[ModelCall]:
         """A prefill call for chunks of prompts that share a length bucket, then a decode call for every decode row."""
         running = [r for r in self.slots if r is not None]
+        # An embedding request's rows are prompt chunks to the end (decode calls return no hidden states).
+        prompt = lambda r: r.num_tokens - r.num_computed > (0 if r.pooling else 1)
         prefill = []
-        for req in self._pick_prefill([r for r in running if r.num_tokens - r.num_computed > 1]):
+        for req in self._pick_prefill([r for r in running if prompt(r)]):
             n = self._chunk_len(req)
             # A request picked above may have been preempted to make room for an older one.
             if req.status is Status.RUNNING and self._ensure_pages(req, req.num_computed + n):
@@ -334,6 +339,7 @@ class Scheduler:
             (r, 1, ())
             for r in self.slots
             if r is not None
+            and r.pooling is None
             and r.num_tokens - r.num_computed == 1
             and not self._done_when_read(r)
             and self._ensure_pages(r, r.num_tokens)
@@ -360,6 +366,9 @@ class Scheduler:
             if self.window_pool is not None:
                 first = next((i for i, p in enumerate(req.window_pages) if p != NULL_PAGE), len(req.window_pages))
             sample = self._advance(req, n)
+            # An embedding request's states: of every chunk for a mean, of the last one for the last token's.
+            hidden = req.pooling is not None and (sample or req.pooling == "mean")
+            sample = sample and req.pooling is None
             req.draft = draft
             rows.append(
                 Row(
@@ -374,6 +383,7 @@ class Scheduler:
                     len(draft),
                     tuple(req.window_pages[first:]),
                     first,
+                    hidden,
                 )
             )
         return tuple(rows)
