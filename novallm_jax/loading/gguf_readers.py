@@ -6,12 +6,32 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import struct
+import sys
+import threading
 from typing import Any, Callable, Iterator
 
-import gguf
 import numpy as np
+
+
+def _import_gguf():
+    """`import gguf`, without letting its vocab module import mistral_common: when that is installed, it costs every
+    start 0.2-0.4 s, for gguf's MistralVocab, a conversion helper we never call. gguf sees it as not installed; the
+    block is lifted at once, so anyone may import mistral_common afterwards."""
+    if "gguf" in sys.modules or "mistral_common" in sys.modules:
+        import gguf
+
+        return gguf
+    sys.modules["mistral_common"] = None  # makes `import mistral_common...` raise ImportError, which gguf catches
+    try:
+        import gguf
+    finally:
+        if sys.modules.get("mistral_common", 0) is None:
+            del sys.modules["mistral_common"]
+    return gguf
+
+
+gguf = _import_gguf()
 
 _lock = threading.Lock()
 _readers: dict[tuple, Any] | None = None
