@@ -17,11 +17,13 @@ reads the step in flight back before planning.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import math
 import threading
 import time
+import weakref
 from typing import Callable, Sequence
 
 import jax
@@ -127,6 +129,17 @@ class _CountingRLock:
 
     def _is_owned(self) -> bool:
         return self._lock._is_owned()
+
+
+# Engines whose loop thread runs, closed at interpreter exit: a loop thread left alive while the interpreter and XLA's
+# runtime tear down sometimes aborts the process (SIGABRT after the script's last line, seen with an LLM never closed).
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_engines() -> None:
+    for engine in list(_running):
+        engine.close()
 
 
 class LLMEngine:
@@ -367,6 +380,7 @@ class LLMEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="novallm-engine", daemon=True)
                 self._thread.start()
+                _running.add(self)
 
     def _loop(self) -> None:
         while True:
