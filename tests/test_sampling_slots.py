@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from novallm_jax.sampling import SamplingBatch, sample, sample_slots, update_counts
+from novallm_jax.sampling import SamplingBatch, plain_greedy, sample, sample_slots, sample_slots_greedy, update_counts
 from novallm_jax.sampling_params import SamplingParams as P
 
 V = 1024
@@ -153,3 +153,25 @@ def test_update_rows_sets_and_clears_as_set_row_and_clear_row_do():
 def test_rejects_bad_num_top_logprobs():
     with pytest.raises(ValueError, match="num_top_logprobs"):
         sample_slots(jnp.zeros((1, V)), jnp.zeros(1, jnp.int32), _batch(), num_top_logprobs=21)
+
+
+def test_greedy_rows_sampler_equals_the_general_one():
+    """`sample_slots_greedy` on `plain_greedy` rows: the tokens, outputs and state `sample_slots` gives, step after step;
+    the parameters that need the general sampler are not plain greedy."""
+    plain = [P(temperature=0.0, seed=3), P(temperature=1e-6, seed=4, top_k=3), P(temperature=0.0, stop=["x"], seed=5)]
+    assert all(plain_greedy(p) for p in plain)
+    assert not any(plain_greedy(SLOT_PARAMS[s]) for s in (1, 2, 3, 4, 5, 7))
+    assert not plain_greedy(P(temperature=0.0, logprobs=0)) and not plain_greedy(P(temperature=0.0, min_tokens=1))
+    assert not plain_greedy(P(temperature=0.0, logit_bias={3: 1.0}))
+    params = [plain[i % 3] if i in (0, 2, 5) else None for i in range(NUM_SLOTS)]
+    outputs = [[5, 9] if i == 2 else None for i in range(NUM_SLOTS)]
+    general = SamplingBatch.from_params(params, V, output_token_ids=outputs, eos_token_ids=EOS)
+    greedy = SamplingBatch.from_params(params, V, output_token_ids=outputs, eos_token_ids=EOS)
+    for step, slots in enumerate(([2, 0, -1, 5], [5, -1, -1, -1], [0, 2, 5, -1])):
+        logits = jnp.asarray(_logits(ROWS, 100 + step))
+        want, general = sample_slots(logits, np.asarray(slots, np.int32), general, num_top_logprobs=0)
+        got, greedy = sample_slots_greedy(logits, np.asarray(slots, np.int32), greedy)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(greedy), jax.tree.leaves(general)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

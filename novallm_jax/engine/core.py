@@ -14,7 +14,7 @@ import numpy as np
 from novallm_jax.amp.page_heap import copy_pages
 from novallm_jax.engine.executor import Executor, PrefillChunk
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
-from novallm_jax.sampling import SamplingBatch, sample_slots
+from novallm_jax.sampling import SamplingBatch, plain_greedy, sample_slots, sample_slots_greedy
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -139,10 +139,14 @@ class EngineCore:
                 offsets[at : at + 1 + r.draft] = np.arange(1 + r.draft)
                 ids[at : at + 1 + r.draft] = [r.request_id] * (1 + r.draft)
             at += 1 + r.draft
-        n_top = MAX_LOGPROBS if any((self.slot_params[s].logprobs or 0) > 0 for s in slots if s >= 0) else 0
+        params = [self.slot_params[s] for s in slots if s >= 0]
+        n_top = MAX_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
         # No keyword at all when unused: the warmed-up program.
         extra = ({} if bitmask is None else {"bitmask": bitmask}) | ({"offsets": offsets} if offsets.any() else {})
-        result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **extra)
+        if not extra and all(plain_greedy(p) for p in params):
+            result, self.sampling = sample_slots_greedy(logits, slots, self.sampling)
+        else:
+            result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **extra)
         return Sampled(ids, (result.tokens, result.logprobs, result.top_ids, result.top_logprobs))
 
     def reset_sampling(self) -> None:

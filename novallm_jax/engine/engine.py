@@ -46,7 +46,7 @@ from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.errors import EngineClosedError, EngineUnavailableError, InvalidRequestError
 from novallm_jax.model import Params
 from novallm_jax.sharding import bytes_per_device
-from novallm_jax.sampling import sample_slots
+from novallm_jax.sampling import sample_slots, sample_slots_greedy
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from novallm_jax.structured import Matcher, bitmask_words, fill_bitmasks
 from novallm_jax.tokenization.base import Tokenizer
@@ -296,7 +296,8 @@ class LLMEngine:
 
     def warmup_sampler(self) -> None:
         """Compiles the sampler for each row bucket, with and without top logprobs (and drafted rows' offsets where
-        the engine verifies drafts), and the updates of the slots' sampling state for each row count they pad to.
+        the engine verifies drafts), the greedy rows' sampler (`sample_slots_greedy`), and the updates of the slots'
+        sampling state for each row count they pad to.
 
         The calls sample and write padding rows only: they change no state.
         """
@@ -311,6 +312,10 @@ class LLMEngine:
                     core.sampling,
                     num_top_logprobs=n_top,
                     **{k: np.zeros(size, np.int32) for k in extra},
+                )
+            for size in self.sampler_buckets:
+                _, core.sampling = sample_slots_greedy(
+                    jnp.zeros((size, self.cfg.vocab_size), jnp.float32), np.full(size, -1, np.int32), core.sampling
                 )
             for n in core.sampling.update_row_counts():  # padding rows only
                 core.sampling = core.sampling.update_rows([], pad_to=n)
