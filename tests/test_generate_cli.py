@@ -75,3 +75,14 @@ def test_unsupported_architecture_is_one_line(tmp_path):
         f"novallm-generate: error: model_type 'gpt_neox' is not supported; supported: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def test_kv_pool_is_sized_to_the_prompts():
+    """Each prompt (their count rounded up to a power of two) can reach the whole context, and no pool exceeds the
+    engine's default."""
+    from novallm_jax.engine.executor import ExecutorConfig
+    from novallm_jax.generate import _engine_config
+
+    per_seq, default = ExecutorConfig().max_pages_per_seq, ExecutorConfig().num_pages
+    assert [_engine_config(n).executor.num_pages for n in (1, 2, 3, 4, 5)] == [1 + per_seq * k for k in (1, 2, 4, 4, 8)]
+    assert _engine_config(1000).executor.num_pages == default
