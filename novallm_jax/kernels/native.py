@@ -58,6 +58,9 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
+_PARTS = 2  # translation units of cpu_kernels.cc (its NOVALLM_PART)
+
+
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     flags = shlex.split(os.environ.get("NOVALLM_KERNEL_FLAGS", ""))
@@ -70,28 +73,22 @@ def _build(compiler: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [
-        compiler,
-        "-O3",
-        "-march=native",
-        *flags,
-        "-std=c++17",
-        "-shared",
-        "-fPIC",
-        "-w",
-        f"-I{jax.ffi.include_dir()}",
-        str(_SOURCE),
-        "-o",
-        tmp,
-    ]
-    logging.info("compiling native CPU kernels: %s", " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-    os.replace(tmp, out)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        # The source's two parts (see NOVALLM_PART in it) compile side by side, then link into one library.
+        objects = [os.path.join(tmp, f"part{i}.o") for i in range(_PARTS)]
+        base = [compiler, "-O3", "-march=native", *flags, "-std=c++17", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+        compiles = [[*base, f"-DNOVALLM_PART={i}", "-c", str(_SOURCE), "-o", o] for i, o in enumerate(objects)]
+        logging.info("compiling native CPU kernels: %s", " ".join(compiles[0]))
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in compiles]
+        errors = [p.communicate()[1] for p in procs]
+        for p, err in zip(procs, errors):
+            if p.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {err.strip()[-2000:]}")
+        library = os.path.join(tmp, "cpu_kernels.so")
+        result = subprocess.run([compiler, "-shared", *objects, "-o", library], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to link: {result.stderr.strip()[-2000:]}")
+        os.replace(library, out)
     return out
 
 
