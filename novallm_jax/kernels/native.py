@@ -58,6 +58,12 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor() + flags
 
 
+def variant() -> str:
+    """What the kernels built here depend on besides their source (the CPU's flags, extra compiler flags), known
+    without building them: a packed-weights cache key holds it, so a first start packs while the kernels compile."""
+    return _cpu_signature() + "\0" + os.environ.get("NOVALLM_KERNEL_FLAGS", "")
+
+
 _PARTS = 2  # translation units of cpu_kernels.cc (its NOVALLM_PART)
 
 

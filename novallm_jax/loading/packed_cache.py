@@ -68,7 +68,7 @@ def entry_key(path: str, options: tuple) -> str:
                 options,
                 jax.__version__,
                 np.__version__,
-                native.int8_dot_isa(),
+                native.variant(),  # not the built library's ISA: that would wait for the build
             )
         ).encode()
     )
