@@ -414,9 +414,8 @@ class LLM:
 
     def _inputs(self, inputs, param: str = "input", cluster: bool = False) -> list[list[int]]:
         """Token ids of each input, checked; `cluster`: the caller runs them through step plans, as a cluster can."""
-        if (
-            self.engine.core.mirror is not None and not cluster
-        ):  # these run outside the plans the other processes follow
+        outside_plans = not cluster  # then the other processes of a cluster would not follow
+        if self.engine.core.mirror is not None and outside_plans:
             raise InvalidRequestError(
                 "hidden states and prompt logprobs are not served by an engine split over several processes yet",
                 param=param,

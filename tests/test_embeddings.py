@@ -178,3 +178,23 @@ def test_hidden_states_of_other_families_equal_transformers(family, tmp_path):
     (layers,) = hidden_states(params, cfg, [ids], all_layers=True)
     for layer in range(len(ref) - 1):
         np.testing.assert_allclose(layers[layer], ref[layer], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"])
+def test_embedding_requests_of_other_families_equal_transformers(family, tmp_path):
+    """Through the engine's steps: Gemma 3's sliding-window layers (their own KV page group) and final norm, and
+    experts; mean pooling over prompts longer than a chunk, last-token pooling."""
+    model = build_hf_model(family, seed=4)
+    cfg, params = load_model(save_hf_model(model, str(tmp_path)))
+    exec_cfg = ExecutorConfig(
+        page_size=8, num_pages=64, max_model_len=128, decode_batch_buckets=(4,), prefill_len_buckets=(8, 16)
+    )
+    engine = LLMEngine(cfg, params, shared_tokenizer(), EngineConfig(executor=exec_cfg))
+    prompts = PROMPTS + [[(7 * i) % 250 + 3 for i in range(40)]]
+    refs = [_reference(model, ids)[-1] for ids in prompts]
+    with LLM.from_engine(engine, family) as llm:
+        for pooling in ("mean", "last"):
+            got = llm.embed(prompts, pooling=pooling, normalize=False)
+            want = np.stack([r.mean(axis=0) if pooling == "mean" else r[-1] for r in refs])
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+        assert llm.engine.check_leaks() == []
