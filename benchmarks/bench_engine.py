@@ -257,8 +257,9 @@ def _hf_random(config: dict[str, Any], seed: int):
 class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
-    Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler function
-    the engine core calls (`sample_slots`, a global of engine/core.py); `restore()` puts them back.
+    Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler functions
+    the engine core calls (`sample_slots`, `sample_slots_greedy`: globals of engine/core.py); `restore()` puts them
+    back.
     With synchronous steps the wrappers block on their outputs so that the time lands where the work is: host =
     step - model - sampler. With async scheduling (the default) blocking would serialise what the engine overlaps,
     so they time the dispatch only, and "host" includes waiting for the device; step times stay true.
@@ -316,7 +317,8 @@ class StepProfiler:
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
         self._patch(ex, "ragged_step", timed("model", ex.ragged_step, ragged_shape), instance=True)
-        self._patch(core_mod, "sample_slots", timed("sampler", core_mod.sample_slots))
+        for name in ("sample_slots", "sample_slots_greedy"):  # the general sampler, and greedy steps' own
+            self._patch(core_mod, name, timed("sampler", getattr(core_mod, name)))
 
         step = engine.step
 

@@ -200,10 +200,11 @@ def test_eos_finishes_with_stop_and_min_tokens_holds_it_back(engine):
 
 
 def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engine, tokenizer):
-    from novallm_jax.sampling import sample_slots
+    from novallm_jax.sampling import sample_slots, sample_slots_greedy
 
     engine.warmup_sampler()
-    compiled = sample_slots._cache_size()
+    sizes = lambda: (sample_slots._cache_size(), sample_slots_greedy._cache_size())
+    compiled = sizes()
     target = prompt_of(11, 21)
     params = SamplingParams(temperature=0.8, top_k=40, seed=77, max_tokens=6, ignore_eos=True, logprobs=3)
     alone = make_engine(tokenizer)
@@ -223,7 +224,7 @@ def test_sampler_warmup_covers_every_step_and_logprobs_are_batch_invariant(engin
         engine.step()
         others.append(engine.add_request(prompt_of(4 + i, 60 + i), kinds[i % len(kinds)]))
     engine.run_until_idle()
-    assert sample_slots._cache_size() == compiled  # the warm-up compiled every shape the steps used
+    assert sizes() == compiled  # the warm-up compiled every shape the steps used, greedy steps' sampler too
     assert req.output_ids == alone_req.output_ids
     for got, want in zip(req.logprobs, alone_req.logprobs):
         assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, rel=1e-4, abs=1e-5)
