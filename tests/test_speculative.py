@@ -5,6 +5,8 @@ chi-square over the first two tokens of 20,000 draws against the exact sequentia
 target rarely picks); every page comes back after rejections.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -228,3 +230,17 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
             values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
             assert values["novallm_spec_decode_accepted_tokens_total"] > 0
         assert llm.engine.check_leaks() == []
+
+
+def test_an_sdk_whose_steps_cannot_verify_drafts_refuses_speculative(default_gguf):
+    """Padded steps (as on a mesh, a GPU, or here by choice) verify no drafts: LLM(speculative=...) and
+    LLM(draft_model=...) say so at once, rather than every request failing for its default drafts."""
+    from novallm_jax.engine.engine import EngineConfig
+    from novallm_jax.llm import LLM
+    from tests.engine_fixtures import EXEC
+
+    config = EngineConfig(executor=dataclasses.replace(EXEC, ragged_steps=False))
+    for kwargs, param in (({"speculative": 2}, "speculative"), ({"draft_model": default_gguf}, "draft_model")):
+        with pytest.raises(InvalidRequestError, match="ragged steps") as e:
+            LLM(default_gguf, engine_config=config, **kwargs)
+        assert e.value.param == param
