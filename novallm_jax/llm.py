@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.engine.executor import default_compilation_cache_dir, enable_compilation_cache
-from novallm_jax.engine.request import POOLINGS, FinishReason, Metrics, Request, RequestOutput, TokenLogprob
+from novallm_jax.engine.request import FinishReason, Metrics, Request, RequestOutput, TokenLogprob
 from novallm_jax.errors import InvalidRequestError, NovaLLMError
 from novallm_jax.sampling_params import SamplingParams
 from novallm_jax.startup import phase
@@ -422,10 +422,10 @@ class LLM:
 
     # ---- hidden states ------------------------------------------------------------------------------------------
 
-    def _inputs(self, inputs, param: str = "input", cluster: bool = False) -> list[list[int]]:
-        """Token ids of each input, checked; `cluster`: the caller runs them through step plans, as a cluster can."""
-        outside_plans = not cluster  # then the other processes of a cluster would not follow
-        if self.engine.core.mirror is not None and outside_plans:
+    def _inputs(self, inputs, param: str = "input", through_plans: bool = False) -> list[list[int]]:
+        """Token ids of each input, checked; `through_plans`: the caller runs them as engine requests, which the
+        other processes of a cluster follow (the prefill-only forward runs outside the plans, so a cluster refuses)."""
+        if self.engine.core.mirror is not None and not through_plans:
             raise InvalidRequestError(
                 "hidden states and prompt logprobs are not served by an engine split over several processes yet",
                 param=param,
@@ -453,10 +453,8 @@ class LLM:
         prefix cache); it samples nothing. On a cluster the steps' plans carry it to every process.
         """
         self._check_open()
-        prompts = self._inputs(texts, cluster=True)
-        if pooling not in POOLINGS:
-            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
-        outs = []
+        prompts = self._inputs(texts, through_plans=True)
+        outs = []  # a bad pooling is refused by the first add_request, before any request is queued
         wave = max(1, self.engine.config.max_queue // 2)  # many inputs go in waves, leaving the queue room for others
         for at in range(0, len(prompts), wave):
             reqs = []

@@ -237,10 +237,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})", param="prompt"
             )
-        if len(prompt) > self.max_model_len - (pooling is None):
+        room = 0 if pooling else 1  # a generation request needs a position for its first token
+        if len(prompt) > self.max_model_len - room:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt)} tokens, but the model's context is {self.max_model_len} tokens "
-                f"(max_model_len), leaving no room to generate",
+                f"(max_model_len)" + (", leaving no room to generate" if room else ""),
                 param="prompt",
             )
         if params.speculative and not (self.executor.ragged and self.executor.exec_cfg.max_draft_tokens):
