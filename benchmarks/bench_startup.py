@@ -5,8 +5,10 @@ the first token; with the phases `novallm_jax.startup` times and the XLA compile
 `novallm-serve` (until /health answers, then until a streamed request's first token). llama.cpp's `llama-cli -st`
 and `llama-server` run on the same GGUF file when `--llama_cpp_bin` (or $NOVALLM_LLAMA_CPP) names its tools.
 
-Cold: a fresh cache directory per entry point ($XDG_CACHE_HOME: the native kernels and the XLA compilation cache);
-warm: that directory again. The rounds alternate the entry points, and figures are medians.
+Cold: a fresh cache directory per entry point ($XDG_CACHE_HOME: the XLA compilation cache, the packed weights, and
+kernels compiled at run time), with the native kernels pip built at install; and one more cold SDK start that
+ignores those and compiles the kernels itself (`--cold_kernel_build`). Warm: that directory again. The rounds
+alternate the entry points, and figures are medians.
 
     python benchmarks/bench_startup.py                   # default model, 3 warm rounds
     python benchmarks/bench_startup.py --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)"
@@ -40,6 +42,12 @@ flags.DEFINE_integer("max_new_tokens", 16, "Tokens `novallm-generate` and `llama
 flags.DEFINE_integer("rounds", 3, "Warm rounds (after one cold start of each entry point).", lower_bound=1)
 flags.DEFINE_list("entries", ["generate", "sdk", "serve"], "Our entry points to time.")
 flags.DEFINE_string("llama_cpp_bin", None, "llama.cpp's tools (llama-cli, llama-server); default $NOVALLM_LLAMA_CPP.")
+flags.DEFINE_bool(
+    "cold_kernel_build",
+    True,
+    "Also a cold SDK start that ignores the kernels pip built at install (NOVALLM_INSTALLED_KERNELS=0): it compiles "
+    "them, as a machine whose CPU, compiler or jaxlib differs from the install's does.",
+)
 flags.DEFINE_integer("timeout", 300, "Seconds before one start counts as failed.")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_startup.json"), "Where to write the JSON results.")
 
@@ -64,6 +72,9 @@ print("STARTUP_JSON " + json.dumps({
     "first_token_s": first - t_llm, "to_first_token_s": first - t0, "total_s": t_end - t0,
     "phases": recent_phases(), "xla": stats.as_dict()}))
 """
+
+
+_SDK_BUILD = "sdk, kernels compiled"  # the cold SDK start without the kernels built at install
 
 
 def _env(cache_dir: str) -> dict[str, str]:
@@ -245,6 +256,9 @@ def main(argv):
         envs = {name: _env(os.path.join(caches, name)) for name in runners}
         for name, run in runners.items():
             results["cold"][name] = _guarded(run, envs[name])
+        if FLAGS.cold_kernel_build and "sdk" in runners:
+            env = dict(_env(os.path.join(caches, _SDK_BUILD)), NOVALLM_INSTALLED_KERNELS="0")
+            results["cold"][_SDK_BUILD] = _guarded(runners["sdk"], env)
         samples: dict[str, list] = {name: [] for name in runners}
         names = list(runners)
         for r in range(FLAGS.rounds):
@@ -258,7 +272,7 @@ def main(argv):
 
     rows = []
     for kind in ("cold", "warm"):
-        for name in runners:
+        for name in results["cold"] if kind == "cold" else runners:
             e = results[kind][name] if kind == "cold" else results["warm"][name]["median"]
             if not e or "error" in e:
                 rows.append({"start": kind, "entry": name, "error": (e or {}).get("error", "every run failed")})

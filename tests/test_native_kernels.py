@@ -13,7 +13,7 @@ import pytest
 from novallm_jax import model
 from novallm_jax.config import ModelConfig
 from novallm_jax.engine.executor import Executor, ExecutorConfig
-from novallm_jax.kernels import native
+from novallm_jax.kernels import build, native
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are XLA:CPU custom calls"),
@@ -90,13 +90,21 @@ def test_executor_packs_weights_and_agrees_with_xla_dots():
     assert auto.native_kernels  # float32 on CPU: on by default
 
 
-def _probe(env: dict) -> str:
-    code = textwrap.dedent("""
+def _probe(env: dict, installed: bool = False, load: bool = True) -> str:
+    code = (
+        textwrap.dedent("""
+        import jaxlib
         from absl import logging
         logging.set_verbosity(logging.WARNING)
-        from novallm_jax.kernels import native
-        print("available", native.available())
+        from novallm_jax.kernels import build, native
+        if INSTALLED:
+            print("installed", native._installed(build.key(build.compiler(), jaxlib.__version__)))
+        if LOAD:
+            print("available", native.available())
     """)
+        .replace("INSTALLED", str(installed))
+        .replace("LOAD", str(load))
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
     )
@@ -108,8 +116,22 @@ def test_switched_off_by_environment():
     assert "available False" in _probe({"NOVALLM_NATIVE_KERNELS": "0"})
 
 
+def test_the_library_pip_built_is_loaded_and_nothing_compiled(tmp_path):
+    # pip (setup.py) built the kernels at install for this machine, compiler and jaxlib: a first start uses them.
+    out = _probe({"NOVALLM_KERNEL_CACHE": str(tmp_path)}, installed=True)
+    assert "installed None" not in out and f"{build.INSTALLED_PREFIX}" in out, out
+    assert "available True" in out
+    assert not list(tmp_path.iterdir())  # nothing compiled into the cache
+
+
+def test_the_installed_library_can_be_ignored():
+    assert "installed None" in _probe({"NOVALLM_INSTALLED_KERNELS": "0"}, installed=True, load=False)
+
+
 def test_a_failing_compiler_falls_back_to_xla(tmp_path):
-    out = _probe({"CXX": "/bin/false", "NOVALLM_KERNEL_CACHE": str(tmp_path)})
+    # Another compiler is another key: the installed library is not loaded, and this one fails to build.
+    out = _probe({"CXX": "/bin/false", "NOVALLM_KERNEL_CACHE": str(tmp_path)}, installed=True)
+    assert "installed None" in out
     assert "available False" in out
     assert "native CPU kernels are off" in out
     assert not list(tmp_path.glob("*.so"))

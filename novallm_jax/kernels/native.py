@@ -1,22 +1,18 @@
-"""Native CPU kernels, compiled on first use for the machine they run on and called through XLA's FFI.
+"""Native CPU kernels, compiled for the machine they run on and called through XLA's FFI.
 
 `cpu_kernels.cc` (packed-weight matmuls, float32 or block-quantised, and a paged attention) is built with the system
-C++ compiler (`-O3 -march=native`) into a cache directory keyed by the source, the compiler, the jaxlib version and
-the CPU, so the build (~5 s) happens once per machine. Where there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`,
-`available()` is False and callers keep XLA's own ops. `NOVALLM_KERNEL_FLAGS` adds compiler flags (e.g.
+C++ compiler (`-O3 -march=native`, see `build.py`) when pip installs the package, and, where that library does not fit
+(another CPU, compiler or jaxlib), at first use into a cache directory keyed by the source, the compiler, the jaxlib
+version and the CPU (~6 s, once per machine); `NOVALLM_INSTALLED_KERNELS=0` ignores the installed library. Where
+there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own ops. `NOVALLM_KERNEL_FLAGS` adds compiler flags (e.g.
 `-mno-avx512vnni` builds the AVX2 int8 path on a CPU that has VNNI).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import importlib.machinery
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -27,10 +23,10 @@ import jaxlib
 import numpy as np
 from absl import logging
 
+from novallm_jax.kernels import build
 from novallm_jax.startup import phase
 
 PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.cc
-_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
@@ -41,7 +37,6 @@ _EXPERT_MATMUL = {
 }
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
-_ENV = "NOVALLM_NATIVE_KERNELS"
 
 
 def _cache_dir() -> Path:
@@ -49,52 +44,30 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("NOVALLM_KERNEL_CACHE", os.path.join(base, "novallm-jax", "kernels")))
 
 
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + platform.processor() + flags
-
-
 def variant() -> str:
     """What the kernels built here depend on besides their source (the CPU's flags, extra compiler flags), known
     without building them: a packed-weights cache key holds it, so a first start packs while the kernels compile."""
-    return _cpu_signature() + "\0" + os.environ.get("NOVALLM_KERNEL_FLAGS", "")
+    return build.cpu_signature() + "\0" + os.environ.get("NOVALLM_KERNEL_FLAGS", "")
 
 
-_PARTS = 2  # translation units of cpu_kernels.cc (its NOVALLM_PART)
+def _installed(key: str) -> Path | None:
+    """The library pip built at install (setup.py) when it fits this machine, compiler and jaxlib (same key)."""
+    if os.environ.get("NOVALLM_INSTALLED_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    here = Path(__file__).parent
+    found = [here / f"{build.INSTALLED_PREFIX}{key}{s}" for s in importlib.machinery.EXTENSION_SUFFIXES]
+    return next((p for p in found if p.exists()), None)
 
 
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    flags = shlex.split(os.environ.get("NOVALLM_KERNEL_FLAGS", ""))
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), version, jaxlib.__version__, _cpu_signature(), *flags]).encode()
-    )
-    key = key.hexdigest()[:16]
+def _library_path(compiler: str) -> Path:
+    key = build.key(compiler, jaxlib.__version__)
+    installed = _installed(key)
+    if installed is not None:
+        return installed
     out = _cache_dir() / f"cpu_kernels-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent processes never load a half-written library.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        # The source's two parts (see NOVALLM_PART in it) compile side by side, then link into one library.
-        objects = [os.path.join(tmp, f"part{i}.o") for i in range(_PARTS)]
-        base = [compiler, "-O3", "-march=native", *flags, "-std=c++17", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-        compiles = [[*base, f"-DNOVALLM_PART={i}", "-c", str(_SOURCE), "-o", o] for i, o in enumerate(objects)]
-        logging.info("compiling native CPU kernels: %s", " ".join(compiles[0]))
-        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in compiles]
-        errors = [p.communicate()[1] for p in procs]
-        for p, err in zip(procs, errors):
-            if p.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {err.strip()[-2000:]}")
-        library = os.path.join(tmp, "cpu_kernels.so")
-        result = subprocess.run([compiler, "-shared", *objects, "-o", library], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to link: {result.stderr.strip()[-2000:]}")
-        os.replace(library, out)
+    if not out.exists():
+        logging.info("compiling native CPU kernels with %s into %s", compiler, out.parent)
+        build.compile_library(compiler, jax.ffi.include_dir(), out)
     return out
 
 
@@ -102,22 +75,15 @@ _LOCK = threading.Lock()
 _LOADED: list = []  # [the library or None], once built or loaded
 
 
-def _compiler() -> str | None:
-    """The C++ compiler to build with; None where the kernels are turned off or none is installed."""
-    if os.environ.get(_ENV, "1").lower() in ("0", "false", "no", "off"):
-        return None
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
 def buildable() -> bool:
     """Whether the kernels can be built here (or are): a C++ compiler, and not turned off. Does not build them."""
-    return bool(_LOADED[0]) if _LOADED else _compiler() is not None
+    return bool(_LOADED[0]) if _LOADED else build.compiler() is not None
 
 
 def build_in_background() -> None:
     """Starts building (or loading) the kernels on a thread, so that the compiler runs while the caller reads weights
     (a first start's longest phase beside it); whoever needs them next waits for that build, not a second one."""
-    if not _LOADED and _compiler() is not None:
+    if not _LOADED and build.compiler() is not None:
         threading.Thread(target=_library, name="novallm-kernel-build", daemon=True).start()
 
 
@@ -130,14 +96,14 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    compiler = _compiler()
+    compiler = build.compiler()
     if compiler is None:
-        if os.environ.get(_ENV, "1").lower() not in ("0", "false", "no", "off"):
+        if not build.turned_off():
             logging.warning("no C++ compiler found: native CPU kernels are off, XLA's dots are used")
         return None
     try:
         with phase("native kernels: build or load"):
-            lib = ctypes.CDLL(str(_build(compiler)))
+            lib = ctypes.CDLL(str(_library_path(compiler)))
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
@@ -198,7 +164,9 @@ def _ffi_call(target: str, out, **kwargs):
     """`jax.ffi.ffi_call` of one of these kernels: registers them first (code may be traced before anything called
     `available()`), and says why where they cannot run instead of XLA's "no FFI handler registered"."""
     if not available():
-        raise RuntimeError(f"native CPU kernel {target} is not available (no C++ compiler, or {_ENV}=0; see the log)")
+        raise RuntimeError(
+            f"native CPU kernel {target} is not available (no C++ compiler, or NOVALLM_NATIVE_KERNELS=0; see the log)"
+        )
     if (target in _DOT_MATMUL.values() or "_dot_expert" in target) and not int8_dot_available():
         raise RuntimeError(f"native CPU kernel {target} needs a CPU with AVX2")
     return jax.ffi.ffi_call(target, out, **kwargs)
