@@ -119,7 +119,8 @@ def test_switched_off_by_environment():
 def test_the_library_pip_built_is_loaded_and_nothing_compiled(tmp_path):
     # pip (setup.py) built the kernels at install for this machine, compiler and jaxlib: a first start uses them.
     out = _probe({"NOVALLM_KERNEL_CACHE": str(tmp_path)}, installed=True)
-    assert "installed None" not in out and f"{build.INSTALLED_PREFIX}" in out, out
+    # After an edit of cpu_kernels.cc, `pip install -e .` again builds the library of the new source.
+    assert "installed None" not in out and build.INSTALLED_PREFIX in out, f"no installed library fits: {out}"
     assert "available True" in out
     assert not list(tmp_path.iterdir())  # nothing compiled into the cache
 
