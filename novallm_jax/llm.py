@@ -187,7 +187,7 @@ class LLM:
                 default_compilation_cache_dir() if compile_cache_dir == "auto" else compile_cache_dir
             )
         # On a mesh, the weights stay in host memory until each device takes its shard (no device holds them all).
-        with shared_readers(), on_host() if sharded else contextlib.nullcontext():
+        with shared_readers(), on_host(mesh) if sharded else contextlib.nullcontext():
             with phase("weights: read and pack"):
                 self.cfg, params = load_model(self.model_path, dtype, keep_quantized=keep_quantized)
                 params = with_activations(params, activations)

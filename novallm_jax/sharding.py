@@ -26,13 +26,14 @@ import math
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import InvalidRequestError
+from novallm_jax.loading.host_slices import HostSlices, take_columns
 
 AXES = ("data", "model")
 
@@ -148,44 +149,39 @@ def shard_layout(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
     if m == 1:
         return params
 
-    def qkv(w, i):  # [..., q + k + v] -> per shard [its q heads, its k heads, its v heads]
+    def qkv_columns(width: int, i: int) -> np.ndarray:  # [q + k + v] -> per shard [its q, its k, its v heads]
         from novallm_jax.model_gemma import layer_widths
 
-        xp = _xp(w)
         # Gemma's layers differ: head size and K/V heads by kind, no K/V where a layer reads another's, no V where
         # the keys are the values.
         q_w, k_w, _, _ = layer_widths(cfg, i) if cfg.gemma is not None else (cfg.q_size, cfg.kv_size, 0, 0)
         hd, copies = cfg.layer_head_dim(i), max(1, m // cfg.layer_kv_heads(i))
-        q, k, v = xp.split(w, [q_w, q_w + k_w], axis=-1)
-        heads = lambda a: xp.repeat(a.reshape(*a.shape[:-1], -1, hd), copies, axis=-2).reshape(*a.shape[:-1], -1)
-        return _interleave([a for a in (q, heads(k), heads(v)) if a.shape[-1]], m)
+        q, k, v = np.split(np.arange(width), [q_w, q_w + k_w])
+        heads = lambda a: np.repeat(a.reshape(-1, hd), copies, axis=0).reshape(-1)
+        return _interleave([a for a in (q, heads(k), heads(v)) if a.size], m)
 
-    def gate_up(w):
-        return _interleave(_xp(w).split(w, 2, axis=-1), m)
+    def gate_up_columns(width: int) -> np.ndarray:
+        return _interleave(np.split(np.arange(width), 2), m)
 
+    # Each regrouping is a gather of columns, computed once on their indices: lazy for host weights
+    # (`loading.host_slices`), so that a device's shard reads only its columns of the file.
+    regroup = lambda w, columns: take_columns(w, columns(w.shape[-1]))
     layers = []
     for i, p in enumerate(params["layers"]):
         p = dict(p)
-        p["wqkv"] = qkv(p["wqkv"], i)
+        p["wqkv"] = regroup(p["wqkv"], lambda n: qkv_columns(n, i))
         if "bqkv" in p:
-            p["bqkv"] = qkv(p["bqkv"], i)
+            p["bqkv"] = regroup(p["bqkv"], lambda n: qkv_columns(n, i))
         for name in ("w_gate_up", "experts_gate_up"):  # a sparse layer has experts instead of the dense MLP
             if name in p:
-                p[name] = gate_up(p[name])
+                p[name] = regroup(p[name], gate_up_columns)
         layers.append(p)
     return {**params, "layers": layers}
 
 
-def _interleave(parts: list[jax.Array], m: int) -> jax.Array:
-    """Concatenates parts [..., n_i] (each split into m contiguous groups) as group 0 of each, group 1 of each, ..."""
-    lead = parts[0].shape[:-1]
-    grouped = [a.reshape(*lead, m, -1) for a in parts]
-    return _xp(parts[0]).concatenate(grouped, axis=-1).reshape(*lead, -1)
-
-
-def _xp(a):
-    """numpy for host arrays (loaded with `loading.assemble.on_host`), so that no device holds a whole weight."""
-    return np if isinstance(a, np.ndarray) else jnp
+def _interleave(parts: list[np.ndarray], m: int) -> np.ndarray:
+    """Concatenates index vectors (each split into m contiguous groups) as group 0 of each, group 1 of each, ..."""
+    return np.concatenate([a.reshape(m, -1) for a in parts], axis=-1).reshape(-1)
 
 
 def place(params: dict, shardings: dict) -> dict:
@@ -193,13 +189,30 @@ def place(params: dict, shardings: dict) -> dict:
     slice; with several processes (`jax.distributed`), each places only its devices' shards."""
 
     def put(x, s):
-        if isinstance(x, np.ndarray):
+        if isinstance(x, (np.ndarray, HostSlices)):
             # A copy of each slice: a device on the host may alias the memory it is given, and a view would keep
-            # the whole weight alive.
-            return jax.make_array_from_callback(x.shape, s, lambda index: np.array(x[index]))
+            # the whole weight alive. A `HostSlices` leaf reads only this slice from its file, once for all the
+            # devices that hold the same slice (replicas).
+            read: dict = {}
+
+            def shard(index):
+                key = tuple((part.start, part.stop) for part in index)
+                if key not in read:
+                    read[key] = np.asarray(x[index])
+                return np.array(read[key])
+
+            return jax.make_array_from_callback(x.shape, s, shard)
         return jax.device_put(x, s)
 
-    return jax.tree.map(put, params, shardings)
+    leaves, treedef = jax.tree.flatten(params)
+    # Host leaves are read (from their files, for `HostSlices`) as they are placed: the long part of a mesh's load.
+    progress = tqdm(total=len(leaves), desc="weights onto the mesh", unit="tensor", leave=False)
+    placed = []
+    for x, s in zip(leaves, treedef.flatten_up_to(shardings)):
+        placed.append(put(x, s))
+        progress.update()
+    progress.close()
+    return jax.tree.unflatten(treedef, placed)
 
 
 def param_specs(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:

@@ -10,7 +10,9 @@ for checkpoints loaded from disk onto a mesh, the greedy tokens and whether any 
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 import sys
 import tempfile
@@ -282,8 +284,11 @@ def _full_weight_shapes(cfg) -> set[tuple[int, ...]]:
 def load_run(path, tokenizer, mesh):
     """LLM(path, mesh=...) from a checkpoint on disk: greedy tokens, and the device arrays that loading left whole
     on one device with the shape of a weight the mesh splits (none: each device takes only its shard)."""
-    before = {id(a) for a in jax.live_arrays()}
+    from novallm_jax.loading.host_slices import bytes_read
+
+    before, read_before = {id(a) for a in jax.live_arrays()}, bytes_read()
     llm = LLM(path, tokenizer=tokenizer, mesh=mesh, compile_cache_dir=None, engine_config=EngineConfig(executor=EXEC))
+    read = bytes_read() - read_before
     full = _full_weight_shapes(llm.cfg)
     whole = [
         list(a.shape)
@@ -294,7 +299,7 @@ def load_run(path, tokenizer, mesh):
     prompts = [[t % llm.cfg.vocab_size for t in p] for p in PROMPTS]
     tokens = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
     llm.close()
-    return {"tokens": tokens, "whole_on_one_device": whole}
+    return {"tokens": tokens, "whole_on_one_device": whole, "bytes_read_in_slices": read}
 
 
 def load_checks(out, tmp):
@@ -310,6 +315,17 @@ def load_checks(out, tmp):
     for kind, path in paths.items():
         for spec in ("model=4", None):
             out[f"load {kind} {spec}"] = load_run(path, tokenizer, spec)
+    from novallm_jax.loading.assemble import on_host
+    from novallm_jax.loading.checkpoint import load_checkpoint
+    from novallm_jax.sharding import parse_mesh
+
+    with on_host(parse_mesh("model=4")):  # as LLM(mesh=...) loads: orbax restores each device's shard
+        _, restored = load_checkpoint(paths["orbax"])
+    out["orbax restored shards"] = {
+        name: [list(s.data.shape) for s in restored["layers"][0][name].addressable_shards]
+        for name in ("wqkv", "wo", "w_gate_up", "w_down")
+    }
+    out["hf file tensor bytes"] = int(sum(os.path.getsize(f) for f in glob.glob(f"{paths['hf']}/*.safetensors")))
 
 
 def main(path):

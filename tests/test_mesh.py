@@ -188,3 +188,20 @@ def test_a_checkpoint_loads_onto_the_mesh_one_shard_per_device(figures, kind):
     assert sharded["whole_on_one_device"] == []
     assert single["whole_on_one_device"] != []  # the check sees whole weights where they are
     assert sharded["tokens"] == single["tokens"] and all(len(t) == 16 for t in sharded["tokens"])
+    if kind == "hf":
+        # Read slice by slice as each device took its shard (`loading.host_slices`): every byte of the file about
+        # once (the replicated leaves once for all devices; the two KV heads' columns once for each of the four
+        # shards that copy them), where reading whole tensors for each device would read each replicated one 4x.
+        assert 0 < sharded["bytes_read_in_slices"] <= 1.3 * figures["hf file tensor bytes"]
+        assert single["bytes_read_in_slices"] == 0  # one device: tensors are read whole, onto it
+
+
+def test_an_orbax_checkpoint_is_restored_shard_by_shard(figures):
+    """On a mesh, orbax restores each leaf already split over `model` (it reads only the shards of the process's
+    devices); the fused q/k/v and gate/up columns are regrouped per shard on the devices afterwards."""
+    cfg = w.ENGINE_CFG
+    shards = figures["orbax restored shards"]
+    assert shards["wqkv"] == [[cfg.hidden_size, (cfg.q_size + 2 * cfg.kv_size) // 4]] * 4
+    assert shards["wo"] == [[cfg.q_size // 4, cfg.hidden_size]] * 4
+    assert shards["w_gate_up"] == [[cfg.hidden_size, 2 * cfg.intermediate_size // 4]] * 4
+    assert shards["w_down"] == [[cfg.intermediate_size // 4, cfg.hidden_size]] * 4

@@ -117,10 +117,13 @@ def load_model(path: str | None = None, dtype=None, keep_quantized: bool = False
         from novallm_jax.loading import packed_cache
         from novallm_jax.loading.gguf_file import load_gguf
 
+        from novallm_jax.loading.assemble import loading_on_host
+
         keep = keep_quantized and dtype == jnp.float32
-        return packed_cache.cached(
-            path, ("gguf", jnp.dtype(dtype).name, keep), lambda: load_gguf(path, dtype, keep_quantized=keep)
-        )
+        load = lambda: load_gguf(path, dtype, keep_quantized=keep)
+        if loading_on_host():  # for a mesh: each device's slices are read from the file, never the whole cached
+            return load()
+        return packed_cache.cached(path, ("gguf", jnp.dtype(dtype).name, keep), load)
     if kind == "orbax":
         from novallm_jax.loading.checkpoint import load_checkpoint
 

@@ -18,20 +18,22 @@ from tqdm.auto import tqdm
 from novallm_jax.config import ModelConfig
 from novallm_jax.kernels import native
 from novallm_jax.loading.gguf_quant import BlockQuant, HalfWeight
+from novallm_jax.loading.host_slices import HostSlices, concat_columns
 
 TensorGetter = Callable[[str], "np.ndarray | BlockQuant"]
 NameFn = Callable[[int | None, str], str]
 
 
-_ON_HOST = contextvars.ContextVar("novallm_load_on_host", default=False)
+_ON_HOST = contextvars.ContextVar("novallm_load_on_host", default=None)
 
 
 @contextlib.contextmanager
-def on_host() -> Iterator[None]:
-    """Within it, loaders leave the params in host memory (numpy) instead of on the default device: for a mesh,
-    where each device then receives only its shard of each weight (`sharding.place`), so no device ever holds the
-    whole model."""
-    token = _ON_HOST.set(True)
+def on_host(mesh=None) -> Iterator[None]:
+    """Within it, loaders leave the params in host memory (numpy, or `host_slices` read only where a device asks)
+    instead of on the default device: for a mesh, where each device then receives only its shard of each weight
+    (`sharding.place`), so no device ever holds the whole model. A loader that restores shards itself (orbax)
+    places them on `mesh` as `sharding.param_specs` lays them out, each host reading only its devices' shards."""
+    token = _ON_HOST.set((mesh,))
     try:
         yield
     finally:
@@ -39,13 +41,20 @@ def on_host() -> Iterator[None]:
 
 
 def loading_on_host() -> bool:
-    return _ON_HOST.get()
+    return _ON_HOST.get() is not None
+
+
+def loading_mesh():
+    """The mesh of the enclosing `on_host(mesh)`, or None."""
+    held = _ON_HOST.get()
+    return held[0] if held else None
 
 
 def to_device(a, dtype):
-    """`a` cast to `dtype`, on the default device, or in host memory inside `on_host()`."""
+    """`a` cast to `dtype`, on the default device, or in host memory inside `on_host()` (still unread for a
+    `HostSlices` tensor)."""
     if _ON_HOST.get():
-        return np.asarray(a, dtype)
+        return a.astype(dtype) if isinstance(a, HostSlices) else np.asarray(a, dtype)
     return jax.device_put(jnp.asarray(a, dtype))
 
 
@@ -71,7 +80,7 @@ def assemble_params(cfg: ModelConfig, get: TensorGetter, name: NameFn, dtype, de
                 [tuple(p.shape) for p in parts],
             )
         dense = [p.dequantize() if isinstance(p, (BlockQuant, HalfWeight)) else p for p in parts]
-        return put(np.concatenate([p.T for p in dense], axis=1))
+        return put(concat_columns([p.T for p in dense]))
 
     embed = get(name(None, "embed"))
     params = {"embed": put(embed), "final_norm": put(get(name(None, "final_norm"))), "layers": []}

@@ -10,7 +10,7 @@ import numpy as np
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError
-from novallm_jax.loading.assemble import loading_on_host
+from novallm_jax.loading.assemble import loading_mesh, loading_on_host
 from novallm_jax.model import param_shapes
 
 CONFIG_FILE = "novallm_config.json"
@@ -49,8 +49,20 @@ def load_checkpoint(directory: str, dtype=None) -> tuple[ModelConfig, dict]:
         raise ModelLoadError(f"{directory} holds no valid {CONFIG_FILE}: {e}") from None
     dtype = dtype or meta.get("dtype", "float32")
     abstract = param_shapes(cfg, dtype)
-    on_host = loading_on_host()
-    if on_host:  # restored to the host's memory, then to numpy (see `assemble.on_host`)
+    on_host, mesh = loading_on_host(), loading_mesh()
+    if mesh is not None:
+        # Restored straight onto the mesh in the checkpoint's layout, each leaf split as `param_specs` splits it:
+        # orbax reads only the shards of this process's devices. (The fused q/k/v and gate/up columns are
+        # regrouped per shard afterwards, on the devices: `sharding.shard_layout`.)
+        from novallm_jax.sharding import param_specs
+
+        def restorable(a, s):  # a leaf whose checkpoint width does not split evenly is restored whole
+            even = all(not axis or dim % mesh.shape[axis] == 0 for dim, axis in zip(a.shape, s.spec))
+            return s if even else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        specs = jax.tree.map(restorable, abstract, param_specs(cfg, abstract, mesh))
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, specs)
+    elif on_host:  # restored to the host's memory, then to numpy (see `assemble.on_host`)
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
     import orbax.checkpoint as ocp
@@ -60,4 +72,6 @@ def load_checkpoint(directory: str, dtype=None) -> tuple[ModelConfig, dict]:
             params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
     except Exception as e:  # orbax raises several types for missing or mismatched arrays
         raise ModelLoadError(f"could not restore params from {directory}: {e}") from None
-    return cfg, (jax.tree.map(np.array, params) if on_host else params)  # copies: the restored arrays are freed
+    if on_host and mesh is None:
+        params = jax.tree.map(np.array, params)  # copies: the restored arrays are freed
+    return cfg, params

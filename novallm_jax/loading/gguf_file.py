@@ -12,10 +12,11 @@ from absl import logging
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
-from novallm_jax.loading.assemble import assemble_params
+from novallm_jax.loading.assemble import assemble_params, loading_on_host
 from novallm_jax.loading.gemma import GGUF_GLOBAL, GGUF_LAYER, gemma_gguf_names, gemma_tensor_shapes
 from novallm_jax.loading.gguf_quant import BlockQuant, HalfWeight, decode_blocks, half_bits
 from novallm_jax.loading.gguf_readers import FastReader, reader_for
+from novallm_jax.loading.host_slices import FileTensor
 from novallm_jax.loading.moe import GGUF_LAYER as MOE_GGUF_LAYER
 
 GGUF_MAGIC = b"GGUF"
@@ -116,6 +117,8 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         return cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
 
     roles: dict[str, list[str]] = {}  # GGUF type -> how each of its tensors is kept (see `kept_line`)
+    # For a mesh (weights on the host), matmul weights are read slice by slice as each device takes its shard.
+    lazy = loading_on_host() and not keep_quantized
 
     def note(t, coded: bool) -> None:
         """Notes how tensor `t` is kept: "codes" or "dense" for a matmul weight (any tensor of 2 or more dimensions
@@ -148,6 +151,8 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
                 return bq if heads is None else bq.take_rows(_unpermute(np.arange(shape[0]), heads))
         if not keep_quantized or not name.endswith(_MATMUL_TENSORS + _EXPERT_TENSORS):
             note(t, False)
+        if lazy and name.endswith(_MATMUL_TENSORS) and len(t.shape) == 2:
+            return _file_tensor(t, expected[name], permuted_heads(name), path)
         try:
             a = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -173,6 +178,37 @@ def load_gguf(path: str, dtype, keep_quantized: bool = False) -> tuple[ModelConf
         line, widened = kept_line(type_name, how, np.dtype(dtype).name)
         (logging.warning if widened and keep_quantized else logging.info)("%s", line)
     return cfg, params
+
+
+def _file_tensor(t, shape: tuple[int, int], heads: int | None, path: str) -> FileTensor:
+    """A 2-D GGUF tensor ([out, in] rows of blocks) read in slices: only the rows asked for and, of each, the blocks
+    that hold the columns asked for, dequantised to float32 (rows in HF's order where llama.cpp permuted them)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+    data = t.data
+    coded = data.dtype == np.uint8  # rows of block bytes; F32/F16 tensors hold their values
+    unit = type_size if coded else 1  # bytes (or values) per `block` columns
+    stored = (data.shape[0], data.shape[-1] // unit * block) if data.ndim == 2 else tuple(data.shape)
+    if stored != tuple(shape):
+        raise TensorError(f"tensor {t.name!r} in {path} has shape {stored}, expected {shape}")
+    rows = np.arange(shape[0]) if heads is None else _unpermute(np.arange(shape[0]), heads)
+
+    def read(index) -> np.ndarray:
+        r, c = index
+        b0, b1 = c.start // block, -(-c.stop // block)
+        part = data[rows[r], b0 * unit : b1 * unit]
+        try:
+            a = dequantize(part, t.tensor_type) if coded else part
+        except NotImplementedError:
+            raise ModelLoadError(
+                f"tensor {t.name!r} in {path} uses {t.tensor_type.name}, which the installed "
+                f"gguf package cannot dequantise"
+            ) from None
+        return np.asarray(a, np.float32)[:, c.start - b0 * block : c.stop - b0 * block]
+
+    return FileTensor(shape, np.float32, read)
 
 
 def kept_line(type_name: str, roles: list[str], dtype: str) -> tuple[str, bool]:

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import ModelLoadError, TensorError
-from novallm_jax.loading.assemble import assemble_params
+from novallm_jax.loading.assemble import assemble_params, loading_on_host
+from novallm_jax.loading.host_slices import FileTensor
 from novallm_jax.loading.gemma import MULTIMODAL_IGNORED, MULTIMODAL_TEXT_PREFIXES, gemma_hf_names, gemma_tensor_shapes
 
 # Buffers some checkpoints carry that hold no weights.
@@ -109,22 +110,26 @@ def load_hf(model_dir: str, dtype) -> tuple[ModelConfig, dict]:
         )
 
     handles = {}
+    # For a mesh (weights on the host), tensors are read slice by slice as each device takes its shard.
+    lazy = loading_on_host()
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | FileTensor:
         fn = files[name]
         if fn not in handles:
             if not os.path.exists(fn):
                 raise ModelLoadError(f"shard {fn} named in the index is missing")
             try:
-                handles[fn] = safe_open(fn, framework="flax")
+                handles[fn] = safe_open(fn, framework="numpy" if lazy else "flax")
             except Exception as e:
                 raise ModelLoadError(f"{fn} is not a valid safetensors file: {e}") from None
-        a = handles[fn].get_tensor(stored.get(name, name))
-        if tuple(a.shape) != expected[name]:
-            raise TensorError(
-                f"tensor {name!r} in {os.path.basename(fn)} has shape {tuple(a.shape)}, expected {expected[name]}"
-            )
-        return np.asarray(a.astype(np.float32))
+        stored_name = stored.get(name, name)
+        part = handles[fn].get_slice(stored_name) if lazy else handles[fn].get_tensor(stored_name)
+        shape = tuple(part.get_shape() if lazy else part.shape)
+        if shape != expected[name]:
+            raise TensorError(f"tensor {name!r} in {os.path.basename(fn)} has shape {shape}, expected {expected[name]}")
+        if lazy:
+            return FileTensor(shape, np.float32, lambda index: part[index].astype(np.float32))
+        return np.asarray(part.astype(np.float32))
 
     logging.info("loading %s (%s, %d layers)", model_dir, cfg.model_type, cfg.num_layers)
     names_of = hf_names if cfg.gemma is None else gemma_hf_names

@@ -27,7 +27,6 @@ import numpy as np
 from absl import logging
 
 from novallm_jax.config import ModelConfig
-from novallm_jax.loading.assemble import loading_on_host
 
 MAX_ENTRIES = 3
 _ENV = "NOVALLM_WEIGHTS_CACHE"
@@ -137,11 +136,11 @@ def _read(entry: Path) -> tuple[ModelConfig, Any]:
     sizes = [int(np.prod(shape)) * dt.itemsize for dt, (_, shape) in zip(dtypes, index["leaves"])]
     if sum(sizes) != raw.size:
         raise ValueError(f"leaves.bin holds {raw.size} bytes, the index {sum(sizes)}")
-    leaves, offset, on_host = [], 0, loading_on_host()
+    leaves, offset = [], 0
     for dt, (_, shape), n in zip(dtypes, index["leaves"], sizes):
         # A copy (the file may change), made without compiling: jnp.asarray would build a program per shape and dtype.
         leaf = raw[offset : offset + n].view(dt).reshape(shape)
-        leaves.append(np.array(leaf) if on_host else jax.device_put(leaf, may_alias=False))
+        leaves.append(jax.device_put(leaf, may_alias=False))
         offset += n
     return index["config"], jax.tree.unflatten(index["treedef"], leaves)
 
