@@ -41,6 +41,12 @@ flags.DEFINE_string(
     "A draft model with the target's tokenizer (LLM(draft_model=...)): its drafts instead of prompt lookup's.",
 )
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")
+flags.DEFINE_float(
+    "temperature",
+    0.0,
+    "0: greedy (both modes emit the same tokens); above 0, sampled with a seed per round (a draft model's drafts are "
+    "then drawn from its distribution and kept with probability min(1, p/q)).",
+)
 flags.DEFINE_integer("rounds", 6, "Alternating rounds of plain and speculative runs per task.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 24 tokens.")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_speculative.json"), "Where to write the JSON.")
@@ -55,7 +61,7 @@ TASKS = {
 
 
 def _run(llm, ids, params) -> tuple[float, int, int, int]:
-    """(seconds, tokens, drafted, accepted) of one greedy generation."""
+    """(seconds, tokens, drafted, accepted) of one generation."""
     before = dict(llm.engine.counters)
     start = time.perf_counter()
     out = llm.generate([ids], params)[0].outputs[0]
@@ -74,9 +80,12 @@ def main(argv) -> None:
     load_before, t0 = common.loadavg(), time.perf_counter()
     results = {}
     with LLM(FLAGS.model, speculative=FLAGS.draft, activations=FLAGS.activations, draft_model=FLAGS.draft_model) as llm:
+        t, ignore = FLAGS.temperature, FLAGS.temperature > 0  # sampled runs: always max_tokens, for like rates
         modes = {
-            "plain": SamplingParams(temperature=0.0, max_tokens=max_tokens),
-            "speculative": SamplingParams(temperature=0.0, max_tokens=max_tokens, speculative=FLAGS.draft),
+            "plain": SamplingParams(temperature=t, seed=0, max_tokens=max_tokens, ignore_eos=ignore),
+            "speculative": SamplingParams(
+                temperature=t, seed=0, max_tokens=max_tokens, ignore_eos=ignore, speculative=FLAGS.draft
+            ),
         }
         for task, text in TASKS.items():
             ids = llm.chat_prompt([{"role": "user", "content": text}])
@@ -111,6 +120,7 @@ def main(argv) -> None:
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
     print(
         f"k = {FLAGS.draft}, drafts by {FLAGS.draft_model or 'prompt lookup'}, activations {FLAGS.activations}, "
+        f"temperature {FLAGS.temperature}, "
         f"{rounds} rounds, load {load_before} -> {machine['loadavg_after']}, {time.perf_counter() - t0:.0f} s"
     )
     common.write_json(
@@ -123,6 +133,7 @@ def main(argv) -> None:
                 "rounds": rounds,
                 "activations": FLAGS.activations,
                 "max_tokens": max_tokens,
+                "temperature": FLAGS.temperature,
             },
             "tasks": results,
         },

@@ -583,6 +583,41 @@ def _draw(x: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
 
 
+_ACCEPT_STREAM = 1  # folded into a row's key for the acceptance uniform, apart from the draw's
+
+
+def _verify_drafts(
+    logits: jax.Array,
+    rows: SamplingBatch,
+    penalized: Callable[[], jax.Array],
+    draft_logits: jax.Array,
+    draft_tokens: jax.Array,
+    tokens: jax.Array,
+) -> jax.Array:
+    """Speculative sampling's rule for a token x that a draft model drew from q: keep x with probability
+    min(1, p(x) / q(x)), else draw from max(0, p - q) renormalised; the result follows the target's p exactly
+    (Leviathan et al. 2023; Chen et al. 2023). p is the distribution the row would draw from (penalties, bias,
+    temperature, top-k/top-p/min-p, bitmask). A rejected draw never equals x (p(x) < q(x) there), so the engine
+    accepts drafts while the draws equal them, as for drafts by prompt lookup. `tokens`: the rows' plain draws."""
+    x = jax.lax.cond(_needs_penalties(rows), penalized, lambda: logits.astype(jnp.float32))
+    scaled, keep = _filters(x, rows)
+    p = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    temperature = jnp.where(rows.temperature > 0.0, rows.temperature, 1.0)[:, None]
+    q = jax.nn.softmax(draft_logits.astype(jnp.float32) / temperature, axis=-1)
+    drafted = jnp.maximum(draft_tokens, 0)[:, None]
+    p_x = jnp.take_along_axis(p, drafted, axis=-1)[:, 0]
+    q_x = jnp.take_along_axis(q, drafted, axis=-1)[:, 0]
+    keys = jax.vmap(_row_key)(rows.key_data, rows.steps)
+    u_accept = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _ACCEPT_STREAM)))(keys)
+    u_draw = jax.vmap(jax.random.uniform)(keys)
+    residual = jnp.maximum(p - q, 0.0)
+    # p == q to rounding leaves no residual: then x is kept (it is a draw from p).
+    accept = (u_accept * q_x < p_x) | (jnp.sum(residual, axis=-1) <= 0.0)
+    verified = jnp.where(accept, draft_tokens, _inverse_cdf(residual, u_draw).astype(jnp.int32))
+    return jnp.where((draft_tokens >= 0) & (rows.temperature > 0.0), verified, tokens)
+
+
 def _check_num_top(num_top_logprobs: int) -> None:
     if not 0 <= num_top_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"num_top_logprobs must be in [0, {MAX_LOGPROBS}], got {num_top_logprobs}")
@@ -665,6 +700,8 @@ def sample_slots(
     num_top_logprobs: int = 0,
     bitmask: jax.Array | None = None,
     offsets: jax.Array | None = None,
+    draft_logits: jax.Array | None = None,
+    draft_tokens: jax.Array | None = None,
 ) -> tuple[SamplerOutput, SamplingBatch]:
     """`sample` for the running rows of a slot batch, then `update_counts` for them; costs O(n), not O(B).
 
@@ -680,6 +717,10 @@ def sample_slots(
     offsets i32[n] (speculative decoding): row i draws as its slot's `steps + offsets[i]`-th token, so that several
     rows of one slot (the positions a step verifies) draw independently; a slot's steps then advance by its rows.
 
+    draft_logits f32[n, V] with draft_tokens i32[n] (speculative decoding with a draft model): row i verifies
+    draft_tokens[i] (-1: none), which the draft model drew from q = softmax(draft_logits[i] / temperature), by the
+    standard rule (`_verify_drafts`). Rows without a draft, and greedy rows, draw as usual.
+
     Tokens equal `sample` on the same rows (a row's draw depends only on its own parameters, seed and step).
     Logprobs differ in one way: with num_top_logprobs = 0 the chosen token's logprob is computed only when some
     row has `wants_logprobs`, and is 0 for every row otherwise (a log-softmax over [n, V] saved per step).
@@ -692,7 +733,10 @@ def sample_slots(
     if offsets is not None:
         rows = rows.replace(steps=rows.steps + offsets)
     # The penalties read [n, V] rows of the batch; gathering them inside the branch skips that copy when unused.
-    tokens = _draw_penalized(logits, rows, lambda: apply_penalties(logits, _take_rows(batch, slots, wide=True)))
+    penalized = lambda: apply_penalties(logits, _take_rows(batch, slots, wide=True))
+    tokens = _draw_penalized(logits, rows, penalized)
+    if draft_logits is not None:
+        tokens = _verify_drafts(logits, rows, penalized, draft_logits, draft_tokens, tokens)
     if num_top_logprobs:
         chosen, top_ids, top_logprobs = _logprobs(raw, tokens, num_top_logprobs)
     else:

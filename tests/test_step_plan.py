@@ -40,8 +40,8 @@ def _recording(engine):
         plans.append(json.dumps(plan.to_dict()))
         return plan
 
-    def recorded_execute(plan, storage):
-        sampled, storage = execute(plan, storage)
+    def recorded_execute(plan, storage, *rest):
+        sampled, storage = execute(plan, storage, *rest)
         drawn.append([(s.request_ids, np.asarray(s.arrays[0])) for s in sampled])
         return sampled, storage
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from novallm_jax.amp.page_heap import copy_pages
+from novallm_jax.engine.draft import Proposal
 from novallm_jax.engine.executor import Executor, PrefillChunk
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
 from novallm_jax.sampling import SamplingBatch, plain_greedy, sample_slots, sample_slots_greedy
@@ -43,11 +45,11 @@ class EngineCore:
         self.hidden: list[tuple[ModelCall, jax.Array]] = []
         self.reset_sampling()
 
-    def execute(self, plan: StepPlan, storage) -> tuple[list[Sampled], object]:
+    def execute(self, plan: StepPlan, storage, proposal: Proposal | None = None) -> tuple[list[Sampled], object]:
         """Executes `plan` on `storage` (donated); returns the sampler calls (tokens still on the device) and the
-        updated storage."""
+        updated storage. `proposal`: the draft model's for the plan (see `sample`)."""
         logits, storage = self.run(plan, storage)
-        return self.sample(plan, logits), storage
+        return self.sample(plan, logits, proposal=proposal), storage
 
     def run(self, plan: StepPlan, storage) -> tuple[list[jax.Array], object]:
         """The page copies, slot updates and model calls of `plan`: each call's logits (on the device) and the
@@ -69,14 +71,19 @@ class EngineCore:
         return out, storage
 
     def sample(
-        self, plan: StepPlan, logits: list[jax.Array], bitmasks: list[np.ndarray | None] | None = None
+        self,
+        plan: StepPlan,
+        logits: list[jax.Array],
+        bitmasks: list[np.ndarray | None] | None = None,
+        proposal: Proposal | None = None,
     ) -> list[Sampled]:
         """Dispatches the sampler for each call with rows to sample; `bitmasks[i]` (int32 [rows, ceil(V / 32)], or
-        None) restricts call i's rows to the tokens whose bits are set (structured outputs)."""
+        None) restricts call i's rows to the tokens whose bits are set (structured outputs). `proposal`: a draft
+        model's drafts drawn at a temperature, which the sampler verifies against the draft's distribution."""
         if self.mirror is not None:
             self.mirror("sample", plan, bitmasks)
         return [
-            self._sample(call, out, None if bitmasks is None else bitmasks[i])
+            self._sample(call, out, None if bitmasks is None else bitmasks[i], proposal)
             for i, (call, out) in enumerate(zip(plan.calls, logits))
             if any(r.sample for r in call.rows)
         ]
@@ -123,7 +130,9 @@ class EngineCore:
             )
         raise ValueError(f"unknown model call kind {call.kind!r}")
 
-    def _sample(self, call: ModelCall, logits: jax.Array, bitmask: np.ndarray | None) -> Sampled:
+    def _sample(
+        self, call: ModelCall, logits: jax.Array, bitmask: np.ndarray | None, proposal: Proposal | None
+    ) -> Sampled:
         # The logits (one array per model call, padded to a row bucket) are sampled in place: their rows map to their
         # requests' slots, and the rest are padding rows (slot -1). No gather, so no shape beyond the warm-up's, and
         # the work scales with the step's row bucket, not with num_slots.
@@ -132,17 +141,26 @@ class EngineCore:
         slots = np.full(logits.shape[0], -1, np.int32)
         offsets = np.zeros(logits.shape[0], np.int32)
         ids: list[str | None] = [None] * logits.shape[0]
+        # Position j of a row with sampled drafts verifies its draft j against the draft model's logits row.
+        drafted = proposal is not None and proposal.logits is not None
+        draft_rows = np.full(logits.shape[0], -1, np.int32)
+        draft_tokens = np.full(logits.shape[0], -1, np.int32)
         at = 0
         for r in call.rows:
             if r.sample:
                 slots[at : at + 1 + r.draft] = r.slot
                 offsets[at : at + 1 + r.draft] = np.arange(1 + r.draft)
                 ids[at : at + 1 + r.draft] = [r.request_id] * (1 + r.draft)
+                if drafted and r.draft and r.request_id in proposal.rows:
+                    draft_rows[at : at + r.draft] = proposal.rows[r.request_id]
+                    draft_tokens[at : at + r.draft] = r.tokens[-r.draft :]
             at += 1 + r.draft
         params = [self.slot_params[s] for s in slots if s >= 0]
         n_top = MAX_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
         # No keyword at all when unused: the warmed-up program.
         extra = ({} if bitmask is None else {"bitmask": bitmask}) | ({"offsets": offsets} if offsets.any() else {})
+        if (draft_tokens >= 0).any():
+            extra |= {"draft_logits": _rows_of(proposal.logits, draft_rows), "draft_tokens": draft_tokens}
         if not extra and all(plain_greedy(p) for p in params):
             result, self.sampling = sample_slots_greedy(logits, slots, self.sampling)
         else:
@@ -153,3 +171,9 @@ class EngineCore:
         """An empty sampler state: at start, and after a failed step (which fails every running request)."""
         self.sampling = SamplingBatch.from_params([None] * self.num_slots, self.vocab_size)
         self.slot_params: list[SamplingParams | None] = [None] * self.num_slots
+
+
+@jax.jit
+def _rows_of(logits: jax.Array, rows: jax.Array) -> jax.Array:
+    """logits[rows] with zeros for rows -1 (positions without a draft)."""
+    return jnp.where((rows >= 0)[:, None], logits[jnp.maximum(rows, 0)], 0.0)

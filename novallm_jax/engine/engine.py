@@ -345,7 +345,7 @@ class LLMEngine:
             plan = self.scheduler.schedule()  # admits again: into the slots of requests that just finished
             sampled_rows = {r.request_id: self.requests[r.request_id] for c in plan.calls for r in c.rows if r.sample}
             if not any(req.matcher is not None for req in sampled_rows.values()):
-                dispatched, self.kv_cache = self.core.execute(plan, self.kv_cache)
+                dispatched, self.kv_cache = self.core.execute(plan, self.kv_cache, self.scheduler.proposal)
                 sampled = self._track(dispatched, sampled_rows) or None
                 if self._inflight is not None:
                     self.counters["steps_planned_ahead"] += sampled is not None
@@ -358,7 +358,8 @@ class LLMEngine:
                     self.counters["steps_planned_ahead"] += 1
                     emitted += self._emit(self._take_inflight())
                 masks = self._bitmasks(plan, logits, sampled_rows)
-                sampled = self._track(self.core.sample(plan, logits, masks), sampled_rows) or None
+                sampled = self._track(self.core.sample(plan, logits, masks, self.scheduler.proposal), sampled_rows)
+                sampled = sampled or None
             if self.core.hidden:
                 emitted += self._emit_embeddings(self.core.hidden)
             if sampled is not None:

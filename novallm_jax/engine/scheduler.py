@@ -29,7 +29,7 @@ from absl import logging
 from novallm_jax.amp import MemoryPool
 from novallm_jax.engine import prefix_cache as pc
 from novallm_jax.engine import speculative
-from novallm_jax.engine.draft import DraftModel
+from novallm_jax.engine.draft import DraftModel, DraftRow, Proposal
 from novallm_jax.engine.executor import ExecutorConfig, bucket
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, Row, SlotUpdate, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
@@ -57,6 +57,9 @@ class Scheduler:
         self.pool = pool
         # Speculative decoding's drafts: a draft model's (`draft.DraftModel`), or by prompt lookup when None.
         self.drafter = drafter
+        # The draft model's drafts for the last plan, with the logits they were drawn from (the sampler's verification
+        # reads them; device arrays, so not part of the plan, which speculative decoding never sends elsewhere).
+        self.proposal = Proposal({})
         # The window group's pool and window (sliding layers' pages, see the module docstring); None: one group.
         self.window_pool, self.window = window_pool, window
         self.exec_cfg = exec_cfg
@@ -290,6 +293,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Admits what fits, then plans this step's model calls; their tokens count as computed from here on."""
         self.admit()
+        self.proposal = Proposal({})
         calls = self._plan_ragged() if self.ragged else self._plan_padded()
         updates, self._slot_updates = tuple(self._slot_updates), []
         self._steps += 1
@@ -408,8 +412,20 @@ class Scheduler:
         if self.drafter is None:
             return [(req, n, lookup.get(req.id, ())[:k]) for req, n, k in picked]
         live = [(req, k) for req, _, k in picked if k and req.status is Status.RUNNING]
-        drafts = self.drafter.propose([(req.id, req.tokens, req.pages, k) for req, k in live])
-        return [(req, n, drafts.get(req.id, ())) for req, n, _ in picked]
+        self.proposal = self.drafter.propose(
+            [
+                DraftRow(
+                    req.id,
+                    req.tokens,
+                    req.pages,
+                    k,
+                    0.0 if req.params.greedy else req.params.temperature,
+                    req.params.seed or 0,
+                )
+                for req, k in live
+            ]
+        )
+        return [(req, n, self.proposal.tokens.get(req.id, ())) for req, n, _ in picked]
 
     def settle(self, req: Request, accepted: int) -> None:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
