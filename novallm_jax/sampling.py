@@ -100,7 +100,8 @@ class SamplingBatch:
         if len(prompts) != n or len(outputs) != n:
             raise ValueError(f"got {n} params but {len(prompts)} prompts and {len(outputs)} outputs")
         rows = [_host_row(p, vocab_size, pr, out, eos_token_ids) for p, pr, out in zip(params, prompts, outputs)]
-        return cls(**{name: jnp.asarray(np.stack([r[name] for r in rows])) for name in rows[0]})
+        # device_put, not jnp.asarray: the latter traces a program per field the first time (0.1 s at a start).
+        return cls(**{name: jax.device_put(np.stack([r[name] for r in rows])) for name in rows[0]})
 
     def set_row(
         self,
