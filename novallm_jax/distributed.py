@@ -199,10 +199,12 @@ class Leader:
         if self.on_lost is not None:
             self.on_lost(reason)
 
-    def _mirror(self, op: str, plan: StepPlan, bitmasks=None) -> None:
+    def _mirror(self, op: str, plan: StepPlan | None, bitmasks=None, forward: dict | None = None) -> None:
         if self._lost.is_set():
             raise EngineUnavailableError(self.engine.unavailable or "a process of the engine is gone")
-        header: dict = {"op": op, "plan": plan.to_dict()}
+        header: dict = {"op": op, "plan": None if plan is None else plan.to_dict()}
+        if forward is not None:
+            header["forward"] = forward
         arrays = []
         if op == "sample":
             header["bitmasks"] = [None if m is None else [list(m.shape), m.dtype.str] for m in bitmasks or ()]
@@ -241,6 +243,8 @@ def _connect(cluster: Cluster, timeout: float = CONNECT_TIMEOUT_S) -> Connection
 def serve_worker(engine, cluster: Cluster) -> int:
     """A worker's life: runs the leader's plans on this process's shards until told to stop (returns 0) or the leader
     is gone (returns 1)."""
+    from novallm_jax.embeddings import run_forward
+
     conn = _connect(cluster)
     _send(conn, {"process_id": cluster.process_id, "fingerprint": _fingerprint(engine)})
     logging.info("process %d serving process 0's plans", cluster.process_id)
@@ -264,6 +268,11 @@ def serve_worker(engine, cluster: Cluster) -> int:
             logging.info("process 0 stopped the cluster")
             return 0
         try:
+            if op == "forward":  # a prefill-only forward between two steps (`LLMEngine.forward`)
+                f = header["forward"]
+                with engine._lock:
+                    run_forward(engine.executor, f["kind"], f["ids"], f["arg"])
+                continue
             plan = StepPlan.from_dict(header["plan"])
             with engine._lock:
                 if op == "run":
@@ -275,7 +284,8 @@ def serve_worker(engine, cluster: Cluster) -> int:
                     )
                     core.sample(plan, logits, masks)
         except Exception as e:
-            logging.exception("step %s failed on process %d", header.get("plan", {}).get("step"), cluster.process_id)
+            step = (header.get("plan") or {}).get("step", op)
+            logging.exception("step %s failed on process %d", step, cluster.process_id)
             try:
                 _send(conn, {"error": f"{type(e).__name__}: {e}"})
             except OSError:

@@ -1,5 +1,6 @@
 """Hidden states of prompts and the logprobs of prompt tokens, for research: a prefill-only forward over the engine's
-weights, outside its steps (embeddings are requests of the engine: `LLMEngine.add_request(pooling=...)`).
+weights, beside its steps (embeddings are requests of the engine: `LLMEngine.add_request(pooling=...)`); on a
+cluster of processes every process runs it, in order with the steps (`LLMEngine.forward`).
 
 The prompts of one call run as one padded batch (lengths rounded up to 16, batch to a power of two, so compiles stay
 few) with a contiguous K/V scratch cache made for the call and dropped after it: nothing is taken from the KV page
@@ -13,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.errors import InvalidRequestError
@@ -63,17 +65,46 @@ def _bucket(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def hidden_states(params, cfg: ModelConfig, prompts: list[list[int]], all_layers: bool = False) -> list[np.ndarray]:
+@functools.lru_cache(maxsize=None)
+def _on_mesh(fn, mesh, static: tuple[str, ...]):
+    """`fn` jitted with its outputs replicated on `mesh`, so that every process (with `jax.distributed`) holds them
+    whole and can read them."""
+    return jax.jit(fn, static_argnames=static, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def _inputs(mesh, *arrays: np.ndarray) -> list:
+    """Host arrays as the forward's inputs: replicated over `mesh` (every process gives the same values)."""
+    if mesh is None:
+        return [jnp.asarray(a) for a in arrays]
+    return [jax.device_put(a, NamedSharding(mesh, PartitionSpec())) for a in arrays]
+
+
+def run_forward(executor, kind: str, ids: list[int], arg: int):
+    """A forward over the executor's params (on its mesh, if any): "hidden_states" (every layer's, `arg` unused) or
+    "prompt_logprobs" (top `arg`). On a cluster every process runs it, in the order of the steps (see
+    `LLMEngine.forward`)."""
+    ex = executor
+    if kind == "hidden_states":
+        return hidden_states(ex.params, ex.step_cfg, [ids], all_layers=True, mesh=ex.mesh)[0]
+    if kind == "prompt_logprobs":
+        return prompt_logprobs(ex.params, ex.step_cfg, ids, arg, mesh=ex.mesh)
+    raise ValueError(f"unknown forward {kind!r}")
+
+
+def hidden_states(
+    params, cfg: ModelConfig, prompts: list[list[int]], all_layers: bool = False, mesh=None
+) -> list[np.ndarray]:
     """Per prompt: its final hidden states [T, D] after the final norm, or with `all_layers` the embeddings and
     every layer's output (before the final norm) [L + 1, T, D], as transformers' `output_hidden_states` lists them
     but for the last entry, which transformers gives after the norm. Prompts run in batches of at most
-    `MAX_BATCH_TOKENS` padded tokens (one longer prompt alone), which bounds the scratch cache."""
+    `MAX_BATCH_TOKENS` padded tokens (one longer prompt alone), which bounds the scratch cache. `mesh`: the
+    params' mesh (the states come back replicated)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequestError("every input needs at least one token", param="input")
+    forward_fn = _hidden if mesh is None else _on_mesh(_forward, mesh, ("cfg", "all_layers"))
     out: list[np.ndarray] = []
     for group in _groups(prompts):
-        tokens, positions = _padded(group)
-        states = np.asarray(_hidden(params, jnp.asarray(tokens), jnp.asarray(positions), cfg, all_layers))
+        states = np.asarray(forward_fn(params, *_inputs(mesh, *_padded(group)), cfg, all_layers))
         out += [states[:, i, : len(p)] if all_layers else states[i, : len(p)] for i, p in enumerate(group)]
     return out
 
@@ -108,14 +139,13 @@ def _padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prompt_logprobs(
-    params, cfg: ModelConfig, prompt: list[int], k: int
+    params, cfg: ModelConfig, prompt: list[int], k: int, mesh=None
 ) -> list[tuple[int, float, dict[int, float]] | None]:
     """vLLM's prompt_logprobs: None for the first token, then per token (id, its logprob given the tokens before,
     the top k {id: logprob})."""
     tokens, positions = _padded([prompt])
-    chosen, top, top_ids = (
-        np.asarray(a) for a in _prompt_logprobs(params, jnp.asarray(tokens[:1]), jnp.asarray(positions[:1]), cfg)
-    )
+    fn = _prompt_logprobs if mesh is None else _on_mesh(_prompt_logprobs.__wrapped__, mesh, ("cfg",))
+    chosen, top, top_ids = (np.asarray(a) for a in fn(params, *_inputs(mesh, tokens[:1], positions[:1]), cfg))
     out = [None]
     for t in range(len(prompt) - 1):
         out.append((prompt[t + 1], float(chosen[t]), {int(i): float(v) for i, v in zip(top_ids[t, :k], top[t, :k])}))

@@ -422,14 +422,8 @@ class LLM:
 
     # ---- hidden states ------------------------------------------------------------------------------------------
 
-    def _inputs(self, inputs, param: str = "input", through_plans: bool = False) -> list[list[int]]:
-        """Token ids of each input, checked; `through_plans`: the caller runs them as engine requests, which the
-        other processes of a cluster follow (the prefill-only forward runs outside the plans, so a cluster refuses)."""
-        if self.engine.core.mirror is not None and not through_plans:
-            raise InvalidRequestError(
-                "hidden states and prompt logprobs are not served by an engine split over several processes yet",
-                param=param,
-            )
+    def _inputs(self, inputs, param: str = "input") -> list[list[int]]:
+        """Token ids of each input, checked."""
         single = isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int))
         items = [inputs] if single else list(inputs)
         if not items:
@@ -453,7 +447,7 @@ class LLM:
         prefix cache); it samples nothing. On a cluster the steps' plans carry it to every process.
         """
         self._check_open()
-        prompts = self._inputs(texts, through_plans=True)
+        prompts = self._inputs(texts)
         outs = []  # a bad pooling is refused by the first add_request, before any request is queued
         wave = max(1, self.engine.config.max_queue // 2)  # many inputs go in waves, leaving the queue room for others
         for at in range(0, len(prompts), wave):
@@ -477,22 +471,16 @@ class LLM:
     def prompt_logprobs(self, prompt: Prompt, k: int = 0) -> list[TokenLogprob | None]:
         """The logprob of each prompt token given the ones before it, with the top k (None for the first token):
         vLLM's prompt_logprobs, from one prefill-only forward (`novallm_jax.embeddings`)."""
-        from novallm_jax.embeddings import prompt_logprobs
-
         self._check_open()
         (ids,) = self._inputs([prompt], "prompt")
-        ex = self.engine.executor
-        return [None if e is None else TokenLogprob(*e) for e in prompt_logprobs(ex.params, ex.step_cfg, ids, k)]
+        return [None if e is None else TokenLogprob(*e) for e in self.engine.forward("prompt_logprobs", ids, k)]
 
     def hidden_states(self, prompt: Prompt):
         """Per-layer activations of one prompt, [L + 1, T, D] numpy: the embeddings, then each layer's output
         (before the final norm), as transformers' `output_hidden_states` lists them up to its last entry."""
-        from novallm_jax.embeddings import hidden_states
-
         self._check_open()
         (ids,) = self._inputs([prompt], "prompt")
-        ex = self.engine.executor
-        return hidden_states(ex.params, ex.step_cfg, [ids], all_layers=True)[0]
+        return self.engine.forward("hidden_states", ids)
 
     # ---- asyncio ------------------------------------------------------------------------------------------------
 

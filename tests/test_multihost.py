@@ -115,7 +115,8 @@ def reference(default_gguf):
         constrained = llm.generate(
             PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, structured={"regex": REGEX})
         )[0].text
-        return greedy, seeded, constrained, llm.embed(PROMPTS[:3], pooling="mean")
+        scored = [llm.prompt_logprobs(p, 2) for p in PROMPTS[:2]]
+        return greedy, seeded, constrained, llm.embed(PROMPTS[:3], pooling="mean"), scored
 
 
 def _client(port: int) -> openai.OpenAI:
@@ -136,7 +137,7 @@ def _stream(client: openai.OpenAI, prompt: str) -> str:
 
 def test_process_0_streams_the_one_process_text_and_a_lost_worker_gives_503(cluster, reference):
     procs, logs, port = cluster
-    reference, seeded, constrained, embedded = reference
+    reference, seeded, constrained, embedded, scored = reference
     client = _client(port)
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched steps, preemption
         streamed = list(pool.map(lambda p: _stream(client, p), PROMPTS))
@@ -163,6 +164,19 @@ def test_process_0_streams_the_one_process_text_and_a_lost_worker_gives_503(clus
     # Embedding requests: their rows ask every process for the hidden states in the plan.
     vectors = client.embeddings.create(model="tiny", input=PROMPTS[:3], extra_body={"pooling": "mean"})
     np.testing.assert_allclose([d.embedding for d in vectors.data], embedded, atol=1e-5)
+    # Prompt logprobs: a forward process 0 sends to the worker between two plans (here beside running streams).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(_stream, client, PROMPTS[2])
+        echoed = client.completions.create(
+            model="tiny", prompt=PROMPTS[:2], max_tokens=1, temperature=0.0, echo=True, logprobs=2
+        )
+        assert beside.result() == reference[2]
+    for choice in echoed.choices:
+        want = scored[choice.index]
+        lp = choice.logprobs
+        got = lp.token_logprobs[: len(want)]
+        assert got[0] is None and np.allclose(got[1:], [w.logprob for w in want[1:]], atol=1e-4), _tail(logs)
+        assert all(1 <= len(t) <= 2 for t in lp.top_logprobs[1 : len(want)])  # top 2, keyed by their text
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
     preemptions = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith("novallm_preemptions_total"))
     assert preemptions > 0  # the 6 concurrent requests outgrew the 23 pages

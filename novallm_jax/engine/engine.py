@@ -412,6 +412,19 @@ class LLMEngine:
             while self._lock.waiting and time.monotonic() < deadline:
                 time.sleep(0.0001)
 
+    def forward(self, kind: str, ids: list[int], arg: int = 0):
+        """A prefill-only forward over the engine's weights beside its steps (`embeddings.run_forward`: "hidden_states"
+        or "prompt_logprobs"), between two steps: on a cluster, every process runs it in the same place among the
+        plans (their collectives must meet), so process 0 sends it to them as it sends plans."""
+        from novallm_jax.embeddings import run_forward
+
+        with self._lock:
+            if self.unavailable:
+                raise EngineUnavailableError(self.unavailable)
+            if self.core.mirror is not None:
+                self.core.mirror("forward", None, forward={"kind": kind, "ids": list(ids), "arg": arg})
+            return run_forward(self.executor, kind, ids, arg)
+
     def mark_unavailable(self, reason: str, timeout: float = 1.0) -> None:
         """Refuses new requests and fails every pending one with `EngineUnavailableError`'s message: the engine can
         serve no more (a process of its cluster is gone). It does not wait for a step that may never end (one blocked

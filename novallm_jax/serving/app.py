@@ -528,7 +528,7 @@ class _Handlers:
             self.s.check_token_ids(inputs, "input")
         elif isinstance(inputs, str) and not inputs:
             raise APIError(400, "input must not be empty", param="input")
-        prompts = self.s.llm._inputs(inputs, through_plans=True)
+        prompts = self.s.llm._inputs(inputs)
         if body.dimensions is not None and body.dimensions != self.s.llm.cfg.hidden_size:
             raise APIError(
                 400,
