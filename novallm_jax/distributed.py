@@ -131,10 +131,30 @@ def check_mesh(mesh) -> None:
 def check_engine(engine) -> None:
     """Refuses an engine that cannot run as one of a cluster's processes, naming the setting."""
     check_mesh(engine.executor.mesh)
-    if engine.scheduler.preemption_mode != "recompute":
-        raise InvalidRequestError(
-            "a cluster preempts by recompute: swap copies pages to one process's host", param="preemption_mode"
-        )
+
+
+def apply_pool_ops(engine, ops, held: dict) -> None:
+    """Repeats on this process's shards what process 0's scheduler did to page contents before a plan
+    (`StepPlan.pool_ops`): swaps to the host (this process keeps its shards of the pages in `held`, by KV cache
+    group and swap handle) and back, drops of swapped copies, and page copies."""
+    for g, (op, *args) in ops:
+        pool = engine.pools[g]
+        heap = pool.router.default.heap
+        if op == "swap_out":
+            handle, owner, pages = args
+            held[(g, handle)] = (owner, heap.read_pages(pages))
+        elif op == "swap_in":
+            handle, pages = args
+            heap.write_pages(pages, held.pop((g, handle))[1])
+        elif op == "drop":
+            held.pop((g, args[0]), None)
+        elif op == "drop_owner":
+            for key in [k for k, (owner, _) in held.items() if k[0] == g and owner == args[0]]:
+                del held[key]
+        elif op == "copy":
+            pool.copy_pages([tuple(p) for p in args[0]])
+        else:
+            raise ValueError(f"unknown pool operation {op!r}")
 
 
 def _fingerprint(engine) -> str:
@@ -249,6 +269,9 @@ def serve_worker(engine, cluster: Cluster) -> int:
     _send(conn, {"process_id": cluster.process_id, "fingerprint": _fingerprint(engine)})
     logging.info("process %d serving process 0's plans", cluster.process_id)
     core, logits = engine.core, None
+    held: dict = {}  # this process's shards of swapped-out pages
+    for pool in engine.pools:  # this process repeats process 0's pool operations; it notes none of its own
+        pool.journal = None
     while True:
         try:
             header = json.loads(conn.recv_bytes())
@@ -276,6 +299,7 @@ def serve_worker(engine, cluster: Cluster) -> int:
             plan = StepPlan.from_dict(header["plan"])
             with engine._lock:
                 if op == "run":
+                    apply_pool_ops(engine, plan.pool_ops, held)
                     logits, engine.kv_cache = core.run(plan, engine.kv_cache)
                 else:
                     it = iter(arrays)

@@ -29,7 +29,7 @@ def main(coordinator: str, num_processes: str, process_id: str, port: str, ready
     from tests.engine_fixtures import EXEC, TINY, tiny_params
 
     # 24 pages of 8 tokens: the test's concurrent requests need more than that, so the cluster preempts too.
-    config = EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24), mesh="model=4", preemption_mode="recompute")
+    config = EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24), mesh="model=4")
     llm = LLM.from_engine(LLMEngine(TINY, tiny_params(), load_tokenizer(default_model_path()), config), "tiny")
     distributed.check_engine(llm.engine)
 

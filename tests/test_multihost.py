@@ -107,7 +107,7 @@ def reference(default_gguf):
     """The same model, engine settings and prompts in this process, on one device."""
     from novallm_jax.tokenizer import load_tokenizer
 
-    config = EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24), preemption_mode="recompute")
+    config = EngineConfig(executor=dataclasses.replace(EXEC, num_pages=24))
     with LLM.from_engine(LLMEngine(TINY, tiny_params(), load_tokenizer(default_gguf), config)) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         greedy = [r.text for r in llm.generate(PROMPTS, params)]

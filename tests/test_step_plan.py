@@ -16,6 +16,7 @@ import pytest
 from novallm_jax.amp import MemoryPool
 from novallm_jax.engine.core import EngineCore
 from novallm_jax.engine.executor import Executor, ExecutorConfig
+from novallm_jax.distributed import apply_pool_ops
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
 from novallm_jax.engine.scheduler import Scheduler
@@ -49,11 +50,12 @@ def _recording(engine):
     return plans, drawn
 
 
-@pytest.mark.parametrize("ragged", [True, False])
-def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged):
-    # A pool of 24 pages of 8 tokens for 6 requests of up to 40 tokens: preemption (recompute) must happen; the
-    # shared first 16 tokens hit the prefix cache.
-    engine = make_engine(tokenizer, num_pages=24, preemption_mode="recompute", ragged_steps=ragged)
+@pytest.mark.parametrize("ragged,mode", [(True, "recompute"), (False, "recompute"), (True, "swap"), (False, "swap")])
+def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged, mode):
+    # A pool of 24 pages of 8 tokens for 6 requests of up to 40 tokens: preemption must happen; the shared first 16
+    # tokens hit the prefix cache. A second engine replays the plans as a cluster's worker does: the pool operations
+    # first (swaps of its own pages to its host and back), then the calls.
+    engine = make_engine(tokenizer, num_pages=24, preemption_mode=mode, ragged_steps=ragged)
     plans, drawn = _recording(engine)
     common = list(range(100, 116))
     reqs = [
@@ -63,23 +65,26 @@ def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged
         for i in range(6)
     ]
     engine.run_until_idle()
-    assert engine.counters["preemptions"] > 0 and engine.stats()["prefix_cache_hit_rate"] > 0
+    assert engine.counters["preemptions"] > 0
+    if mode == "recompute":  # a recomputed prompt reads its first pages from the prefix cache
+        assert engine.stats()["prefix_cache_hit_rate"] > 0
     assert all(len(r.output_ids) == 18 for r in reqs) and engine.check_leaks() == []
 
-    exec_cfg = engine.executor.exec_cfg
-    core = EngineCore(Executor(TINY, tiny_params(), exec_cfg), engine.num_slots, TINY.vocab_size, engine.eos_token_ids)
-    storage = core.executor.new_cache()
-    kinds = set()
+    replica, held = make_engine(tokenizer, num_pages=24, preemption_mode=mode, ragged_steps=ragged), {}
+    kinds, swaps = set(), 0
     for text, expected in zip(plans, drawn):
         plan = StepPlan.from_dict(json.loads(text))
         kinds |= {c.kind for c in plan.calls}
-        sampled, storage = core.execute(plan, storage)
+        swaps += sum(op[0] == "swap_out" for _, op in plan.pool_ops)
+        apply_pool_ops(replica, plan.pool_ops, held)
+        sampled, replica.kv_cache = replica.core.execute(plan, replica.kv_cache)
         got = [(s.request_ids, np.asarray(s.arrays[0])) for s in sampled]
         assert [ids for ids, _ in got] == [ids for ids, _ in expected]
         for (ids, tokens), (_, want) in zip(got, expected):
             rows = [i for i, rid in enumerate(ids) if rid is not None]
             np.testing.assert_array_equal(tokens[rows], want[rows])
     assert kinds == ({RAGGED} if ragged else {PREFILL, DECODE})
+    assert (swaps > 0) == (mode == "swap") and held == {}  # every swapped copy was swapped back in
 
 
 def test_plans_round_trip_through_json(tokenizer):

@@ -9,6 +9,7 @@ or thread cache, owned by nobody) or OWNED (held by one or more owners; its refc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Hashable, Iterable, Sequence
@@ -25,6 +26,26 @@ NULL_PAGE = 0
 
 _FREE, _CACHED, _OWNED, _NULL = 0, 1, 2, 3
 _STATE_NAMES = {_FREE: "free", _CACHED: "cached", _OWNED: "owned", _NULL: "the null page"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalShards:
+    """This process's shards of pages read from a storage array that spans several processes' devices
+    (`jax.distributed`): every process reads and writes back its own, in the same order (the step plans carry the
+    swaps to the other processes)."""
+
+    shape: tuple[int, ...]
+    sharding: jax.sharding.Sharding
+    shards: list[tuple[jax.Device, np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self.shards)
+
+    def padded(self, size: int, pad) -> jax.Array:
+        """The pages as a global array of `size` pages (`pad` extends each shard), to write into the storage."""
+        shards = [jax.device_put(pad(a), d) for d, a in self.shards]
+        return jax.make_array_from_single_device_arrays((size, *self.shape[1:]), self.sharding, shards)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -119,15 +140,24 @@ class PageHeap:
             self._storage = value
 
     def read_pages(self, pages: Sequence[int]) -> Any:
-        """Host (numpy) copies of `pages`' contents: the storage pytree with leaves [len(pages), ...]."""
+        """Host copies of `pages`' contents: the storage pytree with leaves [len(pages), ...], numpy, or
+        `LocalShards` where the storage spans several processes' devices (each process keeps its own shards)."""
         n = len(pages)
         idx = np.full(_bucket(n), NULL_PAGE, np.int32)
         idx[:n] = pages
         with self._lock:
             self._require_storage("read pages")
             out = _gather_pages(self._storage, jnp.asarray(idx))
-        # Own copies: a zero-copy view of a CPU device buffer would keep that buffer alive.
-        return jax.tree.map(lambda x: np.array(x[:n]), jax.device_get(out))
+
+        def host(x: jax.Array):
+            if x.is_fully_addressable:
+                # Own copies: a zero-copy view of a CPU device buffer would keep that buffer alive.
+                return np.array(jax.device_get(x)[:n])
+            return LocalShards(
+                (n, *x.shape[1:]), x.sharding, [(s.device, np.array(s.data[:n])) for s in x.addressable_shards]
+            )
+
+        return jax.tree.map(host, out)
 
     def write_pages(self, pages: Sequence[int], contents: Any) -> None:
         """Writes host contents (as from `read_pages`) into `pages` on device, updating the storage in place."""
@@ -142,7 +172,7 @@ class PageHeap:
             out[:n] = x
             return out
 
-        values = jax.tree.map(pad, contents)
+        values = jax.tree.map(lambda x: x.padded(size, pad) if isinstance(x, LocalShards) else pad(x), contents)
         with self._lock:
             self._require_storage("write pages")
             self._storage = _on_nonempty(_scatter_leaves, self._storage, jnp.asarray(idx), values=values)

@@ -40,6 +40,18 @@ class MemoryPool:
         self.router = ArenaRouter(arenas)
         self.host = HostArena()
         self.buffers = BufferManager(buffers)
+        # The operations on page contents (swaps, copies) in order, for processes that hold other shards of the
+        # storage to repeat (a cluster's step plans carry them, `StepPlan.pool_ops`); None: not recorded.
+        self.journal: list[list] | None = None
+
+    def _note(self, *op) -> None:
+        if self.journal is not None:
+            self.journal.append(list(op))
+
+    def take_journal(self) -> list[list]:
+        """The operations noted since the last call (see `journal`), forgotten here."""
+        ops, self.journal = self.journal or [], [] if self.journal is not None else None
+        return ops
 
     # ---- pages --------------------------------------------------------------------------------------------------
 
@@ -58,7 +70,10 @@ class MemoryPool:
         """Frees everything `owner` holds, device pages and swapped-out copies; returns the number of pages."""
         arena = self.router.find(owner)
         n = arena.free_all(owner) if arena is not None else 0
-        return n + self.host.drop_owner(owner)
+        dropped = self.host.drop_owner(owner)
+        if dropped:
+            self._note("drop_owner", owner)
+        return n + dropped
 
     def share(self, from_owner: Owner, new_owner: Owner, pages: Sequence[int] | None = None) -> list[int]:
         """`new_owner` also holds `pages` of `from_owner` (all of its pages by default), e.g. a common prefix."""
@@ -75,6 +90,7 @@ class MemoryPool:
         """Copies each (src, dst) page's device contents, in place (the copies `make_writable(copy=False)` left)."""
         if pairs:
             self.storage = copy_pages(self.storage, pairs)
+            self._note("copy", [list(p) for p in pairs])
 
     def pages_of(self, owner: Owner) -> list[int]:
         arena = self.router.find(owner)
@@ -82,14 +98,19 @@ class MemoryPool:
 
     def swap_out(self, owner: Owner, pages: Sequence[int] | None = None) -> SwapHandle:
         """Copies `owner`'s pages (all, in page-table order, by default) to host and frees them on the device."""
-        return self.host.swap_out(self.router.arena_of(owner), owner, pages)
+        handle = self.host.swap_out(self.router.arena_of(owner), owner, pages)
+        self._note("swap_out", handle.id, owner, list(handle.pages))
+        return handle
 
     def swap_in(self, handle: SwapHandle, device: jax.Device | None = None) -> list[int]:
         """New pages with the swapped-out contents, in the handle's order: update the page table with them."""
-        return self.host.swap_in(self.router.route(handle.owner, device or handle.device), handle)
+        pages = self.host.swap_in(self.router.route(handle.owner, device or handle.device), handle)
+        self._note("swap_in", handle.id, list(pages))  # a copy: the caller extends its page table
+        return pages
 
     def drop_swapped(self, handle: SwapHandle) -> None:
         self.host.drop(handle)
+        self._note("drop", handle.id)
 
     @property
     def num_free(self) -> int:

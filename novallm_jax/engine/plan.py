@@ -62,12 +62,17 @@ class SlotUpdate:
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """One step: the page copies (copy-on-write: (KV cache group, src page, dst page)) and the slot updates to apply
-    first, then the model calls, in order; sampling follows every call that has rows to sample."""
+    first, then the model calls, in order; sampling follows every call that has rows to sample.
+
+    `pool_ops`: what the scheduler did to page contents since the last plan, as (KV cache group, operation) in order
+    (swaps to and from the host, copies; `MemoryPool.journal`): done already where the plan was made, repeated
+    first by a process that holds other shards of the pages (`distributed.apply_pool_ops`)."""
 
     step: int
     slot_updates: tuple[SlotUpdate, ...] = ()
     calls: tuple[ModelCall, ...] = ()
     copies: tuple[tuple[int, int, int], ...] = ()
+    pool_ops: tuple[tuple[int, list], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +99,7 @@ class StepPlan:
                 for c in self.calls
             ],
             "copies": [list(c) for c in self.copies],
+            "pool_ops": [[g, op] for g, op in self.pool_ops],
         }
 
     @classmethod
@@ -111,4 +117,5 @@ class StepPlan:
             ModelCall(c["kind"], tuple(Row(**{**r, **{k: tuple(r[k]) for k in _LISTS if k in r}}) for r in c["rows"]))
             for c in d["calls"]
         )
-        return cls(d["step"], updates, calls, tuple(tuple(c) for c in d.get("copies", ())))
+        copies = tuple(tuple(c) for c in d.get("copies", ()))
+        return cls(d["step"], updates, calls, copies, tuple((g, op) for g, op in d.get("pool_ops", ())))

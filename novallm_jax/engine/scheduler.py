@@ -73,6 +73,8 @@ class Scheduler:
         # must not serve a shorter prompt with the same tokens (nor the reverse).
         self.long_context = long_context
         self.prefix_cache = pc.PrefixCache(pool, self.page_size, window_pool, window)
+        for p in self.pools:  # each plan carries what was done to page contents since the last one (`pool_ops`)
+            p.journal = []
         self.slots: list[Request | None] = [None] * exec_cfg.max_decode_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.swapped: collections.deque[Request] = collections.deque()
@@ -297,7 +299,8 @@ class Scheduler:
         calls = self._plan_ragged() if self.ragged else self._plan_padded()
         updates, self._slot_updates = tuple(self._slot_updates), []
         self._steps += 1
-        return StepPlan(self._steps, updates, tuple(calls), tuple(self._take_copies()))
+        ops = tuple((g, op) for g, pool in enumerate(self.pools) for op in pool.take_journal())
+        return StepPlan(self._steps, updates, tuple(calls), tuple(self._take_copies()), ops)
 
     def _plan_ragged(self) -> list[ModelCall]:
         """One ragged call: every decode row, then prompt chunks, oldest first, up to the step's token budget.

@@ -92,7 +92,6 @@ def main(argv) -> None:
         EngineConfig(),
         max_queue=FLAGS.max_queue,
         async_scheduling=FLAGS.async_scheduling,
-        preemption_mode="recompute" if cluster else "swap",
     )
     llm = LLM(
         FLAGS.model,
