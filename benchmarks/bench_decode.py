@@ -207,15 +207,14 @@ def load_models(spec: str, seed: int, workdir: str, llama_cpp_bin: str | None) -
     }
 
 
-def _has_codes(params) -> bool:
+def _has_codes(params, block_codes_only: bool = False) -> bool:
+    """Whether a GGUF load kept matmul weights as the file has them: block codes, or 16 bits (F16/BF16 files)."""
     import jax
 
     from novallm_jax.kernels import native
 
-    return any(
-        isinstance(w, native.QuantLinear)
-        for w in jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, native.QuantLinear))
-    )
+    kept = (native.QuantLinear,) if block_codes_only else (native.QuantLinear, native.HalfLinear)
+    return any(isinstance(w, kept) for w in jax.tree.leaves(params, is_leaf=lambda w: isinstance(w, kept)))
 
 
 def torch_device() -> str:
@@ -863,7 +862,7 @@ def main(argv):
                     entry["ours_quant"] = bench_ours(
                         cfg, m["params_quant"], batches, s, probe=probe, keep_batch1=interleave
                     )
-                    if FLAGS.int8 and native.int8_dot_available():
+                    if FLAGS.int8 and native.int8_dot_available() and _has_codes(m["params_quant"], True):
                         bar.set_postfix_str("ours, block codes, int8 activations")
                         entry["ours_int8"] = bench_ours(
                             cfg,
@@ -981,7 +980,7 @@ def main(argv):
         )
         if "quant" in e:
             print(
-                f"  ours_quant (the file's block codes): {e['quant']['weight_bytes_per_token'] / 1e6:.0f} MB read "
+                f"  ours_quant (the file's block codes or 16-bit weights): {e['quant']['weight_bytes_per_token'] / 1e6:.0f} MB read "
                 f"per batch-1 token -> roofline {e['quant']['roofline_tok_s']:.1f} tok/s"
             )
         if "torch_threads" in e.get("transformers", {}):
