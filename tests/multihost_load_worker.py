@@ -5,7 +5,6 @@ its devices hold to a JSON file."""
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import logging
 
@@ -56,11 +55,6 @@ def main(coordinator: str, process_id: str, hf_dir: str, orbax_dir: str, out: st
 
 
 if __name__ == "__main__":
-    logging.set_verbosity(logging.WARNING)
-    code = 1
-    try:
-        code = main(*sys.argv[1:])
-    except Exception:
-        logging.exception("multihost load worker failed")
-    finally:
-        distributed.exit_now(code)
+    from tests.multihost_worker import run_process
+
+    run_process(main, logging.WARNING)

@@ -40,12 +40,18 @@ def main(coordinator: str, num_processes: str, process_id: str, port: str, ready
     return serve_in_cluster(llm, None, cluster, port=int(port), on_ready=on_ready)
 
 
-if __name__ == "__main__":
-    logging.set_verbosity(logging.INFO)
+def run_process(main, verbosity=logging.INFO) -> None:
+    """Runs a cluster process's `main(*argv)` and ends the process with its code (1 on an exception, logged),
+    without jax.distributed's shutdown barrier (`distributed.exit_now`)."""
+    logging.set_verbosity(verbosity)
     code = 1
     try:
         code = main(*sys.argv[1:])
     except Exception:
-        logging.exception("multihost worker failed")
+        logging.exception("%s failed", sys.argv[0])
     finally:
         distributed.exit_now(code)
+
+
+if __name__ == "__main__":
+    run_process(main)

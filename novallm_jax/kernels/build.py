@@ -19,11 +19,15 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 PARTS = 2  # translation units of cpu_kernels.cc (its NOVALLM_PART), compiled side by side
 INSTALLED_PREFIX = "_cpu_kernels_"  # + key: the library setup.py builds into this package
-_OFF = ("0", "false", "no", "off")
+
+
+def switched_off(variable: str) -> bool:
+    """Whether an on-by-default environment switch is set to 0, false, no or off."""
+    return os.environ.get(variable, "1").lower() in ("0", "false", "no", "off")
 
 
 def turned_off() -> bool:
-    return os.environ.get("NOVALLM_NATIVE_KERNELS", "1").lower() in _OFF
+    return switched_off("NOVALLM_NATIVE_KERNELS")
 
 
 def compiler() -> str | None:

@@ -52,7 +52,7 @@ def variant() -> str:
 
 def _installed(key: str) -> Path | None:
     """The library pip built at install (setup.py) when it fits this machine, compiler and jaxlib (same key)."""
-    if os.environ.get("NOVALLM_INSTALLED_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+    if build.switched_off("NOVALLM_INSTALLED_KERNELS"):
         return None
     here = Path(__file__).parent
     found = [here / f"{build.INSTALLED_PREFIX}{key}{s}" for s in importlib.machinery.EXTENSION_SUFFIXES]

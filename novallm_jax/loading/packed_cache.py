@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from novallm_jax.config import ModelConfig
+from novallm_jax.kernels.build import switched_off
 
 MAX_ENTRIES = 3
 _ENV = "NOVALLM_WEIGHTS_CACHE"
@@ -35,7 +36,7 @@ _EDGE = 1 << 20
 
 
 def enabled() -> bool:
-    return os.environ.get(_ENV, "1").lower() not in ("0", "false", "no", "off")
+    return not switched_off(_ENV)
 
 
 def cache_dir() -> Path:
