@@ -574,49 +574,59 @@ def _draw(x: jax.Array, batch: SamplingBatch) -> jax.Array:
     argmax = _argmax(x)
 
     def draw():
-        scaled, keep = _filters(x, batch)
-        # The row maximum survives every filter, so these are exp(filtered - max(filtered)) exactly.
-        weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
-        weights = jax.lax.optimization_barrier(weights)
-        uniforms = jax.vmap(lambda kd, step: jax.random.uniform(_row_key(kd, step)))(batch.key_data, batch.steps)
+        weights = jax.lax.optimization_barrier(_weights(x, batch))
+        uniforms = jax.vmap(jax.random.uniform)(_row_keys(batch))
         return jnp.where(greedy, argmax, _inverse_cdf(weights, uniforms).astype(jnp.int32))
 
     return jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
 
 
+def _weights(x: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """The unnormalised distribution the rows draw from, for penalized logits x: temperature and filters applied. The
+    row maximum survives every filter, so these are exp(filtered - max(filtered)) exactly, 0 where filtered out."""
+    scaled, keep = _filters(x, batch)
+    return jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
+
+
+def _row_keys(batch: SamplingBatch) -> jax.Array:
+    """Each row's key for its current step (its draw's uniform comes from it)."""
+    return jax.vmap(_row_key)(batch.key_data, batch.steps)
+
+
 _ACCEPT_STREAM = 1  # folded into a row's key for the acceptance uniform, apart from the draw's
 
 
-def _verify_drafts(
+def _draw_verifying(
     logits: jax.Array,
     rows: SamplingBatch,
     penalized: Callable[[], jax.Array],
     draft_logits: jax.Array,
     draft_tokens: jax.Array,
-    tokens: jax.Array,
 ) -> jax.Array:
-    """Speculative sampling's rule for a token x that a draft model drew from q: keep x with probability
-    min(1, p(x) / q(x)), else draw from max(0, p - q) renormalised; the result follows the target's p exactly
-    (Leviathan et al. 2023; Chen et al. 2023). p is the distribution the row would draw from (penalties, bias,
-    temperature, top-k/top-p/min-p, bitmask). A rejected draw never equals x (p(x) < q(x) there), so the engine
-    accepts drafts while the draws equal them, as for drafts by prompt lookup. `tokens`: the rows' plain draws."""
+    """`_draw_penalized`'s tokens, but each sampled row with a token x that a draft model drew from q (draft_tokens
+    >= 0) verifies it by speculative sampling's rule: keep x with probability min(1, p(x) / q(x)), else draw from
+    max(0, p - q) renormalised; the result follows the target's p exactly (Leviathan et al. 2023; Chen et al.
+    2023). p is the distribution the row would draw from (penalties, bias, temperature, top-k/top-p/min-p, bitmask).
+    A rejected draw never equals x (p(x) < q(x) there), so the engine accepts drafts while the draws equal them, as
+    for drafts by prompt lookup. Rows without a draft draw as `_draw` does, from the same weights and uniforms."""
     x = jax.lax.cond(_needs_penalties(rows), penalized, lambda: logits.astype(jnp.float32))
-    scaled, keep = _filters(x, rows)
-    p = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
-    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    weights = _weights(x, rows)
+    p = weights / jnp.sum(weights, axis=-1, keepdims=True)
     temperature = jnp.where(rows.temperature > 0.0, rows.temperature, 1.0)[:, None]
     q = jax.nn.softmax(draft_logits.astype(jnp.float32) / temperature, axis=-1)
     drafted = jnp.maximum(draft_tokens, 0)[:, None]
     p_x = jnp.take_along_axis(p, drafted, axis=-1)[:, 0]
     q_x = jnp.take_along_axis(q, drafted, axis=-1)[:, 0]
-    keys = jax.vmap(_row_key)(rows.key_data, rows.steps)
+    keys = _row_keys(rows)
     u_accept = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _ACCEPT_STREAM)))(keys)
     u_draw = jax.vmap(jax.random.uniform)(keys)
     residual = jnp.maximum(p - q, 0.0)
     # p == q to rounding leaves no residual: then x is kept (it is a draw from p).
     accept = (u_accept * q_x < p_x) | (jnp.sum(residual, axis=-1) <= 0.0)
     verified = jnp.where(accept, draft_tokens, _inverse_cdf(residual, u_draw).astype(jnp.int32))
-    return jnp.where((draft_tokens >= 0) & (rows.temperature > 0.0), verified, tokens)
+    plain = _inverse_cdf(weights, u_draw).astype(jnp.int32)
+    sampled = jnp.where(draft_tokens >= 0, verified, plain)
+    return jnp.where(rows.temperature > 0.0, sampled, _argmax(x))
 
 
 def _check_num_top(num_top_logprobs: int) -> None:
@@ -720,7 +730,7 @@ def sample_slots(
 
     draft_logits f32[n, V] with draft_tokens i32[n] (speculative decoding with a draft model): row i verifies
     draft_tokens[i] (-1: none), which the draft model drew from q = softmax(draft_logits[i] / temperature), by the
-    standard rule (`_verify_drafts`). Rows without a draft, and greedy rows, draw as usual.
+    standard rule (`_draw_verifying`). Rows without a draft, and greedy rows, draw as usual.
 
     Tokens equal `sample` on the same rows (a row's draw depends only on its own parameters, seed and step).
     Logprobs differ in one way: with num_top_logprobs = 0 the chosen token's logprob is computed only when some
@@ -735,9 +745,10 @@ def sample_slots(
         rows = rows.replace(steps=rows.steps + offsets)
     # The penalties read [n, V] rows of the batch; gathering them inside the branch skips that copy when unused.
     penalized = lambda: apply_penalties(logits, _take_rows(batch, slots, wide=True))
-    tokens = _draw_penalized(logits, rows, penalized)
-    if draft_logits is not None:
-        tokens = _verify_drafts(logits, rows, penalized, draft_logits, draft_tokens, tokens)
+    if draft_logits is None:
+        tokens = _draw_penalized(logits, rows, penalized)
+    else:
+        tokens = _draw_verifying(logits, rows, penalized, draft_logits, draft_tokens)
     if num_top_logprobs:
         chosen, top_ids, top_logprobs = _logprobs(raw, tokens, num_top_logprobs)
     else:

@@ -50,7 +50,9 @@ class MemoryPool:
 
     def take_journal(self) -> list[list]:
         """The operations noted since the last call (see `journal`), forgotten here."""
-        ops, self.journal = self.journal or [], [] if self.journal is not None else None
+        if self.journal is None:
+            return []
+        ops, self.journal = self.journal, []
         return ops
 
     # ---- pages --------------------------------------------------------------------------------------------------

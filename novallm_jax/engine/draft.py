@@ -9,7 +9,7 @@ first time, then the one or two tokens the last verification added) and then one
 step a ragged batch of every drafting row. A row sampled at a temperature draws its drafts from the draft model's
 q = softmax(logits / temperature) (with its own seed, apart from the target's draws), and the target's sampler
 verifies them by the standard speculative-sampling rule: keep a draft x with probability min(1, p(x) / q(x)),
-else draw from max(0, p - q) renormalised (`sampling._verify_drafts`), so sampled outputs follow the target
+else draw from max(0, p - q) renormalised (`sampling._draw_verifying`), so sampled outputs follow the target
 exactly and a draft model close to the target has most of its drafts kept. A greedy row's drafts are the draft's
 argmax, kept while they equal the target's: greedy outputs equal plain decoding.
 
@@ -194,7 +194,7 @@ class DraftRow:
 class Proposal:
     """A step's drafts by request, and for the rows drawn at a temperature, the draft model's logits they were drawn
     from (`logits` [M, V] on the device, `rows[request_id]`: the row of each of its drafts), which the target's
-    verification needs (`sampling._verify_drafts`). Greedy rows' drafts are its argmax: no logits."""
+    verification needs (`sampling._draw_verifying`). Greedy rows' drafts are its argmax: no logits."""
 
     tokens: dict[str, tuple[int, ...]]
     logits: jax.Array | None = None

@@ -4,8 +4,8 @@
 C++ compiler (`-O3 -march=native`, see `build.py`) when pip installs the package, and, where that library does not fit
 (another CPU, compiler or jaxlib), at first use into a cache directory keyed by the source, the compiler, the jaxlib
 version and the CPU (~6 s, once per machine); `NOVALLM_INSTALLED_KERNELS=0` ignores the installed library. Where
-there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own ops. `NOVALLM_KERNEL_FLAGS` adds compiler flags (e.g.
-`-mno-avx512vnni` builds the AVX2 int8 path on a CPU that has VNNI).
+there is no compiler, or `NOVALLM_NATIVE_KERNELS=0`, `available()` is False and callers keep XLA's own ops.
+`NOVALLM_KERNEL_FLAGS` adds compiler flags (e.g. `-mno-avx512vnni` builds the AVX2 int8 path on a CPU that has VNNI).
 """
 
 from __future__ import annotations

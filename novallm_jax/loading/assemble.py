@@ -53,7 +53,7 @@ def loading_mesh():
 def to_device(a, dtype):
     """`a` cast to `dtype`, on the default device, or in host memory inside `on_host()` (still unread for a
     `HostSlices` tensor)."""
-    if _ON_HOST.get():
+    if loading_on_host():
         return a.astype(dtype) if isinstance(a, HostSlices) else np.asarray(a, dtype)
     return jax.device_put(jnp.asarray(a, dtype))
 

@@ -53,13 +53,10 @@ class HostSlices(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __getitem__(self, index) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.ndim or not all(isinstance(s, slice) for s in index):
+        if len(index) > self.ndim or not all(isinstance(s, slice) and s.step in (None, 1) for s in index):
             return np.asarray(self)[index]
-        index = index + (slice(None),) * (self.ndim - len(index))
-        bounds = tuple(slice(*s.indices(n)[:2]) if s.step in (None, 1) else s for s, n in zip(index, self.shape))
-        if any(s.step not in (None, 1) for s in bounds):
-            return np.asarray(self)[index]
-        return self.read(bounds)
+        index += (slice(None),) * (self.ndim - len(index))
+        return self.read(tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, self.shape)))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self.read(tuple(slice(0, n) for n in self.shape))
