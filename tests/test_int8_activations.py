@@ -29,11 +29,12 @@ pytestmark = [
 
 
 def _weight(bits: int, n: int, k: int, seed: int) -> BlockQuant:
-    """Random codes over their whole range (4-bit 0..15, 8-bit -128..127, 6: Q6_K's -32..31), random scales (bits 6:
-    a second one per block, signed as Q6_K's) and offsets (none for Q6_K alone, but a Q4_K beside it has them)."""
+    """Random codes over their whole range (4-bit 0..15, 5-bit 0..31, 8-bit -128..127, 6: Q6_K's -32..31), random
+    scales (bits 6: a second one per block, signed as Q6_K's) and offsets (none for Q6_K alone, but a Q4_K beside it
+    has them)."""
     rng = np.random.default_rng(seed)
-    lo, hi = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[bits]
-    codes = rng.integers(lo, hi, (n, k)).astype(np.uint8 if bits == 4 else np.int8)
+    lo, hi = {4: (0, 16), 5: (0, 32), 6: (-32, 32), 8: (-128, 128)}[bits]
+    codes = rng.integers(lo, hi, (n, k)).astype(np.uint8 if bits in (4, 5) else np.int8)
     d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32)
     m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32)
     d2 = rng.uniform(-0.08, 0.08, (n, k // 32)).astype(np.float32) if bits == 6 else None
@@ -71,13 +72,16 @@ def _emulate(x: np.ndarray, bq: BlockQuant) -> tuple[np.ndarray, np.ndarray]:
     return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("n", [16, 40])
 def test_int8_layout_holds_the_same_weights(bits, n):
     bq = _weight(bits, n, 96, seed=n)
     exact = native.QuantLinear.from_blocks(bq)
     dot = exact.with_int8_activations()
-    assert dot.int8 and dot.panels.shape == exact.panels.shape
+    # 5-bit codes: decoded to float32 from 8 bits, dotted from 5 (0.875 bytes a weight instead of 1.25)
+    assert (exact.bits, dot.bits) == ((8, 5) if bits == 5 else (bits, bits))
+    assert dot.int8 and dot.panels.shape[:2] == exact.panels.shape[:2]
+    assert dot.panels.shape[2] == native.block_bytes(bits) == (448 if bits == 5 else exact.panels.shape[2])
     np.testing.assert_array_equal(
         np.asarray(dot.panels), native.pack_quant(bq.codes, bq.d, bq.m, bits, int8=True, d2=bq.d2)
     )
@@ -86,7 +90,7 @@ def test_int8_layout_holds_the_same_weights(bits, n):
     assert dot.with_int8_activations() is dot
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 32])
 def test_int8_matmul_computes_its_stated_arithmetic(bits, m):
     k, n = 256, 40  # 40 columns: a padded panel
@@ -161,7 +165,7 @@ def test_llm_generates_with_int8_activations(default_gguf):
         assert llm.engine.check_leaks() == []
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_int8_matmul_rows_do_not_depend_on_their_batch(bits):
     """Each row is quantised and summed on its own, in the same order in every tile: a request's results do not
     depend on which rows share its step (the engine's batch invariance)."""
@@ -188,9 +192,9 @@ def test_kernels_say_why_they_cannot_run(monkeypatch):
 
 
 def _int8_outputs() -> dict[str, np.ndarray]:
-    """int8-dot outputs of this process's kernel build on fixed weights and inputs, 4-, 6- and 8-bit codes."""
+    """int8-dot outputs of this process's kernel build on fixed weights and inputs, 4-, 5-, 6- and 8-bit codes."""
     out = {}
-    for bits in (4, 6, 8):
+    for bits in (4, 5, 6, 8):
         w = native.QuantLinear.from_blocks(_weight(bits, 40, 256, seed=bits)).with_int8_activations()
         out[f"y{bits}"] = np.asarray(jax.jit(lambda x, w: w.apply(x))(jnp.asarray(_x(9, 256, seed=bits)), w))
     return out
@@ -226,20 +230,17 @@ def test_the_vnni_and_avx2_tiles_give_the_same_results(tmp_path):
         np.testing.assert_array_equal(y, avx2[name])
 
 
-def test_int8_logits_of_a_q4_k_m_gguf_stay_close_to_the_exact_ones(tmp_path):
-    """Q4_K and Q6_K weights (and layer 0's q/k/v in the two-scale form) with int8 activations."""
+@pytest.mark.parametrize("quant,kinds", [("Q4_K_M", {(6, True), (4, True)}), ("Q5_0", {(5, True)})])
+def test_int8_logits_of_a_coded_gguf_stay_close_to_the_exact_ones(tmp_path, quant, kinds):
+    """Q4_K_M: Q4_K and Q6_K weights (and layer 0's q/k/v in the two-scale form); Q5_0: 5-bit codes (8 bits in the
+    exact load). Through the fused decoder layer, with int8 activations."""
     from tests.hf_models import build_superblock_llama
     from tests.test_quantized_weights import _logits
 
     src = save_hf_model(build_superblock_llama(layers=2), str(tmp_path / "hf"))
-    cfg, coded = load_model(
-        hf_to_gguf(src, str(tmp_path / "model.gguf"), quant="Q4_K_M"), np.float32, keep_quantized=True
-    )
+    cfg, coded = load_model(hf_to_gguf(src, str(tmp_path / "model.gguf"), quant=quant), np.float32, keep_quantized=True)
     fast = with_activations(coded, "int8")
-    assert {(w.bits, w.int8) for w in (fast["layers"][0]["wqkv"], fast["layers"][1]["wqkv"], fast["lm_head"])} == {
-        (6, True),
-        (4, True),
-    }
+    assert {(w.bits, w.int8) for w in (fast["layers"][0]["wqkv"], fast["layers"][1]["wqkv"], fast["lm_head"])} == kinds
     _, want = _logits(cfg, coded)
     _, got = _logits(cfg, fast)
     assert not np.array_equal(got, want)

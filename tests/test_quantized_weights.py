@@ -43,7 +43,7 @@ def _raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "type_name,bits",
-    [("Q4_0", 8), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 8), ("Q5_1", 8), ("Q5_K", 8), ("Q6_K", 6)],
+    [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8), ("Q4_K", 4), ("Q5_0", 5), ("Q5_1", 5), ("Q5_K", 5), ("Q6_K", 6)],
 )
 def test_decoded_blocks_are_bit_identical_to_gguf_dequantize(type_name, bits):
     rows, cols = 24, 512
@@ -71,11 +71,12 @@ def test_codes_beside_q6_k_concatenate_with_two_scales(kinds):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply(x)))
 
 
-def test_codes_of_mixed_widths_concatenate_in_8_bits():
-    q4 = decode_blocks(_raw("Q4_K", 16, 256), "Q4_K", (16, 256))
-    q5 = decode_blocks(_raw("Q5_K", 8, 256, seed=1), "Q5_K", (8, 256))
+@pytest.mark.parametrize("kinds,bits", [(("Q4_K", "Q5_K"), 5), (("Q4_0", "Q8_0"), 8), (("Q5_0", "Q8_0"), 8)])
+def test_codes_of_mixed_widths_concatenate_in_the_widest(kinds, bits):
+    q4 = decode_blocks(_raw(kinds[0], 16, 256), kinds[0], (16, 256))
+    q5 = decode_blocks(_raw(kinds[1], 8, 256, seed=1), kinds[1], (8, 256))
     both = BlockQuant.concat_rows([q4, q5])
-    assert both.bits == 8 and both.codes.dtype == np.int8
+    assert both.bits == bits and both.codes.dtype == (np.int8 if bits == 8 else np.uint8)
     np.testing.assert_array_equal(both.dequantize(), np.concatenate([q4.dequantize(), q5.dequantize()]))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32))
     y = native.QuantLinear.from_blocks(both).apply(x)
@@ -90,20 +91,25 @@ def test_unsupported_types_are_not_decoded():
     assert decode_blocks(raw, "Q4_1", (4, 48)) is None  # rows that are not whole blocks
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_0", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("n", [16, 50])
-def test_pack_quant_round_trip(type_name, n):
+@pytest.mark.parametrize("int8", [False, True])
+def test_pack_quant_round_trip(type_name, n, int8):
     k = 256 if type_name == "Q6_K" else 96
     bq = decode_blocks(_raw(type_name, n, k), type_name, (n, k))
-    panels = native.pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)
+    if bq.bits == 5 and not int8:  # the float32 decode reads Q5 codes from 8 bits (QuantLinear.from_blocks)
+        with pytest.raises(ValueError, match="int8-dot kernel only"):
+            native.pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)
+        return
+    panels = native.pack_quant(bq.codes, bq.d, bq.m, bq.bits, int8=int8, d2=bq.d2)
     scales, code_bits = (3, 8) if bq.bits == 6 else (2, bq.bits)
     assert panels.shape == (-(-n // 16), k // 32, scales * 4 * 16 + 32 * 16 * code_bits // 8)
-    dense = native.unpack_quant(panels, -(-n // 16) * 16, bq.bits)
+    dense = native.unpack_quant(panels, -(-n // 16) * 16, bq.bits, int8=int8)
     np.testing.assert_array_equal(dense[:, :n], bq.dequantize().T)
     assert not dense[:, n:].any()  # padding columns decode to zero
 
 
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 32, 100])
 def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
     k, n = 512, 72
@@ -146,16 +152,18 @@ def _logits(cfg, params, native_kernels=None, **config):
     return ex, np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])
 
 
-@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_quantized_gguf_keeps_its_codes_and_gives_the_float_logits(tmp_path, quant):
     model = build_hf_model("smollm2")  # tied embeddings, GQA: q/k rows are unpermuted in codes
     src = save_hf_model(model, str(tmp_path / "hf"))
     path = hf_to_gguf(src, str(tmp_path / f"model-{quant}.gguf"), quant=quant)
     cfg, dense = load_model(path, np.float32)
     _, coded = load_model(path, np.float32, keep_quantized=True)
-    bits = 4 if quant == "Q4_1" else 8  # Q4_0 is held as signed 8-bit codes, Q5_1 as 8-bit ones
+    # Q5 codes are decoded from 8 bits and dotted with int8 activations from 5
+    bits, dot_bits = {"Q4_0": (4, 4), "Q4_1": (4, 4), "Q5_0": (8, 5), "Q5_1": (8, 5), "Q8_0": (8, 8)}[quant]
     for w in (coded["layers"][0]["wqkv"], coded["layers"][1]["w_down"], coded["lm_head"]):
         assert isinstance(w, native.QuantLinear) and w.bits == bits
+        assert not native.int8_dot_available() or w.with_int8_activations().bits == dot_bits
     np.testing.assert_array_equal(coded["layers"][0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
     np.testing.assert_array_equal(np.asarray(coded["embed"]), np.asarray(dense["embed"]))
     ex, got = _logits(cfg, coded)

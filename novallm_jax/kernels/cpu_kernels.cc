@@ -253,29 +253,27 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// Block-quantised panels (GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights in their own codes): per panel, K / 32 blocks of
-// {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to a
-// byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed. BITS = 6 (Q6_K, whose
-// scales cover 16 weights): 8-bit codes and a third scale row, {d[16], m[16], d2[16], codes[32][16]}, with d2 in
-// place of d for k = 16..31. A panel is decoded into
-// a float32 scratch panel (bit-identical to the float32 weights that the `gguf` package dequantises: a product,
-// then a sum, never fused) and multiplied by the same tiles as float32 weights, so the results are bit-identical
-// to the float32 path's while each weight costs 0.75 (4-bit) or 1.25 (8-bit) bytes of memory traffic instead of 4.
+// Block-quantised panels (GGUF Q4_0/1/K, Q5_0/1/K and Q8_0 weights in their own codes): per panel, K / 32 blocks
+// of {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to
+// a byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed (Q5 codes are read from
+// 8 bits here: decoding to float32 is the bound at batch 1, and 5 bits cost more of it than they save in bytes; the
+// int8-dot layout below holds 5 bits). BITS = 6 (Q6_K, whose scales cover 16 weights): 8-bit codes and a third
+// scale row, {d[16], m[16], d2[16], codes[32][16]}, with d2 in place of d for k = 16..31. A panel is decoded into
+// a float32 scratch panel (bit-identical to the float32 weights that the `gguf` package dequantises, see
+// `Dequantised`) and multiplied by the same tiles as float32 weights, so the results are bit-identical to the
+// float32 path's while each weight costs 0.75 (4-bit) or 1.25 (8-bit) bytes of memory traffic instead of 4.
 constexpr int64_t kBlock = 32;
-template <int BITS> constexpr int64_t kCodeBits = BITS == 4 ? 4 : 8;
+template <int BITS> constexpr bool kNibbles = BITS == 4 || BITS == 5;  // codes packed two to a byte (5: and a plane)
+template <int BITS> constexpr int64_t kCodeBits = kNibbles<BITS> ? 4 : 8;
 template <int BITS> constexpr int64_t kHeaderBytes = (BITS == 6 ? 3 : 2) * kPanel * 4;
-template <int BITS> constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kBlock * kPanel * kCodeBits<BITS> / 8;
+template <int BITS> constexpr int64_t kCodeBytes = kBlock * kPanel * kCodeBits<BITS> / 8;
+template <int BITS> constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kCodeBytes<BITS> + (BITS == 5) * kBlock * 2;
 
-// Keeps the compiler from contracting `NoFuse(a * b) + c` into an FMA, whose single rounding would differ from the
-// reference dequantisation.
-inline v8 NoFuse(v8 v) {
-#if defined(__AVX__)  // a 32-byte vector fits an "x" (ymm) register only with AVX
-  asm("" : "+x"(v));
-#else
-  asm volatile("" : : "r"(&v) : "memory");
-#endif
-  return v;
-}
+// d * code + m as the reference dequantisation computes it: a product, then a sum. The product is exact in float32
+// for every kind (d has at most 18 significant bits, a float16 times Q6_K's 8-bit or a K-quant's 6-bit scale, and a
+// code at most 5 more), so one fused multiply-add, which the compiler may use here, rounds the same: one instruction
+// less per 8 weights than keeping them apart.
+inline v8 Dequantised(v8 code, v8 d, v8 m) { return code * d + m; }
 
 // Eight codes widened to int32 (GCC scalarises __builtin_convertvector from an 8-byte vector, hence the intrinsics).
 inline v8i Widen(const uint8_t* c, bool sign) {
@@ -313,8 +311,8 @@ void Dequant(const uint8_t* q, int64_t K, float* w) {
       if (BITS == 6 && k == kBlock / 2) { d0 = Load(dm + 32); d1 = Load(dm + 40); }
       v8 lo, hi;
       Codes<BITS>(c, lo, hi);
-      Store(w, NoFuse(lo * d0) + m0);
-      Store(w + 8, NoFuse(hi * d1) + m1);
+      Store(w, Dequantised(lo, d0, m0));
+      Store(w + 8, Dequantised(hi, d1, m1));
     }
   }
 }
@@ -336,10 +334,10 @@ void QuantRow(const float* x, const uint8_t* q, int64_t K, float* y) {
       Codes<BITS>(c, lo, hi);
       Codes<BITS>(c + kRowBytes, lo2, hi2);
       const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
-      a0 += xa * (NoFuse(lo * d0) + m0);
-      a1 += xa * (NoFuse(hi * d1) + m1);
-      b0 += xb * (NoFuse(lo2 * d0) + m0);
-      b1 += xb * (NoFuse(hi2 * d1) + m1);
+      a0 += xa * Dequantised(lo, d0, m0);
+      a1 += xa * Dequantised(hi, d1, m1);
+      b0 += xb * Dequantised(lo2, d0, m0);
+      b1 += xb * Dequantised(hi2, d1, m1);
     }
   }
   Store(y, a0 + b0);
@@ -404,7 +402,9 @@ ffi::Error QuantMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // so the results are close to, not bit-identical with, the float32 path's.
 // A block's codes are [8 k-quads][16 columns][4 k] (8-bit, signed), or, 4-bit, [8 k-quads][8 columns][4 k] bytes
 // with column c in the low nibble and c + 8 in the high one: a 32-byte load is 8 columns x 4 consecutive k, the
-// shape of _mm256_maddubs_epi16 against 4 broadcast bytes of qx.
+// shape of _mm256_maddubs_epi16 against 4 broadcast bytes of qx. 5-bit codes (Q5_0/1/K, 0..31) are their low 4 bits
+// so packed, then 8 bytes per k-quad of their fifth bits (32 for the low nibbles' codes, then 32 for the high ones'):
+// 0.875 bytes a weight where 8-bit codes cost 1.25, for a few more instructions per k-quad.
 // x's scale group for a weight kind: Q6_K codes (BITS 6) meet x quantised per 256 values, as llama.cpp's q6_K x
 // q8_K dot does (K permitting), the others per block of 32.
 inline int64_t XGroup(int bits, int64_t K) { return bits == 6 && K % 256 == 0 ? 256 : kBlock; }
@@ -477,14 +477,20 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
     const int8_t* xq = x.q + row * x.K + b * kBlock;
     __m512i s[MR], lo[MR];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
     for (int r = 0; r < MR; ++r) s[r] = _mm512_setzero_si512();
-    if constexpr (BITS == 4) {
+    if constexpr (kNibbles<BITS>) {
       // 32 bytes of [8 columns][4 k] in both halves; the upper half shifted by 4 bits: columns 0-7 from the low
-      // nibbles, 8-15 from the high ones, unsigned as vpdpbusd's first operand wants.
+      // nibbles, 8-15 from the high ones, unsigned as vpdpbusd's first operand wants. 5-bit codes: the k-quad's 64
+      // fifth bits, one per byte, add 16.
       const __m512i low4 = _mm512_set1_epi8(0x0F), shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
       for (int kq = 0; kq < 8; ++kq) {
         const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
         const __m512i packed = _mm512_broadcast_i64x4(half);
-        const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low4);
+        __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low4);
+        if constexpr (BITS == 5) {
+          uint64_t fifth;
+          std::memcpy(&fifth, c + kCodeBytes<BITS> + 8 * kq, sizeof fifth);
+          codes = _mm512_mask_add_epi8(codes, fifth, codes, _mm512_set1_epi8(16));
+        }
         for (int r = 0; r < MR; ++r) {
           int32_t quad;
           std::memcpy(&quad, xq + r * x.K + 4 * kq, 4);
@@ -533,6 +539,18 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
 constexpr int kDotRows = 4;
 constexpr bool kVnni = true;
 #else
+// 32 fifth bits (little-endian) -> 32 bytes of 16 or 0.
+inline __m256i FifthBits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  // byte i takes byte i / 8 of the bits, keeps bit i % 8 of it, and becomes 16 where that bit is set
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(int32_t(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select), _mm256_set1_epi8(16));
+}
+
 // MR rows of quantised x times one int8-dot panel.
 template <int BITS, int MR>
 void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy) {
@@ -543,16 +561,27 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
   for (int64_t b = 0; b < KB; ++b, w += kBlockBytes<BITS>) {
     const uint8_t* c = w + kHeaderBytes<BITS>;
     __m256i s[MR][2], lo[MR][2];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
-    if constexpr (BITS == 4) {
+    if constexpr (kNibbles<BITS>) {
       // 16-bit sums are exact here: 8 k-quads of two products of a code (0..15) and a qx (|qx| <= 127) stay under
-      // 8 * 2 * 15 * 127 = 30480.
+      // 8 * 2 * 15 * 127 = 30480; 5-bit codes (0..31) are summed in 32 bits every 4 k-quads (31496).
       __m256i h[MR][2];
-      for (int r = 0; r < MR; ++r) h[r][0] = h[r][1] = _mm256_setzero_si256();
+      for (int r = 0; r < MR; ++r) h[r][0] = h[r][1] = s[r][0] = s[r][1] = _mm256_setzero_si256();
       // Unrolled whole, GCC computes all 64 products first and spills them to the stack before summing.
 #pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
+        if (BITS == 5 && kq == 4) {
+          for (int r = 0; r < MR; ++r) {
+            s[r][0] = _mm256_madd_epi16(h[r][0], ones);
+            s[r][1] = _mm256_madd_epi16(h[r][1], ones);
+            h[r][0] = h[r][1] = _mm256_setzero_si256();
+          }
+        }
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
-        const __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        if constexpr (BITS == 5) {
+          lo = _mm256_or_si256(lo, FifthBits(c + kCodeBytes<BITS> + 8 * kq));
+          hi = _mm256_or_si256(hi, FifthBits(c + kCodeBytes<BITS> + 8 * kq + 4));
+        }
         for (int r = 0; r < MR; ++r) {
           int32_t quad;
           std::memcpy(&quad, x.q + (row + r) * x.K + b * kBlock + 4 * kq, 4);
@@ -562,8 +591,8 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
         }
       }
       for (int r = 0; r < MR; ++r) {
-        s[r][0] = _mm256_madd_epi16(h[r][0], ones);
-        s[r][1] = _mm256_madd_epi16(h[r][1], ones);
+        s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(h[r][0], ones));
+        s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(h[r][1], ones));
       }
     } else {
       // maddubs wants unsigned x signed bytes: |code| times qx carrying the code's sign (|pair| <= 2 * 128 * 127).
@@ -1122,8 +1151,9 @@ struct Weight {
       w.panel_bytes = K * kPanel * 2;
     } else {
       const int bits = kind & 15;
-      const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 6 ? kBlockBytes<6> : kBlockBytes<8>;
-      ok = ok && (bits == 4 || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 &&
+      const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 5 ? kBlockBytes<5> : bits == 6 ? kBlockBytes<6>
+                                                                                     : kBlockBytes<8>;
+      ok = ok && (bits == 4 || (bits == 5 && w.dot()) || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 &&
            b.element_type() == ffi::DataType::U8 && d[1] * kBlock == K && d[2] == block;
       if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
       w.panel_bytes = d[1] * block;
@@ -1165,6 +1195,7 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
     case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
 #if defined(__AVX2__)
     case 16 + 4: return DotPanel<4>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
+    case 16 + 5: return DotPanel<5>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
     case 16 + 6: return DotPanel<6>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
     case 16 + 8: return DotPanel<8>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
 #endif
@@ -1417,6 +1448,7 @@ NOVALLM_QUANT_MATMUL(NovallmQ4MatmulF32, QuantMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ6MatmulF32, QuantMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8MatmulF32, QuantMatmul, 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
+NOVALLM_QUANT_MATMUL(NovallmQ5DotMatmulF32, DotMatmul, 5)
 NOVALLM_QUANT_MATMUL(NovallmQ6DotMatmulF32, DotMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
 
@@ -1431,6 +1463,7 @@ NOVALLM_EXPERT_MATMUL(NovallmQ4ExpertMatmulF32, 4, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ6ExpertMatmulF32, 6, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ8ExpertMatmulF32, 8, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ4DotExpertMatmulF32, 4, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ5DotExpertMatmulF32, 5, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ6DotExpertMatmulF32, 6, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ8DotExpertMatmulF32, 8, true)
 

@@ -30,10 +30,14 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
-_QUANT_MATMUL = {4: "novallm_q4_matmul_f32", 6: "novallm_q6_matmul_f32", 8: "novallm_q8_matmul_f32"}
-_DOT_MATMUL = {4: "novallm_q4_dot_matmul_f32", 6: "novallm_q6_dot_matmul_f32", 8: "novallm_q8_dot_matmul_f32"}
+# Block-code kinds (`loading.gguf_quant.BlockQuant.bits`) the float32-decoding kernels read, and the int8-dot ones.
+_QUANT_BITS, _DOT_BITS = (4, 6, 8), (4, 5, 6, 8)
+_QUANT_MATMUL = {bits: f"novallm_q{bits}_matmul_f32" for bits in _QUANT_BITS}
+_DOT_MATMUL = {bits: f"novallm_q{bits}_dot_matmul_f32" for bits in _DOT_BITS}
 _EXPERT_MATMUL = {
-    (bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32" for bits in (4, 6, 8) for dot in (False, True)
+    (bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32"
+    for dot in (False, True)
+    for bits in (_DOT_BITS if dot else _QUANT_BITS)
 }
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
@@ -109,14 +113,10 @@ def _load() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
         for bf16, symbol in ((False, lib.NovallmF16MatmulF32), (True, lib.NovallmBf16MatmulF32)):
             jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
-        for bits, symbol in ((4, lib.NovallmQ4MatmulF32), (6, lib.NovallmQ6MatmulF32), (8, lib.NovallmQ8MatmulF32)):
-            jax.ffi.register_ffi_target(_QUANT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
-        for bits, symbol in (
-            (4, lib.NovallmQ4DotMatmulF32),
-            (6, lib.NovallmQ6DotMatmulF32),
-            (8, lib.NovallmQ8DotMatmulF32),
-        ):
-            jax.ffi.register_ffi_target(_DOT_MATMUL[bits], jax.ffi.pycapsule(symbol), platform="cpu")
+        for targets, dot in ((_QUANT_MATMUL, ""), (_DOT_MATMUL, "Dot")):
+            for bits, target in targets.items():
+                symbol = getattr(lib, f"NovallmQ{bits}{dot}MatmulF32")
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         for (bits, dot), target in _EXPERT_MATMUL.items():
             symbol = getattr(lib, f"NovallmQ{bits}{'Dot' * dot}ExpertMatmulF32")
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -187,8 +187,9 @@ def _header_bytes(bits: int) -> int:
 
 
 def block_bytes(bits: int) -> int:
-    """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 bits, or 8 for bits 6 and 8)."""
-    return _header_bytes(bits) + QUANT_BLOCK * PANEL * (4 if bits == 4 else 8) // 8
+    """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 or 5 bits, or 8 for bits 6 and
+    8; 5-bit codes are 4-bit ones and a plane of fifth bits)."""
+    return _header_bytes(bits) + QUANT_BLOCK * PANEL * {4: 4, 5: 5}.get(bits, 8) // 8
 
 
 def half_matmul(x: jax.Array, panels: jax.Array, n: int, bf16: bool) -> jax.Array:
@@ -211,24 +212,41 @@ def widen_half(bits: np.ndarray, bf16: bool) -> np.ndarray:
 def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     """Codes [P, KB, 32, 16] (k, column; bits 6 are 8-bit codes) -> the panels' code bytes [P, KB, block code
     bytes]: k-major for the float32 decode; for the int8-dot kernel, [8 k-quads][16 columns][4 k] (4-bit: 8 columns,
-    c and c + 8 in one byte)."""
+    c and c + 8 in one byte). 5-bit codes (int8-dot only) are their low 4 bits so laid out, then their fifth bits in
+    the order of those nibbles, a bit each (little-endian): per k-quad 32 bits for the low nibbles' codes, then 32
+    for the high ones'."""
     p, kb = c.shape[:2]
+    fifth = None
+    if bits == 5:
+        if not int8:
+            raise ValueError("5-bit codes are laid out for the int8-dot kernel only (the float32 decode reads 8 bits)")
+        c, fifth = c & np.uint8(15), c >> np.uint8(4)
     if int8:
         c = c.reshape(p, kb, QUANT_BLOCK // 4, 4, PANEL).swapaxes(-1, -2)  # [P, KB, 8, 16, 4]
-        if bits == 4:
+        if fifth is not None:
+            fifth = fifth.reshape(c.shape[:3] + (4, PANEL)).swapaxes(-1, -2)
+        if bits in (4, 5):
             c = c[..., : PANEL // 2, :] | (c[..., PANEL // 2 :, :] << np.uint8(4))
-    elif bits == 4:
+    elif bits in (4, 5):
         c = c[..., : PANEL // 2] | (c[..., PANEL // 2 :] << np.uint8(4))
-    return np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)
+    c = np.ascontiguousarray(c).view(np.uint8).reshape(p, kb, -1)
+    if fifth is None:
+        return c
+    plane = np.packbits(fifth.reshape(p, kb, -1), axis=-1, bitorder="little")
+    return np.concatenate([c, plane], axis=-1)
 
 
 def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
-    """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4-bit) or int8."""
+    """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4- and 5-bit) or int8."""
     p, kb, _ = panels.shape
     c = np.ascontiguousarray(panels[..., _header_bytes(bits) :])
-    if bits == 4:
+    if bits in (4, 5):
+        nibbles = QUANT_BLOCK * PANEL // 2
+        c, plane = c[..., :nibbles], c[..., nibbles:]
         c = c.reshape(p, kb, QUANT_BLOCK // 4, PANEL // 2, 4) if int8 else c.reshape(p, kb, QUANT_BLOCK, PANEL // 2)
         c = np.concatenate([c & np.uint8(15), c >> np.uint8(4)], axis=3 if int8 else -1)
+        if bits == 5:  # int8-dot only
+            c = c | (np.unpackbits(plane, axis=-1, bitorder="little").reshape(c.shape) << np.uint8(4))
     else:
         c = c.view(np.int8).reshape(p, kb, QUANT_BLOCK // 4, PANEL, 4) if int8 else c.view(np.int8)
     if int8:
@@ -415,7 +433,7 @@ class PackedLinear:
 
 @flax.struct.dataclass
 class QuantLinear:
-    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`; `bits` 4, 8, or 6: Q6_K's 8-bit codes
+    """A block-quantised weight [K, n] (GGUF codes, see `loading.gguf_quant`; `bits` 4, 5, 8, or 6: Q6_K's 8-bit codes
     with two scales per block) stored as `pack_quant` panels.
 
     `int8`: the int8-dot layout, whose matmul quantises x to int8 per block of 32, as llama.cpp does: about 5x less
@@ -429,7 +447,9 @@ class QuantLinear:
 
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
-        """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout)."""
+        """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout); 5-bit codes in 8 bits (see
+        `with_int8_activations`)."""
+        bq = bq.to_8bit() if bq.bits == 5 else bq
         return cls(
             panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)), n=int(bq.shape[0]), bits=bq.bits
         )
@@ -438,13 +458,16 @@ class QuantLinear:
         return unpack_quant(self.panels, self.n, self.bits, self.int8)
 
     def with_int8_activations(self) -> "QuantLinear":
-        """The same weight in the int8-dot layout."""
+        """The same weight in the int8-dot layout. 8-bit codes that all fit 5 bits (a Q5_0/1/K file's; the float32
+        decode reads them faster from 8) are laid out in 5: 0.875 bytes a weight instead of 1.25."""
         if self.int8:
             return self
         panels = np.asarray(self.panels)
-        codes = _layout_codes(_panel_codes(panels, self.bits, False), self.bits, True)
-        header = panels[..., : _header_bytes(self.bits)]
-        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, self.bits, True)
+        codes = _panel_codes(panels, self.bits, False)
+        bits = 5 if self.bits == 8 and codes.min() >= 0 and codes.max() < 32 else self.bits
+        header = panels[..., : _header_bytes(bits)]
+        codes = _layout_codes(codes.astype(np.uint8) if bits == 5 else codes, bits, True)
+        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, bits, True)
 
     def apply(self, x: jax.Array) -> jax.Array:
         return quant_matmul(x, self.panels, self.n, self.bits, self.int8)

@@ -3,8 +3,9 @@
 Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 have that form, with per-block scales `d` and offsets `m` that decode
 exactly to the float32 values the `gguf` package dequantises (`BlockQuant.dequantize` is bit-identical to it). The
 native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes, so a Q4 weight costs 0.75 bytes of memory
-traffic instead of float32's 4, with the same arithmetic as the float32 weights. 5-bit codes are held in 8 bits
-(1.25 bytes). Q6_K's sub-blocks are 16 weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for
+traffic instead of float32's 4 (a Q5 weight 0.875), with the same arithmetic as the float32 weights. Q4_0's and
+Q5_0's signed codes q - 8 and q - 16 are held as q with m = -8d and -16d: d * q + m is exact and equals d * (q - 8)
+(both products and their difference fit float32's mantissa), so they keep 4 and 5 bits too. Q6_K's sub-blocks are 16 weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for
 the last 16 weights of each block of 32 (`bits=6`); other types load as float32.
 """
 
@@ -20,7 +21,8 @@ SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 @dataclasses.dataclass
 class BlockQuant:
-    """A [rows, cols] weight as codes [rows, cols] (uint8 0..15 for bits=4, int8 for bits=8 and 6) and float32 d, m
+    """A [rows, cols] weight as codes [rows, cols] (uint8 0..15 for bits=4, 0..31 for bits=5, int8 for bits=8 and 6)
+    and float32 d, m
     [rows, cols / 32]: w[r, c] = d[r, c // 32] * codes[r, c] + m[r, c // 32] (a product, then a sum). bits=6 (Q6_K's
     sub-blocks of 16): int8 codes, and the last 16 weights of each block of 32 are scaled by d2 instead of d."""
 
@@ -51,16 +53,23 @@ class BlockQuant:
         """The same weights with their codes held in 8 bits (4-bit codes are 0..15)."""
         return self if self.bits in (6, 8) else BlockQuant(self.codes.astype(np.int8), self.d, self.m, 8)
 
+    def to_5bit(self) -> "BlockQuant":
+        """The same weights with 4-bit codes held as 5-bit ones (the same values)."""
+        return BlockQuant(self.codes, self.d, self.m, 5) if self.bits == 4 else self
+
     def to_two_scales(self) -> "BlockQuant":
         """The same weights in the bits=6 form (8-bit codes, d2 = d)."""
         return self if self.bits == 6 else BlockQuant(self.to_8bit().codes, self.d, self.m, 6, self.d.copy())
 
     @staticmethod
     def concat_rows(parts: list["BlockQuant"]) -> "BlockQuant":
-        """Rows of several weights; codes of mixed widths (a Q4_K q beside a Q5_K v, say) go to 8 bits, and beside
-        Q6_K codes (a Q4_K_M file's Q4_K q and k with a Q6_K v) to the two-scale form."""
-        if len({p.bits for p in parts}) != 1:
-            widen = BlockQuant.to_two_scales if any(p.bits == 6 for p in parts) else BlockQuant.to_8bit
+        """Rows of several weights; codes of mixed widths go to the widest: a Q4_K q beside a Q5_K v to 5 bits, beside
+        a Q8_0 v to 8, and beside Q6_K codes (a Q4_K_M file's Q4_K q and k with a Q6_K v) to the two-scale form."""
+        widths = {p.bits for p in parts}
+        if len(widths) != 1:
+            widen = {6: BlockQuant.to_two_scales, 8: BlockQuant.to_8bit, 5: BlockQuant.to_5bit}[
+                next(b for b in (6, 8, 5) if b in widths)
+            ]
             parts = [widen(p) for p in parts]
         cat = [np.concatenate([getattr(p, f) for p in parts]) for f in ("codes", "d", "m")]
         return BlockQuant(*cat, parts[0].bits, None if parts[0].d2 is None else np.concatenate([p.d2 for p in parts]))
@@ -132,18 +141,17 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
     if type_name == "Q8_0":
         d, codes, m, bits = _f16(blocks[:, :2]), blocks[:, 2:].view(np.int8), None, 8
     elif type_name == "Q4_0":
-        d, m, bits = _f16(blocks[:, :2]), None, 8
-        codes = _nibbles(blocks[:, 2:], 16).astype(np.int8) - np.int8(8)
+        d, bits = _f16(blocks[:, :2]), 4
+        codes, m = _nibbles(blocks[:, 2:], 16), -8 * d
     elif type_name == "Q4_1":
         d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 4
         codes = _nibbles(blocks[:, 4:], 16)
     elif type_name == "Q5_0":
-        d, m, bits = _f16(blocks[:, :2]), None, 8
-        codes = (_nibbles(blocks[:, 6:], 16) | (_high_bits(blocks[:, 2:6]) << np.uint8(4))).astype(np.int8)
-        codes = codes - np.int8(16)
+        d, bits = _f16(blocks[:, :2]), 5
+        codes, m = _nibbles(blocks[:, 6:], 16) | (_high_bits(blocks[:, 2:6]) << np.uint8(4)), -16 * d
     elif type_name == "Q5_1":
-        d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 8
-        codes = (_nibbles(blocks[:, 8:], 16) | (_high_bits(blocks[:, 4:8]) << np.uint8(4))).astype(np.int8)
+        d, m, bits = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 5
+        codes = _nibbles(blocks[:, 8:], 16) | (_high_bits(blocks[:, 4:8]) << np.uint8(4))
     elif type_name == "Q6_K":  # ql [128], qh [64], int8 scales [16] of sub-blocks of 16, d: as gguf decodes them
         ql = _nibbles(blocks[:, :128], 64)
         qh = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
@@ -161,7 +169,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Bl
         else:  # 32 bytes of fifth bits (bit i of each byte for sub-block i), then the nibbles
             high = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
             high = (high & np.uint8(1)).reshape(-1, 256)
-            codes, bits = (_nibbles(blocks[:, 48:], 32) | (high << np.uint8(4))).astype(np.int8), 8
+            codes, bits = _nibbles(blocks[:, 48:], 32) | (high << np.uint8(4)), 5
     d = np.asarray(d, np.float32).reshape(rows, cols // BLOCK)
     m = np.zeros_like(d) if m is None else np.asarray(m, np.float32).reshape(rows, cols // BLOCK)
     return BlockQuant(np.ascontiguousarray(codes.reshape(rows, cols)), d, m, bits, d2 if bits == 6 else None)
