@@ -126,6 +126,38 @@ def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
     assert (np.abs(np.asarray(y) - xs @ w) <= bound).all()
 
 
+@pytest.mark.parametrize(
+    "type_name,half", [("Q4_0", True), ("Q4_1", True), ("Q5_1", True), ("Q8_0", True), ("Q4_K", False), ("Q6_K", False)]
+)
+def test_float16_scales_are_stored_in_16_bits(type_name, half):
+    """A Q4_0/1, Q5_0/1 or Q8_0 weight's d and m are float16 values: its panels hold them so (64 bytes a block
+    fewer), and every layout and kernel gives the same values as float32 scales."""
+    n, k = 40, 256
+    bq = decode_blocks(_raw(type_name, n, k), type_name, (n, k))
+    w = native.QuantLinear.from_blocks(bq)
+    wide = w.with_float32_scales()
+    assert w.half == half and not wide.half
+    assert w.panels.shape[2] == native.block_bytes(w.bits, half) == wide.panels.shape[2] - 64 * half
+    for v in (w, wide, w.with_int8_activations(), wide.with_int8_activations()):
+        np.testing.assert_array_equal(v.to_dense(), bq.dequantize().T)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, k), dtype=np.float32))
+    apply = jax.jit(lambda x, w: w.apply(x))
+    np.testing.assert_array_equal(np.asarray(apply(x, w)), np.asarray(apply(x, wide)))
+    if native.int8_dot_available():
+        np.testing.assert_array_equal(
+            np.asarray(apply(x, w.with_int8_activations())), np.asarray(apply(x, wide.with_int8_activations()))
+        )
+    # experts of either kind stack with float32 scales; the matmul of each row is its expert's
+    experts = native.ExpertQuantLinear.from_experts([w, wide])
+    assert not experts.half
+    for e in (0, 1):
+        rows = jax.jit(lambda x, e, w: w.apply(x, e))(x, jnp.full(3, e), experts)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(apply(x, wide)))
+    if not half:
+        with pytest.raises(ValueError, match="float16 values"):
+            native.pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2, half=True)
+
+
 def test_quant_matmul_rejects_a_mismatched_inner_dimension():
     bq = decode_blocks(_raw("Q8_0", 16, 64), "Q8_0", (16, 64))
     with pytest.raises(Exception, match="quantised matmul wants"):

@@ -253,6 +253,16 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 
+// An IEEE half's bits -> the float it holds (exact; the portable path where F16C is missing).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FFu;
+  if (exp == 0) return (sign ? -1.f : 1.f) * std::ldexp(float(man), -24);  // zero and subnormals
+  const uint32_t bits = sign | (exp == 31 ? 0x7F800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // Block-quantised panels (GGUF Q4_0/1/K, Q5_0/1/K and Q8_0 weights in their own codes): per panel, K / 32 blocks
 // of {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to
 // a byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed (Q5 codes are read from
@@ -263,11 +273,38 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 // `Dequantised`) and multiplied by the same tiles as float32 weights, so the results are bit-identical to the
 // float32 path's while each weight costs 0.75 (4-bit) or 1.25 (8-bit) bytes of memory traffic instead of 4.
 constexpr int64_t kBlock = 32;
-template <int BITS> constexpr bool kNibbles = BITS == 4 || BITS == 5;  // codes packed two to a byte (5: and a plane)
+// A kind (the `BITS` of the templates below) is the codes' width, plus kHalf where the block's scales are float16:
+// a Q4_0/1, Q5_0/1 or Q8_0 file's d and m are, so they are stored as such (the same values, widened exactly as they
+// are read): 64 bytes a block fewer, 0.625 bytes a 4-bit weight instead of 0.75, 1.125 an 8-bit one instead of
+// 1.25. K-quants' d and m are products of two scales and stay float32.
+constexpr int kHalf = 64;
+template <int BITS> constexpr int kBits = BITS & 15;
+template <int BITS> constexpr bool kNibbles = kBits<BITS> == 4 || kBits<BITS> == 5;  // two codes a byte (5: a plane)
 template <int BITS> constexpr int64_t kCodeBits = kNibbles<BITS> ? 4 : 8;
-template <int BITS> constexpr int64_t kHeaderBytes = (BITS == 6 ? 3 : 2) * kPanel * 4;
+template <int BITS> constexpr int64_t kHeaderBytes = (kBits<BITS> == 6 ? 3 : 2) * kPanel * (BITS & kHalf ? 2 : 4);
 template <int BITS> constexpr int64_t kCodeBytes = kBlock * kPanel * kCodeBits<BITS> / 8;
-template <int BITS> constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kCodeBytes<BITS> + (BITS == 5) * kBlock * 2;
+template <int BITS>
+constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kCodeBytes<BITS> + (kBits<BITS> == 5) * kBlock * 2;
+
+// The i-th 8 scales of a block's header, in the order d[0:8], d[8:16], m[0:8], m[8:16] (and d2's for bits 6).
+template <int BITS>
+inline v8 Scales(const uint8_t* block, int i) {
+  if constexpr (BITS & kHalf) {
+#if defined(__F16C__)
+    return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * i)));
+#else
+    v8 out;
+    for (int j = 0; j < 8; ++j) {
+      uint16_t h;
+      std::memcpy(&h, block + 16 * i + 2 * j, 2);
+      out[j] = HalfToFloat(h);
+    }
+    return out;
+#endif
+  } else {
+    return Load(reinterpret_cast<const float*>(block) + 8 * i);
+  }
+}
 
 // d * code + m as the reference dequantisation computes it: a product, then a sum. The product is exact in float32
 // for every kind (d has at most 18 significant bits, a float16 times Q6_K's 8-bit or a K-quant's 6-bit scale, and a
@@ -303,14 +340,13 @@ template <> inline void Codes<6>(const uint8_t* c, v8& lo, v8& hi) { Codes<8>(c,
 template <int BITS>
 void Dequant(const uint8_t* q, int64_t K, float* w) {
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
-    const float* dm = reinterpret_cast<const float*>(q);
-    v8 d0 = Load(dm), d1 = Load(dm + 8);
-    const v8 m0 = Load(dm + 16), m1 = Load(dm + 24);
+    v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
+    const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; ++k, c += kPanel * kCodeBits<BITS> / 8, w += kPanel) {
-      if (BITS == 6 && k == kBlock / 2) { d0 = Load(dm + 32); d1 = Load(dm + 40); }
+      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, 4); d1 = Scales<BITS>(q, 5); }
       v8 lo, hi;
-      Codes<BITS>(c, lo, hi);
+      Codes<kBits<BITS>>(c, lo, hi);
       Store(w, Dequantised(lo, d0, m0));
       Store(w + 8, Dequantised(hi, d1, m1));
     }
@@ -324,15 +360,14 @@ void QuantRow(const float* x, const uint8_t* q, int64_t K, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>, x += kBlock) {
-    const float* dm = reinterpret_cast<const float*>(q);
-    v8 d0 = Load(dm), d1 = Load(dm + 8);
-    const v8 m0 = Load(dm + 16), m1 = Load(dm + 24);
+    v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
+    const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; k += 2, c += 2 * kRowBytes) {
-      if (BITS == 6 && k == kBlock / 2) { d0 = Load(dm + 32); d1 = Load(dm + 40); }
+      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, 4); d1 = Scales<BITS>(q, 5); }
       v8 lo, hi, lo2, hi2;
-      Codes<BITS>(c, lo, hi);
-      Codes<BITS>(c + kRowBytes, lo2, hi2);
+      Codes<kBits<BITS>>(c, lo, hi);
+      Codes<kBits<BITS>>(c + kRowBytes, lo2, hi2);
       const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
       a0 += xa * Dequantised(lo, d0, m0);
       a1 += xa * Dequantised(hi, d1, m1);
@@ -462,6 +497,18 @@ struct QuantizedX {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
+// The i-th 16 scales of a block's header: d, m (and d2 for bits 6).
+template <int BITS>
+inline v16 Scales16(const uint8_t* block, int i) {
+  if constexpr (BITS & kHalf) {
+    return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * i)));
+  } else {
+    v16 v;
+    std::memcpy(&v, block + 64 * i, sizeof v);
+    return v;
+  }
+}
+
 // MR rows of quantised x times one int8-dot panel, with VNNI: one vpdpbusd is 64 byte products summed in fours into
 // the 16 columns' int32 lanes, where AVX2 needs maddubs, madd and add for 32; what is left (the per-block float
 // epilogue, x's broadcasts) bounds it at ~1 vpdpbusd a cycle. Tiles of 4 rows measured best (2: -35%, 6-8: -2-5%
@@ -486,7 +533,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
         const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
         const __m512i packed = _mm512_broadcast_i64x4(half);
         __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low4);
-        if constexpr (BITS == 5) {
+        if constexpr (kBits<BITS> == 5) {
           uint64_t fifth;
           std::memcpy(&fifth, c + kCodeBytes<BITS> + 8 * kq, sizeof fifth);
           codes = _mm512_mask_add_epi8(codes, fifth, codes, _mm512_set1_epi8(16));
@@ -502,7 +549,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       const __m512i bias = _mm512_set1_epi8(char(0x80));
       __m512i wsum = _mm512_setzero_si512();
       for (int kq = 0; kq < 8; ++kq) {
-        if (BITS == 6 && kq == 4) {
+        if (kBits<BITS> == 6 && kq == 4) {
           for (int r = 0; r < MR; ++r) {
             lo[r] = _mm512_sub_epi32(s[r], wsum);
             s[r] = _mm512_setzero_si512();
@@ -519,13 +566,11 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       }
       for (int r = 0; r < MR; ++r) s[r] = _mm512_sub_epi32(s[r], wsum);
     }
-    v16 d, m, d2;
-    std::memcpy(&d, w, sizeof d);
-    std::memcpy(&m, w + sizeof d, sizeof m);
+    const v16 d = Scales16<BITS>(w, 0), m = Scales16<BITS>(w, 1);
     for (int r = 0; r < MR; ++r) {
       const float dx = x.dx[(row + r) * KB + b], sx = x.sx[(row + r) * KB + b];
-      if constexpr (BITS == 6) {
-        std::memcpy(&d2, w + 2 * sizeof d, sizeof d2);
+      if constexpr (kBits<BITS> == 6) {
+        const v16 d2 = Scales16<BITS>(w, 2);
         acc[r] += (d * dx) * __builtin_convertvector((__v16si)lo[r], v16) +
                   (d2 * dx) * __builtin_convertvector((__v16si)s[r], v16) + m * sx;
       } else {
@@ -569,7 +614,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       // Unrolled whole, GCC computes all 64 products first and spills them to the stack before summing.
 #pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
-        if (BITS == 5 && kq == 4) {
+        if (kBits<BITS> == 5 && kq == 4) {
           for (int r = 0; r < MR; ++r) {
             s[r][0] = _mm256_madd_epi16(h[r][0], ones);
             s[r][1] = _mm256_madd_epi16(h[r][1], ones);
@@ -578,7 +623,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
         }
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * kq));
         __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-        if constexpr (BITS == 5) {
+        if constexpr (kBits<BITS> == 5) {
           lo = _mm256_or_si256(lo, FifthBits(c + kCodeBytes<BITS> + 8 * kq));
           hi = _mm256_or_si256(hi, FifthBits(c + kCodeBytes<BITS> + 8 * kq + 4));
         }
@@ -599,7 +644,7 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 2
       for (int kq = 0; kq < 8; ++kq) {
-        if (BITS == 6 && kq == 4) {
+        if (kBits<BITS> == 6 && kq == 4) {
           for (int r = 0; r < MR; ++r) {
             lo[r][0] = s[r][0];
             lo[r][1] = s[r][1];
@@ -620,12 +665,11 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
         }
       }
     }
-    const float* dm = reinterpret_cast<const float*>(w);
-    const v8 d0 = Load(dm), d1 = Load(dm + 8), m0 = Load(dm + 16), m1 = Load(dm + 24);
+    const v8 d0 = Scales<BITS>(w, 0), d1 = Scales<BITS>(w, 1), m0 = Scales<BITS>(w, 2), m1 = Scales<BITS>(w, 3);
     for (int r = 0; r < MR; ++r) {
       const v8 dx = Splat(x.dx[(row + r) * KB + b]), sx = Splat(x.sx[(row + r) * KB + b]);
-      if constexpr (BITS == 6) {
-        const v8 e0 = Load(dm + 32), e1 = Load(dm + 40);
+      if constexpr (kBits<BITS> == 6) {
+        const v8 e0 = Scales<BITS>(w, 4), e1 = Scales<BITS>(w, 5);
         acc[r][0] += (d0 * dx) * __builtin_convertvector((v8i)lo[r][0], v8) +
                      (e0 * dx) * __builtin_convertvector((v8i)s[r][0], v8) + m0 * sx;
         acc[r][1] += (d1 * dx) * __builtin_convertvector((v8i)lo[r][1], v8) +
@@ -669,7 +713,7 @@ ffi::Error DotMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   std::unique_ptr<int8_t[]> q(new int8_t[M * K]);
   std::unique_ptr<float[]> scales(new float[2 * M * KB]);
   for (int64_t r = 0; r < M; ++r) QuantizeRow(xp + r * K, K, q.get() + r * K, scales.get() + r * KB,
-                                               scales.get() + (M + r) * KB, XGroup(BITS, K));
+                                               scales.get() + (M + r) * KB, XGroup(kBits<BITS>, K));
   const QuantizedX qx{q.get(), scales.get(), scales.get() + M * KB, K};
   const uint8_t* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -725,7 +769,7 @@ ffi::Error ExpertMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     std::unique_ptr<int8_t[]> q(new int8_t[A * K]);
     std::unique_ptr<float[]> scales(new float[2 * A * KB]);
     for (int64_t r = 0; r < A; ++r) QuantizeRow(xs.get() + r * K, K, q.get() + r * K, scales.get() + r * KB,
-                                                 scales.get() + (A + r) * KB, XGroup(BITS, K));
+                                                 scales.get() + (A + r) * KB, XGroup(kBits<BITS>, K));
     const int8_t* qp = q.get();
     const float* sp = scales.get();
     ParallelFor(pool, static_cast<int64_t>(active.size()) * P, bytes, [=](int64_t i) {
@@ -1047,16 +1091,6 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
 // upper half of a float32) and multiplied as `Panel` / `Row` multiply float32 panels: the same products and sums in
 // the same order, so the results are bit-identical to the float32 weights' while each weight costs 2 bytes.
 
-// An IEEE half's bits -> the float it holds (exact; the portable path where F16C is missing).
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FFu;
-  if (exp == 0) return (sign ? -1.f : 1.f) * std::ldexp(float(man), -24);  // zero and subnormals
-  const uint32_t bits = sign | (exp == 31 ? 0x7F800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 template <bool BF16>
 inline v8 LoadHalf(const uint16_t* p) {
   if constexpr (BF16) {
@@ -1128,8 +1162,23 @@ ffi::Error HalfMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up. Batch 1 gained 5-8%; 32 rows,
 // whose calls already kept every thread busy, nothing.
 
+// Bytes of a block of a code kind (bits, + kHalf), 0 for none.
+constexpr int64_t BlockBytesOf(int64_t kind) {
+  switch (kind) {
+    case 4: return kBlockBytes<4>;
+    case 5: return kBlockBytes<5>;
+    case 6: return kBlockBytes<6>;
+    case 8: return kBlockBytes<8>;
+    case kHalf + 4: return kBlockBytes<kHalf + 4>;
+    case kHalf + 5: return kBlockBytes<kHalf + 5>;
+    case kHalf + 8: return kBlockBytes<kHalf + 8>;
+    default: return 0;
+  }
+}
+
 // A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), the
-// int8-dot layout (kind = 16 + bits, x quantised per row first), or 16-bit panels (kind 32 float16, 33 bfloat16).
+// int8-dot layout (kind = 16 + bits, x quantised per row first), either with float16 block scales (+ kHalf), or
+// 16-bit panels (kind 32 float16, 33 bfloat16).
 struct Weight {
   int64_t kind = 0;
   const uint8_t* data = nullptr;
@@ -1137,6 +1186,7 @@ struct Weight {
 
   bool dot() const { return kind & 16; }
   int64_t padded_n() const { return panels * kPanel; }
+  static bool Coded(int64_t kind) { return kind != 0 && kind != 32 && kind != 33; }
 
   // The weight in `b`, or nullptr with the error in `error`.
   static const char* Of(const ffi::AnyBuffer& b, int64_t kind, int64_t K, Weight& w) {
@@ -1150,10 +1200,8 @@ struct Weight {
       ok = ok && b.element_type() == ffi::DataType::U16 && d[1] == K && d[2] == kPanel;
       w.panel_bytes = K * kPanel * 2;
     } else {
-      const int bits = kind & 15;
-      const int64_t block = bits == 4 ? kBlockBytes<4> : bits == 5 ? kBlockBytes<5> : bits == 6 ? kBlockBytes<6>
-                                                                                     : kBlockBytes<8>;
-      ok = ok && (bits == 4 || (bits == 5 && w.dot()) || bits == 6 || bits == 8) && (kind & ~int64_t{31}) == 0 &&
+      const int64_t block = BlockBytesOf(kind & ~int64_t{16});  // 0: no such kind
+      ok = ok && block > 0 && ((kind & 15) != 5 || w.dot()) && (kind & ~int64_t{31 + kHalf}) == 0 &&
            b.element_type() == ffi::DataType::U8 && d[1] * kBlock == K && d[2] == block;
       if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
       w.panel_bytes = d[1] * block;
@@ -1193,13 +1241,21 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
     case 32: return HalfPanel<false>(x, M, w.K, reinterpret_cast<const uint16_t*>(wp), y, ldy);
     case 33: return HalfPanel<true>(x, M, w.K, reinterpret_cast<const uint16_t*>(wp), y, ldy);
     case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
-#if defined(__AVX2__)
-    case 16 + 4: return DotPanel<4>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
-    case 16 + 5: return DotPanel<5>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
-    case 16 + 6: return DotPanel<6>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
-    case 16 + 8: return DotPanel<8>({codes.q.data(), codes.dx.data(), codes.sx.data(), w.K}, M, wp, y, ldy);
-#endif
+    case kHalf + 4: return QuantPanel<kHalf + 4>(x, M, w.K, wp, y, ldy);
+    case kHalf + 8: return QuantPanel<kHalf + 8>(x, M, w.K, wp, y, ldy);
   }
+#if defined(__AVX2__)
+  const QuantizedX qx{codes.q.data(), codes.dx.data(), codes.sx.data(), w.K};
+  switch (w.kind) {
+    case 16 + 4: return DotPanel<4>(qx, M, wp, y, ldy);
+    case 16 + 5: return DotPanel<5>(qx, M, wp, y, ldy);
+    case 16 + 6: return DotPanel<6>(qx, M, wp, y, ldy);
+    case 16 + 8: return DotPanel<8>(qx, M, wp, y, ldy);
+    case 16 + kHalf + 4: return DotPanel<kHalf + 4>(qx, M, wp, y, ldy);
+    case 16 + kHalf + 5: return DotPanel<kHalf + 5>(qx, M, wp, y, ldy);
+    case 16 + kHalf + 8: return DotPanel<kHalf + 8>(qx, M, wp, y, ldy);
+  }
+#endif
 }
 
 // out = w * x / rms(x) over n values (model.rms_norm). The squares are summed in 8 lanes, then across them, as
@@ -1277,7 +1333,7 @@ ffi::Error DecoderLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const LayerDims L{xd[0], pd[1], xd[1], num_heads, num_kv_heads, kd[3], td[1], kd[0], kd[1], window, eps, scale};
   const int64_t Q = L.H * L.hd, KVS = L.KV * L.hd;
   const auto dd = w_down_b.dimensions();
-  const int64_t F = dd.size() == 3 ? (down_kind > 0 && down_kind < 32 ? dd[1] * kBlock : dd[1]) : 0;
+  const int64_t F = dd.size() == 3 ? (Weight::Coded(down_kind) ? dd[1] * kBlock : dd[1]) : 0;
   Weight wqkv, wo, wgu, wdown;
   for (const char* error : {Weight::Of(wqkv_b, qkv_kind, L.D, wqkv), Weight::Of(wo_b, o_kind, Q, wo),
                             Weight::Of(w_gate_up_b, gate_up_kind, L.D, wgu),
@@ -1447,10 +1503,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmPagedAttentionF32, PagedAttention,
 NOVALLM_QUANT_MATMUL(NovallmQ4MatmulF32, QuantMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ6MatmulF32, QuantMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8MatmulF32, QuantMatmul, 8)
+NOVALLM_QUANT_MATMUL(NovallmQ4HMatmulF32, QuantMatmul, kHalf + 4)
+NOVALLM_QUANT_MATMUL(NovallmQ8HMatmulF32, QuantMatmul, kHalf + 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4DotMatmulF32, DotMatmul, 4)
 NOVALLM_QUANT_MATMUL(NovallmQ5DotMatmulF32, DotMatmul, 5)
 NOVALLM_QUANT_MATMUL(NovallmQ6DotMatmulF32, DotMatmul, 6)
 NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
+NOVALLM_QUANT_MATMUL(NovallmQ4HDotMatmulF32, DotMatmul, kHalf + 4)
+NOVALLM_QUANT_MATMUL(NovallmQ5HDotMatmulF32, DotMatmul, kHalf + 5)
+NOVALLM_QUANT_MATMUL(NovallmQ8HDotMatmulF32, DotMatmul, kHalf + 8)
 
 #define NOVALLM_EXPERT_MATMUL(name, bits, dot)                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ExpertMatmul<bits, dot>), ffi::Ffi::Bind()                     \
@@ -1462,10 +1523,15 @@ NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
 NOVALLM_EXPERT_MATMUL(NovallmQ4ExpertMatmulF32, 4, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ6ExpertMatmulF32, 6, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ8ExpertMatmulF32, 8, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ4HExpertMatmulF32, kHalf + 4, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ8HExpertMatmulF32, kHalf + 8, false)
 NOVALLM_EXPERT_MATMUL(NovallmQ4DotExpertMatmulF32, 4, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ5DotExpertMatmulF32, 5, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ6DotExpertMatmulF32, 6, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ8DotExpertMatmulF32, 8, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ4HDotExpertMatmulF32, kHalf + 4, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ5HDotExpertMatmulF32, kHalf + 5, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ8HDotExpertMatmulF32, kHalf + 8, true)
 
 #define NOVALLM_HALF_MATMUL(name, bf16)                                                               \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, HalfMatmul<bf16>, ffi::Ffi::Bind()                              \

@@ -30,15 +30,22 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
-# Block-code kinds (`loading.gguf_quant.BlockQuant.bits`) the float32-decoding kernels read, and the int8-dot ones.
-_QUANT_BITS, _DOT_BITS = (4, 6, 8), (4, 5, 6, 8)
-_QUANT_MATMUL = {bits: f"novallm_q{bits}_matmul_f32" for bits in _QUANT_BITS}
-_DOT_MATMUL = {bits: f"novallm_q{bits}_dot_matmul_f32" for bits in _DOT_BITS}
-_EXPERT_MATMUL = {
-    (bits, dot): f"novallm_q{bits}{'_dot' * dot}_expert_matmul_f32"
-    for dot in (False, True)
-    for bits in (_DOT_BITS if dot else _QUANT_BITS)
-}
+# Block-code kinds (bits, float16 scales) that the float32-decoding kernels read, and the int8-dot ones: codes of
+# `loading.gguf_quant.BlockQuant.bits`, with the scales as float32 or, where they are float16 values (all but the
+# K-quants'), as float16.
+_QUANT_KINDS = [(bits, half) for bits in (4, 6, 8) for half in (False, True) if not (half and bits == 6)]
+_DOT_KINDS = [(bits, half) for bits in (4, 5, 6, 8) for half in (False, True) if not (half and bits == 6)]
+
+
+def _target(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
+    return f"novallm_q{bits}{'h' * half}{'_dot' * dot}{'_expert' * expert}_matmul_f32"
+
+
+def _symbol(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
+    return f"NovallmQ{bits}{'H' * half}{'Dot' * dot}{'Expert' * expert}MatmulF32"
+
+
+_KINDS = [(*kind, False) for kind in _QUANT_KINDS] + [(*kind, True) for kind in _DOT_KINDS]  # (bits, half, dot)
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 
@@ -113,13 +120,10 @@ def _load() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
         for bf16, symbol in ((False, lib.NovallmF16MatmulF32), (True, lib.NovallmBf16MatmulF32)):
             jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
-        for targets, dot in ((_QUANT_MATMUL, ""), (_DOT_MATMUL, "Dot")):
-            for bits, target in targets.items():
-                symbol = getattr(lib, f"NovallmQ{bits}{dot}MatmulF32")
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
-        for (bits, dot), target in _EXPERT_MATMUL.items():
-            symbol = getattr(lib, f"NovallmQ{bits}{'Dot' * dot}ExpertMatmulF32")
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+        for kind in _KINDS:
+            for expert in (False, True):
+                symbol = getattr(lib, _symbol(*kind, expert))
+                jax.ffi.register_ffi_target(_target(*kind, expert), jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return None
@@ -167,7 +171,7 @@ def _ffi_call(target: str, out, **kwargs):
         raise RuntimeError(
             f"native CPU kernel {target} is not available (no C++ compiler, or NOVALLM_NATIVE_KERNELS=0; see the log)"
         )
-    if (target in _DOT_MATMUL.values() or "_dot_expert" in target) and not int8_dot_available():
+    if "_dot_" in target and not int8_dot_available():
         raise RuntimeError(f"native CPU kernel {target} needs a CPU with AVX2")
     return jax.ffi.ffi_call(target, out, **kwargs)
 
@@ -180,16 +184,21 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return y[:, :n].reshape(*lead, n)
 
 
-def _header_bytes(bits: int) -> int:
-    """Bytes of a panel block's float32 scales: d[16] and m[16], and with bits=6 (two scales, `BlockQuant.d2`)
-    d2[16] after them."""
-    return (3 if bits == 6 else 2) * 4 * PANEL
+def _header_bytes(bits: int, half: bool = False) -> int:
+    """Bytes of a panel block's scales: d[16] and m[16], and with bits=6 (two scales, `BlockQuant.d2`) d2[16] after
+    them; float32, or float16 with `half`."""
+    return (3 if bits == 6 else 2) * (2 if half else 4) * PANEL
 
 
-def block_bytes(bits: int) -> int:
+def block_bytes(bits: int, half: bool = False) -> int:
     """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 or 5 bits, or 8 for bits 6 and
     8; 5-bit codes are 4-bit ones and a plane of fifth bits)."""
-    return _header_bytes(bits) + QUANT_BLOCK * PANEL * {4: 4, 5: 5}.get(bits, 8) // 8
+    return _header_bytes(bits, half) + QUANT_BLOCK * PANEL * {4: 4, 5: 5}.get(bits, 8) // 8
+
+
+def fits_half(*scales: np.ndarray) -> bool:
+    """Whether every value of `scales` is a float16 value (then `pack_quant(half=True)` stores it exactly)."""
+    return all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in scales)
 
 
 def half_matmul(x: jax.Array, panels: jax.Array, n: int, bf16: bool) -> jax.Array:
@@ -236,10 +245,10 @@ def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     return np.concatenate([c, plane], axis=-1)
 
 
-def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
+def _panel_codes(panels: np.ndarray, bits: int, int8: bool, half: bool = False) -> np.ndarray:
     """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4- and 5-bit) or int8."""
     p, kb, _ = panels.shape
-    c = np.ascontiguousarray(panels[..., _header_bytes(bits) :])
+    c = np.ascontiguousarray(panels[..., _header_bytes(bits, half) :])
     if bits in (4, 5):
         nibbles = QUANT_BLOCK * PANEL // 2
         c, plane = c[..., :nibbles], c[..., nibbles:]
@@ -255,66 +264,77 @@ def _panel_codes(panels: np.ndarray, bits: int, int8: bool) -> np.ndarray:
 
 
 def pack_quant(
-    codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, int8: bool = False, d2: np.ndarray | None = None
+    codes: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    bits: int,
+    int8: bool = False,
+    d2: np.ndarray | None = None,
+    half: bool = False,
 ) -> np.ndarray:
     """Block codes of w^T (`codes` [N, K], `d`, `m` (and with bits=6 `d2`) [N, K / 32], as in
     `loading.gguf_quant.BlockQuant`) -> panels [ceil(N / 16), K / 32, `block_bytes`] of {float d[16], float m[16],
     (float d2[16],) codes}, the layout `quant_matmul` reads (codes [32][16]; 4-bit codes hold column j in the low
-    nibble and column j + 8 in the high one), or with `int8` the int8-dot kernel's (see `_layout_codes`). Padding
-    columns are zero."""
+    nibble and column j + 8 in the high one), or with `int8` the int8-dot kernel's (see `_layout_codes`); `half`
+    stores the scales as float16 (they must be float16 values, `fits_half`). Padding columns are zero."""
     n, k = codes.shape
     if (bits == 6) != (d2 is not None):
         raise ValueError("pack_quant: d2 (the second scale of each block) goes with bits=6, and only with it")
     scales = (d, m) if d2 is None else (d, m, d2)
+    if half and not fits_half(*scales):
+        raise ValueError("pack_quant: half=True needs scales that are float16 values")
     pad = -n % PANEL
     if pad:
         codes, *scales = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, *scales))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
+    dtype = np.float16 if half else np.float32
     scales = [
-        np.ascontiguousarray(a.astype(np.float32).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8)
-        for a in scales
+        np.ascontiguousarray(a.astype(dtype).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8) for a in scales
     ]
     return np.concatenate(scales + [_layout_codes(c, bits, int8)], axis=-1)
 
 
-def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False) -> np.ndarray:
+def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False, half: bool = False) -> np.ndarray:
     """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
+    size, dtype = (2, np.float16) if half else (4, np.float32)
     d, m, d2 = (
-        np.ascontiguousarray(panels[..., i * 4 * PANEL : (i + 1) * 4 * PANEL]).view(np.float32)
+        np.ascontiguousarray(panels[..., i * size * PANEL : (i + 1) * size * PANEL]).view(dtype).astype(np.float32)
         for i in (0, 1, 2 if bits == 6 else 0)
     )
-    c = _panel_codes(panels, bits, int8)
+    c = _panel_codes(panels, bits, int8, half)
     d = np.repeat(d[:, :, None, :], QUANT_BLOCK, 2)
     d[:, :, QUANT_BLOCK // 2 :] = d2[:, :, None, :]
     w = (d * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
     return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
 
 
-def quant_matmul(x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False) -> jax.Array:
+def quant_matmul(
+    x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False, half: bool = False
+) -> jax.Array:
     """x [..., K] float32 @ the `pack_quant` weight of `n` output columns -> [..., n]. Needs `available()`; `int8`
-    (the panels' layout) quantises x to int8 per block of 32 and runs integer dot products (`int8_dot_available()`)."""
+    (the panels' layout) quantises x to int8 per block of 32 and runs integer dot products (`int8_dot_available()`);
+    `half`: the panels' scales are float16."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    target = (_DOT_MATMUL if int8 else _QUANT_MATMUL)[bits]
-    y = _ffi_call(target, jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = _ffi_call(_target(bits, half, int8), jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels
     )
     return y[:, :n].reshape(*lead, n)
 
 
 def expert_quant_matmul(
-    x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False
+    x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False, half: bool = False
 ) -> jax.Array:
     """Row a of x [A, K] float32 @ expert experts[a]'s weight, `pack_quant` panels stacked [E, ...] -> [A, n]. Reads
     each expert with rows once and the others not at all; each row's result equals `quant_matmul` with its expert's
     panels."""
     a = x.shape[0]
-    y = _ffi_call(_EXPERT_MATMUL[bits, int8], jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32))(
-        x.astype(jnp.float32), experts.astype(jnp.int32), panels
-    )
+    y = _ffi_call(
+        _target(bits, half, int8, expert=True), jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32)
+    )(x.astype(jnp.float32), experts.astype(jnp.int32), panels)
     return y[:, :n]
 
 
@@ -404,11 +424,11 @@ def decoder_layer(
 
 
 def _kind(w) -> np.int64:
-    """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, 16 + bits (int8 dot), or
-    32 (float16) / 33 (bfloat16) panels."""
+    """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, 16 + bits (int8 dot), either
+    + 64 with float16 block scales, or 32 (float16) / 33 (bfloat16) panels."""
     if isinstance(w, HalfLinear):
         return np.int64(32 + w.bf16)
-    return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8)
+    return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8 + 64 * w.half)
 
 
 def fusable(params: dict) -> bool:
@@ -438,24 +458,26 @@ class QuantLinear:
 
     `int8`: the int8-dot layout, whose matmul quantises x to int8 per block of 32, as llama.cpp does: about 5x less
     arithmetic per weight than decoding it to float32, at the cost of x's rounding (results close to, not
-    bit-identical with, the float32 weights')."""
+    bit-identical with, the float32 weights'). `half`: the block scales are stored as float16 (a Q4_0/1, Q5_0/1 or
+    Q8_0 file's are float16 values): 0.625 bytes a 4-bit weight instead of 0.75."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
     bits: int = flax.struct.field(pytree_node=False)
     int8: bool = flax.struct.field(pytree_node=False, default=False)
+    half: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
         """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout); 5-bit codes in 8 bits (see
-        `with_int8_activations`)."""
+        `with_int8_activations`), the scales in float16 where they are float16 values."""
         bq = bq.to_8bit() if bq.bits == 5 else bq
-        return cls(
-            panels=jnp.asarray(pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2)), n=int(bq.shape[0]), bits=bq.bits
-        )
+        half = bq.d2 is None and fits_half(bq.d, bq.m)
+        panels = pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2, half=half)
+        return cls(panels=jnp.asarray(panels), n=int(bq.shape[0]), bits=bq.bits, half=half)
 
     def to_dense(self) -> np.ndarray:
-        return unpack_quant(self.panels, self.n, self.bits, self.int8)
+        return unpack_quant(self.panels, self.n, self.bits, self.int8, self.half)
 
     def with_int8_activations(self) -> "QuantLinear":
         """The same weight in the int8-dot layout. 8-bit codes that all fit 5 bits (a Q5_0/1/K file's; the float32
@@ -463,14 +485,23 @@ class QuantLinear:
         if self.int8:
             return self
         panels = np.asarray(self.panels)
-        codes = _panel_codes(panels, self.bits, False)
+        codes = _panel_codes(panels, self.bits, False, self.half)
         bits = 5 if self.bits == 8 and codes.min() >= 0 and codes.max() < 32 else self.bits
-        header = panels[..., : _header_bytes(bits)]
+        header = panels[..., : _header_bytes(bits, self.half)]
         codes = _layout_codes(codes.astype(np.uint8) if bits == 5 else codes, bits, True)
-        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, bits, True)
+        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, bits, True, self.half)
+
+    def with_float32_scales(self) -> "QuantLinear":
+        """The same weight with float32 block scales."""
+        if not self.half:
+            return self
+        panels = np.asarray(self.panels)
+        size = _header_bytes(self.bits, True)
+        scales = np.ascontiguousarray(panels[..., :size]).view(np.float16).astype(np.float32).view(np.uint8)
+        return QuantLinear(jnp.asarray(np.concatenate([scales, panels[..., size:]], -1)), self.n, self.bits, self.int8)
 
     def apply(self, x: jax.Array) -> jax.Array:
-        return quant_matmul(x, self.panels, self.n, self.bits, self.int8)
+        return quant_matmul(x, self.panels, self.n, self.bits, self.int8, self.half)
 
 
 @flax.struct.dataclass
@@ -503,14 +534,18 @@ class ExpertQuantLinear:
     n: int = flax.struct.field(pytree_node=False)
     bits: int = flax.struct.field(pytree_node=False)
     int8: bool = flax.struct.field(pytree_node=False, default=False)
+    half: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_experts(cls, weights: list[QuantLinear]) -> "ExpertQuantLinear":
+        """The experts' weights stacked: one layout for all (float32 scales unless every expert's are float16)."""
+        if len({w.half for w in weights}) > 1:
+            weights = [w.with_float32_scales() for w in weights]
         first = weights[0]
-        return cls(jnp.stack([w.panels for w in weights]), first.n, first.bits, first.int8)
+        return cls(jnp.stack([w.panels for w in weights]), first.n, first.bits, first.int8, first.half)
 
     def expert(self, e: int) -> QuantLinear:
-        return QuantLinear(self.panels[e], self.n, self.bits, self.int8)
+        return QuantLinear(self.panels[e], self.n, self.bits, self.int8, self.half)
 
     def to_dense(self) -> np.ndarray:
         return np.stack([self.expert(e).to_dense() for e in range(self.panels.shape[0])])
@@ -523,7 +558,7 @@ class ExpertQuantLinear:
         )
 
     def apply(self, x: jax.Array, experts: jax.Array) -> jax.Array:
-        return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8)
+        return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8, self.half)
 
 
 NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
