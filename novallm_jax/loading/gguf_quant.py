@@ -2,11 +2,12 @@
 
 Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K and Q8_0 have that form, with per-block scales `d` and offsets `m` that decode
 exactly to the float32 values the `gguf` package dequantises (`BlockQuant.dequantize` is bit-identical to it). The
-native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes, so a Q4 weight costs 0.75 bytes of memory
-traffic instead of float32's 4 (a Q5 weight 0.875), with the same arithmetic as the float32 weights. Q4_0's and
-Q5_0's signed codes q - 8 and q - 16 are held as q with m = -8d and -16d: d * q + m is exact and equals d * (q - 8)
-(both products and their difference fit float32's mantissa), so they keep 4 and 5 bits too. Q6_K's sub-blocks are 16 weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for
-the last 16 weights of each block of 32 (`bits=6`); other types load as float32.
+native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes with the same arithmetic as the float32
+weights, so a Q4 weight costs 0.625-0.75 bytes of memory traffic instead of float32's 4. Q4_0's and Q5_0's signed
+codes q - 8 and q - 16 are held as q with m = -8d and -16d: d * q + m is exact and equals d * (q - 8) (both
+products and their difference fit float32's mantissa), so they keep 4 and 5 bits too. Q6_K's sub-blocks are 16
+weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for the last 16 weights of each block of 32
+(`bits=6`); other types load as float32.
 """
 
 from __future__ import annotations
