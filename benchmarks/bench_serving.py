@@ -47,6 +47,12 @@ flags.DEFINE_integer("max_tokens", 32, "Tokens generated per request.", lower_bo
 flags.DEFINE_integer("prompt_words", 24, "Words per prompt (each prompt differs, so the prefix cache cannot help).")
 flags.DEFINE_float("time_limit_s", 120.0, "No new request starts after this long, per run.")
 flags.DEFINE_integer("repeats", 2, "Timed runs each way, alternating; the fastest of each is reported.", lower_bound=1)
+flags.DEFINE_enum(
+    "activations",
+    "float32",
+    ["float32", "int8"],
+    "Our matmuls' activations (int8: llama.cpp's arithmetic; LLM(activations=...)).",
+)
 flags.DEFINE_enum("peer", None, ["llama-server"], "Also run the load against this server on the same GGUF file.")
 flags.DEFINE_string("llama_cpp_bin", None, "llama.cpp's tools for --peer (default $NOVALLM_LLAMA_CPP).")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_serving.json"), "Where to write the JSON results.")
@@ -65,7 +71,8 @@ def build_llm(model: str | None):
     from novallm_jax.llm import LLM
 
     if model != "random-tiny":
-        return LLM(model)  # the warm-up run below compiles the shapes this load uses, not all of them
+        # the warm-up run below compiles the shapes this load uses, not all of them
+        return LLM(model, activations=FLAGS.activations)
     import jax
 
     from novallm_jax.config import ModelConfig
@@ -168,10 +175,13 @@ async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
     return await closed_loop(FLAGS.clients, len(texts), FLAGS.time_limit_s, one)
 
 
-async def run_http(url: str, model: str, texts: list[str], per_chunk: bool = False) -> tuple[list[Trace], float]:
+async def run_http(
+    url: str, model: str, texts: list[str], per_chunk: bool = False, keep_alive: bool = True
+) -> tuple[list[Trace], float]:
     import httpx
 
-    limits = httpx.Limits(max_connections=FLAGS.clients + 4, max_keepalive_connections=FLAGS.clients + 4)
+    keep = FLAGS.clients + 4 if keep_alive else 0
+    limits = httpx.Limits(max_connections=FLAGS.clients + 4, max_keepalive_connections=keep)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
         async def one(i: int) -> Trace:
@@ -240,7 +250,9 @@ class LlamaServer:
         import subprocess
         import urllib.request
 
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its log beside the results: a request it drops shows there, not in our traceback
+        self.log = open(os.path.join(os.path.dirname(os.path.abspath(FLAGS.output)), "llama-server.log"), "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -260,6 +272,7 @@ class LlamaServer:
             self.proc.wait(timeout=30)
         except Exception:
             self.proc.kill()
+        self.log.close()
 
 
 def main(argv) -> None:
@@ -287,7 +300,9 @@ def main(argv) -> None:
     with BackgroundServer(llm, ServerConfig(max_concurrent=FLAGS.clients + 8)) as srv, peer:
         runs["http"] = lambda ps: run_http(srv.url, srv.server.model_name, ps)
         if FLAGS.peer:
-            runs[FLAGS.peer] = lambda ps: run_http(peer.url, "model", ps, per_chunk=True)
+            # llama-server (cpp-httplib) closes a kept-alive connection after 5 requests or 5 idle seconds, racing
+            # the client's next request on it ("Server disconnected without sending a response"): a new one each.
+            runs[FLAGS.peer] = lambda ps: run_http(peer.url, "model", ps, per_chunk=True, keep_alive=False)
         # Warm-up: the whole load once each way (compiles every shape it reaches, fills connection pools).
         for run in runs.values():
             asyncio.run(run(warm))
@@ -373,6 +388,7 @@ def main(argv) -> None:
             "machine": machine,
             "settings": {
                 "model": FLAGS.model or "default",
+                "activations": FLAGS.activations,
                 "clients": FLAGS.clients,
                 "requests": FLAGS.requests,
                 "max_tokens": FLAGS.max_tokens,
