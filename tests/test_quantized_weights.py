@@ -110,7 +110,7 @@ def test_pack_quant_round_trip(type_name, n, int8):
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 32, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 13, 32, 100])
 def test_quant_matmul_is_bit_identical_to_the_float32_kernel(type_name, m):
     k, n = 512, 72
     bq = decode_blocks(_raw(type_name, n, k, seed=m), type_name, (n, k))
