@@ -263,6 +263,17 @@ inline float HalfToFloat(uint16_t h) {
   return f;
 }
 
+// Eight IEEE halves -> floats (exact).
+inline v8 LoadF16(const uint16_t* p) {
+#if defined(__F16C__)
+  return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  v8 out;
+  for (int i = 0; i < 8; ++i) out[i] = HalfToFloat(p[i]);
+  return out;
+#endif
+}
+
 // Block-quantised panels (GGUF Q4_0/1/K, Q5_0/1/K and Q8_0 weights in their own codes): per panel, K / 32 blocks
 // of {float d[16], float m[16], codes[32][16]} for w[k][j] = d[j] * code[k][j] + m[j]; 4-bit codes are packed two to
 // a byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed (Q5 codes are read from
@@ -290,17 +301,7 @@ constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kCodeBytes<BITS> + (kBits<B
 template <int BITS>
 inline v8 Scales(const uint8_t* block, int i) {
   if constexpr (BITS & kHalf) {
-#if defined(__F16C__)
-    return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * i)));
-#else
-    v8 out;
-    for (int j = 0; j < 8; ++j) {
-      uint16_t h;
-      std::memcpy(&h, block + 16 * i + 2 * j, 2);
-      out[j] = HalfToFloat(h);
-    }
-    return out;
-#endif
+    return LoadF16(reinterpret_cast<const uint16_t*>(block) + 8 * i);
   } else {
     return Load(reinterpret_cast<const float*>(block) + 8 * i);
   }
@@ -408,6 +409,18 @@ void QuantTile(const float* x, int64_t K, const uint8_t* q, float* y, int64_t ld
 }
 
 #if defined(__AVX512F__)
+// The i-th 16 scales of a block's header: d, m (and d2 for bits 6).
+template <int BITS>
+inline v16 Scales16(const uint8_t* block, int i) {
+  if constexpr (BITS & kHalf) {
+    return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * i)));
+  } else {
+    v16 v;
+    std::memcpy(&v, block + 64 * i, sizeof v);
+    return v;
+  }
+}
+
 inline v16 Join(v8 lo, v8 hi) {  // in registers: through memory, the 64-byte reload stalls on two 32-byte stores
   const __m512d low = _mm512_castpd256_pd512(_mm256_castps_pd((__m256)lo));
   return (v16)_mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd((__m256)hi), 1));
@@ -421,11 +434,11 @@ void QuantTile16(const float* x, int64_t K, const uint8_t* q, float* y, int64_t 
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
-    v16 d = Join(Scales<BITS>(q, 0), Scales<BITS>(q, 1));
-    const v16 m = Join(Scales<BITS>(q, 2), Scales<BITS>(q, 3));
+    v16 d = Scales16<BITS>(q, 0);
+    const v16 m = Scales16<BITS>(q, 1);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; ++k, c += kRowBytes) {
-      if (kBits<BITS> == 6 && k == kBlock / 2) d = Join(Scales<BITS>(q, 4), Scales<BITS>(q, 5));
+      if (kBits<BITS> == 6 && k == kBlock / 2) d = Scales16<BITS>(q, 2);
       v8 lo, hi;
       Codes<kBits<BITS>>(c, lo, hi);
       const v16 w = Join(lo, hi) * d + m;  // Dequantised's arithmetic, 16 wide
@@ -566,18 +579,6 @@ struct QuantizedX {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-
-// The i-th 16 scales of a block's header: d, m (and d2 for bits 6).
-template <int BITS>
-inline v16 Scales16(const uint8_t* block, int i) {
-  if constexpr (BITS & kHalf) {
-    return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * i)));
-  } else {
-    v16 v;
-    std::memcpy(&v, block + 64 * i, sizeof v);
-    return v;
-  }
-}
 
 // MR rows of quantised x times one int8-dot panel, with VNNI: one vpdpbusd is 64 byte products summed in fours into
 // the 16 columns' int32 lanes, where AVX2 needs maddubs, madd and add for 32; what is left (the per-block float
@@ -1166,13 +1167,7 @@ inline v8 LoadHalf(const uint16_t* p) {
   if constexpr (BF16) {
     return LoadKV(reinterpret_cast<const bf16*>(p));
   } else {
-#if defined(__F16C__)
-    return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-    v8 out;
-    for (int i = 0; i < 8; ++i) out[i] = HalfToFloat(p[i]);
-    return out;
-#endif
+    return LoadF16(p);
   }
 }
 

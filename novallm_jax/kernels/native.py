@@ -30,11 +30,15 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
-# Block-code kinds (bits, float16 scales) that the float32-decoding kernels read, and the int8-dot ones: codes of
-# `loading.gguf_quant.BlockQuant.bits`, with the scales as float32 or, where they are float16 values (all but the
-# K-quants'), as float16.
-_QUANT_KINDS = [(bits, half) for bits in (4, 6, 8) for half in (False, True) if not (half and bits == 6)]
-_DOT_KINDS = [(bits, half) for bits in (4, 5, 6, 8) for half in (False, True) if not (half and bits == 6)]
+# The block-code kernels, as (bits, half, dot): codes of `loading.gguf_quant.BlockQuant.bits` (5 in the int8-dot
+# layout only), with the scales as float32 or, where they are float16 values (all but Q6_K's), as float16.
+_KINDS = [
+    (bits, half, dot)
+    for dot in (False, True)
+    for bits in ((4, 5, 6, 8) if dot else (4, 6, 8))
+    for half in (False, True)
+    if not (half and bits == 6)
+]
 
 
 def _target(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
@@ -45,7 +49,6 @@ def _symbol(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
     return f"NovallmQ{bits}{'H' * half}{'Dot' * dot}{'Expert' * expert}MatmulF32"
 
 
-_KINDS = [(*kind, False) for kind in _QUANT_KINDS] + [(*kind, True) for kind in _DOT_KINDS]  # (bits, half, dot)
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
 QUANT_BLOCK = 32  # k per (d, m) pair; must match kBlock in cpu_kernels.cc
 
@@ -190,6 +193,12 @@ def _header_bytes(bits: int, half: bool = False) -> int:
     return (3 if bits == 6 else 2) * (2 if half else 4) * PANEL
 
 
+def _header_scales(panels: np.ndarray, bits: int, half: bool) -> np.ndarray:
+    """The panels' block scales as float32 [P, KB, rows, 16]: d, m (and d2 for bits 6)."""
+    header = np.ascontiguousarray(panels[..., : _header_bytes(bits, half)])
+    return header.view(np.float16 if half else np.float32).astype(np.float32).reshape(*panels.shape[:2], -1, PANEL)
+
+
 def block_bytes(bits: int, half: bool = False) -> int:
     """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 or 5 bits, or 8 for bits 6 and
     8; 5-bit codes are 4-bit ones and a plane of fifth bits)."""
@@ -299,11 +308,8 @@ def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False, half
     """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
-    size, dtype = (2, np.float16) if half else (4, np.float32)
-    d, m, d2 = (
-        np.ascontiguousarray(panels[..., i * size * PANEL : (i + 1) * size * PANEL]).view(dtype).astype(np.float32)
-        for i in (0, 1, 2 if bits == 6 else 0)
-    )
+    scales = _header_scales(panels, bits, half)
+    d, m, d2 = (scales[..., i, :] for i in (0, 1, 2 if bits == 6 else 0))
     c = _panel_codes(panels, bits, int8, half)
     d = np.repeat(d[:, :, None, :], QUANT_BLOCK, 2)
     d[:, :, QUANT_BLOCK // 2 :] = d2[:, :, None, :]
@@ -496,9 +502,9 @@ class QuantLinear:
         if not self.half:
             return self
         panels = np.asarray(self.panels)
-        size = _header_bytes(self.bits, True)
-        scales = np.ascontiguousarray(panels[..., :size]).view(np.float16).astype(np.float32).view(np.uint8)
-        return QuantLinear(jnp.asarray(np.concatenate([scales, panels[..., size:]], -1)), self.n, self.bits, self.int8)
+        scales = _header_scales(panels, self.bits, True).reshape(*panels.shape[:2], -1).view(np.uint8)
+        codes = panels[..., _header_bytes(self.bits, True) :]
+        return QuantLinear(jnp.asarray(np.concatenate([scales, codes], -1)), self.n, self.bits, self.int8)
 
     def apply(self, x: jax.Array) -> jax.Array:
         return quant_matmul(x, self.panels, self.n, self.bits, self.int8, self.half)
