@@ -95,8 +95,9 @@ def tokenizer(default_gguf):
 
 @pytest.fixture(scope="module")
 def engines(tokenizer):
-    # Token buckets 1, 2, 4, 8, 16: rows draft 1, 3 or 7 tokens (what fills a bucket, see Scheduler._draft).
-    buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40)
+    # Token buckets 1, 2, 4, 8, 16 (token_buckets=None: derived from these, not kept from EXEC's): rows draft 1, 3 or 7
+    # tokens (what fills a bucket, see Scheduler._draft_length).
+    buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None, num_pages=40)
     return make_engine(tokenizer, max_draft_tokens=8, **buckets), make_engine(tokenizer, **buckets)
 
 
@@ -134,6 +135,29 @@ def test_greedy_speculative_outputs_equal_plain_decoding(engines, monkeypatch):
     assert got == want
     assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
     assert spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
+
+
+def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
+    """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
+    what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
+    spec, plain = engines
+    prompt = list(range(3, 15))
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, speculative=k)
+    want = _run(plain, [(prompt, greedy(0))])[0]
+    asked = []
+
+    def oracle(tokens, k, **_):
+        done = len(tokens) - len(prompt)
+        draft = list(want[done : done + k])
+        if k:
+            asked.append(k)
+        if len(asked) == 1 and draft:
+            draft[0] = (draft[0] + 1) % TINY.vocab_size
+        return tuple(draft)
+
+    monkeypatch.setattr(speculative, "propose", oracle)
+    assert _run(spec, [(prompt, greedy(8))])[0] == want
+    assert asked[:5] == [7, 1, 3, 7, 7], asked
 
 
 def test_speculative_needs_an_engine_that_verifies_drafts(engines):

@@ -401,11 +401,15 @@ class Scheduler:
         if req.pending or req.num_tokens - req.num_computed != 1:
             return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
-        k = min(req.params.speculative, self.exec_cfg.max_draft_tokens)
-        k = int(min(speculative.draft_length(k, *req.last_draft), left - 1))
-        # A row alone in its step pads to a token bucket: draft what fills it (3 rather than 4 or 5 into 8 rows), but
-        # never none, which would leave its draft length where it is for good.
-        return max(0, max((b - 1 for b in self.exec_cfg.token_buckets if 1 <= b - 1 <= k), default=k))
+        cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
+        if cap <= 0:
+            return 0
+        k = speculative.draft_length(cap, *req.last_draft)
+        # A row alone in its step pads to a token bucket: draft what fills the bucket that k falls in (3 for 2, into 4
+        # rows), or, past the cap, the largest bucket below it (7 rather than 8 into 16 rows). Rounding up keeps a
+        # length that grows from 1 growing, where rounding down left it at 1 for good.
+        fills = [b - 1 for b in self.exec_cfg.token_buckets if 1 <= b - 1 <= cap]
+        return min((f for f in fills if f >= k), default=max(fills, default=k))
 
     def _with_drafts(
         self, picked: list[tuple[Request, int, int]], lookup: dict[str, tuple[int, ...]]
