@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with network: fills .gpu/ (git-ignored) with what the GPU lacks
 #   bash benchmarks/gpu_check.sh run       # there, from the repo root, with .gpu/ carried: logs and JSON go to $OUT
+#   bash benchmarks/gpu_check.sh tests     # there: the GPU tests alone (TEST_TIMEOUT, TEST_WORKERS)
 #   bash benchmarks/gpu_check.sh profile [pytest args]  # there: the given tests (no xdist), then profile_step.py
 #
 # `run` puts the repo and .gpu/site on PYTHONPATH instead of installing. The default model's 98 MB GGUF is too big to
@@ -78,8 +79,7 @@ profile() {
     done
 }
 
-run() {
-    setup
+tests() {
     local files=() workers=()
     for t in "${GPU_TESTS[@]}"; do files+=("tests/$t.py"); done
     for t in "${DESELECT[@]}"; do files+=(--deselect "$t"); done
@@ -87,6 +87,11 @@ run() {
     # SIGINT at the limit: pytest still prints the failures it has seen
     timeout -s INT "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rfE --tb=line -p no:cacheprovider "${workers[@]}" \
         --junitxml="$OUT/pytest_gpu.xml" "${files[@]}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+}
+
+run() {
+    setup
+    tests
     timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_decode.py --models=random:smollm2-135m,random:bench-llama-1024 \
         --steps=32 --repeats=5 --output="$OUT/bench_decode_gpu_bf16.json" 2>&1 | tee "$OUT/bench_gpu_bf16.log" | tail -25
     timeout "${BENCH_F32_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --models=random:bench-llama-1024 --dtype=float32 \
@@ -102,6 +107,7 @@ run() {
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
+    tests) setup; tests ;;
     profile) shift; profile "$@" ;;
-    *) echo "usage: $0 prepare|run|profile [pytest args]" >&2; exit 2 ;;
+    *) echo "usage: $0 prepare|run|tests|profile [pytest args]" >&2; exit 2 ;;
 esac
