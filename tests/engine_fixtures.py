@@ -6,11 +6,20 @@ import dataclasses
 import functools
 
 import jax
+import pytest
 
 from novallm_jax.config import ModelConfig
 from novallm_jax.engine.engine import EngineConfig, LLMEngine
 from novallm_jax.engine.executor import ExecutorConfig
+from novallm_jax.kernels import native
 from novallm_jax.model import init_params
+
+
+def skip_without_ragged_steps() -> None:
+    """Ragged steps, and speculative decoding with them, run on the native paged attention: XLA:CPU only."""
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("ragged steps need the native paged attention (XLA:CPU custom calls)")
+
 
 TINY = ModelConfig(
     model_type="llama",

@@ -103,5 +103,8 @@ def test_random_workload_with_swaps_leaves_nothing_behind():
         pool.free_all(owner)
     assert pool.check_leaks() == []
     assert pool.num_free == NUM_PAGES - 1
+    # XLA:GPU keeps the last donated step's storage-sized array alive, with no Python referrer, until the next
+    # dispatch (seen on H100 and H200); a step that writes no page lets it go, so what is counted is the pool's.
+    pool.storage = write_step(pool.storage, jnp.zeros(0, jnp.int32), 0.0)
     gc.collect()
     assert len(jax.live_arrays()) == baseline

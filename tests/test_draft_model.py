@@ -17,7 +17,7 @@ from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kv_cache import ContiguousKVCache
 from novallm_jax.model import forward, init_params
 from novallm_jax.sampling_params import SamplingParams
-from tests.engine_fixtures import EXEC, TINY, tiny_params
+from tests.engine_fixtures import EXEC, TINY, skip_without_ragged_steps, tiny_params
 
 POOR = dataclasses.replace(TINY, num_layers=1, hidden_size=32, intermediate_size=64, head_dim=8)
 
@@ -46,6 +46,7 @@ def test_greedy_outputs_equal_plain_decoding(tokenizer):
     """Rows drafting 1..8 tokens beside a plain row, prompts sharing prefix-cache pages, a pool small enough to
     preempt: every output is the plain engine's over 64 tokens, with the target as its own draft (every draft
     accepted) and with a poor draft (rejections, rejected pages returned)."""
+    skip_without_ragged_steps()
     small = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40)
     rng = np.random.default_rng(1)
     base = rng.integers(3, TINY.vocab_size, 16).tolist()
@@ -68,6 +69,7 @@ def test_sampling_follows_the_target_with_a_poor_draft(tokenizer):
     """20,000 requests at temperature 0.8 on a tiny-vocab target, 3 tokens each, drafting with a poor draft model
     (drafts drawn from its q, verified by min(1, p/q) and residual draws): the tokens are chi-square tested against
     the target's exact sequential distribution, and the acceptance rate against the rule's sum min(p, q)."""
+    skip_without_ragged_steps()
     v, n, temperature = 8, 20000, 0.8
     cfg = dataclasses.replace(TINY, vocab_size=v)
     params = jax.tree.map(lambda a: a * 3 if a.ndim == 2 else a, init_params(cfg, jax.random.key(3)))

@@ -59,7 +59,14 @@ def test_greedy_generation_matches_transformers(family):
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
             )
-        assert got == ref[0, len(p) :].tolist()
+        want = ref[0, len(p) :].tolist()
+        if got != want:
+            # Another backend's float32 sums (a GPU's) may part from the reference at a near-tie of this tiny random
+            # model: only there, and only by less than the logits' tolerance (the test above) between the two picks.
+            i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+            with torch.no_grad():
+                last = hf(torch.tensor([p + want[:i]])).logits[0, -1].numpy()
+            assert last[want[i]] - last[got[i]] <= 1e-4, f"token {i}: {got[i]} where transformers picks {want[i]}"
 
 
 def test_multimodal_gemma3_checkpoint_runs_its_text_tower(tmp_path):

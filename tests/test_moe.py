@@ -94,11 +94,12 @@ def test_the_three_ffn_paths_agree(tokens):
     experts = jnp.asarray(np.random.default_rng(1).choice([0, 2, 3, 7], 2 * tokens), jnp.int32)
     rows = jnp.arange(2 * tokens) // 2
     want = np.asarray(_gathered_ffn(x[rows], experts, p, jax.nn.silu))
+    # atol: float32 rounding of sums of unit-sized terms in another order (on a GPU the paths differ by up to 2.4e-6).
     np.testing.assert_allclose(
-        np.asarray(_grouped_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6
+        np.asarray(_grouped_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(
-        np.asarray(_blocked_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-6
+        np.asarray(_blocked_ffn(x, rows, experts, p, E, jax.nn.silu)), want, rtol=1e-5, atol=1e-5
     )
 
 

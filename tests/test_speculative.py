@@ -16,7 +16,7 @@ from novallm_jax.engine import speculative
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.sampling import SamplingBatch, sample_slots
 from novallm_jax.sampling_params import SamplingParams
-from tests.engine_fixtures import TINY, make_engine
+from tests.engine_fixtures import TINY, make_engine, skip_without_ragged_steps
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
@@ -95,6 +95,7 @@ def tokenizer(default_gguf):
 
 @pytest.fixture(scope="module")
 def engines(tokenizer):
+    skip_without_ragged_steps()
     # Token buckets 1, 2, 4, 8, 16 (token_buckets=None: derived from these, not kept from EXEC's): rows draft 1, 3 or 7
     # tokens (what fills a bucket, see Scheduler._draft_length).
     buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None, num_pages=40)

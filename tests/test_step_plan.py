@@ -21,7 +21,7 @@ from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, StepPlan
 from novallm_jax.engine.request import FinishReason, Request, Status
 from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.sampling_params import SamplingParams
-from tests.engine_fixtures import TINY, make_engine, tiny_params
+from tests.engine_fixtures import TINY, make_engine, skip_without_ragged_steps, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,8 @@ def _recording(engine):
 
 @pytest.mark.parametrize("ragged,mode", [(True, "recompute"), (False, "recompute"), (True, "swap"), (False, "swap")])
 def test_a_second_core_replays_the_plans_of_a_workload_exactly(tokenizer, ragged, mode):
+    if ragged:
+        skip_without_ragged_steps()
     # A pool of 24 pages of 8 tokens for 6 requests of up to 40 tokens: preemption must happen; the shared first 16
     # tokens hit the prefix cache. A second engine replays the plans as a cluster's worker does: the pool operations
     # first (swaps of its own pages to its host and back), then the calls.
