@@ -47,7 +47,7 @@ def test_greedy_outputs_equal_plain_decoding(tokenizer):
     preempt: every output is the plain engine's over 64 tokens, with the target as its own draft (every draft
     accepted) and with a poor draft (rejections, rejected pages returned)."""
     skip_without_ragged_steps()
-    small = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40)
+    small = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40, draft_step_tokens=128)
     rng = np.random.default_rng(1)
     base = rng.integers(3, TINY.vocab_size, 16).tolist()
     prompts = [base + rng.integers(3, TINY.vocab_size, 3 + i).tolist() for i in range(9)]
@@ -78,6 +78,7 @@ def test_sampling_follows_the_target_with_a_poor_draft(tokenizer):
     draft_params = {**params, "lm_head": jnp.roll(params["lm_head"], 3, axis=1)}
     draft = (cfg, draft_params)
     buckets = dict(decode_batch_buckets=(1, 4, 16, 64), token_buckets=(4, 16, 64, 256), num_pages=200)
+    buckets["draft_step_tokens"] = 256  # every row drafts, 64 at a time
     eng = _engine(tokenizer, cfg, params, draft, max_queue=n, max_draft_tokens=2, **buckets)
     prompt = [1, 5, 3, 6]
     sp = lambda i: SamplingParams(temperature=temperature, seed=i, max_tokens=3, ignore_eos=True, speculative=2)

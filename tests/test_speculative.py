@@ -99,7 +99,9 @@ def engines(tokenizer):
     # Token buckets 1, 2, 4, 8, 16 (token_buckets=None: derived from these, not kept from EXEC's): rows draft 1, 3 or 7
     # tokens (what fills a bucket, see Scheduler._draft_length).
     buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None, num_pages=40)
-    return make_engine(tokenizer, max_draft_tokens=8, **buckets), make_engine(tokenizer, **buckets)
+    # draft_step_tokens: every row drafts however many rows decode beside it (the default shares out 8 tokens)
+    spec = make_engine(tokenizer, max_draft_tokens=8, draft_step_tokens=128, **buckets)
+    return spec, make_engine(tokenizer, **buckets)
 
 
 def _run(eng, specs):
@@ -159,6 +161,41 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
     monkeypatch.setattr(speculative, "propose", oracle)
     assert _run(spec, [(prompt, greedy(8))])[0] == want
     assert asked[:5] == [7, 1, 3, 7, 7], asked
+
+
+def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):
+    """With the default draft_step_tokens (8), decode rows and their drafts fill at most 8 tokens of a step: 2 rows
+    draft 3 each, 4 rows 1 each, 8 or more rows none (a step of many rows costs several times one row)."""
+    skip_without_ragged_steps()
+    _, plain = engines
+    eng = make_engine(tokenizer, max_draft_tokens=8, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
+    rng = np.random.default_rng(2)
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculative=k)
+    steps = []
+    schedule = eng.scheduler.schedule
+
+    def recorded():
+        plan = schedule()
+        rows = [r for c in plan.calls for r in c.rows if len(r.tokens) == 1 + r.draft]
+        steps.append(sorted(r.draft for r in rows))
+        return plan
+
+    monkeypatch.setattr(eng.scheduler, "schedule", recorded)
+    for n in (2, 4, 9):
+        prompts = [rng.integers(3, TINY.vocab_size, 10).tolist() for _ in range(n)]
+        want = _run(plain, [(p, greedy(0)) for p in prompts])
+        by_prompt = {tuple(p): w for p, w in zip(prompts, want)}
+
+        def oracle(tokens, k, **_):
+            p = next(p for p in by_prompt if tuple(tokens[: len(p)]) == p)
+            done = len(tokens) - len(p)
+            return tuple(by_prompt[p][done : done + k])
+
+        monkeypatch.setattr(speculative, "propose", oracle)
+        assert _run(eng, [(p, greedy(8)) for p in prompts]) == want
+    assert all(len(d) + sum(d) <= 8 for d in steps if any(d)), steps
+    assert [3, 3] in steps and [1, 1, 1, 1] in steps, steps
+    assert [0] * 9 in steps and eng.counters["accepted_tokens"] > 0
 
 
 def test_speculative_needs_an_engine_that_verifies_drafts(engines):

@@ -309,7 +309,10 @@ class Scheduler:
         """
         running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
         # Drafts by prompt lookup are known now; a draft model's, only once their pages are there (it writes K/V).
-        lengths = {r.id: self._draft_length(r) for r in running if r.params.speculative}
+        decoding = [r for r in running if r.num_tokens - r.num_computed == 1]
+        drafting = sum(1 for r in decoding if r.params.speculative)
+        share = (self.exec_cfg.draft_step_tokens - len(decoding)) // max(drafting, 1)
+        lengths = {r.id: self._draft_length(r, share) for r in running if r.params.speculative}
         drafts = {}
         if self.drafter is None:
             drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
@@ -395,13 +398,13 @@ class Scheduler:
             )
         return tuple(rows)
 
-    def _draft_length(self, req: Request) -> int:
-        """Tokens to draft for a decode row whose last token is on the host, as many as its length allows (the step
-        may add them all and one more)."""
+    def _draft_length(self, req: Request, share: int) -> int:
+        """Tokens to draft for a decode row whose last token is on the host: at most its share of the step's draft
+        tokens, and what its length allows (the step may add them all and one more)."""
         if req.pending or req.num_tokens - req.num_computed != 1:
             return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
-        cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
+        cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1, share))
         if cap <= 0:
             return 0
         k = speculative.draft_length(cap, *req.last_draft)
