@@ -166,7 +166,6 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
 def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):
     """With the default draft_step_tokens (8), decode rows and their drafts fill at most 8 tokens of a step: 2 rows
     draft 3 each, 4 rows 1 each, 8 or more rows none (a step of many rows costs several times one row)."""
-    skip_without_ragged_steps()
     _, plain = engines
     eng = make_engine(tokenizer, max_draft_tokens=8, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
     rng = np.random.default_rng(2)
