@@ -279,10 +279,11 @@ inline v8 LoadF16(const uint16_t* p) {
 // a byte (column j in the low nibble, column j + 8 in the high one), 8-bit codes are signed (Q5 codes are read from
 // 8 bits here: decoding to float32 is the bound at batch 1, and 5 bits cost more of it than they save in bytes; the
 // int8-dot layout below holds 5 bits). BITS = 6 (Q6_K, whose scales cover 16 weights): 8-bit codes and a third
-// scale row, {d[16], m[16], d2[16], codes[32][16]}, with d2 in place of d for k = 16..31. A panel is decoded into
-// a float32 scratch panel (bit-identical to the float32 weights that the `gguf` package dequantises, see
-// `Dequantised`) and multiplied by the same tiles as float32 weights, so the results are bit-identical to the
-// float32 path's while each weight costs 0.75 (4-bit) or 1.25 (8-bit) bytes of memory traffic instead of 4.
+// scale row, {d[16], m[16], d2[16], codes[32][16]}, with d2 in place of d for k = 16..31. Each weight decodes to the
+// float32 value that the `gguf` package dequantises (`Dequantised`) and meets x in the float32 tiles' order: in
+// registers for up to 8 rows (`QuantRow`, `QuantTile`, `QuantTile16`), through a float32 scratch panel for more
+// (`Dequant`, then `Panel`). So the results are bit-identical to the float32 path's while each weight costs its
+// code and a share of its block's scales (below) in memory traffic instead of 4 bytes.
 constexpr int64_t kBlock = 32;
 // A kind (the `BITS` of the templates below) is the codes' width, plus kHalf where the block's scales are float16:
 // a Q4_0/1, Q5_0/1 or Q8_0 file's d and m are, so they are stored as such (the same values, widened exactly as they
@@ -311,7 +312,10 @@ inline v8 Scales(const uint8_t* block, int i) {
 // for every kind (d has at most 18 significant bits, a float16 times Q6_K's 8-bit or a K-quant's 6-bit scale, and a
 // code at most 5 more), so one fused multiply-add, which the compiler may use here, rounds the same: one instruction
 // less per 8 weights than keeping them apart.
-inline v8 Dequantised(v8 code, v8 d, v8 m) { return code * d + m; }
+template <class V>
+inline V Dequantised(V code, V d, V m) {
+  return code * d + m;
+}
 
 // Eight codes widened to int32 (GCC scalarises __builtin_convertvector from an 8-byte vector, hence the intrinsics).
 inline v8i Widen(const uint8_t* c, bool sign) {
@@ -441,7 +445,7 @@ void QuantTile16(const float* x, int64_t K, const uint8_t* q, float* y, int64_t 
       if (kBits<BITS> == 6 && k == kBlock / 2) d = Scales16<BITS>(q, 2);
       v8 lo, hi;
       Codes<kBits<BITS>>(c, lo, hi);
-      const v16 w = Join(lo, hi) * d + m;  // Dequantised's arithmetic, 16 wide
+      const v16 w = Dequantised(Join(lo, hi), d, m);
       for (int r = 0; r < MR; ++r) acc[r] += x[r * K + b * kBlock + k] * w;
     }
   }
