@@ -23,9 +23,9 @@ SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 @dataclasses.dataclass
 class BlockQuant:
     """A [rows, cols] weight as codes [rows, cols] (uint8 0..15 for bits=4, 0..31 for bits=5, int8 for bits=8 and 6)
-    and float32 d, m
-    [rows, cols / 32]: w[r, c] = d[r, c // 32] * codes[r, c] + m[r, c // 32] (a product, then a sum). bits=6 (Q6_K's
-    sub-blocks of 16): int8 codes, and the last 16 weights of each block of 32 are scaled by d2 instead of d."""
+    and float32 d, m [rows, cols / 32]: w[r, c] = d[r, c // 32] * codes[r, c] + m[r, c // 32] (a product, then a
+    sum). bits=6 (Q6_K's sub-blocks of 16): int8 codes, and the last 16 weights of each block of 32 are scaled by d2
+    instead of d."""
 
     codes: np.ndarray
     d: np.ndarray
