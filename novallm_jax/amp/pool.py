@@ -136,6 +136,15 @@ class MemoryPool:
     def set_storage(self, storage: Any, device: jax.Device) -> None:
         self.router.arena(device).heap.storage = storage
 
+    def read_pages(self, pages: Sequence[int]) -> Any:
+        """Host copies of `pages`' contents on the default device (`PageHeap.read_pages`); their bookkeeping is
+        unchanged."""
+        return self.router.default.heap.read_pages(pages)
+
+    def write_pages(self, pages: Sequence[int], contents: Any) -> None:
+        """Writes host contents (as from `read_pages`) into `pages` on the default device."""
+        self.router.default.heap.write_pages(pages, contents)
+
     # ---- buffers ------------------------------------------------------------------------------------------------
 
     def lease(self, shape: Sequence[int], dtype: Any, *, owner: Hashable = None, fill: Any = None) -> BufferLease:
