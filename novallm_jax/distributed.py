@@ -131,6 +131,12 @@ def check_mesh(mesh) -> None:
 def check_engine(engine) -> None:
     """Refuses an engine that cannot run as one of a cluster's processes, naming the setting."""
     check_mesh(engine.executor.mesh)
+    if engine.drafter is not None:  # its drafts' logits, which sampling verifies against, exist on process 0 only
+        raise InvalidRequestError(
+            "a draft model drafts on process 0 alone, and a cluster's processes sample together: leave "
+            "--draft_model unset (prompt-lookup drafts, --speculative, travel in the step plans)",
+            param="draft_model",
+        )
 
 
 def apply_pool_ops(engine, ops, held: dict) -> None:
@@ -139,13 +145,12 @@ def apply_pool_ops(engine, ops, held: dict) -> None:
     group and swap handle) and back, drops of swapped copies, and page copies."""
     for g, (op, *args) in ops:
         pool = engine.pools[g]
-        heap = pool.router.default.heap
         if op == "swap_out":
             handle, owner, pages = args
-            held[(g, handle)] = (owner, heap.read_pages(pages))
+            held[(g, handle)] = (owner, pool.read_pages(pages))
         elif op == "swap_in":
             handle, pages = args
-            heap.write_pages(pages, held.pop((g, handle))[1])
+            pool.write_pages(pages, held.pop((g, handle))[1])
         elif op == "drop":
             held.pop((g, args[0]), None)
         elif op == "drop_owner":

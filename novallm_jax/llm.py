@@ -207,16 +207,6 @@ class LLM:
             )
         with phase("engine: executor and KV pool"):
             self.engine = LLMEngine(self.cfg, params, self.tokenizer, config, draft=draft)
-        if speculative and not self.engine.executor.ragged:
-            # Every request would then be refused for the drafts the server and the CLI give it by default.
-            self.engine.close()
-            raise InvalidRequestError(
-                "speculative decoding verifies drafts in ragged steps, which run on one CPU device with the native "
-                "kernels (float32); this engine runs padded steps"
-                + (f" on a mesh of {mesh.size} devices" if sharded else "")
-                + ": leave speculative and draft_model unset",
-                param="draft_model" if draft_model is not None else "speculative",
-            )
         if warmup:
             with phase("warm-up"):
                 self.engine.warmup()

@@ -243,8 +243,9 @@ def forward(
     """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
 
     Returns (logits, cache): logits [B, T, V]; or [B, V] at `logits_index` [B] when given (the last real token of each
-    row, say), which skips the vocabulary projection of every other position; or [R, V] for rows `logits_rows` [R] of
-    a batch of one token per row (T = 1), as in a ragged step whose rows are the tokens of several sequences.
+    row, say), which skips the vocabulary projection of every other position; or [R, V] at the flat positions
+    `logits_rows` [R] (row b's token t is b * T + t): a ragged step's (T = 1, its rows the tokens of several
+    sequences), or a padded step's whose rows verify drafted tokens.
     `rope_cs`: `rope_tables_per_kind(positions, rope_inv_freqs(cfg))` when computed elsewhere (the executor computes
     them on the host). `hidden`: returns (logits, cache, states) with the final hidden states [B, T, D] of every
     position after the final norm (what the LM head reads; embeddings pool them).
@@ -281,8 +282,8 @@ def final_outputs(x, norm, head, cache, logits_index, logits_rows, hidden: bool,
 
 def select_rows(x, logits_index, logits_rows):
     """The hidden states [B, T, D] whose logits `forward` returns (see its docstring)."""
-    if logits_rows is not None:
-        return x[logits_rows, 0]
+    if logits_rows is not None:  # flat positions: row b's token t is b * T + t
+        return x.reshape(-1, x.shape[-1])[logits_rows]
     if logits_index is not None:
         return jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
     return x

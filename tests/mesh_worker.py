@@ -10,6 +10,7 @@ for checkpoints loaded from disk onto a mesh, the greedy tokens and whether any 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -228,6 +229,43 @@ def engine_run(tokenizer, params, mesh, mode):
     }
 
 
+def speculative_run(tokenizer, params, mesh, want):
+    """engine_run's first five requests (a pool too small for them: preemption), each drafting up to 4 tokens that
+    an oracle takes from the plain outputs `want`, spoiling every third draft's last token; padded steps verify
+    them (`Executor.verify`)."""
+    from novallm_jax.engine import speculative
+
+    e = dataclasses.replace(ENGINE_EXEC, max_draft_tokens=4, draft_step_tokens=64)
+    engine = LLMEngine(ENGINE_CFG, params, tokenizer, EngineConfig(executor=e, mesh=mesh))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 49152, 30 + 5 * i).tolist() for i in range(5)]
+    calls = []
+
+    def oracle(tokens, k, **_):
+        i = next(i for i, p in enumerate(prompts) if tokens[: len(p)] == p)
+        draft = list(want[i][len(tokens) - len(prompts[i]) :][:k])
+        calls.append(len(draft))
+        if draft and len(calls) % 3 == 0:
+            draft[-1] = (draft[-1] + 1) % ENGINE_CFG.vocab_size
+        return tuple(draft)
+
+    propose, speculative.propose = speculative.propose, oracle
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculative=4)
+        reqs = [engine.add_request(p, greedy) for p in prompts]
+        engine.run_until_idle()
+    finally:
+        speculative.propose = propose
+    return {
+        "outputs": [list(r.output_ids) for r in reqs],
+        "want": [list(w) for w in want],
+        "preemptions": engine.counters["preemptions"],
+        "draft_tokens": engine.counters["draft_tokens"],
+        "accepted_tokens": engine.counters["accepted_tokens"],
+        "leaks": engine.check_leaks(),
+    }
+
+
 def engine_checks(out):
     from novallm_jax.loading import default_model_path
     from novallm_jax.tokenizer import load_tokenizer
@@ -238,6 +276,9 @@ def engine_checks(out):
     out["engine none"] = engine_run(tokenizer, params, None, "swap")
     for mode, spec in ENGINE_RUNS:
         out[f"engine {mode} {spec}"] = engine_run(tokenizer, params, spec, mode)
+    out["speculative model=2,data=2"] = speculative_run(
+        tokenizer, params, "model=2,data=2", out["engine none"]["outputs"][:5]
+    )
     for mesh, mode in GEMMA4_ENGINE_RUNS:
         out[f"engine gemma4 {mesh}"] = gemma4_engine_run(tokenizer, mesh, mode)
 

@@ -119,6 +119,15 @@ def test_engine_with_preemption_and_prefix_caching_matches_the_unsharded_engine(
     assert f["bytes_per_device"] == alone["bytes_per_device"] * (max(kv, m) // m) // kv
 
 
+def test_speculative_drafts_verify_in_sharded_padded_steps(figures):
+    """Drafts verified in a mesh's padded steps (model=2,data=2), with preemption: greedy outputs equal the plain
+    unsharded engine's, drafts accepted and rejected, every page back."""
+    f = figures["speculative model=2,data=2"]
+    assert f["outputs"] == f["want"]
+    assert f["preemptions"] > 0 and 0 < f["accepted_tokens"] < f["draft_tokens"]
+    assert f["leaks"] == []
+
+
 @pytest.mark.parametrize("mesh,mode", w.GEMMA4_ENGINE_RUNS[1:])
 def test_gemma4_through_the_engine_matches_the_unsharded_engine(figures, mesh, mode):
     """Gemma 4 split over `model` (and `data`): its window KV group recycles pages, its K/V-sharing layers keep no

@@ -217,6 +217,46 @@ def test_ragged_steps_equal_contiguous(model):
     assert done == [len(s) for s in seqs]
 
 
+def test_verify_steps_return_every_drafted_positions_logits(model):
+    """Padded decode rows verifying drafts (`Executor.verify`, speculative decoding off ragged steps): after each
+    prompt, rows of 1-5 tokens (one fed from the device), each returning its tokens' logits, row after row, against
+    the contiguous reference."""
+    cfg, params = model
+    e = ExecutorConfig(
+        page_size=PAGE,
+        num_pages=64,
+        max_model_len=96,
+        decode_batch_buckets=(4,),
+        prefill_batch_buckets=(4,),
+        prefill_len_buckets=(64,),
+        ragged_steps=False,
+        max_draft_tokens=4,
+    )
+    ex = Executor(cfg, params, e)
+    extra = [[11], [21, 22, 23], [31, 32, 33, 34, 35], [41, 42]]  # each row's last token, then its drafts
+    seqs = [p + x for p, x in zip(PROMPTS, extra)]
+    tokens, positions, _ = ragged_batch(seqs)
+    ref, _ = forward(params, tokens, positions, ContiguousKVCache.create(cfg, 4, tokens.shape[1]), cfg)
+    ref = np.asarray(ref)
+    tables = scattered_page_tables(seqs, 12, 64).tolist()
+    cache = ex.warmup(ex.new_cache())
+    warm = ex.compile_count
+    assert warm == len(ex.step_shapes()) + len(ex.verify_shapes())
+    _, cache = ex.prefill(cache, [PrefillChunk(p, 0, t) for p, t in zip(PROMPTS, tables)])
+    rows = [PrefillChunk(x, len(p), t, logits=len(x)) for p, x, t in zip(PROMPTS, extra, tables)]
+    rows[0] = PrefillChunk([0], len(PROMPTS[0]), tables[0], from_slot=2)  # its token: the sampler's for slot 2
+    last = jnp.asarray([0, 0, extra[0][0], 0], jnp.int32)
+    logits, cache = ex.verify(cache, rows[::-1], last)  # any order of rows
+    assert logits.shape == (4 * 5, cfg.vocab_size) and ex.compile_count == warm
+    at, logits = 0, np.asarray(logits)
+    for i in range(3, -1, -1):
+        for j in range(len(extra[i])):
+            assert np.abs(logits[at] - ref[i, len(PROMPTS[i]) + j]).max() <= 1e-5, (i, j)
+            at += 1
+    with pytest.raises(ValueError, match="rows of 1 to 5 tokens"):
+        ex.verify(cache, [PrefillChunk([1] * 6, 0, tables[0])])
+
+
 @pytest.mark.parametrize("ragged", [False, True])
 def test_100_requests_compile_nothing_beyond_warmup(ragged):
     cfg = tiny_config()

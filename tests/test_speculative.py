@@ -104,6 +104,14 @@ def engines(tokenizer):
     return spec, make_engine(tokenizer, **buckets)
 
 
+@pytest.fixture(scope="module")
+def padded_engines(tokenizer):
+    """Padded steps (a GPU's and a mesh's; here by choice): drafts verify in `Executor.verify` steps."""
+    buckets = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40, ragged_steps=False)
+    spec = make_engine(tokenizer, max_draft_tokens=8, draft_step_tokens=128, **buckets)
+    return spec, make_engine(tokenizer, **buckets)
+
+
 def _run(eng, specs):
     reqs = [eng.add_request(p, sp) for p, sp in specs]
     eng.run_until_idle()
@@ -111,12 +119,13 @@ def _run(eng, specs):
     return [r.output_ids for r in reqs]
 
 
-def test_greedy_speculative_outputs_equal_plain_decoding(engines, monkeypatch):
+@pytest.mark.parametrize("steps", ["engines", "padded_engines"])
+def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeypatch):
     """Rows drafting 1..8 tokens beside plain rows in the same steps, a pool small enough to preempt: each output is
-    the plain engine's, token for token. A random model repeats too little for prompt lookup, so the drafts come from
-    an oracle that knows the plain output and spoils every third draft's last token: whole drafts accepted, partial
-    ones, rejections, rejected pages returned."""
-    spec, plain = engines
+    the plain engine's, token for token, in ragged steps and in padded ones. A random model repeats too little for
+    prompt lookup, so the drafts come from an oracle that knows the plain output and spoils every third draft's last
+    token: whole drafts accepted, partial ones, rejections, rejected pages returned."""
+    spec, plain = request.getfixturevalue(steps)
     rng = np.random.default_rng(1)
     base = rng.integers(3, TINY.vocab_size, 12).tolist()
     prompts = [base * 3 + rng.integers(3, TINY.vocab_size, 5).tolist() for _ in range(9)]
@@ -293,15 +302,33 @@ def test_default_model_copies_with_drafts_and_the_server_serves_them(default_ggu
         assert llm.engine.check_leaks() == []
 
 
-def test_an_sdk_whose_steps_cannot_verify_drafts_refuses_speculative(default_gguf):
-    """Padded steps (as on a mesh, a GPU, or here by choice) verify no drafts: LLM(speculative=...) and
-    LLM(draft_model=...) say so at once, rather than every request failing for its default drafts."""
+def test_an_sdk_on_padded_steps_verifies_drafts(default_gguf):
+    """Padded steps (a mesh's, a GPU's, or here by choice) verify prompt-lookup drafts: LLM(speculative=...)'s greedy
+    output on the copying prompt equals the same steps' plain output, drafts accepted, every page back."""
     from novallm_jax.engine.engine import EngineConfig
     from novallm_jax.llm import LLM
     from tests.engine_fixtures import EXEC
 
     config = EngineConfig(executor=dataclasses.replace(EXEC, ragged_steps=False))
-    for kwargs, param in (({"speculative": 2}, "speculative"), ({"draft_model": default_gguf}, "draft_model")):
-        with pytest.raises(InvalidRequestError, match="ragged steps") as e:
-            LLM(default_gguf, engine_config=config, **kwargs)
-        assert e.value.param == param
+    greedy = dict(temperature=0.0, max_tokens=32, ignore_eos=True)
+    with LLM(default_gguf, engine_config=config) as plain:
+        ids = plain.chat_prompt([{"role": "user", "content": COPY}])
+        want = plain.generate([ids], SamplingParams(**greedy))[0].outputs[0].token_ids
+    with LLM(default_gguf, engine_config=config, speculative=8) as llm:
+        assert not llm.engine.executor.ragged
+        out = llm.generate([ids], SamplingParams(**greedy, speculative=8))[0].outputs[0]
+        assert out.token_ids == want
+        assert out.metrics.accepted_tokens > 0
+        assert llm.engine.check_leaks() == []
+
+
+def test_a_draft_model_where_ragged_steps_cannot_run_is_refused_naming_the_field(monkeypatch):
+    """A draft model drafts in ragged steps, which need the native CPU kernels (none on a GPU): refused at once."""
+    from novallm_jax.engine.draft import DraftModel
+    from novallm_jax.kernels import native
+    from tests.engine_fixtures import EXEC, tiny_params
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(InvalidRequestError, match="ragged steps, which run on CPU with the native kernels") as e:
+        DraftModel(TINY, tiny_params(), EXEC, TINY.vocab_size)
+    assert e.value.param == "draft_model"

@@ -117,6 +117,8 @@ class EngineCore:
             return self.executor.ragged_step(storage, chunks, self.sampling.last_token, hidden=hidden)
         if call.kind == PREFILL:
             return self.executor.prefill(storage, chunks, padded=True, hidden=hidden)
+        if call.kind == DECODE and any(r.draft for r in call.rows):
+            return self.executor.verify(storage, chunks, self.sampling.last_token)
         if call.kind == DECODE:
             return self.executor.decode(
                 storage,

@@ -62,7 +62,14 @@ class DraftModel:
             ragged_steps=True,
             window_kv_group=False,  # its sliding layers read the request's one page table
         )
-        self.executor = Executor(cfg, params, exec_cfg)
+        try:
+            self.executor = Executor(cfg, params, exec_cfg)
+        except ValueError as e:  # no native kernels here (a GPU, or bfloat16 weights)
+            raise InvalidRequestError(
+                f"a draft model drafts in ragged steps, which run on CPU with the native kernels ({e}); leave "
+                f"draft_model unset for prompt-lookup drafts, which verify on any device",
+                param="draft_model",
+            ) from e
         self.page_size = exec_cfg.page_size
         self.cache = self.executor.new_cache()
         self._written: dict[str, _Written] = {}

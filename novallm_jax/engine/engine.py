@@ -244,9 +244,9 @@ class LLMEngine:
                 f"(max_model_len)" + (", leaving no room to generate" if room else ""),
                 param="prompt",
             )
-        if params.speculative and not (self.executor.ragged and self.executor.exec_cfg.max_draft_tokens):
+        if params.speculative and not self.executor.exec_cfg.max_draft_tokens:
             raise InvalidRequestError(
-                "speculative decoding needs an engine that verifies drafted tokens: ragged steps (CPU) and "
+                "speculative decoding needs an engine that verifies drafted tokens: "
                 "ExecutorConfig.max_draft_tokens > 0 (LLM(speculative=...), --speculative)",
                 param="speculative",
             )

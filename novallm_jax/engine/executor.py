@@ -5,7 +5,7 @@ page-table width), so the number of compilations is bounded and `warmup()` compi
 
 Two kinds of step:
 - `prefill` (prompt chunks as rows [rows, chunk length]) and `decode` (one token per row), each padded to its
-  buckets;
+  buckets, and `verify`: decode rows with drafted tokens (speculative decoding), [rows, 1 + max_draft_tokens];
 - `ragged_step`, where the tokens of every sequence in the step, prompt chunks and decode rows alike, are the rows
   of one batch [tokens, 1]: only the total is padded, and the weights are read once for all of them. It needs the
   native paged attention, which reads each row's own keys in place; XLA's attention would gather every row's whole
@@ -68,13 +68,15 @@ class ExecutorConfig:
     # The K/V pages' dtype: "float32" or "bfloat16" (half the memory per token; keys and values rounded to 8
     # significant bits). None: the model's dtype.
     kv_cache_dtype: str | None = None
-    # Speculative decoding: the most drafted tokens a ragged step's row may verify. A step then returns logits for
-    # up to max_decode_batch * (1 + this) rows (more lm_head rows in steps of many tokens), so it is opt-in.
+    # Speculative decoding: the most drafted tokens a decode row may verify. A ragged step then returns logits for
+    # up to max_decode_batch * (1 + this) rows (more lm_head rows in steps of many tokens), and padded steps gain a
+    # verifying shape per decode bucket (`Executor.verify`), so it is opt-in.
     max_draft_tokens: int = 0
-    # A ragged step's decode rows draft only while they and their drafts stay within this many tokens, shared out
+    # A step's decode rows draft only while they and their drafts stay within this many tokens, shared out
     # evenly: one row drafts 7, two 3 each, four 1, eight or more none. Verifying is worth it where a step's cost
     # hardly grows with its rows, and on two CPU cores a step of 8 rows costs ~2x one row, of 32 rows ~6x: there 32
-    # rows drafting 7 each made 0.65-0.85x plain decoding's tokens/s on the copy task.
+    # rows drafting 7 each made 0.65-0.85x plain decoding's tokens/s on the copy task. Where steps cost about the
+    # same for any rows (a GPU's padded steps), raise it.
     draft_step_tokens: int = 8
     # Sliding-window layers of a model that also has global ones (Gemma 2/3/4) keep their K/V in pages of their own,
     # which return to the pool once behind the window (`kv_cache.window_groups`); None: wherever a model mixes them.
@@ -204,8 +206,8 @@ class Executor:
         self.window = group_window(cfg) if self.exec_cfg.window_kv_group in (None, True) else None
         if self.exec_cfg.window_kv_group and self.window is None:
             raise ValueError("window_kv_group=True needs a model with both sliding-window and global layers")
-        # The step, and the step that also returns the final hidden states (`hidden`), jitted on first use.
-        self._steps: dict[bool, object] = {}
+        # The steps by (hidden, flat) (see `_step_fn`), jitted on first use.
+        self._steps: dict[tuple[bool, bool], object] = {}
         if self.mesh is not None:
             self._place_on_mesh()
 
@@ -219,15 +221,16 @@ class Executor:
             )
         return (possible and native.available()) if wanted is None else wanted
 
-    def _step_fn(self, hidden: bool = False):
-        """The padded step (with `hidden`, the one that also returns every position's final hidden state)."""
-        if hidden not in self._steps:
-            fn = functools.partial(self._traced_step, hidden=hidden)
+    def _step_fn(self, hidden: bool = False, flat: bool = False):
+        """The padded step (with `hidden`, the one that also returns every position's final hidden state; with
+        `flat`, the one whose logits index is flat positions, `forward`'s `logits_rows`)."""
+        if (hidden, flat) not in self._steps:
+            fn = functools.partial(self._traced_step, hidden=hidden, flat=flat)
             if self.mesh is None:
-                self._steps[hidden] = jax.jit(fn, donate_argnames=("cache",))
+                self._steps[hidden, flat] = jax.jit(fn, donate_argnames=("cache",))
             else:
-                self._steps[hidden] = self._sharded_step(fn, hidden)
-        return self._steps[hidden]
+                self._steps[hidden, flat] = self._sharded_step(fn, hidden)
+        return self._steps[hidden, flat]
 
     def _place_on_mesh(self) -> None:
         """Lays the params out over the mesh (once) and records the shardings the steps take and return."""
@@ -248,13 +251,25 @@ class Executor:
         return jax.jit(fn, donate_argnames=("cache",), in_shardings=ins, out_shardings=outs)
 
     def _traced_step(
-        self, params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens, hidden=False
+        self,
+        params,
+        tokens,
+        positions,
+        cache,
+        page_table,
+        logits_index,
+        rope_cs,
+        src,
+        last_tokens,
+        hidden=False,
+        flat=False,
     ):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, jax.tree.leaves(page_table)[0].shape)
         tokens = _fed_back(tokens, src, last_tokens)
+        index = {"logits_rows" if flat else "logits_index": logits_index}
         return forward(
-            params, tokens, positions, cache, self.step_cfg, page_table, logits_index, rope_cs=rope_cs, hidden=hidden
+            params, tokens, positions, cache, self.step_cfg, page_table, rope_cs=rope_cs, hidden=hidden, **index
         )
 
     def _traced_ragged(
@@ -448,10 +463,11 @@ class Executor:
         last_tokens=None,
         extents=None,
         hidden=False,
+        flat=False,
     ):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
-        step = self._step_fn(hidden)
+        step = self._step_fn(hidden, flat)
         with self._lock:
             if self.mesh is None:
                 return step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens)
@@ -583,6 +599,48 @@ class Executor:
         logits, cache = self._run(cache, tok, pos, self._table_arg(tables), np.zeros(rows, np.int32), src, last_tokens)
         return (logits if padded else _rows(logits, n)), cache
 
+    def verify(
+        self, cache: PagedKVCache, rows: Sequence[PrefillChunk], last_tokens: jax.Array | None = None
+    ) -> tuple[jax.Array, PagedKVCache]:
+        """A padded decode step whose rows may verify drafted tokens: row i's tokens (its last token, then its
+        drafts) at positions start..; returns the logits of each row's last `logits` tokens, row after row, padded to
+        [decode bucket * (1 + max_draft_tokens), V]: the layout of a ragged step's. A row's first token may come from
+        `last_tokens` (`PrefillChunk.from_slot`)."""
+        e = self.exec_cfg
+        t = 1 + e.max_draft_tokens
+        if e.max_draft_tokens == 0 or not rows or any(not 0 < len(r.tokens) <= t for r in rows):
+            raise ValueError(f"verify takes rows of 1 to {t} tokens (ExecutorConfig.max_draft_tokens)")
+        n = bucket(len(rows), e.decode_batch_buckets)
+        width = self._table_width(max(r.start + len(r.tokens) for r in rows))
+        tokens = np.zeros((n, t), np.int32)
+        positions = np.full((n, t), -1, np.int32)
+        tables = self._tables(n, width)
+        src = np.full((n, t), -1, np.int32)
+        flat = np.zeros(n * t, np.int32)
+        extents = np.zeros(n, np.int32)
+        out = 0
+        for i, r in enumerate(rows):
+            k = len(r.tokens)
+            tokens[i, :k] = r.tokens
+            positions[i, :k] = np.arange(r.start, r.start + k)
+            src[i, 0] = r.from_slot
+            extents[i] = r.rope_extent
+            self._fill_tables(tables, i, r, self._pages_needed(r))
+            flat[out : out + r.logits] = i * t + np.arange(k - r.logits, k)
+            out += r.logits
+        return self._run(
+            cache, tokens, positions, self._table_arg(tables), flat, src, last_tokens, extents=extents, flat=True
+        )
+
+    def verify_shapes(self) -> list[tuple[int, int, int]]:
+        """The (rows, tokens, page-table width) of `verify` steps: none unless padded steps verify drafts."""
+        e = self.exec_cfg
+        if self.ragged or not e.max_draft_tokens:
+            return []
+        return [
+            (b, 1 + e.max_draft_tokens, w) for b, w in itertools.product(e.decode_batch_buckets, e.page_table_buckets)
+        ]
+
     def ragged_step(
         self,
         cache: PagedKVCache,
@@ -659,7 +717,8 @@ class Executor:
         e = self.exec_cfg
         if self.ragged:
             return tuple(sorted({self._logits_rows(n) for n in e.token_buckets}))
-        return tuple(sorted(set(e.decode_batch_buckets) | set(e.prefill_batch_buckets)))
+        verify = {rows * tokens for rows, tokens, _ in self.verify_shapes()}
+        return tuple(sorted(set(e.decode_batch_buckets) | set(e.prefill_batch_buckets) | verify))
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, page-table width) the executor can run: the warm-up set (ragged steps: tokens 1)."""
@@ -673,8 +732,10 @@ class Executor:
         return shapes
 
     def warmup(self, cache: PagedKVCache) -> PagedKVCache:
-        """Compiles every bucketed shape (writing only to the null page); returns the cache."""
-        for rows, t, width in tqdm(self.step_shapes(), desc="compiling", unit="shape", leave=False):
+        """Compiles every bucketed shape, `step_shapes` and `verify_shapes` (writing only to the null page); returns
+        the cache."""
+        shapes = [(shape, False) for shape in self.step_shapes()] + [(shape, True) for shape in self.verify_shapes()]
+        for (rows, t, width), verify in tqdm(shapes, desc="compiling", unit="shape", leave=False):
             tokens = np.zeros((rows, t), np.int32)
             positions = np.full((rows, t), -1, np.int32)
             table = self._table_arg(self._tables(rows, width))
@@ -682,7 +743,8 @@ class Executor:
                 rows_out = np.zeros(self._logits_rows(rows), np.int32)
                 _, cache = self._run_ragged(cache, tokens, positions, table, rows_out)
             else:
-                _, cache = self._run(cache, tokens, positions, table, np.zeros(rows, np.int32))
+                index = np.zeros(rows * t if verify else rows, np.int32)
+                _, cache = self._run(cache, tokens, positions, table, index, flat=verify)
         jax.block_until_ready(cache)
         logging.info("warm-up compiled %d step shapes", self.compile_count)
         return cache

@@ -308,15 +308,7 @@ class Scheduler:
         Only the call's total is padded (to a token bucket), so prompts are cut wherever the budget ends.
         """
         running = sorted((r for r in self.slots if r is not None), key=lambda r: r.metrics.arrival)
-        # Drafts by prompt lookup are known now; a draft model's, only once their pages are there (it writes K/V).
-        decoding = [r for r in running if r.num_tokens - r.num_computed == 1]
-        drafting = sum(1 for r in decoding if r.params.speculative)
-        share = (self.exec_cfg.draft_step_tokens - len(decoding)) // max(drafting, 1)
-        lengths = {r.id: self._draft_length(r, share) for r in running if r.params.speculative}
-        drafts = {}
-        if self.drafter is None:
-            drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
-            lengths = {rid: len(d) for rid, d in drafts.items()}
+        lengths, drafts = self._draft_lengths([r for r in running if r.num_tokens - r.num_computed == 1])
         budget = self._ragged_budget(running, sum(lengths.values()))
         picked: list[tuple[Request, int, int]] = []  # (request, tokens, drafts)
         for decoding in (True, False):
@@ -345,21 +337,37 @@ class Scheduler:
             # A request picked above may have been preempted to make room for an older one.
             if req.status is Status.RUNNING and self._ensure_pages(req, req.num_computed + n):
                 prefill.append((req, n, ()))
-        decode = [
-            (r, 1, ())
+        decoding = [
+            r
             for r in self.slots
             if r is not None
             and r.pooling is None
             and r.num_tokens - r.num_computed == 1
             and not self._done_when_read(r)
-            and self._ensure_pages(r, r.num_tokens)
+        ]
+        lengths, drafts = self._draft_lengths(decoding)
+        # A row another row's pages preempted (the newest go first) is skipped: it holds no pages now.
+        k = lambda r: lengths.get(r.id, 0)
+        decode = [
+            (r, 1, k(r)) for r in decoding if r.status is Status.RUNNING and self._ensure_pages(r, r.num_tokens + k(r))
         ]
         calls = [
             ModelCall(kind, rows)
-            for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(decode)))
+            for kind, rows in ((PREFILL, self._rows(prefill)), (DECODE, self._rows(self._with_drafts(decode, drafts))))
             if rows
         ]
         return calls
+
+    def _draft_lengths(self, decoding: list[Request]) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
+        """How many tokens each of a step's decode rows drafts, and their drafts where prompt lookup makes them
+        (known now; a draft model's only once the rows' pages are there, since it writes K/V: `_with_drafts`)."""
+        drafting = sum(1 for r in decoding if r.params.speculative)
+        share = (self.exec_cfg.draft_step_tokens - len(decoding)) // max(drafting, 1)
+        lengths = {r.id: self._draft_length(r, share) for r in decoding if r.params.speculative}
+        if self.drafter is not None:
+            return lengths, {}
+        drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
+        return {rid: len(d) for rid, d in drafts.items()}, drafts
 
     def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
         """The rows of the picked (request, tokens, drafted tokens) that are still running (a later pick may have
@@ -400,13 +408,17 @@ class Scheduler:
 
     def _draft_length(self, req: Request, share: int) -> int:
         """Tokens to draft for a decode row whose last token is on the host: at most its share of the step's draft
-        tokens, and what its length allows (the step may add them all and one more)."""
+        tokens (in ragged steps; padded ones only need a share), and what its length allows (the step may add them
+        all and one more)."""
         if req.pending or req.num_tokens - req.num_computed != 1:
             return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
-        cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1, share))
-        if cap <= 0:
+        cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
+        if min(cap, share) <= 0:
             return 0
+        if not self.ragged:  # a padded verifying row computes 1 + max_draft_tokens positions whatever it drafts
+            return cap
+        cap = min(cap, share)
         k = speculative.draft_length(cap, *req.last_draft)
         # A row alone in its step pads to a token bucket: draft what fills the bucket that k falls in (3 for 2, into 4
         # rows), or, past the cap, the largest bucket below it (7 rather than 8 into 16 rows). Rounding up keeps a
