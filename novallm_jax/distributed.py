@@ -130,13 +130,13 @@ def check_mesh(mesh) -> None:
 
 def check_engine(engine) -> None:
     """Refuses an engine that cannot run as one of a cluster's processes, naming the setting."""
-    check_mesh(engine.executor.mesh)
     if engine.drafter is not None:  # its drafts' logits, which sampling verifies against, exist on process 0 only
         raise InvalidRequestError(
             "a draft model drafts on process 0 alone, and a cluster's processes sample together: leave "
             "--draft_model unset (prompt-lookup drafts, --speculative, travel in the step plans)",
             param="draft_model",
         )
+    check_mesh(engine.executor.mesh)
 
 
 def apply_pool_ops(engine, ops, held: dict) -> None:

@@ -235,3 +235,19 @@ def test_cluster_settings_come_from_flags_or_the_environment(monkeypatch):
     assert cluster == distributed.Cluster("10.0.0.1:9876", 4, 3) and not cluster.is_leader
     assert cluster.plan_address == ("10.0.0.1", 9877)
     assert distributed.cluster_from(process_id=0).is_leader  # a flag wins over the environment
+
+
+def test_a_cluster_refuses_a_draft_model_naming_the_flag(default_gguf):
+    """A draft model's drafts and their logits exist on process 0 only, and every process samples: refused."""
+    from novallm_jax import distributed
+    from novallm_jax.errors import InvalidRequestError
+    from novallm_jax.tokenizer import load_tokenizer
+    from tests.engine_fixtures import skip_without_ragged_steps
+
+    skip_without_ragged_steps()
+    config = EngineConfig(executor=dataclasses.replace(EXEC, max_draft_tokens=2))
+    tokenizer = load_tokenizer(default_gguf)
+    engine = LLMEngine(TINY, tiny_params(), tokenizer, config, draft=(TINY, tiny_params()))
+    with pytest.raises(InvalidRequestError, match="draft model drafts on process 0 alone") as e:
+        distributed.check_engine(engine)
+    assert e.value.param == "draft_model"
