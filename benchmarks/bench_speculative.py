@@ -10,6 +10,7 @@ per mode, the ratio, and the drafts' acceptance rate.
 
     python benchmarks/bench_speculative.py                 # 6 rounds, k = 8, 128 tokens
     python benchmarks/bench_speculative.py --quick         # smoke run
+    python benchmarks/bench_speculative.py --steps=padded  # drafts verified in padded steps (a GPU's, a mesh's)
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ flags.DEFINE_string(
     "draft_model",
     None,
     "A draft model with the target's tokenizer (LLM(draft_model=...)): its drafts instead of prompt lookup's.",
+)
+flags.DEFINE_enum(
+    "steps",
+    "default",
+    ["default", "padded"],
+    "The engine's steps: its default (ragged on CPU), or padded ones (ExecutorConfig(ragged_steps=False): drafts "
+    "verify in `Executor.verify` calls, as on a GPU or a mesh).",
 )
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")
 flags.DEFINE_float(
@@ -73,13 +81,25 @@ def _run(llm, ids, params) -> tuple[float, int, int, int]:
 
 def main(argv) -> None:
     del argv
+    import dataclasses
+
+    from novallm_jax.engine.engine import EngineConfig
     from novallm_jax.llm import LLM
     from novallm_jax.sampling_params import SamplingParams
 
     rounds, max_tokens = (2, 24) if FLAGS.quick else (FLAGS.rounds, FLAGS.max_tokens)
     load_before, t0 = common.loadavg(), time.perf_counter()
     results = {}
-    with LLM(FLAGS.model, speculative=FLAGS.draft, activations=FLAGS.activations, draft_model=FLAGS.draft_model) as llm:
+    config = EngineConfig()
+    if FLAGS.steps == "padded":
+        config = EngineConfig(executor=dataclasses.replace(config.executor, ragged_steps=False))
+    with LLM(
+        FLAGS.model,
+        speculative=FLAGS.draft,
+        activations=FLAGS.activations,
+        draft_model=FLAGS.draft_model,
+        engine_config=config,
+    ) as llm:
         t, ignore = FLAGS.temperature, FLAGS.temperature > 0  # sampled runs: always max_tokens, for like rates
         modes = {
             "plain": SamplingParams(temperature=t, seed=0, max_tokens=max_tokens, ignore_eos=ignore),
@@ -120,7 +140,7 @@ def main(argv) -> None:
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
     print(
         f"k = {FLAGS.draft}, drafts by {FLAGS.draft_model or 'prompt lookup'}, activations {FLAGS.activations}, "
-        f"temperature {FLAGS.temperature}, "
+        f"temperature {FLAGS.temperature}, {FLAGS.steps} steps, "
         f"{rounds} rounds, load {load_before} -> {machine['loadavg_after']}, {time.perf_counter() - t0:.0f} s"
     )
     common.write_json(
@@ -134,6 +154,7 @@ def main(argv) -> None:
                 "activations": FLAGS.activations,
                 "max_tokens": max_tokens,
                 "temperature": FLAGS.temperature,
+                "steps": FLAGS.steps,
             },
             "tasks": results,
         },
