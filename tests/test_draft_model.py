@@ -42,12 +42,14 @@ def _run(eng, specs):
     return [r.output_ids for r in reqs]
 
 
-def test_greedy_outputs_equal_plain_decoding(tokenizer):
+@pytest.mark.parametrize("ragged_steps", [None, False])
+def test_greedy_outputs_equal_plain_decoding(tokenizer, ragged_steps):
     """Rows drafting 1..8 tokens beside a plain row, prompts sharing prefix-cache pages, a pool small enough to
     preempt: every output is the plain engine's over 64 tokens, with the target as its own draft (every draft
-    accepted) and with a poor draft (rejections, rejected pages returned)."""
+    accepted) and with a poor draft (rejections, rejected pages returned); the target in ragged steps, and in padded
+    ones (`Executor.verify`), the draft in ragged steps of its own."""
     skip_without_ragged_steps()
-    small = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40, draft_step_tokens=128)
+    small = dict(decode_batch_buckets=(1, 2, 4, 8, 16), num_pages=40, draft_step_tokens=128, ragged_steps=ragged_steps)
     rng = np.random.default_rng(1)
     base = rng.integers(3, TINY.vocab_size, 16).tolist()
     prompts = [base + rng.integers(3, TINY.vocab_size, 3 + i).tolist() for i in range(9)]
