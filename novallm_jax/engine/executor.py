@@ -75,8 +75,9 @@ class ExecutorConfig:
     # A step's decode rows draft only while they and their drafts stay within this many tokens, shared out
     # evenly: one row drafts 7, two 3 each, four 1, eight or more none. Verifying is worth it where a step's cost
     # hardly grows with its rows, and on two CPU cores a step of 8 rows costs ~2x one row, of 32 rows ~6x: there 32
-    # rows drafting 7 each made 0.65-0.85x plain decoding's tokens/s on the copy task. Where steps cost about the
-    # same for any rows (a GPU's padded steps), raise it.
+    # rows drafting 7 each made 0.65-0.85x plain decoding's tokens/s on the copy task. In padded steps a row with a
+    # share drafts all its request allows (a verifying call computes 1 + max_draft_tokens positions a row anyway).
+    # Where steps cost about the same for any rows (a GPU's padded steps), raise it.
     draft_step_tokens: int = 8
     # Sliding-window layers of a model that also has global ones (Gemma 2/3/4) keep their K/V in pages of their own,
     # which return to the pool once behind the window (`kv_cache.window_groups`); None: wherever a model mixes them.
