@@ -547,20 +547,9 @@ class Executor:
         t = bucket(longest, e.prefill_len_buckets)
         # At least as wide as the chunk bucket, so that every shape used here is one `step_shapes` warms up.
         end = max(max(c.start + len(c.tokens) for c in chunks), min(t, e.page_table_buckets[-1] * e.page_size))
-        width = self._table_width(end)
-        tokens = np.zeros((rows, t), np.int32)
-        positions = np.full((rows, t), -1, np.int32)
-        tables = self._tables(rows, width)
+        tokens, positions, tables, _, extents = self._padded_rows(chunks, rows, t, self._table_width(end))
         last = np.zeros(rows, np.int32)
-        extents = np.zeros(rows, np.int32)
-        for i, c in enumerate(chunks):
-            n = len(c.tokens)
-            needed = self._pages_needed(c)
-            extents[i] = c.rope_extent
-            tokens[i, :n] = c.tokens
-            positions[i, :n] = np.arange(c.start, c.start + n)
-            self._fill_tables(tables, i, c, needed)
-            last[i] = n - 1
+        last[: len(chunks)] = [len(c.tokens) - 1 for c in chunks]
         logits, cache, *states = self._run(
             cache, tokens, positions, self._table_arg(tables), last, extents=extents, hidden=hidden
         )
@@ -613,25 +602,33 @@ class Executor:
             raise ValueError(f"verify takes rows of 1 to {t} tokens (ExecutorConfig.max_draft_tokens)")
         n = bucket(len(rows), e.decode_batch_buckets)
         width = self._table_width(max(r.start + len(r.tokens) for r in rows))
-        tokens = np.zeros((n, t), np.int32)
-        positions = np.full((n, t), -1, np.int32)
-        tables = self._tables(n, width)
-        src = np.full((n, t), -1, np.int32)
+        tokens, positions, tables, src, extents = self._padded_rows(rows, n, t, width)
         flat = np.zeros(n * t, np.int32)
-        extents = np.zeros(n, np.int32)
         out = 0
         for i, r in enumerate(rows):
-            k = len(r.tokens)
-            tokens[i, :k] = r.tokens
-            positions[i, :k] = np.arange(r.start, r.start + k)
-            src[i, 0] = r.from_slot
-            extents[i] = r.rope_extent
-            self._fill_tables(tables, i, r, self._pages_needed(r))
-            flat[out : out + r.logits] = i * t + np.arange(k - r.logits, k)
+            flat[out : out + r.logits] = i * t + np.arange(len(r.tokens) - r.logits, len(r.tokens))
             out += r.logits
         return self._run(
             cache, tokens, positions, self._table_arg(tables), flat, src, last_tokens, extents=extents, flat=True
         )
+
+    def _padded_rows(self, chunks: Sequence[PrefillChunk], rows: int, t: int, width: int):
+        """`chunks` as the first rows of a padded step [rows, t]: tokens, positions (-1: padding), page tables of
+        `width` pages, where each row's first token comes from (`PrefillChunk.from_slot`), and rope extents."""
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.full((rows, t), -1, np.int32)
+        tables = self._tables(rows, width)
+        src = np.full((rows, t), -1, np.int32)
+        extents = np.zeros(rows, np.int32)
+        for i, c in enumerate(chunks):
+            n = len(c.tokens)
+            needed = self._pages_needed(c)
+            tokens[i, :n] = c.tokens
+            positions[i, :n] = np.arange(c.start, c.start + n)
+            src[i, 0] = c.from_slot
+            extents[i] = c.rope_extent
+            self._fill_tables(tables, i, c, needed)
+        return tokens, positions, tables, src, extents
 
     def verify_shapes(self) -> list[tuple[int, int, int]]:
         """The (rows, tokens, page-table width) of `verify` steps: none unless padded steps verify drafts."""
