@@ -49,6 +49,16 @@ constexpr int64_t kMaxHeads = 256;  // query heads per attention call
 inline v8 Load(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void Store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 inline v8 Splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
+// Weights that a call reads once (decode steps' few rows) are touched with a non-temporal prefetch a line ahead of
+// their loads: the hint, not the distance, is what counts (offsets 0-256 bytes measured alike; further ahead the
+// lines were dropped before use). Streamed lines then skip the L2 and L3 fills that a cache-friendly load makes
+// for data never read again. Batch-1 decode on 2 Zen 4 cores, interleaved with it off: F16 +17%, F32 +11%, Q8_0
+// +4-8%, Q4_1 +6%, int8 rows +4%. Building with -DNOVALLM_NO_STREAM_HINTS (NOVALLM_KERNEL_FLAGS) turns it off.
+inline void Stream(const void* p, int64_t bytes = 64) {
+#if !defined(NOVALLM_NO_STREAM_HINTS)
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + 64 + o, 0, 0);
+#endif
+}
 
 // MR rows of x times one panel: 2*MR accumulators, which hide the FMA latency for MR >= 5.
 template <int MR>
@@ -71,6 +81,7 @@ inline void Row(const float* x, int64_t K, const float* w, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
+    Stream(w + k * kPanel, 2 * kPanel * sizeof(float));
     const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
     a0 += xa * Load(w + k * kPanel);
     a1 += xa * Load(w + k * kPanel + 8);
@@ -365,6 +376,7 @@ void QuantRow(const float* x, const uint8_t* q, int64_t K, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>, x += kBlock) {
+    Stream(q, kBlockBytes<BITS>);
     v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
     const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
     const uint8_t* c = q + kHeaderBytes<BITS>;
@@ -394,6 +406,7 @@ void QuantTile(const float* x, int64_t K, const uint8_t* q, float* y, int64_t ld
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
+    Stream(q, kBlockBytes<BITS>);
     v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
     const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
     const uint8_t* c = q + kHeaderBytes<BITS>;
@@ -438,6 +451,7 @@ void QuantTile16(const float* x, int64_t K, const uint8_t* q, float* y, int64_t 
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
+    Stream(q, kBlockBytes<BITS>);
     v16 d = Scales16<BITS>(q, 0);
     const v16 m = Scales16<BITS>(q, 1);
     const uint8_t* c = q + kHeaderBytes<BITS>;
@@ -590,11 +604,12 @@ struct QuantizedX {
 // at 32 rows, and slower for few rows). The integer sums are exact either way and the float epilogue is the same,
 // so both paths give the same results.
 template <int BITS, int MR>
-void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy) {
+void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy, bool stream) {
   const int64_t KB = x.K / kBlock;
   v16 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   for (int64_t b = 0; b < KB; ++b, w += kBlockBytes<BITS>) {
+    if (stream) Stream(w, kBlockBytes<BITS>);
     const uint8_t* c = w + kHeaderBytes<BITS>;
     const int8_t* xq = x.q + row * x.K + b * kBlock;
     __m512i s[MR], lo[MR];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
@@ -673,12 +688,13 @@ inline __m256i FifthBits(const uint8_t* p) {
 
 // MR rows of quantised x times one int8-dot panel.
 template <int BITS, int MR>
-void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy) {
+void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64_t ldy, bool stream) {
   const int64_t KB = x.K / kBlock;
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
   v8 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
   for (int64_t b = 0; b < KB; ++b, w += kBlockBytes<BITS>) {
+    if (stream) Stream(w, kBlockBytes<BITS>);
     const uint8_t* c = w + kHeaderBytes<BITS>;
     __m256i s[MR][2], lo[MR][2];  // lo: BITS = 6's sums over k = 0..15 (s then sums k = 16..31)
     if constexpr (kNibbles<BITS>) {
@@ -764,16 +780,18 @@ constexpr bool kVnni = false;
 
 // The last `rows` (< kDotRows) rows of a panel.
 template <int BITS, int MR = kDotRows - 1>
-void DotRest(const QuantizedX& x, int64_t rows, int64_t m, const uint8_t* w, float* y, int64_t N) {
-  if (rows == MR) return DotTile<BITS, MR>(x, m, w, y + m * N, N);
-  if constexpr (MR > 1) DotRest<BITS, MR - 1>(x, rows, m, w, y, N);
+void DotRest(const QuantizedX& x, int64_t rows, int64_t m, const uint8_t* w, float* y, int64_t N, bool stream) {
+  if (rows == MR) return DotTile<BITS, MR>(x, m, w, y + m * N, N, stream);
+  if constexpr (MR > 1) DotRest<BITS, MR - 1>(x, rows, m, w, y, N, stream);
 }
 
 template <int BITS>
 void DotPanel(const QuantizedX& x, int64_t M, const uint8_t* w, float* y, int64_t N) {
+  // Non-temporal hints (`Stream`) where the panel is read once, or is re-read by each tile of rows from L1.
+  const bool stream = M <= kDotRows || x.K / kBlock * kBlockBytes<BITS> <= (16 << 10);
   int64_t m = 0;
-  for (; M - m >= kDotRows; m += kDotRows) DotTile<BITS, kDotRows>(x, m, w, y + m * N, N);
-  if (M > m) DotRest<BITS>(x, M - m, m, w, y, N);
+  for (; M - m >= kDotRows; m += kDotRows) DotTile<BITS, kDotRows>(x, m, w, y + m * N, N, stream);
+  if (M > m) DotRest<BITS>(x, M - m, m, w, y, N, stream);
 }
 
 template <int BITS>
@@ -1181,6 +1199,7 @@ void HalfRow(const float* x, int64_t K, const uint16_t* w, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
+    Stream(w + k * kPanel);
     const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
     a0 += xa * LoadHalf<BF16>(w + k * kPanel);
     a1 += xa * LoadHalf<BF16>(w + k * kPanel + 8);
@@ -1202,7 +1221,10 @@ template <bool BF16>
 void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
   if (M == 1) return HalfRow<BF16>(x, K, w, y);
   float* scratch = ScratchPanel(K);
-  for (int64_t i = 0; i < K * kPanel; i += 8) Store(scratch + i, LoadHalf<BF16>(w + i));
+  for (int64_t i = 0; i < K * kPanel; i += 8) {
+    if (i % 32 == 0) Stream(w + i);
+    Store(scratch + i, LoadHalf<BF16>(w + i));
+  }
   Panel(x, M, K, scratch, y, N);
 }
 
