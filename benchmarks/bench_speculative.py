@@ -6,7 +6,8 @@ Two tasks on the default model (greedy, so both runs produce the same tokens): `
 its input (a paragraph to return with one word changed), so drafts are mostly accepted; and `free`, a question
 whose answer repeats its input little (a poem), where drafts pay only as far as the answer repeats itself. Plain and
 speculative runs alternate round by round (the machine's load drifts); the table gives each task's median tokens/s
-per mode, the ratio, and the drafts' acceptance rate.
+per mode (whole requests, prefill included), the ratio, the ratio of decode rates alone (from the first token to
+the last: prefill is the same work in both modes), and the drafts' acceptance rate.
 
     python benchmarks/bench_speculative.py                 # 6 rounds, k = 8, 128 tokens
     python benchmarks/bench_speculative.py --quick         # smoke run
@@ -68,15 +69,16 @@ TASKS = {
 }
 
 
-def _run(llm, ids, params) -> tuple[float, int, int, int]:
-    """(seconds, tokens, drafted, accepted) of one generation."""
+def _run(llm, ids, params) -> tuple[float, int, int, int, float]:
+    """(seconds, tokens, drafted, accepted, decode seconds) of one generation; decode seconds run from the first
+    token to the last (the prompt's prefill, the same in both modes, left out)."""
     before = dict(llm.engine.counters)
     start = time.perf_counter()
     out = llm.generate([ids], params)[0].outputs[0]
     seconds = time.perf_counter() - start
     drafted = llm.engine.counters["draft_tokens"] - before.get("draft_tokens", 0)
     accepted = llm.engine.counters["accepted_tokens"] - before.get("accepted_tokens", 0)
-    return seconds, len(out.token_ids), drafted, accepted
+    return seconds, len(out.token_ids), drafted, accepted, out.metrics.finished - out.metrics.first_token
 
 
 def main(argv) -> None:
@@ -115,12 +117,15 @@ def main(argv) -> None:
             for r in range(rounds):
                 for mode in list(modes) if r % 2 == 0 else list(reversed(modes)):
                     runs[mode].append(_run(llm, ids, modes[mode]))
-            tok_s = {mode: statistics.median(n / s for s, n, _, _ in rs) for mode, rs in runs.items()}
-            drafted = sum(d for _, _, d, _ in runs["speculative"])
-            accepted = sum(a for _, _, _, a in runs["speculative"])
+            tok_s = {mode: statistics.median(n / s for s, n, *_ in rs) for mode, rs in runs.items()}
+            decode = {mode: statistics.median((n - 1) / d for _, n, _, _, d in rs) for mode, rs in runs.items()}
+            drafted = sum(r[2] for r in runs["speculative"])
+            accepted = sum(r[3] for r in runs["speculative"])
             results[task] = {
                 "tok_s_median": tok_s,
                 "ratio": tok_s["speculative"] / tok_s["plain"],
+                "decode_tok_s_median": decode,
+                "decode_ratio": decode["speculative"] / decode["plain"],
                 "tokens": runs["plain"][0][1],
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "runs": {m: [list(x) for x in rs] for m, rs in runs.items()},
@@ -131,12 +136,14 @@ def main(argv) -> None:
             "plain tok/s": r["tok_s_median"]["plain"],
             "speculative tok/s": r["tok_s_median"]["speculative"],
             "ratio": r["ratio"],
+            "decode ratio": r["decode_ratio"],
             "acceptance": r["acceptance_rate"],
             "tokens": r["tokens"],
         }
         for t, r in results.items()
     ]
-    print(common.format_table(rows, ["task", "plain tok/s", "speculative tok/s", "ratio", "acceptance", "tokens"]))
+    columns = ["task", "plain tok/s", "speculative tok/s", "ratio", "decode ratio", "acceptance", "tokens"]
+    print(common.format_table(rows, columns))
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
     print(
         f"k = {FLAGS.draft}, drafts by {FLAGS.draft_model or 'prompt lookup'}, activations {FLAGS.activations}, "
