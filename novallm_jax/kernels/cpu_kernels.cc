@@ -156,9 +156,12 @@ void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
   }
 }
 
-// The calling thread and up to `threads - 1` pool tasks running phases of parallel items. A helper that starts
-// late (or never) only takes fewer items: no phase waits for a helper that has not claimed one. The state is
-// shared-owned because a helper may start after the call has returned (it then finds the team ended and exits).
+// The calling thread and up to `threads - 1` pool tasks running phases of parallel items. The caller claims chunks
+// of items from the front of a phase and the helpers from its back, so that each member streams one contiguous run
+// of weight panels: chunks claimed in turn from one end made every chunk a new stream for the hardware prefetcher
+// (batch-1 decode, interleaved: Q4_1 and Q4_K_M +4% with two ends, F16 level). A helper that starts late (or never) only takes fewer items: no phase
+// waits for a helper that has not claimed one. The state is shared-owned because a helper may start after the call
+// has returned (it then finds the team ended and exits).
 class Team {
  public:
   Team(ffi::ThreadPool& pool, int64_t threads)
@@ -170,26 +173,34 @@ class Team {
   // Runs body(i) for i in [0, n) on the team; returns when every item is done.
   template <typename F>
   void Run(int64_t n, F& body) {
-    if (n <= 0) return;
-    s_->done.store(0, std::memory_order_relaxed);
-    s_->fn = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
-    s_->ctx = &body;
-    // A few chunks per member: each claim moves the counter's cache line between cores, which costs about as
-    // much as a small item.
-    s_->chunk.store(std::max<int64_t>(1, n / (4 * threads_)), std::memory_order_relaxed);
-    s_->word.store(static_cast<uint64_t>(n) << kShift, std::memory_order_release);
-    s_->Work();
-    for (int spins = 0; s_->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
+    for (int64_t first = 0; first < n; first += kMaxItems) {  // phases of at most kMaxItems items
+      const int64_t m = std::min(n - first, kMaxItems);
+      auto part = [&body, first](int64_t i) { body(first + i); };
+      RunPhase(m, part);
+    }
   }
 
  private:
-  // word = n << 32 | next item: a claim (fetch_add) returns the phase's n and its first item together, so a
-  // helper can never pair items of one phase with the item count of another. A claim that gets items < n means
-  // the phase is not done, so fn and ctx are still that phase's. A stale chunk size only changes how many items
-  // that claim takes: every claimer runs exactly the items it added.
-  static constexpr int kShift = 32;
+  // word = end flag | phase (15 bits) | front (24 bits) | back (24 bits): the items [front, back) are unclaimed.
+  // A claim is a compare-and-swap of the whole word, so it succeeds only on the phase it read: its items are that
+  // phase's, the phase is not done before they are, and fn and ctx (written before the phase's word) are still its.
   static constexpr uint64_t kEnd = uint64_t{1} << 63;
-  static constexpr uint64_t kItem = (uint64_t{1} << kShift) - 1;
+  static constexpr int kFrontShift = 24, kPhaseShift = 48;
+  static constexpr int64_t kMaxItems = (int64_t{1} << kFrontShift) - 1;
+  static constexpr uint64_t kField = (uint64_t{1} << kFrontShift) - 1;
+
+  template <typename F>
+  void RunPhase(int64_t n, F& body) {
+    s_->done.store(0, std::memory_order_relaxed);
+    s_->fn = [](void* ctx, int64_t i) { (*static_cast<F*>(ctx))(i); };
+    s_->ctx = &body;
+    // A few chunks per member: each claim moves the word's cache line between cores.
+    s_->chunk.store(std::max<int64_t>(1, n / (4 * threads_)), std::memory_order_relaxed);
+    phase_ = (phase_ + 1) & 0x7FFF;
+    s_->word.store((phase_ << kPhaseShift) | static_cast<uint64_t>(n), std::memory_order_release);
+    s_->Work(true);
+    for (int spins = 0; s_->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
+  }
 
   static void Pause(int spins) {
 #if defined(__AVX__)  // immintrin.h is included only then
@@ -205,24 +216,28 @@ class Team {
     void (*fn)(void*, int64_t) = nullptr;
     void* ctx = nullptr;
 
-    // Claims and runs chunks of items until the current phase has none left.
-    void Work() {
+    // Claims and runs chunks of items, from the phase's front or back, until it has none left.
+    void Work(bool front) {
+      uint64_t w = word.load(std::memory_order_acquire);
       for (;;) {
-        const int64_t c = chunk.load(std::memory_order_relaxed);
-        const uint64_t w = word.fetch_add(c, std::memory_order_acq_rel);
-        const int64_t n = static_cast<int64_t>((w & ~kEnd) >> kShift), start = static_cast<int64_t>(w & kItem);
-        if ((w & kEnd) || start >= n) return;
-        const int64_t end = std::min(start + c, n);
-        for (int64_t i = start; i < end; ++i) fn(ctx, i);
-        done.fetch_add(end - start, std::memory_order_release);
+        if (w & kEnd) return;
+        const int64_t f = static_cast<int64_t>((w >> kFrontShift) & kField), b = static_cast<int64_t>(w & kField);
+        if (f >= b) return;
+        const int64_t c = std::min(chunk.load(std::memory_order_relaxed), b - f);
+        const uint64_t claimed = front ? w + (static_cast<uint64_t>(c) << kFrontShift) : w - static_cast<uint64_t>(c);
+        if (!word.compare_exchange_weak(w, claimed, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+        const int64_t start = front ? f : b - c;
+        for (int64_t i = start; i < start + c; ++i) fn(ctx, i);
+        done.fetch_add(c, std::memory_order_release);
+        w = word.load(std::memory_order_acquire);
       }
     }
     void Help() {
       for (int spins = 0;;) {
         const uint64_t w = word.load(std::memory_order_acquire);
         if (w & kEnd) return;
-        if ((w & kItem) < (w >> kShift)) {
-          Work();
+        if (((w >> kFrontShift) & kField) < (w & kField)) {
+          Work(false);
           spins = 0;
         } else {
           Pause(spins++);
@@ -231,6 +246,7 @@ class Team {
     }
   };
   int64_t threads_;
+  uint64_t phase_ = 0;
   std::shared_ptr<State> s_;
 };
 
