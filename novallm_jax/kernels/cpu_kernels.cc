@@ -62,10 +62,11 @@ inline void Stream(const void* p, int64_t bytes = 64) {
 
 // MR rows of x times one panel: 2*MR accumulators, which hide the FMA latency for MR >= 5.
 template <int MR>
-inline void Tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
+inline void Tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool stream = false) {
   v8 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
   for (int64_t k = 0; k < K; ++k) {
+    if (stream) Stream(w + k * kPanel);
     const v8 w0 = Load(w + k * kPanel), w1 = Load(w + k * kPanel + 8);
     for (int r = 0; r < MR; ++r) {
       const v8 a = Splat(x[r * K + k]);
@@ -104,10 +105,11 @@ typedef float v16 __attribute__((vector_size(64)));
 // element these are Tile's products and sums in Tile's order (the same bits); with 32 registers and half the
 // instructions, 4-8 rows run ~1.35x Tile's rate on Zen 4 (its 512-bit FMAs need only 4 accumulators in flight).
 template <int MR>
-inline void Tile16(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
+inline void Tile16(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool stream = false) {
   v16 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   for (int64_t k = 0; k < K; ++k) {
+    if (stream) Stream(w + k * kPanel);
     v16 wk;
     std::memcpy(&wk, w + k * kPanel, sizeof wk);
     for (int r = 0; r < MR; ++r) acc[r] += x[r * K + k] * wk;
@@ -122,16 +124,17 @@ void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
   if (M >= 4) {
     // As few tiles as rows of 8 allow, of near-equal sizes: each has 4-8 rows.
     const int64_t tiles = (M + 7) / 8;
+    const bool once = tiles == 1;  // one tile reads the panel: `Stream` its lines
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
       const int64_t rows = M / tiles + (t < M % tiles);
       const float* xt = x + m * K;
       float* yt = y + m * N;
       switch (rows) {
-        case 8: Tile16<8>(xt, K, w, yt, N); break;
-        case 7: Tile16<7>(xt, K, w, yt, N); break;
-        case 6: Tile16<6>(xt, K, w, yt, N); break;
-        case 5: Tile16<5>(xt, K, w, yt, N); break;
-        default: Tile16<4>(xt, K, w, yt, N); break;
+        case 8: Tile16<8>(xt, K, w, yt, N, once); break;
+        case 7: Tile16<7>(xt, K, w, yt, N, once); break;
+        case 6: Tile16<6>(xt, K, w, yt, N, once); break;
+        case 5: Tile16<5>(xt, K, w, yt, N, once); break;
+        default: Tile16<4>(xt, K, w, yt, N, once); break;
       }
       m += rows;
     }
@@ -139,19 +142,20 @@ void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
   }
 #endif
   int64_t m = 0;
+  const bool once = M <= 6;  // one tile reads the panel: `Stream` its lines
   if (M < 30 && M % 6 != 0) {
     // Few rows: tiles of 5 (10 accumulators still hide the FMA latency), where tiles of 6 would leave a tile of 2-4
     // rows (50-65% of the FMA peak) for a large share of the rows. A leftover row joins a 5 to make a 6. With more
     // rows, 6s measured faster in model steps (a 512-token step was ~5% slower in tiles of 5).
     if (M % 5 == 1 && M > 5) { Tile<6>(x, K, w, y, N); m = 6; }
-    for (; M - m >= 5; m += 5) Tile<5>(x + m * K, K, w, y + m * N, N);
+    for (; M - m >= 5; m += 5) Tile<5>(x + m * K, K, w, y + m * N, N, once);
   }
   // Tiles of 6 rows (12 accumulators + 2 weight vectors + 1 broadcast = 15 of 16 AVX2 registers); 8 = 4 + 4.
-  while (M - m >= 6 && M - m != 8) { Tile<6>(x + m * K, K, w, y + m * N, N); m += 6; }
-  while (M - m >= 4) { Tile<4>(x + m * K, K, w, y + m * N, N); m += 4; }
+  while (M - m >= 6 && M - m != 8) { Tile<6>(x + m * K, K, w, y + m * N, N, once); m += 6; }
+  while (M - m >= 4) { Tile<4>(x + m * K, K, w, y + m * N, N, once); m += 4; }
   switch (M - m) {
-    case 3: Tile<3>(x + m * K, K, w, y + m * N, N); break;
-    case 2: Tile<2>(x + m * K, K, w, y + m * N, N); break;
+    case 3: Tile<3>(x + m * K, K, w, y + m * N, N, once); break;
+    case 2: Tile<2>(x + m * K, K, w, y + m * N, N, once); break;
     case 1: Tile<1>(x + m * K, K, w, y + m * N, N); break;
   }
 }
