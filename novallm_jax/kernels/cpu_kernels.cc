@@ -163,9 +163,9 @@ void Panel(const float* x, int64_t M, int64_t K, const float* w, float* y, int64
 // The calling thread and up to `threads - 1` pool tasks running phases of parallel items. The caller claims chunks
 // of items from the front of a phase and the helpers from its back, so that each member streams one contiguous run
 // of weight panels: chunks claimed in turn from one end made every chunk a new stream for the hardware prefetcher
-// (batch-1 decode, interleaved: Q4_1 and Q4_K_M +4% with two ends, F16 level). A helper that starts late (or never) only takes fewer items: no phase
-// waits for a helper that has not claimed one. The state is shared-owned because a helper may start after the call
-// has returned (it then finds the team ended and exits).
+// (batch-1 decode, interleaved: Q4_1 and Q4_K_M +4% with two ends, F16 level). A helper that starts late (or never)
+// only takes fewer items: no phase waits for a helper that has not claimed one. The state is shared-owned because a
+// helper may start after the call has returned (it then finds the team ended and exits).
 class Team {
  public:
   Team(ffi::ThreadPool& pool, int64_t threads)
