@@ -347,7 +347,7 @@ def test_16_bit_gguf_keeps_16_bits_and_gives_the_rounded_float_logits(tmp_path, 
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 13, 100])
 def test_half_matmul_is_bit_identical_to_the_float32_kernel(bf16, m):
     import ml_dtypes
 
