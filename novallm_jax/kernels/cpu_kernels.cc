@@ -1257,9 +1257,26 @@ void HalfTile16(const float* x, int64_t K, const uint16_t* w, float* y, int64_t 
   }
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof acc[r]);
 }
+#else
+// MR (2-6) rows against a 16-bit panel as `HalfTile16`, 8 columns at a time: `Tile`'s products and sums in its order.
+template <bool BF16, int MR>
+void HalfTile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+  v8 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % 2 == 0) Stream(w + k * kPanel);
+    const v8 w0 = LoadHalf<BF16>(w + k * kPanel), w1 = LoadHalf<BF16>(w + k * kPanel + 8);
+    for (int r = 0; r < MR; ++r) {
+      const v8 a = Splat(x[r * K + k]);
+      acc[r][0] += a * w0;
+      acc[r][1] += a * w1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) { Store(y + r * ldy, acc[r][0]); Store(y + r * ldy + 8, acc[r][1]); }
+}
 #endif
 
-// Rows [M, K] of x against one 16-bit panel: up to 8 rows (1 without AVX-512) widen in registers; more rows widen
+// Rows [M, K] of x against one 16-bit panel: up to 8 rows (6 without AVX-512) widen in registers; more rows widen
 // the panel once into a scratch panel that `Panel`'s tiles read.
 template <bool BF16>
 void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
@@ -1273,6 +1290,14 @@ void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y
     case 6: return HalfTile16<BF16, 6>(x, K, w, y, N);
     case 7: return HalfTile16<BF16, 7>(x, K, w, y, N);
     case 8: return HalfTile16<BF16, 8>(x, K, w, y, N);
+  }
+#else
+  switch (M) {
+    case 2: return HalfTile<BF16, 2>(x, K, w, y, N);
+    case 3: return HalfTile<BF16, 3>(x, K, w, y, N);
+    case 4: return HalfTile<BF16, 4>(x, K, w, y, N);
+    case 5: return HalfTile<BF16, 5>(x, K, w, y, N);
+    case 6: return HalfTile<BF16, 6>(x, K, w, y, N);
   }
 #endif
   float* scratch = ScratchPanel(K);
