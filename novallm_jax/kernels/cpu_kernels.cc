@@ -60,14 +60,26 @@ inline void Stream(const void* p, int64_t bytes = 64) {
 #endif
 }
 
-// MR rows of x times one panel: 2*MR accumulators, which hide the FMA latency for MR >= 5.
-template <int MR>
-inline void Tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool stream = false) {
+// A panel's elements: float32, or float16 / bfloat16 bits (`Half`), widened exactly to float32 as they are loaded.
+template <bool BF16>
+struct Half {
+  uint16_t bits;
+};
+template <bool BF16>
+inline v8 LoadHalf(const uint16_t* p);  // with the 16-bit panels below
+inline v8 Widen8(const float* p) { return Load(p); }
+template <bool BF16>
+inline v8 Widen8(const Half<BF16>* p) { return LoadHalf<BF16>(reinterpret_cast<const uint16_t*>(p)); }
+
+// MR rows of x times one panel: 2*MR accumulators, which hide the FMA latency for MR >= 5. `stream`: the panel is
+// read once (`Stream` its lines).
+template <int MR, typename E = float>
+inline void Tile(const float* x, int64_t K, const E* w, float* y, int64_t ldy, bool stream = false) {
   v8 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
   for (int64_t k = 0; k < K; ++k) {
-    if (stream) Stream(w + k * kPanel);
-    const v8 w0 = Load(w + k * kPanel), w1 = Load(w + k * kPanel + 8);
+    if (stream && k * kPanel * sizeof(E) % 64 == 0) Stream(w + k * kPanel);
+    const v8 w0 = Widen8(w + k * kPanel), w1 = Widen8(w + k * kPanel + 8);
     for (int r = 0; r < MR; ++r) {
       const v8 a = Splat(x[r * K + k]);
       acc[r][0] += a * w0;
@@ -104,14 +116,28 @@ typedef float v16 __attribute__((vector_size(64)));
 // MR rows of x times one panel with AVX-512: a 16-float accumulator per row, each weight row one load. Per output
 // element these are Tile's products and sums in Tile's order (the same bits); with 32 registers and half the
 // instructions, 4-8 rows run ~1.35x Tile's rate on Zen 4 (its 512-bit FMAs need only 4 accumulators in flight).
-template <int MR>
-inline void Tile16(const float* x, int64_t K, const float* w, float* y, int64_t ldy, bool stream = false) {
+inline v16 Widen16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <bool BF16>
+inline v16 Widen16(const Half<BF16>* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (BF16) {
+    return (v16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return (v16)_mm512_cvtph_ps(h);
+  }
+}
+
+template <int MR, typename E = float>
+inline void Tile16(const float* x, int64_t K, const E* w, float* y, int64_t ldy, bool stream = false) {
   v16 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = v16{};
   for (int64_t k = 0; k < K; ++k) {
-    if (stream) Stream(w + k * kPanel);
-    v16 wk;
-    std::memcpy(&wk, w + k * kPanel, sizeof wk);
+    if (stream && k * kPanel * sizeof(E) % 64 == 0) Stream(w + k * kPanel);
+    const v16 wk = Widen16(w + k * kPanel);
     for (int r = 0; r < MR; ++r) acc[r] += x[r * K + k] * wk;
   }
   for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof acc[r]);
@@ -1235,69 +1261,31 @@ void HalfRow(const float* x, int64_t K, const uint16_t* w, float* y) {
   Store(y + 8, a1 + b1);
 }
 
-#if defined(__AVX512F__)
-// MR (2-8) rows against a 16-bit panel, widening in registers once for them all: `Tile16`'s products and sums in its
-// order (for 2-3 rows, `Tile`'s: per element the same), so the bits of `Panel` on the widened panel, without writing
-// and re-reading a float32 scratch panel, which made 2 rows slower than one (F16 decode, interleaved: batch 2 2.4x,
-// 4 1.6x, 8 1.3x the scratch path's tokens/s).
-template <bool BF16, int MR>
-void HalfTile16(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
-  v16 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = v16{};
-  for (int64_t k = 0; k < K; ++k) {
-    if (k % 2 == 0) Stream(w + k * kPanel);
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * kPanel));
-    v16 wk;
-    if constexpr (BF16) {
-      wk = (v16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-      wk = (v16)_mm512_cvtph_ps(h);
-    }
-    for (int r = 0; r < MR; ++r) acc[r] += x[r * K + k] * wk;
-  }
-  for (int r = 0; r < MR; ++r) std::memcpy(y + r * ldy, &acc[r], sizeof acc[r]);
-}
-#else
-// MR (2-6) rows against a 16-bit panel as `HalfTile16`, 8 columns at a time: `Tile`'s products and sums in its order.
-template <bool BF16, int MR>
-void HalfTile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
-  v8 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Splat(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    if (k % 2 == 0) Stream(w + k * kPanel);
-    const v8 w0 = LoadHalf<BF16>(w + k * kPanel), w1 = LoadHalf<BF16>(w + k * kPanel + 8);
-    for (int r = 0; r < MR; ++r) {
-      const v8 a = Splat(x[r * K + k]);
-      acc[r][0] += a * w0;
-      acc[r][1] += a * w1;
-    }
-  }
-  for (int r = 0; r < MR; ++r) { Store(y + r * ldy, acc[r][0]); Store(y + r * ldy + 8, acc[r][1]); }
-}
-#endif
-
-// Rows [M, K] of x against one 16-bit panel: up to 8 rows (6 without AVX-512) widen in registers; more rows widen
-// the panel once into a scratch panel that `Panel`'s tiles read.
+// Rows [M, K] of x against one 16-bit panel: up to 8 rows (6 without AVX-512) widen it in registers, in the float32
+// tiles' order (`Tile16` or `Tile` on `Half` elements, so `Panel`'s bits); more rows widen the panel once into a
+// scratch panel that `Panel`'s tiles read. (Widened through the scratch panel, 2 rows had run slower than one: F16
+// decode at batch 2, 4 and 8 runs 2.4x, 1.6x and 1.3x that path's tokens/s.)
 template <bool BF16>
 void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
   if (M == 1) return HalfRow<BF16>(x, K, w, y);
+  const Half<BF16>* h = reinterpret_cast<const Half<BF16>*>(w);
 #if defined(__AVX512F__)
   switch (M) {
-    case 2: return HalfTile16<BF16, 2>(x, K, w, y, N);
-    case 3: return HalfTile16<BF16, 3>(x, K, w, y, N);
-    case 4: return HalfTile16<BF16, 4>(x, K, w, y, N);
-    case 5: return HalfTile16<BF16, 5>(x, K, w, y, N);
-    case 6: return HalfTile16<BF16, 6>(x, K, w, y, N);
-    case 7: return HalfTile16<BF16, 7>(x, K, w, y, N);
-    case 8: return HalfTile16<BF16, 8>(x, K, w, y, N);
+    case 2: return Tile16<2>(x, K, h, y, N, true);
+    case 3: return Tile16<3>(x, K, h, y, N, true);
+    case 4: return Tile16<4>(x, K, h, y, N, true);
+    case 5: return Tile16<5>(x, K, h, y, N, true);
+    case 6: return Tile16<6>(x, K, h, y, N, true);
+    case 7: return Tile16<7>(x, K, h, y, N, true);
+    case 8: return Tile16<8>(x, K, h, y, N, true);
   }
 #else
   switch (M) {
-    case 2: return HalfTile<BF16, 2>(x, K, w, y, N);
-    case 3: return HalfTile<BF16, 3>(x, K, w, y, N);
-    case 4: return HalfTile<BF16, 4>(x, K, w, y, N);
-    case 5: return HalfTile<BF16, 5>(x, K, w, y, N);
-    case 6: return HalfTile<BF16, 6>(x, K, w, y, N);
+    case 2: return Tile<2>(x, K, h, y, N, true);
+    case 3: return Tile<3>(x, K, h, y, N, true);
+    case 4: return Tile<4>(x, K, h, y, N, true);
+    case 5: return Tile<5>(x, K, h, y, N, true);
+    case 6: return Tile<6>(x, K, h, y, N, true);
   }
 #endif
   float* scratch = ScratchPanel(K);
