@@ -89,22 +89,24 @@ inline void Tile(const float* x, int64_t K, const E* w, float* y, int64_t ldy, b
   for (int r = 0; r < MR; ++r) { Store(y + r * ldy, acc[r][0]); Store(y + r * ldy + 8, acc[r][1]); }
 }
 
-// One row: two interleaved k-streams give four independent accumulators.
-inline void Row(const float* x, int64_t K, const float* w, float* y) {
+// One row: two interleaved k-streams give four independent accumulators. Float32 or 16-bit elements, widened as
+// loaded: the same products and sums in the same order.
+template <typename E = float>
+inline void Row(const float* x, int64_t K, const E* w, float* y) {
   v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
-    Stream(w + k * kPanel, 2 * kPanel * sizeof(float));
+    Stream(w + k * kPanel, 2 * kPanel * sizeof(E));
     const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
-    a0 += xa * Load(w + k * kPanel);
-    a1 += xa * Load(w + k * kPanel + 8);
-    b0 += xb * Load(w + (k + 1) * kPanel);
-    b1 += xb * Load(w + (k + 1) * kPanel + 8);
+    a0 += xa * Widen8(w + k * kPanel);
+    a1 += xa * Widen8(w + k * kPanel + 8);
+    b0 += xb * Widen8(w + (k + 1) * kPanel);
+    b1 += xb * Widen8(w + (k + 1) * kPanel + 8);
   }
   for (; k < K; ++k) {
     const v8 xa = Splat(x[k]);
-    a0 += xa * Load(w + k * kPanel);
-    a1 += xa * Load(w + k * kPanel + 8);
+    a0 += xa * Widen8(w + k * kPanel);
+    a1 += xa * Widen8(w + k * kPanel + 8);
   }
   Store(y, a0 + b0);
   Store(y + 8, a1 + b1);
@@ -1239,36 +1241,14 @@ inline v8 LoadHalf(const uint16_t* p) {
   }
 }
 
-// One row against a 16-bit panel, widening in registers: `Row`'s products and sums in `Row`'s order.
-template <bool BF16>
-void HalfRow(const float* x, int64_t K, const uint16_t* w, float* y) {
-  v8 a0 = Splat(0.f), a1 = a0, b0 = a0, b1 = a0;
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    Stream(w + k * kPanel);
-    const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
-    a0 += xa * LoadHalf<BF16>(w + k * kPanel);
-    a1 += xa * LoadHalf<BF16>(w + k * kPanel + 8);
-    b0 += xb * LoadHalf<BF16>(w + (k + 1) * kPanel);
-    b1 += xb * LoadHalf<BF16>(w + (k + 1) * kPanel + 8);
-  }
-  for (; k < K; ++k) {
-    const v8 xa = Splat(x[k]);
-    a0 += xa * LoadHalf<BF16>(w + k * kPanel);
-    a1 += xa * LoadHalf<BF16>(w + k * kPanel + 8);
-  }
-  Store(y, a0 + b0);
-  Store(y + 8, a1 + b1);
-}
-
-// Rows [M, K] of x against one 16-bit panel: up to 8 rows (6 without AVX-512) widen it in registers, in the float32
-// tiles' order (`Tile16` or `Tile` on `Half` elements, so `Panel`'s bits); more rows widen the panel once into a
-// scratch panel that `Panel`'s tiles read. (Widened through the scratch panel, 2 rows had run slower than one: F16
-// decode at batch 2, 4 and 8 runs 2.4x, 1.6x and 1.3x that path's tokens/s.)
+// Rows [M, K] of x against one 16-bit panel: up to 8 rows (6 without AVX-512) widen it in registers, in the
+// float32 kernels' order (`Row`, `Tile16` or `Tile` on `Half` elements, so `Panel`'s bits); more rows widen the panel
+// once into a scratch panel that `Panel`'s tiles read. (Widened through the scratch panel, 2 rows had run slower than
+// one: F16 decode at batch 2, 4 and 8 runs 2.4x, 1.6x and 1.3x that path's tokens/s.)
 template <bool BF16>
 void HalfPanel(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
-  if (M == 1) return HalfRow<BF16>(x, K, w, y);
   const Half<BF16>* h = reinterpret_cast<const Half<BF16>*>(w);
+  if (M == 1) return Row(x, K, h, y);
 #if defined(__AVX512F__)
   switch (M) {
     case 2: return Tile16<2>(x, K, h, y, N, true);
