@@ -2,12 +2,14 @@
 
 Drafts come from prompt lookup, or with `--draft_model` from that model.
 
-Two tasks on the default model (greedy, so both runs produce the same tokens): `copy`, where the answer repeats
-its input (a paragraph to return with one word changed), so drafts are mostly accepted; and `free`, a question
-whose answer repeats its input little (a poem), where drafts pay only as far as the answer repeats itself. Plain and
-speculative runs alternate round by round (the machine's load drifts); the table gives each task's median tokens/s
-per mode (whole requests, prefill included), the ratio, the ratio of decode rates alone (from the first token to
-the last: prefill is the same work in both modes), and the drafts' acceptance rate.
+Three tasks on the default model (greedy, so both runs produce the same tokens): `copy`, where the answer repeats
+its input (a paragraph to return with one word changed), so drafts are mostly accepted; `free`, a question whose
+answer repeats its input little (a poem), where drafts pay only as far as the answer repeats itself (this model's
+poems repeat their lines); and `prose`, an explanation whose n-grams recur with other continuations, so that drafts
+are rejected (the aim there: no slower than plain decoding, within 5%). Plain and speculative runs alternate round
+by round (the machine's load drifts); the table gives each task's median tokens/s per mode (whole requests, prefill
+included), the ratio, the ratio of decode rates alone (from the first token to the last: prefill is the same work in
+both modes), and the drafts' acceptance rate.
 
     python benchmarks/bench_speculative.py                 # 6 rounds, k = 8, 128 tokens
     python benchmarks/bench_speculative.py --quick         # smoke run
@@ -66,6 +68,7 @@ TASKS = {
     "window for the children to come home from school, and when they arrived the cat ran to the door to "
     "greet them before dinner was served in the warm kitchen.",
     "free": "Write a short poem about the sea at night.",
+    "prose": "What are the main causes of the French Revolution?",
 }
 
 

@@ -19,7 +19,7 @@ def test_quick_run_writes_both_rates_and_equal_greedy_outputs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decode ratio" in proc.stdout
     tasks = json.loads(output.read_text())["tasks"]
-    assert set(tasks) == {"copy", "free"}
+    assert set(tasks) == {"copy", "free", "prose"}
     for task in tasks.values():
         for key in ("tok_s_median", "decode_tok_s_median"):
             assert all(v > 0 for v in task[key].values()) and set(task[key]) == {"plain", "speculative"}

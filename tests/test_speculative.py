@@ -29,6 +29,8 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert speculative.propose([4, 9, 5, 9], 2, min_ngram=1) == (5, 9)
     assert [speculative.draft_length(8, d, a) for d, a in ((0, 0), (2, 2), (8, 8), (8, 3), (4, 0))] == [8, 4, 8, 4, 1]
     assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
+    assert [speculative.pause_after(m, first=2) for m in range(6)] == [0, 2, 4, 8, 16, 16]
+    assert [speculative.pause_after(m, first=1) for m in range(7)] == [0, 1, 2, 4, 8, 16, 16]
 
 
 def test_speculative_is_validated_where_it_enters():
@@ -170,6 +172,38 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
     monkeypatch.setattr(speculative, "propose", oracle)
     assert _run(spec, [(prompt, greedy(8))])[0] == want
     assert asked[:5] == [7, 1, 3, 7, 7], asked
+
+
+@pytest.mark.parametrize("miss", ["rejected", "not_found"])
+def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
+    """A row whose drafts are all rejected at their first token drafts again 3, 5, 9 and then every 17 tokens (the
+    verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1, 2, 4,
+    8 and then every 16 tokens. Its output is plain decoding's, and the paused steps are planned while the previous
+    one runs, as plain rows' are."""
+    spec, plain = engines
+    prompt = list(range(3, 15))
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, speculative=k)
+    want = _run(plain, [(prompt, greedy(0))])[0]
+    looked = []
+
+    def oracle(tokens, k, **_):
+        if not k:
+            return ()
+        looked.append(len(tokens))
+        if miss == "not_found":
+            return ()
+        done = len(tokens) - len(prompt)
+        draft = list(want[done : done + k])
+        draft[0] = (draft[0] + 1) % TINY.vocab_size
+        return tuple(draft)
+
+    monkeypatch.setattr(speculative, "propose", oracle)
+    ahead = spec.counters["steps_planned_ahead"]
+    assert _run(spec, [(prompt, greedy(8))])[0] == want
+    gaps = [b - a for a, b in zip(looked, looked[1:])]
+    first, steady = ([3, 5, 9], 17) if miss == "rejected" else ([1, 2, 4, 8], 16)
+    assert gaps == (first + [steady] * len(gaps))[: len(gaps)], looked
+    assert len(gaps) >= 4 and spec.counters["steps_planned_ahead"] - ahead > 40
 
 
 def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):

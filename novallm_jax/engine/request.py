@@ -134,6 +134,9 @@ class Request:
         self.matcher = None  # structured.Matcher of a constrained request (set by the engine)
         self.draft: tuple[int, ...] = ()  # tokens drafted after tokens[-1] in the step in flight (speculative)
         self.last_draft = (0, 0)  # (drafted, accepted) of its latest verified draft
+        # Speculative: drafts in a row rejected at their first token, prompt lookups in a row that found nothing, and
+        # the length the text must reach before it drafts again (`speculative.pause_after`).
+        self.draft_misses = self.lookup_misses = self.draft_resume = 0
         # An embedding request ("last" or "mean"; None: generation): its prompt runs and nothing is sampled; `pooled`
         # gathers its final hidden states as the steps compute them (the last one's, or their float64 sum).
         self.pooling = pooling

@@ -279,8 +279,8 @@ class Scheduler:
         (a preempted request would leave with a token still on the device), so every page it may need must be free.
         Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
         """
-        if any(r is not None and r.params.speculative for r in self.slots):
-            return False  # drafting needs the last token on the host
+        if any(r is not None and r.params.speculative and r.num_tokens >= r.draft_resume for r in self.slots):
+            return False  # drafting needs the last token on the host (unless drafting is paused)
         cap = self._step_cap
         need = need_window = 0
         for req in self.slots:
@@ -367,6 +367,11 @@ class Scheduler:
         if self.drafter is not None:
             return lengths, {}
         drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
+        for rid in (rid for rid, k in lengths.items() if k):
+            req = self.requests[rid]
+            req.lookup_misses = 0 if drafts[rid] else req.lookup_misses + 1
+            if req.lookup_misses:  # the text does not repeat its last n-gram: look again later
+                req.draft_resume = req.num_tokens + speculative.pause_after(req.lookup_misses, first=1)
         return {rid: len(d) for rid, d in drafts.items()}, drafts
 
     def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
@@ -410,7 +415,7 @@ class Scheduler:
         """Tokens to draft for a decode row whose last token is on the host: at most its share of the step's draft
         tokens (in ragged steps; padded ones only need a share), and what its length allows (the step may add them
         all and one more)."""
-        if req.pending or req.num_tokens - req.num_computed != 1:
+        if req.pending or req.num_tokens - req.num_computed != 1 or req.num_tokens < req.draft_resume:
             return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
         cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
@@ -451,8 +456,12 @@ class Scheduler:
 
     def settle(self, req: Request, accepted: int) -> None:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
-        the pages that only the rejected ones reached go back to the pool."""
+        the pages that only the rejected ones reached go back to the pool. A draft rejected at its first token pauses
+        the request's drafting (`speculative.pause_after`)."""
         req.last_draft = (len(req.draft), accepted)
+        req.draft_misses = 0 if accepted else req.draft_misses + 1
+        if req.draft_misses:
+            req.draft_resume = req.num_tokens + speculative.pause_after(req.draft_misses, first=2)
         req.draft = ()
         if req.status is not Status.RUNNING:
             return
