@@ -30,7 +30,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert [speculative.draft_length(8, d, a) for d, a in ((0, 0), (2, 2), (8, 8), (8, 3), (4, 0))] == [8, 4, 8, 4, 1]
     assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
     assert [speculative.pause_after(m, first=2) for m in range(6)] == [0, 2, 4, 8, 16, 16]
-    assert [speculative.pause_after(m, first=1) for m in range(7)] == [0, 1, 2, 4, 8, 16, 16]
+    assert [speculative.pause_after(m, first=1) for m in range(6)] == [0, 1, 2, 4, 8, 8]
 
 
 def test_speculative_is_validated_where_it_enters():
@@ -177,8 +177,8 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
 @pytest.mark.parametrize("miss", ["rejected", "not_found"])
 def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
     """A row whose drafts are all rejected at their first token drafts again 3, 5, 9 and then every 17 tokens (the
-    verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1, 2, 4,
-    8 and then every 16 tokens. Its output is plain decoding's, and the paused steps are planned while the previous
+    verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1, 2, 4
+    and then every 8 tokens. Its output is plain decoding's, and the paused steps are planned while the previous
     one runs, as plain rows' are."""
     spec, plain = engines
     prompt = list(range(3, 15))
@@ -201,7 +201,7 @@ def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
     ahead = spec.counters["steps_planned_ahead"]
     assert _run(spec, [(prompt, greedy(8))])[0] == want
     gaps = [b - a for a, b in zip(looked, looked[1:])]
-    first, steady = ([3, 5, 9], 17) if miss == "rejected" else ([1, 2, 4, 8], 16)
+    first, steady = ([3, 5, 9], 17) if miss == "rejected" else ([1, 2, 4], 8)
     assert gaps == (first + [steady] * len(gaps))[: len(gaps)], looked
     assert len(gaps) >= 4 and spec.counters["steps_planned_ahead"] - ahead > 40
 

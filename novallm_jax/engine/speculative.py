@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 MAX_NGRAM, MIN_NGRAM = 4, 2  # a single repeated token predicts little: its drafts mostly cost a wider step
-MAX_PAUSE = 16  # tokens; a longer pause would miss where a text starts repeating itself
+MAX_DOUBLINGS = 3  # of a pause after misses; longer pauses missed where a text starts repeating itself
 
 
 def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None) -> tuple[int, ...]:
@@ -50,13 +50,13 @@ def draft_length(k: int, last_drafted: int, last_accepted: int) -> int:
 
 def pause_after(misses: int, first: int) -> int:
     """How many tokens longer a request's text grows before it drafts again, after `misses` misses in a row: `first`,
-    doubling with each further miss, up to `MAX_PAUSE`. After a draft rejected at its first token, 2 (counted from the
-    step's last token); after a prompt lookup that found no earlier occurrence of the last n-gram, 1 (counted from the
-    lookup: the next step looks again, then 2, 4, 8 and 16 steps later). On two cores a step verifying one draft
-    costs 1.3-1.5x a plain one, and a step that may draft waits for the last token on the host where a plain step is
-    planned while the previous one runs: drafting at every step ran prose, whose n-grams recur with other
-    continuations, at 0.86-0.91x plain decoding; with these pauses 0.94-1.0x, prompt-copying tasks unchanged."""
-    return min(first * 2 ** (misses - 1), MAX_PAUSE) if misses > 0 else 0
+    doubling with each further miss up to `MAX_DOUBLINGS` times. After a draft rejected at its first token, 2, 4, 8,
+    then 16 (counted from the step's last token); after a prompt lookup that found no earlier occurrence of the last
+    n-gram, 1, 2, 4, then 8 (counted from the lookup: the next step looks again). On two cores a step verifying one
+    draft costs 1.3-1.5x a plain one, and a step that may draft waits for the last token on the host where a plain
+    step is planned while the previous one runs: drafting at every step ran prose, whose n-grams recur with other
+    continuations, at 0.86-0.89x plain decoding; with these pauses 0.97-0.99x, prompt-copying tasks level."""
+    return first << min(misses - 1, MAX_DOUBLINGS) if misses > 0 else 0
 
 
 def accepted(draws: Sequence[int], draft: Sequence[int]) -> int:
