@@ -208,7 +208,8 @@ def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
 
 def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):
     """With the default draft_step_tokens (8), decode rows and their drafts fill at most 8 tokens of a step: 2 rows
-    draft 3 each, 4 rows 1 each, 8 or more rows none (a step of many rows costs several times one row)."""
+    draft 3 each, 4 rows 1 each, 8 or more rows none (a step of many rows costs several times one row), and then
+    their steps are planned ahead."""
     _, plain = engines
     eng = make_engine(tokenizer, max_draft_tokens=8, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
     rng = np.random.default_rng(2)
@@ -234,7 +235,10 @@ def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch
             return tuple(by_prompt[p][done : done + k])
 
         monkeypatch.setattr(speculative, "propose", oracle)
+        ahead = eng.counters["steps_planned_ahead"]
         assert _run(eng, [(p, greedy(8)) for p in prompts]) == want
+    # 9 rows leave no draft tokens to share: their steps are planned while the previous one runs, as plain rows' are
+    assert eng.counters["steps_planned_ahead"] - ahead > 15
     assert all(len(d) + sum(d) <= 8 for d in steps if any(d)), steps
     assert [3, 3] in steps and [1, 1, 1, 1] in steps, steps
     assert [0] * 9 in steps and eng.counters["accepted_tokens"] > 0

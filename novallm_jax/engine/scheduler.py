@@ -279,8 +279,11 @@ class Scheduler:
         (a preempted request would leave with a token still on the device), so every page it may need must be free.
         Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
         """
-        if any(r is not None and r.params.speculative and r.num_tokens >= r.draft_resume for r in self.slots):
-            return False  # drafting needs the last token on the host (unless drafting is paused)
+        drafting, share = self._drafting(
+            [r for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1]
+        )
+        if drafting and share > 0:
+            return False  # a row may draft, which needs its last token on the host
         cap = self._step_cap
         need = need_window = 0
         for req in self.slots:
@@ -358,12 +361,17 @@ class Scheduler:
         ]
         return calls
 
+    def _drafting(self, decoding: list[Request]) -> tuple[list[Request], int]:
+        """The decode rows that may draft (speculative, drafting not paused) and each one's share of the step's draft
+        tokens (`ExecutorConfig.draft_step_tokens`, less a token per decode row)."""
+        drafting = [r for r in decoding if r.params.speculative and r.num_tokens >= r.draft_resume]
+        return drafting, (self.exec_cfg.draft_step_tokens - len(decoding)) // max(len(drafting), 1)
+
     def _draft_lengths(self, decoding: list[Request]) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
         """How many tokens each of a step's decode rows drafts, and their drafts where prompt lookup makes them
         (known now; a draft model's only once the rows' pages are there, since it writes K/V: `_with_drafts`)."""
-        drafting = sum(1 for r in decoding if r.params.speculative)
-        share = (self.exec_cfg.draft_step_tokens - len(decoding)) // max(drafting, 1)
-        lengths = {r.id: self._draft_length(r, share) for r in decoding if r.params.speculative}
+        drafting, share = self._drafting(decoding)
+        lengths = {r.id: self._draft_length(r, share) for r in drafting}
         if self.drafter is not None:
             return lengths, {}
         drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
@@ -415,7 +423,7 @@ class Scheduler:
         """Tokens to draft for a decode row whose last token is on the host: at most its share of the step's draft
         tokens (in ragged steps; padded ones only need a share), and what its length allows (the step may add them
         all and one more)."""
-        if req.pending or req.num_tokens - req.num_computed != 1 or req.num_tokens < req.draft_resume:
+        if req.pending or req.num_tokens - req.num_computed != 1:
             return 0
         left = min((req.params.max_tokens or math.inf) - len(req.output_ids), self.max_model_len - req.num_tokens)
         cap = int(min(req.params.speculative, self.exec_cfg.max_draft_tokens, left - 1))
