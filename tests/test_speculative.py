@@ -151,27 +151,37 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
     assert spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
 
 
-def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
-    """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
-    what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
+def _lone_row(engines, monkeypatch, max_tokens: int, spoil) -> list[tuple[int, int]]:
+    """One greedy row (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
+    `spoil(draft, i)` (i: 1 for the first lookup that asks for drafts): its output must be plain decoding's. Returns
+    (text length, tokens asked for) of each lookup that asked."""
     spec, plain = engines
     prompt = list(range(3, 15))
-    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, speculative=k)
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, speculative=k)
     want = _run(plain, [(prompt, greedy(0))])[0]
     asked = []
 
     def oracle(tokens, k, **_):
+        if not k:
+            return ()
+        asked.append((len(tokens), k))
         done = len(tokens) - len(prompt)
-        draft = list(want[done : done + k])
-        if k:
-            asked.append(k)
-        if len(asked) == 1 and draft:
-            draft[0] = (draft[0] + 1) % TINY.vocab_size
-        return tuple(draft)
+        return tuple(spoil(list(want[done : done + k]), len(asked)))
 
     monkeypatch.setattr(speculative, "propose", oracle)
     assert _run(spec, [(prompt, greedy(8))])[0] == want
-    assert asked[:5] == [7, 1, 3, 7, 7], asked
+    return asked
+
+
+def _wrong_first(draft: list[int]) -> list[int]:
+    return [(draft[0] + 1) % TINY.vocab_size] + draft[1:] if draft else draft
+
+
+def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
+    """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
+    what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
+    asked = _lone_row(engines, monkeypatch, 40, lambda draft, i: _wrong_first(draft) if i == 1 else draft)
+    assert [k for _, k in asked[:5]] == [7, 1, 3, 7, 7], asked
 
 
 @pytest.mark.parametrize("miss", ["rejected", "not_found"])
@@ -180,30 +190,13 @@ def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
     verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1, 2, 4
     and then every 8 tokens. Its output is plain decoding's, and the paused steps are planned while the previous
     one runs, as plain rows' are."""
-    spec, plain = engines
-    prompt = list(range(3, 15))
-    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, speculative=k)
-    want = _run(plain, [(prompt, greedy(0))])[0]
-    looked = []
-
-    def oracle(tokens, k, **_):
-        if not k:
-            return ()
-        looked.append(len(tokens))
-        if miss == "not_found":
-            return ()
-        done = len(tokens) - len(prompt)
-        draft = list(want[done : done + k])
-        draft[0] = (draft[0] + 1) % TINY.vocab_size
-        return tuple(draft)
-
-    monkeypatch.setattr(speculative, "propose", oracle)
-    ahead = spec.counters["steps_planned_ahead"]
-    assert _run(spec, [(prompt, greedy(8))])[0] == want
+    ahead = engines[0].counters["steps_planned_ahead"]
+    spoil = (lambda draft, i: _wrong_first(draft)) if miss == "rejected" else (lambda draft, i: [])
+    looked = [n for n, _ in _lone_row(engines, monkeypatch, 80, spoil)]
     gaps = [b - a for a, b in zip(looked, looked[1:])]
     first, steady = ([3, 5, 9], 17) if miss == "rejected" else ([1, 2, 4], 8)
     assert gaps == (first + [steady] * len(gaps))[: len(gaps)], looked
-    assert len(gaps) >= 4 and spec.counters["steps_planned_ahead"] - ahead > 40
+    assert len(gaps) >= 4 and engines[0].counters["steps_planned_ahead"] - ahead > 40
 
 
 def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):
