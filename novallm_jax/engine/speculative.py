@@ -55,7 +55,7 @@ def pause_after(misses: int, first: int) -> int:
     n-gram, 1, 2, 4, then 8 (counted from the lookup: the next step looks again). On two cores a step verifying one
     draft costs 1.3-1.5x a plain one, and a step that may draft waits for the last token on the host where a plain
     step is planned while the previous one runs: drafting at every step ran prose, whose n-grams recur with other
-    continuations, at 0.86-0.89x plain decoding; with these pauses 0.97-0.99x, prompt-copying tasks level."""
+    continuations, at 0.86-0.89x plain decoding; with these pauses 0.96-0.99x, prompt-copying tasks level."""
     return first << min(misses - 1, MAX_DOUBLINGS) if misses > 0 else 0
 
 
