@@ -11,6 +11,7 @@ the ratio HTTP / direct (the server's overhead). After one untimed warm-up run e
     python benchmarks/bench_serving.py --model=random-tiny --clients=4 --requests=8 --max_tokens=8   # smoke run
     python benchmarks/bench_serving.py --peer=llama-server --clients=32 --requests=96 --max_tokens=64 \
         --llama_cpp_bin="$(bash benchmarks/build_llama_cpp.sh | tail -1)"    # also llama.cpp's server, same file
+    python benchmarks/bench_serving.py --clients=4 --speculative=8    # our requests drafting by prompt lookup
 
 `--peer=llama-server` runs the same closed-loop load against `llama-server -np CLIENTS` on the same GGUF file (the
 default model), alternating with ours, and reports ours / llama-server.
@@ -53,6 +54,14 @@ flags.DEFINE_enum(
     ["float32", "int8"],
     "Our matmuls' activations (int8: llama.cpp's arithmetic; LLM(activations=...)).",
 )
+flags.DEFINE_integer(
+    "speculative",
+    0,
+    "Our requests draft up to this many tokens a step by prompt lookup (LLM(speculative=k), the request's "
+    "`speculative`; 0: off). With many clients a step has no draft tokens to share and plans ahead as plain ones do.",
+    lower_bound=0,
+    upper_bound=8,
+)
 flags.DEFINE_enum("peer", None, ["llama-server"], "Also run the load against this server on the same GGUF file.")
 flags.DEFINE_string("llama_cpp_bin", None, "llama.cpp's tools for --peer (default $NOVALLM_LLAMA_CPP).")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "bench_serving.json"), "Where to write the JSON results.")
@@ -72,7 +81,7 @@ def build_llm(model: str | None):
 
     if model != "random-tiny":
         # the warm-up run below compiles the shapes this load uses, not all of them
-        return LLM(model, activations=FLAGS.activations)
+        return LLM(model, activations=FLAGS.activations, speculative=FLAGS.speculative)
     import jax
 
     from novallm_jax.config import ModelConfig
@@ -103,6 +112,7 @@ def build_llm(model: str | None):
         prefill_batch_buckets=(4,),
         prefill_len_buckets=(64,),
         page_table_buckets=(32,),
+        max_draft_tokens=FLAGS.speculative,
     )
     engine = LLMEngine(cfg, init_params(cfg, jax.random.key(0)), tok, EngineConfig(executor=exec_cfg))
     return LLM.from_engine(engine, "random-tiny")
@@ -166,7 +176,7 @@ async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
 
     async def one(i: int) -> Trace:
         trace = Trace()
-        params = SamplingParams(max_tokens=FLAGS.max_tokens, ignore_eos=True, seed=i)
+        params = SamplingParams(max_tokens=FLAGS.max_tokens, ignore_eos=True, seed=i, speculative=FLAGS.speculative)
         async for out in llm.astream_outputs(llm.encode(texts[i]), params):
             if out.delta_token_ids:
                 trace.arrivals.append((time.perf_counter(), len(out.delta_token_ids)))
@@ -176,7 +186,7 @@ async def run_direct(llm, texts: list[str]) -> tuple[list[Trace], float]:
 
 
 async def run_http(
-    url: str, model: str, texts: list[str], per_chunk: bool = False, keep_alive: bool = True
+    url: str, model: str, texts: list[str], per_chunk: bool = False, keep_alive: bool = True, extra: dict | None = None
 ) -> tuple[list[Trace], float]:
     import httpx
 
@@ -194,6 +204,7 @@ async def run_http(
                 "seed": i,
                 "stream": True,
                 "logprobs": 0,
+                **(extra or {}),
             }  # logprobs: one entry per token, to count them
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
@@ -298,7 +309,8 @@ def main(argv) -> None:
         ctx = 2 * (FLAGS.prompt_words * 4 + FLAGS.max_tokens) + 64
         peer = LlamaServer(bin_dir, FLAGS.model or default_model_path(), FLAGS.clients, ctx)
     with BackgroundServer(llm, ServerConfig(max_concurrent=FLAGS.clients + 8)) as srv, peer:
-        runs["http"] = lambda ps: run_http(srv.url, srv.server.model_name, ps)
+        ours = {"speculative": FLAGS.speculative} if FLAGS.speculative else {}
+        runs["http"] = lambda ps: run_http(srv.url, srv.server.model_name, ps, extra=ours)
         if FLAGS.peer:
             # llama-server (cpp-httplib) closes a kept-alive connection after 5 requests or 5 idle seconds, racing
             # the client's next request on it ("Server disconnected without sending a response"): a new one each.
@@ -315,6 +327,7 @@ def main(argv) -> None:
                 if name not in results or r["tokens_per_s"] > results[name]["tokens_per_s"]:
                     results[name] = r
     leaks = llm.engine.check_leaks()
+    drafts = {k: llm.engine.counters[k] for k in ("draft_tokens", "accepted_tokens")}  # over every run, warm-ups too
     llm.close()
     d, h = results["direct"], results["http"]
     ratios = {
@@ -380,6 +393,8 @@ def main(argv) -> None:
             ],
         )
     )
+    if FLAGS.speculative:
+        print(f"drafts (every run, warm-ups too): {drafts['draft_tokens']} drafted, {drafts['accepted_tokens']} kept")
     machine = common.machine_info(("jax", "jaxlib", "fastapi", "uvicorn", "httpx", "numpy"))
     machine.update(loadavg_before=load_before, loadavg_after=common.loadavg())
     common.write_json(
@@ -396,7 +411,9 @@ def main(argv) -> None:
                 "time_limit_s": FLAGS.time_limit_s,
                 "repeats": FLAGS.repeats,
                 "peer": FLAGS.peer,
+                "speculative": FLAGS.speculative,
             },
+            "drafts": drafts,
             "direct": d,
             "http": h,
             **({FLAGS.peer: results[FLAGS.peer]} if FLAGS.peer else {}),

@@ -9,10 +9,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_run_writes_consistent_json(tmp_path):
+@pytest.mark.parametrize("speculative", [0, 4])
+def test_tiny_run_writes_consistent_json(tmp_path, speculative):
+    """With --speculative our requests draft by prompt lookup (the counts are the same: drafts change no output)."""
     output = tmp_path / "out.json"
     cmd = [
         sys.executable,
@@ -22,12 +26,15 @@ def test_tiny_run_writes_consistent_json(tmp_path):
         "--requests=4",
         "--max_tokens=4",
         "--time_limit_s=60",
+        f"--speculative={speculative}",
         f"--output={output}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(output.read_text())
-    assert res["leaks"] == []
+    assert res["leaks"] == [] and res["settings"]["speculative"] == speculative
+    assert 0 <= res["drafts"]["accepted_tokens"] <= res["drafts"]["draft_tokens"]
+    assert speculative or res["drafts"]["draft_tokens"] == 0
     for run in ("direct", "http"):
         r = res[run]
         assert r["requests"] == 4 and r["generated_tokens"] == 4 * 4
