@@ -151,25 +151,26 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
     assert spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
 
 
-def _lone_row(engines, monkeypatch, max_tokens: int, spoil) -> list[tuple[int, int]]:
-    """One greedy row (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
-    `spoil(draft, i)` (i: 1 for the first lookup that asks for drafts): its output must be plain decoding's. Returns
-    (text length, tokens asked for) of each lookup that asked."""
+def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) -> list[list[tuple[int, int]]]:
+    """Greedy rows (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
+    `spoil(draft, i)` (i: 1 for a row's first lookup that asks for drafts): their outputs must be plain decoding's.
+    Returns per row the (text length, tokens asked for) of each lookup that asked."""
     spec, plain = engines
-    prompt = list(range(3, 15))
+    prompts = [list(range(3 + r, 15 + r)) for r in range(rows)]
     greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, speculative=k)
-    want = _run(plain, [(prompt, greedy(0))])[0]
-    asked = []
+    want = _run(plain, [(p, greedy(0)) for p in prompts])
+    asked = [[] for _ in prompts]
 
     def oracle(tokens, k, **_):
         if not k:
             return ()
-        asked.append((len(tokens), k))
-        done = len(tokens) - len(prompt)
-        return tuple(spoil(list(want[done : done + k]), len(asked)))
+        r = next(r for r, p in enumerate(prompts) if tokens[: len(p)] == p)
+        asked[r].append((len(tokens), k))
+        done = len(tokens) - len(prompts[r])
+        return tuple(spoil(list(want[r][done : done + k]), len(asked[r])))
 
     monkeypatch.setattr(speculative, "propose", oracle)
-    assert _run(spec, [(prompt, greedy(8))])[0] == want
+    assert _run(spec, [(p, greedy(8)) for p in prompts]) == want
     return asked
 
 
@@ -180,23 +181,27 @@ def _wrong_first(draft: list[int]) -> list[int]:
 def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
     """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
     what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
-    asked = _lone_row(engines, monkeypatch, 40, lambda draft, i: _wrong_first(draft) if i == 1 else draft)
+    (asked,) = _oracle_rows(engines, monkeypatch, 40, lambda draft, i: _wrong_first(draft) if i == 1 else draft)
     assert [k for _, k in asked[:5]] == [7, 1, 3, 7, 7], asked
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("miss", ["rejected", "not_found"])
-def test_a_row_pauses_drafting_after_misses(engines, monkeypatch, miss):
-    """A row whose drafts are all rejected at their first token drafts again 3, 5, 9 and then every 17 tokens (the
-    verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1, 2, 4
-    and then every 8 tokens. Its output is plain decoding's, and the paused steps are planned while the previous
-    one runs, as plain rows' are."""
+def test_rows_pause_drafting_after_misses(engines, monkeypatch, miss, rows):
+    """A lone row whose drafts are all rejected at their first token drafts again 3, 5, 9 and then every 17 tokens
+    (the verifying step's token, then a pause of 2, 4, 8, 16); one whose prompt lookups find nothing looks again 1,
+    2, 4 and then every 8 tokens. Beside another row the pauses double (a step that may draft holds up every row's
+    pipelining). Outputs are plain decoding's, and the paused steps are planned while the previous one runs."""
     ahead = engines[0].counters["steps_planned_ahead"]
     spoil = (lambda draft, i: _wrong_first(draft)) if miss == "rejected" else (lambda draft, i: [])
-    looked = [n for n, _ in _lone_row(engines, monkeypatch, 80, spoil)]
-    gaps = [b - a for a, b in zip(looked, looked[1:])]
-    first, steady = ([3, 5, 9], 17) if miss == "rejected" else ([1, 2, 4], 8)
-    assert gaps == (first + [steady] * len(gaps))[: len(gaps)], looked
-    assert len(gaps) >= 4 and engines[0].counters["steps_planned_ahead"] - ahead > 40
+    for asked in _oracle_rows(engines, monkeypatch, 80, spoil, rows):
+        looked = [n for n, _ in asked]
+        gaps = [b - a for a, b in zip(looked, looked[1:])]
+        pauses = [2 * rows << d for d in range(4)] if miss == "rejected" else [rows << d for d in range(4)]
+        want = [p + (miss == "rejected") for p in pauses]  # a rejection's pause counts from the step's token
+        assert gaps == (want + [want[-1]] * len(gaps))[: len(gaps)], looked
+        assert len(gaps) >= 3
+    assert engines[0].counters["steps_planned_ahead"] - ahead > 40
 
 
 def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch):

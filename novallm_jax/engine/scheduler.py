@@ -379,7 +379,7 @@ class Scheduler:
             req = self.requests[rid]
             req.lookup_misses = 0 if drafts[rid] else req.lookup_misses + 1
             if req.lookup_misses:  # the text does not repeat its last n-gram: look again later
-                req.draft_resume = req.num_tokens + speculative.pause_after(req.lookup_misses, first=1)
+                self._pause(req, req.lookup_misses, first=1)
         return {rid: len(d) for rid, d in drafts.items()}, drafts
 
     def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
@@ -469,7 +469,7 @@ class Scheduler:
         req.last_draft = (len(req.draft), accepted)
         req.draft_misses = 0 if accepted else req.draft_misses + 1
         if req.draft_misses:
-            req.draft_resume = req.num_tokens + speculative.pause_after(req.draft_misses, first=2)
+            self._pause(req, req.draft_misses, first=2)
         req.draft = ()
         if req.status is not Status.RUNNING:
             return
@@ -481,6 +481,12 @@ class Scheduler:
         if len(req.window_pages) > keep:
             self.window_pool.free(req.id, [p for p in req.window_pages[keep:] if p != NULL_PAGE])
             req.window_pages = req.window_pages[:keep]
+
+    def _pause(self, req: Request, misses: int, first: int) -> None:
+        """No drafts from `req` for a while after `misses` misses in a row (`speculative.pause_after`), longer with
+        more requests running: a step that may draft waits for its rows' last tokens, which holds up every row."""
+        running = sum(r is not None for r in self.slots)
+        req.draft_resume = req.num_tokens + speculative.pause_after(misses, first * max(running, 1))
 
     def _advance(self, req: Request, n: int) -> bool:
         """Counts `n` more of `req`'s tokens as computed; True when the next one is to be sampled."""

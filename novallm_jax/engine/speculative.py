@@ -50,12 +50,15 @@ def draft_length(k: int, last_drafted: int, last_accepted: int) -> int:
 
 def pause_after(misses: int, first: int) -> int:
     """How many tokens longer a request's text grows before it drafts again, after `misses` misses in a row: `first`,
-    doubling with each further miss up to `MAX_DOUBLINGS` times. After a draft rejected at its first token, 2, 4, 8,
-    then 16 (counted from the step's last token); after a prompt lookup that found no earlier occurrence of the last
-    n-gram, 1, 2, 4, then 8 (counted from the lookup: the next step looks again). On two cores a step verifying one
-    draft costs 1.3-1.5x a plain one, and a step that may draft waits for the last token on the host where a plain
-    step is planned while the previous one runs: drafting at every step ran prose, whose n-grams recur with other
-    continuations, at 0.86-0.89x plain decoding; with these pauses 0.96-0.99x, prompt-copying tasks level."""
+    doubling with each further miss up to `MAX_DOUBLINGS` times. The scheduler passes 2 per running request after a
+    draft rejected at its first token (alone: 2, 4, 8, then 16, counted from the step's last token), and 1 per
+    running request after a prompt lookup that found no earlier occurrence of the last n-gram (alone: 1, 2, 4, then
+    8, counted from the lookup, so the next step looks again). On two cores a step verifying one draft costs
+    1.3-1.5x a plain one, and a step that may draft waits for its rows' last tokens on the host where a plain step is
+    planned while the previous one runs: drafting at every step ran prose, whose n-grams recur with other
+    continuations, at 0.86-0.89x plain decoding; with these pauses 0.96-0.99x, prompt-copying tasks level. With 4
+    requests sampling word lists (bench_serving), pauses of a lone request's length ran 0.94-0.95x plain decoding,
+    these 0.98-0.99x."""
     return first << min(misses - 1, MAX_DOUBLINGS) if misses > 0 else 0
 
 
