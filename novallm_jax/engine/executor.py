@@ -670,7 +670,7 @@ class Executor:
         if sum(s.logits for s in seqs) > len(last):
             raise ValueError(
                 f"{sum(s.logits for s in seqs)} logits rows in a step of {rows} tokens; at most "
-                f"{len(last)} (ExecutorConfig.max_draft_tokens)"
+                f"{len(last)} (ExecutorConfig.max_draft_tokens, draft_step_tokens)"
             )
         extents = np.zeros(rows, np.int32)  # each token's sequence's end in this step (longrope's choice)
         at = out = 0
@@ -706,9 +706,11 @@ class Executor:
         return needed
 
     def _logits_rows(self, tokens: int) -> int:
-        # One count per token bucket (not per sequence count) keeps one compile per shape; a step holds at most a
-        # batch slot's worth of sequences.
-        return min(tokens, self.exec_cfg.max_decode_batch * (1 + self.exec_cfg.max_draft_tokens))
+        # One count per token bucket (not per sequence count) keeps one compile per shape. A step needs a logits row
+        # per sequence (at most a batch slot's worth) and one per drafted token, which its decode rows share out
+        # (at most draft_step_tokens, `Scheduler._drafting`): more rows would run the lm_head on prompt tokens.
+        e = self.exec_cfg
+        return min(tokens, e.max_decode_batch + min(e.max_decode_batch * e.max_draft_tokens, e.draft_step_tokens))
 
     def logits_row_counts(self) -> tuple[int, ...]:
         """Every row count of the logits a step returns (with `padded=True`): what the sampler is compiled for."""
