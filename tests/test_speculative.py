@@ -210,6 +210,8 @@ def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch
     their steps are planned ahead."""
     _, plain = engines
     eng = make_engine(tokenizer, max_draft_tokens=8, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
+    # a step's logits rows: a row per sequence and the 8 draft tokens, not 16 x 9 (a prompt's positions need none)
+    assert max(eng.executor.logits_row_counts()) == 16 + 8
     rng = np.random.default_rng(2)
     greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculative=k)
     steps = []
