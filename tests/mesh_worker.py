@@ -247,15 +247,15 @@ def speculative_run(tokenizer, params, mesh, want):
         calls.append(len(draft))
         if draft and len(calls) % 3 == 0:
             draft[-1] = (draft[-1] + 1) % ENGINE_CFG.vocab_size
-        return tuple(draft)
+        return -1, tuple(draft)
 
-    propose, speculative.propose = speculative.propose, oracle
+    lookup, speculative.lookup = speculative.lookup, oracle
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculative=4)
         reqs = [engine.add_request(p, greedy) for p in prompts]
         engine.run_until_idle()
     finally:
-        speculative.propose = propose
+        speculative.lookup = lookup
     return {
         "outputs": [list(r.output_ids) for r in reqs],
         "want": [list(w) for w in want],

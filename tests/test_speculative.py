@@ -28,9 +28,23 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert speculative.propose([4, 9, 5, 9], 2) == ()  # a lone repeated token is no match (MIN_NGRAM = 2)
     assert speculative.propose([4, 9, 5, 9], 2, min_ngram=1) == (5, 9)
     assert [speculative.draft_length(8, d, a) for d, a in ((0, 0), (2, 2), (8, 8), (8, 3), (4, 0))] == [8, 4, 8, 4, 1]
+    assert [speculative.draft_length(8, d, a, copying=True) for d, a in ((2, 2), (8, 3), (4, 0))] == [4, 8, 8]
     assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
     assert [speculative.pause_after(m, first=2) for m in range(6)] == [0, 2, 4, 8, 16, 16]
     assert [speculative.pause_after(m, first=1) for m in range(6)] == [0, 1, 2, 4, 8, 8]
+
+
+def test_a_copy_drafts_from_the_occurrence_nearest_where_it_copies():
+    """With `near` (where a copying text's next token was expected to come from), the occurrence whose continuation
+    starts within `NEAR` tokens of it wins over the latest and over longer n-grams elsewhere, down to a lone token."""
+    t = [5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 2, 6, 7]  # "6 7" continues at 3 (8 9 1) and at 8 (3 4 2)
+    assert speculative.lookup(t, 3) == (8, (3, 4, 2))
+    assert speculative.lookup(t, 3, near=4) == (3, (8, 9, 1)) and speculative.lookup(t, 3, near=7) == (8, (3, 4, 2))
+    assert speculative.lookup(t, 3, near=0) == (8, (3, 4, 2))  # none within 2 tokens: the latest
+    t = [1, 2, 3, 9, 8, 2, 3, 7, 1, 2, 3]  # "1 2 3" continues at 3; "2 3" also at 7
+    assert speculative.lookup(t, 2) == (3, (9, 8)) and speculative.lookup(t, 2, near=7) == (7, (7, 1))
+    assert speculative.lookup([4, 9, 5, 9], 2, near=2) == (2, (5, 9))  # a lone token, where the copy was
+    assert speculative.lookup([1, 2, 3, 4], 2, near=2) == (-1, ())
 
 
 def test_speculative_is_validated_where_it_enters():
@@ -142,9 +156,9 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
         calls.append(len(draft))
         if draft and len(calls) % 3 == 0:
             draft[-1] = (draft[-1] + 1) % TINY.vocab_size
-        return tuple(draft)
+        return -1, tuple(draft)
 
-    monkeypatch.setattr(speculative, "propose", oracle)
+    monkeypatch.setattr(speculative, "lookup", oracle)
     got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
     assert got == want
     assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
@@ -154,22 +168,23 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
 def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) -> list[list[tuple[int, int]]]:
     """Greedy rows (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
     `spoil(draft, i)` (i: 1 for a row's first lookup that asks for drafts): their outputs must be plain decoding's.
-    Returns per row the (text length, tokens asked for) of each lookup that asked."""
+    Returns per row the (text length, tokens asked for, `near`) of each lookup that asked; the oracle says each
+    draft comes from 5 tokens back."""
     spec, plain = engines
     prompts = [list(range(3 + r, 15 + r)) for r in range(rows)]
     greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, speculative=k)
     want = _run(plain, [(p, greedy(0)) for p in prompts])
     asked = [[] for _ in prompts]
 
-    def oracle(tokens, k, **_):
+    def oracle(tokens, k, near=None, **_):
         if not k:
-            return ()
+            return -1, ()
         r = next(r for r, p in enumerate(prompts) if tokens[: len(p)] == p)
-        asked[r].append((len(tokens), k))
+        asked[r].append((len(tokens), k, near))
         done = len(tokens) - len(prompts[r])
-        return tuple(spoil(list(want[r][done : done + k]), len(asked[r])))
+        return len(tokens) - 5, tuple(spoil(list(want[r][done : done + k]), len(asked[r])))
 
-    monkeypatch.setattr(speculative, "propose", oracle)
+    monkeypatch.setattr(speculative, "lookup", oracle)
     assert _run(spec, [(p, greedy(8)) for p in prompts]) == want
     return asked
 
@@ -182,7 +197,19 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
     """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
     what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
     (asked,) = _oracle_rows(engines, monkeypatch, 40, lambda draft, i: _wrong_first(draft) if i == 1 else draft)
-    assert [k for _, k in asked[:5]] == [7, 1, 3, 7, 7], asked
+    assert [k for _, k, _ in asked[:5]] == [7, 1, 3, 7, 7], asked
+
+
+def test_a_copying_row_drafts_again_at_once_from_where_it_copies(engines, monkeypatch):
+    """A row whose drafts have been kept at `COPYING` or better (two whole drafts of 7) takes a draft rejected at its
+    first token as a sign that its copy moved on: it drafts 7 again at the next step rather than pausing and starting
+    from 1, and its lookups ask for an occurrence near where it copied from (5 tokens back, the oracle says, before
+    and after the verifying steps). A second miss in a row pauses it as a first miss pauses other rows."""
+    (asked,) = _oracle_rows(engines, monkeypatch, 60, lambda draft, i: _wrong_first(draft) if i in (3, 4) else draft)
+    looked = [n for n, *_ in asked]
+    assert [k for _, k, _ in asked[:5]] == [7, 7, 7, 7, 7], asked
+    assert [b - a for a, b in zip(looked, looked[1:4])] == [8, 8, 1] and looked[4] - looked[3] == 1 + 2, asked
+    assert [near for n, _, near in asked[:5]] == [None] + [n - 5 for n in looked[1:5]], asked
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -195,7 +222,7 @@ def test_rows_pause_drafting_after_misses(engines, monkeypatch, miss, rows):
     ahead = engines[0].counters["steps_planned_ahead"]
     spoil = (lambda draft, i: _wrong_first(draft)) if miss == "rejected" else (lambda draft, i: [])
     for asked in _oracle_rows(engines, monkeypatch, 80, spoil, rows):
-        looked = [n for n, _ in asked]
+        looked = [n for n, *_ in asked]
         gaps = [b - a for a, b in zip(looked, looked[1:])]
         pauses = [2 * rows << d for d in range(4)] if miss == "rejected" else [rows << d for d in range(4)]
         want = [p + (miss == "rejected") for p in pauses]  # a rejection's pause counts from the step's token
@@ -232,9 +259,9 @@ def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch
         def oracle(tokens, k, **_):
             p = next(p for p in by_prompt if tuple(tokens[: len(p)]) == p)
             done = len(tokens) - len(p)
-            return tuple(by_prompt[p][done : done + k])
+            return -1, tuple(by_prompt[p][done : done + k])
 
-        monkeypatch.setattr(speculative, "propose", oracle)
+        monkeypatch.setattr(speculative, "lookup", oracle)
         ahead = eng.counters["steps_planned_ahead"]
         assert _run(eng, [(p, greedy(8)) for p in prompts]) == want
     # 9 rows leave no draft tokens to share: their steps are planned while the previous one runs, as plain rows' are

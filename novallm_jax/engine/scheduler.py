@@ -374,11 +374,19 @@ class Scheduler:
         lengths = {r.id: self._draft_length(r, share) for r in drafting}
         if self.drafter is not None:
             return lengths, {}
-        drafts = {rid: speculative.propose(self.requests[rid].tokens, k) for rid, k in lengths.items()}
+        drafts = {}
+        for rid, k in lengths.items():
+            req = self.requests[rid]
+            # A text that copies keeps copying from where its last drafts came from: of the occurrences of its last
+            # n-gram, the one nearest there (the latest one is often an earlier copy of the same words).
+            near = None
+            if req.copy_from is not None and self._copying(req):
+                near = req.copy_from[0] + req.num_tokens - req.copy_from[1]
+            req.draft_source, drafts[rid] = speculative.lookup(req.tokens, k, near=near)
         for rid in (rid for rid, k in lengths.items() if k):
             req = self.requests[rid]
             req.lookup_misses = 0 if drafts[rid] else req.lookup_misses + 1
-            if req.lookup_misses:  # the text does not repeat its last n-gram: look again later
+            if req.lookup_misses and not self._copying(req):  # its last n-gram does not recur: look again later
                 self._pause(req, req.lookup_misses, first=1)
         return {rid: len(d) for rid, d in drafts.items()}, drafts
 
@@ -432,7 +440,7 @@ class Scheduler:
         if not self.ragged:  # a padded verifying row computes 1 + max_draft_tokens positions whatever it drafts
             return cap
         cap = min(cap, share)
-        k = speculative.draft_length(cap, *req.last_draft)
+        k = speculative.draft_length(cap, *req.last_draft, copying=self._copying(req))
         # A row alone in its step pads to a token bucket: draft what fills the bucket that k falls in (3 for 2, into 4
         # rows), or, past the cap, the largest bucket below it (7 rather than 8 into 16 rows). Rounding up keeps a
         # length that grows from 1 growing, where rounding down left it at 1 for good.
@@ -467,9 +475,13 @@ class Scheduler:
         the pages that only the rejected ones reached go back to the pool. A draft rejected at its first token pauses
         the request's drafting (`speculative.pause_after`)."""
         req.last_draft = (len(req.draft), accepted)
+        if req.draft and req.draft_source >= 0:  # past the kept drafts and the step's own token
+            req.copy_from = (req.draft_source + accepted + 1, req.num_tokens)
         req.draft_misses = 0 if accepted else req.draft_misses + 1
-        if req.draft_misses:
-            self._pause(req, req.draft_misses, first=2)
+        # A request that copies takes its next draft from a new occurrence: its first miss in a row does not pause it.
+        misses = req.draft_misses - self._copying(req)
+        if misses > 0:
+            self._pause(req, misses, first=2)
         req.draft = ()
         if req.status is not Status.RUNNING:
             return
@@ -481,6 +493,12 @@ class Scheduler:
         if len(req.window_pages) > keep:
             self.window_pool.free(req.id, [p for p in req.window_pages[keep:] if p != NULL_PAGE])
             req.window_pages = req.window_pages[:keep]
+
+    @staticmethod
+    def _copying(req: Request) -> bool:
+        """Whether `req`'s drafts have been kept at `speculative.COPYING` or better so far (none drafted: no)."""
+        m = req.metrics
+        return m.draft_tokens > 0 and m.accepted_tokens >= speculative.COPYING * m.draft_tokens
 
     def _pause(self, req: Request, misses: int, first: int) -> None:
         """No drafts from `req` for a while after `misses` misses in a row (`speculative.pause_after`), longer with

@@ -4,7 +4,10 @@ A request with `SamplingParams.speculative = k` gets up to k drafted tokens per 
 latest earlier occurrence of its text's last n-gram (n from `MAX_NGRAM` down to `MIN_NGRAM`), as vLLM's n-gram
 proposer and transformers' prompt lookup draft; how many of them it drafts follows its recent acceptance
 (`draft_length`), and after drafts rejected at their first token or lookups that found nothing it drafts nothing for a
-while (`pause_after`), so a text that does not repeat itself pays for few rejected drafts. The step computes the
+while (`pause_after`), so a text that does not repeat itself pays for few rejected drafts. A request whose drafts have
+been kept at `COPYING` or better copies: its lookups take the occurrence nearest where its last drafts came from
+(`lookup`'s `near`; the latest one is often an earlier copy of the same words), and a miss (a word the copy changed)
+neither pauses it nor shortens its next draft. The step computes the
 request's last token and the drafts as one row, with a logits row per position, and samples every position as the
 slot's next tokens (`sampling.sample_slots` with `offsets`: independent draws). Drafted token j is accepted while
 each draw equals it; the first draw that differs (or the draw after the last draft) is the step's last token. For a
@@ -20,29 +23,50 @@ from typing import Sequence
 import numpy as np
 
 MAX_NGRAM, MIN_NGRAM = 4, 2  # a single repeated token predicts little: its drafts mostly cost a wider step
+NEAR = 2  # tokens a copy's next occurrence may lie off where the copy was expected (insertions, deletions)
+COPYING = 0.5  # a request whose drafts have been kept at this rate drafts k again after a rejection
 MAX_DOUBLINGS = 3  # of a pause after misses; longer pauses missed where a text starts repeating itself
 
 
-def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None) -> tuple[int, ...]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of `tokens`
-    (n from max_ngram down to min_ngram, default `MIN_NGRAM`)."""
+def propose(
+    tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None, near: int | None = None
+) -> tuple[int, ...]:
+    """Up to k tokens that followed an earlier occurrence of the longest suffix n-gram of `tokens` (n from max_ngram
+    down to min_ngram, default `MIN_NGRAM`): the latest, or the one whose continuation starts nearest `near`."""
+    return lookup(tokens, k, max_ngram, min_ngram, near)[1]
+
+
+def lookup(
+    tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int | None = None, near: int | None = None
+) -> tuple[int, tuple[int, ...]]:
+    """`propose`'s draft and where in `tokens` it starts (-1: none). With `near`, an occurrence whose continuation
+    starts within `NEAR` tokens of it comes first (the longest n, then the nearest), down to a lone last token."""
     if k <= 0 or len(tokens) < 2:
-        return ()
+        return -1, ()
     min_ngram = MIN_NGRAM if min_ngram is None else min_ngram
     a = np.asarray(tokens, np.int64)
-    for n in range(min(max_ngram, len(a) - 1), min_ngram - 1, -1):
+    latest = close = None
+    for n in range(min(max_ngram, len(a) - 1), 0 if near is not None else min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(a[:-1], n)  # each earlier n-gram with a token after it
-        hits = np.flatnonzero((windows == a[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tuple(int(t) for t in a[start : start + k])
-    return ()
+        starts = np.flatnonzero((windows == a[-n:]).all(axis=1)) + n
+        if latest is None and starts.size and n >= min_ngram:
+            latest = int(starts[-1])
+        if near is not None:
+            starts = starts[np.abs(starts - near) <= NEAR]
+            if starts.size:
+                close = int(starts[np.argmin(np.abs(starts - near))])
+                break
+        elif latest is not None:
+            break
+    start = close if close is not None else latest
+    return (-1, ()) if start is None else (start, tuple(int(t) for t in a[start : start + k]))
 
 
-def draft_length(k: int, last_drafted: int, last_accepted: int) -> int:
+def draft_length(k: int, last_drafted: int, last_accepted: int, copying: bool = False) -> int:
     """Drafts for the next step: double after a draft accepted whole, back to what was accepted plus one after a
-    rejection (at least 1, at most k)."""
-    if last_drafted == 0:
+    rejection (at least 1, at most k); k again after a rejection where the request is `copying` (its next draft is
+    taken from another occurrence)."""
+    if last_drafted == 0 or (copying and last_accepted < last_drafted):
         return k
     grown = 2 * last_drafted if last_accepted == last_drafted else last_accepted + 1
     return max(1, min(k, grown))
