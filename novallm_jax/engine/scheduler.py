@@ -494,11 +494,11 @@ class Scheduler:
             self.window_pool.free(req.id, [p for p in req.window_pages[keep:] if p != NULL_PAGE])
             req.window_pages = req.window_pages[:keep]
 
-    @staticmethod
-    def _copying(req: Request) -> bool:
-        """Whether `req`'s drafts have been kept at `speculative.COPYING` or better so far (none drafted: no)."""
+    def _copying(self, req: Request) -> bool:
+        """Whether `req` drafts by prompt lookup and its drafts have been kept at `speculative.COPYING` or better so far
+        (none drafted: no). A draft model's drafts do not come from an occurrence in the text."""
         m = req.metrics
-        return m.draft_tokens > 0 and m.accepted_tokens >= speculative.COPYING * m.draft_tokens
+        return self.drafter is None and m.draft_tokens > 0 and m.accepted_tokens >= speculative.COPYING * m.draft_tokens
 
     def _pause(self, req: Request, misses: int, first: int) -> None:
         """No drafts from `req` for a while after `misses` misses in a row (`speculative.pause_after`), longer with
