@@ -165,7 +165,7 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
     assert spec.counters["draft_tokens"] > spec.counters["accepted_tokens"]
 
 
-def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) -> list[list[tuple[int, int]]]:
+def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) -> list[list[tuple]]:
     """Greedy rows (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
     `spoil(draft, i)` (i: 1 for a row's first lookup that asks for drafts): their outputs must be plain decoding's.
     Returns per row the (text length, tokens asked for, `near`) of each lookup that asked; the oracle says each

@@ -473,7 +473,8 @@ class Scheduler:
     def settle(self, req: Request, accepted: int) -> None:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
         the pages that only the rejected ones reached go back to the pool. A draft rejected at its first token pauses
-        the request's drafting (`speculative.pause_after`)."""
+        the request's drafting (`speculative.pause_after`; a copying request's first such miss does not), and a
+        lookup's draft moves where the request copies from (`Request.copy_from`)."""
         req.last_draft = (len(req.draft), accepted)
         if req.draft and req.draft_source >= 0:  # past the kept drafts and the step's own token
             req.copy_from = (req.draft_source + accepted + 1, req.num_tokens)
