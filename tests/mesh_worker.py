@@ -250,12 +250,13 @@ def speculative_run(tokenizer, params, mesh, want):
         return -1, tuple(draft)
 
     lookup, speculative.lookup = speculative.lookup, oracle
+    may_find, speculative.may_find = speculative.may_find, lambda tokens: True  # the oracle drafts after any token
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, speculative=4)
         reqs = [engine.add_request(p, greedy) for p in prompts]
         engine.run_until_idle()
     finally:
-        speculative.lookup = lookup
+        speculative.lookup, speculative.may_find = lookup, may_find
     return {
         "outputs": [list(r.output_ids) for r in reqs],
         "want": [list(w) for w in want],

@@ -27,6 +27,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert speculative.propose(t, 0) == () and speculative.propose([7], 3) == ()
     assert speculative.propose([4, 9, 5, 9], 2) == ()  # a lone repeated token is no match (MIN_NGRAM = 2)
     assert speculative.propose([4, 9, 5, 9], 2, min_ngram=1) == (5, 9)
+    assert speculative.may_find([5, 3, 7, 3]) and not speculative.may_find([1, 2, 3]) and not speculative.may_find([3])
     assert [speculative.draft_length(8, d, a) for d, a in ((0, 0), (2, 2), (8, 8), (8, 3), (4, 0))] == [8, 4, 8, 4, 1]
     assert [speculative.draft_length(8, d, a, copying=True) for d, a in ((2, 2), (8, 3), (4, 0))] == [4, 8, 8]
     assert speculative.accepted([3, 4, 9], (3, 4, 2)) == 2 and speculative.accepted([0], ()) == 0
@@ -159,6 +160,7 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
         return -1, tuple(draft)
 
     monkeypatch.setattr(speculative, "lookup", oracle)
+    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
     got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
     assert got == want
     assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
@@ -168,23 +170,24 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
 def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) -> list[list[tuple]]:
     """Greedy rows (k = 8) whose drafts come from an oracle that knows plain decoding's output, passed through
     `spoil(draft, i)` (i: 1 for a row's first lookup that asks for drafts): their outputs must be plain decoding's.
-    Returns per row the (text length, tokens asked for, `near`) of each lookup that asked; the oracle says each
-    draft comes from 5 tokens back."""
+    Returns per row the (text length, tokens asked for, `near`, `min_ngram`) of each lookup that asked; the oracle
+    says each draft comes from 5 tokens back."""
     spec, plain = engines
     prompts = [list(range(3 + r, 15 + r)) for r in range(rows)]
     greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, speculative=k)
     want = _run(plain, [(p, greedy(0)) for p in prompts])
     asked = [[] for _ in prompts]
 
-    def oracle(tokens, k, near=None, **_):
+    def oracle(tokens, k, near=None, min_ngram=None, **_):
         if not k:
             return -1, ()
         r = next(r for r, p in enumerate(prompts) if tokens[: len(p)] == p)
-        asked[r].append((len(tokens), k, near))
+        asked[r].append((len(tokens), k, near, min_ngram))
         done = len(tokens) - len(prompts[r])
         return len(tokens) - 5, tuple(spoil(list(want[r][done : done + k]), len(asked[r])))
 
     monkeypatch.setattr(speculative, "lookup", oracle)
+    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
     assert _run(spec, [(p, greedy(8)) for p in prompts]) == want
     return asked
 
@@ -197,19 +200,40 @@ def test_a_rows_draft_length_grows_back_after_a_rejection(engines, monkeypatch):
     """A lone row whose first draft is rejected at once drafts 1 token, then, its drafts accepted whole, grows to
     what fills the next token bucket (3, then 7 of k = 8 with buckets 2, 4, 8, 16), rather than staying at 1."""
     (asked,) = _oracle_rows(engines, monkeypatch, 40, lambda draft, i: _wrong_first(draft) if i == 1 else draft)
-    assert [k for _, k, _ in asked[:5]] == [7, 1, 3, 7, 7], asked
+    assert [a[1] for a in asked[:5]] == [7, 1, 3, 7, 7], asked
 
 
 def test_a_copying_row_drafts_again_at_once_from_where_it_copies(engines, monkeypatch):
     """A row whose drafts have been kept at `COPYING` or better (two whole drafts of 7) takes a draft rejected at its
     first token as a sign that its copy moved on: it drafts 7 again at the next step rather than pausing and starting
     from 1, and its lookups ask for an occurrence near where it copied from (5 tokens back, the oracle says, before
-    and after the verifying steps). A second miss in a row pauses it as a first miss pauses other rows."""
+    and after the verifying steps), of n-grams down to 2 tokens where its first asked for 3. A second miss in a row pauses it as a first miss pauses other rows."""
     (asked,) = _oracle_rows(engines, monkeypatch, 60, lambda draft, i: _wrong_first(draft) if i in (3, 4) else draft)
     looked = [n for n, *_ in asked]
-    assert [k for _, k, _ in asked[:5]] == [7, 7, 7, 7, 7], asked
+    assert [a[1] for a in asked[:5]] == [7, 7, 7, 7, 7], asked
     assert [b - a for a, b in zip(looked, looked[1:4])] == [8, 8, 1] and looked[4] - looked[3] == 1 + 2, asked
-    assert [near for n, _, near in asked[:5]] == [None] + [n - 5 for n in looked[1:5]], asked
+    assert [a[2] for a in asked[:5]] == [None] + [n - 5 for n in looked[1:5]], asked
+    # 3-grams until the row copies (`UNPROVEN_MIN_NGRAM`), then 2-grams (and a lone token near the copy)
+    assert [a[3] for a in asked[:5]] == [3, 2, 2, 2, 2], asked
+
+
+def test_lookups_known_to_miss_are_planned_ahead(engines, monkeypatch):
+    """A lone row whose last token never occurred before cannot find a draft once its next token is known (n-grams
+    of 2 or more end in both): such a lookup counts as a miss, with the same pauses (1, 2, 4, then 8 tokens apart),
+    without the step waiting for the token on the device, so its steps are planned ahead as plain ones are."""
+    spec, plain = engines
+    prompt = list(range(3, 15))
+    greedy = lambda k: SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, speculative=k)
+    want = _run(plain, [(prompt, greedy(0))])
+    asked, known = [], []
+    monkeypatch.setattr(speculative, "lookup", lambda tokens, k, **_: (asked.append(k) if k else None, (-1, ()))[1])
+    monkeypatch.setattr(speculative, "may_find", lambda tokens: known.append(len(tokens)) or False)
+    steps, ahead = spec.counters["steps"], spec.counters["steps_planned_ahead"]
+    assert _run(spec, [(prompt, greedy(8))]) == want
+    gaps = [b - a for a, b in zip(known, known[1:])]
+    assert gaps[:3] == [1, 2, 4] and set(gaps[3:]) == {8} and len(gaps) >= 6, known
+    assert asked == []
+    assert spec.counters["steps_planned_ahead"] - ahead >= spec.counters["steps"] - steps - 2
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -262,6 +286,7 @@ def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch
             return -1, tuple(by_prompt[p][done : done + k])
 
         monkeypatch.setattr(speculative, "lookup", oracle)
+        monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
         ahead = eng.counters["steps_planned_ahead"]
         assert _run(eng, [(p, greedy(8)) for p in prompts]) == want
     # 9 rows leave no draft tokens to share: their steps are planned while the previous one runs, as plain rows' are

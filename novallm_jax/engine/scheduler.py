@@ -282,8 +282,11 @@ class Scheduler:
         drafting, share = self._drafting(
             [r for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1]
         )
-        if drafting and share > 0:
-            return False  # a row may draft, which needs its last token on the host
+        if share > 0:
+            if any(self._may_find_draft(r) for r in drafting):
+                return False  # a row may draft, which needs its last token on the host
+            for req in drafting:  # their lookups are known to miss: counted so, without waiting for the tokens
+                self._missed_lookup(req)
         cap = self._step_cap
         need = need_window = 0
         for req in self.slots:
@@ -367,6 +370,13 @@ class Scheduler:
         drafting = [r for r in decoding if r.params.speculative and r.num_tokens >= r.draft_resume]
         return drafting, (self.exec_cfg.draft_step_tokens - len(decoding)) // max(len(drafting), 1)
 
+    def _may_find_draft(self, req: Request) -> bool:
+        """Whether a decode row's next lookup, once its token on the device is here, may find a draft (if not, the
+        step need not wait for that token). A copying request's lookups may match that token alone."""
+        if self.drafter is not None or not req.pending or self._copying(req):
+            return True
+        return speculative.may_find(req.tokens)
+
     def _draft_lengths(self, decoding: list[Request]) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
         """How many tokens each of a step's decode rows drafts, and their drafts where prompt lookup makes them
         (known now; a draft model's only once the rows' pages are there, since it writes K/V: `_with_drafts`)."""
@@ -379,16 +389,24 @@ class Scheduler:
             req = self.requests[rid]
             # A text that copies keeps copying from where its last drafts came from: of the occurrences of its last
             # n-gram, the one nearest there (the latest one is often an earlier copy of the same words).
-            near = None
-            if req.copy_from is not None and self._copying(req):
-                near = req.copy_from[0] + req.num_tokens - req.copy_from[1]
-            req.draft_source, drafts[rid] = speculative.lookup(req.tokens, k, near=near)
+            near, least = None, speculative.UNPROVEN_MIN_NGRAM
+            if self._copying(req):
+                least = speculative.MIN_NGRAM
+                if req.copy_from is not None:
+                    near = req.copy_from[0] + req.num_tokens - req.copy_from[1]
+            req.draft_source, drafts[rid] = speculative.lookup(req.tokens, k, min_ngram=least, near=near)
         for rid in (rid for rid, k in lengths.items() if k):
-            req = self.requests[rid]
-            req.lookup_misses = 0 if drafts[rid] else req.lookup_misses + 1
-            if req.lookup_misses and not self._copying(req):  # its last n-gram does not recur: look again later
-                self._pause(req, req.lookup_misses, first=1)
+            if drafts[rid]:
+                self.requests[rid].lookup_misses = 0
+            else:
+                self._missed_lookup(self.requests[rid])
         return {rid: len(d) for rid, d in drafts.items()}, drafts
+
+    def _missed_lookup(self, req: Request) -> None:
+        """A prompt lookup of `req`'s found nothing: its last n-gram does not recur, so it looks again later."""
+        req.lookup_misses += 1
+        if not self._copying(req):
+            self._pause(req, req.lookup_misses, first=1)
 
     def _rows(self, picked: list[tuple[Request, int, tuple[int, ...]]]) -> tuple[Row, ...]:
         """The rows of the picked (request, tokens, drafted tokens) that are still running (a later pick may have

@@ -7,7 +7,8 @@ proposer and transformers' prompt lookup draft; how many of them it drafts follo
 while (`pause_after`), so a text that does not repeat itself pays for few rejected drafts. A request whose drafts have
 been kept at `COPYING` or better copies: its lookups take the occurrence nearest where its last drafts came from
 (`lookup`'s `near`; the latest one is often an earlier copy of the same words), and a miss (a word the copy changed)
-neither pauses it nor shortens its next draft. The step computes the
+neither pauses it nor shortens its next draft; until then its drafts need a 3-gram (`UNPROVEN_MIN_NGRAM`), and a
+lookup known to miss (`may_find`) does not make its step wait for the last token. The step computes the
 request's last token and the drafts as one row, with a logits row per position, and samples every position as the
 slot's next tokens (`sampling.sample_slots` with `offsets`: independent draws). Drafted token j is accepted while
 each draw equals it; the first draw that differs (or the draw after the last draft) is the step's last token. For a
@@ -23,6 +24,9 @@ from typing import Sequence
 import numpy as np
 
 MAX_NGRAM, MIN_NGRAM = 4, 2  # a single repeated token predicts little: its drafts mostly cost a wider step
+# Until a request copies, its drafts need a 3-gram: the 2-gram matches of an answer that does not repeat its input
+# (the benchmark's prose) were kept 1 token in 12.
+UNPROVEN_MIN_NGRAM = 3
 NEAR = 2  # tokens a copy's next occurrence may lie off where the copy was expected (insertions, deletions)
 COPYING = 0.5  # a request whose drafts have been kept at this rate drafts k again after a rejection
 MAX_DOUBLINGS = 3  # of a pause after misses; longer pauses missed where a text starts repeating itself
@@ -60,6 +64,12 @@ def lookup(
             break
     start = close if close is not None else latest
     return (-1, ()) if start is None else (start, tuple(int(t) for t in a[start : start + k]))
+
+
+def may_find(tokens: Sequence[int]) -> bool:
+    """Whether `propose` may find a draft once one more token follows `tokens`: its n-grams (`MIN_NGRAM` tokens or
+    more) end in tokens[-1] and that token, so tokens[-1] must have occurred before."""
+    return len(tokens) > 1 and tokens.index(tokens[-1]) < len(tokens) - 1
 
 
 def draft_length(k: int, last_drafted: int, last_accepted: int, copying: bool = False) -> int:
