@@ -277,7 +277,8 @@ class Scheduler:
     def can_plan_ahead(self) -> bool:
         """Whether the next step can be planned before the step in flight is read back: it must not preempt anyone
         (a preempted request would leave with a token still on the device), so every page it may need must be free.
-        Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would.
+        Nothing is evicted for it: when pages are short, the step waits and plans as a synchronous one would. Rows
+        whose next lookups are known to miss (`_may_find_draft`) do not hold it back: their misses count here.
         """
         drafting, share = self._drafting(
             [r for r in self.slots if r is not None and r.num_tokens - r.num_computed == 1]
@@ -388,7 +389,8 @@ class Scheduler:
         for rid, k in lengths.items():
             req = self.requests[rid]
             # A text that copies keeps copying from where its last drafts came from: of the occurrences of its last
-            # n-gram, the one nearest there (the latest one is often an earlier copy of the same words).
+            # n-gram, the one nearest there (the latest one is often an earlier copy of the same words); one that
+            # does not yet copy drafts from 3-grams only.
             near, least = None, speculative.UNPROVEN_MIN_NGRAM
             if self._copying(req):
                 least = speculative.MIN_NGRAM
