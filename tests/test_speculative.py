@@ -129,6 +129,12 @@ def padded_engines(tokenizer):
     return spec, make_engine(tokenizer, **buckets)
 
 
+def _draft_from(oracle, monkeypatch):
+    """Prompt lookup replaced by `oracle(tokens, k, **kwargs) -> (start, draft)`, which may draft after any token."""
+    monkeypatch.setattr(speculative, "lookup", oracle)
+    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)
+
+
 def _run(eng, specs):
     reqs = [eng.add_request(p, sp) for p, sp in specs]
     eng.run_until_idle()
@@ -159,8 +165,7 @@ def test_greedy_speculative_outputs_equal_plain_decoding(steps, request, monkeyp
             draft[-1] = (draft[-1] + 1) % TINY.vocab_size
         return -1, tuple(draft)
 
-    monkeypatch.setattr(speculative, "lookup", oracle)
-    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
+    _draft_from(oracle, monkeypatch)
     got = _run(spec, [(p, greedy(k)) for k, p in enumerate(prompts)])
     assert got == want
     assert spec.counters["preemptions"] > 0 and spec.counters["accepted_tokens"] > 0
@@ -186,8 +191,7 @@ def _oracle_rows(engines, monkeypatch, max_tokens: int, spoil, rows: int = 1) ->
         done = len(tokens) - len(prompts[r])
         return len(tokens) - 5, tuple(spoil(list(want[r][done : done + k]), len(asked[r])))
 
-    monkeypatch.setattr(speculative, "lookup", oracle)
-    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
+    _draft_from(oracle, monkeypatch)
     assert _run(spec, [(p, greedy(8)) for p in prompts]) == want
     return asked
 
@@ -285,8 +289,7 @@ def test_a_steps_rows_share_out_its_draft_tokens(tokenizer, engines, monkeypatch
             done = len(tokens) - len(p)
             return -1, tuple(by_prompt[p][done : done + k])
 
-        monkeypatch.setattr(speculative, "lookup", oracle)
-        monkeypatch.setattr(speculative, "may_find", lambda tokens: True)  # the oracle drafts after any token
+        _draft_from(oracle, monkeypatch)
         ahead = eng.counters["steps_planned_ahead"]
         assert _run(eng, [(p, greedy(8)) for p in prompts]) == want
     # 9 rows leave no draft tokens to share: their steps are planned while the previous one runs, as plain rows' are

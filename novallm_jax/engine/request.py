@@ -137,10 +137,10 @@ class Request:
         # Speculative: drafts in a row rejected at their first token, prompt lookups in a row that found nothing, and
         # the length the text must reach before it drafts again (`speculative.pause_after`).
         self.draft_misses = self.lookup_misses = self.draft_resume = 0
-        # Prompt lookup: where the drafts in flight start in `tokens`, and (position, text length) where the text was
-        # copying from when it last settled drafts.
+        # Prompt lookup: where the drafts in flight start in `tokens`, and where the text copies from, counted from its
+        # end (its next token's source is tokens[num_tokens + copy_shift]; None: it has not drafted by lookup).
         self.draft_source = -1
-        self.copy_from: tuple[int, int] | None = None
+        self.copy_shift: int | None = None
         # An embedding request ("last" or "mean"; None: generation): its prompt runs and nothing is sampled; `pooled`
         # gathers its final hidden states as the steps compute them (the last one's, or their float64 sum).
         self.pooling = pooling

@@ -394,8 +394,8 @@ class Scheduler:
             near, least = None, speculative.UNPROVEN_MIN_NGRAM
             if self._copying(req):
                 least = speculative.MIN_NGRAM
-                if req.copy_from is not None:
-                    near = req.copy_from[0] + req.num_tokens - req.copy_from[1]
+                if req.copy_shift is not None:
+                    near = req.num_tokens + req.copy_shift
             req.draft_source, drafts[rid] = speculative.lookup(req.tokens, k, min_ngram=least, near=near)
         for rid in (rid for rid, k in lengths.items() if k):
             if drafts[rid]:
@@ -494,10 +494,10 @@ class Scheduler:
         """After a step verified `req.draft`: the first `accepted` drafts are its tokens now (their KV is computed);
         the pages that only the rejected ones reached go back to the pool. A draft rejected at its first token pauses
         the request's drafting (`speculative.pause_after`; a copying request's first such miss does not), and a
-        lookup's draft moves where the request copies from (`Request.copy_from`)."""
+        lookup's draft moves where the request copies from (`Request.copy_shift`)."""
         req.last_draft = (len(req.draft), accepted)
         if req.draft and req.draft_source >= 0:  # past the kept drafts and the step's own token
-            req.copy_from = (req.draft_source + accepted + 1, req.num_tokens)
+            req.copy_shift = req.draft_source + accepted + 1 - req.num_tokens
         req.draft_misses = 0 if accepted else req.draft_misses + 1
         # A request that copies takes its next draft from a new occurrence: its first miss in a row does not pause it.
         misses = req.draft_misses - self._copying(req)
