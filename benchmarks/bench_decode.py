@@ -95,6 +95,13 @@ flags.DEFINE_bool(
     "Ours: each decoder layer as one native call (`ExecutorConfig.fused_layers`); "
     "--nofused_layers: a call per matmul and attention, with XLA ops between.",
 )
+flags.DEFINE_bool(
+    "greedy_head",
+    True,
+    "Ours: greedy steps of at most 8 rows take their tokens from the LM head's int8 copy and the exact panels its "
+    "bounds leave (`ExecutorConfig.greedy_head`; 16- and 32-bit heads), as the engine's greedy steps do; "
+    "--nogreedy_head: every step computes the full logits.",
+)
 flags.DEFINE_enum("kv_cache_dtype", None, ["float32", "bfloat16"], "Our KV cache's dtype (default: the model's).")
 flags.DEFINE_bool(
     "int8",
@@ -321,6 +328,7 @@ def bench_ours(
         native_kernels=native_kernels,
         fused_layers=None if s["fused_layers"] else False,
         kv_cache_dtype=s["kv_cache_dtype"],
+        greedy_head=s["greedy_head"],
     )
     ex = Executor(cfg, params, exec_cfg, mesh=mesh)
     exec_cfg = ex.exec_cfg  # on a mesh, row buckets rounded up to whole rows per data replica
@@ -329,7 +337,8 @@ def bench_ours(
 
     @jax.jit
     def argmax(logits):  # the next step's input tokens, as the engine's sampler leaves them (SamplingBatch.last_token)
-        return jnp.zeros(slots, jnp.int32).at[: logits.shape[0]].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        tokens = logits if logits.ndim == 1 else jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the greedy head's
+        return jnp.zeros(slots, jnp.int32).at[: logits.shape[0]].set(tokens)
 
     rng = np.random.default_rng(s["seed"])
     out: dict[str, Any] = {
@@ -433,8 +442,11 @@ def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, n
     import jax.numpy as jnp
     import numpy as np
 
+    from novallm_jax.engine.executor import PrefillChunk
+
     tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
     state = {"tokens": jnp.asarray(tokens, jnp.int32), "cache": cache}
+    greedy = ex.argmax_fits("decode", [PrefillChunk([0], 0, t) for t in tables])  # the engine's greedy steps
 
     def run(n: int, start: int):
         # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the
@@ -442,7 +454,13 @@ def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, n
         previous = None
         for j in range(n):
             logits, state["cache"] = ex.decode(
-                state["cache"], [0] * b, [start + j] * b, tables, from_slots=range(b), last_tokens=state["tokens"]
+                state["cache"],
+                [0] * b,
+                [start + j] * b,
+                tables,
+                from_slots=range(b),
+                last_tokens=state["tokens"],
+                argmax=greedy,
             )
             if previous is not None:
                 np.asarray(previous)
@@ -797,6 +815,7 @@ def main(argv):
         "fused_layers": FLAGS.fused_layers,
         "interleave_rounds": FLAGS.interleave_rounds,
         "kv_cache_dtype": FLAGS.kv_cache_dtype,
+        "greedy_head": FLAGS.greedy_head,
     }
     batches = [int(b) for b in FLAGS.batches]
     if FLAGS.quick:

@@ -239,6 +239,7 @@ def forward(
     logits_rows: jax.Array | None = None,
     rope_cs: tuple[jax.Array, jax.Array] | None = None,
     hidden: bool = False,
+    argmax: bool = False,
 ):
     """Runs the decoder over tokens [B, T] at positions [B, T] (negative = padding) and updates the cache.
 
@@ -248,7 +249,8 @@ def forward(
     sequences), or a padded step's whose rows verify drafted tokens.
     `rope_cs`: `rope_tables_per_kind(positions, rope_inv_freqs(cfg))` when computed elsewhere (the executor computes
     them on the host). `hidden`: returns (logits, cache, states) with the final hidden states [B, T, D] of every
-    position after the final norm (what the LM head reads; embeddings pool them).
+    position after the final norm (what the LM head reads; embeddings pool them). `argmax`: the logits' argmax over
+    the vocabulary (int32) in their place, which an `native.ArgmaxHead` finds without computing them all.
     """
     if rope_cs is None:
         rope_cs = rope_tables_per_kind(positions, rope_inv_freqs(cfg))
@@ -256,28 +258,39 @@ def forward(
         from novallm_jax.model_gemma import gemma_forward  # model_gemma builds on this module's functions
 
         return gemma_forward(
-            params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs, hidden
+            params, tokens, positions, cache, cfg, page_table, logits_index, logits_rows, rope_cs, hidden, argmax
         )
     x = params["embed"][tokens]
     for i, p in enumerate(params["layers"]):
         x, cache = decoder_layer(p, x, positions, cache, i, cfg, rope_cs, page_table)
     norm = lambda h: rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden)
+    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden, argmax=argmax)
 
 
-def final_outputs(x, norm, head, cache, logits_index, logits_rows, hidden: bool, softcap=None):
-    """`forward`'s results from the last layer's output x: the logits of the selected rows, the cache, and with
-    `hidden` every position's normed state (the norm is per position, so the selected rows' come from it)."""
+def final_outputs(x, norm, head, cache, logits_index, logits_rows, hidden: bool, softcap=None, argmax=False):
+    """`forward`'s results from the last layer's output x: the logits of the selected rows (with `argmax`, their
+    argmax, int32), the cache, and with `hidden` every position's normed state (the norm is per position, so the
+    selected rows' come from it)."""
     states = norm(x) if hidden else None
     h = (
         norm(select_rows(x, logits_index, logits_rows))
         if states is None
         else select_rows(states, logits_index, logits_rows)
     )
-    logits = lm_head(h, head)
-    if softcap:
-        logits = jnp.tanh(logits / softcap) * softcap
+    if argmax and not softcap and h.ndim == 2 and greedy_head_rows(head) >= h.shape[0]:
+        logits = head.argmax(h)
+    else:
+        logits = lm_head(h, head)
+        if softcap:
+            logits = jnp.tanh(logits / softcap) * softcap
+        if argmax:
+            logits = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return (logits, cache, states) if hidden else (logits, cache)
+
+
+def greedy_head_rows(head) -> int:
+    """The most rows whose argmax `head` gives without their logits (a `native.ArgmaxHead`), else 0."""
+    return native.ARGMAX_ROWS if isinstance(head, native.ArgmaxHead) else 0
 
 
 def select_rows(x, logits_index, logits_rows):
@@ -291,6 +304,8 @@ def select_rows(x, logits_index, logits_rows):
 
 def lm_head(x, head) -> jax.Array:
     """Float32 logits of the final hidden states x."""
+    if isinstance(head, native.ArgmaxHead):
+        head = head.exact
     if isinstance(head, native.NATIVE_LINEAR):
         return linear(x, head)
     return jnp.dot(x, head, preferred_element_type=jnp.float32, precision=_precision(head.dtype))

@@ -165,7 +165,17 @@ def gemma_experts(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def gemma_forward(
-    params: Params, tokens, positions, cache, cfg: ModelConfig, page_table, logits_index, logits_rows, rope_cs, hidden
+    params: Params,
+    tokens,
+    positions,
+    cache,
+    cfg: ModelConfig,
+    page_table,
+    logits_index,
+    logits_rows,
+    rope_cs,
+    hidden,
+    argmax=False,
 ):
     """`model.forward` for Gemma (same arguments and results)."""
     g = cfg.gemma
@@ -176,4 +186,4 @@ def gemma_forward(
             p, x, positions, cache, i, cfg, rope_cs, page_table, None if pli is None else pli[:, :, i]
         )
     norm = lambda h: gemma_norm(h, params["final_norm"], cfg.rms_norm_eps, g.norm_offset)
-    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden, g.final_softcap)
+    return final_outputs(x, norm, params["lm_head"], cache, logits_index, logits_rows, hidden, g.final_softcap, argmax)

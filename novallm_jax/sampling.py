@@ -769,8 +769,19 @@ def sample_slots_greedy(
     """`sample_slots` (num_top_logprobs 0, no bitmask or offsets) for rows that are all `plain_greedy`: the same
     tokens (the argmax), outputs and state update, from a program a fraction of the size. jax traces and lowers the
     general sampler in ~0.4 s per row bucket, which a start's first greedy request would otherwise wait for."""
-    tokens = _argmax(logits.astype(jnp.float32))
-    zeros = jnp.zeros((logits.shape[0], 0))
+    return _greedy(_argmax(logits.astype(jnp.float32)), slots, batch)
+
+
+@functools.partial(jax.jit, donate_argnames="batch")
+def sample_slots_argmax(
+    tokens: jax.Array, slots: jax.Array, batch: SamplingBatch
+) -> tuple[SamplerOutput, SamplingBatch]:
+    """`sample_slots_greedy` for rows whose argmax the model step returned (int32 [rows]) in place of their logits."""
+    return _greedy(tokens, slots, batch)
+
+
+def _greedy(tokens: jax.Array, slots: jax.Array, batch: SamplingBatch) -> tuple[SamplerOutput, SamplingBatch]:
+    zeros = jnp.zeros((tokens.shape[0], 0))
     out = SamplerOutput(
         tokens=tokens,
         logprobs=jnp.zeros(tokens.shape, jnp.float32),

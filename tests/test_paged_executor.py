@@ -241,7 +241,8 @@ def test_verify_steps_return_every_drafted_positions_logits(model):
     tables = scattered_page_tables(seqs, 12, 64).tolist()
     cache = ex.warmup(ex.new_cache())
     warm = ex.compile_count
-    assert warm == len(ex.step_shapes()) + len(ex.verify_shapes())
+    greedy = len(e.page_table_buckets) if ex.argmax_rows else 0  # the greedy head's decode steps, one per width
+    assert warm == len(ex.warmup_shapes()) == len(ex.step_shapes()) + len(ex.verify_shapes()) + greedy
     _, cache = ex.prefill(cache, [PrefillChunk(p, 0, t) for p, t in zip(PROMPTS, tables)])
     rows = [PrefillChunk(x, len(p), t, logits=len(x)) for p, x, t in zip(PROMPTS, extra, tables)]
     rows[0] = PrefillChunk([0], len(PROMPTS[0]), tables[0], from_slot=2)  # its token: the sampler's for slot 2
@@ -275,7 +276,7 @@ def test_100_requests_compile_nothing_beyond_warmup(ragged):
         pytest.skip("ragged steps need the native paged attention")
     cache = ex.warmup(ex.new_cache())
     warm = ex.compile_count
-    assert warm == len(ex.step_shapes())
+    assert warm == len(ex.warmup_shapes())
     rng = np.random.default_rng(0)
     table = list(range(1, ecfg.max_pages_per_seq + 1))
     for _ in range(100):

@@ -16,7 +16,7 @@ from novallm_jax.amp.page_heap import copy_pages
 from novallm_jax.engine.draft import Proposal
 from novallm_jax.engine.executor import Executor, PrefillChunk
 from novallm_jax.engine.plan import DECODE, PREFILL, RAGGED, ModelCall, StepPlan
-from novallm_jax.sampling import SamplingBatch, plain_greedy, sample_slots, sample_slots_greedy
+from novallm_jax.sampling import SamplingBatch, plain_greedy, sample_slots, sample_slots_argmax, sample_slots_greedy
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -48,12 +48,13 @@ class EngineCore:
     def execute(self, plan: StepPlan, storage, proposal: Proposal | None = None) -> tuple[list[Sampled], object]:
         """Executes `plan` on `storage` (donated); returns the sampler calls (tokens still on the device) and the
         updated storage. `proposal`: the draft model's for the plan (see `sample`)."""
-        logits, storage = self.run(plan, storage)
+        logits, storage = self.run(plan, storage, greedy=True)
         return self.sample(plan, logits, proposal=proposal), storage
 
-    def run(self, plan: StepPlan, storage) -> tuple[list[jax.Array], object]:
+    def run(self, plan: StepPlan, storage, greedy: bool = False) -> tuple[list[jax.Array], object]:
         """The page copies, slot updates and model calls of `plan`: each call's logits (on the device) and the
-        storage."""
+        storage. `greedy`: a call whose sampled rows are all `plain_greedy` (and may be sampled without a bitmask)
+        may return their argmax in place of the logits, from the executor's greedy head."""
         if self.mirror is not None:
             self.mirror("run", plan)
         storage = self._copy_pages(plan, storage)
@@ -64,7 +65,7 @@ class EngineCore:
             self.slot_params[u.slot] = u.params
         out, self.hidden = [], []
         for call in plan.calls:
-            logits, storage, *states = self._run(call, storage)
+            logits, storage, *states = self._run(call, storage, greedy and self._argmax_only(call))
             out.append(logits)
             if states:
                 self.hidden.append((call, states[0]))
@@ -98,7 +99,19 @@ class EngineCore:
                 groups[g] = copy_pages(groups[g], pairs)
         return self.executor.join_cache(groups)
 
-    def _run(self, call: ModelCall, storage):
+    def _argmax_only(self, call: ModelCall) -> bool:
+        """Whether `call` can return its rows' argmax instead of their logits: every sampled row plain greedy, no
+        drafts nor hidden states, and few enough rows for the greedy head."""
+        sampled = [r for r in call.rows if r.sample]
+        return (
+            call.kind in (RAGGED, DECODE)
+            and bool(sampled)
+            and not any(r.draft or r.hidden for r in call.rows)
+            and all(plain_greedy(self.slot_params[r.slot]) for r in sampled)
+            and self.executor.argmax_fits("ragged" if call.kind == RAGGED else "decode", call.rows)
+        )
+
+    def _run(self, call: ModelCall, storage, argmax: bool = False):
         chunks = [
             PrefillChunk(
                 list(r.tokens),
@@ -114,7 +127,7 @@ class EngineCore:
         ]
         hidden = any(r.hidden for r in call.rows)
         if call.kind == RAGGED:
-            return self.executor.ragged_step(storage, chunks, self.sampling.last_token, hidden=hidden)
+            return self.executor.ragged_step(storage, chunks, self.sampling.last_token, hidden=hidden, argmax=argmax)
         if call.kind == PREFILL:
             return self.executor.prefill(storage, chunks, padded=True, hidden=hidden)
         if call.kind == DECODE and any(r.draft for r in call.rows):
@@ -129,6 +142,7 @@ class EngineCore:
                 from_slots=[c.from_slot for c in chunks],
                 last_tokens=self.sampling.last_token,
                 window_tables=[(c.window_first, c.window_pages) for c in chunks],
+                argmax=argmax,
             )
         raise ValueError(f"unknown model call kind {call.kind!r}")
 
@@ -163,7 +177,11 @@ class EngineCore:
         extra = ({} if bitmask is None else {"bitmask": bitmask}) | ({"offsets": offsets} if offsets.any() else {})
         if (draft_tokens >= 0).any():
             extra |= {"draft_logits": _rows_of(proposal.logits, draft_rows), "draft_tokens": draft_tokens}
-        if not extra and all(plain_greedy(p) for p in params):
+        if logits.ndim == 1:  # the rows' argmax (`_argmax_only`)
+            if extra:
+                raise ValueError("a step that returned its rows' argmax has rows to sample with a mask or drafts")
+            result, self.sampling = sample_slots_argmax(logits, slots, self.sampling)
+        elif not extra and all(plain_greedy(p) for p in params):
             result, self.sampling = sample_slots_greedy(logits, slots, self.sampling)
         else:
             result, self.sampling = sample_slots(logits, slots, self.sampling, num_top_logprobs=n_top, **extra)

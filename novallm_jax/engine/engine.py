@@ -46,7 +46,7 @@ from novallm_jax.engine.scheduler import Scheduler
 from novallm_jax.errors import EngineClosedError, EngineUnavailableError, InvalidRequestError
 from novallm_jax.model import Params
 from novallm_jax.sharding import bytes_per_device
-from novallm_jax.sampling import sample_slots, sample_slots_greedy
+from novallm_jax.sampling import sample_slots, sample_slots_argmax, sample_slots_greedy
 from novallm_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from novallm_jax.structured import Matcher, bitmask_words, fill_bitmasks
 from novallm_jax.tokenization.base import Tokenizer
@@ -318,6 +318,10 @@ class LLMEngine:
                 _, core.sampling = sample_slots_greedy(
                     jnp.zeros((size, self.cfg.vocab_size), jnp.float32), np.full(size, -1, np.int32), core.sampling
                 )
+                if size <= self.executor.argmax_rows:
+                    _, core.sampling = sample_slots_argmax(
+                        jnp.zeros(size, jnp.int32), np.full(size, -1, np.int32), core.sampling
+                    )
             for n in core.sampling.update_row_counts():  # padding rows only
                 core.sampling = core.sampling.update_rows([], pad_to=n)
             jax.block_until_ready(core.sampling)

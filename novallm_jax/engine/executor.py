@@ -36,7 +36,7 @@ from novallm_jax.config import ModelConfig, rope_inv_freqs
 from novallm_jax.errors import InvalidRequestError
 from novallm_jax.kernels import native
 from novallm_jax.kv_cache import NULL_PAGE, PagedKVCache, group_window
-from novallm_jax.model import Params, forward, rope_tables_per_kind
+from novallm_jax.model import Params, forward, greedy_head_rows, rope_tables_per_kind
 from novallm_jax.sampling_params import MAX_DRAFT_TOKENS
 
 
@@ -72,6 +72,10 @@ class ExecutorConfig:
     # up to max_decode_batch * (1 + this) rows (more lm_head rows in steps of many tokens), and padded steps gain a
     # verifying shape per decode bucket (`Executor.verify`), so it is opt-in.
     max_draft_tokens: int = 0
+    # Steps whose rows are all greedy take their tokens from the LM head's int8 copy and the few exact panels its
+    # error bounds leave (`native.ArgmaxHead`), where the head has 16 or 32 bits a weight and runs in the native
+    # kernels: the same tokens, ~a fifth of a batch-1 F16 step's bytes not read. False: every step computes logits.
+    greedy_head: bool = True
     # A step's decode rows draft only while they and their drafts stay within this many tokens, shared out
     # evenly: one row drafts 7, two 3 each, four 1, eight or more none. Verifying is worth it where a step's cost
     # hardly grows with its rows, and on two CPU cores a step of 8 rows costs ~2x one row, of 32 rows ~6x: there 32
@@ -188,11 +192,15 @@ class Executor:
         self.native_kernels = self._use_native_kernels()
         # Block-quantised weights (a GGUF loaded with keep_quantized) only run in the native kernels.
         self.params = native.pack_params(params) if self.native_kernels else native.dequantize_params(params)
+        if self.native_kernels and exec_cfg.greedy_head and self.mesh is None:
+            self.params = native.with_argmax_head(self.params)
+        # The most logits rows a step may return as their argmax without computing them (0: none).
+        self.argmax_rows = greedy_head_rows(self.params["lm_head"])
         self._lock = threading.Lock()
         self.compile_count = 0
         self._inv_freqs = rope_inv_freqs(cfg)
         self.no_tokens = jnp.zeros(self.exec_cfg.max_decode_batch, jnp.int32)  # `last_tokens` when none is fed back
-        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",), static_argnames=("hidden",))
+        self._ragged = jax.jit(self._traced_ragged, donate_argnames=("cache",), static_argnames=("hidden", "argmax"))
         wanted = self.exec_cfg.ragged_steps
         if wanted and not self.native_attention:
             raise ValueError("ragged_steps=True needs the native paged attention (float32 on CPU)")
@@ -222,16 +230,18 @@ class Executor:
             )
         return (possible and native.available()) if wanted is None else wanted
 
-    def _step_fn(self, hidden: bool = False, flat: bool = False):
+    def _step_fn(self, hidden: bool = False, flat: bool = False, argmax: bool = False):
         """The padded step (with `hidden`, the one that also returns every position's final hidden state; with
-        `flat`, the one whose logits index is flat positions, `forward`'s `logits_rows`)."""
-        if (hidden, flat) not in self._steps:
-            fn = functools.partial(self._traced_step, hidden=hidden, flat=flat)
+        `flat`, the one whose logits index is flat positions, `forward`'s `logits_rows`; with `argmax`, the one that
+        returns the logits' argmax)."""
+        key = hidden, flat, argmax
+        if key not in self._steps:
+            fn = functools.partial(self._traced_step, hidden=hidden, flat=flat, argmax=argmax)
             if self.mesh is None:
-                self._steps[hidden, flat] = jax.jit(fn, donate_argnames=("cache",))
+                self._steps[key] = jax.jit(fn, donate_argnames=("cache",))
             else:
-                self._steps[hidden, flat] = self._sharded_step(fn, hidden)
-        return self._steps[hidden, flat]
+                self._steps[key] = self._sharded_step(fn, hidden)
+        return self._steps[key]
 
     def _place_on_mesh(self) -> None:
         """Lays the params out over the mesh (once) and records the shardings the steps take and return."""
@@ -264,17 +274,38 @@ class Executor:
         last_tokens,
         hidden=False,
         flat=False,
+        argmax=False,
     ):
         self.compile_count += 1  # runs only while tracing, i.e. once per new shape
         logging.info("compiling step for tokens %s, page table %s", tokens.shape, jax.tree.leaves(page_table)[0].shape)
         tokens = _fed_back(tokens, src, last_tokens)
         index = {"logits_rows" if flat else "logits_index": logits_index}
         return forward(
-            params, tokens, positions, cache, self.step_cfg, page_table, rope_cs=rope_cs, hidden=hidden, **index
+            params,
+            tokens,
+            positions,
+            cache,
+            self.step_cfg,
+            page_table,
+            rope_cs=rope_cs,
+            hidden=hidden,
+            argmax=argmax,
+            **index,
         )
 
     def _traced_ragged(
-        self, params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens, hidden=False
+        self,
+        params,
+        tokens,
+        positions,
+        cache,
+        page_table,
+        logits_rows,
+        rope_cs,
+        src,
+        last_tokens,
+        hidden=False,
+        argmax=False,
     ):
         self.compile_count += 1
         logging.info(
@@ -291,6 +322,7 @@ class Executor:
             logits_rows=logits_rows,
             rope_cs=rope_cs,
             hidden=hidden,
+            argmax=argmax,
         )
 
     @property
@@ -465,10 +497,11 @@ class Executor:
         extents=None,
         hidden=False,
         flat=False,
+        argmax=False,
     ):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
-        step = self._step_fn(hidden, flat)
+        step = self._step_fn(hidden, flat, argmax)
         with self._lock:
             if self.mesh is None:
                 return step(self.params, tokens, positions, cache, page_table, logits_index, rope_cs, src, last_tokens)
@@ -510,13 +543,13 @@ class Executor:
         last_tokens=None,
         extents=None,
         hidden=False,
+        argmax=False,
     ):
         rope_cs = rope_tables_per_kind(positions, self._inv_freqs, xp=np, extents=extents)
         src, last_tokens = self._feedback(tokens, src, last_tokens)
+        args = (self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens)
         with self._lock:
-            return self._ragged(
-                self.params, tokens, positions, cache, page_table, logits_rows, rope_cs, src, last_tokens, hidden=hidden
-            )
+            return self._ragged(*args, hidden=hidden, argmax=argmax)
 
     def _feedback(self, tokens, src, last_tokens):
         """The `src` and `last_tokens` step arguments: where each token comes from (see PrefillChunk.from_slot)."""
@@ -565,11 +598,13 @@ class Executor:
         from_slots: Sequence[int] | None = None,
         last_tokens: jax.Array | None = None,
         window_tables: Sequence[tuple[int, Sequence[int]]] | None = None,
+        argmax: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """One decode step for each sequence: token i at positions[i]; returns logits [len(tokens), V] (every row
-        of the bucket with `padded=True`, as in `prefill`). Where from_slots[i] >= 0, token i is
-        last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g. `SamplingBatch.last_token`).
-        `window_tables[i]`: (window_first, window_pages) of sequence i, as in PrefillChunk (a window group only)."""
+        of the bucket with `padded=True`, as in `prefill`), or with `argmax` their argmax [rows] (int32). Where
+        from_slots[i] >= 0, token i is last_tokens[from_slots[i]] instead (a device array [max_decode_batch], e.g.
+        `SamplingBatch.last_token`). `window_tables[i]`: (window_first, window_pages) of sequence i, as in
+        PrefillChunk (a window group only)."""
         e = self.exec_cfg
         n = len(tokens)
         rows = bucket(n, e.decode_batch_buckets)
@@ -586,7 +621,8 @@ class Executor:
             first, live = window_tables[i] if window_tables is not None else (0, ())
             chunk = PrefillChunk((0,), positions[i], pages, window_pages=live, window_first=first)
             self._fill_tables(tables, i, chunk, self._pages_needed(chunk))
-        logits, cache = self._run(cache, tok, pos, self._table_arg(tables), np.zeros(rows, np.int32), src, last_tokens)
+        index = np.zeros(rows, np.int32)
+        logits, cache = self._run(cache, tok, pos, self._table_arg(tables), index, src, last_tokens, argmax=argmax)
         return (logits if padded else _rows(logits, n)), cache
 
     def verify(
@@ -645,10 +681,12 @@ class Executor:
         seqs: Sequence[PrefillChunk],
         last_tokens: jax.Array | None = None,
         hidden: bool = False,
+        argmax: bool = False,
     ) -> tuple[jax.Array, PagedKVCache]:
         """One ragged step: the tokens of every sequence (a prompt chunk, or a decode row's one token) as the rows
         of one batch. Returns logits [R, V], row i at the last token of seqs[i] (R >= len(seqs): the rest pad), or
-        with `PrefillChunk.logits` > 1 the logits of each sequence's last `logits` tokens, in order.
+        with `PrefillChunk.logits` > 1 the logits of each sequence's last `logits` tokens, in order; with `argmax`,
+        their argmax [R] (int32).
         `last_tokens` feeds the rows marked `from_slot` (see PrefillChunk). `hidden=True` also returns the final
         hidden states after the final norm, [tokens bucket, 1, D] (the sequences' tokens in order), as a third
         result."""
@@ -687,8 +725,20 @@ class Executor:
             last[out : out + s.logits] = np.arange(at - s.logits, at)
             out += s.logits
         return self._run_ragged(
-            cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents, hidden
+            cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents, hidden, argmax
         )
+
+    def argmax_fits(self, kind: str, seqs: Sequence[PrefillChunk]) -> bool:
+        """Whether a step of `kind` ("ragged" or "decode") over `seqs` has at most `argmax_rows` logits rows: its
+        argmax then comes from the greedy head without the logits."""
+        if not self.argmax_rows or not seqs:
+            return False
+        e = self.exec_cfg
+        if kind == "ragged":
+            rows = self._logits_rows(bucket(sum(len(s.tokens) for s in seqs), e.token_buckets))
+        else:
+            rows = bucket(len(seqs), e.decode_batch_buckets)
+        return rows <= self.argmax_rows
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""
@@ -731,20 +781,32 @@ class Executor:
                 shapes.append((b, t, w))
         return shapes
 
-    def warmup(self, cache: PagedKVCache) -> PagedKVCache:
-        """Compiles every bucketed shape, `step_shapes` and `verify_shapes` (writing only to the null page); returns
-        the cache."""
+    def warmup_shapes(self) -> list[tuple[tuple[int, int, int], bool, bool]]:
+        """(shape, verify, argmax) of every step program: `step_shapes`, `verify_shapes` (verify), and the greedy
+        head's variants (argmax) of the step shapes of one token a row and at most `argmax_rows` logits rows."""
         shapes = [(shape, False) for shape in self.step_shapes()] + [(shape, True) for shape in self.verify_shapes()]
-        for (rows, t, width), verify in tqdm(shapes, desc="compiling", unit="shape", leave=False):
+        return [
+            (shape, verify, argmax)
+            for shape, verify in shapes
+            for argmax in (False, True)
+            if not argmax or (not verify and shape[1] == 1 and self._out_rows(*shape[:2], verify) <= self.argmax_rows)
+        ]
+
+    def _out_rows(self, rows: int, t: int, verify: bool) -> int:
+        """Logits rows of a step program of `rows` x `t` tokens."""
+        return self._logits_rows(rows) if self.ragged else rows * t if verify else rows
+
+    def warmup(self, cache: PagedKVCache) -> PagedKVCache:
+        """Compiles every program of `warmup_shapes` (writing only to the null page); returns the cache."""
+        for (rows, t, width), verify, argmax in tqdm(self.warmup_shapes(), desc="compiling", unit="shape", leave=False):
             tokens = np.zeros((rows, t), np.int32)
             positions = np.full((rows, t), -1, np.int32)
             table = self._table_arg(self._tables(rows, width))
+            index = np.zeros(self._out_rows(rows, t, verify), np.int32)
             if self.ragged:
-                rows_out = np.zeros(self._logits_rows(rows), np.int32)
-                _, cache = self._run_ragged(cache, tokens, positions, table, rows_out)
+                _, cache = self._run_ragged(cache, tokens, positions, table, index, argmax=argmax)
             else:
-                index = np.zeros(rows * t if verify else rows, np.int32)
-                _, cache = self._run(cache, tokens, positions, table, index, flat=verify)
+                _, cache = self._run(cache, tokens, positions, table, index, flat=verify, argmax=argmax)
         jax.block_until_ready(cache)
         logging.info("warm-up compiled %d step shapes", self.compile_count)
         return cache

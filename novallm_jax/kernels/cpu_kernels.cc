@@ -4,6 +4,7 @@
 // - DotMatmul: the same codes against x rounded to int8 per block of 32 (per 256 for Q6_K's), with integer dot
 //   products (opt-in);
 // - HalfMatmul: the same with W as float16 / bfloat16 panels, widened exactly to float32;
+// - HeadArgmax: the argmax of x @ W for greedy rows, from an int8 copy of W and the few exact panels it leaves;
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
@@ -1397,6 +1398,147 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
 #endif
 }
 
+// ---- The greedy head: the exact argmax of x @ W, reading an int8 copy of W and the few panels it cannot rule out ----
+//
+// Why: at batch 1 the vocabulary projection is a fifth of a step's bytes (SmolLM2: 57 of 270 MB in float16), and a
+// greedy row needs only its argmax. An int8 copy of W with a scale per column (row r of W^T: w_r ~ s_r q_r) gives
+// every logit to within a bound: |x.w_r - s_r (x.q_r)| <= |x| c_r, where c_r is |w_r - s_r q_r| plus the float
+// rounding of both dot products (native.ArgmaxHead computes it). A column whose upper bound is below the best lower
+// bound cannot be the argmax; the panels of those that can are computed exactly by the weight's own kernel
+// (`MatmulPanel`, the bits the full matmul gives) and the first maximum among them is the argmax of the full
+// logits: every column left out is strictly below it. Non-finite x or bounds compute every panel.
+
+constexpr int64_t kMaxArgmaxRows = 8;
+
+// MR rows of x against one int8 panel [K, 16] (column scales s[16]): the approximate logits y[r * ldy + j].
+template <int MR>
+void ApproxPanel(const float* x, int64_t K, const int8_t* q, const float* s, float* y, int64_t ldy) {
+  auto widen = [](const int8_t* p) { return __builtin_convertvector(Widen(reinterpret_cast<const uint8_t*>(p), true), v8); };
+  v8 acc[MR][2], odd[MR][2];  // two k-streams, as `Row`: four independent accumulators at MR = 1
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = odd[r][0] = odd[r][1] = Splat(0.f);
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    Stream(q + k * kPanel, 2 * kPanel);
+    const v8 a0 = widen(q + k * kPanel), a1 = widen(q + k * kPanel + 8);
+    const v8 b0 = widen(q + (k + 1) * kPanel), b1 = widen(q + (k + 1) * kPanel + 8);
+    for (int r = 0; r < MR; ++r) {
+      const v8 xa = Splat(x[r * K + k]), xb = Splat(x[r * K + k + 1]);
+      acc[r][0] += xa * a0;
+      acc[r][1] += xa * a1;
+      odd[r][0] += xb * b0;
+      odd[r][1] += xb * b1;
+    }
+  }
+  for (; k < K; ++k) {
+    const v8 a0 = widen(q + k * kPanel), a1 = widen(q + k * kPanel + 8);
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] += Splat(x[r * K + k]) * a0;
+      acc[r][1] += Splat(x[r * K + k]) * a1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    Store(y + r * ldy, (acc[r][0] + odd[r][0]) * Load(s));
+    Store(y + r * ldy + 8, (acc[r][1] + odd[r][1]) * Load(s + 8));
+  }
+}
+
+void ApproxPanelRows(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, float* y, int64_t ldy) {
+  switch (M) {
+    case 1: return ApproxPanel<1>(x, K, q, s, y, ldy);
+    case 2: return ApproxPanel<2>(x, K, q, s, y, ldy);
+    case 3: return ApproxPanel<3>(x, K, q, s, y, ldy);
+    case 4: return ApproxPanel<4>(x, K, q, s, y, ldy);
+    case 5: return ApproxPanel<5>(x, K, q, s, y, ldy);
+    case 6: return ApproxPanel<6>(x, K, q, s, y, ldy);
+    case 7: return ApproxPanel<7>(x, K, q, s, y, ldy);
+    case 8: return ApproxPanel<8>(x, K, q, s, y, ldy);
+  }
+}
+
+// Per row m of x: the panel's greatest lower and upper bounds of its columns' logits, from their approximate logits
+// a [M, lda] (this panel's 16 columns, `valid` of them real) and bounds: a -/+ (|x| bound + |a| 2^-21), the second
+// term covering float32's rounding here (the bounds' own margin covers that of |x| bound).
+void PanelBounds(const float* a, int64_t lda, const float* bound, int64_t M, int64_t valid, const float* norm,
+                 float* low, float* high, int64_t ld) {
+  for (int64_t m = 0; m < M; ++m) {
+    float lo = -INFINITY, hi = -INFINITY;
+    for (int64_t j = 0; j < valid; ++j) {
+      const float v = a[m * lda + j], slack = norm[m] * bound[j] + std::fabs(v) * 0x1p-21f;
+      lo = std::max(lo, v - slack);
+      hi = std::max(hi, v + slack);
+    }
+    low[m * ld] = lo;
+    high[m * ld] = hi;
+  }
+}
+
+ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S8> q,
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound, int64_t kind, int64_t n,
+                      ffi::ResultBuffer<ffi::S32> tokens) {
+  const auto xd = x.dimensions(), qd = q.dimensions();
+  if (xd.size() != 2 || xd[0] > kMaxArgmaxRows || qd.size() != 3 || qd[1] != xd[1] || qd[2] != kPanel ||
+      scale.element_count() != qd[0] * kPanel || bound.element_count() != qd[0] * kPanel || n > qd[0] * kPanel) {
+    return ffi::Error::InvalidArgument("head_argmax wants x [M <= 8, K], int8 panels [P, K, 16], scales [P * 16]");
+  }
+  const int64_t M = xd[0], K = xd[1], P = qd[0], N = P * kPanel;
+  Weight wt;
+  if (const char* error = Weight::Of(w, kind, K, wt)) return ffi::Error::InvalidArgument(error);
+  if (wt.dot() || wt.panels != P) return ffi::Error::InvalidArgument("head_argmax: the weight's kind or panels");
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data();
+  const float *sp = scale.typed_data(), *bp = bound.typed_data();
+  float norm[kMaxArgmaxRows];
+  bool finite = true;
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += double(xp[m * K + k]) * xp[m * K + k];
+    norm[m] = static_cast<float>(std::sqrt(ss) * (1 + 2e-6));  // rounded up: the bounds stay bounds
+    finite = finite && std::isfinite(norm[m]);
+  }
+  thread_local std::vector<float> logits, low, high;
+  logits.resize(M * N);
+  low.resize(M * P);
+  high.resize(M * P);
+  float *yp = logits.data(), *lp = low.data(), *hp = high.data();
+  const float* np_ = norm;
+  ParallelFor(pool, P, M * K * 4 + P * K * kPanel, [=](int64_t p) {
+    float* a = yp + p * kPanel;
+    ApproxPanelRows(xp, M, K, qp + p * K * kPanel, sp + p * kPanel, a, N);
+    PanelBounds(a, N, bp + p * kPanel, M, std::min(kPanel, n - p * kPanel), np_, lp + p, hp + p, P);
+  });
+  // The panels that may hold a row's argmax: every panel whose upper bound reaches the row's best lower bound.
+  float best[kMaxArgmaxRows];
+  for (int64_t m = 0; m < M; ++m) {
+    best[m] = *std::max_element(lp + m * P, lp + (m + 1) * P);
+    finite = finite && std::isfinite(best[m]);
+  }
+  std::vector<int64_t> panels;
+  for (int64_t p = 0; p < P; ++p) {
+    bool keep = !finite;
+    for (int64_t m = 0; m < M && !keep; ++m) keep = hp[m * P + p] >= best[m];
+    if (keep) panels.push_back(p);
+  }
+  const RowCodes codes;  // unused: no int8-dot kind
+  const int64_t* cp = panels.data();
+  ParallelFor(pool, static_cast<int64_t>(panels.size()), static_cast<int64_t>(panels.size()) * wt.panel_bytes,
+              [=, &wt, &codes](int64_t i) { MatmulPanel(wt, xp, codes, M, cp[i], yp, N); });
+  // jnp.argmax's choice among the exact logits: the first maximum, or the first NaN.
+  int32_t* out = tokens->typed_data();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* y = yp + m * N;
+    int64_t arg = -1;
+    for (const int64_t p : panels) {
+      for (int64_t r = p * kPanel; r < std::min(n, (p + 1) * kPanel); ++r) {
+        if (std::isnan(y[r])) { arg = r; break; }
+        if (arg < 0 || y[r] > y[arg]) arg = r;
+      }
+      if (arg >= 0 && std::isnan(y[arg])) break;
+    }
+    out[m] = static_cast<int32_t>(std::max<int64_t>(arg, 0));
+  }
+  return ffi::Error::Success();
+}
+
 // out = w * x / rms(x) over n values (model.rms_norm). The squares are summed in 8 lanes, then across them, as
 // XLA's vectorised reduction does: one running sum over 576 values was measurably less accurate against transformers.
 inline void RmsNorm(const float* x, const float* w, int64_t n, float eps, float* out) {
@@ -1687,6 +1829,18 @@ extern "C" int NovallmInt8DotIsa() { return kInt8Dot ? 1 + kVnni : 0; }
 
 #endif
 #if !defined(NOVALLM_PART) || NOVALLM_PART == 1
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmHeadArgmaxF32, HeadArgmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // w, as the fused layer's weights
+                                  .Arg<ffi::Buffer<ffi::S8>>()   // int8 panels
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // their column scales
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the columns' bounds
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("n")
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmDecoderLayerF32, DecoderLayer,
                               ffi::Ffi::Bind()

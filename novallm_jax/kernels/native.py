@@ -30,6 +30,7 @@ PANEL = 16  # output columns per weight panel; must match kPanel in cpu_kernels.
 _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
+_HEAD_ARGMAX = "novallm_head_argmax_f32"
 # The block-code kernels, as (bits, half, dot): codes of `loading.gguf_quant.BlockQuant.bits` (5 in the int8-dot
 # layout only), with the scales as float32 or, where they are float16 values (all but Q6_K's), as float16.
 _KINDS = [
@@ -121,6 +122,7 @@ def _load() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.NovallmPackedMatmulF32), platform="cpu")
         jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.NovallmPagedAttentionF32), platform="cpu")
         jax.ffi.register_ffi_target(_LAYER, jax.ffi.pycapsule(lib.NovallmDecoderLayerF32), platform="cpu")
+        jax.ffi.register_ffi_target(_HEAD_ARGMAX, jax.ffi.pycapsule(lib.NovallmHeadArgmaxF32), platform="cpu")
         for bf16, symbol in ((False, lib.NovallmF16MatmulF32), (True, lib.NovallmBf16MatmulF32)):
             jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
         for kind in _KINDS:
@@ -569,6 +571,89 @@ class ExpertQuantLinear:
 
 NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
 PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+ARGMAX_ROWS = 8  # the most rows `ArgmaxHead.argmax` takes; must match kMaxArgmaxRows in cpu_kernels.cc
+
+
+@flax.struct.dataclass
+class ArgmaxHead:
+    """An LM head that also gives a greedy row's token without the full logits: `argmax` reads an int8 copy of the
+    weight (a scale per vocabulary column) and, exactly, only the panels whose columns its error bounds cannot rule
+    out (see HeadArgmax in cpu_kernels.cc); the same token as `jnp.argmax(exact.apply(x))`. `apply` is the exact
+    weight's."""
+
+    exact: PackedLinear | QuantLinear | HalfLinear
+    codes: jax.Array  # int8 panels [P, K, 16] of the columns' codes
+    scales: jax.Array  # float32 [P * 16]: column r is ~ scales[r] * codes
+    bounds: jax.Array  # float32 [P * 16]: |x . w_r - scales[r] * (x . q_r)| <= |x| bounds[r], rounding included
+
+    @classmethod
+    def of(cls, head) -> "ArgmaxHead | None":
+        """The head with its int8 copy, or None where that would not read fewer bytes (weights of 8 bits or fewer,
+        int8-dot layouts) or the weight is not finite."""
+        if not isinstance(head, NATIVE_LINEAR) or getattr(head, "int8", False):
+            return None
+        k = head.panels.shape[1] * (QUANT_BLOCK if isinstance(head, QuantLinear) else 1)
+        if head.panels.shape[0] * k * PANEL > 0.6 * head.panels.nbytes:
+            return None
+        chunks = [_int8_copy(w) for w in _dense_panels(head)]
+        if any(c is None for c in chunks):
+            return None
+        codes, scales, bounds = (np.concatenate(parts) for parts in zip(*chunks))
+        return cls(exact=head, codes=jnp.asarray(codes), scales=jnp.asarray(scales), bounds=jnp.asarray(bounds))
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return self.exact.apply(x)
+
+    def argmax(self, x: jax.Array) -> jax.Array:
+        """The argmax of `apply(x)` over its last axis (the first maximum, or the first NaN), x [M <= 8, K] -> int32
+        [M]."""
+        if x.ndim != 2 or x.shape[0] > ARGMAX_ROWS:
+            raise ValueError(f"ArgmaxHead.argmax takes x [M <= {ARGMAX_ROWS}, K]; got {x.shape}")
+        call = _ffi_call(_HEAD_ARGMAX, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))
+        return call(
+            x.astype(jnp.float32),
+            self.exact.panels,
+            self.codes,
+            self.scales,
+            self.bounds,
+            kind=_kind(self.exact),
+            n=np.int64(self.exact.n),
+        )
+
+
+def _dense_panels(w, chunk: int = 64):
+    """A native weight's float32 values in `pack`'s panel layout [P, K, 16], `chunk` panels at a time (whole, the
+    temporaries of `_int8_copy` took 4x as long, in page faults)."""
+    panels = np.asarray(w.panels) if isinstance(w, (HalfLinear, PackedLinear)) else pack(w.to_dense())
+    for p in range(0, panels.shape[0], chunk):
+        part = panels[p : p + chunk]
+        yield widen_half(part, w.bf16) if isinstance(w, HalfLinear) else part
+
+
+def _int8_copy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Panels w [P, K, 16] (float32) as int8 codes, their columns' scales [P * 16] and bounds [P * 16] (see
+    `ArgmaxHead`); None if w is not finite."""
+    if not np.isfinite(w).all():
+        return None
+    k = w.shape[1]
+    scales = np.maximum(w.max(axis=1), -w.min(axis=1)) / 127  # [P, 16]
+    scales[scales == 0] = 1
+    codes = np.rint(w / scales[:, None, :])
+    norm = lambda a: np.sqrt(np.einsum("pkj,pkj->pj", a, a, dtype=np.float64))
+    # The copy's error, and the float32 rounding of both dot products (K + 1 roundings of at most 2^-24 relative
+    # each, doubled) and of the exact weight as its kernel decodes it (a block code's d * q + m: 2^-24). The float32
+    # arithmetic here errs by far less than the rounding term.
+    rounding = (k + 2) * 2.0**-22 * (norm(w) + scales * norm(codes))
+    bound = ((norm(w - scales[:, None, :] * codes) + rounding) * (1 + 1e-6)).reshape(-1)
+    bound32 = bound.astype(np.float32)
+    bound32 = np.where(bound32 < bound, np.nextafter(bound32, np.float32(np.inf)), bound32)
+    return codes.astype(np.int8), scales.reshape(-1).astype(np.float32), bound32
+
+
+def with_argmax_head(params: dict) -> dict:
+    """The params with `lm_head` an `ArgmaxHead` where `ArgmaxHead.of` makes one."""
+    head = ArgmaxHead.of(params["lm_head"])
+    return params if head is None else {**params, "lm_head": head}
 
 
 def pack_params(params: dict) -> dict:
