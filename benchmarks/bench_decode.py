@@ -274,10 +274,16 @@ def _hf_random(preset: str, seed: int):
 
 def weight_bytes_per_token(params, cfg=None) -> int:
     """Bytes a batch-1 decode step reads: every weight once, except the embedding table (one row is read) and, in a
-    mixture of experts (`cfg.moe`), the experts its token is not routed to (it reads k of E per sparse layer)."""
+    mixture of experts (`cfg.moe`), the experts its token is not routed to (it reads k of E per sparse layer). A
+    greedy head (`native.ArgmaxHead`, an executor's) counts as its int8 copy, which a greedy step reads with the few
+    exact panels its bounds leave."""
     import jax
 
+    from novallm_jax.kernels import native
+
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) - params["embed"].nbytes
+    if isinstance(params["lm_head"], native.ArgmaxHead):
+        total -= sum(leaf.nbytes for leaf in jax.tree.leaves(params["lm_head"].exact))
     if cfg is not None and cfg.moe is not None:
         idle = 1 - cfg.moe.top_k / cfg.moe.num_experts
         total -= sum(
@@ -347,6 +353,8 @@ def bench_ours(
         "page_table_widths": list(widths),
         "num_pages": exec_cfg.num_pages,
         "native_kernels": ex.native_kernels,
+        # What a batch-1 greedy step reads: the weights, with the greedy head's copy in place of the LM head.
+        "weight_bytes_read": weight_bytes_per_token(ex.params, cfg),
     }
 
     for b in batches:
@@ -741,6 +749,8 @@ _RATIOS = {"ours": "ratios", **{engine: keys[0] for engine, keys in _CODED.items
 def _weight_bytes(entry: dict[str, Any], engine: str) -> int:
     """Bytes of weights an engine reads per batch-1 token: the block codes for ours_quant/ours_int8 and llama.cpp
     (the file's own), else float32."""
+    if "weight_bytes_read" in entry.get(engine, {}):  # ours: what its greedy steps read
+        return entry[engine]["weight_bytes_read"]
     coded = engine in _CODED or (engine == "llama_cpp" and "quant" in entry)
     return (entry["quant"] if coded else entry)["weight_bytes_per_token"]
 
@@ -758,7 +768,8 @@ def table_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
         res = entry.get(engine) or {}
         if "decode" not in res:
             continue
-        roof = entry["quant"]["roofline_tok_s"] if engine in _CODED else entry["roofline_tok_s"]
+        basis = entry["quant"] if engine in _CODED else entry  # its roofline, rescaled to the bytes it reads
+        roof = basis["roofline_tok_s"] * basis["weight_bytes_per_token"] / _weight_bytes(entry, engine)
         for b, v in res["decode"].items():
             rows.append(
                 {
@@ -963,13 +974,14 @@ def main(argv):
     results["bandwidth_gb_s"] = bw
     for entry in results["models"]:
         entry["roofline_tok_s"] = bw["roofline"] * 1e9 / entry["weight_bytes_per_token"]
+        fraction = lambda b1, engine: b1["tok_s"] * _weight_bytes(entry, engine) / (bw["roofline"] * 1e9)
         b1 = entry["ours"]["decode"].get("1")
-        entry["batch1_roofline_fraction"] = b1["tok_s"] / entry["roofline_tok_s"] if b1 else None
+        entry["batch1_roofline_fraction"] = fraction(b1, "ours") if b1 else None
         if "quant" in entry:
             entry["quant"]["roofline_tok_s"] = bw["roofline"] * 1e9 / entry["quant"]["weight_bytes_per_token"]
             for engine, (_, fraction_key) in _CODED.items():
                 b1 = entry[engine]["decode"].get("1") if engine in entry else None
-                entry["quant"][fraction_key] = b1["tok_s"] / entry["quant"]["roofline_tok_s"] if b1 else None
+                entry["quant"][fraction_key] = fraction(b1, engine) if b1 else None
         # Against the bandwidth probed just before and after the run itself (a less conservative reading).
         for engine in ("ours", *_CODED):
             b1 = entry[engine]["decode"].get("1") if engine in entry else None
