@@ -23,9 +23,12 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="the greedy head 
 
 
 def _head(kind: str, w: np.ndarray):
-    """w [n, K] as the head of a `kind` file: float32 panels, or float16 / bfloat16 bits."""
+    """w [n, K] as the head of a `kind` file: float32 panels, float16 / bfloat16 bits, or block codes."""
     if kind == "F32":
         return native.PackedLinear.from_dense(w.T)
+    if kind.startswith("Q"):
+        raw = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, kind))
+        return native.QuantLinear.from_blocks(decode_blocks(raw, kind, w.shape))
     dtype = np.float16 if kind == "F16" else ml_dtypes.bfloat16
     return native.HalfLinear.from_bits(w.astype(dtype).view(np.uint16), kind == "BF16")
 
@@ -34,7 +37,18 @@ def _full_argmax(head, x):
     return np.asarray(jnp.argmax(jax.jit(lambda x: head.apply(x))(x), axis=-1))
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16"])
+def _greedy(head):
+    greedy = native.ArgmaxHead.of(head)
+    if isinstance(head, native.QuantLinear):  # the int8-dot layout: x rounded to int8, integer dot products
+        if not native.int8_dot_available():
+            pytest.skip("a block-coded head's approximation runs the int8-dot kernels (AVX2)")
+        assert greedy.approx_kind == native._kind(head.with_int8_activations())
+    else:  # an int8 copy
+        assert greedy.approx_kind == -1 and greedy.codes.dtype == jnp.int8
+    return greedy
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0"])
 def test_argmax_equals_the_full_logits_argmax(kind):
     """Random rows, 1-8 at a time, against a head with tied columns (the first of equal logits wins), columns one
     rounding apart, a zero column and a vocabulary that is not a whole number of panels."""
@@ -46,9 +60,7 @@ def test_argmax_equals_the_full_logits_argmax(kind):
     w[500, 0] = np.nextafter(w[200, 0], np.float32(np.inf), dtype=np.float32)  # near ties
     w[999] = 0
     head = _head(kind, w)
-    greedy = native.ArgmaxHead.of(head)
-    assert greedy is not None
-    argmax = jax.jit(greedy.argmax)
+    argmax = jax.jit(_greedy(head).argmax)
     for m in range(1, native.ARGMAX_ROWS + 1):
         for trial in range(40):
             x = rng.standard_normal((m, k)).astype(np.float32) * rng.choice([1e-3, 1.0, 30.0])
@@ -62,11 +74,12 @@ def test_argmax_equals_the_full_logits_argmax(kind):
             np.testing.assert_array_equal(np.asarray(argmax(x)), _full_argmax(head, x), err_msg=f"m={m} {trial}")
 
 
-def test_non_finite_rows_pick_what_argmax_picks():
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_non_finite_rows_pick_what_argmax_picks(kind):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((300, 32)).astype(np.float32)
-    head = native.PackedLinear.from_dense(w.T)
-    greedy = native.ArgmaxHead.of(head)
+    head = _head(kind, w)
+    greedy = _greedy(head)
     x = rng.standard_normal((4, 32)).astype(np.float32)
     x[1, 3] = np.nan
     x[2, 5] = np.inf
@@ -76,8 +89,9 @@ def test_non_finite_rows_pick_what_argmax_picks():
 
 
 def test_bounds_hold_and_heads_that_gain_nothing_have_no_copy():
-    """|x . w_r - s_r (x . q_r)| <= |x| bound_r for the int8 copy; heads of 8 bits or fewer a weight (block codes)
-    and non-finite ones get none."""
+    """|x . w_r - s_r (x . q_r)| <= |x| bound_r for the int8 copy, whose codes fit int8; a block-coded head's
+    bounds are its columns' norms; heads with offsets, in int8-dot layouts, of XLA's dots or not finite get
+    none."""
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((400, 96)) * rng.uniform(0.01, 10, (400, 1))).astype(np.float32)
     greedy = native.ArgmaxHead.of(native.PackedLinear.from_dense(w.T))
@@ -90,10 +104,14 @@ def test_bounds_hold_and_heads_that_gain_nothing_have_no_copy():
     bad = w.copy()
     bad[3, 4] = np.inf
     assert native.ArgmaxHead.of(native.PackedLinear.from_dense(bad.T)) is None
-    for type_name in ("Q8_0", "Q4_1"):
-        raw = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, type_name))
-        coded = native.QuantLinear.from_blocks(decode_blocks(raw, type_name, w.shape))
-        assert native.ArgmaxHead.of(coded) is None and native.ArgmaxHead.of(coded.with_int8_activations()) is None
+    if native.int8_dot_available():
+        q8 = _head("Q8_0", w)
+        norms = np.linalg.norm(q8.to_dense().astype(np.float64), axis=0)
+        bounds = np.asarray(native.ArgmaxHead.of(q8).bounds)[:400]
+        assert (bounds >= norms).all() and np.allclose(bounds, norms, rtol=1e-5)
+    q41 = _head("Q4_1", w)  # offsets (m): the int8-dot bound does not cover them
+    assert native.ArgmaxHead.of(q41) is None
+    assert native.ArgmaxHead.of(_head("Q8_0", w).with_int8_activations()) is None  # int8 activations: nothing to gain
     assert native.ArgmaxHead.of(jnp.asarray(w.T)) is None  # XLA's dots: no native head
 
 

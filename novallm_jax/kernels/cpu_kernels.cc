@@ -1472,27 +1472,53 @@ void PanelBounds(const float* a, int64_t lda, const float* bound, int64_t M, int
   }
 }
 
-ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S8> q,
-                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound, int64_t kind, int64_t n,
-                      ffi::ResultBuffer<ffi::S32> tokens) {
-  const auto xd = x.dimensions(), qd = q.dimensions();
-  if (xd.size() != 2 || xd[0] > kMaxArgmaxRows || qd.size() != 3 || qd[1] != xd[1] || qd[2] != kPanel ||
-      scale.element_count() != qd[0] * kPanel || bound.element_count() != qd[0] * kPanel || n > qd[0] * kPanel) {
-    return ffi::Error::InvalidArgument("head_argmax wants x [M <= 8, K], int8 panels [P, K, 16], scales [P * 16]");
-  }
-  const int64_t M = xd[0], K = xd[1], P = qd[0], N = P * kPanel;
-  Weight wt;
+// `approx_kind` -1: q is int8 panels [P, K, 16] with column scales, and a column's bound is per unit of |x|. Else q
+// is the exact weight in the int8-dot layout of that kind (a block-coded head without offsets, m = 0): the approximate
+// logits are its dot products with x rounded to int8 (x~), exact in integers; then |x.w_r - x~.w_r| <= |w_r| |x - x~|,
+// so the bounds are the columns' norms |w_r|, per unit of |x - x~| plus both dot products' float32 rounding.
+ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer q,
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound, int64_t kind, int64_t approx_kind,
+                      int64_t n, ffi::ResultBuffer<ffi::S32> tokens) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[0] > kMaxArgmaxRows) return ffi::Error::InvalidArgument("head_argmax wants x [M <= 8, K]");
+  const int64_t M = xd[0], K = xd[1];
+  Weight wt, approx;
   if (const char* error = Weight::Of(w, kind, K, wt)) return ffi::Error::InvalidArgument(error);
-  if (wt.dot() || wt.panels != P) return ffi::Error::InvalidArgument("head_argmax: the weight's kind or panels");
+  const int64_t P = wt.panels, N = P * kPanel;
+  const bool int8_panels = approx_kind < 0;
+  if (int8_panels) {
+    const auto qd = q.dimensions();
+    if (q.element_type() != ffi::DataType::S8 || qd.size() != 3 || qd[0] != P || qd[1] != K || qd[2] != kPanel ||
+        scale.element_count() != N) {
+      return ffi::Error::InvalidArgument("head_argmax wants int8 panels [P, K, 16] and scales [P * 16]");
+    }
+  } else if (const char* error = Weight::Of(q, approx_kind, K, approx)) {
+    return ffi::Error::InvalidArgument(error);
+  }
+  if (wt.dot() || (!int8_panels && (!approx.dot() || approx.panels != P)) || bound.element_count() != N || n > N) {
+    return ffi::Error::InvalidArgument("head_argmax: the weights' kinds or shapes disagree");
+  }
   const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data();
   const float *sp = scale.typed_data(), *bp = bound.typed_data();
-  float norm[kMaxArgmaxRows];
+  RowCodes codes;
+  if (!int8_panels) codes.Resize(M, K);
+  float norm[kMaxArgmaxRows];  // per row, what the bounds are per unit of
   bool finite = true;
   for (int64_t m = 0; m < M; ++m) {
-    double ss = 0;
-    for (int64_t k = 0; k < K; ++k) ss += double(xp[m * K + k]) * xp[m * K + k];
-    norm[m] = static_cast<float>(std::sqrt(ss) * (1 + 2e-6));  // rounded up: the bounds stay bounds
+    const float* xm = xp + m * K;
+    double ss = 0, err = 0, ss_q = 0;
+    for (int64_t k = 0; k < K; ++k) ss += double(xm[k]) * xm[k];
+    if (!int8_panels) {
+      codes.Quantize(xm, m, XGroup(approx.kind & 15, K));
+      for (int64_t k = 0; k < K; ++k) {
+        const double xq = double(codes.dx[(m * K + k) / kBlock]) * codes.q[m * K + k];
+        err += (xm[k] - xq) * (xm[k] - xq);
+        ss_q += xq * xq;
+      }
+    }
+    const double bound_unit =
+        int8_panels ? std::sqrt(ss) : std::sqrt(err) + (K + 2) * 0x1p-22 * (std::sqrt(ss) + std::sqrt(ss_q));
+    norm[m] = static_cast<float>(bound_unit * (1 + 2e-6));  // rounded up: the bounds stay bounds
     finite = finite && std::isfinite(norm[m]);
   }
   thread_local std::vector<float> logits, low, high;
@@ -1501,9 +1527,15 @@ ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   high.resize(M * P);
   float *yp = logits.data(), *lp = low.data(), *hp = high.data();
   const float* np_ = norm;
-  ParallelFor(pool, P, M * K * 4 + P * K * kPanel, [=](int64_t p) {
+  const int8_t* qp = static_cast<const int8_t*>(q.untyped_data());
+  const int64_t approx_bytes = int8_panels ? K * kPanel : approx.panel_bytes;
+  ParallelFor(pool, P, M * K * 4 + P * approx_bytes, [=, &approx, &codes](int64_t p) {
     float* a = yp + p * kPanel;
-    ApproxPanelRows(xp, M, K, qp + p * K * kPanel, sp + p * kPanel, a, N);
+    if (int8_panels) {
+      ApproxPanelRows(xp, M, K, qp + p * K * kPanel, sp + p * kPanel, a, N);
+    } else {
+      MatmulPanel(approx, xp, codes, M, p, yp, N);
+    }
     PanelBounds(a, N, bp + p * kPanel, M, std::min(kPanel, n - p * kPanel), np_, lp + p, hp + p, P);
   });
   // The panels that may hold a row's argmax: every panel whose upper bound reaches the row's best lower bound.
@@ -1518,7 +1550,6 @@ ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     for (int64_t m = 0; m < M && !keep; ++m) keep = hp[m * P + p] >= best[m];
     if (keep) panels.push_back(p);
   }
-  const RowCodes codes;  // unused: no int8-dot kind
   const int64_t* cp = panels.data();
   ParallelFor(pool, static_cast<int64_t>(panels.size()), static_cast<int64_t>(panels.size()) * wt.panel_bytes,
               [=, &wt, &codes](int64_t i) { MatmulPanel(wt, xp, codes, M, cp[i], yp, N); });
@@ -1835,10 +1866,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NovallmHeadArgmaxF32, HeadArgmax,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::AnyBuffer>()         // w, as the fused layer's weights
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // int8 panels
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // their column scales
+                                  .Arg<ffi::AnyBuffer>()         // int8 panels, or w in an int8-dot layout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the int8 panels' column scales
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the columns' bounds
                                   .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("approx_kind")
                                   .Attr<int64_t>("n")
                                   .Ret<ffi::Buffer<ffi::S32>>());
 

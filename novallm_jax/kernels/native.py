@@ -576,23 +576,31 @@ ARGMAX_ROWS = 8  # the most rows `ArgmaxHead.argmax` takes; must match kMaxArgma
 
 @flax.struct.dataclass
 class ArgmaxHead:
-    """An LM head that also gives a greedy row's token without the full logits: `argmax` reads an int8 copy of the
-    weight (a scale per vocabulary column) and, exactly, only the panels whose columns its error bounds cannot rule
-    out (see HeadArgmax in cpu_kernels.cc); the same token as `jnp.argmax(exact.apply(x))`. `apply` is the exact
-    weight's."""
+    """An LM head that also gives a greedy row's token without the full logits: `argmax` computes approximate logits
+    with an error bound per column and, exactly, only the panels whose columns the bounds cannot rule out (see
+    HeadArgmax in cpu_kernels.cc); the same token as `jnp.argmax(exact.apply(x))`. `apply` is the exact weight's.
+
+    A 16- or 32-bit head gets an int8 copy (a scale per vocabulary column): fewer bytes to read. A head in block
+    codes without offsets (Q8_0, Q6_K) gets its int8-dot layout (`approx_kind`), which reads as many bytes but
+    multiplies x rounded to int8 in integers: at one row the exact decode to float32 is the bound, not the bus."""
 
     exact: PackedLinear | QuantLinear | HalfLinear
-    codes: jax.Array  # int8 panels [P, K, 16] of the columns' codes
-    scales: jax.Array  # float32 [P * 16]: column r is ~ scales[r] * codes
-    bounds: jax.Array  # float32 [P * 16]: |x . w_r - scales[r] * (x . q_r)| <= |x| bounds[r], rounding included
+    codes: jax.Array  # int8 panels [P, K, 16] of the columns' codes, or the exact weight's int8-dot panels
+    scales: jax.Array  # float32 [P * 16]: the int8 column r is ~ scales[r] * codes (empty for an int8-dot layout)
+    bounds: jax.Array  # float32 [P * 16]: see `of`
+    approx_kind: int = flax.struct.field(pytree_node=False, default=-1)  # the int8-dot layout's kind; -1 int8 panels
 
     @classmethod
     def of(cls, head) -> "ArgmaxHead | None":
-        """The head with its int8 copy, or None where that would not read fewer bytes (weights of 8 bits or fewer,
-        int8-dot layouts) or the weight is not finite."""
+        """The head with its approximation, or None where none gains: int8 panels where they read at most 0.6x the
+        head's bytes (bounds: |x . w_r - scales[r] * (x . q_r)| <= |x| bounds[r], rounding included), the int8-dot
+        layout of a block-coded head without offsets where the int8 dot kernels run (bounds: |w_r|), and neither
+        for an int8-dot head (int8 activations) or a weight that is not finite."""
         if not isinstance(head, NATIVE_LINEAR) or getattr(head, "int8", False):
             return None
-        k = head.panels.shape[1] * (QUANT_BLOCK if isinstance(head, QuantLinear) else 1)
+        if isinstance(head, QuantLinear):
+            return cls._int8_dot(head)
+        k = head.panels.shape[1]
         if head.panels.shape[0] * k * PANEL > 0.6 * head.panels.nbytes:
             return None
         chunks = [_int8_copy(w) for w in _dense_panels(head)]
@@ -600,6 +608,20 @@ class ArgmaxHead:
             return None
         codes, scales, bounds = (np.concatenate(parts) for parts in zip(*chunks))
         return cls(exact=head, codes=jnp.asarray(codes), scales=jnp.asarray(scales), bounds=jnp.asarray(bounds))
+
+    @classmethod
+    def _int8_dot(cls, head: QuantLinear) -> "ArgmaxHead | None":
+        offsets = _header_scales(np.asarray(head.panels), head.bits, head.half)[:, :, 1]
+        if not int8_dot_available() or offsets.any():
+            return None
+        chunks = list(_dense_panels(head))
+        if not all(np.isfinite(w).all() for w in chunks):
+            return None
+        norms = np.concatenate([_norms(w) for w in chunks]).reshape(-1) * (1 + 1e-6)
+        approx = head.with_int8_activations()
+        return cls(
+            head, approx.panels, jnp.zeros((0,), jnp.float32), jnp.asarray(_rounded_up(norms)), int(_kind(approx))
+        )
 
     def apply(self, x: jax.Array) -> jax.Array:
         return self.exact.apply(x)
@@ -617,17 +639,35 @@ class ArgmaxHead:
             self.scales,
             self.bounds,
             kind=_kind(self.exact),
+            approx_kind=np.int64(self.approx_kind),
             n=np.int64(self.exact.n),
         )
 
 
+def _rounded_up(a: np.ndarray) -> np.ndarray:
+    """float64 a as float32 values no smaller."""
+    b = a.astype(np.float32)
+    return np.where(b < a, np.nextafter(b, np.float32(np.inf)), b)
+
+
 def _dense_panels(w, chunk: int = 64):
     """A native weight's float32 values in `pack`'s panel layout [P, K, 16], `chunk` panels at a time (whole, the
-    temporaries of `_int8_copy` took 4x as long, in page faults)."""
-    panels = np.asarray(w.panels) if isinstance(w, (HalfLinear, PackedLinear)) else pack(w.to_dense())
+    temporaries of `_int8_copy` took 4x as long, in page faults, and a block-coded head's decode 8x)."""
+    panels = np.asarray(w.panels)
     for p in range(0, panels.shape[0], chunk):
         part = panels[p : p + chunk]
-        yield widen_half(part, w.bf16) if isinstance(w, HalfLinear) else part
+        if isinstance(w, HalfLinear):
+            yield widen_half(part, w.bf16)
+        elif isinstance(w, PackedLinear):
+            yield part
+        else:
+            dense = unpack_quant(part, part.shape[0] * PANEL, w.bits, w.int8, w.half)  # [K, columns]
+            yield dense.reshape(dense.shape[0], -1, PANEL).transpose(1, 0, 2)
+
+
+def _norms(w: np.ndarray) -> np.ndarray:
+    """The columns' Euclidean norms [P, 16] of panels w [P, K, 16], summed in float64."""
+    return np.sqrt(np.einsum("pkj,pkj->pj", w, w, dtype=np.float64))
 
 
 def _int8_copy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -639,15 +679,12 @@ def _int8_copy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Non
     scales = np.maximum(w.max(axis=1), -w.min(axis=1)) / 127  # [P, 16]
     scales[scales == 0] = 1
     codes = np.rint(w / scales[:, None, :])
-    norm = lambda a: np.sqrt(np.einsum("pkj,pkj->pj", a, a, dtype=np.float64))
     # The copy's error, and the float32 rounding of both dot products (K + 1 roundings of at most 2^-24 relative
     # each, doubled) and of the exact weight as its kernel decodes it (a block code's d * q + m: 2^-24). The float32
     # arithmetic here errs by far less than the rounding term.
-    rounding = (k + 2) * 2.0**-22 * (norm(w) + scales * norm(codes))
-    bound = ((norm(w - scales[:, None, :] * codes) + rounding) * (1 + 1e-6)).reshape(-1)
-    bound32 = bound.astype(np.float32)
-    bound32 = np.where(bound32 < bound, np.nextafter(bound32, np.float32(np.inf)), bound32)
-    return codes.astype(np.int8), scales.reshape(-1).astype(np.float32), bound32
+    rounding = (k + 2) * 2.0**-22 * (_norms(w) + scales * _norms(codes))
+    bound = ((_norms(w - scales[:, None, :] * codes) + rounding) * (1 + 1e-6)).reshape(-1)
+    return codes.astype(np.int8), scales.reshape(-1).astype(np.float32), _rounded_up(bound)
 
 
 def with_argmax_head(params: dict) -> dict:
