@@ -176,3 +176,36 @@ def test_argmax_fits_counts_the_logits_rows():
         dataclasses.replace(engine_fixtures.EXEC, greedy_head=False),
     )
     assert off.argmax_rows == 0 and not off.argmax_fits("ragged", [one])
+
+
+def test_drafted_greedy_rows_verify_through_the_greedy_head(tokenizer, monkeypatch):
+    """A greedy request drafting up to 7 tokens (from an oracle that knows plain decoding's output and spoils every
+    third draft's last token): its verifying steps take their argmax from the greedy head, and its tokens equal plain
+    decoding's without the head."""
+    skip_without_ragged_steps()
+    from novallm_jax.engine import core, speculative
+
+    rows = []
+    spy = core.sample_slots_argmax
+    monkeypatch.setattr(core, "sample_slots_argmax", lambda tokens, *a: rows.append(tokens.shape[0]) or spy(tokens, *a))
+    prompt = list(range(5, 29))
+    plain = make_engine(tokenizer, greedy_head=False)
+    want = _generate(plain, [prompt], [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)])[0]
+    calls = []
+
+    def oracle(tokens, k, **_):
+        done = len(tokens) - len(prompt)
+        draft = list(want[done : done + k])
+        calls.append(1)
+        if draft and len(calls) % 3 == 0:
+            draft[-1] = (draft[-1] + 1) % engine_fixtures.TINY.vocab_size
+        return -1, tuple(draft)
+
+    monkeypatch.setattr(speculative, "lookup", oracle)
+    monkeypatch.setattr(speculative, "may_find", lambda tokens: True)
+    engine = make_engine(tokenizer, max_draft_tokens=7, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, speculative=7)
+    assert _generate(engine, [prompt], [params]) == [want]
+    assert engine.counters["draft_tokens"] > engine.counters["accepted_tokens"] > 0
+    assert max(rows) == native.ARGMAX_ROWS  # verifying steps of 1 + 7 logits rows went through the greedy head
+    assert engine.check_leaks() == []

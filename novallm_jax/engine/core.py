@@ -48,7 +48,8 @@ class EngineCore:
     def execute(self, plan: StepPlan, storage, proposal: Proposal | None = None) -> tuple[list[Sampled], object]:
         """Executes `plan` on `storage` (donated); returns the sampler calls (tokens still on the device) and the
         updated storage. `proposal`: the draft model's for the plan (see `sample`)."""
-        logits, storage = self.run(plan, storage, greedy=True)
+        # A draft model's sampled drafts are verified against its logits: those steps need the target's.
+        logits, storage = self.run(plan, storage, greedy=proposal is None or proposal.logits is None)
         return self.sample(plan, logits, proposal=proposal), storage
 
     def run(self, plan: StepPlan, storage, greedy: bool = False) -> tuple[list[jax.Array], object]:
@@ -101,12 +102,13 @@ class EngineCore:
 
     def _argmax_only(self, call: ModelCall) -> bool:
         """Whether `call` can return its rows' argmax instead of their logits: every sampled row plain greedy, no
-        drafts nor hidden states, and few enough rows for the greedy head."""
+        hidden states, drafts only in a ragged call (a greedy row's draws at its drafted positions are argmaxes too),
+        and few enough logits rows for the greedy head."""
         sampled = [r for r in call.rows if r.sample]
         return (
-            call.kind in (RAGGED, DECODE)
+            (call.kind == RAGGED or (call.kind == DECODE and not any(r.draft for r in call.rows)))
             and bool(sampled)
-            and not any(r.draft or r.hidden for r in call.rows)
+            and not any(r.hidden for r in call.rows)
             and all(plain_greedy(self.slot_params[r.slot]) for r in sampled)
             and self.executor.argmax_fits("ragged" if call.kind == RAGGED else "decode", call.rows)
         )
@@ -177,9 +179,9 @@ class EngineCore:
         extra = ({} if bitmask is None else {"bitmask": bitmask}) | ({"offsets": offsets} if offsets.any() else {})
         if (draft_tokens >= 0).any():
             extra |= {"draft_logits": _rows_of(proposal.logits, draft_rows), "draft_tokens": draft_tokens}
-        if logits.ndim == 1:  # the rows' argmax (`_argmax_only`)
-            if extra:
-                raise ValueError("a step that returned its rows' argmax has rows to sample with a mask or drafts")
+        if logits.ndim == 1:  # the rows' argmax (`_argmax_only`): their draws whatever their offsets
+            if set(extra) - {"offsets"}:
+                raise ValueError("a step that returned its rows' argmax has rows to sample with a mask or a draft's q")
             result, self.sampling = sample_slots_argmax(logits, slots, self.sampling)
         elif not extra and all(plain_greedy(p) for p in params):
             result, self.sampling = sample_slots_greedy(logits, slots, self.sampling)
