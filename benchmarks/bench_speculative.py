@@ -51,6 +51,12 @@ flags.DEFINE_enum(
     "The engine's steps: its default (ragged on CPU), or padded ones (ExecutorConfig(ragged_steps=False): drafts "
     "verify in `Executor.verify` calls, as on a GPU or a mesh).",
 )
+flags.DEFINE_bool(
+    "greedy_head",
+    True,
+    "Greedy steps (plain and verifying) of at most 8 logits rows take their argmax from the greedy head "
+    "(ExecutorConfig.greedy_head); --nogreedy_head: the full logits.",
+)
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")
 flags.DEFINE_float(
     "temperature",
@@ -95,9 +101,9 @@ def main(argv) -> None:
     rounds, max_tokens = (2, 24) if FLAGS.quick else (FLAGS.rounds, FLAGS.max_tokens)
     load_before, t0 = common.loadavg(), time.perf_counter()
     results = {}
-    config = EngineConfig()
-    if FLAGS.steps == "padded":
-        config = EngineConfig(executor=dataclasses.replace(config.executor, ragged_steps=False))
+    executor = EngineConfig().executor
+    executor = dataclasses.replace(executor, ragged_steps=False if FLAGS.steps == "padded" else None)
+    config = EngineConfig(executor=dataclasses.replace(executor, greedy_head=FLAGS.greedy_head))
     with LLM(
         FLAGS.model,
         speculative=FLAGS.draft,
@@ -150,7 +156,7 @@ def main(argv) -> None:
     machine = {**common.machine_info(), "loadavg_before": load_before, "loadavg_after": common.loadavg()}
     print(
         f"k = {FLAGS.draft}, drafts by {FLAGS.draft_model or 'prompt lookup'}, activations {FLAGS.activations}, "
-        f"temperature {FLAGS.temperature}, {FLAGS.steps} steps, "
+        f"temperature {FLAGS.temperature}, {FLAGS.steps} steps, greedy head {'on' if FLAGS.greedy_head else 'off'}, "
         f"{rounds} rounds, load {load_before} -> {machine['loadavg_after']}, {time.perf_counter() - t0:.0f} s"
     )
     common.write_json(
@@ -165,6 +171,7 @@ def main(argv) -> None:
                 "max_tokens": max_tokens,
                 "temperature": FLAGS.temperature,
                 "steps": FLAGS.steps,
+                "greedy_head": FLAGS.greedy_head,
             },
             "tasks": results,
         },

@@ -4,7 +4,8 @@
 // - DotMatmul: the same codes against x rounded to int8 per block of 32 (per 256 for Q6_K's), with integer dot
 //   products (opt-in);
 // - HalfMatmul: the same with W as float16 / bfloat16 panels, widened exactly to float32;
-// - HeadArgmax: the argmax of x @ W for greedy rows, from an int8 copy of W and the few exact panels it leaves;
+// - HeadArgmax: the argmax of x @ W for greedy rows, from approximate logits with error bounds (an int8 copy of W,
+//   or W's int8-dot layout against x rounded to int8) and the few exact panels they leave;
 // - PagedAttention: causal (optionally sliding-window) GQA attention that reads K/V straight from the page pool
 //   through each row's page table, and only up to each query's position.
 //
@@ -1398,15 +1399,17 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
 #endif
 }
 
-// ---- The greedy head: the exact argmax of x @ W, reading an int8 copy of W and the few panels it cannot rule out ----
+// ---- The greedy head: the exact argmax of x @ W from approximate logits and the few panels they cannot rule out ----
 //
 // Why: at batch 1 the vocabulary projection is a fifth of a step's bytes (SmolLM2: 57 of 270 MB in float16), and a
 // greedy row needs only its argmax. An int8 copy of W with a scale per column (row r of W^T: w_r ~ s_r q_r) gives
 // every logit to within a bound: |x.w_r - s_r (x.q_r)| <= |x| c_r, where c_r is |w_r - s_r q_r| plus the float
-// rounding of both dot products (native.ArgmaxHead computes it). A column whose upper bound is below the best lower
-// bound cannot be the argmax; the panels of those that can are computed exactly by the weight's own kernel
-// (`MatmulPanel`, the bits the full matmul gives) and the first maximum among them is the argmax of the full
-// logits: every column left out is strictly below it. Non-finite x or bounds compute every panel.
+// rounding of both dot products (native.ArgmaxHead computes it). A block-coded W (8-bit codes, whose exact decode to
+// float32 bounds a row's time, not the bus) is approximated by its int8-dot layout instead (see HeadArgmax). A
+// column whose upper bound is below the best lower bound cannot be the argmax; the panels of those that can are
+// computed exactly by the weight's own kernel (`MatmulPanel`, the bits the full matmul gives) and the first maximum
+// among them is the argmax of the full logits: every column left out is strictly below it. Non-finite x or bounds
+// compute every panel.
 
 constexpr int64_t kMaxArgmaxRows = 8;
 

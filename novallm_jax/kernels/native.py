@@ -680,8 +680,7 @@ def _int8_copy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Non
     scales[scales == 0] = 1
     codes = np.rint(w / scales[:, None, :])
     # The copy's error, and the float32 rounding of both dot products (K + 1 roundings of at most 2^-24 relative
-    # each, doubled) and of the exact weight as its kernel decodes it (a block code's d * q + m: 2^-24). The float32
-    # arithmetic here errs by far less than the rounding term.
+    # each, doubled). The float32 arithmetic here errs by far less than the rounding term.
     rounding = (k + 2) * 2.0**-22 * (_norms(w) + scales * _norms(codes))
     bound = ((_norms(w - scales[:, None, :] * codes) + rounding) * (1 + 1e-6)).reshape(-1)
     return codes.astype(np.int8), scales.reshape(-1).astype(np.float32), _rounded_up(bound)
