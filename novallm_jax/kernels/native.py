@@ -611,17 +611,13 @@ class ArgmaxHead:
 
     @classmethod
     def _int8_dot(cls, head: QuantLinear) -> "ArgmaxHead | None":
-        offsets = _header_scales(np.asarray(head.panels), head.bits, head.half)[:, :, 1]
-        if not int8_dot_available() or offsets.any():
+        panels = np.asarray(head.panels)
+        scales = _header_scales(panels, head.bits, head.half)  # [P, KB, d m (d2), 16]
+        if not int8_dot_available() or scales[:, :, 1].any() or not np.isfinite(scales).all():
             return None
-        chunks = list(_dense_panels(head))
-        if not all(np.isfinite(w).all() for w in chunks):
-            return None
-        norms = np.concatenate([_norms(w) for w in chunks]).reshape(-1) * (1 + 1e-6)
+        norms = _rounded_up(_code_norms(panels, head.bits, head.half, scales) * (1 + 1e-6))
         approx = head.with_int8_activations()
-        return cls(
-            head, approx.panels, jnp.zeros((0,), jnp.float32), jnp.asarray(_rounded_up(norms)), int(_kind(approx))
-        )
+        return cls(head, approx.panels, jnp.zeros((0,), jnp.float32), jnp.asarray(norms), int(_kind(approx)))
 
     def apply(self, x: jax.Array) -> jax.Array:
         return self.exact.apply(x)
@@ -650,19 +646,24 @@ def _rounded_up(a: np.ndarray) -> np.ndarray:
     return np.where(b < a, np.nextafter(b, np.float32(np.inf)), b)
 
 
-def _dense_panels(w, chunk: int = 64):
-    """A native weight's float32 values in `pack`'s panel layout [P, K, 16], `chunk` panels at a time (whole, the
-    temporaries of `_int8_copy` took 4x as long, in page faults, and a block-coded head's decode 8x)."""
+def _dense_panels(w: HalfLinear | PackedLinear, chunk: int = 64):
+    """A 16- or 32-bit weight's float32 values in `pack`'s panel layout [P, K, 16], `chunk` panels at a time (whole,
+    the temporaries of `_int8_copy` took 4x as long, in page faults)."""
     panels = np.asarray(w.panels)
     for p in range(0, panels.shape[0], chunk):
-        part = panels[p : p + chunk]
-        if isinstance(w, HalfLinear):
-            yield widen_half(part, w.bf16)
-        elif isinstance(w, PackedLinear):
-            yield part
-        else:
-            dense = unpack_quant(part, part.shape[0] * PANEL, w.bits, w.int8, w.half)  # [K, columns]
-            yield dense.reshape(dense.shape[0], -1, PANEL).transpose(1, 0, 2)
+        yield widen_half(panels[p : p + chunk], w.bf16) if isinstance(w, HalfLinear) else panels[p : p + chunk]
+
+
+def _code_norms(panels: np.ndarray, bits: int, half: bool, scales: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """The columns' Euclidean norms [P * 16] of block codes without offsets (w = d * code; Q6_K's second half of a
+    block d2 * code), from the integer codes' squares: a third of decoding them to float32."""
+    d, d2 = scales[:, :, 0].astype(np.float64), scales[:, :, 2 if bits == 6 else 0].astype(np.float64)
+    out = []
+    for p in range(0, panels.shape[0], chunk):
+        c = _panel_codes(panels[p : p + chunk], bits, False, half).astype(np.int32) ** 2  # [p, KB, 32, 16]
+        lo, hi = c[:, :, : QUANT_BLOCK // 2].sum(2), c[:, :, QUANT_BLOCK // 2 :].sum(2)
+        out.append((d[p : p + chunk] ** 2 * lo + d2[p : p + chunk] ** 2 * hi).sum(1))
+    return np.sqrt(np.concatenate(out)).reshape(-1)
 
 
 def _norms(w: np.ndarray) -> np.ndarray:
