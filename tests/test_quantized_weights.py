@@ -199,7 +199,9 @@ def test_quantized_gguf_keeps_its_codes_and_gives_the_float_logits(tmp_path, qua
     np.testing.assert_array_equal(coded["layers"][0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
     np.testing.assert_array_equal(np.asarray(coded["embed"]), np.asarray(dense["embed"]))
     ex, got = _logits(cfg, coded)
-    assert ex.params["lm_head"] is coded["lm_head"]
+    head = ex.params["lm_head"]  # Q8_0's, with the greedy head's int8-dot copy (`native.ArgmaxHead`)
+    assert (head.exact if isinstance(head, native.ArgmaxHead) else head) is coded["lm_head"]
+    assert isinstance(head, native.ArgmaxHead) == (quant == "Q8_0" and native.int8_dot_available())
     _, want = _logits(cfg, dense)
     np.testing.assert_array_equal(got, want)
     # Without the native kernels the codes are dequantised for XLA's dots: the same model, other summation order.
@@ -294,7 +296,13 @@ def test_q4_k_m_gguf_runs_on_its_codes_with_the_float_logits(tmp_path, caplog):
     np.testing.assert_array_equal(layers[0]["wqkv"].to_dense(), np.asarray(dense["layers"][0]["wqkv"]))
     _, want = _logits(cfg, dense)
     ex, got = _logits(cfg, coded)
-    assert ex.params["lm_head"] is coded["lm_head"]
+    head = ex.params["lm_head"]  # Q6_K's, with the greedy head's int8-dot copy (two scales a block)
+    assert isinstance(head, native.ArgmaxHead) == native.int8_dot_available()
+    if native.int8_dot_available():
+        assert head.exact is coded["lm_head"]
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((8, cfg.hidden_size), dtype=np.float32))
+        full = jnp.argmax(jax.jit(lambda x: head.apply(x))(x), axis=-1)
+        np.testing.assert_array_equal(np.asarray(jax.jit(head.argmax)(x)), np.asarray(full))
     np.testing.assert_array_equal(got, want)
 
 
