@@ -258,8 +258,8 @@ class StepProfiler:
     """Times each engine step and, inside it, the model calls and the sampler calls, by wrapping them.
 
     Wraps `engine.step`, `engine.executor.prefill/decode/ragged_step` (instance attributes) and the sampler functions
-    the engine core calls (`sample_slots`, `sample_slots_greedy`: globals of engine/core.py); `restore()` puts them
-    back.
+    the engine core calls (`sample_slots`, `sample_slots_greedy`, `sample_slots_argmax`: globals of engine/core.py);
+    `restore()` puts them back.
     With synchronous steps the wrappers block on their outputs so that the time lands where the work is: host =
     step - model - sampler. With async scheduling (the default) blocking would serialise what the engine overlaps,
     so they time the dispatch only, and "host" includes waiting for the device; step times stay true.
@@ -317,7 +317,7 @@ class StepProfiler:
         self._patch(ex, "decode", timed("model", ex.decode, decode_shape), instance=True)
         self._patch(ex, "prefill", timed("model", ex.prefill, prefill_shape), instance=True)
         self._patch(ex, "ragged_step", timed("model", ex.ragged_step, ragged_shape), instance=True)
-        for name in ("sample_slots", "sample_slots_greedy"):  # the general sampler, and greedy steps' own
+        for name in ("sample_slots", "sample_slots_greedy", "sample_slots_argmax"):  # general, greedy, greedy head
             self._patch(core_mod, name, timed("sampler", getattr(core_mod, name)))
 
         step = engine.step
@@ -443,6 +443,7 @@ def warm_up(engine) -> dict[str, Any]:
     with engine._lock:
         ex.step_shapes = lambda: shapes
         try:
+            programs = len(ex.warmup_shapes())  # the shapes, and the greedy head's variants of the decode ones
             engine.kv_cache = ex.warmup(engine.kv_cache)
         finally:
             del ex.step_shapes
@@ -452,7 +453,7 @@ def warm_up(engine) -> dict[str, Any]:
     engine.add_request([engine.cfg.vocab_size // 2] * 3, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     engine.run_until_idle()
     return {
-        "step_shapes": len(shapes),
+        "step_shapes": programs,
         "compile_count": ex.compile_count,
         "compile_s": compile_steps,
         "total_s": time.perf_counter() - t0,
