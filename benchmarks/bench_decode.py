@@ -454,7 +454,7 @@ def _ours_decoder(ex, cache, b: int, width: int, tokens, s, argmax, out: dict, n
 
     tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(b)]
     state = {"tokens": jnp.asarray(tokens, jnp.int32), "cache": cache}
-    greedy = ex.argmax_fits("decode", [PrefillChunk([0], 0, t) for t in tables])  # the engine's greedy steps
+    greedy = ex.argmax_fits([PrefillChunk([0], 0, t) for t in tables])  # the engine's greedy steps
 
     def run(n: int, start: int):
         # As the engine steps (async scheduling): step j + 1 is dispatched with step j's tokens still on the

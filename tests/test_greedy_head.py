@@ -166,16 +166,21 @@ def test_argmax_fits_counts_the_logits_rows():
     ex = Executor(engine_fixtures.TINY, engine_fixtures.tiny_params(), engine_fixtures.EXEC)
     one = PrefillChunk([5], 3, [1])
     assert ex.argmax_rows == native.ARGMAX_ROWS
-    assert ex.argmax_fits("ragged", [one] * 4) and ex.argmax_fits("decode", [one] * 4)
-    assert not ex.argmax_fits("ragged", [one] * 5)  # 16 tokens and logits rows (EXEC.token_buckets)
-    assert not ex.argmax_fits("ragged", [PrefillChunk(list(range(40)), 0, [1, 2, 3, 4, 5])])
-    assert not ex.argmax_fits("decode", [one] * 16)
+    assert ex.argmax_fits([one] * 4)
+    assert not ex.argmax_fits([one] * 5)  # 16 tokens and logits rows (EXEC.token_buckets)
+    assert not ex.argmax_fits([PrefillChunk(list(range(40)), 0, [1, 2, 3, 4, 5])])
+    padded = Executor(
+        engine_fixtures.TINY,
+        engine_fixtures.tiny_params(),
+        dataclasses.replace(engine_fixtures.EXEC, ragged_steps=False),
+    )
+    assert padded.argmax_fits([one] * 4) and not padded.argmax_fits([one] * 16)  # decode buckets (1, 4, 16)
     off = Executor(
         engine_fixtures.TINY,
         engine_fixtures.tiny_params(),
         dataclasses.replace(engine_fixtures.EXEC, greedy_head=False),
     )
-    assert off.argmax_rows == 0 and not off.argmax_fits("ragged", [one])
+    assert off.argmax_rows == 0 and not off.argmax_fits([one])
 
 
 def test_drafted_greedy_rows_verify_through_the_greedy_head(tokenizer, monkeypatch):

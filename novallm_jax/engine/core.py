@@ -110,7 +110,7 @@ class EngineCore:
             and bool(sampled)
             and not any(r.hidden for r in call.rows)
             and all(plain_greedy(self.slot_params[r.slot]) for r in sampled)
-            and self.executor.argmax_fits("ragged" if call.kind == RAGGED else "decode", call.rows)
+            and self.executor.argmax_fits(call.rows)
         )
 
     def _run(self, call: ModelCall, storage, argmax: bool = False):

@@ -728,17 +728,17 @@ class Executor:
             cache, tokens, positions, self._table_arg(tables), last, src, last_tokens, extents, hidden, argmax
         )
 
-    def argmax_fits(self, kind: str, seqs: Sequence[PrefillChunk]) -> bool:
-        """Whether a step of `kind` ("ragged" or "decode") over `seqs` has at most `argmax_rows` logits rows: its
-        argmax then comes from the greedy head without the logits."""
+    def argmax_fits(self, seqs: Sequence[PrefillChunk]) -> bool:
+        """Whether this executor's step over `seqs` (a ragged step, or a decode step where steps are not ragged) has at
+        most `argmax_rows` logits rows: its argmax then comes from the greedy head without the logits."""
         if not self.argmax_rows or not seqs:
             return False
         e = self.exec_cfg
-        if kind == "ragged":
-            rows = self._logits_rows(bucket(sum(len(s.tokens) for s in seqs), e.token_buckets))
+        if self.ragged:
+            rows = bucket(sum(len(s.tokens) for s in seqs), e.token_buckets)
         else:
             rows = bucket(len(seqs), e.decode_batch_buckets)
-        return rows <= self.argmax_rows
+        return self._out_rows(rows, 1, verify=False) <= self.argmax_rows
 
     def _table_width(self, end: int) -> int:
         """Page-table width (a bucket, in pages) of a step whose sequences end before position `end`."""
