@@ -38,16 +38,18 @@ def _cfg(**kw) -> ModelConfig:
 
 def _weight(kind: str, k: int, n: int, rng) -> native.PackedLinear | native.QuantLinear:
     """A random [k, n] matmul weight: float32 panels, or block codes (`q4`, `q6` (two scales a block, as Q6_K's),
-    `q8`; `int8-q4`, ...)."""
+    `q8`; `int8-q4`, ...; `-sym`: without offsets, as Q8_0's and Q6_K's)."""
     if kind == "f32":
         return native.PackedLinear.from_dense(rng.standard_normal((k, n)).astype(np.float32) * 0.1)
-    bits = int(kind[-1])
+    sym = kind.endswith("-sym")
+    bits = int(kind.removesuffix("-sym")[-1])
     lo, hi = {4: (0, 16), 6: (-32, 32), 8: (-128, 128)}[bits]
     codes = rng.integers(lo, hi, (n, k)).astype(np.uint8 if bits == 4 else np.int8)
     d = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2**bits)
-    m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32)
+    m = rng.uniform(-0.05, 0.05, (n, k // 32)).astype(np.float32) * (not sym)
     d2 = rng.uniform(-0.02, 0.02, (n, k // 32)).astype(np.float32) * (8 / 2**bits) if bits == 6 else None
     w = native.QuantLinear.from_blocks(BlockQuant(codes, d, m, bits, d2))
+    assert w.sym == sym
     return w.with_int8_activations() if kind.startswith("int8") else w
 
 
@@ -113,7 +115,9 @@ def _check_fused_equals_separate(cfg, p, rows, seed):
 ROWS = [(0, 1), (37, 1), (5, 12), (60, 3)]  # decode rows, a prefill chunk crossing pages, padding
 
 
-@pytest.mark.parametrize("kind", ["f32", "q4", "q6", "q8", "int8-q4", "int8-q6", "int8-q8"])
+@pytest.mark.parametrize(
+    "kind", ["f32", "q4", "q6", "q8", "int8-q4", "int8-q6", "int8-q8", "q6-sym", "q8-sym", "int8-q6-sym", "int8-q8-sym"]
+)
 @pytest.mark.parametrize("rows", [[(29, 1)], [(29, 1), (70, 1), (0, 1)], ROWS], ids=["batch1", "batch3", "ragged"])
 def test_fused_layer_equals_the_separate_kernels(kind, rows):
     if kind.startswith("int8") and not native.int8_dot_available():

@@ -84,6 +84,55 @@ def test_codes_of_mixed_widths_concatenate_in_the_widest(kinds, bits):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(dense.apply(x)))
 
 
+@pytest.mark.parametrize(
+    "kinds,block",
+    [(("Q8_0",), 544), (("Q5_0",), 544), (("Q4_0",), 544), (("Q6_K",), 640), (("Q5_0", "Q8_0"), 544)]
+    + [((t,), None) for t in ("Q4_1", "Q5_1", "Q4_K")],
+)
+def test_symmetric_codes_keep_no_offsets(kinds, block):
+    """Codes whose every block's m is -c d for an integer c (Q8_0, Q6_K: 0; Q5_0: 16; Q4_0: 8, in 8 bits) are held
+    as q - c without m (`sym`: 1.0625 bytes an 8-bit weight with float16 d, not 1.125), decoding and multiplying to
+    the same bits; offsets that are no such multiple (Q4_1, Q5_1, Q4_K) keep them."""
+    parts = [decode_blocks(_raw(t, 16 * (i + 1), 256, seed=i), t, (16 * (i + 1), 256)) for i, t in enumerate(kinds)]
+    bq = BlockQuant.concat_rows(parts)
+    centred = bq.centred()
+    if block is None:
+        assert centred is None and not native.QuantLinear.from_blocks(bq).sym
+        q8 = bq.to_8bit()
+        with pytest.raises(ValueError, match="sym=True needs"):
+            native.pack_quant(q8.codes, q8.d, q8.m, q8.bits, d2=q8.d2, sym=True)
+        return
+    assert not centred.m.any() and centred.codes.dtype == np.int8
+    np.testing.assert_array_equal(centred.dequantize(), bq.dequantize())
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 256), dtype=np.float32))
+    apply = jax.jit(lambda x, w: w.apply(x))
+    dense = apply(x, native.PackedLinear.from_dense(bq.dequantize().T))
+    wide = bq.to_8bit() if bq.bits in (4, 5) else bq  # Q4_0's nibbles would stay nibbles
+    w = native.QuantLinear.from_blocks(wide)
+    assert w.sym and w.panels.shape[2] == block == native.block_bytes(w.bits, w.half, sym=True)
+    offsets = w.with_offsets()
+    assert not offsets.sym and offsets.panels.shape[2] == block + 32 * (1 + (not w.half))
+    for v in (w, offsets, w.with_float32_scales()):
+        np.testing.assert_array_equal(v.to_dense(), bq.dequantize().T)
+        np.testing.assert_array_equal(np.asarray(apply(x, v)), np.asarray(dense))
+    if native.int8_dot_available():
+        dot = w.with_int8_activations()
+        # a centred Q5_0 weight goes back to q with m = -16 d for the int8-dot layout's 5 bits: the layout, and the
+        # results, of the codes as the file has them
+        assert (dot.bits, dot.sym) == ((5, False) if kinds in (("Q5_0",), ("Q4_0",)) else (w.bits, True))
+        np.testing.assert_array_equal(dot.to_dense(), bq.dequantize().T)
+        if kinds in (("Q8_0",), ("Q5_0",), ("Q6_K",)):  # Q4_0's q - 8 comes back as q + 8 with m = -16 d
+            uncentred = native.pack_quant(wide.codes, wide.d, wide.m, wide.bits, d2=wide.d2, half=w.half)
+            as_read = native.QuantLinear(jnp.asarray(uncentred), w.n, w.bits, half=w.half).with_int8_activations()
+            np.testing.assert_array_equal(np.asarray(apply(x, dot)), np.asarray(apply(x, as_read)))
+    # experts with and without offsets stack with them; each row's matmul is its expert's
+    experts = native.ExpertQuantLinear.from_experts([w, offsets])
+    assert not experts.sym and native.ExpertQuantLinear.from_experts([w, w]).sym
+    for e in (0, 1):
+        rows = jax.jit(lambda x, e, w: w.apply(x, e))(x, jnp.full(3, e), experts)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(dense))
+
+
 def test_unsupported_types_are_not_decoded():
     raw = np.zeros((4, 64 * 2), np.uint8)
     assert decode_blocks(raw, "F16", (4, 64)) is None
@@ -137,7 +186,9 @@ def test_float16_scales_are_stored_in_16_bits(type_name, half):
     w = native.QuantLinear.from_blocks(bq)
     wide = w.with_float32_scales()
     assert w.half == half and not wide.half
-    assert w.panels.shape[2] == native.block_bytes(w.bits, half) == wide.panels.shape[2] - 64 * half
+    assert (
+        w.panels.shape[2] == native.block_bytes(w.bits, half, w.sym) == wide.panels.shape[2] - 32 * half * (2 - w.sym)
+    )
     for v in (w, wide, w.with_int8_activations(), wide.with_int8_activations()):
         np.testing.assert_array_equal(v.to_dense(), bq.dequantize().T)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, k), dtype=np.float32))

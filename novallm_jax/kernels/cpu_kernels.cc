@@ -351,17 +351,29 @@ constexpr int64_t kBlock = 32;
 // are read): 64 bytes a block fewer, 0.625 bytes a 4-bit weight instead of 0.75, 1.125 an 8-bit one instead of
 // 1.25. K-quants' d and m are products of two scales and stay float32.
 constexpr int kHalf = 64;
+// + kSym: symmetric codes, w = d * code, whose header holds no m (signed 8-bit codes: Q8_0, Q6_K, and Q4_0's and
+// Q5_0's q - 8 and q - 16, see `BlockQuant.centred`): 1.0625 bytes an 8-bit weight with float16 d instead of 1.125,
+// and a batch-1 step of such weights is bound by the bus.
+constexpr int kSym = 128;
 template <int BITS> constexpr int kBits = BITS & 15;
+template <int BITS> constexpr bool kOffsets = !(BITS & kSym);
 template <int BITS> constexpr bool kNibbles = kBits<BITS> == 4 || kBits<BITS> == 5;  // two codes a byte (5: a plane)
 template <int BITS> constexpr int64_t kCodeBits = kNibbles<BITS> ? 4 : 8;
-template <int BITS> constexpr int64_t kHeaderBytes = (kBits<BITS> == 6 ? 3 : 2) * kPanel * (BITS & kHalf ? 2 : 4);
+template <int BITS> constexpr int kScaleRows = 1 + kOffsets<BITS> + (kBits<BITS> == 6);  // d, m, d2
+template <int BITS> constexpr int64_t kHeaderBytes = kScaleRows<BITS> * kPanel * (BITS & kHalf ? 2 : 4);
 template <int BITS> constexpr int64_t kCodeBytes = kBlock * kPanel * kCodeBits<BITS> / 8;
 template <int BITS>
 constexpr int64_t kBlockBytes = kHeaderBytes<BITS> + kCodeBytes<BITS> + (kBits<BITS> == 5) * kBlock * 2;
 
-// The i-th 8 scales of a block's header, in the order d[0:8], d[8:16], m[0:8], m[8:16] (and d2's for bits 6).
+// A block header's rows: d[16], m[16] (none for kSym kinds) and, for bits 6, d2[16].
+enum ScaleRow { kD, kM, kD2 };
+template <int BITS> constexpr int kRowAt(ScaleRow row) { return row == kD2 ? kScaleRows<BITS> - 1 : int(row); }
+
+// Scales 8h..8h+7 of a block's header row (m of a symmetric kind: zeros).
 template <int BITS>
-inline v8 Scales(const uint8_t* block, int i) {
+inline v8 Scales(const uint8_t* block, ScaleRow row, int h) {
+  if (!kOffsets<BITS> && row == kM) return Splat(0.f);
+  const int i = 2 * kRowAt<BITS>(row) + h;
   if constexpr (BITS & kHalf) {
     return LoadF16(reinterpret_cast<const uint16_t*>(block) + 8 * i);
   } else {
@@ -373,9 +385,13 @@ inline v8 Scales(const uint8_t* block, int i) {
 // for every kind (d has at most 18 significant bits, a float16 times Q6_K's 8-bit or a K-quant's 6-bit scale, and a
 // code at most 5 more), so one fused multiply-add, which the compiler may use here, rounds the same: one instruction
 // less per 8 weights than keeping them apart.
-template <class V>
+template <int BITS, class V>
 inline V Dequantised(V code, V d, V m) {
-  return code * d + m;
+  if constexpr (kOffsets<BITS>) {
+    return code * d + m;
+  } else {
+    return code * d;
+  }
 }
 
 // Eight codes widened to int32 (GCC scalarises __builtin_convertvector from an 8-byte vector, hence the intrinsics).
@@ -406,15 +422,15 @@ template <> inline void Codes<6>(const uint8_t* c, v8& lo, v8& hi) { Codes<8>(c,
 template <int BITS>
 void Dequant(const uint8_t* q, int64_t K, float* w) {
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
-    v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
-    const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
+    v8 d0 = Scales<BITS>(q, kD, 0), d1 = Scales<BITS>(q, kD, 1);
+    const v8 m0 = Scales<BITS>(q, kM, 0), m1 = Scales<BITS>(q, kM, 1);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; ++k, c += kPanel * kCodeBits<BITS> / 8, w += kPanel) {
-      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, 4); d1 = Scales<BITS>(q, 5); }
+      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, kD2, 0); d1 = Scales<BITS>(q, kD2, 1); }
       v8 lo, hi;
       Codes<kBits<BITS>>(c, lo, hi);
-      Store(w, Dequantised(lo, d0, m0));
-      Store(w + 8, Dequantised(hi, d1, m1));
+      Store(w, Dequantised<BITS>(lo, d0, m0));
+      Store(w + 8, Dequantised<BITS>(hi, d1, m1));
     }
   }
 }
@@ -427,19 +443,19 @@ void QuantRow(const float* x, const uint8_t* q, int64_t K, float* y) {
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>, x += kBlock) {
     Stream(q, kBlockBytes<BITS>);
-    v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
-    const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
+    v8 d0 = Scales<BITS>(q, kD, 0), d1 = Scales<BITS>(q, kD, 1);
+    const v8 m0 = Scales<BITS>(q, kM, 0), m1 = Scales<BITS>(q, kM, 1);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; k += 2, c += 2 * kRowBytes) {
-      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, 4); d1 = Scales<BITS>(q, 5); }
+      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, kD2, 0); d1 = Scales<BITS>(q, kD2, 1); }
       v8 lo, hi, lo2, hi2;
       Codes<kBits<BITS>>(c, lo, hi);
       Codes<kBits<BITS>>(c + kRowBytes, lo2, hi2);
       const v8 xa = Splat(x[k]), xb = Splat(x[k + 1]);
-      a0 += xa * Dequantised(lo, d0, m0);
-      a1 += xa * Dequantised(hi, d1, m1);
-      b0 += xb * Dequantised(lo2, d0, m0);
-      b1 += xb * Dequantised(hi2, d1, m1);
+      a0 += xa * Dequantised<BITS>(lo, d0, m0);
+      a1 += xa * Dequantised<BITS>(hi, d1, m1);
+      b0 += xb * Dequantised<BITS>(lo2, d0, m0);
+      b1 += xb * Dequantised<BITS>(hi2, d1, m1);
     }
   }
   Store(y, a0 + b0);
@@ -457,14 +473,14 @@ void QuantTile(const float* x, int64_t K, const uint8_t* q, float* y, int64_t ld
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
     Stream(q, kBlockBytes<BITS>);
-    v8 d0 = Scales<BITS>(q, 0), d1 = Scales<BITS>(q, 1);
-    const v8 m0 = Scales<BITS>(q, 2), m1 = Scales<BITS>(q, 3);
+    v8 d0 = Scales<BITS>(q, kD, 0), d1 = Scales<BITS>(q, kD, 1);
+    const v8 m0 = Scales<BITS>(q, kM, 0), m1 = Scales<BITS>(q, kM, 1);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; ++k, c += kRowBytes) {
-      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, 4); d1 = Scales<BITS>(q, 5); }
+      if (kBits<BITS> == 6 && k == kBlock / 2) { d0 = Scales<BITS>(q, kD2, 0); d1 = Scales<BITS>(q, kD2, 1); }
       v8 lo, hi;
       Codes<kBits<BITS>>(c, lo, hi);
-      const v8 w0 = Dequantised(lo, d0, m0), w1 = Dequantised(hi, d1, m1);
+      const v8 w0 = Dequantised<BITS>(lo, d0, m0), w1 = Dequantised<BITS>(hi, d1, m1);
       for (int r = 0; r < MR; ++r) {
         const v8 a = Splat(x[r * K + b * kBlock + k]);
         acc[r][0] += a * w0;
@@ -476,9 +492,11 @@ void QuantTile(const float* x, int64_t K, const uint8_t* q, float* y, int64_t ld
 }
 
 #if defined(__AVX512F__)
-// The i-th 16 scales of a block's header: d, m (and d2 for bits 6).
+// A block header's row of 16 scales (m of a symmetric kind: zeros).
 template <int BITS>
-inline v16 Scales16(const uint8_t* block, int i) {
+inline v16 Scales16(const uint8_t* block, ScaleRow row) {
+  if (!kOffsets<BITS> && row == kM) return v16{};
+  const int i = kRowAt<BITS>(row);
   if constexpr (BITS & kHalf) {
     return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * i)));
   } else {
@@ -502,14 +520,14 @@ void QuantTile16(const float* x, int64_t K, const uint8_t* q, float* y, int64_t 
   constexpr int64_t kRowBytes = kPanel * kCodeBits<BITS> / 8;
   for (int64_t b = 0; b < K / kBlock; ++b, q += kBlockBytes<BITS>) {
     Stream(q, kBlockBytes<BITS>);
-    v16 d = Scales16<BITS>(q, 0);
-    const v16 m = Scales16<BITS>(q, 1);
+    v16 d = Scales16<BITS>(q, kD);
+    const v16 m = Scales16<BITS>(q, kM);
     const uint8_t* c = q + kHeaderBytes<BITS>;
     for (int64_t k = 0; k < kBlock; ++k, c += kRowBytes) {
-      if (kBits<BITS> == 6 && k == kBlock / 2) d = Scales16<BITS>(q, 2);
+      if (kBits<BITS> == 6 && k == kBlock / 2) d = Scales16<BITS>(q, kD2);
       v8 lo, hi;
       Codes<kBits<BITS>>(c, lo, hi);
-      const v16 w = Dequantised(Join(lo, hi), d, m);
+      const v16 w = Dequantised<BITS>(Join(lo, hi), d, m);
       for (int r = 0; r < MR; ++r) acc[r] += x[r * K + b * kBlock + k] * w;
     }
   }
@@ -706,11 +724,11 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
       }
       for (int r = 0; r < MR; ++r) s[r] = _mm512_sub_epi32(s[r], wsum);
     }
-    const v16 d = Scales16<BITS>(w, 0), m = Scales16<BITS>(w, 1);
+    const v16 d = Scales16<BITS>(w, kD), m = Scales16<BITS>(w, kM);  // zeros for kSym
     for (int r = 0; r < MR; ++r) {
       const float dx = x.dx[(row + r) * KB + b], sx = x.sx[(row + r) * KB + b];
       if constexpr (kBits<BITS> == 6) {
-        const v16 d2 = Scales16<BITS>(w, 2);
+        const v16 d2 = Scales16<BITS>(w, kD2);
         acc[r] += (d * dx) * __builtin_convertvector((__v16si)lo[r], v16) +
                   (d2 * dx) * __builtin_convertvector((__v16si)s[r], v16) + m * sx;
       } else {
@@ -806,11 +824,12 @@ void DotTile(const QuantizedX& x, int64_t row, const uint8_t* w, float* y, int64
         }
       }
     }
-    const v8 d0 = Scales<BITS>(w, 0), d1 = Scales<BITS>(w, 1), m0 = Scales<BITS>(w, 2), m1 = Scales<BITS>(w, 3);
+    const v8 d0 = Scales<BITS>(w, kD, 0), d1 = Scales<BITS>(w, kD, 1);
+    const v8 m0 = Scales<BITS>(w, kM, 0), m1 = Scales<BITS>(w, kM, 1);  // zeros for kSym
     for (int r = 0; r < MR; ++r) {
       const v8 dx = Splat(x.dx[(row + r) * KB + b]), sx = Splat(x.sx[(row + r) * KB + b]);
       if constexpr (kBits<BITS> == 6) {
-        const v8 e0 = Scales<BITS>(w, 4), e1 = Scales<BITS>(w, 5);
+        const v8 e0 = Scales<BITS>(w, kD2, 0), e1 = Scales<BITS>(w, kD2, 1);
         acc[r][0] += (d0 * dx) * __builtin_convertvector((v8i)lo[r][0], v8) +
                      (e0 * dx) * __builtin_convertvector((v8i)s[r][0], v8) + m0 * sx;
         acc[r][1] += (d1 * dx) * __builtin_convertvector((v8i)lo[r][1], v8) +
@@ -1303,7 +1322,7 @@ ffi::Error HalfMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // so a phase costs a few hundred nanoseconds of synchronisation instead of a wake-up. Batch 1 gained 5-8%; 32 rows,
 // whose calls already kept every thread busy, nothing.
 
-// Bytes of a block of a code kind (bits, + kHalf), 0 for none.
+// Bytes of a block of a code kind (bits, + kHalf, + kSym), 0 for none.
 constexpr int64_t BlockBytesOf(int64_t kind) {
   switch (kind) {
     case 4: return kBlockBytes<4>;
@@ -1313,13 +1332,16 @@ constexpr int64_t BlockBytesOf(int64_t kind) {
     case kHalf + 4: return kBlockBytes<kHalf + 4>;
     case kHalf + 5: return kBlockBytes<kHalf + 5>;
     case kHalf + 8: return kBlockBytes<kHalf + 8>;
+    case kSym + 6: return kBlockBytes<kSym + 6>;
+    case kSym + 8: return kBlockBytes<kSym + 8>;
+    case kSym + kHalf + 8: return kBlockBytes<kSym + kHalf + 8>;
     default: return 0;
   }
 }
 
 // A matmul weight of the fused layer: float32 panels (kind 0), block codes decoded to float32 (kind = bits), the
-// int8-dot layout (kind = 16 + bits, x quantised per row first), either with float16 block scales (+ kHalf), or
-// 16-bit panels (kind 32 float16, 33 bfloat16).
+// int8-dot layout (kind = 16 + bits, x quantised per row first), either with float16 block scales (+ kHalf) and
+// without offsets (+ kSym), or 16-bit panels (kind 32 float16, 33 bfloat16).
 struct Weight {
   int64_t kind = 0;
   const uint8_t* data = nullptr;
@@ -1342,7 +1364,7 @@ struct Weight {
       w.panel_bytes = K * kPanel * 2;
     } else {
       const int64_t block = BlockBytesOf(kind & ~int64_t{16});  // 0: no such kind
-      ok = ok && block > 0 && ((kind & 15) != 5 || w.dot()) && (kind & ~int64_t{31 + kHalf}) == 0 &&
+      ok = ok && block > 0 && ((kind & 15) != 5 || w.dot()) && (kind & ~int64_t{31 + kHalf + kSym}) == 0 &&
            b.element_type() == ffi::DataType::U8 && d[1] * kBlock == K && d[2] == block;
       if (w.dot() && !kInt8Dot) return "decoder_layer: int8-dot matmuls need AVX2";
       w.panel_bytes = d[1] * block;
@@ -1384,6 +1406,9 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
     case 8: return QuantPanel<8>(x, M, w.K, wp, y, ldy);
     case kHalf + 4: return QuantPanel<kHalf + 4>(x, M, w.K, wp, y, ldy);
     case kHalf + 8: return QuantPanel<kHalf + 8>(x, M, w.K, wp, y, ldy);
+    case kSym + 6: return QuantPanel<kSym + 6>(x, M, w.K, wp, y, ldy);
+    case kSym + 8: return QuantPanel<kSym + 8>(x, M, w.K, wp, y, ldy);
+    case kSym + kHalf + 8: return QuantPanel<kSym + kHalf + 8>(x, M, w.K, wp, y, ldy);
   }
 #if defined(__AVX2__)
   const QuantizedX qx{codes.q.data(), codes.dx.data(), codes.sx.data(), w.K};
@@ -1395,6 +1420,9 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
     case 16 + kHalf + 4: return DotPanel<kHalf + 4>(qx, M, wp, y, ldy);
     case 16 + kHalf + 5: return DotPanel<kHalf + 5>(qx, M, wp, y, ldy);
     case 16 + kHalf + 8: return DotPanel<kHalf + 8>(qx, M, wp, y, ldy);
+    case 16 + kSym + 6: return DotPanel<kSym + 6>(qx, M, wp, y, ldy);
+    case 16 + kSym + 8: return DotPanel<kSym + 8>(qx, M, wp, y, ldy);
+    case 16 + kSym + kHalf + 8: return DotPanel<kSym + kHalf + 8>(qx, M, wp, y, ldy);
   }
 #endif
 }
@@ -1827,6 +1855,12 @@ NOVALLM_QUANT_MATMUL(NovallmQ8DotMatmulF32, DotMatmul, 8)
 NOVALLM_QUANT_MATMUL(NovallmQ4HDotMatmulF32, DotMatmul, kHalf + 4)
 NOVALLM_QUANT_MATMUL(NovallmQ5HDotMatmulF32, DotMatmul, kHalf + 5)
 NOVALLM_QUANT_MATMUL(NovallmQ8HDotMatmulF32, DotMatmul, kHalf + 8)
+NOVALLM_QUANT_MATMUL(NovallmQ6SymMatmulF32, QuantMatmul, kSym + 6)
+NOVALLM_QUANT_MATMUL(NovallmQ8SymMatmulF32, QuantMatmul, kSym + 8)
+NOVALLM_QUANT_MATMUL(NovallmQ8HSymMatmulF32, QuantMatmul, kSym + kHalf + 8)
+NOVALLM_QUANT_MATMUL(NovallmQ6SymDotMatmulF32, DotMatmul, kSym + 6)
+NOVALLM_QUANT_MATMUL(NovallmQ8SymDotMatmulF32, DotMatmul, kSym + 8)
+NOVALLM_QUANT_MATMUL(NovallmQ8HSymDotMatmulF32, DotMatmul, kSym + kHalf + 8)
 
 #define NOVALLM_EXPERT_MATMUL(name, bits, dot)                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (ExpertMatmul<bits, dot>), ffi::Ffi::Bind()                     \
@@ -1847,6 +1881,12 @@ NOVALLM_EXPERT_MATMUL(NovallmQ8DotExpertMatmulF32, 8, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ4HDotExpertMatmulF32, kHalf + 4, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ5HDotExpertMatmulF32, kHalf + 5, true)
 NOVALLM_EXPERT_MATMUL(NovallmQ8HDotExpertMatmulF32, kHalf + 8, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ6SymExpertMatmulF32, kSym + 6, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ8SymExpertMatmulF32, kSym + 8, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ8HSymExpertMatmulF32, kSym + kHalf + 8, false)
+NOVALLM_EXPERT_MATMUL(NovallmQ6SymDotExpertMatmulF32, kSym + 6, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ8SymDotExpertMatmulF32, kSym + 8, true)
+NOVALLM_EXPERT_MATMUL(NovallmQ8HSymDotExpertMatmulF32, kSym + kHalf + 8, true)
 
 #define NOVALLM_HALF_MATMUL(name, bf16)                                                               \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, HalfMatmul<bf16>, ffi::Ffi::Bind()                              \

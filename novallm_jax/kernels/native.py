@@ -31,23 +31,25 @@ _MATMUL = "novallm_packed_matmul_f32"
 _ATTENTION = "novallm_paged_attention_f32"
 _LAYER = "novallm_decoder_layer_f32"
 _HEAD_ARGMAX = "novallm_head_argmax_f32"
-# The block-code kernels, as (bits, half, dot): codes of `loading.gguf_quant.BlockQuant.bits` (5 in the int8-dot
-# layout only), with the scales as float32 or, where they are float16 values (all but Q6_K's), as float16.
+# The block-code kernels, as (bits, half, dot, sym): codes of `loading.gguf_quant.BlockQuant.bits` (5 in the
+# int8-dot layout only), with the scales as float32 or, where they are float16 values (all but Q6_K's), as float16;
+# `sym`: signed 8-bit codes without offsets (no m in the header).
 _KINDS = [
-    (bits, half, dot)
+    (bits, half, dot, sym)
     for dot in (False, True)
     for bits in ((4, 5, 6, 8) if dot else (4, 6, 8))
     for half in (False, True)
-    if not (half and bits == 6)
+    for sym in (False, True)
+    if not (half and bits == 6) and not (sym and bits in (4, 5))
 ]
 
 
-def _target(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
-    return f"novallm_q{bits}{'h' * half}{'_dot' * dot}{'_expert' * expert}_matmul_f32"
+def _target(bits: int, half: bool, dot: bool, sym: bool = False, expert: bool = False) -> str:
+    return f"novallm_q{bits}{'h' * half}{'_sym' * sym}{'_dot' * dot}{'_expert' * expert}_matmul_f32"
 
 
-def _symbol(bits: int, half: bool, dot: bool, expert: bool = False) -> str:
-    return f"NovallmQ{bits}{'H' * half}{'Dot' * dot}{'Expert' * expert}MatmulF32"
+def _symbol(bits: int, half: bool, dot: bool, sym: bool = False, expert: bool = False) -> str:
+    return f"NovallmQ{bits}{'H' * half}{'Sym' * sym}{'Dot' * dot}{'Expert' * expert}MatmulF32"
 
 
 _HALF_MATMUL = {False: "novallm_f16_matmul_f32", True: "novallm_bf16_matmul_f32"}  # by bfloat16
@@ -127,8 +129,8 @@ def _load() -> ctypes.CDLL | None:
             jax.ffi.register_ffi_target(_HALF_MATMUL[bf16], jax.ffi.pycapsule(symbol), platform="cpu")
         for kind in _KINDS:
             for expert in (False, True):
-                symbol = getattr(lib, _symbol(*kind, expert))
-                jax.ffi.register_ffi_target(_target(*kind, expert), jax.ffi.pycapsule(symbol), platform="cpu")
+                symbol = getattr(lib, _symbol(*kind, expert=expert))
+                jax.ffi.register_ffi_target(_target(*kind, expert=expert), jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("native CPU kernels are off, XLA's dots are used: %s", e)
         return None
@@ -189,22 +191,29 @@ def packed_matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return y[:, :n].reshape(*lead, n)
 
 
-def _header_bytes(bits: int, half: bool = False) -> int:
-    """Bytes of a panel block's scales: d[16] and m[16], and with bits=6 (two scales, `BlockQuant.d2`) d2[16] after
-    them; float32, or float16 with `half`."""
-    return (3 if bits == 6 else 2) * (2 if half else 4) * PANEL
+def _header_bytes(bits: int, half: bool = False, sym: bool = False) -> int:
+    """Bytes of a panel block's scales: d[16] and m[16] (none with `sym`), and with bits=6 (two scales,
+    `BlockQuant.d2`) d2[16] after them; float32, or float16 with `half`."""
+    return (1 + (not sym) + (bits == 6)) * (2 if half else 4) * PANEL
 
 
-def _header_scales(panels: np.ndarray, bits: int, half: bool) -> np.ndarray:
-    """The panels' block scales as float32 [P, KB, rows, 16]: d, m (and d2 for bits 6)."""
-    header = np.ascontiguousarray(panels[..., : _header_bytes(bits, half)])
-    return header.view(np.float16 if half else np.float32).astype(np.float32).reshape(*panels.shape[:2], -1, PANEL)
+def _header_scales(panels: np.ndarray, bits: int, half: bool, sym: bool = False) -> np.ndarray:
+    """The panels' block scales as float32 [P, KB, rows, 16]: d, m (zeros with `sym`) and d2 for bits 6."""
+    header = np.ascontiguousarray(panels[..., : _header_bytes(bits, half, sym)])
+    rows = header.view(np.float16 if half else np.float32).astype(np.float32).reshape(*panels.shape[:2], -1, PANEL)
+    return np.insert(rows, 1, 0.0, axis=2) if sym else rows
 
 
-def block_bytes(bits: int, half: bool = False) -> int:
+def _header(scales: list[np.ndarray], half: bool) -> np.ndarray:
+    """Scale rows [P, KB, 16] each -> the header bytes [P, KB, rows * 16 * (2 or 4)]."""
+    dtype = np.float16 if half else np.float32
+    return np.concatenate([np.ascontiguousarray(a.astype(dtype)).view(np.uint8) for a in scales], axis=-1)
+
+
+def block_bytes(bits: int, half: bool = False, sym: bool = False) -> int:
     """Bytes of one panel block (16 columns x 32 k): the scales, then the codes (4 or 5 bits, or 8 for bits 6 and
     8; 5-bit codes are 4-bit ones and a plane of fifth bits)."""
-    return _header_bytes(bits, half) + QUANT_BLOCK * PANEL * {4: 4, 5: 5}.get(bits, 8) // 8
+    return _header_bytes(bits, half, sym) + QUANT_BLOCK * PANEL * {4: 4, 5: 5}.get(bits, 8) // 8
 
 
 def fits_half(*scales: np.ndarray) -> bool:
@@ -256,10 +265,10 @@ def _layout_codes(c: np.ndarray, bits: int, int8: bool) -> np.ndarray:
     return np.concatenate([c, plane], axis=-1)
 
 
-def _panel_codes(panels: np.ndarray, bits: int, int8: bool, half: bool = False) -> np.ndarray:
+def _panel_codes(panels: np.ndarray, bits: int, int8: bool, half: bool = False, sym: bool = False) -> np.ndarray:
     """The inverse of `_layout_codes`: codes [P, KB, 32, 16], uint8 (4- and 5-bit) or int8."""
     p, kb, _ = panels.shape
-    c = np.ascontiguousarray(panels[..., _header_bytes(bits, half) :])
+    c = np.ascontiguousarray(panels[..., _header_bytes(bits, half, sym) :])
     if bits in (4, 5):
         nibbles = QUANT_BLOCK * PANEL // 2
         c, plane = c[..., :nibbles], c[..., nibbles:]
@@ -282,16 +291,22 @@ def pack_quant(
     int8: bool = False,
     d2: np.ndarray | None = None,
     half: bool = False,
+    sym: bool = False,
 ) -> np.ndarray:
     """Block codes of w^T (`codes` [N, K], `d`, `m` (and with bits=6 `d2`) [N, K / 32], as in
     `loading.gguf_quant.BlockQuant`) -> panels [ceil(N / 16), K / 32, `block_bytes`] of {float d[16], float m[16],
     (float d2[16],) codes}, the layout `quant_matmul` reads (codes [32][16]; 4-bit codes hold column j in the low
     nibble and column j + 8 in the high one), or with `int8` the int8-dot kernel's (see `_layout_codes`); `half`
-    stores the scales as float16 (they must be float16 values, `fits_half`). Padding columns are zero."""
+    stores the scales as float16 (they must be float16 values, `fits_half`); `sym` leaves m out (8-bit codes whose
+    m is zero: w = d * code). Padding columns are zero."""
     n, k = codes.shape
     if (bits == 6) != (d2 is not None):
         raise ValueError("pack_quant: d2 (the second scale of each block) goes with bits=6, and only with it")
+    if sym and (bits not in (6, 8) or np.any(m)):
+        raise ValueError("pack_quant: sym=True needs 8-bit codes (bits 6 or 8) and m == 0")
     scales = (d, m) if d2 is None else (d, m, d2)
+    if sym:
+        scales = (d,) if d2 is None else (d, d2)
     if half and not fits_half(*scales):
         raise ValueError("pack_quant: half=True needs scales that are float16 values")
     pad = -n % PANEL
@@ -299,49 +314,57 @@ def pack_quant(
         codes, *scales = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, *scales))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
-    dtype = np.float16 if half else np.float32
-    scales = [
-        np.ascontiguousarray(a.astype(dtype).reshape(p, PANEL, kb).transpose(0, 2, 1)).view(np.uint8) for a in scales
-    ]
-    return np.concatenate(scales + [_layout_codes(c, bits, int8)], axis=-1)
+    header = _header([a.reshape(p, PANEL, kb).transpose(0, 2, 1) for a in scales], half)
+    return np.concatenate([header, _layout_codes(c, bits, int8)], axis=-1)
 
 
-def unpack_quant(panels: np.ndarray, n: int, bits: int, int8: bool = False, half: bool = False) -> np.ndarray:
+def unpack_quant(
+    panels: np.ndarray, n: int, bits: int, int8: bool = False, half: bool = False, sym: bool = False
+) -> np.ndarray:
     """The float32 weight [K, n] that `pack_quant` panels decode to (the float32 kernel's arithmetic, in numpy)."""
     panels = np.asarray(panels)
     p, kb, _ = panels.shape
-    scales = _header_scales(panels, bits, half)
+    scales = _header_scales(panels, bits, half, sym)
     d, m, d2 = (scales[..., i, :] for i in (0, 1, 2 if bits == 6 else 0))
-    c = _panel_codes(panels, bits, int8, half)
+    c = _panel_codes(panels, bits, int8, half, sym)
     d = np.repeat(d[:, :, None, :], QUANT_BLOCK, 2)
     d[:, :, QUANT_BLOCK // 2 :] = d2[:, :, None, :]
-    w = (d * c.astype(np.float32)) + m[:, :, None, :]  # [P, KB, 32, 16]
+    w = d * c.astype(np.float32)  # [P, KB, 32, 16]
+    if not sym:  # adding sym's zeros would turn -0 weights into +0, where the kernel keeps d * code
+        w = w + m[:, :, None, :]
     return w.reshape(p, kb * QUANT_BLOCK, PANEL).transpose(1, 0, 2).reshape(kb * QUANT_BLOCK, p * PANEL)[:, :n]
 
 
 def quant_matmul(
-    x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False, half: bool = False
+    x: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False, half: bool = False, sym: bool = False
 ) -> jax.Array:
     """x [..., K] float32 @ the `pack_quant` weight of `n` output columns -> [..., n]. Needs `available()`; `int8`
     (the panels' layout) quantises x to int8 per block of 32 and runs integer dot products (`int8_dot_available()`);
-    `half`: the panels' scales are float16."""
+    `half`: the panels' scales are float16; `sym`: they have no offsets."""
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead, dtype=np.int64))
-    y = _ffi_call(_target(bits, half, int8), jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
+    y = _ffi_call(_target(bits, half, int8, sym), jax.ShapeDtypeStruct((m, panels.shape[0] * PANEL), jnp.float32))(
         x.reshape(m, k).astype(jnp.float32), panels
     )
     return y[:, :n].reshape(*lead, n)
 
 
 def expert_quant_matmul(
-    x: jax.Array, experts: jax.Array, panels: jax.Array, n: int, bits: int, int8: bool = False, half: bool = False
+    x: jax.Array,
+    experts: jax.Array,
+    panels: jax.Array,
+    n: int,
+    bits: int,
+    int8: bool = False,
+    half: bool = False,
+    sym: bool = False,
 ) -> jax.Array:
     """Row a of x [A, K] float32 @ expert experts[a]'s weight, `pack_quant` panels stacked [E, ...] -> [A, n]. Reads
     each expert with rows once and the others not at all; each row's result equals `quant_matmul` with its expert's
     panels."""
     a = x.shape[0]
     y = _ffi_call(
-        _target(bits, half, int8, expert=True), jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32)
+        _target(bits, half, int8, sym, expert=True), jax.ShapeDtypeStruct((a, panels.shape[1] * PANEL), jnp.float32)
     )(x.astype(jnp.float32), experts.astype(jnp.int32), panels)
     return y[:, :n]
 
@@ -433,10 +456,10 @@ def decoder_layer(
 
 def _kind(w) -> np.int64:
     """A weight's `kind` attribute for the decoder-layer kernel: 0 float32 panels, bits, 16 + bits (int8 dot), either
-    + 64 with float16 block scales, or 32 (float16) / 33 (bfloat16) panels."""
+    + 64 with float16 block scales and + 128 without offsets, or 32 (float16) / 33 (bfloat16) panels."""
     if isinstance(w, HalfLinear):
         return np.int64(32 + w.bf16)
-    return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8 + 64 * w.half)
+    return np.int64(0 if isinstance(w, PackedLinear) else w.bits + 16 * w.int8 + 64 * w.half + 128 * w.sym)
 
 
 def fusable(params: dict) -> bool:
@@ -467,49 +490,76 @@ class QuantLinear:
     `int8`: the int8-dot layout, whose matmul quantises x to int8 per block of 32, as llama.cpp does: about 5x less
     arithmetic per weight than decoding it to float32, at the cost of x's rounding (results close to, not
     bit-identical with, the float32 weights'). `half`: the block scales are stored as float16 (a Q4_0/1, Q5_0/1 or
-    Q8_0 file's are float16 values): 0.625 bytes a 4-bit weight instead of 0.75."""
+    Q8_0 file's are float16 values): 0.625 bytes a 4-bit weight instead of 0.75. `sym`: signed 8-bit codes without
+    offsets (w = d * code: Q8_0, Q6_K, and Q5_0's and Q4_0's as `BlockQuant.centred` holds them), no m stored:
+    1.0625 bytes an 8-bit weight instead of 1.125, what a batch-1 step of them, bound by the bus, reads."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
     bits: int = flax.struct.field(pytree_node=False)
     int8: bool = flax.struct.field(pytree_node=False, default=False)
     half: bool = flax.struct.field(pytree_node=False, default=False)
+    sym: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_blocks(cls, bq) -> "QuantLinear":
         """From a `BlockQuant` of w^T ([n, K], the checkpoint's [out, in] layout); 5-bit codes in 8 bits (see
-        `with_int8_activations`), the scales in float16 where they are float16 values."""
+        `with_int8_activations`), without offsets where `BlockQuant.centred` takes them out, the scales in float16
+        where they are float16 values."""
         bq = bq.to_8bit() if bq.bits == 5 else bq
+        centred = bq.centred() if bq.bits in (6, 8) else None
+        bq, sym = (centred, True) if centred is not None else (bq, False)
         half = bq.d2 is None and fits_half(bq.d, bq.m)
-        panels = pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2, half=half)
-        return cls(panels=jnp.asarray(panels), n=int(bq.shape[0]), bits=bq.bits, half=half)
+        panels = pack_quant(bq.codes, bq.d, bq.m, bq.bits, d2=bq.d2, half=half, sym=sym)
+        return cls(panels=jnp.asarray(panels), n=int(bq.shape[0]), bits=bq.bits, half=half, sym=sym)
 
     def to_dense(self) -> np.ndarray:
-        return unpack_quant(self.panels, self.n, self.bits, self.int8, self.half)
+        return unpack_quant(self.panels, self.n, self.bits, self.int8, self.half, self.sym)
+
+    def _header_rows(self, offsets: bool | None = None) -> list[np.ndarray]:
+        """The header's scale rows [P, KB, 16] as float32: d, m (with `offsets`, default: unless `sym`), d2."""
+        rows = list(_header_scales(np.asarray(self.panels), self.bits, self.half, self.sym).transpose(2, 0, 1, 3))
+        return rows if (not self.sym if offsets is None else offsets) else rows[:1] + rows[2:]
+
+    def _code_bytes(self) -> np.ndarray:
+        return np.asarray(self.panels)[..., _header_bytes(self.bits, self.half, self.sym) :]
 
     def with_int8_activations(self) -> "QuantLinear":
         """The same weight in the int8-dot layout. 8-bit codes that all fit 5 bits (a Q5_0/1/K file's; the float32
-        decode reads them faster from 8) are laid out in 5: 0.875 bytes a weight instead of 1.25."""
+        decode reads them faster from 8) are laid out in 5: 0.75-0.875 bytes a weight instead of 1.0625-1.25 (a
+        centred Q5_0 weight's, -16..15, as q + 16 with m = -16 d again)."""
         if self.int8:
             return self
-        panels = np.asarray(self.panels)
-        codes = _panel_codes(panels, self.bits, False, self.half)
-        bits = 5 if self.bits == 8 and codes.min() >= 0 and codes.max() < 32 else self.bits
-        header = panels[..., : _header_bytes(bits, self.half)]
+        codes = _panel_codes(np.asarray(self.panels), self.bits, False, self.half, self.sym)
+        rows, sym = self._header_rows(), self.sym
+        if sym and self.bits == 8 and codes.min() >= -16 and codes.max() < 16:
+            rows = self._header_rows(offsets=True)
+            rows[1] = -16 * rows[0]
+            if not self.half or fits_half(rows[1]):
+                codes, sym = codes + np.int8(16), False
+            else:
+                rows = self._header_rows()
+        bits = 5 if self.bits == 8 and not sym and codes.min() >= 0 and codes.max() < 32 else self.bits
         codes = _layout_codes(codes.astype(np.uint8) if bits == 5 else codes, bits, True)
-        return QuantLinear(jnp.asarray(np.concatenate([header, codes], axis=-1)), self.n, bits, True, self.half)
+        panels = np.concatenate([_header(rows, self.half), codes], axis=-1)
+        return QuantLinear(jnp.asarray(panels), self.n, bits, True, self.half, sym)
 
     def with_float32_scales(self) -> "QuantLinear":
         """The same weight with float32 block scales."""
         if not self.half:
             return self
-        panels = np.asarray(self.panels)
-        scales = _header_scales(panels, self.bits, True).reshape(*panels.shape[:2], -1).view(np.uint8)
-        codes = panels[..., _header_bytes(self.bits, True) :]
-        return QuantLinear(jnp.asarray(np.concatenate([scales, codes], -1)), self.n, self.bits, self.int8)
+        panels = np.concatenate([_header(self._header_rows(), False), self._code_bytes()], -1)
+        return QuantLinear(jnp.asarray(panels), self.n, self.bits, self.int8, sym=self.sym)
+
+    def with_offsets(self) -> "QuantLinear":
+        """The same weight with m in its header (zeros where it was `sym`)."""
+        if not self.sym:
+            return self
+        panels = np.concatenate([_header(self._header_rows(offsets=True), self.half), self._code_bytes()], -1)
+        return QuantLinear(jnp.asarray(panels), self.n, self.bits, self.int8, self.half)
 
     def apply(self, x: jax.Array) -> jax.Array:
-        return quant_matmul(x, self.panels, self.n, self.bits, self.int8, self.half)
+        return quant_matmul(x, self.panels, self.n, self.bits, self.int8, self.half, self.sym)
 
 
 @flax.struct.dataclass
@@ -543,17 +593,21 @@ class ExpertQuantLinear:
     bits: int = flax.struct.field(pytree_node=False)
     int8: bool = flax.struct.field(pytree_node=False, default=False)
     half: bool = flax.struct.field(pytree_node=False, default=False)
+    sym: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_experts(cls, weights: list[QuantLinear]) -> "ExpertQuantLinear":
-        """The experts' weights stacked: one layout for all (float32 scales unless every expert's are float16)."""
+        """The experts' weights stacked: one layout for all (float32 scales unless every expert's are float16, offsets
+        unless none has any)."""
         if len({w.half for w in weights}) > 1:
             weights = [w.with_float32_scales() for w in weights]
+        if len({w.sym for w in weights}) > 1:
+            weights = [w.with_offsets() for w in weights]
         first = weights[0]
-        return cls(jnp.stack([w.panels for w in weights]), first.n, first.bits, first.int8, first.half)
+        return cls(jnp.stack([w.panels for w in weights]), first.n, first.bits, first.int8, first.half, first.sym)
 
     def expert(self, e: int) -> QuantLinear:
-        return QuantLinear(self.panels[e], self.n, self.bits, self.int8, self.half)
+        return QuantLinear(self.panels[e], self.n, self.bits, self.int8, self.half, self.sym)
 
     def to_dense(self) -> np.ndarray:
         return np.stack([self.expert(e).to_dense() for e in range(self.panels.shape[0])])
@@ -566,7 +620,7 @@ class ExpertQuantLinear:
         )
 
     def apply(self, x: jax.Array, experts: jax.Array) -> jax.Array:
-        return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8, self.half)
+        return expert_quant_matmul(x, experts, self.panels, self.n, self.bits, self.int8, self.half, self.sym)
 
 
 NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
@@ -612,11 +666,13 @@ class ArgmaxHead:
     @classmethod
     def _int8_dot(cls, head: QuantLinear) -> "ArgmaxHead | None":
         panels = np.asarray(head.panels)
-        scales = _header_scales(panels, head.bits, head.half)  # [P, KB, d m (d2), 16]
+        scales = _header_scales(panels, head.bits, head.half, head.sym)  # [P, KB, d m (d2), 16]
         if not int8_dot_available() or scales[:, :, 1].any() or not np.isfinite(scales).all():
             return None
-        norms = _rounded_up(_code_norms(panels, head.bits, head.half, scales) * (1 + 1e-6))
         approx = head.with_int8_activations()
+        if approx._header_rows(offsets=True)[1].any():  # a centred Q5_0 head's q + 16: the bounds assume no m
+            return None
+        norms = _rounded_up(_code_norms(panels, head.bits, head.half, head.sym, scales) * (1 + 1e-6))
         return cls(head, approx.panels, jnp.zeros((0,), jnp.float32), jnp.asarray(norms), int(_kind(approx)))
 
     def apply(self, x: jax.Array) -> jax.Array:
@@ -654,13 +710,15 @@ def _dense_panels(w: HalfLinear | PackedLinear, chunk: int = 64):
         yield widen_half(panels[p : p + chunk], w.bf16) if isinstance(w, HalfLinear) else panels[p : p + chunk]
 
 
-def _code_norms(panels: np.ndarray, bits: int, half: bool, scales: np.ndarray, chunk: int = 64) -> np.ndarray:
+def _code_norms(
+    panels: np.ndarray, bits: int, half: bool, sym: bool, scales: np.ndarray, chunk: int = 64
+) -> np.ndarray:
     """The columns' Euclidean norms [P * 16] of block codes without offsets (w = d * code; Q6_K's second half of a
     block d2 * code), from the integer codes' squares: a third of decoding them to float32."""
     d, d2 = scales[:, :, 0].astype(np.float64), scales[:, :, 2 if bits == 6 else 0].astype(np.float64)
     out = []
     for p in range(0, panels.shape[0], chunk):
-        c = _panel_codes(panels[p : p + chunk], bits, False, half).astype(np.int32) ** 2  # [p, KB, 32, 16]
+        c = _panel_codes(panels[p : p + chunk], bits, False, half, sym).astype(np.int32) ** 2  # [p, KB, 32, 16]
         lo, hi = c[:, :, : QUANT_BLOCK // 2].sum(2), c[:, :, QUANT_BLOCK // 2 :].sum(2)
         out.append((d[p : p + chunk] ** 2 * lo + d2[p : p + chunk] ** 2 * hi).sum(1))
     return np.sqrt(np.concatenate(out)).reshape(-1)

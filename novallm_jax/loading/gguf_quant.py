@@ -5,7 +5,8 @@ exactly to the float32 values the `gguf` package dequantises (`BlockQuant.dequan
 native CPU matmul (kernels/native.py, `QuantLinear`) reads these codes with the same arithmetic as the float32
 weights, so a Q4 weight costs 0.625-0.75 bytes of memory traffic instead of float32's 4. Q4_0's and Q5_0's signed
 codes q - 8 and q - 16 are held as q with m = -8d and -16d: d * q + m is exact and equals d * (q - 8) (both
-products and their difference fit float32's mantissa), so they keep 4 and 5 bits too. Q6_K's sub-blocks are 16
+products and their difference fit float32's mantissa), so they keep 4 and 5 bits too; `BlockQuant.centred` gives
+the signed form back where the native kernels read 8-bit codes (no m to store). Q6_K's sub-blocks are 16
 weights: its codes (q - 32) are held in 8 bits with a second scale `d2` for the last 16 weights of each block of 32
 (`bits=6`); other types load as float32.
 """
@@ -53,6 +54,24 @@ class BlockQuant:
     def to_8bit(self) -> "BlockQuant":
         """The same weights with their codes held in 8 bits (4-bit codes are 0..15)."""
         return self if self.bits in (6, 8) else BlockQuant(self.codes.astype(np.int8), self.d, self.m, 8)
+
+    def centred(self) -> "BlockQuant | None":
+        """The same weights as signed 8-bit codes q - c with m = 0, where every block's m is -c d for an integer c (0
+        for Q8_0 and Q6_K; Q4_0's 8 and Q5_0's 16, with float16 d) and every q - c fits int8; None otherwise. d (q - c)
+        is what d q + m computes: with float16 d both products and their difference are exact in float32."""
+        q = self.to_8bit()
+        if not self.m.any():
+            return BlockQuant(q.codes.astype(np.int8), self.d, self.m, q.bits, self.d2)
+        d = self.d.astype(np.float64)
+        c = np.divide(-self.m, d, out=np.zeros_like(d), where=d != 0)
+        half = np.array_equal(self.d.astype(np.float16).astype(np.float32), self.d)
+        if self.d2 is not None or not half or not np.array_equal(c, np.rint(c)) or not np.array_equal(-c * d, self.m):
+            return None
+        codes = q.codes.astype(np.int16).reshape(*c.shape, BLOCK) - c.astype(np.int16)[..., None]
+        codes[self.d == 0] = 0  # what they decode to whatever they are, and the 8-bit layout may fit 5 bits again
+        if codes.min() < -128 or codes.max() > 127:
+            return None
+        return BlockQuant(codes.reshape(q.codes.shape).astype(np.int8), self.d, np.zeros_like(self.m), q.bits)
 
     def to_5bit(self) -> "BlockQuant":
         """The same weights with 4-bit codes held as 5-bit ones (the same values)."""
