@@ -54,6 +54,12 @@ flags.DEFINE_enum(
     ["float32", "int8"],
     "Our matmuls' activations (int8: llama.cpp's arithmetic; LLM(activations=...)).",
 )
+flags.DEFINE_enum(
+    "kv_cache_dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Our KV cache's dtype (LLM(kv_cache_dtype=...); default the model's, float32). llama-server keeps float16.",
+)
 flags.DEFINE_integer(
     "speculative",
     0,
@@ -81,7 +87,9 @@ def build_llm(model: str | None):
 
     if model != "random-tiny":
         # the warm-up run below compiles the shapes this load uses, not all of them
-        return LLM(model, activations=FLAGS.activations, speculative=FLAGS.speculative)
+        return LLM(
+            model, activations=FLAGS.activations, speculative=FLAGS.speculative, kv_cache_dtype=FLAGS.kv_cache_dtype
+        )
     import jax
 
     from novallm_jax.config import ModelConfig
@@ -113,6 +121,7 @@ def build_llm(model: str | None):
         prefill_len_buckets=(64,),
         page_table_buckets=(32,),
         max_draft_tokens=FLAGS.speculative,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
     )
     engine = LLMEngine(cfg, init_params(cfg, jax.random.key(0)), tok, EngineConfig(executor=exec_cfg))
     return LLM.from_engine(engine, "random-tiny")
@@ -404,6 +413,7 @@ def main(argv) -> None:
             "settings": {
                 "model": FLAGS.model or "default",
                 "activations": FLAGS.activations,
+                "kv_cache_dtype": FLAGS.kv_cache_dtype,
                 "clients": FLAGS.clients,
                 "requests": FLAGS.requests,
                 "max_tokens": FLAGS.max_tokens,
