@@ -98,7 +98,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "greedy_head",
     True,
-    "Ours: greedy steps of at most 8 rows take their tokens from the LM head's int8 copy and the exact panels its "
+    "Ours: greedy steps of at most 16 rows take their tokens from the LM head's int8 copy and the exact panels its "
     "bounds leave (`ExecutorConfig.greedy_head`; 16- and 32-bit heads), as the engine's greedy steps do; "
     "--nogreedy_head: every step computes the full logits.",
 )

@@ -166,15 +166,16 @@ def test_argmax_fits_counts_the_logits_rows():
     ex = Executor(engine_fixtures.TINY, engine_fixtures.tiny_params(), engine_fixtures.EXEC)
     one = PrefillChunk([5], 3, [1])
     assert ex.argmax_rows == native.ARGMAX_ROWS
-    assert ex.argmax_fits([one] * 4)
-    assert not ex.argmax_fits([one] * 5)  # 16 tokens and logits rows (EXEC.token_buckets)
-    assert not ex.argmax_fits([PrefillChunk(list(range(40)), 0, [1, 2, 3, 4, 5])])
-    padded = Executor(
-        engine_fixtures.TINY,
-        engine_fixtures.tiny_params(),
-        dataclasses.replace(engine_fixtures.EXEC, ragged_steps=False),
-    )
-    assert padded.argmax_fits([one] * 4) and not padded.argmax_fits([one] * 16)  # decode buckets (1, 4, 16)
+    assert ex.argmax_fits([one] * 4) and ex.argmax_fits([one] * 16)  # 16 tokens and logits rows (EXEC.token_buckets)
+    # 64 tokens, but at most a decode batch of logits rows (16)
+    assert ex.argmax_fits([PrefillChunk(list(range(40)), 0, [1, 2, 3, 4, 5])])
+    for ragged in (None, False):
+        wide = Executor(
+            engine_fixtures.TINY,
+            engine_fixtures.tiny_params(),
+            dataclasses.replace(engine_fixtures.EXEC, decode_batch_buckets=(1, 4, 16, 32), ragged_steps=ragged),
+        )
+        assert wide.argmax_fits([one] * 16) and not wide.argmax_fits([one] * 17)  # 32 logits rows
     off = Executor(
         engine_fixtures.TINY,
         engine_fixtures.tiny_params(),
@@ -184,7 +185,7 @@ def test_argmax_fits_counts_the_logits_rows():
 
 
 def test_drafted_greedy_rows_verify_through_the_greedy_head(tokenizer, monkeypatch):
-    """A greedy request drafting up to 7 tokens (from an oracle that knows plain decoding's output and spoils every
+    """A greedy request drafting up to 8 tokens (from an oracle that knows plain decoding's output and spoils every
     third draft's last token): its verifying steps take their argmax from the greedy head, and its tokens equal plain
     decoding's without the head."""
     skip_without_ragged_steps()
@@ -208,9 +209,16 @@ def test_drafted_greedy_rows_verify_through_the_greedy_head(tokenizer, monkeypat
 
     monkeypatch.setattr(speculative, "lookup", oracle)
     monkeypatch.setattr(speculative, "may_find", lambda tokens: True)
-    engine = make_engine(tokenizer, max_draft_tokens=7, decode_batch_buckets=(1, 2, 4, 8, 16), token_buckets=None)
-    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, speculative=7)
+    # a token bucket of 9: steps verifying 8 drafted tokens, 9 logits rows
+    engine = make_engine(
+        tokenizer,
+        max_draft_tokens=8,
+        draft_step_tokens=9,
+        decode_batch_buckets=(1, 2, 4, 8, 16),
+        token_buckets=(1, 4, 9, 16, 64, 128, 256, 512),
+    )
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, speculative=8)
     assert _generate(engine, [prompt], [params]) == [want]
     assert engine.counters["draft_tokens"] > engine.counters["accepted_tokens"] > 0
-    assert max(rows) == native.ARGMAX_ROWS  # verifying steps of 1 + 7 logits rows went through the greedy head
+    assert max(rows) == 9  # the verifying steps went through the greedy head
     assert engine.check_leaks() == []

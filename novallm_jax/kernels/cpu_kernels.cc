@@ -1439,7 +1439,7 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
 // among them is the argmax of the full logits: every column left out is strictly below it. Non-finite x or bounds
 // compute every panel.
 
-constexpr int64_t kMaxArgmaxRows = 8;
+constexpr int64_t kMaxArgmaxRows = 16;  // a decode step verifying up to 15 drafted tokens
 
 // MR rows of x against one int8 panel [K, 16] (column scales s[16]): the approximate logits y[r * ldy + j].
 template <int MR>
@@ -1474,6 +1474,7 @@ void ApproxPanel(const float* x, int64_t K, const int8_t* q, const float* s, flo
 }
 
 void ApproxPanelRows(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, float* y, int64_t ldy) {
+  for (; M > 8; M -= 8, x += 8 * K, y += 8 * ldy) ApproxPanel<8>(x, K, q, s, y, ldy);
   switch (M) {
     case 1: return ApproxPanel<1>(x, K, q, s, y, ldy);
     case 2: return ApproxPanel<2>(x, K, q, s, y, ldy);
@@ -1511,7 +1512,7 @@ ffi::Error HeadArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bound, int64_t kind, int64_t approx_kind,
                       int64_t n, ffi::ResultBuffer<ffi::S32> tokens) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[0] > kMaxArgmaxRows) return ffi::Error::InvalidArgument("head_argmax wants x [M <= 8, K]");
+  if (xd.size() != 2 || xd[0] > kMaxArgmaxRows) return ffi::Error::InvalidArgument("head_argmax wants x [M <= 16, K]");
   const int64_t M = xd[0], K = xd[1];
   Weight wt, approx;
   if (const char* error = Weight::Of(w, kind, K, wt)) return ffi::Error::InvalidArgument(error);

@@ -625,7 +625,7 @@ class ExpertQuantLinear:
 
 NATIVE_LINEAR = (PackedLinear, QuantLinear, HalfLinear)
 PACKED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
-ARGMAX_ROWS = 8  # the most rows `ArgmaxHead.argmax` takes; must match kMaxArgmaxRows in cpu_kernels.cc
+ARGMAX_ROWS = 16  # the most rows `ArgmaxHead.argmax` takes; must match kMaxArgmaxRows in cpu_kernels.cc
 
 
 @flax.struct.dataclass
@@ -679,8 +679,8 @@ class ArgmaxHead:
         return self.exact.apply(x)
 
     def argmax(self, x: jax.Array) -> jax.Array:
-        """The argmax of `apply(x)` over its last axis (the first maximum, or the first NaN), x [M <= 8, K] -> int32
-        [M]."""
+        """The argmax of `apply(x)` over its last axis (the first maximum, or the first NaN), x [M <= ARGMAX_ROWS, K]
+        -> int32 [M]."""
         if x.ndim != 2 or x.shape[0] > ARGMAX_ROWS:
             raise ValueError(f"ArgmaxHead.argmax takes x [M <= {ARGMAX_ROWS}, K]; got {x.shape}")
         call = _ffi_call(_HEAD_ARGMAX, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))
