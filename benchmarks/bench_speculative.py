@@ -54,7 +54,7 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
     "greedy_head",
     True,
-    "Greedy steps (plain and verifying) of at most 8 logits rows take their argmax from the greedy head "
+    "Greedy steps (plain and verifying) of at most 16 logits rows take their argmax from the greedy head "
     "(ExecutorConfig.greedy_head); --nogreedy_head: the full logits.",
 )
 flags.DEFINE_integer("max_tokens", 128, "Tokens generated per run.")

@@ -1439,7 +1439,7 @@ void MatmulPanel(const Weight& w, const float* x, const RowCodes& codes, int64_t
 // among them is the argmax of the full logits: every column left out is strictly below it. Non-finite x or bounds
 // compute every panel.
 
-constexpr int64_t kMaxArgmaxRows = 16;  // a decode step verifying up to 15 drafted tokens
+constexpr int64_t kMaxArgmaxRows = 16;  // a step verifying 8 drafted tokens pads to 16 tokens' logits rows
 
 // MR rows of x against one int8 panel [K, 16] (column scales s[16]): the approximate logits y[r * ldy + j].
 template <int MR>

@@ -204,10 +204,12 @@ def _header_scales(panels: np.ndarray, bits: int, half: bool, sym: bool = False)
     return np.insert(rows, 1, 0.0, axis=2) if sym else rows
 
 
-def _header(scales: list[np.ndarray], half: bool) -> np.ndarray:
-    """Scale rows [P, KB, 16] each -> the header bytes [P, KB, rows * 16 * (2 or 4)]."""
+def _header(scales: list[np.ndarray], half: bool, sym: bool = False) -> np.ndarray:
+    """Scale rows [P, KB, 16] each, d, m (and d2) -> the header bytes [P, KB, rows * 16 * (2 or 4)]; `sym` leaves m
+    out."""
     dtype = np.float16 if half else np.float32
-    return np.concatenate([np.ascontiguousarray(a.astype(dtype)).view(np.uint8) for a in scales], axis=-1)
+    rows = [a for i, a in enumerate(scales) if not (sym and i == 1)]
+    return np.concatenate([np.ascontiguousarray(a.astype(dtype)).view(np.uint8) for a in rows], axis=-1)
 
 
 def block_bytes(bits: int, half: bool = False, sym: bool = False) -> int:
@@ -305,8 +307,6 @@ def pack_quant(
     if sym and (bits not in (6, 8) or np.any(m)):
         raise ValueError("pack_quant: sym=True needs 8-bit codes (bits 6 or 8) and m == 0")
     scales = (d, m) if d2 is None else (d, m, d2)
-    if sym:
-        scales = (d,) if d2 is None else (d, d2)
     if half and not fits_half(*scales):
         raise ValueError("pack_quant: half=True needs scales that are float16 values")
     pad = -n % PANEL
@@ -314,7 +314,7 @@ def pack_quant(
         codes, *scales = (np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in (codes, *scales))
     p, kb = codes.shape[0] // PANEL, k // QUANT_BLOCK
     c = codes.reshape(p, PANEL, kb, QUANT_BLOCK).transpose(0, 2, 3, 1)  # [P, KB, 32, 16]
-    header = _header([a.reshape(p, PANEL, kb).transpose(0, 2, 1) for a in scales], half)
+    header = _header([a.reshape(p, PANEL, kb).transpose(0, 2, 1) for a in scales], half, sym)
     return np.concatenate([header, _layout_codes(c, bits, int8)], axis=-1)
 
 
@@ -516,10 +516,9 @@ class QuantLinear:
     def to_dense(self) -> np.ndarray:
         return unpack_quant(self.panels, self.n, self.bits, self.int8, self.half, self.sym)
 
-    def _header_rows(self, offsets: bool | None = None) -> list[np.ndarray]:
-        """The header's scale rows [P, KB, 16] as float32: d, m (with `offsets`, default: unless `sym`), d2."""
-        rows = list(_header_scales(np.asarray(self.panels), self.bits, self.half, self.sym).transpose(2, 0, 1, 3))
-        return rows if (not self.sym if offsets is None else offsets) else rows[:1] + rows[2:]
+    def _header_rows(self) -> list[np.ndarray]:
+        """The header's scale rows [P, KB, 16] as float32: d, m (zeros where `sym`) and d2 for bits 6."""
+        return list(_header_scales(np.asarray(self.panels), self.bits, self.half, self.sym).transpose(2, 0, 1, 3))
 
     def _code_bytes(self) -> np.ndarray:
         return np.asarray(self.panels)[..., _header_bytes(self.bits, self.half, self.sym) :]
@@ -533,29 +532,26 @@ class QuantLinear:
         codes = _panel_codes(np.asarray(self.panels), self.bits, False, self.half, self.sym)
         rows, sym = self._header_rows(), self.sym
         if sym and self.bits == 8 and codes.min() >= -16 and codes.max() < 16:
-            rows = self._header_rows(offsets=True)
-            rows[1] = -16 * rows[0]
-            if not self.half or fits_half(rows[1]):
-                codes, sym = codes + np.int8(16), False
-            else:
-                rows = self._header_rows()
+            m = -16 * rows[0]
+            if not self.half or fits_half(m):
+                codes, sym, rows[1] = codes + np.int8(16), False, m
         bits = 5 if self.bits == 8 and not sym and codes.min() >= 0 and codes.max() < 32 else self.bits
         codes = _layout_codes(codes.astype(np.uint8) if bits == 5 else codes, bits, True)
-        panels = np.concatenate([_header(rows, self.half), codes], axis=-1)
+        panels = np.concatenate([_header(rows, self.half, sym), codes], axis=-1)
         return QuantLinear(jnp.asarray(panels), self.n, bits, True, self.half, sym)
 
     def with_float32_scales(self) -> "QuantLinear":
         """The same weight with float32 block scales."""
         if not self.half:
             return self
-        panels = np.concatenate([_header(self._header_rows(), False), self._code_bytes()], -1)
+        panels = np.concatenate([_header(self._header_rows(), False, self.sym), self._code_bytes()], -1)
         return QuantLinear(jnp.asarray(panels), self.n, self.bits, self.int8, sym=self.sym)
 
     def with_offsets(self) -> "QuantLinear":
         """The same weight with m in its header (zeros where it was `sym`)."""
         if not self.sym:
             return self
-        panels = np.concatenate([_header(self._header_rows(offsets=True), self.half), self._code_bytes()], -1)
+        panels = np.concatenate([_header(self._header_rows(), self.half), self._code_bytes()], -1)
         return QuantLinear(jnp.asarray(panels), self.n, self.bits, self.int8, self.half)
 
     def apply(self, x: jax.Array) -> jax.Array:
@@ -670,7 +666,7 @@ class ArgmaxHead:
         if not int8_dot_available() or scales[:, :, 1].any() or not np.isfinite(scales).all():
             return None
         approx = head.with_int8_activations()
-        if approx._header_rows(offsets=True)[1].any():  # a centred Q5_0 head's q + 16: the bounds assume no m
+        if approx._header_rows()[1].any():  # a centred Q5_0 head's q + 16: the bounds assume no m
             return None
         norms = _rounded_up(_code_norms(panels, head.bits, head.half, head.sym, scales) * (1 + 1e-6))
         return cls(head, approx.panels, jnp.zeros((0,), jnp.float32), jnp.asarray(norms), int(_kind(approx)))

@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from novallm_jax.kernels.native import fits_half
+
 BLOCK = 32  # weights per (d, m) pair
 SUPPORTED = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
@@ -64,8 +66,12 @@ class BlockQuant:
             return BlockQuant(q.codes.astype(np.int8), self.d, self.m, q.bits, self.d2)
         d = self.d.astype(np.float64)
         c = np.divide(-self.m, d, out=np.zeros_like(d), where=d != 0)
-        half = np.array_equal(self.d.astype(np.float16).astype(np.float32), self.d)
-        if self.d2 is not None or not half or not np.array_equal(c, np.rint(c)) or not np.array_equal(-c * d, self.m):
+        if (
+            self.d2 is not None
+            or not fits_half(self.d)
+            or not np.array_equal(c, np.rint(c))
+            or not np.array_equal(-c * d, self.m)
+        ):
             return None
         codes = q.codes.astype(np.int16).reshape(*c.shape, BLOCK) - c.astype(np.int16)[..., None]
         codes[self.d == 0] = 0  # what they decode to whatever they are, and the 8-bit layout may fit 5 bits again
